@@ -1,0 +1,1 @@
+//! Benchmarks and the load generator for chatproto (see issue 5).

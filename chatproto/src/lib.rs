@@ -1,0 +1,116 @@
+//! # chatproto
+//!
+//! The sans-IO core of a small instant-messaging protocol: framing, the
+//! command parser, the wire types, and the server and client state machines.
+//! Pure logic over byte buffers: nothing here opens a socket, reads a clock,
+//! sleeps or starts a thread. Time comes in as an argument ([`Timestamp`]),
+//! randomness too (session ids from caller-supplied bytes), and everything
+//! the core wants done comes out of a `poll_*` call. A driver — a socket
+//! reactor, a WebSocket bridge, a test — moves the bytes.
+//!
+//! The protocol itself is specified in `PROTOCOL.md` at the repository root.
+//!
+//! ## Driving the server core
+//!
+//! ```
+//! use chatproto::{Accounts, MemoryStore, Output, Server, ServerConfig, ServerFrame, Timestamp};
+//!
+//! let mut accounts = Accounts::new();
+//! accounts.insert("alice".parse()?, "wonderland".parse()?)?;
+//! accounts.insert("bob".parse()?, "builder".parse()?)?;
+//! let mut now = Timestamp::from_unix_millis(1_700_000_000_000);
+//! let mut server = Server::new(ServerConfig::default(), accounts, MemoryStore::new(), now)?;
+//!
+//! // Two connections arrive; each is greeted with `hello`.
+//! let a = server.accept(now, [1; 16]);
+//! let b = server.accept(now, [2; 16]);
+//!
+//! // Bytes come in as they were read: any chunking, either request form.
+//! server.handle_input(a, b"login alice wonderland\n", now)?;
+//! server.handle_input(b, b"{\"cmd\":\"login\",\"user\":\"bob\",\"password\":\"builder\",\"id\":1}\n", now)?;
+//! now = Timestamp::from_unix_millis(1_700_000_001_000);
+//! server.handle_input(a, b"message bob hi ", now)?;
+//! server.handle_input(a, b"there\n", now)?;
+//!
+//! // After every call, drain the outputs: bytes for a connection, a
+//! // connection to close, or an event to log.
+//! let mut to_bob = Vec::new();
+//! while let Some(output) = server.poll_output() {
+//!     match output {
+//!         Output::Transmit { conn, frame } if conn == b => {
+//!             to_bob.push(ServerFrame::decode(frame.strip_suffix(b"\n").unwrap())?);
+//!         }
+//!         _ => {} // a real driver writes the other frames, closes, logs
+//!     }
+//! }
+//! // Bob saw his hello, the ok for his login (id 1), then alice's message.
+//! assert_eq!(to_bob.len(), 3);
+//! let ServerFrame::Message(m) = &to_bob[2] else { panic!("expected a message") };
+//! assert_eq!((m.from.as_str(), m.text.as_str(), m.offline), ("alice", "hi there", false));
+//!
+//! // Sleep until the next deadline, tell the core, repeat: here both
+//! // connections reach their idle timeout and are closed.
+//! while let Some(wake_at) = server.poll_timeout() {
+//!     server.handle_timeout(wake_at);
+//! }
+//! assert!(!server.is_open(a) && !server.is_open(b));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! ## Map of the crate
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`framing`] | splitting a byte stream into lines, within a size limit |
+//! | [`command`] | [`Command`] and the inline syntax people type |
+//! | [`request`] | a client frame (JSON or inline) into a [`Request`] |
+//! | [`server_frame`] | every server-to-client frame ([`ServerFrame`]) |
+//! | [`error`] | wire error codes and [`RequestError`] |
+//! | [`server`] | the server state machine ([`Server`]) |
+//! | [`client`] | the client state machine ([`Client`]) |
+//! | [`store`] | the storage boundary ([`Store`], [`Change`], [`Snapshot`]) |
+//! | [`accounts`], [`lockout`], [`offline`] | accounts, failed-login locks, offline queues |
+//! | `presence`, `blocking`, `connection` | who is online, block lists, the connection table (internal) |
+
+#![warn(missing_docs)]
+
+pub mod accounts;
+mod blocking;
+pub mod client;
+pub mod command;
+mod connection;
+pub mod error;
+pub mod framing;
+pub mod lockout;
+pub mod offline;
+mod password;
+mod presence;
+pub mod request;
+pub mod server;
+pub mod server_frame;
+pub mod store;
+mod text;
+mod time;
+mod username;
+
+pub use accounts::{Account, Accounts, DuplicateAccount};
+pub use client::{Client, ClientEvent, ClientState, PendingRequest, SendError};
+pub use command::{Command, CommandName, DebugTarget};
+pub use connection::ConnId;
+pub use error::{ErrorCode, RequestError};
+pub use framing::{encode_frame, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES};
+pub use lockout::{LockoutPolicy, LockoutState};
+pub use offline::OfflineMessage;
+pub use password::{InvalidPassword, Password};
+pub use request::{Rejected, Request, RequestId};
+pub use server::{
+    ConfigError, Event, Output, RestoreSummary, Server, ServerConfig, UnknownConnection,
+};
+pub use server_frame::{
+    BroadcastFrame, ByeReason, CommandUsage, DebugState, ErrorFrame, InvalidFrame, MessageFrame,
+    OkFrame, PresenceFrame, Reply, ServerFrame, PROTOCOL_VERSION,
+};
+pub use store::{Change, LastSeen, MemoryStore, Snapshot, Store};
+pub use text::{InvalidText, MessageText};
+pub use time::Timestamp;
+pub use username::{InvalidUsername, Username, MAX_USERNAME_LEN};

@@ -1,0 +1,100 @@
+//! Passwords: a secret that cannot reach a log by accident.
+
+use std::fmt;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A password as typed by a user or read from a credentials file.
+///
+/// `Debug` and `Display` print `***`, so a password inside a `Command`, a
+/// config or an error can be logged without leaking. It is one word: no
+/// white space, no control characters, not empty (the inline form
+/// `login <user> <password>` could not carry anything else).
+///
+/// ```
+/// use chatproto::Password;
+///
+/// let p = Password::new("hunter2").unwrap();
+/// assert_eq!(format!("{p:?}"), "***");
+/// assert_eq!(p.expose(), "hunter2");
+/// assert!(Password::new("two words").is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(Box<str>);
+
+/// Why a string is not a [`Password`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum InvalidPassword {
+    /// The password is empty.
+    #[error("a password cannot be empty")]
+    Empty,
+    /// The password holds white space or a control character.
+    #[error("a password cannot hold white space or control characters")]
+    BadCharacter,
+}
+
+impl Password {
+    /// Checks `password` against the rules and wraps it.
+    pub fn new(password: &str) -> Result<Self, InvalidPassword> {
+        if password.is_empty() {
+            return Err(InvalidPassword::Empty);
+        }
+        if password
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(InvalidPassword::BadCharacter);
+        }
+        Ok(Password(password.into()))
+    }
+
+    /// The secret itself. Call this only to check or transmit it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// Compares with `other` in time that depends only on the lengths, so
+    /// that response timing does not reveal how much of a guess was right.
+    pub fn matches(&self, other: &Password) -> bool {
+        let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
+        let mut diff = u8::from(a.len() != b.len());
+        for (x, y) in a.iter().zip(b.iter()) {
+            diff |= x ^ y;
+        }
+        diff == 0
+    }
+}
+
+impl std::str::FromStr for Password {
+    type Err = InvalidPassword;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Password::new(s)
+    }
+}
+
+impl fmt::Debug for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Password {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl Serialize for Password {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Password {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(deserializer)?;
+        Password::new(&s).map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,996 @@
+//! The server state machine: every rule of the chat service, driven by
+//! calls that carry the time, with output to poll.
+//!
+//! The driver (a socket reactor, a test, a simulator) tells the [`Server`]
+//! what happened — a connection opened ([`Server::accept`]), bytes arrived
+//! ([`Server::handle_input`]), a connection dropped
+//! ([`Server::handle_disconnect`]), time passed ([`Server::handle_timeout`])
+//! — and after each call drains [`Server::poll_output`] until `None`, then
+//! sleeps until [`Server::poll_timeout`] or the next socket event.
+
+use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::accounts::{Accounts, UserId};
+use crate::blocking::BlockList;
+use crate::command::{Command, CommandName, DebugTarget};
+use crate::connection::{ConnId, Connection, Connections};
+use crate::error::{ErrorCode, RequestError};
+use crate::framing::{FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES};
+use crate::lockout::{Lockout, LockoutPolicy};
+use crate::offline::{OfflineMessage, OfflineQueues, DEFAULT_OFFLINE_QUEUE_CAPACITY};
+use crate::password::Password;
+use crate::presence::Presence;
+use crate::request::{Request, RequestId};
+use crate::server_frame::{
+    BroadcastFrame, ByeReason, CommandUsage, DebugState, ErrorFrame, MessageFrame, OkFrame,
+    PresenceFrame, Reply, ServerFrame, PROTOCOL_VERSION,
+};
+use crate::store::{Change, LastSeen, Snapshot, Store};
+use crate::text::MessageText;
+use crate::time::{seconds_until, Timestamp};
+use crate::username::Username;
+
+/// How a server core behaves. Start from [`ServerConfig::default`] and set
+/// what differs.
+///
+/// ```
+/// use chatproto::ServerConfig;
+/// use std::time::Duration;
+///
+/// let mut config = ServerConfig::default();
+/// config.idle_timeout = Duration::from_secs(30);
+/// config.admins.insert("root".parse().unwrap());
+/// ```
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct ServerConfig {
+    /// Largest frame accepted, in bytes (default 16 KiB; 64 to 16 MiB).
+    pub max_frame_bytes: usize,
+    /// A connection that sends no frame for this long is closed (default
+    /// 600 s).
+    pub idle_timeout: Duration,
+    /// When failed logins lock a name.
+    pub lockout: LockoutPolicy,
+    /// Most messages one user's offline queue holds (default 1,000).
+    pub offline_queue_capacity: usize,
+    /// Users allowed `debug server`.
+    pub admins: HashSet<Username>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            idle_timeout: Duration::from_secs(600),
+            lockout: LockoutPolicy::default(),
+            offline_queue_capacity: DEFAULT_OFFLINE_QUEUE_CAPACITY,
+            admins: HashSet::new(),
+        }
+    }
+}
+
+/// A [`ServerConfig`] value out of range.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `max_frame_bytes` is out of range.
+    #[error(
+        "the frame limit must be between {MIN_FRAME_BYTES} and {MAX_FRAME_BYTES} bytes (got {0})"
+    )]
+    FrameLimit(usize),
+    /// `idle_timeout` is zero.
+    #[error("the idle timeout must be longer than zero")]
+    ZeroIdleTimeout,
+    /// `lockout.max_failures` is zero.
+    #[error("the number of failed logins before a lock must be at least 1")]
+    ZeroLockoutAttempts,
+    /// `lockout.lock_duration` is zero.
+    #[error("the lockout duration must be longer than zero")]
+    ZeroLockDuration,
+    /// `lockout.max_tracked_unknown` is zero.
+    #[error("at least one unknown user name must be tracked for lockout")]
+    ZeroTrackedUnknown,
+}
+
+/// The smallest frame limit accepted.
+pub const MIN_FRAME_BYTES: usize = 64;
+/// The largest frame limit accepted.
+pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+impl ServerConfig {
+    /// Checks every value is in range.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(MIN_FRAME_BYTES..=MAX_FRAME_BYTES).contains(&self.max_frame_bytes) {
+            return Err(ConfigError::FrameLimit(self.max_frame_bytes));
+        }
+        if self.idle_timeout.is_zero() {
+            return Err(ConfigError::ZeroIdleTimeout);
+        }
+        if self.lockout.max_failures == 0 {
+            return Err(ConfigError::ZeroLockoutAttempts);
+        }
+        if self.lockout.lock_duration.is_zero() {
+            return Err(ConfigError::ZeroLockDuration);
+        }
+        if self.lockout.max_tracked_unknown == 0 {
+            return Err(ConfigError::ZeroTrackedUnknown);
+        }
+        Ok(())
+    }
+}
+
+/// What the server core asks its driver to do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Output {
+    /// Send these bytes (one or more whole frames) on `conn`, after
+    /// everything sent on it before.
+    Transmit {
+        /// Where.
+        conn: ConnId,
+        /// What: shared, not copied, when many connections get the same.
+        frame: Bytes,
+    },
+    /// Send what is queued for `conn`, then close it. The core has already
+    /// forgotten it: later calls with this id return
+    /// [`UnknownConnection`].
+    Close {
+        /// Which.
+        conn: ConnId,
+        /// Why (the `bye` already queued says the same).
+        reason: ByeReason,
+    },
+    /// Something worth a log line. Never holds a password or message text.
+    Event(Event),
+}
+
+/// A notable thing that happened, for logs and metrics.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A user logged in.
+    LoggedIn {
+        /// On which connection.
+        conn: ConnId,
+        /// Who.
+        user: Username,
+    },
+    /// A login was refused.
+    LoginRefused {
+        /// On which connection.
+        conn: ConnId,
+        /// The name tried (it may have no account).
+        user: Username,
+        /// Why: `invalid_credentials`, `account_locked` or
+        /// `session_elsewhere`.
+        code: ErrorCode,
+    },
+    /// Failed logins locked a name.
+    Locked {
+        /// The name (it may have no account).
+        user: Username,
+        /// Until when.
+        until: Timestamp,
+    },
+    /// A user went offline, for whatever reason.
+    LoggedOut {
+        /// Which connection they were on.
+        conn: ConnId,
+        /// Who.
+        user: Username,
+    },
+}
+
+/// A call named a connection that is closed, or never was.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0} is not an open connection")]
+pub struct UnknownConnection(pub ConnId);
+
+/// What [`Server::with_snapshot`] loaded, in counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RestoreSummary {
+    /// Offline messages put back in their queues.
+    pub offline_messages: usize,
+    /// Blocks put back.
+    pub blocks: usize,
+    /// Last-seen times put back.
+    pub last_seen: usize,
+    /// Failed-login records put back (locks included).
+    pub lockouts: usize,
+    /// Entries skipped because they name a user without an account.
+    pub skipped: usize,
+}
+
+/// The chat service's server side, without any I/O.
+///
+/// See the [crate docs](crate) for a walk through a session.
+#[derive(Debug)]
+pub struct Server<S: Store> {
+    config: ServerConfig,
+    accounts: Accounts,
+    store: S,
+    connections: Connections,
+    presence: Presence,
+    blocks: BlockList,
+    offline: OfflineQueues,
+    lockout: Lockout,
+    /// Idle deadlines, earliest first. An entry may be early (the
+    /// connection was active since); it is rescheduled when it fires.
+    idle_timers: BTreeSet<(Timestamp, ConnId)>,
+    outputs: VecDeque<Output>,
+    started_at: Timestamp,
+}
+
+impl<S: Store> Server<S> {
+    /// A server core with no lasting state yet.
+    pub fn new(
+        config: ServerConfig,
+        accounts: Accounts,
+        store: S,
+        now: Timestamp,
+    ) -> Result<Self, ConfigError> {
+        Server::with_snapshot(config, accounts, store, &Snapshot::default(), now).map(|(s, _)| s)
+    }
+
+    /// A server core that carries on from `snapshot`, as loaded from
+    /// storage. Users who were online when the last run stopped are taken
+    /// as having gone offline `now` (and the store is told so).
+    pub fn with_snapshot(
+        config: ServerConfig,
+        accounts: Accounts,
+        store: S,
+        snapshot: &Snapshot,
+        now: Timestamp,
+    ) -> Result<(Self, RestoreSummary), ConfigError> {
+        config.validate()?;
+        let mut server = Server {
+            presence: Presence::new(&accounts),
+            blocks: BlockList::new(&accounts),
+            offline: OfflineQueues::new(&accounts, config.offline_queue_capacity),
+            lockout: Lockout::new(config.lockout.clone()),
+            connections: Connections::default(),
+            idle_timers: BTreeSet::new(),
+            outputs: VecDeque::new(),
+            started_at: now,
+            accounts,
+            store,
+            config,
+        };
+        let summary = server.restore(snapshot, now);
+        Ok((server, summary))
+    }
+
+    /// A new connection: queues its `hello`. `session_random` makes its
+    /// session id (a UUID v4); give it fresh random bytes.
+    pub fn accept(&mut self, now: Timestamp, session_random: [u8; 16]) -> ConnId {
+        let session = uuid::Builder::from_random_bytes(session_random).into_uuid();
+        let idle_timer = now + self.config.idle_timeout;
+        let conn = self.connections.insert(Connection {
+            session,
+            decoder: FrameDecoder::new(self.config.max_frame_bytes),
+            user: None,
+            last_frame: now,
+            idle_timer,
+        });
+        self.idle_timers.insert((idle_timer, conn));
+        self.send(
+            conn,
+            &ServerFrame::Hello {
+                session,
+                version: PROTOCOL_VERSION,
+            },
+        );
+        conn
+    }
+
+    /// Bytes arrived on `conn`, cut anywhere: any number of frames, or
+    /// part of one. The core buffers at most one frame limit per
+    /// connection.
+    pub fn handle_input(
+        &mut self,
+        conn: ConnId,
+        data: &[u8],
+        now: Timestamp,
+    ) -> Result<(), UnknownConnection> {
+        let c = self
+            .connections
+            .get_mut(conn)
+            .ok_or(UnknownConnection(conn))?;
+        // Take the decoder out so frames can borrow it while the rest of
+        // the core is mutated.
+        let mut decoder = std::mem::replace(&mut c.decoder, FrameDecoder::new(0));
+        let mut input = data;
+        while let Some(frame) = decoder.decode(&mut input) {
+            if let Some(c) = self.connections.get_mut(conn) {
+                c.last_frame = now;
+            }
+            match frame {
+                Ok(frame) => self.handle_frame(conn, frame, now),
+                Err(FrameError::TooLarge { limit }) => {
+                    self.send_error(conn, None, &RequestError::FrameTooLarge { limit });
+                }
+            }
+            if self.connections.get(conn).is_none() {
+                // Closed by this frame (logout): the rest is ignored.
+                return Ok(());
+            }
+        }
+        if let Some(c) = self.connections.get_mut(conn) {
+            c.decoder = decoder;
+        }
+        Ok(())
+    }
+
+    /// The transport under `conn` is gone (reset, end of stream, write
+    /// error). The user, if any, goes offline and others are told.
+    pub fn handle_disconnect(
+        &mut self,
+        conn: ConnId,
+        now: Timestamp,
+    ) -> Result<(), UnknownConnection> {
+        self.forget(conn, now, true).ok_or(UnknownConnection(conn))
+    }
+
+    /// Ends `conn` for a reason the driver found (a slow consumer, a full
+    /// server): queues `bye` with `reason`, then [`Output::Close`].
+    pub fn close(
+        &mut self,
+        conn: ConnId,
+        reason: ByeReason,
+        now: Timestamp,
+    ) -> Result<(), UnknownConnection> {
+        if self.connections.get(conn).is_none() {
+            return Err(UnknownConnection(conn));
+        }
+        self.say_bye(conn, reason, now);
+        Ok(())
+    }
+
+    /// Ends every connection with `bye` reason `server_shutdown`. Users go
+    /// offline (the store is told) without presence notices, since everyone
+    /// is leaving.
+    pub fn shutdown(&mut self, now: Timestamp) {
+        let ids: Vec<ConnId> = self.connections.ids().collect();
+        let bye = ServerFrame::Bye {
+            reason: ByeReason::ServerShutdown,
+        }
+        .encode();
+        for conn in ids {
+            self.transmit(conn, bye.clone());
+            self.outputs.push_back(Output::Close {
+                conn,
+                reason: ByeReason::ServerShutdown,
+            });
+            self.forget(conn, now, false);
+        }
+    }
+
+    /// Time has passed: fires every deadline due by `now` (idle timeouts,
+    /// lock expiries). Early or repeated calls do nothing.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        while let Some(&(due, conn)) = self.idle_timers.first() {
+            if due > now {
+                break;
+            }
+            self.idle_timers.pop_first();
+            let Some(c) = self.connections.get_mut(conn) else {
+                continue;
+            };
+            let deadline = c.last_frame + self.config.idle_timeout;
+            if deadline > now {
+                c.idle_timer = deadline;
+                self.idle_timers.insert((deadline, conn));
+            } else {
+                self.say_bye(conn, ByeReason::IdleTimeout, now);
+            }
+        }
+        for ended in self.lockout.expire(now) {
+            if ended.known {
+                if let Some(id) = self.accounts.id(&ended.name) {
+                    let user = self.accounts.name(id).clone();
+                    self.store.record(Change::LockoutCleared { user });
+                }
+            }
+        }
+    }
+
+    /// The next thing to do, if any. Drain it until `None` after every
+    /// `handle_*`, `accept`, `close` or `shutdown` call.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When to call [`Server::handle_timeout`] next, at the latest. It may
+    /// be early (a connection was active since the deadline was set);
+    /// calling then is harmless.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        let idle = self.idle_timers.first().map(|(t, _)| *t);
+        match (idle, self.lockout.next_expiry()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Counters, as `debug server` shows them.
+    pub fn debug_state(&self, now: Timestamp) -> DebugState {
+        DebugState {
+            connections: self.connections.len(),
+            users_online: self.presence.online().len(),
+            queued_offline_messages: self.offline.total(),
+            locked_accounts: self.lockout.locked_accounts(),
+            uptime_secs: (now - self.started_at).as_secs(),
+        }
+    }
+
+    /// Who is logged in on `conn`.
+    pub fn user(&self, conn: ConnId) -> Option<&Username> {
+        let user = self.connections.get(conn)?.user?;
+        Some(self.accounts.name(user))
+    }
+
+    /// Whether `conn` is open.
+    pub fn is_open(&self, conn: ConnId) -> bool {
+        self.connections.get(conn).is_some()
+    }
+
+    /// Bytes buffered for `conn`'s incomplete frame.
+    pub fn buffered_input(&self, conn: ConnId) -> Option<usize> {
+        Some(self.connections.get(conn)?.decoder.buffered())
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &ServerConfig {
+        &self.config
+    }
+
+    /// The accounts served.
+    pub fn accounts(&self) -> &Accounts {
+        &self.accounts
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// The store, to commit or flush it.
+    pub fn store_mut(&mut self) -> &mut S {
+        &mut self.store
+    }
+
+    fn restore(&mut self, snapshot: &Snapshot, now: Timestamp) -> RestoreSummary {
+        let mut summary = RestoreSummary::default();
+        for (user, messages) in &snapshot.offline {
+            match self.accounts.id(user.as_str()) {
+                Some(id) => {
+                    for m in messages {
+                        self.offline.restore(id, m.clone());
+                        summary.offline_messages += 1;
+                    }
+                }
+                None => summary.skipped += messages.len(),
+            }
+        }
+        for (blocker, targets) in &snapshot.blocks {
+            for target in targets {
+                match (
+                    self.accounts.id(blocker.as_str()),
+                    self.accounts.id(target.as_str()),
+                ) {
+                    (Some(a), Some(b)) if a != b => {
+                        self.blocks.block(a, b);
+                        summary.blocks += 1;
+                    }
+                    _ => summary.skipped += 1,
+                }
+            }
+        }
+        for (user, seen) in &snapshot.last_seen {
+            let Some(id) = self.accounts.id(user.as_str()) else {
+                summary.skipped += 1;
+                continue;
+            };
+            let at = match *seen {
+                LastSeen::Offline { at } => at,
+                LastSeen::Online { .. } => {
+                    // Online when the last run stopped: seen until now.
+                    self.store.record(Change::LoggedOut {
+                        user: user.clone(),
+                        at: now,
+                    });
+                    now
+                }
+            };
+            self.presence.restore_last_seen(id, at);
+            summary.last_seen += 1;
+        }
+        for (user, state) in &snapshot.lockouts {
+            if self.accounts.contains(user.as_str()) {
+                self.lockout.restore(user.as_str(), *state, now);
+                summary.lockouts += 1;
+            } else {
+                summary.skipped += 1;
+            }
+        }
+        summary
+    }
+
+    fn handle_frame(&mut self, conn: ConnId, frame: &[u8], now: Timestamp) {
+        match Request::parse_frame(frame) {
+            Ok(Request { id, command }) => {
+                if let Err(error) = self.handle_command(conn, id, command, now) {
+                    self.send_error(conn, id, &error);
+                }
+            }
+            Err(rejected) => self.send_error(conn, rejected.id, &rejected.error),
+        }
+    }
+
+    fn handle_command(
+        &mut self,
+        conn: ConnId,
+        id: Option<RequestId>,
+        command: Command,
+        now: Timestamp,
+    ) -> Result<(), RequestError> {
+        let me = self.connections.get(conn).and_then(|c| c.user);
+        match (command, me) {
+            (Command::Help, _) => {
+                self.help(conn, id);
+                Ok(())
+            }
+            (Command::Login { user, password }, _) => self.login(conn, id, user, password, now),
+            (Command::Logout, _) => {
+                self.reply(conn, id, Reply::Logout, "goodbye".to_owned());
+                self.say_bye(conn, ByeReason::Logout, now);
+                Ok(())
+            }
+            (_, None) => Err(RequestError::NotLoggedIn),
+            (Command::Message { to, text }, Some(me)) => self.message(conn, id, me, to, text, now),
+            (Command::Broadcast { text }, Some(me)) => {
+                self.broadcast(conn, id, me, text, now);
+                Ok(())
+            }
+            (Command::Whoami, Some(me)) => {
+                let user = self.accounts.name(me).clone();
+                let session = self
+                    .connections
+                    .get(conn)
+                    .map(|c| c.session)
+                    .unwrap_or_default();
+                let text = format!("you are {user} (session {session})");
+                self.reply(conn, id, Reply::Whoami { user, session }, text);
+                Ok(())
+            }
+            (Command::Whoelse, Some(me)) => {
+                let users = self.visible_users(me, self.presence.online().iter().copied());
+                let text = list_text("online now", &users);
+                self.reply(conn, id, Reply::Whoelse { users }, text);
+                Ok(())
+            }
+            (Command::Whoelsesince { seconds }, Some(me)) => {
+                let since = now.saturating_sub(Duration::from_secs(seconds));
+                let candidates = self
+                    .accounts
+                    .ids()
+                    .filter(|&u| self.presence.seen_since(u, since));
+                let users = self.visible_users(me, candidates);
+                let text = list_text(&format!("online in the last {seconds} s"), &users);
+                self.reply(conn, id, Reply::Whoelsesince { users }, text);
+                Ok(())
+            }
+            (Command::Block { user }, Some(me)) => self.block(conn, id, me, user),
+            (Command::Unblock { user }, Some(me)) => self.unblock(conn, id, me, user),
+            (
+                Command::Debug {
+                    target: DebugTarget::Server,
+                },
+                Some(me),
+            ) => {
+                if !self.config.admins.contains(self.accounts.name(me)) {
+                    return Err(RequestError::Forbidden {
+                        what: "debug server",
+                    });
+                }
+                let state = self.debug_state(now);
+                let text = format!(
+                    "{} connections, {} users online, {} offline messages queued, {} accounts locked, up {} s",
+                    state.connections,
+                    state.users_online,
+                    state.queued_offline_messages,
+                    state.locked_accounts,
+                    state.uptime_secs
+                );
+                self.reply(conn, id, Reply::Debug { state }, text);
+                Ok(())
+            }
+            (
+                Command::Debug {
+                    target: DebugTarget::Client,
+                },
+                Some(_),
+            ) => Err(RequestError::bad_arguments(
+                "the server answers 'debug server'; 'debug client' is answered by your client",
+            )),
+        }
+    }
+
+    fn help(&mut self, conn: ConnId, id: Option<RequestId>) {
+        let commands = CommandName::ALL
+            .into_iter()
+            .map(|cmd| CommandUsage {
+                cmd,
+                usage: cmd.usage().to_owned(),
+            })
+            .collect::<Vec<_>>();
+        let text = format!(
+            "commands: {}",
+            commands
+                .iter()
+                .map(|c| c.usage.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        self.reply(conn, id, Reply::Help { commands }, text);
+    }
+
+    fn login(
+        &mut self,
+        conn: ConnId,
+        id: Option<RequestId>,
+        name: Username,
+        password: Password,
+        now: Timestamp,
+    ) -> Result<(), RequestError> {
+        if let Some(me) = self.connections.get(conn).and_then(|c| c.user) {
+            return Err(RequestError::AlreadyLoggedIn {
+                user: self.accounts.name(me).clone(),
+            });
+        }
+        let refuse = |server: &mut Self, error: RequestError| {
+            server.event(Event::LoginRefused {
+                conn,
+                user: name.clone(),
+                code: error.code(),
+            });
+            Err(error)
+        };
+        if let Some(until) = self.lockout.locked_until(name.as_str(), now) {
+            let error = RequestError::AccountLocked {
+                retry_after: seconds_until(until, now),
+                just_locked: false,
+            };
+            return refuse(self, error);
+        }
+        let account = self.accounts.id(name.as_str());
+        let password_ok = account.is_some_and(|a| self.accounts.get(a).check_password(&password));
+        let Some(user) = account.filter(|_| password_ok) else {
+            let known = account.is_some();
+            let state = self.lockout.record_failure(name.as_str(), known, now);
+            if known {
+                self.store.record(Change::LockoutChanged {
+                    user: name.clone(),
+                    state,
+                });
+            }
+            let Some(until) = state.locked_until else {
+                return refuse(self, RequestError::InvalidCredentials);
+            };
+            self.event(Event::Locked {
+                user: name.clone(),
+                until,
+            });
+            let error = RequestError::AccountLocked {
+                retry_after: seconds_until(until, now),
+                just_locked: true,
+            };
+            return refuse(self, error);
+        };
+        if self.lockout.record_success(name.as_str()) {
+            self.store
+                .record(Change::LockoutCleared { user: name.clone() });
+        }
+        if self.presence.session(user).is_some() {
+            let error = RequestError::SessionElsewhere { user: name.clone() };
+            return refuse(self, error);
+        }
+
+        if let Some(c) = self.connections.get_mut(conn) {
+            c.user = Some(user);
+        }
+        self.presence.log_in(user, conn);
+        self.store.record(Change::LoggedIn {
+            user: name.clone(),
+            at: now,
+        });
+        self.reply(
+            conn,
+            id,
+            Reply::Login { user: name.clone() },
+            format!("welcome, {name}"),
+        );
+        self.deliver_offline(conn, user);
+        self.announce(user, true);
+        self.event(Event::LoggedIn { conn, user: name });
+        Ok(())
+    }
+
+    /// Hands `user` everything queued for them, oldest first.
+    fn deliver_offline(&mut self, conn: ConnId, user: UserId) {
+        let queued = self.offline.take(user);
+        if queued.is_empty() {
+            return;
+        }
+        let count = queued.len();
+        for m in queued {
+            let frame = ServerFrame::Message(MessageFrame {
+                from: m.from,
+                text: m.text,
+                sent_at: m.sent_at,
+                offline: true,
+            });
+            self.send(conn, &frame);
+        }
+        self.store.record(Change::MessagesDelivered {
+            to: self.accounts.name(user).clone(),
+            count,
+        });
+    }
+
+    fn message(
+        &mut self,
+        conn: ConnId,
+        id: Option<RequestId>,
+        me: UserId,
+        to: Username,
+        text: MessageText,
+        now: Timestamp,
+    ) -> Result<(), RequestError> {
+        let recipient = self
+            .accounts
+            .id(to.as_str())
+            .ok_or_else(|| RequestError::unknown_user(to.as_str()))?;
+        if recipient == me {
+            return Err(RequestError::SelfTarget { action: "message" });
+        }
+        if self.blocks.has_blocked(recipient, me) {
+            return Err(RequestError::Blocked { user: to });
+        }
+        let from = self.accounts.name(me).clone();
+        let stored = match self.presence.session(recipient) {
+            Some(their_conn) => {
+                let frame = ServerFrame::Message(MessageFrame {
+                    from,
+                    text,
+                    sent_at: now,
+                    offline: false,
+                });
+                self.send(their_conn, &frame);
+                false
+            }
+            None => {
+                let message = OfflineMessage {
+                    from,
+                    text,
+                    sent_at: now,
+                };
+                self.offline.push(recipient, message.clone()).map_err(|_| {
+                    RequestError::MailboxFull {
+                        user: to.clone(),
+                        capacity: self.offline.capacity(),
+                    }
+                })?;
+                self.store.record(Change::MessageQueued {
+                    to: to.clone(),
+                    message,
+                });
+                true
+            }
+        };
+        let text = if stored {
+            format!("{to} is offline: the message will be delivered when they log in")
+        } else {
+            format!("message delivered to {to}")
+        };
+        self.reply(conn, id, Reply::Message { to, stored }, text);
+        Ok(())
+    }
+
+    fn broadcast(
+        &mut self,
+        conn: ConnId,
+        id: Option<RequestId>,
+        me: UserId,
+        text: MessageText,
+        now: Timestamp,
+    ) {
+        // One encoding, shared by every recipient.
+        let frame = ServerFrame::Broadcast(BroadcastFrame {
+            from: self.accounts.name(me).clone(),
+            text,
+            sent_at: now,
+        })
+        .encode();
+        let blockers = self.blocks.blockers_of(me);
+        let (mut delivered, mut skipped) = (0, 0);
+        for &user in self.presence.online() {
+            if user == me {
+                continue;
+            }
+            if blockers.contains(&user) {
+                skipped += 1;
+                continue;
+            }
+            if let Some(their_conn) = self.presence.session(user) {
+                self.outputs.push_back(Output::Transmit {
+                    conn: their_conn,
+                    frame: frame.clone(),
+                });
+                delivered += 1;
+            }
+        }
+        let text = if skipped > 0 {
+            format!(
+                "broadcast delivered to {delivered} users; it could not be delivered to {skipped} recipients who blocked you"
+            )
+        } else {
+            format!("broadcast delivered to {delivered} users")
+        };
+        self.reply(conn, id, Reply::Broadcast { delivered, skipped }, text);
+    }
+
+    fn block(
+        &mut self,
+        conn: ConnId,
+        id: Option<RequestId>,
+        me: UserId,
+        user: Username,
+    ) -> Result<(), RequestError> {
+        let target = self.target(me, &user, "block")?;
+        if self.blocks.block(me, target) {
+            self.store.record(Change::Blocked {
+                blocker: self.accounts.name(me).clone(),
+                target: user.clone(),
+            });
+        }
+        let text = format!("{user} is blocked");
+        self.reply(conn, id, Reply::Block { user }, text);
+        Ok(())
+    }
+
+    fn unblock(
+        &mut self,
+        conn: ConnId,
+        id: Option<RequestId>,
+        me: UserId,
+        user: Username,
+    ) -> Result<(), RequestError> {
+        let target = self.target(me, &user, "unblock")?;
+        if !self.blocks.unblock(me, target) {
+            return Err(RequestError::NotBlocked { user });
+        }
+        self.store.record(Change::Unblocked {
+            blocker: self.accounts.name(me).clone(),
+            target: user.clone(),
+        });
+        let text = format!("{user} is unblocked");
+        self.reply(conn, id, Reply::Unblock { user }, text);
+        Ok(())
+    }
+
+    /// The account `user` names, refusing unknown names and oneself.
+    fn target(
+        &self,
+        me: UserId,
+        user: &Username,
+        action: &'static str,
+    ) -> Result<UserId, RequestError> {
+        let target = self
+            .accounts
+            .id(user.as_str())
+            .ok_or_else(|| RequestError::unknown_user(user.as_str()))?;
+        if target == me {
+            return Err(RequestError::SelfTarget { action });
+        }
+        Ok(target)
+    }
+
+    /// The names among `candidates` that `me` may see: not `me`, and not
+    /// anyone who has blocked `me`. Sorted.
+    fn visible_users(&self, me: UserId, candidates: impl Iterator<Item = UserId>) -> Vec<Username> {
+        let blockers = self.blocks.blockers_of(me);
+        let mut users: Vec<Username> = candidates
+            .filter(|u| *u != me && !blockers.contains(u))
+            .map(|u| self.accounts.name(u).clone())
+            .collect();
+        users.sort_unstable();
+        users
+    }
+
+    /// Tells everyone online, except whom `user` has blocked, that `user`
+    /// came or went.
+    fn announce(&mut self, user: UserId, online: bool) {
+        let frame = ServerFrame::Presence(PresenceFrame {
+            user: self.accounts.name(user).clone(),
+            online,
+        })
+        .encode();
+        let blocked = self.blocks.blocked_by(user);
+        for &other in self.presence.online() {
+            if other == user || blocked.contains(&other) {
+                continue;
+            }
+            if let Some(conn) = self.presence.session(other) {
+                self.outputs.push_back(Output::Transmit {
+                    conn,
+                    frame: frame.clone(),
+                });
+            }
+        }
+    }
+
+    /// Queues `bye` and the close, and forgets the connection.
+    fn say_bye(&mut self, conn: ConnId, reason: ByeReason, now: Timestamp) {
+        self.send(conn, &ServerFrame::Bye { reason });
+        self.outputs.push_back(Output::Close { conn, reason });
+        self.forget(conn, now, true);
+    }
+
+    /// Drops `conn`; its user goes offline, announced if `announce`.
+    fn forget(&mut self, conn: ConnId, now: Timestamp, announce: bool) -> Option<()> {
+        let c = self.connections.remove(conn)?;
+        self.idle_timers.remove(&(c.idle_timer, conn));
+        if let Some(user) = c.user {
+            self.presence.log_out(user, now);
+            let name = self.accounts.name(user).clone();
+            self.store.record(Change::LoggedOut {
+                user: name.clone(),
+                at: now,
+            });
+            if announce {
+                self.announce(user, false);
+            }
+            self.event(Event::LoggedOut { conn, user: name });
+        }
+        Some(())
+    }
+
+    fn reply(&mut self, conn: ConnId, id: Option<RequestId>, reply: Reply, text: String) {
+        self.send(conn, &ServerFrame::Ok(OkFrame { id, reply, text }));
+    }
+
+    fn send_error(&mut self, conn: ConnId, id: Option<RequestId>, error: &RequestError) {
+        let frame = ServerFrame::Error(ErrorFrame {
+            id,
+            code: error.code(),
+            text: error.to_string(),
+            retry_after: error.retry_after(),
+        });
+        self.send(conn, &frame);
+    }
+
+    fn send(&mut self, conn: ConnId, frame: &ServerFrame) {
+        self.transmit(conn, frame.encode());
+    }
+
+    fn transmit(&mut self, conn: ConnId, frame: Bytes) {
+        self.outputs.push_back(Output::Transmit { conn, frame });
+    }
+
+    fn event(&mut self, event: Event) {
+        self.outputs.push_back(Output::Event(event));
+    }
+}
+
+/// "online now: alice, bob" or "online now: nobody".
+fn list_text(what: &str, users: &[Username]) -> String {
+    if users.is_empty() {
+        return format!("{what}: nobody else");
+    }
+    let names: Vec<&str> = users.iter().map(Username::as_str).collect();
+    format!("{what}: {}", names.join(", "))
+}
