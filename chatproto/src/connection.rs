@@ -9,6 +9,7 @@ use uuid::Uuid;
 
 use crate::accounts::UserId;
 use crate::framing::FrameDecoder;
+use crate::rate_limit::TokenBucket;
 use crate::time::Timestamp;
 
 /// A connection, as named by the server core.
@@ -49,6 +50,8 @@ pub(crate) struct Connection {
     pub(crate) last_frame: Timestamp,
     /// Where this connection sits in the idle-timer queue.
     pub(crate) idle_timer: Timestamp,
+    /// Present when the server limits frame rates.
+    pub(crate) bucket: Option<TokenBucket>,
 }
 
 /// The open connections.
@@ -134,6 +137,7 @@ mod tests {
             user: None,
             last_frame: Timestamp::ZERO,
             idle_timer: Timestamp::ZERO,
+            bucket: None,
         }
     }
 

@@ -69,7 +69,7 @@
 //! | [`server`] | the server state machine ([`Server`]) |
 //! | [`client`] | the client state machine ([`Client`]) |
 //! | [`store`] | the storage boundary ([`Store`], [`Change`], [`Snapshot`]) |
-//! | [`accounts`], [`lockout`], [`offline`] | accounts, failed-login locks, offline queues |
+//! | [`accounts`], [`lockout`], [`offline`], [`rate_limit`] | accounts, failed-login locks, offline queues, flood control |
 //! | `presence`, `blocking`, `connection` | who is online, block lists, the connection table (internal) |
 
 #![warn(missing_docs)]
@@ -85,6 +85,7 @@ pub mod lockout;
 pub mod offline;
 mod password;
 mod presence;
+pub mod rate_limit;
 pub mod request;
 pub mod server;
 pub mod server_frame;
@@ -102,6 +103,7 @@ pub use framing::{encode_frame, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTE
 pub use lockout::{LockoutPolicy, LockoutState};
 pub use offline::OfflineMessage;
 pub use password::{InvalidPassword, Password};
+pub use rate_limit::RateLimit;
 pub use request::{Rejected, Request, RequestId};
 pub use server::{
     ConfigError, Event, Output, RestoreSummary, Server, ServerConfig, UnknownConnection,

@@ -23,6 +23,7 @@ use crate::lockout::{Lockout, LockoutPolicy};
 use crate::offline::{OfflineMessage, OfflineQueues, DEFAULT_OFFLINE_QUEUE_CAPACITY};
 use crate::password::Password;
 use crate::presence::Presence;
+use crate::rate_limit::{RateLimit, TokenBucket};
 use crate::request::{Request, RequestId};
 use crate::server_frame::{
     BroadcastFrame, ByeReason, CommandUsage, DebugState, ErrorFrame, MessageFrame, OkFrame,
@@ -58,6 +59,9 @@ pub struct ServerConfig {
     pub offline_queue_capacity: usize,
     /// Users allowed `debug server`.
     pub admins: HashSet<Username>,
+    /// Frames per connection, or `None` for no limit (default:
+    /// [`RateLimit::default`]).
+    pub rate_limit: Option<RateLimit>,
 }
 
 impl Default for ServerConfig {
@@ -68,6 +72,7 @@ impl Default for ServerConfig {
             lockout: LockoutPolicy::default(),
             offline_queue_capacity: DEFAULT_OFFLINE_QUEUE_CAPACITY,
             admins: HashSet::new(),
+            rate_limit: Some(RateLimit::default()),
         }
     }
 }
@@ -93,6 +98,9 @@ pub enum ConfigError {
     /// `lockout.max_tracked_unknown` is zero.
     #[error("at least one unknown user name must be tracked for lockout")]
     ZeroTrackedUnknown,
+    /// `rate_limit` allows no frames at all.
+    #[error("a rate limit needs a burst and a rate of at least 1 frame")]
+    ZeroRateLimit,
 }
 
 /// The smallest frame limit accepted.
@@ -117,6 +125,12 @@ impl ServerConfig {
         }
         if self.lockout.max_tracked_unknown == 0 {
             return Err(ConfigError::ZeroTrackedUnknown);
+        }
+        if self
+            .rate_limit
+            .is_some_and(|r| r.burst == 0 || r.per_second == 0)
+        {
+            return Err(ConfigError::ZeroRateLimit);
         }
         Ok(())
     }
@@ -275,6 +289,10 @@ impl<S: Store> Server<S> {
             user: None,
             last_frame: now,
             idle_timer,
+            bucket: self
+                .config
+                .rate_limit
+                .map(|limit| TokenBucket::new(limit, now)),
         });
         self.idle_timers.insert((idle_timer, conn));
         self.send(
@@ -305,10 +323,19 @@ impl<S: Store> Server<S> {
         let mut decoder = std::mem::replace(&mut c.decoder, FrameDecoder::new(0));
         let mut input = data;
         while let Some(frame) = decoder.decode(&mut input) {
+            let mut allowed = true;
             if let Some(c) = self.connections.get_mut(conn) {
                 c.last_frame = now;
+                if let (Some(bucket), Some(limit)) = (&mut c.bucket, self.config.rate_limit) {
+                    allowed = bucket.take(limit, now);
+                }
             }
             match frame {
+                Ok(frame) if !allowed => {
+                    // Refused, not dropped: answer under the request's id.
+                    let id = Request::parse_frame(frame).map_or_else(|r| r.id, |r| r.id);
+                    self.send_error(conn, id, &RequestError::RateLimited);
+                }
                 Ok(frame) => self.handle_frame(conn, frame, now),
                 Err(FrameError::TooLarge { limit }) => {
                     self.send_error(conn, None, &RequestError::FrameTooLarge { limit });
