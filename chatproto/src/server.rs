@@ -625,11 +625,11 @@ impl<S: Store> Server<S> {
                 }
                 let state = self.debug_state(now);
                 let text = format!(
-                    "{} connections, {} users online, {} offline messages queued, {} accounts locked, up {} s",
-                    state.connections,
-                    state.users_online,
-                    state.queued_offline_messages,
-                    state.locked_accounts,
+                    "{}, {} online, {} queued, {} locked, up {} s",
+                    count(state.connections, "connection"),
+                    count(state.users_online, "user"),
+                    count(state.queued_offline_messages, "offline message"),
+                    count(state.locked_accounts, "account"),
                     state.uptime_secs
                 );
                 self.reply(conn, id, Reply::Debug { state }, text);
@@ -860,13 +860,13 @@ impl<S: Store> Server<S> {
                 delivered += 1;
             }
         }
-        let text = if skipped > 0 {
-            format!(
-                "broadcast delivered to {delivered} users; it could not be delivered to {skipped} recipients who blocked you"
-            )
-        } else {
-            format!("broadcast delivered to {delivered} users")
-        };
+        let mut text = format!("broadcast delivered to {}", count(delivered, "user"));
+        if skipped > 0 {
+            text += &format!(
+                "; it could not be delivered to {} who blocked you",
+                count(skipped, "recipient")
+            );
+        }
         self.reply(conn, id, Reply::Broadcast { delivered, skipped }, text);
     }
 
@@ -1013,7 +1013,16 @@ impl<S: Store> Server<S> {
     }
 }
 
-/// "online now: alice, bob" or "online now: nobody".
+/// "1 user", "2 users".
+fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
+/// "online now: alice, bob" or "online now: nobody else".
 fn list_text(what: &str, users: &[Username]) -> String {
     if users.is_empty() {
         return format!("{what}: nobody else");
