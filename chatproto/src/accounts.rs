@@ -2,7 +2,7 @@
 //!
 //! The table is fixed when the server core is built (the binary reads it
 //! from its credentials file). Each account gets a small integer
-//! [`UserId`], so that the hot paths (routing, blocking, presence) compare
+//! `UserId`, so that the hot paths (routing, blocking, presence) compare
 //! and index by integer instead of hashing names.
 
 use std::collections::HashMap;

@@ -3,7 +3,7 @@
 //! The sans-IO core of a small instant-messaging protocol: framing, the
 //! command parser, the wire types, and the server and client state machines.
 //! Pure logic over byte buffers: nothing here opens a socket, reads a clock,
-//! sleeps or starts a thread. Time comes in as an argument ([`Timestamp`]),
+//! blocks, or starts a thread. Time comes in as an argument ([`Timestamp`]),
 //! randomness too (session ids from caller-supplied bytes), and everything
 //! the core wants done comes out of a `poll_*` call. A driver — a socket
 //! reactor, a WebSocket bridge, a test — moves the bytes.
@@ -48,7 +48,7 @@
 //! let ServerFrame::Message(m) = &to_bob[2] else { panic!("expected a message") };
 //! assert_eq!((m.from.as_str(), m.text.as_str(), m.offline), ("alice", "hi there", false));
 //!
-//! // Sleep until the next deadline, tell the core, repeat: here both
+//! // Wait for the next deadline, tell the core, repeat: here both
 //! // connections reach their idle timeout and are closed.
 //! while let Some(wake_at) = server.poll_timeout() {
 //!     server.handle_timeout(wake_at);

@@ -6,7 +6,7 @@
 //! ([`Server::handle_input`]), a connection dropped
 //! ([`Server::handle_disconnect`]), time passed ([`Server::handle_timeout`])
 //! — and after each call drains [`Server::poll_output`] until `None`, then
-//! sleeps until [`Server::poll_timeout`] or the next socket event.
+//! waits for [`Server::poll_timeout`] or the next socket event.
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::time::Duration;

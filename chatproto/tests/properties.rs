@@ -28,7 +28,11 @@ fn decode_chunked(max: usize, stream: &[u8], cuts: &[usize]) -> Vec<Result<Vec<u
         while let Some(frame) = decoder.decode(&mut input) {
             out.push(frame.map(<[u8]>::to_vec));
         }
-        assert!(decoder.buffered() <= max, "buffered {} > {max}", decoder.buffered());
+        assert!(
+            decoder.buffered() <= max,
+            "buffered {} > {max}",
+            decoder.buffered()
+        );
     }
     out
 }
@@ -83,7 +87,8 @@ fn password() -> impl Strategy<Value = Password> {
 }
 
 fn text() -> impl Strategy<Value = MessageText> {
-    "([^\\p{Cc}]|\\t){1,40}".prop_filter_map("needs a visible character", |s| MessageText::new(&s).ok())
+    "([^\\p{Cc}]|\\t){1,40}"
+        .prop_filter_map("needs a visible character", |s| MessageText::new(&s).ok())
 }
 
 fn command() -> impl Strategy<Value = Command> {
@@ -98,7 +103,8 @@ fn command() -> impl Strategy<Value = Command> {
         username().prop_map(|user| Command::Block { user }),
         username().prop_map(|user| Command::Unblock { user }),
         Just(Command::Help),
-        prop_oneof![Just(DebugTarget::Server), Just(DebugTarget::Client)].prop_map(|target| Command::Debug { target }),
+        prop_oneof![Just(DebugTarget::Server), Just(DebugTarget::Client)]
+            .prop_map(|target| Command::Debug { target }),
     ]
 }
 
@@ -150,19 +156,41 @@ enum Op {
 /// Lines that exercise the rules, with names from the accounts (and not).
 fn line() -> impl Strategy<Value = Vec<u8>> {
     let user = prop_oneof![
-        Just("alice"), Just("bob"), Just("carol"), Just("dave"), Just("root"), Just("nobody"), Just("b@d")
+        Just("alice"),
+        Just("bob"),
+        Just("carol"),
+        Just("dave"),
+        Just("root"),
+        Just("nobody"),
+        Just("b@d")
     ];
-    let password = prop_oneof![Just("pw-alice"), Just("pw-bob"), Just("pw-carol"), Just("pw-root"), Just("wrong")];
+    let password = prop_oneof![
+        Just("pw-alice"),
+        Just("pw-bob"),
+        Just("pw-carol"),
+        Just("pw-root"),
+        Just("wrong")
+    ];
     let text = prop_oneof![Just("hi"), Just("hello there"), Just("\u{7}"), Just("é🎉")];
     prop_oneof![
         (user.clone(), password).prop_map(|(u, p)| format!("login {u} {p}\n").into_bytes()),
         (user.clone(), text.clone()).prop_map(|(u, t)| format!("message {u} {t}\n").into_bytes()),
         text.prop_map(|t| format!("broadcast {t}\n").into_bytes()),
-        user.clone().prop_map(|u| format!("block {u}\n").into_bytes()),
-        user.prop_map(|u| format!("{{\"cmd\":\"unblock\",\"user\":\"{u}\",\"id\":3}}\n").into_bytes()),
+        user.clone()
+            .prop_map(|u| format!("block {u}\n").into_bytes()),
+        user.prop_map(
+            |u| format!("{{\"cmd\":\"unblock\",\"user\":\"{u}\",\"id\":3}}\n").into_bytes()
+        ),
         (0u64..100).prop_map(|s| format!("whoelsesince {s}\n").into_bytes()),
-        prop_oneof![Just("whoami\n"), Just("whoelse\n"), Just("help\n"), Just("logout\n"), Just("debug server\n"), Just("{\"cmd\":\n")]
-            .prop_map(|s| s.as_bytes().to_vec()),
+        prop_oneof![
+            Just("whoami\n"),
+            Just("whoelse\n"),
+            Just("help\n"),
+            Just("logout\n"),
+            Just("debug server\n"),
+            Just("{\"cmd\":\n")
+        ]
+        .prop_map(|s| s.as_bytes().to_vec()),
         proptest::collection::vec(any::<u8>(), 0..300),
     ]
 }

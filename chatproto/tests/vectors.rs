@@ -28,7 +28,9 @@ fn vectors() -> Value {
 }
 
 fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
-    v[key].as_str().unwrap_or_else(|| panic!("{key} missing in {v}"))
+    v[key]
+        .as_str()
+        .unwrap_or_else(|| panic!("{key} missing in {v}"))
 }
 
 #[test]
@@ -40,7 +42,11 @@ fn inline_lines_parse_to_their_commands() {
         let line = str_of(case, "line");
         match Command::parse(line) {
             Ok(command) => {
-                assert_eq!(serde_json::to_value(&command).unwrap(), case["command"], "{line:?}");
+                assert_eq!(
+                    serde_json::to_value(&command).unwrap(),
+                    case["command"],
+                    "{line:?}"
+                );
                 // Parsing what it renders gives it back.
                 assert_eq!(Command::parse(&command.render()), Ok(command));
             }
@@ -58,11 +64,19 @@ fn request_frames_parse_to_their_ids_and_commands() {
         match Request::parse_frame(frame.as_bytes()) {
             Ok(request) => {
                 assert_eq!(request.id, expected_id, "{frame}");
-                assert_eq!(serde_json::to_value(&request.command).unwrap(), case["command"], "{frame}");
+                assert_eq!(
+                    serde_json::to_value(&request.command).unwrap(),
+                    case["command"],
+                    "{frame}"
+                );
             }
             Err(rejected) => {
                 assert_eq!(rejected.id, expected_id, "{frame}");
-                assert_eq!(rejected.error.code().as_str(), str_of(case, "error"), "{frame}");
+                assert_eq!(
+                    rejected.error.code().as_str(),
+                    str_of(case, "error"),
+                    "{frame}"
+                );
             }
         }
     }
@@ -73,7 +87,8 @@ fn server_frames_decode_and_encode_to_the_same_bytes() {
     let vectors = vectors();
     for frame in vectors["server_frames"].as_array().unwrap() {
         let frame = frame.as_str().unwrap();
-        let decoded = ServerFrame::decode(frame.as_bytes()).unwrap_or_else(|e| panic!("{frame}: {e}"));
+        let decoded =
+            ServerFrame::decode(frame.as_bytes()).unwrap_or_else(|e| panic!("{frame}: {e}"));
         assert_eq!(decoded.encode(), format!("{frame}\n").as_bytes(), "{frame}");
     }
 }
@@ -87,7 +102,10 @@ fn the_transcript_plays_back_exactly() {
     let mut accounts = Accounts::new();
     for pair in transcript["accounts"].as_array().unwrap() {
         accounts
-            .insert(pair[0].as_str().unwrap().parse().unwrap(), pair[1].as_str().unwrap().parse().unwrap())
+            .insert(
+                pair[0].as_str().unwrap().parse().unwrap(),
+                pair[1].as_str().unwrap().parse().unwrap(),
+            )
             .unwrap();
     }
     let c = &transcript["config"];
@@ -96,14 +114,27 @@ fn the_transcript_plays_back_exactly() {
     config.lockout.max_failures = c["lockout_attempts"].as_u64().unwrap() as u32;
     config.lockout.lock_duration = Duration::from_secs(c["lockout_secs"].as_u64().unwrap());
     for admin in c["admins"].as_array().unwrap() {
-        config.admins.insert(admin.as_str().unwrap().parse().unwrap());
+        config
+            .admins
+            .insert(admin.as_str().unwrap().parse().unwrap());
     }
-    let mut server = Server::new(config, accounts, MemoryStore::new(), Timestamp::from_unix_millis(START)).unwrap();
+    let mut server = Server::new(
+        config,
+        accounts,
+        MemoryStore::new(),
+        Timestamp::from_unix_millis(START),
+    )
+    .unwrap();
 
     let mut conns: HashMap<String, ConnId> = HashMap::new();
     let mut names: HashMap<ConnId, String> = HashMap::new();
     let mut mismatches = Vec::new();
-    for (n, step) in transcript["steps"].as_array_mut().unwrap().iter_mut().enumerate() {
+    for (n, step) in transcript["steps"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .enumerate()
+    {
         let now = Timestamp::from_unix_millis(START + step["at"].as_u64().unwrap());
         if let Some(name) = step["connect"].as_str() {
             let bytes = hex(str_of(step, "session_random"));
@@ -112,7 +143,9 @@ fn the_transcript_plays_back_exactly() {
             names.insert(conn, name.to_owned());
         } else if let Some(name) = step["send"].as_str() {
             let line = format!("{}\n", str_of(step, "line"));
-            server.handle_input(conns[name], line.as_bytes(), now).unwrap();
+            server
+                .handle_input(conns[name], line.as_bytes(), now)
+                .unwrap();
         } else if let Some(name) = step["disconnect"].as_str() {
             server.handle_disconnect(conns[name], now).unwrap();
         } else if step["timeout"].as_bool() == Some(true) {
@@ -135,7 +168,10 @@ fn the_transcript_plays_back_exactly() {
         }
         let actual = Value::Array(actual);
         if step["expect"] != actual {
-            mismatches.push(format!("step {n}: expected {}\n  got {actual}", step["expect"]));
+            mismatches.push(format!(
+                "step {n}: expected {}\n  got {actual}",
+                step["expect"]
+            ));
             step["expect"] = actual;
         }
     }
@@ -150,7 +186,12 @@ fn the_transcript_plays_back_exactly() {
 fn format_vectors(v: &Value) -> String {
     let line = |v: &Value| serde_json::to_string(v).unwrap();
     let lines = |items: &Value, indent: &str| {
-        let items: Vec<String> = items.as_array().unwrap().iter().map(|i| format!("{indent}{}", line(i))).collect();
+        let items: Vec<String> = items
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| format!("{indent}{}", line(i)))
+            .collect();
         if items.is_empty() {
             "[]".to_owned()
         } else {
@@ -166,7 +207,11 @@ fn format_vectors(v: &Value) -> String {
             let mut head = step.clone();
             head.as_object_mut().unwrap().remove("expect");
             let head = line(&head);
-            format!("      {}, \"expect\": {}}}", &head[..head.len() - 1], lines(&step["expect"], "        "))
+            format!(
+                "      {}, \"expect\": {}}}",
+                &head[..head.len() - 1],
+                lines(&step["expect"], "        ")
+            )
         })
         .collect();
     format!(

@@ -158,7 +158,7 @@ impl Sim {
     }
 
     /// Moves the clock on by `d`, firing every deadline on the way at its
-    /// own time, as a driver that sleeps on `poll_timeout` would.
+    /// own time, as a driver that waits on `poll_timeout` would.
     pub fn advance(&mut self, d: Duration) {
         let until = self.now + d;
         while let Some(t) = self.server.poll_timeout() {
