@@ -72,6 +72,7 @@
 //! | [`accounts`], [`lockout`], [`offline`], [`rate_limit`] | accounts, failed-login locks, offline queues, flood control |
 //! | `presence`, `blocking`, `connection` | who is online, block lists, the connection table (internal) |
 
+#![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod accounts;

@@ -1,6 +1,147 @@
-//! The chatproto server binary (work in progress: see issue 3).
+//! `chatserver`: serves the chatproto protocol over TCP.
+//!
+//! This binary owns what the sans-IO core leaves out: sockets (a `polling`
+//! reactor), time, signals, configuration and logs.
 
-fn main() {
-    eprintln!("chatserver: the TCP server is not built yet (issue 3)");
-    std::process::exit(2);
+mod cli;
+mod clock;
+mod credentials;
+mod output_queue;
+mod reactor;
+mod registration;
+
+use std::io::IsTerminal;
+use std::net::TcpListener;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use chatproto::{MemoryStore, Server};
+use clap::Parser;
+use tracing::{info, warn};
+use tracing_subscriber::EnvFilter;
+
+use crate::cli::{Args, Settings};
+use crate::clock::Clock;
+use crate::reactor::{Reactor, ReactorConfig};
+
+/// Descriptors kept free of connections: the listener, the poller, logs.
+const RESERVED_DESCRIPTORS: u64 = 32;
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                print!("{e}");
+                return ExitCode::SUCCESS;
+            }
+            eprintln!(
+                "chatserver: {}; try 'chatserver --help'",
+                first_line(&e.to_string())
+            );
+            return ExitCode::from(2);
+        }
+    };
+    let settings = match args.into_settings() {
+        Ok(settings) => settings,
+        Err(e) => {
+            eprintln!("chatserver: {e}; try 'chatserver --help'");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
+        .init();
+    match serve(settings) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chatserver: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(settings: Settings) -> Result<(), String> {
+    let accounts = credentials::load(&settings.credentials).map_err(|e| e.to_string())?;
+    let demo = credentials::demo_accounts_in(&accounts);
+    if !demo.is_empty() {
+        warn!(
+            "serving demo accounts with published passwords ({}): use your own credentials file for anything but a demo",
+            demo.join(", ")
+        );
+    }
+    for admin in &settings.core.admins {
+        if !accounts.contains(admin.as_str()) {
+            warn!(
+                "--admin {admin}: no such account in {}",
+                settings.credentials.display()
+            );
+        }
+    }
+
+    let descriptors = raise_descriptor_limit();
+    let max_connections = settings.max_connections.unwrap_or_else(|| {
+        usize::try_from(descriptors.saturating_sub(RESERVED_DESCRIPTORS).max(1))
+            .unwrap_or(usize::MAX)
+    });
+
+    let listener = TcpListener::bind(settings.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
+    let local = listener.local_addr().map_err(|e| e.to_string())?;
+
+    let clock = Clock::start();
+    let account_count = accounts.len();
+    let core = Server::new(settings.core, accounts, MemoryStore::new(), clock.now())
+        .map_err(|e| e.to_string())?;
+
+    let poller =
+        Arc::new(polling::Poller::new().map_err(|e| format!("cannot create the poller: {e}"))?);
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let (stop, poller) = (stop.clone(), poller.clone());
+        ctrlc::set_handler(move || {
+            stop.store(true, Ordering::SeqCst);
+            let _ = poller.notify();
+        })
+        .map_err(|e| format!("cannot install the signal handler: {e}"))?;
+    }
+    let config = ReactorConfig {
+        max_connections,
+        max_output_bytes: settings.max_output_bytes,
+        shutdown_grace: settings.shutdown_grace,
+    };
+    let mut reactor =
+        Reactor::new(listener, core, clock, config, stop, poller).map_err(|e| e.to_string())?;
+    info!(
+        accounts = account_count,
+        max_connections, "listening on {local} (connect with: chatcli {local}, or nc)"
+    );
+    reactor
+        .run()
+        .map_err(|e| format!("the event loop failed: {e}"))?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Raises the soft open-file limit to the hard limit; returns the limit in
+/// force.
+fn raise_descriptor_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            warn!("cannot raise the open-file limit: {e}");
+            1024
+        }
+    }
+}
+
+fn first_line(s: &str) -> &str {
+    let line = s.lines().next().unwrap_or(s);
+    line.strip_prefix("error: ").unwrap_or(line)
 }

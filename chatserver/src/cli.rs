@@ -1,0 +1,269 @@
+//! The command line: flags, the assignment-style positional form, and the
+//! settings they make.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chatproto::{RateLimit, ServerConfig, Username};
+use clap::Parser;
+
+/// Serves the chatproto instant-messaging protocol over TCP.
+///
+/// Also accepts the positional form `chatserver PORT BLOCK_DURATION TIMEOUT`:
+/// listen on 127.0.0.1:PORT, lock accounts for BLOCK_DURATION seconds, and
+/// time idle connections out after TIMEOUT seconds.
+#[derive(Debug, Parser)]
+#[command(name = "chatserver", version, after_help = AFTER_HELP)]
+pub struct Args {
+    /// Address to listen on (IPv4 or IPv6; port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<SocketAddr>,
+
+    /// Accounts file: one `username password` a line; blank lines and
+    /// `#` comments are allowed.
+    #[arg(long, value_name = "FILE", default_value = "credentials.txt")]
+    credentials: PathBuf,
+
+    /// Consecutive failed logins that lock a user name.
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    lockout_attempts: u32,
+
+    /// How long a lock lasts, in seconds.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    lockout_secs: Option<u64>,
+
+    /// Close connections that send nothing for this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    idle_timeout_secs: Option<u64>,
+
+    /// Largest frame (line) accepted, in bytes.
+    #[arg(long, value_name = "N", default_value_t = chatproto::DEFAULT_MAX_FRAME_BYTES)]
+    max_frame_bytes: usize,
+
+    /// Most open connections; more are accepted and closed with `bye`
+    /// reason `server_full`. Default: what the open-file limit allows.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
+
+    /// A user allowed `debug server` (repeatable).
+    #[arg(long = "admin", value_name = "USER")]
+    admins: Vec<Username>,
+
+    /// Unsent output a connection may pile up before it is cut off as a
+    /// slow consumer, in bytes.
+    #[arg(long, value_name = "N", default_value_t = 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    max_output_bytes: u64,
+
+    /// Most messages one user's offline queue holds.
+    #[arg(long, value_name = "N", default_value_t = chatproto::offline::DEFAULT_OFFLINE_QUEUE_CAPACITY)]
+    offline_queue_cap: usize,
+
+    /// Frames a connection may send at once after a quiet spell.
+    #[arg(long, value_name = "N", default_value_t = RateLimit::default().burst, value_parser = clap::value_parser!(u32).range(1..))]
+    rate_limit_burst: u32,
+
+    /// Frames a second a connection may send, sustained.
+    #[arg(long, value_name = "N", default_value_t = RateLimit::default().per_second, value_parser = clap::value_parser!(u32).range(1..))]
+    rate_limit_per_sec: u32,
+
+    /// Turn the per-connection rate limit off.
+    #[arg(long, conflicts_with_all = ["rate_limit_burst", "rate_limit_per_sec"])]
+    no_rate_limit: bool,
+
+    /// How long shutdown waits for output to drain, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 2000)]
+    shutdown_grace_ms: u64,
+
+    /// Positional form: PORT BLOCK_DURATION TIMEOUT.
+    #[arg(value_name = "PORT BLOCK_DURATION TIMEOUT", num_args = 0..=3, hide = true)]
+    positional: Vec<String>,
+}
+
+const AFTER_HELP: &str = "\
+Connect with the reference client (`chatcli 127.0.0.1:4000`) or any line-based
+tool (`nc 127.0.0.1 4000`), then type `login alice wonderland` with the demo
+credentials.txt. Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more.";
+
+/// Everything the server needs to start.
+#[derive(Debug)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub credentials: PathBuf,
+    pub core: ServerConfig,
+    pub max_connections: Option<usize>,
+    pub max_output_bytes: usize,
+    pub shutdown_grace: Duration,
+}
+
+/// A command line that parses but does not make sense.
+#[derive(Debug, thiserror::Error)]
+pub enum UsageError {
+    #[error(
+        "the positional form takes exactly three numbers: PORT BLOCK_DURATION TIMEOUT (got {0})"
+    )]
+    PositionalCount(usize),
+    #[error("{what} must be a whole number{range} (got {value:?})")]
+    PositionalValue {
+        what: &'static str,
+        range: &'static str,
+        value: String,
+    },
+    #[error(
+        "use either the positional form or --listen/--lockout-secs/--idle-timeout-secs, not both"
+    )]
+    Mixed,
+    #[error("{0}")]
+    Config(#[from] chatproto::ConfigError),
+}
+
+pub const DEFAULT_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 4000);
+
+impl Args {
+    pub fn into_settings(self) -> Result<Settings, UsageError> {
+        let mut listen = self.listen.unwrap_or(DEFAULT_LISTEN);
+        let mut lockout_secs = self.lockout_secs.unwrap_or(60);
+        let mut idle_secs = self.idle_timeout_secs.unwrap_or(600);
+        if !self.positional.is_empty() {
+            if self.positional.len() != 3 {
+                return Err(UsageError::PositionalCount(self.positional.len()));
+            }
+            if self.listen.is_some()
+                || self.lockout_secs.is_some()
+                || self.idle_timeout_secs.is_some()
+            {
+                return Err(UsageError::Mixed);
+            }
+            let port: u16 = positional(&self.positional[0], "PORT", " from 0 to 65535")?;
+            lockout_secs = positional(
+                &self.positional[1],
+                "BLOCK_DURATION",
+                " of seconds, at least 1",
+            )?;
+            idle_secs = positional(&self.positional[2], "TIMEOUT", " of seconds, at least 1")?;
+            if lockout_secs == 0 {
+                return Err(bad_positional(
+                    "BLOCK_DURATION",
+                    " of seconds, at least 1",
+                    "0",
+                ));
+            }
+            if idle_secs == 0 {
+                return Err(bad_positional("TIMEOUT", " of seconds, at least 1", "0"));
+            }
+            listen = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
+        }
+
+        let mut core = ServerConfig::default();
+        core.max_frame_bytes = self.max_frame_bytes;
+        core.idle_timeout = Duration::from_secs(idle_secs);
+        core.lockout.max_failures = self.lockout_attempts;
+        core.lockout.lock_duration = Duration::from_secs(lockout_secs);
+        core.offline_queue_capacity = self.offline_queue_cap;
+        core.admins = self.admins.into_iter().collect();
+        core.rate_limit = (!self.no_rate_limit).then_some(RateLimit {
+            burst: self.rate_limit_burst,
+            per_second: self.rate_limit_per_sec,
+        });
+        core.validate()?;
+
+        Ok(Settings {
+            listen,
+            credentials: self.credentials,
+            core,
+            max_connections: self
+                .max_connections
+                .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
+            max_output_bytes: usize::try_from(self.max_output_bytes).unwrap_or(usize::MAX),
+            shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+        })
+    }
+}
+
+fn positional<T: std::str::FromStr>(
+    value: &str,
+    what: &'static str,
+    range: &'static str,
+) -> Result<T, UsageError> {
+    value
+        .parse()
+        .map_err(|_| bad_positional(what, range, value))
+}
+
+fn bad_positional(what: &'static str, range: &'static str, value: &str) -> UsageError {
+    UsageError::PositionalValue {
+        what,
+        range,
+        value: value.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(args: &[&str]) -> Result<Settings, String> {
+        let args = Args::try_parse_from(std::iter::once("chatserver").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())?;
+        args.into_settings().map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.listen, DEFAULT_LISTEN);
+        assert_eq!(s.core.idle_timeout, Duration::from_secs(600));
+        assert_eq!(s.core.lockout.lock_duration, Duration::from_secs(60));
+        assert_eq!(s.core.lockout.max_failures, 3);
+        assert_eq!(s.max_output_bytes, 1024 * 1024);
+    }
+
+    #[test]
+    fn the_positional_form() {
+        let s = settings(&["4321", "10", "30"]).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:4321".parse().unwrap());
+        assert_eq!(s.core.lockout.lock_duration, Duration::from_secs(10));
+        assert_eq!(s.core.idle_timeout, Duration::from_secs(30));
+        assert!(settings(&["4321", "10"])
+            .unwrap_err()
+            .contains("exactly three"));
+        assert!(settings(&["http", "10", "30"])
+            .unwrap_err()
+            .contains("PORT"));
+        assert!(settings(&["4321", "0", "30"])
+            .unwrap_err()
+            .contains("BLOCK_DURATION"));
+        assert!(settings(&["4321", "10", "30", "--listen", "[::1]:5"])
+            .unwrap_err()
+            .contains("not both"));
+    }
+
+    #[test]
+    fn flags() {
+        let s = settings(&[
+            "--listen",
+            "[::1]:0",
+            "--admin",
+            "root",
+            "--admin",
+            "ops",
+            "--lockout-attempts",
+            "5",
+            "--no-rate-limit",
+            "--max-connections",
+            "10",
+        ])
+        .unwrap();
+        assert!(s.listen.is_ipv6());
+        assert_eq!(s.core.admins.len(), 2);
+        assert_eq!(s.core.lockout.max_failures, 5);
+        assert_eq!(s.core.rate_limit, None);
+        assert_eq!(s.max_connections, Some(10));
+        assert!(settings(&["--admin", "no way"]).is_err());
+        assert!(settings(&["--lockout-attempts", "0"]).is_err());
+        assert!(settings(&["--max-frame-bytes", "3"])
+            .unwrap_err()
+            .contains("frame limit"));
+    }
+}

@@ -1,0 +1,131 @@
+//! The credentials file: one account a line, `username password`.
+//!
+//! Blank lines and lines starting with `#` are skipped. Anything else that
+//! is not exactly a valid user name and a valid password is an error that
+//! names the file and the line, so a typo cannot silently lock someone out.
+
+use std::path::{Path, PathBuf};
+
+use chatproto::{Accounts, Password, Username};
+
+/// The demo accounts in the repository's `credentials.txt`. Their passwords
+/// are public, so the server warns when it serves any of them.
+pub const DEMO_ACCOUNTS: [(&str, &str); 5] = [
+    ("alice", "wonderland"),
+    ("bob", "builder"),
+    ("carol", "singer"),
+    ("dave", "diver"),
+    ("admin", "letmein"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredentialsError {
+    #[error("cannot read credentials file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}:{line}: {problem}", path.display())]
+    Malformed {
+        path: PathBuf,
+        line: usize,
+        problem: String,
+    },
+    #[error("{}: no accounts (every line is blank or a comment)", path.display())]
+    Empty { path: PathBuf },
+}
+
+/// Reads and checks the file.
+pub fn load(path: &Path) -> Result<Accounts, CredentialsError> {
+    let text = std::fs::read_to_string(path).map_err(|source| CredentialsError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text)
+        .map_err(|(line, problem)| CredentialsError::Malformed {
+            path: path.to_owned(),
+            line,
+            problem,
+        })
+        .and_then(|accounts| {
+            if accounts.is_empty() {
+                Err(CredentialsError::Empty {
+                    path: path.to_owned(),
+                })
+            } else {
+                Ok(accounts)
+            }
+        })
+}
+
+/// Parses the file's text; an error is (line number, problem).
+pub fn parse(text: &str) -> Result<Accounts, (usize, String)> {
+    let mut accounts = Accounts::new();
+    for (index, line) in text.lines().enumerate() {
+        let number = index + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let (Some(name), Some(password), None) = (fields.next(), fields.next(), fields.next())
+        else {
+            return Err((
+                number,
+                "expected 'username password' (two fields separated by spaces)".to_owned(),
+            ));
+        };
+        let name =
+            Username::new(name).map_err(|e| (number, format!("bad user name {name:?}: {e}")))?;
+        let password =
+            Password::new(password).map_err(|e| (number, format!("bad password: {e}")))?;
+        accounts
+            .insert(name, password)
+            .map_err(|e| (number, e.to_string()))?;
+    }
+    Ok(accounts)
+}
+
+/// The demo accounts that `accounts` serves with their published password.
+pub fn demo_accounts_in(accounts: &Accounts) -> Vec<&'static str> {
+    DEMO_ACCOUNTS
+        .iter()
+        .filter(|(name, password)| {
+            let password = Password::new(password).expect("demo passwords are valid");
+            accounts
+                .iter()
+                .any(|a| a.name().as_str() == *name && a.check_password(&password))
+        })
+        .map(|(name, _)| *name)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_accounts_comments_and_blank_lines() {
+        let accounts = parse("# demo\n\nalice  pw1\n  bob\tpw2  \r\n").unwrap();
+        assert_eq!(accounts.len(), 2);
+        assert!(accounts.contains("bob"));
+    }
+
+    #[test]
+    fn reports_the_line_of_each_kind_of_mistake() {
+        assert_eq!(parse("a b\nonlyname\n").unwrap_err().0, 2);
+        assert_eq!(parse("a b c\n").unwrap_err().0, 1);
+        assert_eq!(parse("\n\nb@d pw\n").unwrap_err().0, 3);
+        let (line, problem) = parse("a x\na y\n").unwrap_err();
+        assert_eq!(line, 2);
+        assert!(problem.contains("duplicate"), "{problem}");
+    }
+
+    #[test]
+    fn the_shipped_demo_file_holds_exactly_the_demo_accounts() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../credentials.txt");
+        let accounts = load(&path).unwrap();
+        assert_eq!(accounts.len(), DEMO_ACCOUNTS.len());
+        assert_eq!(demo_accounts_in(&accounts).len(), DEMO_ACCOUNTS.len());
+    }
+}

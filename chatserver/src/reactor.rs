@@ -1,0 +1,588 @@
+//! The reactor: one thread, one poller, every socket non-blocking.
+//!
+//! Each turn it waits for socket readiness or the next deadline (the core's
+//! `poll_timeout`, a closing socket's grace period), feeds what it read to
+//! the core, drains the core's outputs into per-socket queues, and writes
+//! each socket that has output once, with vectored writes. It holds no chat
+//! logic: that is all in `chatproto::Server`.
+
+use std::collections::BTreeSet;
+use std::io::{self, Read};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chatproto::{ByeReason, ConnId, Event as CoreEvent, MemoryStore, Output, Server, ServerFrame};
+use polling::{Event, Events, Poller};
+use tracing::{debug, info, warn};
+
+use crate::clock::Clock;
+use crate::output_queue::{Flushed, OutputQueue};
+use crate::registration::Registered;
+
+/// What the reactor needs besides the core.
+#[derive(Debug, Clone)]
+pub struct ReactorConfig {
+    pub max_connections: usize,
+    pub max_output_bytes: usize,
+    pub shutdown_grace: Duration,
+}
+
+/// Bytes read from one socket per wake-up, so one fast sender cannot
+/// starve the others.
+const READ_BUDGET: usize = 256 * 1024;
+/// Connections accepted per wake-up, for the same reason.
+const ACCEPT_BUDGET: usize = 256;
+/// How long a closed connection may take to drain its output and hang up.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How long to stop accepting after running out of file descriptors.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
+/// The listener's poller key; sockets use their slab index.
+const LISTENER_KEY: usize = usize::MAX - 1;
+
+pub struct Reactor {
+    poller: Arc<Poller>,
+    listener: Option<Registered<TcpListener>>,
+    core: Server<MemoryStore>,
+    clock: Clock,
+    config: ReactorConfig,
+    sockets: Vec<Option<Socket>>,
+    free_keys: Vec<usize>,
+    open: usize,
+    /// Socket key for each open core connection, by `ConnId::index`.
+    by_conn: Vec<Option<(ConnId, usize)>>,
+    /// Sockets with output or interest to update this turn.
+    dirty: Vec<usize>,
+    /// Closing sockets' deadlines.
+    close_deadlines: BTreeSet<(Instant, usize)>,
+    accept_paused_until: Option<Instant>,
+    stop: Arc<AtomicBool>,
+    shutdown_deadline: Option<Instant>,
+    read_buf: Vec<u8>,
+}
+
+struct Socket {
+    stream: Registered<TcpStream>,
+    peer: SocketAddr,
+    /// The core's connection, until the core closes it.
+    conn: Option<ConnId>,
+    output: OutputQueue,
+    phase: Phase,
+    /// What the poller is armed for; `None` once an event disarmed it.
+    armed: Option<(bool, bool)>,
+    dirty: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Open,
+    /// The core closed it: write what is queued, then hang up.
+    Flushing {
+        deadline: Instant,
+    },
+    /// Output is written and our side shut down: read and discard until
+    /// the peer hangs up too, so unread input does not turn the close into
+    /// a reset that destroys the last frames in flight.
+    Draining {
+        deadline: Instant,
+    },
+}
+
+impl Reactor {
+    pub fn new(
+        listener: TcpListener,
+        core: Server<MemoryStore>,
+        clock: Clock,
+        config: ReactorConfig,
+        stop: Arc<AtomicBool>,
+        poller: Arc<Poller>,
+    ) -> io::Result<Reactor> {
+        listener.set_nonblocking(true)?;
+        let listener = Registered::new(poller.clone(), listener, Event::readable(LISTENER_KEY))?;
+        Ok(Reactor {
+            poller,
+            listener: Some(listener),
+            core,
+            clock,
+            config,
+            sockets: Vec::new(),
+            free_keys: Vec::new(),
+            open: 0,
+            by_conn: Vec::new(),
+            dirty: Vec::new(),
+            close_deadlines: BTreeSet::new(),
+            accept_paused_until: None,
+            stop,
+            shutdown_deadline: None,
+            read_buf: vec![0; 64 * 1024],
+        })
+    }
+
+    /// Serves until a stop is requested and every connection has been said
+    /// goodbye to (or the grace period ran out).
+    pub fn run(&mut self) -> io::Result<()> {
+        let mut events = Events::new();
+        loop {
+            if self.stop.load(Ordering::SeqCst) && self.shutdown_deadline.is_none() {
+                self.begin_shutdown();
+            }
+            if let Some(deadline) = self.shutdown_deadline {
+                if self.open == 0 || Instant::now() >= deadline {
+                    if self.open > 0 {
+                        warn!(
+                            connections = self.open,
+                            "shutdown grace period over: closing the rest"
+                        );
+                    }
+                    return Ok(());
+                }
+            }
+            let timeout = self
+                .next_wakeup()
+                .map(|at| at.saturating_duration_since(Instant::now()));
+            events.clear();
+            match self.poller.wait(&mut events, timeout) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for event in events.iter() {
+                if event.key == LISTENER_KEY {
+                    self.accept_ready();
+                } else {
+                    self.socket_ready(event.key, event.readable, event.writable);
+                }
+            }
+            self.handle_deadlines();
+            self.flush_dirty();
+        }
+    }
+
+    /// The earliest moment something is due.
+    fn next_wakeup(&self) -> Option<Instant> {
+        [
+            self.core.poll_timeout().map(|t| self.clock.instant(t)),
+            self.close_deadlines.first().map(|(at, _)| *at),
+            self.accept_paused_until,
+            self.shutdown_deadline,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    fn accept_ready(&mut self) {
+        for _ in 0..ACCEPT_BUDGET {
+            let Some(listener) = &self.listener else {
+                return;
+            };
+            match listener.get().accept() {
+                Ok((stream, peer)) => self.admit(stream, peer),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_out_of_descriptors(&e) => {
+                    warn!("cannot accept: {e}; pausing accepts for {ACCEPT_PAUSE:?}");
+                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    return;
+                }
+                // A connection that failed between the handshake and accept
+                // (ECONNABORTED and the like) concerns only that peer.
+                Err(e) => debug!("accept failed: {e}"),
+            }
+        }
+        self.rearm_listener();
+    }
+
+    fn rearm_listener(&self) {
+        if let Some(listener) = &self.listener {
+            if let Err(e) = listener.rearm(Event::readable(LISTENER_KEY)) {
+                warn!("cannot re-arm the listener: {e}");
+            }
+        }
+    }
+
+    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
+        if self.open >= self.config.max_connections {
+            info!(%peer, "refused: server full ({} connections)", self.open);
+            refuse_full(stream);
+            return;
+        }
+        if let Err(e) = stream
+            .set_nonblocking(true)
+            .and_then(|()| stream.set_nodelay(true))
+        {
+            warn!(%peer, "cannot set up the socket: {e}");
+            return;
+        }
+        let key = self.free_keys.pop().unwrap_or(self.sockets.len());
+        let stream = match Registered::new(self.poller.clone(), stream, Event::readable(key)) {
+            Ok(stream) => stream,
+            Err(e) => {
+                warn!(%peer, "cannot register the socket: {e}");
+                self.free_keys.push(key);
+                return;
+            }
+        };
+        let now = self.clock.now();
+        let conn = self.core.accept(now, *uuid::Uuid::new_v4().as_bytes());
+        if self.by_conn.len() <= conn.index() {
+            self.by_conn.resize(conn.index() + 1, None);
+        }
+        self.by_conn[conn.index()] = Some((conn, key));
+        let socket = Socket {
+            stream,
+            peer,
+            conn: Some(conn),
+            output: OutputQueue::default(),
+            phase: Phase::Open,
+            armed: Some((true, false)),
+            dirty: false,
+        };
+        if key == self.sockets.len() {
+            self.sockets.push(Some(socket));
+        } else {
+            self.sockets[key] = Some(socket);
+        }
+        self.open += 1;
+        info!(%peer, %conn, "connected");
+        self.drain_core();
+    }
+
+    fn socket_ready(&mut self, key: usize, readable: bool, writable: bool) {
+        let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+            return;
+        };
+        socket.armed = None;
+        let phase = socket.phase;
+        self.mark_dirty(key);
+        if writable {
+            // Flushed with the others at the end of the turn.
+        }
+        if !readable {
+            return;
+        }
+        match phase {
+            Phase::Open => self.read_input(key),
+            Phase::Draining { .. } => self.discard_input(key),
+            Phase::Flushing { .. } => {}
+        }
+    }
+
+    /// Reads up to the budget and feeds the core.
+    fn read_input(&mut self, key: usize) {
+        let mut buf = std::mem::take(&mut self.read_buf);
+        let mut total = 0;
+        while total < READ_BUDGET {
+            let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+                break;
+            };
+            let Some(conn) = socket.conn.filter(|_| socket.phase == Phase::Open) else {
+                break;
+            };
+            match socket.stream.get().read(&mut buf) {
+                Ok(0) => {
+                    self.transport_closed(key, "the peer closed the connection");
+                    break;
+                }
+                Ok(n) => {
+                    total += n;
+                    let now = self.clock.now();
+                    if self.core.handle_input(conn, &buf[..n], now).is_ok() {
+                        self.drain_core();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.transport_closed(key, &e.to_string());
+                    break;
+                }
+            }
+        }
+        self.read_buf = buf;
+    }
+
+    /// Reads and throws away input of a connection being closed.
+    fn discard_input(&mut self, key: usize) {
+        let mut buf = std::mem::take(&mut self.read_buf);
+        let mut total = 0;
+        let mut finished = false;
+        while let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+            match socket.stream.get().read(&mut buf) {
+                Ok(0) => finished = true,
+                Ok(n) if total + n < READ_BUDGET => {
+                    total += n;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => finished = true,
+            }
+            break;
+        }
+        self.read_buf = buf;
+        if finished {
+            self.remove(key);
+        }
+    }
+
+    /// The transport failed or ended: tell the core, keep flushing what is
+    /// queued in case only the peer's sending half closed.
+    fn transport_closed(&mut self, key: usize, why: &str) {
+        let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+            return;
+        };
+        let peer = socket.peer;
+        if let Some(conn) = socket.conn.take() {
+            info!(%peer, %conn, "disconnected: {why}");
+            self.forget_conn(conn);
+            let now = self.clock.now();
+            if self.core.handle_disconnect(conn, now).is_ok() {
+                self.drain_core();
+            }
+        }
+        let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+            return;
+        };
+        if socket.output.is_empty() {
+            self.remove(key);
+        } else {
+            self.start_closing(key);
+        }
+    }
+
+    /// Moves every core output to where it goes.
+    fn drain_core(&mut self) {
+        while let Some(output) = self.core.poll_output() {
+            match output {
+                Output::Transmit { conn, frame } => {
+                    let Some(key) = self.key_of(conn) else {
+                        continue;
+                    };
+                    let socket = self.sockets[key].as_mut().expect("keys point at sockets");
+                    socket.output.push(frame);
+                    let backlog = socket.output.len();
+                    self.mark_dirty(key);
+                    if backlog > self.config.max_output_bytes {
+                        self.cut_off_slow_consumer(key, conn, backlog);
+                    }
+                }
+                Output::Close { conn, reason } => {
+                    let Some(key) = self.key_of(conn) else {
+                        continue;
+                    };
+                    let socket = self.sockets[key].as_mut().expect("keys point at sockets");
+                    info!(peer = %socket.peer, %conn, "closing: {reason}");
+                    socket.conn = None;
+                    self.forget_conn(conn);
+                    self.start_closing(key);
+                }
+                Output::Event(event) => log_event(&event),
+                other => debug!("unhandled core output {other:?}"),
+            }
+        }
+    }
+
+    fn cut_off_slow_consumer(&mut self, key: usize, conn: ConnId, backlog: usize) {
+        let socket = self.sockets[key].as_mut().expect("keys point at sockets");
+        warn!(peer = %socket.peer, %conn, backlog, "slow consumer: cutting it off");
+        // What it has not started reading is dropped, so the bye goes out
+        // next rather than after a megabyte it will never read.
+        socket.output.drop_unstarted();
+        let now = self.clock.now();
+        // The bye and the close come out of the core with the next outputs.
+        let _ = self.core.close(conn, ByeReason::SlowConsumer, now);
+    }
+
+    fn start_closing(&mut self, key: usize) {
+        let socket = self.sockets[key].as_mut().expect("keys point at sockets");
+        if socket.phase != Phase::Open {
+            return;
+        }
+        let deadline = Instant::now() + CLOSE_GRACE;
+        socket.phase = Phase::Flushing { deadline };
+        self.close_deadlines.insert((deadline, key));
+        self.mark_dirty(key);
+    }
+
+    fn handle_deadlines(&mut self) {
+        let now = Instant::now();
+        if self
+            .core
+            .poll_timeout()
+            .is_some_and(|t| self.clock.instant(t) <= now)
+        {
+            self.core.handle_timeout(self.clock.at(now));
+            self.drain_core();
+        }
+        while let Some(&(deadline, key)) = self.close_deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.close_deadlines.pop_first();
+            if let Some(socket) = self.sockets.get(key).and_then(Option::as_ref) {
+                debug!(peer = %socket.peer, "close grace period over");
+                self.remove(key);
+            }
+        }
+        if self.accept_paused_until.is_some_and(|until| until <= now) {
+            self.accept_paused_until = None;
+            self.rearm_listener();
+        }
+    }
+
+    /// Writes every socket with new output once, and re-arms interest.
+    fn flush_dirty(&mut self) {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &key in &dirty {
+            let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+                continue;
+            };
+            socket.dirty = false;
+            let result = socket.output.write_to(&mut socket.stream.get());
+            match result {
+                Ok(Flushed::All) => {
+                    if let Phase::Flushing { deadline } = socket.phase {
+                        // Our side is done; hear the peer out, briefly.
+                        let _ = socket.stream.get().shutdown(Shutdown::Write);
+                        socket.phase = Phase::Draining { deadline };
+                    }
+                }
+                Ok(Flushed::Blocked) => {}
+                Err(e) => {
+                    let why = format!("write failed: {e}");
+                    self.transport_closed(key, &why);
+                    if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+                        // Nothing more can be written: drop what is queued.
+                        socket.output = OutputQueue::default();
+                    }
+                    self.remove(key);
+                    continue;
+                }
+            }
+            self.rearm(key);
+        }
+        // Keep the allocation for the next turn.
+        let mut dirty = dirty;
+        dirty.clear();
+        if self.dirty.is_empty() {
+            self.dirty = dirty;
+        }
+    }
+
+    fn rearm(&mut self, key: usize) {
+        let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+            return;
+        };
+        let read = matches!(socket.phase, Phase::Open | Phase::Draining { .. });
+        let write = !socket.output.is_empty();
+        if socket.armed == Some((read, write)) {
+            return;
+        }
+        let interest = match (read, write) {
+            (true, true) => Event::all(key),
+            (true, false) => Event::readable(key),
+            (false, true) => Event::writable(key),
+            (false, false) => Event::none(key),
+        };
+        match socket.stream.rearm(interest) {
+            Ok(()) => socket.armed = Some((read, write)),
+            Err(e) => {
+                let why = format!("cannot re-arm: {e}");
+                self.transport_closed(key, &why);
+                self.remove(key);
+            }
+        }
+    }
+
+    fn begin_shutdown(&mut self) {
+        let deadline = Instant::now() + self.config.shutdown_grace;
+        info!(
+            connections = self.open,
+            "shutting down: saying bye to every connection"
+        );
+        self.shutdown_deadline = Some(deadline);
+        self.listener = None;
+        self.accept_paused_until = None;
+        let now = self.clock.now();
+        self.core.shutdown(now);
+        self.drain_core();
+        self.flush_dirty();
+    }
+
+    fn mark_dirty(&mut self, key: usize) {
+        if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+            if !socket.dirty {
+                socket.dirty = true;
+                self.dirty.push(key);
+            }
+        }
+    }
+
+    fn key_of(&self, conn: ConnId) -> Option<usize> {
+        match self.by_conn.get(conn.index()) {
+            Some(Some((c, key))) if *c == conn => Some(*key),
+            _ => None,
+        }
+    }
+
+    fn forget_conn(&mut self, conn: ConnId) {
+        if let Some(slot) = self.by_conn.get_mut(conn.index()) {
+            if matches!(slot, Some((c, _)) if *c == conn) {
+                *slot = None;
+            }
+        }
+    }
+
+    /// Drops a socket: the poller forgets it and the descriptor closes.
+    fn remove(&mut self, key: usize) {
+        let Some(socket) = self.sockets.get_mut(key).and_then(Option::take) else {
+            return;
+        };
+        if let Phase::Flushing { deadline } | Phase::Draining { deadline } = socket.phase {
+            self.close_deadlines.remove(&(deadline, key));
+        }
+        if let Some(conn) = socket.conn {
+            // Dropped without the core closing it (a write error): tell it.
+            self.forget_conn(conn);
+            let now = self.clock.now();
+            if self.core.handle_disconnect(conn, now).is_ok() {
+                self.drain_core();
+            }
+        }
+        debug!(peer = %socket.peer, "socket closed");
+        self.free_keys.push(key);
+        self.open -= 1;
+    }
+}
+
+/// Accepted beyond `--max-connections`: say why and hang up. The frame is
+/// tiny and the socket's send buffer empty, so one non-blocking write
+/// suffices.
+fn refuse_full(stream: TcpStream) {
+    use std::io::Write;
+    let bye = ServerFrame::Bye {
+        reason: ByeReason::ServerFull,
+    }
+    .encode();
+    let _ = stream.set_nonblocking(true);
+    let _ = (&stream).write_all(&bye);
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+fn is_out_of_descriptors(e: &io::Error) -> bool {
+    // EMFILE and ENFILE; `io::ErrorKind` has no stable kind for them.
+    matches!(e.raw_os_error(), Some(23 | 24))
+}
+
+fn log_event(event: &CoreEvent) {
+    match event {
+        CoreEvent::LoggedIn { conn, user } => info!(%conn, %user, "logged in"),
+        CoreEvent::LoginRefused { conn, user, code } => info!(%conn, %user, %code, "login refused"),
+        CoreEvent::Locked { user, until } => warn!(%user, %until, "locked after failed logins"),
+        CoreEvent::LoggedOut { conn, user } => info!(%conn, %user, "logged out"),
+        other => debug!("{other:?}"),
+    }
+}

@@ -1,0 +1,278 @@
+//! End-to-end harness: the real `chatserver` binary on a loopback port, and
+//! line-based clients with short timeouts.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+pub const CREDENTIALS: &str = "\
+# test accounts
+alice pw-alice
+bob pw-bob
+carol pw-carol
+dave pw-dave
+root pw-root
+";
+
+pub struct TestServer {
+    child: Child,
+    pub addr: SocketAddr,
+    log: Arc<Mutex<Vec<String>>>,
+    _dir: tempfile::TempDir,
+}
+
+pub fn binary() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_chatserver"))
+}
+
+impl TestServer {
+    /// Starts the server on a free port with `CREDENTIALS` and `args`.
+    pub fn start(args: &[&str]) -> TestServer {
+        TestServer::start_with(CREDENTIALS, &["--listen", "127.0.0.1:0"], args)
+    }
+
+    pub fn start_with(credentials: &str, listen: &[&str], args: &[&str]) -> TestServer {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("credentials.txt");
+        std::fs::write(&path, credentials).unwrap();
+        let mut child = binary()
+            .args(listen)
+            .arg("--credentials")
+            .arg(&path)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines() {
+                    let Ok(line) = line else { break };
+                    if let Some(at) = line.find("listening on ") {
+                        let addr = line[at + 13..]
+                            .split_whitespace()
+                            .next()
+                            .unwrap()
+                            .to_owned();
+                        let _ = tx.send(addr);
+                    }
+                    log.lock().unwrap().push(line);
+                }
+            });
+        }
+        let addr = match rx.recv_timeout(TIMEOUT) {
+            Ok(addr) => addr.parse().unwrap(),
+            Err(_) => {
+                let _ = child.kill();
+                panic!("server did not start: {:?}", log.lock().unwrap());
+            }
+        };
+        TestServer {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.addr)
+    }
+
+    /// Connects, checks the hello, logs in.
+    pub fn login(&self, user: &str) -> Client {
+        let mut c = self.connect();
+        c.login(user);
+        c
+    }
+
+    pub fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub fn wait_for_log(&self, needle: &str) {
+        let start = Instant::now();
+        while start.elapsed() < TIMEOUT {
+            if self.log().iter().any(|l| l.contains(needle)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("no log line with {needle:?}: {:#?}", self.log());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal with the system's `kill`.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let start = Instant::now();
+        while start.elapsed() < TIMEOUT {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("server did not exit");
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The demo-free credentials for `n` users `u0..`, password `p<i>`.
+pub fn many_users(n: usize) -> String {
+    (0..n).map(|i| format!("u{i} p{i}\n")).collect()
+}
+
+pub struct Client {
+    reader: BufReader<TcpStream>,
+    writer: TcpStream,
+    pub session: String,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect_timeout(&addr, TIMEOUT).unwrap();
+        Client::from_stream(stream)
+    }
+
+    pub fn from_stream(stream: TcpStream) -> Client {
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let writer = stream.try_clone().unwrap();
+        let mut c = Client {
+            reader: BufReader::new(stream),
+            writer,
+            session: String::new(),
+        };
+        let hello = c.recv();
+        assert_eq!(hello["type"], "hello", "{hello}");
+        assert_eq!(hello["version"], 1);
+        c.session = hello["session"].as_str().unwrap().to_owned();
+        c
+    }
+
+    pub fn login(&mut self, user: &str) {
+        let password = format!("pw-{user}");
+        let ok = self.ask(&format!("login {user} {password}"));
+        assert_eq!(
+            (ok["type"].as_str(), ok["cmd"].as_str()),
+            (Some("ok"), Some("login")),
+            "{ok}"
+        );
+    }
+
+    pub fn send(&mut self, line: &str) {
+        self.writer
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+    }
+
+    pub fn send_bytes(&mut self, bytes: &[u8]) {
+        self.writer.write_all(bytes).unwrap();
+    }
+
+    /// The next frame.
+    pub fn recv(&mut self) -> Value {
+        self.try_recv()
+            .expect("connection closed while a frame was expected")
+    }
+
+    /// The next frame, or `None` at end of stream.
+    pub fn try_recv(&mut self) -> Option<Value> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(
+                serde_json::from_str(line.trim_end()).unwrap_or_else(|e| panic!("{line:?}: {e}")),
+            ),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+
+    /// Sends a line and returns the first `ok` or `error` after it,
+    /// skipping presence and messages.
+    pub fn ask(&mut self, line: &str) -> Value {
+        self.send(line);
+        self.recv_answer()
+    }
+
+    pub fn recv_answer(&mut self) -> Value {
+        loop {
+            let v = self.recv();
+            if v["type"] == "ok" || v["type"] == "error" {
+                return v;
+            }
+        }
+    }
+
+    /// The next frame of `kind`, skipping others.
+    pub fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let v = self.recv();
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+
+    /// Reads until the server closes; returns every frame.
+    pub fn recv_to_end(&mut self) -> Vec<Value> {
+        std::iter::from_fn(|| self.try_recv()).collect()
+    }
+
+    /// The raw socket, for reading past the frame layer.
+    pub fn into_stream(self) -> TcpStream {
+        self.reader.into_inner()
+    }
+
+    pub fn shutdown(&self) {
+        let _ = self.writer.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn temp_file(contents: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("credentials.txt");
+    std::fs::write(&path, contents).unwrap();
+    (dir, path)
+}
