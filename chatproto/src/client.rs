@@ -100,10 +100,14 @@ pub enum ClientEvent {
         /// Why.
         reason: ByeReason,
     },
-    /// A line from the server that this version cannot read.
+    /// A line from the server that this version cannot read (perhaps from
+    /// a newer server).
     Invalid {
         /// What was wrong with it.
         error: String,
+        /// The request it answers, when its `id` could still be read: the
+        /// request is no longer pending.
+        request: Option<PendingRequest>,
     },
 }
 
@@ -223,10 +227,12 @@ impl Client {
                     Ok(frame) => self.on_frame(frame),
                     Err(e) => ClientEvent::Invalid {
                         error: e.to_string(),
+                        request: answer_id(frame).and_then(|id| self.pending.remove(&id)),
                     },
                 },
                 Err(e @ FrameError::TooLarge { .. }) => ClientEvent::Invalid {
                     error: e.to_string(),
+                    request: None,
                 },
             };
             self.events.push_back(event);
@@ -298,4 +304,20 @@ impl Client {
             }
         }
     }
+}
+
+/// The `id` of an `ok` or `error` frame this version cannot otherwise read,
+/// so that its request does not stay pending for ever.
+fn answer_id(frame: &[u8]) -> Option<RequestId> {
+    #[derive(serde::Deserialize)]
+    struct Answer<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+        id: Option<u64>,
+    }
+    let answer: Answer<'_> = serde_json::from_slice(frame).ok()?;
+    matches!(&*answer.kind, "ok" | "error")
+        .then_some(answer.id)
+        .flatten()
+        .map(RequestId)
 }

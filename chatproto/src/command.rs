@@ -15,7 +15,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::RequestError;
+use crate::error::{shorten, RequestError};
 use crate::password::Password;
 use crate::text::MessageText;
 use crate::username::Username;
@@ -250,7 +250,10 @@ impl Command {
                 let target = match rest.word() {
                     Some(w) if w.eq_ignore_ascii_case("server") => DebugTarget::Server,
                     Some(w) if w.eq_ignore_ascii_case("client") => DebugTarget::Client,
-                    Some(w) => return Err(usage(name, &format!("unknown debug target {w:?}"))),
+                    Some(w) => {
+                        let problem = format!("unknown debug target {:?}", shorten(w, 32));
+                        return Err(usage(name, &problem));
+                    }
                     None => return Err(usage(name, "missing target")),
                 };
                 rest.end(name)?;
@@ -273,8 +276,13 @@ impl Command {
     }
 
     /// The inline line for this command; [`Command::parse`] gives it back.
+    /// A `login`'s password is written out in full, since the line is
+    /// meant to be sent; `Display` and `Debug` print it as `***`.
     pub fn render(&self) -> String {
-        self.to_string()
+        match self {
+            Command::Login { user, password } => format!("login {user} {}", password.expose()),
+            other => other.to_string(),
+        }
     }
 
     /// The command's name.
@@ -296,12 +304,12 @@ impl Command {
 }
 
 impl fmt::Display for Command {
-    /// The inline form. The password of a `login` is written out in full,
-    /// since the line is meant to be sent; log the `Debug` form instead.
+    /// The inline form, fit for logs: a `login`'s password shows as `***`
+    /// (use [`Command::render`] for the line to send).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = self.name();
         match self {
-            Command::Login { user, password } => write!(f, "{name} {user} {}", password.expose()),
+            Command::Login { user, password } => write!(f, "{name} {user} {password}"),
             Command::Message { to, text } => write!(f, "{name} {to} {text}"),
             Command::Broadcast { text } => write!(f, "{name} {text}"),
             Command::Whoelsesince { seconds } => write!(f, "{name} {seconds}"),
@@ -315,12 +323,13 @@ impl fmt::Display for Command {
 }
 
 /// Parses `<seconds>`: plain decimal digits that fit in a `u64`.
-pub(crate) fn parse_seconds(word: &str) -> Result<u64, String> {
+fn parse_seconds(word: &str) -> Result<u64, String> {
+    let shown = shorten(word, 32);
     if word.is_empty() || !word.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("{word:?} is not a whole number of seconds"));
+        return Err(format!("{shown:?} is not a whole number of seconds"));
     }
     word.parse::<u64>()
-        .map_err(|_| format!("{word:?} is too large a number of seconds"))
+        .map_err(|_| format!("{shown:?} is too large a number of seconds"))
 }
 
 /// A `bad_arguments` error that shows how to type the command.
@@ -374,7 +383,7 @@ impl<'a> Args<'a> {
     fn end(&mut self, name: CommandName) -> Result<(), RequestError> {
         match self.word() {
             None => Ok(()),
-            Some(extra) => Err(usage(name, &format!("unexpected {extra:?}"))),
+            Some(extra) => Err(usage(name, &format!("unexpected {:?}", shorten(extra, 32)))),
         }
     }
 }
@@ -443,6 +452,7 @@ mod tests {
     fn login_debug_hides_the_password() {
         let c = Command::parse("login bob s3cret").unwrap();
         assert!(!format!("{c:?}").contains("s3cret"));
+        assert_eq!(c.to_string(), "login bob ***");
         assert_eq!(c.render(), "login bob s3cret");
     }
 }

@@ -277,7 +277,7 @@ impl RequestError {
 
 /// At most `max` characters of `s`, with an ellipsis when cut: input echoed
 /// back in an error must not grow the answer to the size of the frame.
-fn shorten(s: &str, max: usize) -> String {
+pub(crate) fn shorten(s: &str, max: usize) -> String {
     match s.char_indices().nth(max) {
         None => s.to_owned(),
         Some((cut, _)) => format!("{}…", &s[..cut]),

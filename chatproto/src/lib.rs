@@ -22,8 +22,8 @@
 //! let mut server = Server::new(ServerConfig::default(), accounts, MemoryStore::new(), now)?;
 //!
 //! // Two connections arrive; each is greeted with `hello`.
-//! let a = server.accept(now, [1; 16]);
-//! let b = server.accept(now, [2; 16]);
+//! let a = server.accept([1; 16], now);
+//! let b = server.accept([2; 16], now);
 //!
 //! // Bytes come in as they were read: any chunking, either request form.
 //! server.handle_input(a, b"login alice wonderland\n", now)?;
@@ -96,7 +96,9 @@ mod time;
 mod username;
 
 pub use accounts::{Account, Accounts, DuplicateAccount};
-pub use client::{Client, ClientEvent, ClientState, PendingRequest, SendError};
+pub use client::{
+    Client, ClientEvent, ClientState, PendingRequest, SendError, DEFAULT_CLIENT_MAX_FRAME_BYTES,
+};
 pub use command::{Command, CommandName, DebugTarget};
 pub use connection::ConnId;
 pub use error::{ErrorCode, RequestError};
@@ -107,7 +109,8 @@ pub use password::{InvalidPassword, Password};
 pub use rate_limit::RateLimit;
 pub use request::{Rejected, Request, RequestId};
 pub use server::{
-    ConfigError, Event, Output, RestoreSummary, Server, ServerConfig, UnknownConnection,
+    CloseReason, ConfigError, Event, Output, RestoreSummary, Server, ServerConfig,
+    UnknownConnection, MAX_FRAME_BYTES, MIN_FRAME_BYTES,
 };
 pub use server_frame::{
     BroadcastFrame, ByeReason, CommandUsage, DebugState, ErrorFrame, InvalidFrame, MessageFrame,

@@ -62,9 +62,11 @@ pub(crate) struct Lockout {
     entries: HashMap<Arc<str>, Entry>,
     /// Lock ends, earliest first.
     expiries: BTreeSet<(Timestamp, Arc<str>)>,
-    /// Names without an account, oldest first, with the sequence number of
-    /// their entry (a stale pair no longer matches it).
+    /// Names without an account and not locked, oldest first, with the
+    /// sequence number of their entry (a stale pair no longer matches it).
     unknown_order: VecDeque<(u64, Arc<str>)>,
+    /// Locked names without an account, oldest first, likewise.
+    locked_unknown_order: VecDeque<(u64, Arc<str>)>,
     unknown_count: usize,
     next_seq: u64,
     locked_known: usize,
@@ -91,6 +93,7 @@ impl Lockout {
             entries: HashMap::new(),
             expiries: BTreeSet::new(),
             unknown_order: VecDeque::new(),
+            locked_unknown_order: VecDeque::new(),
             unknown_count: 0,
             next_seq: 0,
             locked_known: 0,
@@ -115,8 +118,9 @@ impl Lockout {
         if !self.entries.contains_key(name) {
             self.insert(name, known, LockoutState::default());
         }
+        let seq = self.next_seq;
         let entry = self.entries.get_mut(name).expect("inserted above");
-        entry.state.failures += 1;
+        entry.state.failures = entry.state.failures.saturating_add(1);
         if entry.state.failures < self.policy.max_failures {
             return entry.state;
         }
@@ -127,9 +131,17 @@ impl Lockout {
         };
         let state = entry.state;
         let (key, _) = self.entries.get_key_value(name).expect("inserted above");
+        let key = key.clone();
         self.expiries.insert((until, key.clone()));
         if known {
             self.locked_known += 1;
+        } else {
+            // Locked names are forgotten last, so a flood of made-up names
+            // cannot end a lock early (which would tell them apart from
+            // real accounts).
+            self.next_seq += 1;
+            self.entries.get_mut(name).expect("inserted above").seq = seq;
+            self.locked_unknown_order.push_back((seq, key));
         }
         state
     }
@@ -222,23 +234,33 @@ impl Lockout {
         self.entries.insert(key, Entry { state, known, seq });
     }
 
+    /// Forgets one name without an account: the oldest unlocked one, or
+    /// failing that the oldest locked one.
     fn evict_oldest_unknown(&mut self) -> bool {
-        while let Some((seq, name)) = self.unknown_order.pop_front() {
-            if self.entries.get(&*name).is_some_and(|e| e.seq == seq) {
-                self.remove(&name);
-                return true;
+        for locked in [false, true] {
+            let order = if locked {
+                &mut self.locked_unknown_order
+            } else {
+                &mut self.unknown_order
+            };
+            while let Some((seq, name)) = order.pop_front() {
+                if self.entries.get(&*name).is_some_and(|e| e.seq == seq) {
+                    self.remove(&name);
+                    return true;
+                }
             }
         }
         false
     }
 
-    /// Drops stale pairs once they outnumber live ones, so the order queue
-    /// stays proportional to the table.
+    /// Drops stale pairs once they outnumber live ones, so the order queues
+    /// stay proportional to the table.
     fn compact_unknown_order(&mut self) {
-        if self.unknown_order.len() > 2 * self.unknown_count + 16 {
-            let entries = &self.entries;
-            self.unknown_order
-                .retain(|(seq, name)| entries.get(&**name).is_some_and(|e| e.seq == *seq));
+        let entries = &self.entries;
+        for order in [&mut self.unknown_order, &mut self.locked_unknown_order] {
+            if order.len() > 2 * self.unknown_count + 16 {
+                order.retain(|(seq, name)| entries.get(&**name).is_some_and(|e| e.seq == *seq));
+            }
         }
     }
 
@@ -313,6 +335,30 @@ mod tests {
         }
         assert!(l.entries.contains_key("ghost999"));
         assert!(!l.entries.contains_key("ghost0"));
+    }
+
+    #[test]
+    fn a_flood_of_made_up_names_does_not_end_a_lock_early() {
+        let mut l = lockout(3);
+        for _ in 0..3 {
+            l.record_failure("ghost", false, at(0));
+        }
+        for i in 0..100 {
+            l.record_failure(&format!("filler{i}"), false, at(1));
+        }
+        assert_eq!(l.locked_until("ghost", at(2)), Some(at(60)));
+        assert!(l.tracked_unknown() <= 3);
+    }
+
+    #[test]
+    fn a_restored_count_past_the_limit_locks_at_the_next_failure() {
+        let mut l = lockout(3);
+        let state = LockoutState {
+            failures: u32::MAX,
+            locked_until: None,
+        };
+        l.restore("bob", state, at(0));
+        assert!(l.record_failure("bob", true, at(0)).locked_until.is_some());
     }
 
     #[test]

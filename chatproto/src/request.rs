@@ -8,8 +8,8 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::command::{parse_seconds, usage, Command, CommandName, DebugTarget};
-use crate::error::RequestError;
+use crate::command::{usage, Command, CommandName, DebugTarget};
+use crate::error::{shorten, RequestError};
 use crate::framing::encode_frame;
 use crate::password::Password;
 use crate::text::MessageText;
@@ -72,7 +72,7 @@ impl Request {
                 e.valid_up_to()
             )),
         })?;
-        if text.trim_start().starts_with('{') {
+        if text.trim_start_matches([' ', '\t']).starts_with('{') {
             Request::from_json(text)
         } else {
             Command::parse(text)
@@ -88,7 +88,7 @@ impl Request {
             error: RequestError::bad_frame(format!("not a JSON request object ({e})")),
         })?;
         let id = match object.remove("id") {
-            None | Some(Value::Null) => None,
+            None => None,
             Some(Value::Number(n)) if n.as_u64().is_some() => n.as_u64().map(RequestId),
             Some(_) => {
                 return Err(Rejected {
@@ -167,7 +167,10 @@ fn command_from_fields(f: &Fields<'_>) -> Result<Command, RequestError> {
             target: match f.string("target")? {
                 "server" => DebugTarget::Server,
                 "client" => DebugTarget::Client,
-                other => return Err(usage(f.name, &format!("unknown debug target {other:?}"))),
+                other => {
+                    let problem = format!("unknown debug target {:?}", shorten(other, 32));
+                    return Err(usage(f.name, &problem));
+                }
             },
         },
     })
@@ -201,9 +204,6 @@ impl<'a> Fields<'a> {
             Some(Value::Number(n)) => n
                 .as_u64()
                 .ok_or_else(|| self.problem("seconds", "must be an unsigned integer")),
-            // A numeric string is what a person pasting from the inline
-            // form sends; accept it rather than argue.
-            Some(Value::String(s)) => parse_seconds(s).map_err(|e| self.problem("seconds", &e)),
             Some(_) => Err(self.problem("seconds", "must be an unsigned integer")),
             None => Err(self.problem("seconds", "is missing")),
         }

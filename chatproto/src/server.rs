@@ -198,6 +198,16 @@ pub enum Event {
     },
 }
 
+/// Why a driver ends a connection with [`Server::close`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum CloseReason {
+    /// Its unsent output passed the driver's limit: it reads too slowly.
+    SlowConsumer,
+    /// The driver is at its connection limit.
+    ServerFull,
+}
+
 /// A call named a connection that is closed, or never was.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{0} is not an open connection")]
@@ -280,7 +290,7 @@ impl<S: Store> Server<S> {
 
     /// A new connection: queues its `hello`. `session_random` makes its
     /// session id (a UUID v4); give it fresh random bytes.
-    pub fn accept(&mut self, now: Timestamp, session_random: [u8; 16]) -> ConnId {
+    pub fn accept(&mut self, session_random: [u8; 16], now: Timestamp) -> ConnId {
         let session = uuid::Builder::from_random_bytes(session_random).into_uuid();
         let idle_timer = now + self.config.idle_timeout;
         let conn = self.connections.insert(Connection {
@@ -308,16 +318,26 @@ impl<S: Store> Server<S> {
     /// Bytes arrived on `conn`, cut anywhere: any number of frames, or
     /// part of one. The core buffers at most one frame limit per
     /// connection.
+    ///
+    /// Deadlines due by `now` fire first, as if [`Server::handle_timeout`]
+    /// had been called: input that arrives after a connection's idle
+    /// timeout does not revive it.
     pub fn handle_input(
         &mut self,
         conn: ConnId,
         data: &[u8],
         now: Timestamp,
     ) -> Result<(), UnknownConnection> {
-        let c = self
-            .connections
-            .get_mut(conn)
-            .ok_or(UnknownConnection(conn))?;
+        if self.connections.get(conn).is_none() {
+            return Err(UnknownConnection(conn));
+        }
+        if self.poll_timeout().is_some_and(|due| due <= now) {
+            self.handle_timeout(now);
+        }
+        let Some(c) = self.connections.get_mut(conn) else {
+            // Timed out just now: the input is too late.
+            return Ok(());
+        };
         // Take the decoder out so frames can borrow it while the rest of
         // the core is mutated.
         let mut decoder = std::mem::replace(&mut c.decoder, FrameDecoder::new(0));
@@ -362,17 +382,22 @@ impl<S: Store> Server<S> {
         self.forget(conn, now, true).ok_or(UnknownConnection(conn))
     }
 
-    /// Ends `conn` for a reason the driver found (a slow consumer, a full
-    /// server): queues `bye` with `reason`, then [`Output::Close`].
+    /// Ends `conn` for a reason the driver found: queues `bye` with the
+    /// reason, then [`Output::Close`]; the user, if any, goes offline and
+    /// others are told.
     pub fn close(
         &mut self,
         conn: ConnId,
-        reason: ByeReason,
+        reason: CloseReason,
         now: Timestamp,
     ) -> Result<(), UnknownConnection> {
         if self.connections.get(conn).is_none() {
             return Err(UnknownConnection(conn));
         }
+        let reason = match reason {
+            CloseReason::SlowConsumer => ByeReason::SlowConsumer,
+            CloseReason::ServerFull => ByeReason::ServerFull,
+        };
         self.say_bye(conn, reason, now);
         Ok(())
     }

@@ -122,6 +122,25 @@ fn logout_closes_the_client_and_debug_client_stays_local() {
 }
 
 #[test]
+fn an_answer_this_version_cannot_read_still_settles_its_request() {
+    let mut client = Client::new();
+    let id = client.send(Command::Help).unwrap();
+    client.handle_input(
+        format!(
+            "{{\"type\":\"ok\",\"id\":{},\"cmd\":\"teleport\",\"text\":\"new\"}}\n",
+            id.0
+        )
+        .as_bytes(),
+    );
+    let ev = events(&mut client);
+    assert!(
+        matches!(&ev[..], [ClientEvent::Invalid { request: Some(r), .. }] if r.id == id),
+        "{ev:?}"
+    );
+    assert!(!client.has_pending());
+}
+
+#[test]
 fn undecodable_lines_are_reported_not_fatal() {
     let mut client = Client::with_max_frame_bytes(64);
     client.handle_input(b"not json\n{\"type\":\"mystery\"}\n");

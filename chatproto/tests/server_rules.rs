@@ -14,7 +14,7 @@ use common::{names, presences, secs, Sim, T0};
 #[test]
 fn a_connection_is_greeted_with_hello_and_a_session_from_the_given_bytes() {
     let mut sim = Sim::new();
-    let conn = sim.server.accept(sim.now, [0xab; 16]);
+    let conn = sim.server.accept([0xab; 16], sim.now);
     sim.pump();
     let frames = sim.take(conn);
     let [ServerFrame::Hello { session, version }] = frames.as_slice() else {
@@ -744,6 +744,44 @@ fn rule10_handle_timeout_is_idempotent_and_early_calls_do_nothing() {
     assert!(!sim.server.is_open(a));
 }
 
+#[test]
+fn rule10_input_that_arrives_after_the_deadline_does_not_revive_the_connection() {
+    let mut sim = Sim::new();
+    let a = sim.login("alice");
+    sim.take(a);
+    // A driver that hands over input before telling the core the time.
+    sim.now = sim.now + secs(700);
+    sim.send(a, "whoami");
+    assert_eq!(
+        sim.take(a),
+        [ServerFrame::Bye {
+            reason: ByeReason::IdleTimeout
+        }]
+    );
+    assert!(!sim.server.is_open(a));
+}
+
+#[test]
+fn echoed_input_in_error_texts_is_shortened() {
+    let mut sim = Sim::new();
+    let a = sim.login("alice");
+    let junk = "\u{1}".repeat(5000);
+    for line in [
+        format!("whoelsesince {junk}"),
+        format!("whoami {junk}"),
+        format!("debug {junk}"),
+        format!("{junk} x"),
+    ] {
+        let e = sim.err(a, &line);
+        assert!(
+            e.text.len() < 400,
+            "{} bytes for {:?}",
+            e.text.len(),
+            e.code
+        );
+    }
+}
+
 // --- Rule 11: logout ----------------------------------------------------------------------
 
 #[test]
@@ -872,7 +910,7 @@ fn every_lasting_change_reaches_the_store_in_order() {
         chatproto::Server::new(common::config(), common::accounts(), &mut journal, sim.now)
             .unwrap();
     let now = sim.now;
-    let c = server.accept(now, [0; 16]);
+    let c = server.accept([0; 16], now);
     for line in [
         "login alice pw-alice",
         "block carol",
@@ -969,7 +1007,7 @@ fn close_and_shutdown_send_bye_with_their_reason() {
     let anon = sim.connect();
     sim.take(a);
     sim.server
-        .close(b, ByeReason::SlowConsumer, sim.now)
+        .close(b, chatproto::CloseReason::SlowConsumer, sim.now)
         .unwrap();
     sim.pump();
     assert_eq!(
@@ -980,7 +1018,8 @@ fn close_and_shutdown_send_bye_with_their_reason() {
     );
     assert_eq!(presences(&sim.take(a)), [("bob".into(), false)]);
     assert_eq!(
-        sim.server.close(b, ByeReason::SlowConsumer, sim.now),
+        sim.server
+            .close(b, chatproto::CloseReason::SlowConsumer, sim.now),
         Err(UnknownConnection(b))
     );
 

@@ -13,6 +13,9 @@ use bytes::{Buf, Bytes};
 /// to build the slice array on the stack.
 const MAX_SLICES: usize = 64;
 
+/// Queue slots an empty queue may keep.
+const SHRINK_ABOVE: usize = 16;
+
 #[derive(Debug, Default)]
 pub struct OutputQueue {
     frames: VecDeque<Bytes>,
@@ -69,6 +72,11 @@ impl OutputQueue {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
+        }
+        // A burst (a presence storm, a long whoelse) can grow the queue;
+        // an idle connection should not keep that memory.
+        if self.frames.capacity() > SHRINK_ABOVE {
+            self.frames = VecDeque::new();
         }
         Ok(Flushed::All)
     }

@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chatproto::{ByeReason, ConnId, Event as CoreEvent, MemoryStore, Output, Server, ServerFrame};
+use chatproto::{
+    ByeReason, CloseReason, ConnId, Event as CoreEvent, MemoryStore, Output, Server, ServerFrame,
+};
 use polling::{Event, Events, Poller};
 use tracing::{debug, info, warn};
 
@@ -225,7 +227,7 @@ impl Reactor {
             }
         };
         let now = self.clock.now();
-        let conn = self.core.accept(now, *uuid::Uuid::new_v4().as_bytes());
+        let conn = self.core.accept(*uuid::Uuid::new_v4().as_bytes(), now);
         if self.by_conn.len() <= conn.index() {
             self.by_conn.resize(conn.index() + 1, None);
         }
@@ -393,7 +395,7 @@ impl Reactor {
         socket.output.drop_unstarted();
         let now = self.clock.now();
         // The bye and the close come out of the core with the next outputs.
-        let _ = self.core.close(conn, ByeReason::SlowConsumer, now);
+        let _ = self.core.close(conn, CloseReason::SlowConsumer, now);
     }
 
     fn start_closing(&mut self, key: usize) {

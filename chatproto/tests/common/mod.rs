@@ -81,7 +81,7 @@ impl Sim {
 
     pub fn connect(&mut self) -> ConnId {
         self.next_random = self.next_random.wrapping_add(1);
-        let conn = self.server.accept(self.now, [self.next_random; 16]);
+        let conn = self.server.accept([self.next_random; 16], self.now);
         self.pump();
         conn
     }

@@ -1,1 +1,0 @@
-//! Benchmarks and the load generator for chatproto (see issue 5).
