@@ -1,6 +1,136 @@
-//! The chatproto command-line client (work in progress: see issue 4).
+//! `chatcli`: the reference command-line client for chatproto.
+//!
+//! On a terminal it prompts for a login, then offers a line editor with
+//! history and completion, printing incoming messages above the line being
+//! typed. With standard input from a file or pipe it runs commands line by
+//! line and prints one line per answer or event (`--json`: the raw frames).
 
-fn main() {
-    eprintln!("chatcli: the client is not built yet (issue 4)");
-    std::process::exit(2);
+mod display;
+mod interactive;
+mod script;
+mod session;
+mod terminal;
+
+use std::io::IsTerminal;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use chatproto::{Password, Username};
+use clap::Parser;
+
+use crate::session::Session;
+
+/// The chatproto command-line client.
+///
+/// Exit status: 0 after a logout (or, scripted, once every answer arrived),
+/// 1 on an error (such as an unreachable server), 2 on a bad command line,
+/// 3 after an idle timeout, 4 when the server shuts down, 5 when the
+/// connection is lost, 6 when the server ends the session for another
+/// reason.
+#[derive(Debug, Parser)]
+#[command(name = "chatcli", version)]
+struct Args {
+    /// The server's address.
+    #[arg(default_value = "127.0.0.1:4000")]
+    addr: String,
+
+    /// Log in as this user first (with --password-file).
+    #[arg(long, value_name = "USER", requires = "password_file")]
+    user: Option<Username>,
+
+    /// Read the password for --user from the first line of this file.
+    #[arg(long, value_name = "FILE", requires = "user")]
+    password_file: Option<PathBuf>,
+
+    /// Print the server's frames as they come, one JSON object a line
+    /// (scripted use).
+    #[arg(long)]
+    json: bool,
+}
+
+/// A user name and password given on the command line.
+#[derive(Debug)]
+pub struct Credentials {
+    pub user: Username,
+    pub password: Password,
+}
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                print!("{e}");
+                return ExitCode::SUCCESS;
+            }
+            let line = e.to_string();
+            let line = line.lines().next().unwrap_or_default();
+            eprintln!(
+                "chatcli: {}; try 'chatcli --help'",
+                line.strip_prefix("error: ").unwrap_or(line)
+            );
+            return ExitCode::from(2);
+        }
+    };
+    ExitCode::from(run(args))
+}
+
+fn run(args: Args) -> u8 {
+    let credentials = match (&args.user, &args.password_file) {
+        (Some(user), Some(path)) => match read_password(path) {
+            Ok(password) => Some(Credentials {
+                user: user.clone(),
+                password,
+            }),
+            Err(e) => {
+                eprintln!("chatcli: {e}");
+                return 2;
+            }
+        },
+        _ => None,
+    };
+    let stream = match connect(&args.addr) {
+        Ok(stream) => stream,
+        Err(e) => {
+            eprintln!("chatcli: cannot connect to {}: {e}", args.addr);
+            return 1;
+        }
+    };
+    let _ = stream.set_nodelay(true);
+    let session = match Session::new(&stream) {
+        Ok(session) => session,
+        Err(e) => {
+            eprintln!("chatcli: {e}");
+            return 1;
+        }
+    };
+    if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() && !args.json {
+        interactive::run(session, stream, credentials)
+    } else {
+        script::run(session, stream, credentials, args.json)
+    }
+}
+
+fn connect(addr: &str) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for candidate in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&candidate, CONNECT_TIMEOUT) {
+            Ok(stream) => return Ok(stream),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, "no address found")))
+}
+
+fn read_password(path: &PathBuf) -> Result<Password, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read the password file {}: {e}", path.display()))?;
+    let first = text.lines().next().unwrap_or("").trim();
+    Password::new(first).map_err(|e| format!("{}: {e}", path.display()))
 }

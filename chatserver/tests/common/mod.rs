@@ -29,8 +29,25 @@ pub struct TestServer {
     _dir: tempfile::TempDir,
 }
 
+/// The `chatserver` binary. Other packages' tests (the CLI's) include this
+/// harness too; for them it sits beside their own binaries, and is built
+/// first if a narrower `cargo test -p` did not build it.
 pub fn binary() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_chatserver"))
+    if let Some(path) = option_env!("CARGO_BIN_EXE_chatserver") {
+        return Command::new(path);
+    }
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(|deps| deps.parent()).unwrap();
+    let path = dir.join(format!("chatserver{}", std::env::consts::EXE_SUFFIX));
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "chatserver"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "cannot build chatserver");
+    }
+    Command::new(path)
 }
 
 impl TestServer {

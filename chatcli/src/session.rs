@@ -1,0 +1,305 @@
+//! The connection: the `chatproto` client state machine shared between the
+//! thread that sends what the user types and the thread that receives.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use chatproto::{
+    ByeReason, Client, ClientEvent, ClientState, Command, ErrorFrame, FrameDecoder, Reply,
+    RequestId, SendError, Timestamp, DEFAULT_CLIENT_MAX_FRAME_BYTES,
+};
+
+use crate::display::{self, Style};
+
+/// What the receiving thread does with what it receives.
+pub trait Sink: Send {
+    /// One line for the user.
+    fn line(&mut self, line: String);
+}
+
+/// How the receiving thread reports events.
+#[derive(Debug, Clone, Copy)]
+pub enum Format {
+    /// Readable lines.
+    Text(Style),
+    /// The server's frames as they came.
+    Json,
+}
+
+/// The session's state, behind one lock.
+pub struct State {
+    pub client: Client,
+    /// User names seen (presence, listings, messages), for completion.
+    pub names: BTreeSet<String>,
+    login_answers: HashMap<RequestId, Result<(), ErrorFrame>>,
+    /// `Some` once the session ended: the `bye` reason, or `None` if the
+    /// connection was lost.
+    ended: Option<Option<ByeReason>>,
+}
+
+pub struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+/// The sending side.
+#[derive(Clone)]
+pub struct Session {
+    shared: Arc<Shared>,
+    writer: Arc<Mutex<TcpStream>>,
+}
+
+/// Why waiting for an answer stopped.
+#[derive(Debug)]
+pub enum WaitError {
+    Ended,
+    TimedOut,
+}
+
+impl Session {
+    pub fn new(stream: &TcpStream) -> std::io::Result<Session> {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                client: Client::new(),
+                names: BTreeSet::new(),
+                login_answers: HashMap::new(),
+                ended: None,
+            }),
+            changed: Condvar::new(),
+        });
+        Ok(Session {
+            shared,
+            writer: Arc::new(Mutex::new(stream.try_clone()?)),
+        })
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, State> {
+        // A panic in the other thread while holding the lock leaves the
+        // state usable for reading; keep going with it.
+        self.shared.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts the receiving thread. `on_end` runs on it when the session
+    /// ends, with the line that says why and the exit status.
+    pub fn start_receiving(
+        &self,
+        stream: TcpStream,
+        format: Format,
+        mut sink: Box<dyn Sink>,
+        on_end: Box<dyn FnOnce(String, u8) + Send>,
+    ) {
+        let session = self.clone();
+        std::thread::spawn(move || {
+            let reason = session.receive(stream, format, sink.as_mut());
+            let (line, code) = display::closed(reason);
+            on_end(line, code);
+        });
+    }
+
+    /// Sends a command; returns its request id.
+    pub fn send(&self, command: Command) -> Result<RequestId, SendError> {
+        let (id, frames) = {
+            let mut state = self.state();
+            let id = state.client.send(command)?;
+            let frames: Vec<_> = std::iter::from_fn(|| state.client.poll_transmit()).collect();
+            (id, frames)
+        };
+        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        for frame in frames {
+            // A failed write means the connection is gone; the receiving
+            // thread sees that too and ends the session.
+            if writer.write_all(&frame).is_err() {
+                break;
+            }
+        }
+        Ok(id)
+    }
+
+    /// Waits for the answer to a `login` sent as `id`.
+    pub fn wait_login(
+        &self,
+        id: RequestId,
+        timeout: Duration,
+    ) -> Result<Result<(), ErrorFrame>, WaitError> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state();
+        loop {
+            if let Some(answer) = state.login_answers.remove(&id) {
+                return Ok(answer);
+            }
+            if state.ended.is_some() {
+                return Err(WaitError::Ended);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(WaitError::TimedOut);
+            }
+            state = self.wait(state, left);
+        }
+    }
+
+    /// Waits for the server's `hello`.
+    pub fn wait_connected(&self, timeout: Duration) -> Result<(), WaitError> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state();
+        while state.client.state().session.is_none() {
+            if state.ended.is_some() {
+                return Err(WaitError::Ended);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(WaitError::TimedOut);
+            }
+            state = self.wait(state, left);
+        }
+        Ok(())
+    }
+
+    /// Waits until every request sent has its answer.
+    pub fn wait_answered(&self, timeout: Duration) -> Result<(), WaitError> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state();
+        while state.client.has_pending() {
+            if state.ended.is_some() {
+                return Err(WaitError::Ended);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(WaitError::TimedOut);
+            }
+            state = self.wait(state, left);
+        }
+        Ok(())
+    }
+
+    /// Waits until the session ends (after a logout, say).
+    pub fn wait_ended(&self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.state();
+        while state.ended.is_none() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            state = self.wait(state, left);
+        }
+    }
+
+    fn wait<'a>(&self, state: MutexGuard<'a, State>, timeout: Duration) -> MutexGuard<'a, State> {
+        match self.shared.changed.wait_timeout(state, timeout) {
+            Ok((state, _)) => state,
+            Err(e) => e.into_inner().0,
+        }
+    }
+
+    /// Reads until the server closes; returns the `bye` reason.
+    fn receive(
+        &self,
+        mut stream: TcpStream,
+        format: Format,
+        sink: &mut dyn Sink,
+    ) -> Option<ByeReason> {
+        let mut buf = vec![0; 64 * 1024];
+        let mut raw_lines = FrameDecoder::new(DEFAULT_CLIENT_MAX_FRAME_BYTES);
+        let mut reason = None;
+        loop {
+            let n = match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if let Format::Json = format {
+                let mut input = &buf[..n];
+                while let Some(Ok(frame)) = raw_lines.decode(&mut input) {
+                    sink.line(String::from_utf8_lossy(frame).into_owned());
+                }
+            }
+            let mut state = self.state();
+            state.client.handle_input(&buf[..n]);
+            while let Some(event) = state.client.poll_event() {
+                state.note(&event);
+                if let ClientEvent::Closed { reason: r } = event {
+                    reason = Some(r);
+                }
+                if let Format::Text(style) = format {
+                    if let Some(line) = display::event_line(&event, style, now()) {
+                        sink.line(line);
+                    }
+                }
+            }
+            drop(state);
+            self.shared.changed.notify_all();
+            if reason.is_some() {
+                break;
+            }
+        }
+        self.state().ended = Some(reason);
+        self.shared.changed.notify_all();
+        reason
+    }
+}
+
+impl State {
+    /// Learns names and login answers from an event.
+    fn note(&mut self, event: &ClientEvent) {
+        match event {
+            ClientEvent::Presence(p) => {
+                self.names.insert(p.user.to_string());
+            }
+            ClientEvent::Message(m) => {
+                self.names.insert(m.from.to_string());
+            }
+            ClientEvent::Broadcast(b) => {
+                self.names.insert(b.from.to_string());
+            }
+            ClientEvent::Ok { request, frame } => {
+                if let Reply::Whoelse { users } | Reply::Whoelsesince { users } = &frame.reply {
+                    self.names.extend(users.iter().map(|u| u.to_string()));
+                }
+                if let (Some(r), Reply::Login { .. }) = (request, &frame.reply) {
+                    self.login_answers.insert(r.id, Ok(()));
+                }
+            }
+            ClientEvent::Error {
+                request: Some(r),
+                frame,
+            } => {
+                if matches!(r.command, Command::Login { .. }) {
+                    self.login_answers.insert(r.id, Err(frame.clone()));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// `debug client`, in one line.
+    pub fn debug_line(&self) -> String {
+        let s: ClientState = self.client.state();
+        let pending: Vec<String> = s
+            .pending
+            .iter()
+            .map(|p| format!("{} {}", p.id, p.command))
+            .collect();
+        format!(
+            "session {}, user {}, protocol v{}, {} frames sent, {} received, {} awaiting answers{}, {} bytes queued",
+            s.session.map_or("-".to_owned(), |u| u.to_string()),
+            s.user.as_ref().map_or("-", |u| u.as_str()),
+            s.version.unwrap_or(0),
+            s.frames_sent,
+            s.frames_received,
+            s.pending.len(),
+            if pending.is_empty() { String::new() } else { format!(" ({})", pending.join("; ")) },
+            s.queued_output_bytes,
+        )
+    }
+}
+
+/// The wall-clock time, for stamping presence notices.
+fn now() -> Timestamp {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    Timestamp::from_unix_millis(u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+}
