@@ -48,7 +48,7 @@ pub fn run(session: Session, stream: TcpStream, credentials: Option<Credentials>
     };
     session.start_receiving(
         stream,
-        Format::Text(style),
+        Format::Interactive(style),
         Box::new(PrinterSink(printer)),
         Box::new(move |line, code| {
             // The editor may hold the terminal in raw mode on the other

@@ -25,6 +25,9 @@ pub trait Sink: Send {
 pub enum Format {
     /// Readable lines.
     Text(Style),
+    /// Readable lines, except the answers to `login` and `logout`, which
+    /// the prompt reports itself.
+    Interactive(Style),
     /// The server's frames as they came.
     Json,
 }
@@ -223,10 +226,16 @@ impl Session {
                 if let ClientEvent::Closed { reason: r } = event {
                     reason = Some(r);
                 }
-                if let Format::Text(style) = format {
-                    if let Some(line) = display::event_line(&event, style, now()) {
-                        sink.line(line);
-                    }
+                let style = match format {
+                    Format::Text(style) => Some(style),
+                    Format::Interactive(_) if is_login_answer(&event) => None,
+                    Format::Interactive(style) => Some(style),
+                    Format::Json => None,
+                };
+                if let Some(line) =
+                    style.and_then(|style| display::event_line(&event, style, now()))
+                {
+                    sink.line(line);
                 }
             }
             drop(state);
@@ -293,6 +302,15 @@ impl State {
             if pending.is_empty() { String::new() } else { format!(" ({})", pending.join("; ")) },
             s.queued_output_bytes,
         )
+    }
+}
+
+fn is_login_answer(event: &ClientEvent) -> bool {
+    match event {
+        ClientEvent::Ok { request, .. } | ClientEvent::Error { request, .. } => request
+            .as_ref()
+            .is_some_and(|r| matches!(r.command, Command::Login { .. } | Command::Logout)),
+        _ => false,
     }
 }
 
