@@ -114,6 +114,25 @@ fn debug_client_shows_the_session_and_logout_exits_zero() {
 }
 
 #[test]
+fn tab_completes_commands_and_names_seen() {
+    let server = TestServer::start(&[]);
+    let _bob = server.login("bob");
+    let mut pty = chatcli(&server);
+    log_in(&mut pty, "alice");
+    pty.expect("> ").unwrap();
+    // A command name...
+    pty.send("whoel\t").unwrap();
+    pty.expect("whoelse").unwrap();
+    pty.send("\r").unwrap();
+    pty.expect("online now: bob").unwrap();
+    // ...and a user name learnt from that listing.
+    pty.send("message b\t").unwrap();
+    pty.expect("message bob").unwrap();
+    pty.send("hi\r").unwrap();
+    pty.expect("message delivered to bob").unwrap();
+}
+
+#[test]
 fn a_server_shutdown_is_reported_with_its_own_exit_status() {
     let server = TestServer::start(&[]);
     let mut pty = chatcli(&server);
