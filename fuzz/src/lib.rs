@@ -1,0 +1,436 @@
+//! The checks behind the fuzz targets. Each takes the fuzzer's raw bytes
+//! and panics when an invariant breaks. `cargo test` in the main workspace
+//! replays every file under `fuzz/seeds/` through the same functions
+//! (`chatproto/tests/fuzz_seeds.rs`), so the invariants are checked on the
+//! stable toolchain too.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use arbitrary::{Arbitrary, Unstructured};
+use chatproto::{
+    Accounts, CloseReason, Command, ConnId, FrameDecoder, FrameError, MemoryStore, Output, Reply,
+    Request, Server, ServerConfig, ServerFrame, Timestamp,
+};
+
+/// Frame decoding: never buffers more than the limit, and the frames do
+/// not depend on how the input is cut.
+///
+/// Input: one byte for the limit, one for the cut seed, then the stream.
+pub fn check_frame_decoder(data: &[u8]) {
+    let [limit, seed, stream @ ..] = data else {
+        return;
+    };
+    let limit = usize::from(*limit % 64) + 1;
+    let whole = decode(limit, stream, &[stream.len()]);
+    // Cut points from a small deterministic generator seeded by the input.
+    let mut cuts = Vec::new();
+    let mut x = u32::from(*seed) | 1;
+    let mut at = 0;
+    while at < stream.len() {
+        x ^= x << 13;
+        x ^= x >> 17;
+        x ^= x << 5;
+        at += (x as usize % 9) + 1;
+        cuts.push(at.min(stream.len()));
+    }
+    assert_eq!(
+        whole,
+        decode(limit, stream, &cuts),
+        "chunking changed the frames"
+    );
+    let every_byte: Vec<usize> = (1..=stream.len()).collect();
+    assert_eq!(
+        whole,
+        decode(limit, stream, &every_byte),
+        "byte-by-byte changed the frames"
+    );
+    for frame in whole.iter().flatten() {
+        assert!(!frame.is_empty() && frame.len() <= limit);
+        assert!(!frame.contains(&b'\n'));
+        assert!(!frame.ends_with(b"\r"));
+    }
+}
+
+fn decode(limit: usize, stream: &[u8], cuts: &[usize]) -> Vec<Result<Vec<u8>, FrameError>> {
+    let mut decoder = FrameDecoder::new(limit);
+    let mut out = Vec::new();
+    let mut start = 0;
+    for &end in cuts {
+        let mut input = &stream[start..end];
+        while let Some(frame) = decoder.decode(&mut input) {
+            out.push(frame.map(<[u8]>::to_vec));
+        }
+        assert!(decoder.buffered() <= limit, "buffered past the limit");
+        start = end;
+    }
+    out
+}
+
+/// The inline parser: never panics; what parses renders and parses back
+/// to the same command, and survives the JSON form too.
+pub fn check_inline_parser(data: &[u8]) {
+    let Ok(line) = std::str::from_utf8(data) else {
+        return;
+    };
+    match Command::parse(line) {
+        Ok(command) => {
+            let rendered = command.render();
+            assert_eq!(
+                Command::parse(&rendered).as_ref(),
+                Ok(&command),
+                "{rendered:?}"
+            );
+            let request = Request {
+                id: Some(chatproto::RequestId(7)),
+                command,
+            };
+            assert_eq!(
+                Request::from_json(&request.to_json()).as_ref(),
+                Ok(&request)
+            );
+        }
+        Err(e) => {
+            let code = e.code();
+            assert!(
+                matches!(
+                    code,
+                    chatproto::ErrorCode::UnknownCommand | chatproto::ErrorCode::BadArguments
+                ),
+                "{code}"
+            );
+            assert!(
+                e.to_string().len() < 512,
+                "error text echoes too much input"
+            );
+        }
+    }
+}
+
+/// A client frame: never panics; a request that decodes encodes and
+/// decodes back to itself.
+pub fn check_json_request(data: &[u8]) {
+    match Request::parse_frame(data) {
+        Ok(request) => {
+            let json = request.to_json();
+            assert_eq!(Request::from_json(&json).as_ref(), Ok(&request), "{json}");
+        }
+        Err(rejected) => assert!(rejected.error.to_string().len() < 512),
+    }
+}
+
+/// What the driver does in one step of a server session.
+#[derive(Debug, Arbitrary)]
+pub enum Op {
+    Connect,
+    Send { conn: u8, line: Line },
+    Raw { conn: u8, bytes: Vec<u8> },
+    Advance { millis: u32 },
+    Disconnect { conn: u8 },
+    CloseSlow { conn: u8 },
+    Shutdown,
+}
+
+/// A request, built to reach the interesting rules often.
+#[derive(Debug, Arbitrary)]
+pub enum Line {
+    Login {
+        user: u8,
+        right_password: bool,
+        json: bool,
+    },
+    Message {
+        to: u8,
+        text: u8,
+    },
+    Broadcast {
+        text: u8,
+    },
+    Block {
+        user: u8,
+    },
+    Unblock {
+        user: u8,
+    },
+    Whoelse,
+    Whoelsesince {
+        seconds: u8,
+    },
+    Whoami,
+    Logout,
+    Help,
+    Debug,
+}
+
+const USERS: [&str; 5] = ["alice", "bob", "carol", "root", "ghost"];
+const TEXTS: [&str; 4] = ["hi", "two  words", "tab\there", "é🎉"];
+/// Connections the fuzzer addresses, by index (taken modulo this).
+const MAX_CONNS: usize = 6;
+
+impl Line {
+    fn render(&self) -> String {
+        let user = |i: &u8| USERS[usize::from(*i) % USERS.len()];
+        let text = |i: &u8| TEXTS[usize::from(*i) % TEXTS.len()];
+        match self {
+            Line::Login {
+                user: u,
+                right_password,
+                json,
+            } => {
+                let name = user(u);
+                let password = if *right_password {
+                    format!("pw-{name}")
+                } else {
+                    "wrong".to_owned()
+                };
+                if *json {
+                    format!(r#"{{"cmd":"login","user":"{name}","password":"{password}","id":1}}"#)
+                } else {
+                    format!("login {name} {password}")
+                }
+            }
+            Line::Message { to, text: t } => format!("message {} {}", user(to), text(t)),
+            Line::Broadcast { text: t } => format!("broadcast {}", text(t)),
+            Line::Block { user: u } => format!("block {}", user(u)),
+            Line::Unblock { user: u } => {
+                format!(r#"{{"cmd":"unblock","user":"{}","id":2}}"#, user(u))
+            }
+            Line::Whoelse => "whoelse".to_owned(),
+            Line::Whoelsesince { seconds } => format!("whoelsesince {seconds}"),
+            Line::Whoami => "whoami".to_owned(),
+            Line::Logout => "logout".to_owned(),
+            Line::Help => "help".to_owned(),
+            Line::Debug => "debug server".to_owned(),
+        }
+    }
+}
+
+/// The whole server core through a sequence of driver operations, with
+/// the protocol's invariants checked after every step.
+pub fn check_server_session(data: &[u8]) {
+    let mut u = Unstructured::new(data);
+    let Ok(ops) = Vec::<Op>::arbitrary(&mut u) else {
+        return;
+    };
+    let mut sim = Model::new();
+    for op in ops.into_iter().take(200) {
+        sim.step(op);
+    }
+}
+
+/// The fuzzer's view of the server: what it has seen, to check against.
+struct Model {
+    server: Server<MemoryStore>,
+    now: Timestamp,
+    conns: Vec<ConnId>,
+    closed: HashSet<ConnId>,
+    /// Who each connection is logged in as, from the `ok` frames it got.
+    user_of: HashMap<ConnId, String>,
+    /// `blocks[a]` holds whom `a` has blocked, from the `ok` frames.
+    blocks: HashMap<String, HashSet<String>>,
+    max_frame: usize,
+    steps: u32,
+}
+
+impl Model {
+    fn new() -> Model {
+        let mut accounts = Accounts::new();
+        for name in &USERS[..4] {
+            accounts
+                .insert(name.parse().unwrap(), format!("pw-{name}").parse().unwrap())
+                .unwrap();
+        }
+        let mut config = ServerConfig::default();
+        config.max_frame_bytes = 256;
+        config.offline_queue_capacity = 4;
+        config.idle_timeout = Duration::from_secs(30);
+        config.lockout.max_tracked_unknown = 2;
+        config.admins.insert("root".parse().unwrap());
+        let now = Timestamp::from_unix_millis(1_700_000_000_000);
+        Model {
+            max_frame: config.max_frame_bytes,
+            server: Server::new(config, accounts, MemoryStore::new(), now).unwrap(),
+            now,
+            conns: Vec::new(),
+            closed: HashSet::new(),
+            user_of: HashMap::new(),
+            blocks: HashMap::new(),
+            steps: 0,
+        }
+    }
+
+    fn pick(&self, i: u8) -> Option<ConnId> {
+        (!self.conns.is_empty()).then(|| self.conns[usize::from(i) % self.conns.len()])
+    }
+
+    fn step(&mut self, op: Op) {
+        self.steps += 1;
+        match op {
+            Op::Connect if self.conns.len() < MAX_CONNS => {
+                let random = [self.steps as u8; 16];
+                self.conns.push(self.server.accept(random, self.now));
+            }
+            Op::Connect => {}
+            Op::Send { conn, line } => {
+                if let Some(c) = self.pick(conn) {
+                    let bytes = format!("{}\n", line.render());
+                    self.input(c, bytes.as_bytes());
+                }
+            }
+            Op::Raw { conn, bytes } => {
+                if let Some(c) = self.pick(conn) {
+                    self.input(c, &bytes);
+                }
+            }
+            Op::Advance { millis } => {
+                self.now = self.now + Duration::from_millis(u64::from(millis % 120_000));
+                self.server.handle_timeout(self.now);
+            }
+            Op::Disconnect { conn } => {
+                if let Some(c) = self.pick(conn) {
+                    let open = !self.closed.contains(&c);
+                    assert_eq!(self.server.handle_disconnect(c, self.now).is_ok(), open);
+                    if open {
+                        self.closed.insert(c);
+                        self.user_of.remove(&c);
+                    }
+                }
+            }
+            Op::CloseSlow { conn } => {
+                if let Some(c) = self.pick(conn) {
+                    let open = !self.closed.contains(&c);
+                    assert_eq!(
+                        self.server
+                            .close(c, CloseReason::SlowConsumer, self.now)
+                            .is_ok(),
+                        open
+                    );
+                }
+            }
+            Op::Shutdown => self.server.shutdown(self.now),
+        }
+        self.drain();
+        self.check_invariants();
+    }
+
+    fn input(&mut self, c: ConnId, bytes: &[u8]) {
+        let open = !self.closed.contains(&c);
+        assert_eq!(self.server.handle_input(c, bytes, self.now).is_ok(), open);
+    }
+
+    fn drain(&mut self) {
+        while let Some(output) = self.server.poll_output() {
+            match output {
+                Output::Transmit { conn, frame } => {
+                    assert!(!self.closed.contains(&conn), "frame sent to closed {conn}");
+                    let line = frame
+                        .strip_suffix(b"\n")
+                        .expect("frames end with a newline");
+                    assert!(!line.contains(&b'\n'));
+                    let frame = ServerFrame::decode(line)
+                        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(line)));
+                    self.observe(conn, frame);
+                }
+                Output::Close { conn, .. } => {
+                    assert!(self.closed.insert(conn), "{conn} closed twice");
+                    self.user_of.remove(&conn);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Learns from a frame, and checks it against the blocks in force.
+    fn observe(&mut self, conn: ConnId, frame: ServerFrame) {
+        let me = self.user_of.get(&conn).cloned();
+        let blocked = |blocker: &str, target: &str| {
+            self.blocks
+                .get(blocker)
+                .is_some_and(|set| set.contains(target))
+        };
+        match frame {
+            ServerFrame::Ok(ok) => match ok.reply {
+                Reply::Login { user } => {
+                    self.user_of.insert(conn, user.to_string());
+                }
+                Reply::Block { user } => {
+                    let me = me.expect("block answered on a logged-in connection");
+                    self.blocks.entry(me).or_default().insert(user.to_string());
+                }
+                Reply::Unblock { user } => {
+                    let me = me.expect("unblock answered on a logged-in connection");
+                    self.blocks.entry(me).or_default().remove(user.as_str());
+                }
+                Reply::Whoelse { users } | Reply::Whoelsesince { users } => {
+                    let me = me.expect("listing answered on a logged-in connection");
+                    for u in &users {
+                        assert_ne!(u.as_str(), me, "listed oneself");
+                        assert!(!blocked(u.as_str(), &me), "{u} blocked {me} but is listed");
+                    }
+                    assert!(users.windows(2).all(|w| w[0] < w[1]), "not sorted");
+                }
+                _ => {}
+            },
+            ServerFrame::Message(m) => {
+                let me = me.expect("messages go to logged-in users");
+                assert!(
+                    !blocked(&me, m.from.as_str()),
+                    "{me} got a message from blocked {}",
+                    m.from
+                );
+            }
+            ServerFrame::Broadcast(b) => {
+                let me = me.expect("broadcasts go to logged-in users");
+                assert!(
+                    !blocked(&me, b.from.as_str()),
+                    "{me} got a broadcast from blocked {}",
+                    b.from
+                );
+                assert_ne!(me, b.from.as_str(), "broadcast echoed to its sender");
+            }
+            ServerFrame::Presence(p) => {
+                let me = me.expect("presence goes to logged-in users");
+                assert!(
+                    !blocked(p.user.as_str(), &me),
+                    "{me} got presence of {} who blocked them",
+                    p.user
+                );
+                assert_ne!(me, p.user.as_str(), "presence about oneself");
+            }
+            _ => {}
+        }
+    }
+
+    fn check_invariants(&self) {
+        let mut online = HashSet::new();
+        for &c in &self.conns {
+            let open = !self.closed.contains(&c);
+            assert_eq!(self.server.is_open(c), open);
+            let user = self.server.user(c).map(|u| u.to_string());
+            assert_eq!(
+                user.as_ref(),
+                self.user_of.get(&c),
+                "the model and the core disagree on {c}"
+            );
+            if let Some(user) = user {
+                assert!(online.insert(user), "two sessions for one user");
+            }
+            if let Some(buffered) = self.server.buffered_input(c) {
+                assert!(
+                    buffered <= self.max_frame,
+                    "input buffer past the frame limit"
+                );
+            }
+        }
+        let state = self.server.debug_state(self.now);
+        assert_eq!(
+            state.users_online,
+            online.len(),
+            "online set differs from logged-in connections"
+        );
+        assert!(
+            state.queued_offline_messages <= 4 * 4,
+            "offline queues past their cap"
+        );
+    }
+}
