@@ -83,6 +83,29 @@ impl Request {
 
     /// Decodes a JSON request object.
     pub fn from_json(json: &str) -> Result<Request, Rejected> {
+        // The common case, every field of the expected type, decodes
+        // straight into borrowed fields; anything else (a type mismatch, an
+        // escaped string, a duplicate key) takes the slower path through a
+        // JSON map, which tells exactly what is wrong.
+        match serde_json::from_str::<TypedRequest<'_>>(json) {
+            Ok(typed) => Request::from_typed(&typed),
+            Err(_) => Request::from_json_map(json),
+        }
+    }
+
+    fn from_typed(typed: &TypedRequest<'_>) -> Result<Request, Rejected> {
+        let id = typed.id.map(RequestId);
+        let name = command_name(typed.cmd).map_err(|error| Rejected { id, error })?;
+        let fields = Fields {
+            source: Source::Typed(typed),
+            name,
+        };
+        command_from_fields(&fields)
+            .map(|command| Request { id, command })
+            .map_err(|error| Rejected { id, error })
+    }
+
+    fn from_json_map(json: &str) -> Result<Request, Rejected> {
         let mut object: Map<String, Value> = serde_json::from_str(json).map_err(|e| Rejected {
             id: None,
             error: RequestError::bad_frame(format!("not a JSON request object ({e})")),
@@ -103,11 +126,9 @@ impl Request {
             Some(_) => return Err(reject(RequestError::bad_frame("\"cmd\" must be a string"))),
             None => return Err(reject(RequestError::bad_frame("missing \"cmd\""))),
         };
-        let name = CommandName::from_word(word)
-            .filter(|n| n.as_str() == word)
-            .ok_or_else(|| reject(RequestError::unknown_command(word)))?;
+        let name = command_name(word).map_err(reject)?;
         let fields = Fields {
-            object: &object,
+            source: Source::Map(&object),
             name,
         };
         command_from_fields(&fields)
@@ -137,6 +158,45 @@ impl Request {
     pub fn encode(&self) -> Bytes {
         encode_frame(self.to_json().as_bytes())
     }
+}
+
+/// A command word exactly as the protocol spells it (JSON is not typed by
+/// people, so no case folding).
+fn command_name(word: &str) -> Result<CommandName, RequestError> {
+    CommandName::from_word(word)
+        .filter(|n| n.as_str() == word)
+        .ok_or_else(|| RequestError::unknown_command(word))
+}
+
+/// Every field any request has, each of its expected type, borrowed from
+/// the frame. Unknown fields are ignored, as the protocol says.
+#[derive(Deserialize)]
+struct TypedRequest<'a> {
+    cmd: &'a str,
+    #[serde(default, deserialize_with = "present")]
+    id: Option<u64>,
+    #[serde(default, deserialize_with = "present")]
+    user: Option<&'a str>,
+    #[serde(default, deserialize_with = "present")]
+    password: Option<&'a str>,
+    #[serde(default, deserialize_with = "present")]
+    to: Option<&'a str>,
+    #[serde(default, deserialize_with = "present")]
+    text: Option<&'a str>,
+    #[serde(default, deserialize_with = "present")]
+    target: Option<&'a str>,
+    #[serde(default, deserialize_with = "present")]
+    seconds: Option<u64>,
+}
+
+/// A field that is there must hold a value: `null` is a type error (and
+/// so takes the precise path), not an absent field.
+fn present<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
 }
 
 fn command_from_fields(f: &Fields<'_>) -> Result<Command, RequestError> {
@@ -178,13 +238,35 @@ fn command_from_fields(f: &Fields<'_>) -> Result<Command, RequestError> {
 
 /// The fields of one JSON request, read with errors that name the field.
 struct Fields<'a> {
-    object: &'a Map<String, Value>,
+    source: Source<'a>,
     name: CommandName,
+}
+
+/// Where the fields come from.
+enum Source<'a> {
+    /// Decoded with every field of its expected type.
+    Typed(&'a TypedRequest<'a>),
+    /// Decoded as a plain JSON object.
+    Map(&'a Map<String, Value>),
 }
 
 impl<'a> Fields<'a> {
     fn string(&self, field: &str) -> Result<&'a str, RequestError> {
-        match self.object.get(field) {
+        let object = match self.source {
+            Source::Typed(t) => {
+                let value = match field {
+                    "user" => t.user,
+                    "password" => t.password,
+                    "to" => t.to,
+                    "text" => t.text,
+                    "target" => t.target,
+                    _ => None,
+                };
+                return value.ok_or_else(|| self.problem(field, "is missing"));
+            }
+            Source::Map(object) => object,
+        };
+        match object.get(field) {
             Some(Value::String(s)) => Ok(s),
             Some(_) => Err(self.problem(field, "must be a string")),
             None => Err(self.problem(field, "is missing")),
@@ -200,7 +282,15 @@ impl<'a> Fields<'a> {
     }
 
     fn seconds(&self) -> Result<u64, RequestError> {
-        match self.object.get("seconds") {
+        let object = match self.source {
+            Source::Typed(t) => {
+                return t
+                    .seconds
+                    .ok_or_else(|| self.problem("seconds", "is missing"))
+            }
+            Source::Map(object) => object,
+        };
+        match object.get("seconds") {
             Some(Value::Number(n)) => n
                 .as_u64()
                 .ok_or_else(|| self.problem("seconds", "must be an unsigned integer")),
@@ -292,5 +382,22 @@ mod tests {
             command: Command::parse("login alice pw").unwrap(),
         };
         assert_eq!(Request::from_json(&r.to_json()), Ok(r));
+    }
+
+    proptest::proptest! {
+        /// The fast typed path and the precise map path agree on every
+        /// object, well-formed or not.
+        #[test]
+        fn both_json_paths_agree(fields in proptest::collection::vec((0usize..9, 0usize..9), 0..7)) {
+            const KEYS: [&str; 9] = ["cmd", "id", "user", "password", "to", "text", "target", "seconds", "extra"];
+            const VALUES: [&str; 9] = [
+                "\"message\"", "\"login\"", "\"bob\"", "\"a\\\"b\"", "7", "null", "true", "-1", "\"server\"",
+            ];
+            let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{}\":{}", KEYS[*k], VALUES[*v])).collect();
+            let json = format!("{{{}}}", body.join(","));
+            let fast = Request::from_json(&json);
+            let precise = Request::from_json_map(&json);
+            proptest::prop_assert_eq!(fast, precise, "{}", json);
+        }
     }
 }

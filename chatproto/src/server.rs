@@ -846,7 +846,10 @@ impl<S: Store> Server<S> {
         let text = if stored {
             format!("{to} is offline: the message will be delivered when they log in")
         } else {
-            format!("message delivered to {to}")
+            let mut text = String::with_capacity(21 + to.as_str().len());
+            text.push_str("message delivered to ");
+            text.push_str(to.as_str());
+            text
         };
         self.reply(conn, id, Reply::Message { to, stored }, text);
         Ok(())

@@ -4,13 +4,12 @@
 //! clients decode them. Encoding is deterministic (fields in declaration
 //! order), which the test vectors rely on.
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use crate::command::CommandName;
 use crate::error::ErrorCode;
-use crate::framing::encode_frame;
 use crate::request::RequestId;
 use crate::text::MessageText;
 use crate::time::Timestamp;
@@ -256,11 +255,14 @@ impl ServerFrame {
     /// The frame as bytes, newline included, ready to send. Encode a frame
     /// once and clone the `Bytes` for every recipient.
     pub fn encode(&self) -> Bytes {
-        let mut json = Vec::with_capacity(96);
+        // Written straight into the buffer that becomes the shared frame:
+        // one allocation, no copy.
+        let mut buf = BytesMut::with_capacity(128);
         // Serializing these types cannot fail: every map key is a string
         // and no Serialize impl here returns an error.
-        serde_json::to_writer(&mut json, self).expect("server frames always serialize");
-        encode_frame(&json)
+        serde_json::to_writer((&mut buf).writer(), self).expect("server frames always serialize");
+        buf.put_u8(b'\n');
+        buf.freeze()
     }
 
     /// Decodes one frame (without its newline).

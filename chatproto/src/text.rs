@@ -21,6 +21,20 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct MessageText(Arc<str>);
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_byte_scan_finds_exactly_the_control_characters() {
+        for c in (0..0x3000u32).filter_map(char::from_u32) {
+            let text = format!("a{c}b");
+            let expected = (c.is_control() && c != '\t').then_some(c);
+            assert_eq!(find_control(&text), expected, "U+{:04X}", c as u32);
+        }
+    }
+}
+
 /// Why a string is not a [`MessageText`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -36,7 +50,7 @@ pub enum InvalidText {
 impl MessageText {
     /// Checks `text` against the rules and wraps it.
     pub fn new(text: &str) -> Result<Self, InvalidText> {
-        if let Some(c) = text.chars().find(|&c| c.is_control() && c != '\t') {
+        if let Some(c) = find_control(text) {
             return Err(InvalidText::ControlCharacter(c));
         }
         if text.trim().is_empty() {
@@ -49,6 +63,19 @@ impl MessageText {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// The first control character other than tab. Control characters are
+/// C0 (U+0000..U+001F), DEL and C1 (U+0080..U+009F, two bytes in UTF-8
+/// starting 0xC2): a byte scan finds them without decoding every char.
+fn find_control(text: &str) -> Option<char> {
+    let bytes = text.as_bytes();
+    let at = bytes.iter().enumerate().position(|(i, &b)| {
+        (b < 0x20 && b != b'\t')
+            || b == 0x7f
+            || (b == 0xc2 && bytes.get(i + 1).is_some_and(|n| (0x80..0xa0).contains(n)))
+    })?;
+    text[at..].chars().next()
 }
 
 impl std::str::FromStr for MessageText {
