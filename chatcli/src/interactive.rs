@@ -50,12 +50,32 @@ pub fn run(session: Session, stream: TcpStream, credentials: Option<Credentials>
         stream,
         Format::Interactive(style),
         Box::new(PrinterSink(printer)),
-        Box::new(move |line, code| {
-            // The editor may hold the terminal in raw mode on the other
-            // thread: put the terminal back, clear the prompt line, say why.
+        Box::new(move |mut sink: Box<dyn Sink>, line: String, code: u8| {
+            // Hand the last line to the editor like the others, so it comes
+            // after every line before it, and give the editor a moment to
+            // draw them; then put the terminal back (the editor, on the
+            // other thread, cannot) and leave.
+            let (done_tx, done_rx) = std::sync::mpsc::channel();
+            let last = line.clone();
+            std::thread::spawn(move || {
+                sink.line(last);
+                let _ = done_tx.send(());
+            });
+            let printed = done_rx.recv_timeout(Duration::from_millis(300)).is_ok();
+            if printed {
+                std::thread::sleep(Duration::from_millis(50));
+            }
             saved.restore();
             let mut out = std::io::stdout().lock();
-            let _ = write!(out, "\r\x1b[2K{line}\r\n");
+            // Bracketed paste off, cursor shown: the editor's own cleanup
+            // does not run on this path.
+            let _ = write!(out, "\x1b[?2004l\x1b[?25h");
+            if printed {
+                // The editor redrew its prompt under the last line.
+                let _ = write!(out, "\r\x1b[2K");
+            } else {
+                let _ = write!(out, "\r\x1b[2K{line}\r\n");
+            }
             let _ = out.flush();
             std::process::exit(i32::from(code));
         }),
@@ -106,14 +126,14 @@ fn log_in(
                 None => return false,
             },
         };
-        let id = match session.send(Command::Login {
+        let Ok(id) = session.send(Command::Login {
             user: user.clone(),
             password,
-        }) {
-            Ok(id) => id,
-            Err(e) => {
-                eprintln!("{}", style.error(&format!("error: {e}")));
-                return false;
+        }) else {
+            // The session has ended: the receiving thread says why and
+            // exits with the matching status.
+            loop {
+                std::thread::park();
             }
         };
         match session.wait_login(id, ANSWER_TIMEOUT) {

@@ -31,7 +31,7 @@ pub fn run(
         stream,
         format,
         Box::new(StdoutSink),
-        Box::new(move |line, code| {
+        Box::new(move |_sink, line, code| {
             // In JSON mode the bye frame already said it; people get a line.
             if json {
                 eprintln!("chatcli: {line}");

@@ -20,6 +20,10 @@ pub trait Sink: Send {
     fn line(&mut self, line: String);
 }
 
+/// What the receiving thread does when the session ends: it gets the sink,
+/// the line that says why, and the exit status.
+pub type OnEnd = Box<dyn FnOnce(Box<dyn Sink>, String, u8) + Send>;
+
 /// How the receiving thread reports events.
 #[derive(Debug, Clone, Copy)]
 pub enum Format {
@@ -86,19 +90,19 @@ impl Session {
     }
 
     /// Starts the receiving thread. `on_end` runs on it when the session
-    /// ends, with the line that says why and the exit status.
+    /// ends, with the sink, the line that says why, and the exit status.
     pub fn start_receiving(
         &self,
         stream: TcpStream,
         format: Format,
         mut sink: Box<dyn Sink>,
-        on_end: Box<dyn FnOnce(String, u8) + Send>,
+        on_end: OnEnd,
     ) {
         let session = self.clone();
         std::thread::spawn(move || {
             let reason = session.receive(stream, format, sink.as_mut());
             let (line, code) = display::closed(reason);
-            on_end(line, code);
+            on_end(sink, line, code);
         });
     }
 
@@ -219,6 +223,7 @@ impl Session {
                     sink.line(String::from_utf8_lossy(frame).into_owned());
                 }
             }
+            let mut lines = Vec::new();
             let mut state = self.state();
             state.client.handle_input(&buf[..n]);
             while let Some(event) = state.client.poll_event() {
@@ -232,14 +237,28 @@ impl Session {
                     Format::Interactive(style) => Some(style),
                     Format::Json => None,
                 };
-                if let Some(line) =
-                    style.and_then(|style| display::event_line(&event, style, now()))
-                {
+                lines.extend(style.and_then(|style| display::event_line(&event, style, now())));
+            }
+            if let Format::Interactive(_) = format {
+                // The line editor takes printed lines one at a time, only
+                // while it reads a line: printing can block until the main
+                // thread is back in the editor, so never under the lock
+                // the main thread needs.
+                drop(state);
+                self.shared.changed.notify_all();
+                for line in lines {
                     sink.line(line);
                 }
+            } else {
+                // Standard output never waits for the main thread: print
+                // before anyone waiting on an answer sees it, so output
+                // keeps the order of input.
+                for line in lines {
+                    sink.line(line);
+                }
+                drop(state);
+                self.shared.changed.notify_all();
             }
-            drop(state);
-            self.shared.changed.notify_all();
             if reason.is_some() {
                 break;
             }

@@ -114,6 +114,42 @@ fn debug_client_shows_the_session_and_logout_exits_zero() {
 }
 
 #[test]
+fn typing_during_a_burst_of_incoming_messages_does_not_hang() {
+    let server = TestServer::start(&["--no-rate-limit"]);
+    let mut bob = server.login("bob");
+    let mut pty = chatcli(&server);
+    log_in(&mut pty, "alice");
+    pty.expect("> ").unwrap();
+    let flood = std::thread::spawn(move || {
+        for i in 0..300 {
+            bob.send(&format!("message alice burst {i}"));
+        }
+        bob
+    });
+    for _ in 0..20 {
+        pty.send("message b\t").unwrap();
+        pty.send("\x15whoami\r").unwrap();
+    }
+    let _bob = flood.join().unwrap();
+    pty.expect("burst 299").unwrap();
+    pty.send("debug client\r").unwrap();
+    pty.expect("0 awaiting answers").unwrap();
+}
+
+#[test]
+fn a_user_online_elsewhere_is_told_so() {
+    let server = TestServer::start(&[]);
+    let _first = server.login("carol");
+    let mut pty = chatcli(&server);
+    pty.expect("Username:").unwrap();
+    pty.send("carol\r").unwrap();
+    pty.expect("Password:").unwrap();
+    pty.send("pw-carol\r").unwrap();
+    pty.expect("carol is already logged in elsewhere").unwrap();
+    pty.expect("Username:").unwrap();
+}
+
+#[test]
 fn tab_completes_commands_and_names_seen() {
     let server = TestServer::start(&[]);
     let _bob = server.login("bob");

@@ -157,7 +157,12 @@ impl Reactor {
                 }
             }
             self.handle_deadlines();
-            self.flush_dirty();
+            // A flush can make more output (a write error sends presence to
+            // others): flush until nothing is left, so nothing waits for an
+            // unrelated wake-up.
+            while !self.dirty.is_empty() {
+                self.flush_dirty();
+            }
         }
     }
 

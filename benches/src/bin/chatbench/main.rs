@@ -1,21 +1,34 @@
-//! `chatbench`: load and measurement tool for a running `chatserver`.
+//! `chatbench`: load and measurement tool for `chatserver`.
 //!
 //! - `chatbench credentials N` prints a credentials file of N users
 //!   (`u0 p0`, `u1 p1`, ...) for the server to serve.
-//! - `chatbench idle --connections N --server-pid PID` logs N users in,
-//!   keeps them connected and idle (reading and discarding everything the
-//!   server sends, presence storms included), then reports the server's
-//!   resident memory per connection and its CPU use while idle.
+//! - `chatbench direct` and `chatbench fanout` drive a server with N
+//!   clients sending direct messages or broadcasts, closed loop (a window
+//!   of messages in flight) or open loop (`--rate`), and report
+//!   deliveries/s, losses, latency percentiles and server CPU per delivery.
+//! - `chatbench connections` logs N users in, keeps them idle (reading and
+//!   discarding everything the server sends, presence storms included),
+//!   then reports the server's resident memory per connection and its CPU
+//!   use while idle.
 //!
-//! Traffic goes to the address given (loopback by default) and nowhere else.
+//! With `--spawn PATH` it starts the server itself, on a free loopback
+//! port, with a credentials file it writes; otherwise it uses `--addr`.
+//! Traffic goes to loopback (or the address given) and nowhere else.
+
+mod load;
+mod process;
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 use polling::{Event, Events, Poller};
+
+use crate::load::{LoadConfig, Workload};
+use crate::process::ProcessSample;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -35,39 +48,98 @@ enum Mode {
         /// How many users.
         count: usize,
     },
-    /// Hold N logged-in idle connections and measure the server.
-    Idle {
-        /// The server's address.
-        #[arg(long, default_value = "127.0.0.1:4000")]
-        addr: SocketAddr,
-        /// How many connections (users u0.. from `chatbench credentials`).
-        #[arg(long, default_value_t = 10_000)]
-        connections: usize,
-        /// The server's process id, to read its memory and CPU time
-        /// (Linux /proc).
-        #[arg(long)]
-        server_pid: Option<u32>,
+    /// Hold N logged-in idle connections; report the server's memory per
+    /// connection and its idle CPU.
+    #[command(alias = "idle")]
+    Connections {
+        #[command(flatten)]
+        target: Target,
+        /// How many connections.
+        #[arg(long, alias = "connections", default_value_t = 10_000)]
+        clients: usize,
         /// How long to watch the idle server's CPU time, in seconds.
         #[arg(long, default_value_t = 10)]
         idle_secs: u64,
     },
+    /// Every client keeps a window of direct messages in flight to random
+    /// others.
+    Direct {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        load: LoadArgs,
+    },
+    /// Some clients broadcast to everyone.
+    Fanout {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        load: LoadArgs,
+        /// How many clients broadcast.
+        #[arg(long, default_value_t = 1)]
+        senders: usize,
+    },
+}
+
+/// Which server to measure.
+#[derive(Debug, clap::Args)]
+struct Target {
+    /// The server's address (unless --spawn).
+    #[arg(long, default_value = "127.0.0.1:4000")]
+    addr: SocketAddr,
+    /// Start this chatserver binary on a free loopback port, with a
+    /// credentials file for the clients, and measure it.
+    #[arg(long, value_name = "PATH")]
+    spawn: Option<PathBuf>,
+    /// The server's process id, to read its CPU time and memory from /proc
+    /// (known already with --spawn).
+    #[arg(long)]
+    server_pid: Option<u32>,
+}
+
+#[derive(Debug, clap::Args)]
+struct LoadArgs {
+    /// How many clients.
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    /// Messages in flight per sender (closed loop).
+    #[arg(long, default_value_t = 4)]
+    window: usize,
+    /// Bytes of text per message.
+    #[arg(long, default_value_t = 64)]
+    text_bytes: usize,
+    /// Seconds of warm-up before measuring.
+    #[arg(long, default_value_t = 2)]
+    warmup_secs: u64,
+    /// Seconds measured.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// Open loop: messages per second in all, at fixed intervals.
+    #[arg(long)]
+    rate: Option<u64>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     let result = match args.command {
         Mode::Credentials { count } => print_credentials(count).map_err(|e| e.to_string()),
-        Mode::Idle {
-            addr,
-            connections,
-            server_pid,
+        Mode::Connections {
+            target,
+            clients,
             idle_secs,
-        } => idle(
-            addr,
-            connections,
-            server_pid,
-            Duration::from_secs(idle_secs),
-        ),
+        } => with_server(&target, clients, |addr, pid| {
+            idle(addr, clients, pid, Duration::from_secs(idle_secs))
+        }),
+        Mode::Direct { target, load } => with_server(&target, load.clients, |addr, pid| {
+            load_run(addr, pid, &load, Workload::Direct)
+        }),
+        Mode::Fanout {
+            target,
+            load,
+            senders,
+        } => with_server(&target, load.clients, |addr, pid| {
+            load_run(addr, pid, &load, Workload::Fanout { senders })
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -76,6 +148,89 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn load_run(
+    addr: SocketAddr,
+    server_pid: Option<u32>,
+    args: &LoadArgs,
+    workload: Workload,
+) -> Result<(), String> {
+    if args.clients < 2 {
+        return Err("at least 2 clients are needed".to_owned());
+    }
+    let config = LoadConfig {
+        addr,
+        clients: args.clients,
+        workload,
+        window: args.window.max(1),
+        text_bytes: args.text_bytes,
+        warmup: Duration::from_secs(args.warmup_secs),
+        measure: Duration::from_secs(args.secs.max(1)),
+        rate: args.rate,
+        server_pid,
+    };
+    let report = load::run(config.clone())?;
+    report.print(&config);
+    Ok(())
+}
+
+/// Runs `f` against the target server, starting it first with --spawn.
+fn with_server(
+    target: &Target,
+    users: usize,
+    f: impl FnOnce(SocketAddr, Option<u32>) -> Result<(), String>,
+) -> Result<(), String> {
+    let Some(binary) = &target.spawn else {
+        return f(target.addr, target.server_pid);
+    };
+    let credentials = std::env::temp_dir().join(format!("chatbench-{}.txt", std::process::id()));
+    let text: String = (0..users).map(|i| format!("u{i} p{i}\n")).collect();
+    std::fs::write(&credentials, text).map_err(|e| format!("{}: {e}", credentials.display()))?;
+    let mut child = std::process::Command::new(binary)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--no-rate-limit",
+            "--max-output-bytes",
+            "268435456",
+        ])
+        .arg("--credentials")
+        .arg(&credentials)
+        // Connection logs off: the measurement is of the server, not of
+        // its log volume.
+        .env("RUST_LOG", "warn,chatserver=info,chatserver::reactor=warn")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(at) = line.find("listening on ") {
+                let addr = line[at + 13..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned();
+                let _ = tx.send(addr);
+            }
+        }
+    });
+    let result = match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(addr) => match addr.parse() {
+            Ok(addr) => f(addr, Some(child.id())),
+            Err(_) => Err(format!("the server printed an unreadable address {addr:?}")),
+        },
+        Err(_) => Err("the spawned server did not start".to_owned()),
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_file(&credentials);
+    result
 }
 
 fn print_credentials(count: usize) -> io::Result<()> {
@@ -247,50 +402,4 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
-}
-
-/// A process's resident memory and CPU time, from Linux's /proc.
-struct ProcessSample {
-    rss_bytes: u64,
-    cpu_secs: f64,
-}
-
-impl ProcessSample {
-    fn read(pid: u32) -> Result<ProcessSample, String> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .map_err(|e| format!("cannot read /proc/{pid}/status (Linux only): {e}"))?;
-        let rss_kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .ok_or("no VmRSS in /proc status")?;
-        let stat =
-            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
-        // Fields after the parenthesised command name; utime and stime are
-        // the 14th and 15th fields of the whole line.
-        let after_name = stat.rsplit_once(')').ok_or("malformed /proc stat")?.1;
-        let fields: Vec<&str> = after_name.split_whitespace().collect();
-        let ticks = |i: usize| -> Result<f64, String> {
-            fields
-                .get(i)
-                .and_then(|v| v.parse::<f64>().ok())
-                .ok_or_else(|| "malformed /proc stat".to_owned())
-        };
-        let cpu_ticks = ticks(11)? + ticks(12)?;
-        Ok(ProcessSample {
-            rss_bytes: rss_kib * 1024,
-            cpu_secs: cpu_ticks / clock_ticks_per_second(),
-        })
-    }
-}
-
-fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
 }

@@ -1,0 +1,488 @@
+//! The load generator: N clients on one `polling` reactor, driving a
+//! server with direct messages or broadcasts, measuring delivery latency.
+//!
+//! Every message carries, in its text, the sender's index, whether it was
+//! sent inside the measurement window, and its send time (nanoseconds since
+//! the run started; for open-loop runs, the time it was *scheduled*, so a
+//! stalled server cannot hide its stall: no coordinated omission).
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use polling::{Event, Events, Poller};
+
+use crate::process::ProcessSample;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Every client keeps `window` messages in flight to random others.
+    Direct,
+    /// `senders` clients broadcast to everyone, `window` in flight each.
+    Fanout { senders: usize },
+}
+
+#[derive(Debug, Clone)]
+pub struct LoadConfig {
+    pub addr: SocketAddr,
+    pub clients: usize,
+    pub workload: Workload,
+    pub window: usize,
+    pub text_bytes: usize,
+    pub warmup: Duration,
+    pub measure: Duration,
+    /// Open loop: messages per second, all senders together.
+    pub rate: Option<u64>,
+    pub server_pid: Option<u32>,
+}
+
+/// What a run measured.
+#[derive(Debug)]
+pub struct Report {
+    pub deliveries: u64,
+    pub seconds: f64,
+    pub sent: u64,
+    pub lost: u64,
+    pub latency: Histogram<u64>,
+    pub server_cpu_secs: Option<f64>,
+}
+
+impl Report {
+    pub fn deliveries_per_sec(&self) -> f64 {
+        self.deliveries as f64 / self.seconds
+    }
+
+    pub fn print(&self, config: &LoadConfig) {
+        let name = match config.workload {
+            Workload::Direct => "direct".to_owned(),
+            Workload::Fanout { senders } => format!("fanout ({senders} senders)"),
+        };
+        let us = |q: f64| self.latency.value_at_quantile(q) as f64 / 1000.0;
+        println!(
+            "{name}: {} clients, window {}, {} s: {:.0} deliveries/s, {} sent, {} lost",
+            config.clients,
+            config.window,
+            self.seconds,
+            self.deliveries_per_sec(),
+            self.sent,
+            self.lost
+        );
+        println!(
+            "latency: p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs",
+            us(0.5),
+            us(0.99),
+            us(0.999),
+            self.latency.max() as f64 / 1000.0
+        );
+        let cpu_per_delivery = self
+            .server_cpu_secs
+            .map(|cpu| cpu / self.deliveries.max(1) as f64 * 1e6);
+        if let (Some(cpu), Some(per)) = (self.server_cpu_secs, cpu_per_delivery) {
+            println!(
+                "server CPU: {:.0}% of one core, {per:.2} µs per delivery",
+                cpu / self.seconds * 100.0
+            );
+        }
+        println!(
+            "{{\"workload\":\"{}\",\"clients\":{},\"window\":{},\"rate\":{},\"seconds\":{:.1},\"deliveries_per_sec\":{:.0},\"sent\":{},\"lost\":{},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\"server_cpu_us_per_delivery\":{}}}",
+            match config.workload {
+                Workload::Direct => "direct",
+                Workload::Fanout { .. } => "fanout",
+            },
+            config.clients,
+            config.window,
+            config.rate.map_or("null".to_owned(), |r| r.to_string()),
+            self.seconds,
+            self.deliveries_per_sec(),
+            self.sent,
+            self.lost,
+            us(0.5),
+            us(0.99),
+            us(0.999),
+            self.latency.max() as f64 / 1000.0,
+            cpu_per_delivery.map_or("null".to_owned(), |v| format!("{v:.3}")),
+        );
+    }
+}
+
+/// One simulated user.
+struct Client {
+    stream: TcpStream,
+    /// Bytes waiting to be written; written many frames per syscall.
+    out: Vec<u8>,
+    written: usize,
+    partial: Vec<u8>,
+    logged_in: bool,
+    in_flight: usize,
+    rng: u64,
+    /// Open loop: when the next message is due.
+    next_due: Option<Instant>,
+}
+
+struct Run {
+    config: LoadConfig,
+    poller: Poller,
+    clients: Vec<Client>,
+    start: Instant,
+    measure_from: Instant,
+    measure_until: Instant,
+    latency: Histogram<u64>,
+    deliveries: u64,
+    sent: u64,
+    received_marked: u64,
+    recipients_per_message: u64,
+    padding: String,
+}
+
+pub fn run(config: LoadConfig) -> Result<Report, String> {
+    let limit = rlimit::increase_nofile_limit(u64::MAX).map_err(|e| e.to_string())?;
+    if (limit as usize) < config.clients + 16 {
+        return Err(format!(
+            "the open-file limit ({limit}) is too low for {} clients",
+            config.clients
+        ));
+    }
+    let senders = match config.workload {
+        Workload::Direct => config.clients,
+        Workload::Fanout { senders } => senders.min(config.clients),
+    };
+    let mut clients = Vec::with_capacity(config.clients);
+    let poller = Poller::new().map_err(|e| e.to_string())?;
+    for i in 0..config.clients {
+        let stream = TcpStream::connect(config.addr).map_err(|e| format!("client {i}: {e}"))?;
+        stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+        // SAFETY: every stream lives in `clients`, inside the `Run` that
+        // also owns the poller; `Run` deletes them all before dropping.
+        #[allow(unsafe_code)]
+        unsafe {
+            poller
+                .add(&stream, Event::readable(i))
+                .map_err(|e| e.to_string())?;
+        }
+        clients.push(Client {
+            stream,
+            out: format!("login u{i} p{i}\n").into_bytes(),
+            written: 0,
+            partial: Vec::new(),
+            logged_in: false,
+            in_flight: 0,
+            rng: 0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd),
+            next_due: None,
+        });
+    }
+    let now = Instant::now();
+    let mut run = Run {
+        recipients_per_message: match config.workload {
+            Workload::Direct => 1,
+            Workload::Fanout { .. } => config.clients as u64 - 1,
+        },
+        padding: "x".repeat(config.text_bytes),
+        poller,
+        clients,
+        start: now,
+        measure_from: now,
+        measure_until: now,
+        latency: Histogram::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?,
+        deliveries: 0,
+        sent: 0,
+        received_marked: 0,
+        config,
+    };
+    let result = run.drive(senders);
+    for client in &run.clients {
+        let _ = run.poller.delete(&client.stream);
+    }
+    result
+}
+
+impl Run {
+    fn drive(&mut self, senders: usize) -> Result<Report, String> {
+        // Log everyone in.
+        for i in 0..self.clients.len() {
+            self.flush(i)?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while self.clients.iter().any(|c| !c.logged_in) {
+            if Instant::now() > deadline {
+                return Err("logins did not finish in 120 s".to_owned());
+            }
+            self.turn(Some(Duration::from_millis(100)))?;
+        }
+        // Let presence notices drain before the clock starts.
+        let mut quiet_since = Instant::now();
+        while quiet_since.elapsed() < Duration::from_millis(500) {
+            if self.turn(Some(Duration::from_millis(100)))? > 0 {
+                quiet_since = Instant::now();
+            }
+        }
+
+        self.start = Instant::now();
+        self.measure_from = self.start + self.config.warmup;
+        self.measure_until = self.measure_from + self.config.measure;
+        let per_sender_interval = self
+            .config
+            .rate
+            .map(|rate| Duration::from_secs_f64(senders as f64 / rate.max(1) as f64));
+        for s in 0..senders {
+            match per_sender_interval {
+                Some(interval) => {
+                    // Spread the senders' schedules over one interval.
+                    let offset = interval.mul_f64(s as f64 / senders as f64);
+                    self.clients[s].next_due = Some(self.start + offset);
+                }
+                None => {
+                    for _ in 0..self.config.window {
+                        self.send(s, Instant::now());
+                    }
+                    self.flush(s)?;
+                }
+            }
+        }
+        let mut cpu_start = None;
+        let mut measuring = false;
+        while Instant::now() < self.measure_until {
+            let now = Instant::now();
+            if !measuring && now >= self.measure_from {
+                measuring = true;
+                self.latency.reset();
+                self.deliveries = 0;
+                cpu_start = self
+                    .config
+                    .server_pid
+                    .map(ProcessSample::read)
+                    .transpose()?;
+            }
+            if let Some(interval) = per_sender_interval {
+                for s in 0..senders {
+                    while let Some(due) = self.clients[s].next_due.filter(|due| *due <= now) {
+                        self.send(s, due);
+                        self.clients[s].next_due = Some(due + interval);
+                    }
+                    self.flush(s)?;
+                }
+            }
+            let next_due = self.clients[..senders]
+                .iter()
+                .filter_map(|c| c.next_due)
+                .min();
+            let timeout = next_due
+                .map(|due| due.saturating_duration_since(Instant::now()))
+                .unwrap_or(Duration::from_millis(50))
+                .min(self.measure_until.saturating_duration_since(Instant::now()));
+            self.turn(Some(timeout))?;
+        }
+        let seconds = self
+            .measure_until
+            .duration_since(self.measure_from)
+            .as_secs_f64();
+        let deliveries = self.deliveries;
+        let latency = self.latency.clone();
+        let cpu_end = self
+            .config
+            .server_pid
+            .map(ProcessSample::read)
+            .transpose()?;
+        // Stop sending; wait for what is in flight, to count losses.
+        for c in &mut self.clients {
+            c.next_due = None;
+        }
+        let expected = self.sent * self.recipients_per_message;
+        let drain_until = Instant::now() + Duration::from_secs(5);
+        while self.received_marked < expected && Instant::now() < drain_until {
+            self.turn(Some(Duration::from_millis(100)))?;
+        }
+        Ok(Report {
+            deliveries,
+            seconds,
+            sent: self.sent,
+            lost: expected.saturating_sub(self.received_marked),
+            latency,
+            server_cpu_secs: match (cpu_start, cpu_end) {
+                (Some(a), Some(b)) => Some(b.cpu_secs - a.cpu_secs),
+                _ => None,
+            },
+        })
+    }
+
+    /// Queues one message from sender `s`, stamped `at`.
+    fn send(&mut self, s: usize, at: Instant) {
+        let marked = at >= self.measure_from && at < self.measure_until;
+        if marked {
+            self.sent += 1;
+        }
+        let n = self.clients.len();
+        let ts = at.saturating_duration_since(self.start).as_nanos();
+        let recipients = self.recipients_per_message as usize;
+        let client = &mut self.clients[s];
+        client.in_flight += recipients;
+        let text_head = format!("{s} {} {ts} ", u8::from(marked));
+        let pad = self
+            .config
+            .text_bytes
+            .saturating_sub(text_head.len())
+            .max(1);
+        let line = match self.config.workload {
+            Workload::Direct => {
+                let to = (s + 1 + (next_random(&mut client.rng) as usize % (n - 1))) % n;
+                format!(
+                    "message u{to} {text_head}{}\n",
+                    &self.padding[..pad.min(self.padding.len())]
+                )
+            }
+            Workload::Fanout { .. } => format!(
+                "broadcast {text_head}{}\n",
+                &self.padding[..pad.min(self.padding.len())]
+            ),
+        };
+        client.out.extend_from_slice(line.as_bytes());
+    }
+
+    /// Waits once and serves every ready client; returns frames read.
+    fn turn(&mut self, timeout: Option<Duration>) -> Result<usize, String> {
+        let mut events = Events::new();
+        self.poller
+            .wait(&mut events, timeout)
+            .map_err(|e| e.to_string())?;
+        let mut frames = 0;
+        let mut buf = [0u8; 64 * 1024];
+        let ready: Vec<(usize, bool)> = events.iter().map(|e| (e.key, e.writable)).collect();
+        for (i, _writable) in ready {
+            loop {
+                match (&self.clients[i].stream).read(&mut buf) {
+                    Ok(0) => return Err(format!("the server closed client {i}")),
+                    Ok(n) => frames += self.take(i, &buf[..n])?,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(format!("client {i}: {e}")),
+                }
+            }
+            self.flush(i)?;
+        }
+        Ok(frames)
+    }
+
+    /// Splits input into frames and accounts for each.
+    fn take(&mut self, i: usize, bytes: &[u8]) -> Result<usize, String> {
+        let mut frames = 0;
+        let mut rest = bytes;
+        let mut partial = std::mem::take(&mut self.clients[i].partial);
+        while let Some(end) = rest.iter().position(|&b| b == b'\n') {
+            if partial.is_empty() {
+                self.frame(i, &rest[..end])?;
+            } else {
+                partial.extend_from_slice(&rest[..end]);
+                self.frame(i, &partial)?;
+                partial.clear();
+            }
+            frames += 1;
+            rest = &rest[end + 1..];
+        }
+        partial.extend_from_slice(rest);
+        self.clients[i].partial = partial;
+        Ok(frames)
+    }
+
+    fn frame(&mut self, i: usize, line: &[u8]) -> Result<(), String> {
+        if line.starts_with(b"{\"type\":\"message\"")
+            || line.starts_with(b"{\"type\":\"broadcast\"")
+        {
+            let text = field(line, b"\"text\":\"").ok_or("a message without text")?;
+            let mut parts = text.split(|&b| b == b' ');
+            let (Some(sender), Some(marked), Some(ts)) = (parts.next(), parts.next(), parts.next())
+            else {
+                return Err(format!(
+                    "unexpected text {:?}",
+                    String::from_utf8_lossy(text)
+                ));
+            };
+            let sender: usize = parse(sender)?;
+            let ts: u64 = parse(ts)?;
+            let now = Instant::now();
+            if now >= self.measure_from && now < self.measure_until {
+                self.deliveries += 1;
+                let sent_at = self.start + Duration::from_nanos(ts);
+                let _ = self
+                    .latency
+                    .record(now.saturating_duration_since(sent_at).as_nanos().max(1) as u64);
+            }
+            if marked == b"1" {
+                self.received_marked += 1;
+            }
+            // Closed loop: a message is done when it is read; for a
+            // broadcast, when its last recipient reads it.
+            let recipients = self.recipients_per_message as usize;
+            let sender_client = self
+                .clients
+                .get_mut(sender)
+                .ok_or("a message from an unknown sender")?;
+            if self.config.rate.is_none() {
+                sender_client.in_flight = sender_client.in_flight.saturating_sub(1);
+                let done = sender_client.in_flight % recipients == 0;
+                if done && Instant::now() < self.measure_until {
+                    self.send(sender, Instant::now());
+                    self.flush(sender)?;
+                }
+            }
+        } else if line.starts_with(b"{\"type\":\"ok\"") {
+            if !self.clients[i].logged_in
+                && field(line, b"\"cmd\":\"").is_some_and(|cmd| cmd == b"login")
+            {
+                self.clients[i].logged_in = true;
+            }
+        } else if line.starts_with(b"{\"type\":\"error\"") || line.starts_with(b"{\"type\":\"bye\"")
+        {
+            return Err(format!("client {i}: {}", String::from_utf8_lossy(line)));
+        }
+        Ok(())
+    }
+
+    /// Writes what client `i` has queued, in one syscall when the socket
+    /// takes it all.
+    fn flush(&mut self, i: usize) -> Result<(), String> {
+        let client = &mut self.clients[i];
+        while client.written < client.out.len() {
+            match (&client.stream).write(&client.out[client.written..]) {
+                Ok(n) => client.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("client {i}: {e}")),
+            }
+        }
+        if client.written == client.out.len() {
+            client.out.clear();
+            client.written = 0;
+        }
+        let interest = if client.out.is_empty() {
+            Event::readable(i)
+        } else {
+            Event::all(i)
+        };
+        self.poller
+            .modify(&client.stream, interest)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// The value of a JSON string field, found by its key (the texts here have
+/// nothing to escape).
+fn field<'a>(line: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+    let start = line.windows(key.len()).position(|w| w == key)? + key.len();
+    let len = line[start..].iter().position(|&b| b == b'"')?;
+    Some(&line[start..start + len])
+}
+
+fn parse<T: std::str::FromStr>(bytes: &[u8]) -> Result<T, String> {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad number {:?}", String::from_utf8_lossy(bytes)))
+}
+
+fn next_random(state: &mut u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state
+}

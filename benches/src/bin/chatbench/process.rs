@@ -1,0 +1,46 @@
+//! A process's resident memory and CPU time, from Linux's /proc.
+
+pub struct ProcessSample {
+    pub rss_bytes: u64,
+    pub cpu_secs: f64,
+}
+
+impl ProcessSample {
+    pub fn read(pid: u32) -> Result<ProcessSample, String> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .map_err(|e| format!("cannot read /proc/{pid}/status (Linux only): {e}"))?;
+        let rss_kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .ok_or("no VmRSS in /proc status")?;
+        let stat =
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| e.to_string())?;
+        // Fields after the parenthesised command name; utime and stime are
+        // the 14th and 15th fields of the whole line.
+        let after_name = stat.rsplit_once(')').ok_or("malformed /proc stat")?.1;
+        let fields: Vec<&str> = after_name.split_whitespace().collect();
+        let ticks = |i: usize| -> Result<f64, String> {
+            fields
+                .get(i)
+                .and_then(|v| v.parse::<f64>().ok())
+                .ok_or_else(|| "malformed /proc stat".to_owned())
+        };
+        let cpu_ticks = ticks(11)? + ticks(12)?;
+        Ok(ProcessSample {
+            rss_bytes: rss_kib * 1024,
+            cpu_secs: cpu_ticks / clock_ticks_per_second(),
+        })
+    }
+}
+
+fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(100.0)
+}
