@@ -45,10 +45,11 @@ pub fn check_frame_decoder(data: &[u8]) {
         decode(limit, stream, &every_byte),
         "byte-by-byte changed the frames"
     );
+    // (A frame may still end in `\r`: only one `\r` before the `\n` is
+    // dropped, so "a\r\r\n" is the frame "a\r".)
     for frame in whole.iter().flatten() {
         assert!(!frame.is_empty() && frame.len() <= limit);
         assert!(!frame.contains(&b'\n'));
-        assert!(!frame.ends_with(b"\r"));
     }
 }
 
