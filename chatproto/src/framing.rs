@@ -248,7 +248,10 @@ mod tests {
         // Found by the frame_decoder fuzz target (a wrong check, not a
         // decoder bug): kept as the rule's test.
         let mut d = FrameDecoder::new(16);
-        assert_eq!(decode_all(&mut d, &[b"or\r\r\n\r\n"]), vec![Ok(b"or\r".to_vec())]);
+        assert_eq!(
+            decode_all(&mut d, &[b"or\r\r\n\r\n"]),
+            vec![Ok(b"or\r".to_vec())]
+        );
     }
 
     #[test]

@@ -103,6 +103,9 @@ pub enum ConfigError {
     ZeroRateLimit,
 }
 
+/// Output queue slots kept between bursts.
+const OUTPUT_QUEUE_KEEP: usize = 1024;
+
 /// The smallest frame limit accepted.
 pub const MIN_FRAME_BYTES: usize = 64;
 /// The largest frame limit accepted.
@@ -453,7 +456,12 @@ impl<S: Store> Server<S> {
     /// The next thing to do, if any. Drain it until `None` after every
     /// `handle_*`, `accept`, `close` or `shutdown` call.
     pub fn poll_output(&mut self) -> Option<Output> {
-        self.outputs.pop_front()
+        let output = self.outputs.pop_front();
+        if output.is_none() && self.outputs.capacity() > OUTPUT_QUEUE_KEEP {
+            // A burst (a presence storm) grew the queue; give it back.
+            self.outputs.shrink_to(OUTPUT_QUEUE_KEEP);
+        }
+        output
     }
 
     /// When to call [`Server::handle_timeout`] next, at the latest. It may

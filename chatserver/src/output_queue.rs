@@ -13,8 +13,8 @@ use bytes::{Buf, Bytes};
 /// to build the slice array on the stack.
 const MAX_SLICES: usize = 64;
 
-/// Queue slots an empty queue may keep.
-const SHRINK_ABOVE: usize = 16;
+/// Queue slots an empty queue may keep (an idle connection keeps none).
+const SHRINK_ABOVE: usize = 0;
 
 #[derive(Debug, Default)]
 pub struct OutputQueue {

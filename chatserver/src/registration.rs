@@ -8,36 +8,49 @@
 use std::io;
 use std::sync::Arc;
 
-use polling::{AsRawSource, AsSource, Event, Poller};
+use polling::{AsRawSource, AsSource, Event, PollMode, Poller};
 
 #[derive(Debug)]
 pub struct Registered<T: AsSource> {
     poller: Arc<Poller>,
     source: T,
+    mode: PollMode,
 }
 
 impl<T: AsSource> Registered<T>
 where
     for<'a> &'a T: AsRawSource,
 {
-    /// Registers `source` under `key` with `interest`.
-    pub fn new(poller: Arc<Poller>, source: T, interest: Event) -> io::Result<Self> {
+    /// Registers `source` under the key in `interest`. In
+    /// `PollMode::Oneshot` every event disarms it until [`Registered::rearm`];
+    /// in `PollMode::Level` it stays armed.
+    pub fn new(
+        poller: Arc<Poller>,
+        source: T,
+        interest: Event,
+        mode: PollMode,
+    ) -> io::Result<Self> {
         // SAFETY: `source` moves into the returned value, whose `Drop`
         // deletes it from the poller before the source itself is dropped
         // (fields drop after `drop` runs), so the poller never holds a
         // closed descriptor.
         #[allow(unsafe_code)]
         unsafe {
-            poller.add(&source, interest)?;
+            poller.add_with_mode(&source, interest, mode)?;
         }
-        Ok(Registered { poller, source })
+        Ok(Registered {
+            poller,
+            source,
+            mode,
+        })
     }
 }
 
 impl<T: AsSource> Registered<T> {
-    /// Re-arms the registration (polling is oneshot).
+    /// Sets the interest (and, in oneshot mode, re-arms).
     pub fn rearm(&self, interest: Event) -> io::Result<()> {
-        self.poller.modify(&self.source, interest)
+        self.poller
+            .modify_with_mode(&self.source, interest, self.mode)
     }
 
     pub fn get(&self) -> &T {
