@@ -131,45 +131,38 @@ impl Session {
         id: RequestId,
         timeout: Duration,
     ) -> Result<Result<(), ErrorFrame>, WaitError> {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.state();
-        loop {
-            if let Some(answer) = state.login_answers.remove(&id) {
-                return Ok(answer);
-            }
-            if state.ended.is_some() {
-                return Err(WaitError::Ended);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(WaitError::TimedOut);
-            }
-            state = self.wait(state, left);
-        }
+        self.wait_for(timeout, |state| state.login_answers.remove(&id))
     }
 
     /// Waits for the server's `hello`.
     pub fn wait_connected(&self, timeout: Duration) -> Result<(), WaitError> {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.state();
-        while state.client.state().session.is_none() {
-            if state.ended.is_some() {
-                return Err(WaitError::Ended);
-            }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return Err(WaitError::TimedOut);
-            }
-            state = self.wait(state, left);
-        }
-        Ok(())
+        self.wait_for(timeout, |state| state.client.state().session.map(|_| ()))
     }
 
     /// Waits until every request sent has its answer.
     pub fn wait_answered(&self, timeout: Duration) -> Result<(), WaitError> {
+        self.wait_for(timeout, |state| (!state.client.has_pending()).then_some(()))
+    }
+
+    /// Waits until the session ends (after a logout, say), or the timeout.
+    pub fn wait_ended(&self, timeout: Duration) {
+        let _ = self.wait_for(timeout, |state| state.ended.map(|_| ()));
+    }
+
+    /// Waits until `ready` returns something, the session ends, or the
+    /// timeout passes; `ready` is asked first, so an answer that arrived
+    /// just before the end still counts.
+    fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        mut ready: impl FnMut(&mut State) -> Option<T>,
+    ) -> Result<T, WaitError> {
         let deadline = Instant::now() + timeout;
         let mut state = self.state();
-        while state.client.has_pending() {
+        loop {
+            if let Some(value) = ready(&mut state) {
+                return Ok(value);
+            }
             if state.ended.is_some() {
                 return Err(WaitError::Ended);
             }
@@ -177,28 +170,10 @@ impl Session {
             if left.is_zero() {
                 return Err(WaitError::TimedOut);
             }
-            state = self.wait(state, left);
-        }
-        Ok(())
-    }
-
-    /// Waits until the session ends (after a logout, say).
-    pub fn wait_ended(&self, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        let mut state = self.state();
-        while state.ended.is_none() {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                return;
-            }
-            state = self.wait(state, left);
-        }
-    }
-
-    fn wait<'a>(&self, state: MutexGuard<'a, State>, timeout: Duration) -> MutexGuard<'a, State> {
-        match self.shared.changed.wait_timeout(state, timeout) {
-            Ok((state, _)) => state,
-            Err(e) => e.into_inner().0,
+            state = match self.shared.changed.wait_timeout(state, left) {
+                Ok((state, _)) => state,
+                Err(e) => e.into_inner().0,
+            };
         }
     }
 

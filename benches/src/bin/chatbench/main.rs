@@ -301,18 +301,40 @@ fn idle(addr: SocketAddr, n: usize, pid: Option<u32>, idle_for: Duration) -> Res
         "{n} connections logged in after {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    // Let the presence storm drain: wait for a whole quiet second.
+    // Let the presence storm drain: wait until a whole second passes with
+    // no frame arriving and (when we can see it) the server idle, so that
+    // nothing is still queued in the server when its memory is read.
     let mut last_frame = Instant::now();
-    while last_frame.elapsed() < Duration::from_secs(1) {
+    let mut last_cpu = pid
+        .map(ProcessSample::read)
+        .transpose()?
+        .map(|s| s.cpu_secs);
+    let mut last_check = Instant::now();
+    loop {
         if pump(&poller, &mut conns, Some(Duration::from_millis(200)))? > 0 {
             last_frame = Instant::now();
+        }
+        if last_check.elapsed() < Duration::from_secs(1) {
+            continue;
+        }
+        last_check = Instant::now();
+        let cpu = pid
+            .map(ProcessSample::read)
+            .transpose()?
+            .map(|s| s.cpu_secs);
+        let server_idle = match (last_cpu, cpu) {
+            (Some(a), Some(b)) => b - a < 0.02,
+            _ => true,
+        };
+        last_cpu = cpu;
+        if server_idle && last_frame.elapsed() >= Duration::from_secs(1) {
+            break;
         }
     }
     println!(
         "presence storm drained after {:.1} s",
         started.elapsed().as_secs_f64()
     );
-
     if let (Some(pid), Some(before)) = (pid, before) {
         let settled = ProcessSample::read(pid)?;
         let wait_start = Instant::now();
