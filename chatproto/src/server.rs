@@ -103,8 +103,10 @@ pub enum ConfigError {
     ZeroRateLimit,
 }
 
-/// Output queue slots kept between bursts.
+/// Output queue slots kept between bursts, and the size past which a
+/// drained queue shrinks back to it.
 const OUTPUT_QUEUE_KEEP: usize = 1024;
+const OUTPUT_QUEUE_SHRINK_ABOVE: usize = 1 << 16;
 
 /// The smallest frame limit accepted.
 pub const MIN_FRAME_BYTES: usize = 64;
@@ -457,8 +459,10 @@ impl<S: Store> Server<S> {
     /// `handle_*`, `accept`, `close` or `shutdown` call.
     pub fn poll_output(&mut self) -> Option<Output> {
         let output = self.outputs.pop_front();
-        if output.is_none() && self.outputs.capacity() > OUTPUT_QUEUE_KEEP {
-            // A burst (a presence storm) grew the queue; give it back.
+        if output.is_none() && self.outputs.capacity() > OUTPUT_QUEUE_SHRINK_ABOVE {
+            // An exceptional burst (a presence storm) grew the queue; give
+            // it back. Ordinary fan-outs stay below the threshold, so the
+            // queue is not reallocated on every broadcast.
             self.outputs.shrink_to(OUTPUT_QUEUE_KEEP);
         }
         output

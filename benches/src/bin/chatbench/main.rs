@@ -327,7 +327,10 @@ fn idle(addr: SocketAddr, n: usize, pid: Option<u32>, idle_for: Duration) -> Res
             _ => true,
         };
         last_cpu = cpu;
-        if server_idle && last_frame.elapsed() >= Duration::from_secs(1) {
+        // Three quiet seconds: with thousands of sockets the kernel can
+        // stall a second under memory pressure while the server still has
+        // output queued.
+        if server_idle && last_frame.elapsed() >= Duration::from_secs(3) {
             break;
         }
     }
