@@ -168,7 +168,7 @@ impl Reactor {
                 if event.key == LISTENER_KEY {
                     self.accept_ready();
                 } else {
-                    self.socket_ready(event.key, event.readable, event.writable);
+                    self.socket_ready(event.key, event.readable);
                 }
             }
             self.handle_deadlines();
@@ -276,7 +276,7 @@ impl Reactor {
         self.drain_core();
     }
 
-    fn socket_ready(&mut self, key: usize, readable: bool, writable: bool) {
+    fn socket_ready(&mut self, key: usize, readable: bool) {
         let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
             return;
         };
@@ -284,10 +284,9 @@ impl Reactor {
             socket.armed = None;
         }
         let phase = socket.phase;
+        // Whatever the event, the socket is flushed (if writable, that is
+        // the point) and its interest updated at the end of the turn.
         self.mark_dirty(key);
-        if writable {
-            // Flushed with the others at the end of the turn.
-        }
         if !readable {
             return;
         }
