@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use polling::{Event, Events, Poller};
+use polling::{Event, Events, PollMode, Poller};
 
 use crate::process::ProcessSample;
 
@@ -118,6 +118,11 @@ struct Client {
     rng: u64,
     /// Open loop: when the next message is due.
     next_due: Option<Instant>,
+    /// Whether the poller watches for writability (only while `out` is
+    /// backed up), so a flush re-registers only when that changes.
+    wants_write: bool,
+    /// Listed in `Run::dirty`.
+    dirty: bool,
 }
 
 struct Run {
@@ -133,6 +138,9 @@ struct Run {
     received_marked: u64,
     recipients_per_message: u64,
     padding: String,
+    /// Clients with output queued during this turn: flushed once each at
+    /// its end, so a write carries every frame the turn produced for it.
+    dirty: Vec<usize>,
 }
 
 pub fn run(config: LoadConfig) -> Result<Report, String> {
@@ -153,12 +161,13 @@ pub fn run(config: LoadConfig) -> Result<Report, String> {
         let stream = TcpStream::connect(config.addr).map_err(|e| format!("client {i}: {e}"))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
         stream.set_nonblocking(true).map_err(|e| e.to_string())?;
+        // Level-triggered: no re-arming syscall after every event.
         // SAFETY: every stream lives in `clients`, inside the `Run` that
         // also owns the poller; `Run` deletes them all before dropping.
         #[allow(unsafe_code)]
         unsafe {
             poller
-                .add(&stream, Event::readable(i))
+                .add_with_mode(&stream, Event::readable(i), PollMode::Level)
                 .map_err(|e| e.to_string())?;
         }
         clients.push(Client {
@@ -170,6 +179,8 @@ pub fn run(config: LoadConfig) -> Result<Report, String> {
             in_flight: 0,
             rng: 0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd),
             next_due: None,
+            wants_write: false,
+            dirty: false,
         });
     }
     let now = Instant::now();
@@ -188,6 +199,7 @@ pub fn run(config: LoadConfig) -> Result<Report, String> {
         deliveries: 0,
         sent: 0,
         received_marked: 0,
+        dirty: Vec::new(),
         config,
     };
     let result = run.drive(senders);
@@ -236,10 +248,10 @@ impl Run {
                     for _ in 0..self.config.window {
                         self.send(s, Instant::now());
                     }
-                    self.flush(s)?;
                 }
             }
         }
+        self.flush_dirty()?;
         let mut cpu_start = None;
         let mut measuring = false;
         while Instant::now() < self.measure_until {
@@ -260,8 +272,8 @@ impl Run {
                         self.send(s, due);
                         self.clients[s].next_due = Some(due + interval);
                     }
-                    self.flush(s)?;
                 }
+                self.flush_dirty()?;
             }
             let next_due = self.clients[..senders]
                 .iter()
@@ -337,6 +349,26 @@ impl Run {
             ),
         };
         client.out.extend_from_slice(line.as_bytes());
+        self.mark_dirty(s);
+    }
+
+    fn mark_dirty(&mut self, i: usize) {
+        let client = &mut self.clients[i];
+        if !client.dirty {
+            client.dirty = true;
+            self.dirty.push(i);
+        }
+    }
+
+    fn flush_dirty(&mut self) -> Result<(), String> {
+        let dirty = std::mem::take(&mut self.dirty);
+        for &i in &dirty {
+            self.clients[i].dirty = false;
+            self.flush(i)?;
+        }
+        self.dirty = dirty;
+        self.dirty.clear();
+        Ok(())
     }
 
     /// Waits once and serves every ready client; returns frames read.
@@ -347,19 +379,32 @@ impl Run {
             .map_err(|e| e.to_string())?;
         let mut frames = 0;
         let mut buf = [0u8; 64 * 1024];
-        let ready: Vec<(usize, bool)> = events.iter().map(|e| (e.key, e.writable)).collect();
-        for (i, _writable) in ready {
-            loop {
-                match (&self.clients[i].stream).read(&mut buf) {
-                    Ok(0) => return Err(format!("the server closed client {i}")),
-                    Ok(n) => frames += self.take(i, &buf[..n])?,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(format!("client {i}: {e}")),
+        let ready: Vec<(usize, bool, bool)> = events
+            .iter()
+            .map(|e| (e.key, e.readable, e.writable))
+            .collect();
+        for (i, readable, writable) in ready {
+            if readable {
+                loop {
+                    match (&self.clients[i].stream).read(&mut buf) {
+                        Ok(0) => return Err(format!("the server closed client {i}")),
+                        Ok(n) => {
+                            frames += self.take(i, &buf[..n])?;
+                            if n < buf.len() {
+                                break; // drained: level-triggered, no read to EAGAIN
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => return Err(format!("client {i}: {e}")),
+                    }
                 }
             }
-            self.flush(i)?;
+            if writable {
+                self.mark_dirty(i);
+            }
         }
+        self.flush_dirty()?;
         Ok(frames)
     }
 
@@ -422,7 +467,6 @@ impl Run {
                 let done = sender_client.in_flight % recipients == 0;
                 if done && Instant::now() < self.measure_until {
                     self.send(sender, Instant::now());
-                    self.flush(sender)?;
                 }
             }
         } else if line.starts_with(b"{\"type\":\"ok\"") {
@@ -454,13 +498,18 @@ impl Run {
             client.out.clear();
             client.written = 0;
         }
-        let interest = if client.out.is_empty() {
-            Event::readable(i)
-        } else {
+        let wants_write = !client.out.is_empty();
+        if wants_write == client.wants_write {
+            return Ok(());
+        }
+        client.wants_write = wants_write;
+        let interest = if wants_write {
             Event::all(i)
+        } else {
+            Event::readable(i)
         };
         self.poller
-            .modify(&client.stream, interest)
+            .modify_with_mode(&client.stream, interest, PollMode::Level)
             .map_err(|e| e.to_string())
     }
 }
