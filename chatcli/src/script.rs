@@ -86,6 +86,7 @@ pub fn run(
                 }
             }
             Ok(command) => {
+                let logout = matches!(command, Command::Logout);
                 if session.send(command).is_err() {
                     break;
                 }
@@ -93,6 +94,15 @@ pub fn run(
                 // `debug client` sees the effect of the lines before it.
                 if let Err(WaitError::Ended) = session.wait_answered(DRAIN_TIMEOUT) {
                     park_forever();
+                }
+                if logout {
+                    // The `bye` follows the answer, and the receiving
+                    // thread ends the process on it (with its line).
+                    if session.wait_ended(DRAIN_TIMEOUT) {
+                        park_forever();
+                    }
+                    eprintln!("chatcli: the server did not close the session after logout");
+                    return 1;
                 }
             }
             Err(e) => {

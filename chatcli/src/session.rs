@@ -144,9 +144,11 @@ impl Session {
         self.wait_for(timeout, |state| (!state.client.has_pending()).then_some(()))
     }
 
-    /// Waits until the session ends (after a logout, say), or the timeout.
-    pub fn wait_ended(&self, timeout: Duration) {
-        let _ = self.wait_for(timeout, |state| state.ended.map(|_| ()));
+    /// Waits until the session ends (after a logout, say), or the timeout;
+    /// says whether it ended.
+    pub fn wait_ended(&self, timeout: Duration) -> bool {
+        self.wait_for(timeout, |state| state.ended.map(|_| ()))
+            .is_ok()
     }
 
     /// Waits until `ready` returns something, the session ends, or the

@@ -71,6 +71,21 @@ pub struct Args {
     #[arg(long, conflicts_with_all = ["rate_limit_burst", "rate_limit_per_sec"])]
     no_rate_limit: bool,
 
+    /// SQLite database that keeps offline messages, blocks, last-seen times
+    /// and locks across restarts; created if missing. `:memory:` keeps
+    /// nothing, like --no-db.
+    #[arg(long, value_name = "PATH", default_value = "chatserver.db")]
+    db: PathBuf,
+
+    /// Keep all state in memory only: a restart forgets it (tests, demos).
+    #[arg(long, conflicts_with = "db")]
+    no_db: bool,
+
+    /// Cap the database file at N pages of 4 KiB, so that commits fail as
+    /// on a full disk (for testing the failure path).
+    #[arg(long, value_name = "N", hide = true)]
+    db_max_pages: Option<u64>,
+
     /// How long shutdown waits for output to drain, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     shutdown_grace_ms: u64,
@@ -90,6 +105,9 @@ credentials.txt. Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more.
 pub struct Settings {
     pub listen: SocketAddr,
     pub credentials: PathBuf,
+    /// The database, unless state is kept in memory only.
+    pub database: Option<PathBuf>,
+    pub db_max_pages: Option<u64>,
     pub core: ServerConfig,
     pub max_connections: Option<usize>,
     pub max_output_bytes: usize,
@@ -171,6 +189,8 @@ impl Args {
         Ok(Settings {
             listen,
             credentials: self.credentials,
+            database: (!self.no_db && self.db.as_os_str() != ":memory:").then_some(self.db),
+            db_max_pages: self.db_max_pages,
             core,
             max_connections: self
                 .max_connections
@@ -217,6 +237,20 @@ mod tests {
         assert_eq!(s.core.lockout.lock_duration, Duration::from_secs(60));
         assert_eq!(s.core.lockout.max_failures, 3);
         assert_eq!(s.max_output_bytes, 1024 * 1024);
+        assert_eq!(s.database, Some(PathBuf::from("chatserver.db")));
+    }
+
+    #[test]
+    fn database_choices() {
+        let db = |args: &[&str]| settings(args).unwrap().database;
+        assert_eq!(
+            db(&["--db", "/var/lib/chat.db"]),
+            Some("/var/lib/chat.db".into())
+        );
+        assert_eq!(db(&["--db", ":memory:"]), None);
+        assert_eq!(db(&["--no-db"]), None);
+        let both = settings(&["--no-db", "--db", "x.db"]).unwrap_err();
+        assert!(both.contains("cannot be used with"), "{both}");
     }
 
     #[test]

@@ -6,9 +6,11 @@
 mod cli;
 mod clock;
 mod credentials;
+mod database;
 mod output_queue;
 mod reactor;
 mod registration;
+mod storage;
 
 use std::io::IsTerminal;
 use std::net::TcpListener;
@@ -16,14 +18,16 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use chatproto::{MemoryStore, Server};
+use chatproto::{Server, Snapshot};
 use clap::Parser;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Args, Settings};
 use crate::clock::Clock;
+use crate::database::Database;
 use crate::reactor::{Reactor, ReactorConfig};
+use crate::storage::Storage;
 
 /// Descriptors kept free of connections: the listener, the poller, logs.
 const RESERVED_DESCRIPTORS: u64 = 32;
@@ -95,10 +99,46 @@ fn serve(settings: Settings) -> Result<(), String> {
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
 
+    let (storage, snapshot) = match &settings.database {
+        Some(path) => {
+            let (db, snapshot) = Database::open(path).map_err(|e| e.to_string())?;
+            if let Some(pages) = settings.db_max_pages {
+                db.set_max_pages(pages).map_err(|e| e.to_string())?;
+            }
+            (Storage::Database(db), snapshot)
+        }
+        None => {
+            info!("no database: state lasts until the server stops");
+            (Storage::Volatile, Snapshot::default())
+        }
+    };
+
     let clock = Clock::start();
     let account_count = accounts.len();
-    let core = Server::new(settings.core, accounts, MemoryStore::new(), clock.now())
-        .map_err(|e| e.to_string())?;
+    let (mut core, restored) =
+        Server::with_snapshot(settings.core, accounts, storage, &snapshot, clock.now())
+            .map_err(|e| e.to_string())?;
+    if let Some(path) = &settings.database {
+        info!(
+            offline_messages = restored.offline_messages,
+            blocks = restored.blocks,
+            last_seen = restored.last_seen,
+            lockouts = restored.lockouts,
+            skipped = restored.skipped,
+            "loaded {}",
+            path.display()
+        );
+        if restored.skipped > 0 {
+            warn!(
+                skipped = restored.skipped,
+                "the database names users the credentials file does not have; their entries are kept in the file but not used"
+            );
+        }
+    }
+    // Users online when the last run stopped are now recorded offline.
+    core.store_mut()
+        .commit()
+        .map_err(|e| format!("cannot write to the database: {e}"))?;
 
     let poller =
         Arc::new(polling::Poller::new().map_err(|e| format!("cannot create the poller: {e}"))?);

@@ -13,15 +13,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chatproto::{
-    ByeReason, CloseReason, ConnId, Event as CoreEvent, MemoryStore, Output, Server, ServerFrame,
-};
+use chatproto::{ByeReason, CloseReason, ConnId, Event as CoreEvent, Output, Server, ServerFrame};
 use polling::{Event, Events, PollMode, Poller};
 use tracing::{debug, info, warn};
 
 use crate::clock::Clock;
 use crate::output_queue::{Flushed, OutputQueue};
 use crate::registration::Registered;
+use crate::storage::Storage;
 
 /// What the reactor needs besides the core.
 #[derive(Debug, Clone)]
@@ -47,7 +46,7 @@ pub struct Reactor {
     poller: Arc<Poller>,
     listener: Option<Registered<TcpListener>>,
     socket_mode: PollMode,
-    core: Server<MemoryStore>,
+    core: Server<Storage>,
     clock: Clock,
     config: ReactorConfig,
     sockets: Vec<Option<Socket>>,
@@ -96,7 +95,7 @@ enum Phase {
 impl Reactor {
     pub fn new(
         listener: TcpListener,
-        core: Server<MemoryStore>,
+        core: Server<Storage>,
         clock: Clock,
         config: ReactorConfig,
         stop: Arc<AtomicBool>,
@@ -146,6 +145,7 @@ impl Reactor {
             }
             if let Some(deadline) = self.shutdown_deadline {
                 if self.open == 0 || Instant::now() >= deadline {
+                    self.commit()?;
                     if self.open > 0 {
                         warn!(
                             connections = self.open,
@@ -172,13 +172,29 @@ impl Reactor {
                 }
             }
             self.handle_deadlines();
-            // A flush can make more output (a write error sends presence to
-            // others): flush until nothing is left, so nothing waits for an
-            // unrelated wake-up.
+            // Group commit: this wake-up's changes are durable before any
+            // of its output leaves. A flush can make more output and
+            // changes (a write error logs a user out): commit and flush
+            // until nothing is left, so nothing waits for an unrelated
+            // wake-up.
+            self.commit()?;
             while !self.dirty.is_empty() {
                 self.flush_dirty();
+                self.commit()?;
             }
         }
+    }
+
+    /// Commits the changes the core made since the last commit.
+    fn commit(&mut self) -> io::Result<()> {
+        if !self.core.store().has_pending() {
+            return Ok(());
+        }
+        self.core.store_mut().commit().map(drop).map_err(|e| {
+            io::Error::other(format!(
+                "{e}; stopping rather than answer what could not be recorded"
+            ))
+        })
     }
 
     /// The earliest moment something is due.

@@ -26,7 +26,9 @@ pub struct TestServer {
     child: Child,
     pub addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
-    _dir: tempfile::TempDir,
+    /// The server's working directory, where its default database lives.
+    pub dir: PathBuf,
+    _owned_dir: Option<tempfile::TempDir>,
 }
 
 /// The `chatserver` binary. Other packages' tests (the CLI's) include this
@@ -56,11 +58,27 @@ impl TestServer {
         TestServer::start_with(CREDENTIALS, &["--listen", "127.0.0.1:0"], args)
     }
 
+    /// Starts the server in a fresh temporary directory.
     pub fn start_with(credentials: &str, listen: &[&str], args: &[&str]) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("credentials.txt");
+        let mut server = TestServer::start_in(dir.path(), credentials, listen, args);
+        server._owned_dir = Some(dir);
+        server
+    }
+
+    /// Starts the server with `dir` as its working directory (and so its
+    /// default database `dir/chatserver.db`): a restart in the same
+    /// directory carries on from what the last run committed.
+    pub fn start_in(
+        dir: &std::path::Path,
+        credentials: &str,
+        listen: &[&str],
+        args: &[&str],
+    ) -> TestServer {
+        let path = dir.join("credentials.txt");
         std::fs::write(&path, credentials).unwrap();
         let mut child = binary()
+            .current_dir(dir)
             .args(listen)
             .arg("--credentials")
             .arg(&path)
@@ -102,7 +120,8 @@ impl TestServer {
             child,
             addr,
             log,
-            _dir: dir,
+            dir: dir.to_owned(),
+            _owned_dir: None,
         }
     }
 
@@ -213,6 +232,11 @@ impl Client {
         self.writer
             .write_all(format!("{line}\n").as_bytes())
             .unwrap();
+    }
+
+    /// Sends a line; an error once the server is gone.
+    pub fn try_send(&mut self, line: &str) -> std::io::Result<()> {
+        self.writer.write_all(format!("{line}\n").as_bytes())
     }
 
     pub fn send_bytes(&mut self, bytes: &[u8]) {

@@ -1,0 +1,476 @@
+//! The SQLite database that makes the core's lasting state durable.
+//!
+//! The core reports every change to lasting state as a [`Change`]; the
+//! [`Database`] buffers the changes of one reactor wake-up and writes them
+//! in one transaction ([`Database::commit`]), which the reactor runs before
+//! it writes any of that wake-up's output. At start-up [`Database::open`]
+//! reads the state back as a [`Snapshot`].
+//!
+//! The file is ours when its `application_id` says so; its `user_version`
+//! is the schema version, and [`MIGRATIONS`] brings an older file up to
+//! date. A file that is not SQLite, belongs to something else, is newer
+//! than this build or fails its integrity check is refused, never reset.
+
+use std::path::{Path, PathBuf};
+
+use chatproto::{Change, LastSeen, LockoutState, OfflineMessage, Snapshot, Timestamp};
+use rusqlite::{params, Connection, ErrorCode, OpenFlags, Transaction};
+
+/// `PRAGMA application_id` of a chatserver database: "chtp".
+pub const APPLICATION_ID: i32 = 0x6368_7470;
+
+/// Schema migrations: entry `i` takes a database from version `i` to
+/// `i + 1`. The schema version this build writes is `MIGRATIONS.len()`.
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: the first schema.
+    "CREATE TABLE offline_message (
+         seq INTEGER PRIMARY KEY AUTOINCREMENT,
+         recipient TEXT NOT NULL,
+         sender TEXT NOT NULL,
+         text TEXT NOT NULL,
+         sent_at INTEGER NOT NULL
+     );
+     CREATE INDEX offline_message_by_recipient ON offline_message (recipient, seq);
+     CREATE TABLE block (
+         blocker TEXT NOT NULL,
+         target TEXT NOT NULL,
+         PRIMARY KEY (blocker, target)
+     ) WITHOUT ROWID;
+     CREATE TABLE last_seen (
+         user TEXT PRIMARY KEY,
+         online INTEGER NOT NULL,
+         at INTEGER NOT NULL
+     ) WITHOUT ROWID;
+     CREATE TABLE lockout (
+         user TEXT PRIMARY KEY,
+         failures INTEGER NOT NULL,
+         locked_until INTEGER
+     ) WITHOUT ROWID;",
+];
+
+/// The schema version this build reads and writes.
+pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+
+/// Why the database cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DatabaseError {
+    #[error("cannot open the database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("{path} is not a SQLite database (or is encrypted or damaged)")]
+    NotADatabase { path: PathBuf },
+    #[error("{path} is a SQLite database of another application (application_id {found:#x}); refusing to touch it")]
+    Foreign { path: PathBuf, found: i32 },
+    #[error("{path} has schema version {found}, newer than this build understands ({SCHEMA_VERSION}); use a newer chatserver")]
+    Newer { path: PathBuf, found: i32 },
+    #[error("{path} is damaged: {report}")]
+    Corrupt { path: PathBuf, report: String },
+    #[error("{path} is in use by another process")]
+    Locked { path: PathBuf },
+    #[error("{path}: cannot {doing}: {source}")]
+    Sql {
+        path: PathBuf,
+        doing: &'static str,
+        source: rusqlite::Error,
+    },
+    #[error("{path}: {what}")]
+    BadRow { path: PathBuf, what: String },
+}
+
+/// What a commit wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Committed {
+    pub changes: usize,
+}
+
+/// An open chatserver database.
+#[derive(Debug)]
+pub struct Database {
+    path: PathBuf,
+    conn: Connection,
+    /// Changes recorded since the last commit, in order.
+    pending: Vec<Change>,
+}
+
+impl Database {
+    /// Opens (creating if needed) the database at `path`, brings its schema
+    /// up to date, and reads the lasting state back.
+    pub fn open(path: &Path) -> Result<(Database, Snapshot), DatabaseError> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|source| DatabaseError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let mut db = Database {
+            path: path.to_owned(),
+            conn,
+            pending: Vec::new(),
+        };
+        db.configure()?;
+        db.check_and_migrate()?;
+        let snapshot = db.load()?;
+        Ok((db, snapshot))
+    }
+
+    /// Takes one change, to be written by the next [`Database::commit`].
+    pub fn record(&mut self, change: Change) {
+        self.pending.push(change);
+    }
+
+    /// Whether changes are waiting for a commit.
+    pub fn has_pending(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Writes every pending change in one transaction. On failure nothing
+    /// of it is written and the pending changes are dropped: the caller
+    /// tells the core they were not made durable.
+    pub fn commit(&mut self) -> Result<Committed, DatabaseError> {
+        if self.pending.is_empty() {
+            return Ok(Committed::default());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let path = &self.path;
+        let sql = |doing| {
+            move |source| DatabaseError::Sql {
+                path: path.clone(),
+                doing,
+                source,
+            }
+        };
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(sql("begin a transaction"))?;
+        for change in &pending {
+            write_change(&tx, change).map_err(sql("write a change"))?;
+        }
+        tx.commit().map_err(sql("commit"))?;
+        Ok(Committed {
+            changes: pending.len(),
+        })
+    }
+
+    /// Reads the whole lasting state.
+    pub fn load(&self) -> Result<Snapshot, DatabaseError> {
+        let sql = |doing| {
+            move |source| DatabaseError::Sql {
+                path: self.path.clone(),
+                doing,
+                source,
+            }
+        };
+        let bad = |what: String| DatabaseError::BadRow {
+            path: self.path.clone(),
+            what,
+        };
+        let mut snapshot = Snapshot::default();
+
+        let mut stmt = self
+            .conn
+            .prepare("SELECT recipient, sender, text, sent_at FROM offline_message ORDER BY seq")
+            .map_err(sql("read offline messages"))?;
+        let mut rows = stmt.query([]).map_err(sql("read offline messages"))?;
+        while let Some(row) = rows.next().map_err(sql("read offline messages"))? {
+            let (to, from, text, sent_at): (String, String, String, i64) = (
+                row.get(0).map_err(sql("read offline messages"))?,
+                row.get(1).map_err(sql("read offline messages"))?,
+                row.get(2).map_err(sql("read offline messages"))?,
+                row.get(3).map_err(sql("read offline messages"))?,
+            );
+            let message = OfflineMessage {
+                from: from
+                    .parse()
+                    .map_err(|e| bad(format!("offline message sender {from:?}: {e}")))?,
+                text: text
+                    .parse()
+                    .map_err(|e| bad(format!("offline message text: {e}")))?,
+                sent_at: timestamp(sent_at).ok_or_else(|| bad(format!("sent_at {sent_at}")))?,
+            };
+            let to = to
+                .parse()
+                .map_err(|e| bad(format!("offline message recipient {to:?}: {e}")))?;
+            snapshot.offline.entry(to).or_default().push(message);
+        }
+
+        let mut stmt = self
+            .conn
+            .prepare("SELECT blocker, target FROM block")
+            .map_err(sql("read blocks"))?;
+        let mut rows = stmt.query([]).map_err(sql("read blocks"))?;
+        while let Some(row) = rows.next().map_err(sql("read blocks"))? {
+            let blocker: String = row.get(0).map_err(sql("read blocks"))?;
+            let target: String = row.get(1).map_err(sql("read blocks"))?;
+            let blocker = blocker
+                .parse()
+                .map_err(|e| bad(format!("blocker {blocker:?}: {e}")))?;
+            let target = target
+                .parse()
+                .map_err(|e| bad(format!("blocked user {target:?}: {e}")))?;
+            snapshot.blocks.entry(blocker).or_default().insert(target);
+        }
+
+        let mut stmt = self
+            .conn
+            .prepare("SELECT user, online, at FROM last_seen")
+            .map_err(sql("read last-seen times"))?;
+        let mut rows = stmt.query([]).map_err(sql("read last-seen times"))?;
+        while let Some(row) = rows.next().map_err(sql("read last-seen times"))? {
+            let user: String = row.get(0).map_err(sql("read last-seen times"))?;
+            let online: bool = row.get(1).map_err(sql("read last-seen times"))?;
+            let at: i64 = row.get(2).map_err(sql("read last-seen times"))?;
+            let at = timestamp(at).ok_or_else(|| bad(format!("last seen at {at}")))?;
+            let user = user
+                .parse()
+                .map_err(|e| bad(format!("last-seen user {user:?}: {e}")))?;
+            let seen = if online {
+                LastSeen::Online { since: at }
+            } else {
+                LastSeen::Offline { at }
+            };
+            snapshot.last_seen.insert(user, seen);
+        }
+
+        let mut stmt = self
+            .conn
+            .prepare("SELECT user, failures, locked_until FROM lockout")
+            .map_err(sql("read lockouts"))?;
+        let mut rows = stmt.query([]).map_err(sql("read lockouts"))?;
+        while let Some(row) = rows.next().map_err(sql("read lockouts"))? {
+            let user: String = row.get(0).map_err(sql("read lockouts"))?;
+            let failures: u32 = row.get(1).map_err(sql("read lockouts"))?;
+            let locked_until: Option<i64> = row.get(2).map_err(sql("read lockouts"))?;
+            let locked_until = match locked_until {
+                Some(t) => Some(timestamp(t).ok_or_else(|| bad(format!("locked until {t}")))?),
+                None => None,
+            };
+            let user = user
+                .parse()
+                .map_err(|e| bad(format!("lockout user {user:?}: {e}")))?;
+            snapshot.lockouts.insert(
+                user,
+                LockoutState {
+                    failures,
+                    locked_until,
+                },
+            );
+        }
+        Ok(snapshot)
+    }
+
+    fn configure(&mut self) -> Result<(), DatabaseError> {
+        let path = self.path.clone();
+        let classify = move |source: rusqlite::Error| match source.sqlite_error_code() {
+            Some(ErrorCode::NotADatabase) => DatabaseError::NotADatabase { path: path.clone() },
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => {
+                DatabaseError::Locked { path: path.clone() }
+            }
+            _ => DatabaseError::Sql {
+                path: path.clone(),
+                doing: "configure the database",
+                source,
+            },
+        };
+        // One server per file: an exclusive lock, taken by the first write
+        // below and held while the connection is open.
+        self.conn
+            .pragma_update(None, "locking_mode", "EXCLUSIVE")
+            .map_err(&classify)?;
+        // Reading the schema is the first access: a file that is not SQLite
+        // fails here.
+        let _: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .map_err(&classify)?;
+        // WAL: commits append to the log, readers never block. FULL: a
+        // commit is on disk before the server answers, so acknowledged
+        // state survives a power cut as well as a killed process.
+        let mode: String = self
+            .conn
+            .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+            .map_err(&classify)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(DatabaseError::Sql {
+                path: self.path.clone(),
+                doing: "switch to WAL mode",
+                source: rusqlite::Error::InvalidQuery,
+            });
+        }
+        self.conn
+            .pragma_update(None, "synchronous", "FULL")
+            .map_err(&classify)?;
+        self.conn
+            .pragma_update(None, "foreign_keys", "ON")
+            .map_err(&classify)?;
+        Ok(())
+    }
+
+    fn check_and_migrate(&mut self) -> Result<(), DatabaseError> {
+        let path = self.path.clone();
+        let sql = |doing| {
+            let path = path.clone();
+            move |source| DatabaseError::Sql {
+                path: path.clone(),
+                doing,
+                source,
+            }
+        };
+        let app_id: i32 = self
+            .conn
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .map_err(sql("read the application id"))?;
+        let version: i32 = self
+            .conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .map_err(sql("read the schema version"))?;
+        let objects: i64 = self
+            .conn
+            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
+            .map_err(sql("read the schema"))?;
+        let fresh = app_id == 0 && version == 0 && objects == 0;
+        if !fresh && app_id != APPLICATION_ID {
+            return Err(DatabaseError::Foreign {
+                path: self.path.clone(),
+                found: app_id,
+            });
+        }
+        if version > SCHEMA_VERSION {
+            return Err(DatabaseError::Newer {
+                path: self.path.clone(),
+                found: version,
+            });
+        }
+        if !fresh {
+            let report: String = self
+                .conn
+                .query_row("PRAGMA quick_check", [], |r| r.get(0))
+                .map_err(sql("check the database"))?;
+            if report != "ok" {
+                return Err(DatabaseError::Corrupt {
+                    path: self.path.clone(),
+                    report,
+                });
+            }
+        }
+        if version == SCHEMA_VERSION {
+            return Ok(());
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Exclusive)
+            .map_err(sql("begin the schema migration"))?;
+        for (from, migration) in MIGRATIONS.iter().enumerate().skip(version.max(0) as usize) {
+            tx.execute_batch(migration).map_err(sql(match from {
+                0 => "create the schema",
+                _ => "migrate the schema",
+            }))?;
+        }
+        tx.pragma_update(None, "application_id", APPLICATION_ID)
+            .map_err(sql("set the application id"))?;
+        tx.pragma_update(None, "user_version", SCHEMA_VERSION)
+            .map_err(sql("set the schema version"))?;
+        tx.commit().map_err(sql("commit the schema"))?;
+        Ok(())
+    }
+
+    /// Limits the file to `pages` pages, so tests can make commits fail as
+    /// on a full disk.
+    pub fn set_max_pages(&self, pages: u64) -> Result<(), DatabaseError> {
+        let _: i64 = self
+            .conn
+            .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |r| {
+                r.get(0)
+            })
+            .map_err(|source| DatabaseError::Sql {
+                path: self.path.clone(),
+                doing: "limit the database size",
+                source,
+            })?;
+        Ok(())
+    }
+}
+
+/// Applies one change inside `tx`, with cached statements.
+fn write_change(tx: &Transaction<'_>, change: &Change) -> rusqlite::Result<()> {
+    match change {
+        Change::MessageQueued { to, message } => {
+            tx.prepare_cached(
+                "INSERT INTO offline_message (recipient, sender, text, sent_at) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![
+                to.as_str(),
+                message.from.as_str(),
+                message.text.as_str(),
+                millis(message.sent_at)
+            ])?;
+        }
+        Change::MessagesDelivered { to, count } => {
+            tx.prepare_cached(
+                "DELETE FROM offline_message WHERE seq IN
+                     (SELECT seq FROM offline_message WHERE recipient = ?1 ORDER BY seq LIMIT ?2)",
+            )?
+            .execute(params![
+                to.as_str(),
+                i64::try_from(*count).unwrap_or(i64::MAX)
+            ])?;
+        }
+        Change::Blocked { blocker, target } => {
+            tx.prepare_cached("INSERT OR IGNORE INTO block (blocker, target) VALUES (?1, ?2)")?
+                .execute(params![blocker.as_str(), target.as_str()])?;
+        }
+        Change::Unblocked { blocker, target } => {
+            tx.prepare_cached("DELETE FROM block WHERE blocker = ?1 AND target = ?2")?
+                .execute(params![blocker.as_str(), target.as_str()])?;
+        }
+        Change::LoggedIn { user, at } => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO last_seen (user, online, at) VALUES (?1, 1, ?2)",
+            )?
+            .execute(params![user.as_str(), millis(*at)])?;
+        }
+        Change::LoggedOut { user, at } => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO last_seen (user, online, at) VALUES (?1, 0, ?2)",
+            )?
+            .execute(params![user.as_str(), millis(*at)])?;
+        }
+        Change::LockoutChanged { user, state } => {
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO lockout (user, failures, locked_until) VALUES (?1, ?2, ?3)",
+            )?
+            .execute(params![
+                user.as_str(),
+                state.failures,
+                state.locked_until.map(millis)
+            ])?;
+        }
+        Change::LockoutCleared { user } => {
+            tx.prepare_cached("DELETE FROM lockout WHERE user = ?1")?
+                .execute(params![user.as_str()])?;
+        }
+        // A change kind added to the core after this build: nothing here
+        // knows how to keep it, and dropping it silently would break the
+        // durability rule, so it fails the commit.
+        _ => {
+            return Err(rusqlite::Error::ToSqlConversionFailure(
+                format!("unknown change {change:?}").into(),
+            ))
+        }
+    }
+    Ok(())
+}
+
+fn millis(t: Timestamp) -> i64 {
+    i64::try_from(t.as_unix_millis()).unwrap_or(i64::MAX)
+}
+
+fn timestamp(millis: i64) -> Option<Timestamp> {
+    u64::try_from(millis).ok().map(Timestamp::from_unix_millis)
+}

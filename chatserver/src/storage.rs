@@ -1,0 +1,44 @@
+//! Where the reactor keeps the core's lasting state: a SQLite
+//! [`Database`], or nowhere (`--no-db`).
+//!
+//! The core hands every change to [`Storage`] as it makes it; the reactor
+//! calls [`Storage::commit`] once per wake-up, before it writes any of that
+//! wake-up's output (group commit).
+
+use chatproto::{Change, Store};
+
+use crate::database::{Committed, Database, DatabaseError};
+
+#[derive(Debug)]
+pub enum Storage {
+    /// Nothing survives a restart.
+    Volatile,
+    Database(Database),
+}
+
+impl Storage {
+    /// Makes every change recorded so far durable.
+    pub fn commit(&mut self) -> Result<Committed, DatabaseError> {
+        match self {
+            Storage::Volatile => Ok(Committed::default()),
+            Storage::Database(db) => db.commit(),
+        }
+    }
+
+    /// Whether changes are waiting for [`Storage::commit`].
+    pub fn has_pending(&self) -> bool {
+        match self {
+            Storage::Volatile => false,
+            Storage::Database(db) => db.has_pending(),
+        }
+    }
+}
+
+impl Store for Storage {
+    fn record(&mut self, change: Change) {
+        match self {
+            Storage::Volatile => {}
+            Storage::Database(db) => db.record(change),
+        }
+    }
+}
