@@ -474,3 +474,159 @@ fn millis(t: Timestamp) -> i64 {
 fn timestamp(millis: i64) -> Option<Timestamp> {
     u64::try_from(millis).ok().map(Timestamp::from_unix_millis)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn user(name: &str) -> chatproto::Username {
+        name.parse().unwrap()
+    }
+
+    fn message(from: &str, text: &str, at: u64) -> OfflineMessage {
+        OfflineMessage {
+            from: user(from),
+            text: text.parse().unwrap(),
+            sent_at: Timestamp::from_unix_millis(at),
+        }
+    }
+
+    /// Every kind of change, committed and read back, gives the state
+    /// `Snapshot::apply` defines.
+    #[test]
+    fn what_is_committed_loads_back_as_the_same_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
+        let changes = vec![
+            Change::MessageQueued {
+                to: user("bob"),
+                message: message("alice", "one", 10),
+            },
+            Change::MessageQueued {
+                to: user("bob"),
+                message: message("carol", "two", 11),
+            },
+            Change::MessageQueued {
+                to: user("bob"),
+                message: message("alice", "three", 12),
+            },
+            Change::MessageQueued {
+                to: user("dave"),
+                message: message("alice", "for dave", 13),
+            },
+            Change::MessagesDelivered {
+                to: user("bob"),
+                count: 1,
+            },
+            Change::Blocked {
+                blocker: user("alice"),
+                target: user("carol"),
+            },
+            Change::Blocked {
+                blocker: user("alice"),
+                target: user("dave"),
+            },
+            Change::Unblocked {
+                blocker: user("alice"),
+                target: user("dave"),
+            },
+            Change::LoggedIn {
+                user: user("alice"),
+                at: Timestamp::from_unix_millis(5),
+            },
+            Change::LoggedIn {
+                user: user("bob"),
+                at: Timestamp::from_unix_millis(6),
+            },
+            Change::LoggedOut {
+                user: user("bob"),
+                at: Timestamp::from_unix_millis(7),
+            },
+            Change::LockoutChanged {
+                user: user("carol"),
+                state: LockoutState {
+                    failures: 2,
+                    locked_until: Some(Timestamp::from_unix_millis(99)),
+                },
+            },
+            Change::LockoutChanged {
+                user: user("dave"),
+                state: LockoutState {
+                    failures: 1,
+                    locked_until: None,
+                },
+            },
+            Change::LockoutCleared { user: user("dave") },
+        ];
+        let mut expected = Snapshot::default();
+        {
+            let (mut db, empty) = Database::open(&path).unwrap();
+            assert_eq!(empty, Snapshot::default());
+            // In two commits, to cover changes spread over wake-ups.
+            for (i, change) in changes.iter().enumerate() {
+                expected.apply(change);
+                db.record(change.clone());
+                if i == 5 {
+                    assert_eq!(db.commit().unwrap().changes, 6);
+                }
+            }
+            assert!(db.has_pending());
+            db.commit().unwrap();
+            assert!(!db.has_pending());
+            assert_eq!(db.load().unwrap(), expected);
+        }
+        let (_db, loaded) = Database::open(&path).unwrap();
+        assert_eq!(loaded, expected);
+        assert_eq!(loaded.offline[&user("bob")].len(), 2);
+        assert_eq!(loaded.offline[&user("bob")][0].text.as_str(), "two");
+    }
+
+    #[test]
+    fn a_new_database_gets_the_current_schema_and_our_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
+        drop(Database::open(&path).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let id: i32 = conn
+            .pragma_query_value(None, "application_id", |r| r.get(0))
+            .unwrap();
+        let version: i32 = conn
+            .pragma_query_value(None, "user_version", |r| r.get(0))
+            .unwrap();
+        assert_eq!((id, version), (APPLICATION_ID, SCHEMA_VERSION));
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(mode, "wal");
+    }
+
+    #[test]
+    fn a_failed_commit_writes_nothing_and_keeps_what_was_committed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
+        let (mut db, _) = Database::open(&path).unwrap();
+        db.record(Change::MessageQueued {
+            to: user("bob"),
+            message: message("alice", "kept", 1),
+        });
+        db.commit().unwrap();
+        let pages: i64 = db
+            .conn
+            .query_row("PRAGMA page_count", [], |r| r.get(0))
+            .unwrap();
+        db.set_max_pages(pages as u64).unwrap();
+        let long = "x".repeat(3000);
+        for i in 0..20 {
+            db.record(Change::MessageQueued {
+                to: user("bob"),
+                message: message("alice", &long, 2 + i),
+            });
+        }
+        let err = db.commit().unwrap_err();
+        assert!(err.to_string().contains("full"), "{err}");
+        assert!(!db.has_pending());
+        let loaded = db.load().unwrap();
+        assert_eq!(loaded.offline[&user("bob")].len(), 1);
+        assert_eq!(loaded.offline[&user("bob")][0].text.as_str(), "kept");
+    }
+}

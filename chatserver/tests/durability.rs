@@ -336,3 +336,51 @@ fn no_db_keeps_nothing() {
     let (_bob, got) = login_and_collect(&server, "bob");
     assert!(got.is_empty());
 }
+
+/// A commit that fails at run time (here: the file may not grow, as on a
+/// full disk) answers nothing of its wake-up: the server stops with the
+/// error, and a restart resumes from what was committed.
+#[test]
+fn a_failed_commit_is_never_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    // Create the database first, to know its size.
+    stop(start(dir.path(), &[]), false);
+    let pages = std::fs::metadata(dir.path().join("chatserver.db"))
+        .unwrap()
+        .len()
+        / 4096;
+    let limit = (pages + 4).to_string();
+    let mut server = start(dir.path(), &["--db-max-pages", &limit]);
+    let mut alice = server.login("alice");
+    let text = "x".repeat(3000);
+    let mut acked = 0;
+    let refused = loop {
+        if alice
+            .try_send(&format!("message bob {acked} {text}"))
+            .is_err()
+        {
+            break None;
+        }
+        match std::iter::from_fn(|| alice.try_recv()).find(|v| v["type"] != "presence") {
+            Some(v) if v["type"] == "ok" => acked += 1,
+            other => break other,
+        }
+        assert!(acked < 1000, "the database never filled up");
+    };
+    assert!(
+        refused.is_none(),
+        "answered after a failed commit: {refused:?}"
+    );
+    assert_eq!(server.wait_exit().code(), Some(1));
+    let log = server.log().join("\n");
+    assert!(log.contains("database or disk is full"), "{log}");
+    drop(server);
+
+    let server = start(dir.path(), &[]);
+    let (_bob, got) = login_and_collect(&server, "bob");
+    let numbers: Vec<usize> = got
+        .iter()
+        .map(|(_, t, _)| t.split(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert_eq!(numbers, (0..acked).collect::<Vec<_>>());
+}
