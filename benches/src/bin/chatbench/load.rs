@@ -1,11 +1,18 @@
 //! The load generator: N clients on one `polling` reactor, driving a
-//! server with direct messages or broadcasts, measuring delivery latency.
+//! server with direct messages, broadcasts, or messages to users who are
+//! offline, measuring delivery latency.
 //!
 //! Every message carries, in its text, the sender's index, whether it was
 //! sent inside the measurement window, and its send time (nanoseconds since
 //! the run started; for open-loop runs, the time it was *scheduled*, so a
 //! stalled server cannot hide its stall: no coordinated omission).
+//!
+//! Messages to offline users are never delivered: they are done when the
+//! server acknowledges them stored. The server answers each connection's
+//! requests in order, so each client keeps a first-in, first-out queue of
+//! its unacknowledged messages' send times (scheduled times, open loop).
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
@@ -13,6 +20,7 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use polling::{Event, Events, PollMode, Poller};
 
+use crate::contains;
 use crate::process::ProcessSample;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +29,11 @@ pub enum Workload {
     Direct,
     /// `senders` clients broadcast to everyone, `window` in flight each.
     Fanout { senders: usize },
+    /// Every client keeps `window` messages in flight to random users among
+    /// `recipients` who never log in (`u<clients>`, `u<clients + 1>`, ...):
+    /// the server stores each one, and a message is done when its sender
+    /// reads the `ok` that says so (`"stored":true`).
+    Offline { recipients: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -54,13 +67,21 @@ impl Report {
     }
 
     pub fn print(&self, config: &LoadConfig) {
-        let name = match config.workload {
-            Workload::Direct => "direct".to_owned(),
-            Workload::Fanout { senders } => format!("fanout ({senders} senders)"),
+        let (name, delivery) = match config.workload {
+            Workload::Direct => ("direct".to_owned(), "delivery"),
+            Workload::Fanout { senders } => (format!("fanout ({senders} senders)"), "delivery"),
+            Workload::Offline { recipients } => (
+                format!("offline ({recipients} recipients)"),
+                "stored message",
+            ),
         };
         let us = |q: f64| self.latency.value_at_quantile(q) as f64 / 1000.0;
+        let rate = match config.workload {
+            Workload::Offline { .. } => "stored messages/s (acknowledged)",
+            _ => "deliveries/s",
+        };
         println!(
-            "{name}: {} clients, window {}, {} s: {:.0} deliveries/s, {} sent, {} lost",
+            "{name}: {} clients, window {}, {} s: {:.0} {rate}, {} sent, {} lost",
             config.clients,
             config.window,
             self.seconds,
@@ -80,15 +101,20 @@ impl Report {
             .map(|cpu| cpu / self.deliveries.max(1) as f64 * 1e6);
         if let (Some(cpu), Some(per)) = (self.server_cpu_secs, cpu_per_delivery) {
             println!(
-                "server CPU: {:.0}% of one core, {per:.2} µs per delivery",
+                "server CPU: {:.0}% of one core, {per:.2} µs per {delivery}",
                 cpu / self.seconds * 100.0
             );
         }
+        let recipients = match config.workload {
+            Workload::Offline { recipients } => format!("\"recipients\":{recipients},"),
+            _ => String::new(),
+        };
         println!(
-            "{{\"workload\":\"{}\",\"clients\":{},\"window\":{},\"rate\":{},\"seconds\":{:.1},\"deliveries_per_sec\":{:.0},\"sent\":{},\"lost\":{},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\"server_cpu_us_per_delivery\":{}}}",
+            "{{\"workload\":\"{}\",\"clients\":{},{recipients}\"window\":{},\"rate\":{},\"seconds\":{:.1},\"deliveries_per_sec\":{:.0},\"sent\":{},\"lost\":{},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\"server_cpu_us_per_delivery\":{}}}",
             match config.workload {
                 Workload::Direct => "direct",
                 Workload::Fanout { .. } => "fanout",
+                Workload::Offline { .. } => "offline",
             },
             config.clients,
             config.window,
@@ -115,6 +141,10 @@ struct Client {
     partial: Vec<u8>,
     logged_in: bool,
     in_flight: usize,
+    /// Offline workload: each message awaiting its `ok`, oldest first: when
+    /// it was sent (scheduled, open loop) and whether it was sent while
+    /// measuring.
+    unacked: VecDeque<(Instant, bool)>,
     rng: u64,
     /// Open loop: when the next message is due.
     next_due: Option<Instant>,
@@ -152,7 +182,7 @@ pub fn run(config: LoadConfig) -> Result<Report, String> {
         ));
     }
     let senders = match config.workload {
-        Workload::Direct => config.clients,
+        Workload::Direct | Workload::Offline { .. } => config.clients,
         Workload::Fanout { senders } => senders.min(config.clients),
     };
     let mut clients = Vec::with_capacity(config.clients);
@@ -177,6 +207,7 @@ pub fn run(config: LoadConfig) -> Result<Report, String> {
             partial: Vec::new(),
             logged_in: false,
             in_flight: 0,
+            unacked: VecDeque::new(),
             rng: 0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd),
             next_due: None,
             wants_write: false,
@@ -186,7 +217,7 @@ pub fn run(config: LoadConfig) -> Result<Report, String> {
     let now = Instant::now();
     let mut run = Run {
         recipients_per_message: match config.workload {
-            Workload::Direct => 1,
+            Workload::Direct | Workload::Offline { .. } => 1,
             Workload::Fanout { .. } => config.clients as u64 - 1,
         },
         padding: "x".repeat(config.text_bytes),
@@ -347,6 +378,15 @@ impl Run {
                 "broadcast {text_head}{}\n",
                 &self.padding[..pad.min(self.padding.len())]
             ),
+            Workload::Offline { recipients } => {
+                // Users u<n>.. never log in: the server stores the message.
+                let to = n + next_random(&mut client.rng) as usize % recipients;
+                client.unacked.push_back((at, marked));
+                format!(
+                    "message u{to} {text_head}{}\n",
+                    &self.padding[..pad.min(self.padding.len())]
+                )
+            }
         };
         client.out.extend_from_slice(line.as_bytes());
         self.mark_dirty(s);
@@ -442,44 +482,88 @@ impl Run {
                     String::from_utf8_lossy(text)
                 ));
             };
+            if let Workload::Offline { .. } = self.config.workload {
+                return Err(format!(
+                    "client {i}: a message, though nobody sends to online users: {}",
+                    String::from_utf8_lossy(line)
+                ));
+            }
             let sender: usize = parse(sender)?;
             let ts: u64 = parse(ts)?;
-            let now = Instant::now();
-            if now >= self.measure_from && now < self.measure_until {
-                self.deliveries += 1;
-                let sent_at = self.start + Duration::from_nanos(ts);
-                let _ = self
-                    .latency
-                    .record(now.saturating_duration_since(sent_at).as_nanos().max(1) as u64);
+            if sender >= self.clients.len() {
+                return Err("a message from an unknown sender".to_owned());
             }
-            if marked == b"1" {
-                self.received_marked += 1;
-            }
-            // Closed loop: a message is done when it is read; for a
-            // broadcast, when its last recipient reads it.
-            let recipients = self.recipients_per_message as usize;
-            let sender_client = self
-                .clients
-                .get_mut(sender)
-                .ok_or("a message from an unknown sender")?;
-            if self.config.rate.is_none() {
-                sender_client.in_flight = sender_client.in_flight.saturating_sub(1);
-                let done = sender_client.in_flight % recipients == 0;
-                if done && Instant::now() < self.measure_until {
-                    self.send(sender, Instant::now());
-                }
-            }
+            self.done(
+                sender,
+                self.start + Duration::from_nanos(ts),
+                marked == b"1",
+            );
         } else if line.starts_with(b"{\"type\":\"ok\"") {
-            if !self.clients[i].logged_in
-                && field(line, b"\"cmd\":\"").is_some_and(|cmd| cmd == b"login")
-            {
-                self.clients[i].logged_in = true;
+            if !self.clients[i].logged_in {
+                if field(line, b"\"cmd\":\"").is_some_and(|cmd| cmd == b"login") {
+                    self.clients[i].logged_in = true;
+                }
+            } else if let Workload::Offline { .. } = self.config.workload {
+                self.stored(i, line)?;
             }
         } else if line.starts_with(b"{\"type\":\"error\"") || line.starts_with(b"{\"type\":\"bye\"")
         {
-            return Err(format!("client {i}: {}", String::from_utf8_lossy(line)));
+            let hint = if contains(line, b"\"code\":\"mailbox_full\"") {
+                " (the recipients' offline queues are full: use more --recipients, or a server with a larger --offline-queue-cap)"
+            } else {
+                ""
+            };
+            return Err(format!(
+                "client {i}: {}{hint}",
+                String::from_utf8_lossy(line)
+            ));
         }
         Ok(())
+    }
+
+    /// Offline workload: client `i` read an `ok` after logging in, which
+    /// must acknowledge its oldest unacknowledged message as stored.
+    fn stored(&mut self, i: usize, line: &[u8]) -> Result<(), String> {
+        if field(line, b"\"cmd\":\"") != Some(b"message") || !contains(line, b"\"stored\":true") {
+            return Err(format!(
+                "client {i}: expected the ok of a stored message, got {}",
+                String::from_utf8_lossy(line)
+            ));
+        }
+        let (sent_at, marked) = self.clients[i].unacked.pop_front().ok_or_else(|| {
+            format!(
+                "client {i}: an ok for a message it did not send: {}",
+                String::from_utf8_lossy(line)
+            )
+        })?;
+        self.done(i, sent_at, marked);
+        Ok(())
+    }
+
+    /// A message from `sender`, sent (or scheduled) at `sent_at`, reached
+    /// one recipient or, offline, was acknowledged stored.
+    fn done(&mut self, sender: usize, sent_at: Instant, marked: bool) {
+        let now = Instant::now();
+        if now >= self.measure_from && now < self.measure_until {
+            self.deliveries += 1;
+            let _ = self
+                .latency
+                .record(now.saturating_duration_since(sent_at).as_nanos().max(1) as u64);
+        }
+        if marked {
+            self.received_marked += 1;
+        }
+        // Closed loop: a message is done when it is read; for a broadcast,
+        // when its last recipient reads it.
+        if self.config.rate.is_none() {
+            let recipients = self.recipients_per_message as usize;
+            let sender_client = &mut self.clients[sender];
+            sender_client.in_flight = sender_client.in_flight.saturating_sub(1);
+            let done = sender_client.in_flight % recipients == 0;
+            if done && Instant::now() < self.measure_until {
+                self.send(sender, Instant::now());
+            }
+        }
     }
 
     /// Writes what client `i` has queued, in one syscall when the socket

@@ -6,18 +6,23 @@
 //!   clients sending direct messages or broadcasts, closed loop (a window
 //!   of messages in flight) or open loop (`--rate`), and report
 //!   deliveries/s, losses, latency percentiles and server CPU per delivery.
+//! - `chatbench offline` has N clients message R users who never log in,
+//!   so that the server stores every message, and reports the same figures
+//!   for messages acknowledged stored (`"stored":true`).
 //! - `chatbench connections` logs N users in, keeps them idle (reading and
 //!   discarding everything the server sends, presence storms included),
 //!   then reports the server's resident memory per connection and its CPU
 //!   use while idle.
 //!
 //! With `--spawn PATH` it starts the server itself, on a free loopback
-//! port, with a credentials file it writes; otherwise it uses `--addr`.
+//! port, with a credentials file it writes and no database (`--no-db`), or
+//! a new database file with `--server-db`; otherwise it uses `--addr`.
 //! Traffic goes to loopback (or the address given) and nowhere else.
 
 mod load;
 mod process;
 
+use std::ffi::OsString;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
@@ -79,6 +84,20 @@ enum Mode {
         #[arg(long, default_value_t = 1)]
         senders: usize,
     },
+    /// Every client keeps a window of direct messages in flight to random
+    /// users who never log in, so the server stores each one; a message is
+    /// done when the server acknowledges it stored.
+    Offline {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        load: LoadArgs,
+        /// How many offline recipients: users u<clients>, u<clients + 1>,
+        /// ... (they must be in the server's credentials file; --spawn
+        /// writes them).
+        #[arg(long, default_value_t = 1000)]
+        recipients: usize,
+    },
 }
 
 /// Which server to measure.
@@ -95,6 +114,35 @@ struct Target {
     /// (known already with --spawn).
     #[arg(long)]
     server_pid: Option<u32>,
+    /// With --spawn: give the server this SQLite database (`--db PATH`),
+    /// which must not exist yet, instead of none (`--no-db`).
+    #[arg(long, value_name = "PATH")]
+    server_db: Option<PathBuf>,
+}
+
+impl Target {
+    /// The database arguments of a spawned server; checks --server-db.
+    fn server_db_args(&self) -> Result<Vec<OsString>, String> {
+        let Some(path) = &self.server_db else {
+            return Ok(vec!["--no-db".into()]);
+        };
+        if self.spawn.is_none() {
+            return Err(
+                "--server-db needs --spawn: it sets the database of the server chatbench starts \
+                 (start your own server with --db instead)"
+                    .to_owned(),
+            );
+        }
+        // A link to nothing counts as existing too: SQLite would create its
+        // target.
+        if std::fs::symlink_metadata(path).is_ok() {
+            return Err(format!(
+                "{} exists; give a new path (chatbench does not reuse old data)",
+                path.display()
+            ));
+        }
+        Ok(vec!["--db".into(), path.into()])
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -140,6 +188,13 @@ fn main() -> ExitCode {
         } => with_server(&target, load.clients, |addr, pid| {
             load_run(addr, pid, &load, Workload::Fanout { senders })
         }),
+        Mode::Offline {
+            target,
+            load,
+            recipients,
+        } => with_server(&target, load.clients + recipients, |addr, pid| {
+            load_run(addr, pid, &load, Workload::Offline { recipients })
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -156,8 +211,17 @@ fn load_run(
     args: &LoadArgs,
     workload: Workload,
 ) -> Result<(), String> {
-    if args.clients < 2 {
-        return Err("at least 2 clients are needed".to_owned());
+    match workload {
+        Workload::Offline { recipients } => {
+            if args.clients < 1 || recipients < 1 {
+                return Err("at least 1 client and 1 recipient are needed".to_owned());
+            }
+        }
+        Workload::Direct | Workload::Fanout { .. } => {
+            if args.clients < 2 {
+                return Err("at least 2 clients are needed".to_owned());
+            }
+        }
     }
     let config = LoadConfig {
         addr,
@@ -175,18 +239,24 @@ fn load_run(
     Ok(())
 }
 
-/// Runs `f` against the target server, starting it first with --spawn.
+/// Runs `f` against the target server, starting it first with --spawn
+/// with `users` accounts (`u<i>` with password `p<i>`).
 fn with_server(
     target: &Target,
     users: usize,
     f: impl FnOnce(SocketAddr, Option<u32>) -> Result<(), String>,
 ) -> Result<(), String> {
+    let db_args = target.server_db_args()?;
     let Some(binary) = &target.spawn else {
         return f(target.addr, target.server_pid);
     };
     let credentials = std::env::temp_dir().join(format!("chatbench-{}.txt", std::process::id()));
     let text: String = (0..users).map(|i| format!("u{i} p{i}\n")).collect();
     std::fs::write(&credentials, text).map_err(|e| format!("{}: {e}", credentials.display()))?;
+    // The server's limits that would cut a measurement short are lifted:
+    // the rate limit, the output a fast sender may pile up, and the offline
+    // queue cap (1,000 a recipient by default, which `offline` fills within
+    // seconds: every message would then be refused `mailbox_full`).
     let mut child = std::process::Command::new(binary)
         .args([
             "--listen",
@@ -194,9 +264,12 @@ fn with_server(
             "--no-rate-limit",
             "--max-output-bytes",
             "268435456",
+            "--offline-queue-cap",
+            "1000000000",
         ])
         .arg("--credentials")
         .arg(&credentials)
+        .args(&db_args)
         // Connection logs off: the measurement is of the server, not of
         // its log volume.
         .env("RUST_LOG", "warn,chatserver=info,chatserver::reactor=warn")
@@ -427,4 +500,108 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 
 fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Args, String> {
+        Args::try_parse_from(std::iter::once("chatbench").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn offline_mode() {
+        let args = parse(&[
+            "offline",
+            "--spawn",
+            "target/release/chatserver",
+            "--clients",
+            "100",
+            "--recipients",
+            "1000",
+            "--window",
+            "4",
+            "--text-bytes",
+            "32",
+            "--warmup-secs",
+            "1",
+            "--secs",
+            "10",
+            "--rate",
+            "5000",
+        ])
+        .unwrap();
+        let Mode::Offline {
+            target,
+            load,
+            recipients,
+        } = args.command
+        else {
+            panic!("not the offline mode: {:?}", args.command);
+        };
+        assert_eq!(recipients, 1000);
+        assert_eq!(load.clients, 100);
+        assert_eq!(load.window, 4);
+        assert_eq!(load.text_bytes, 32);
+        assert_eq!(load.warmup_secs, 1);
+        assert_eq!(load.secs, 10);
+        assert_eq!(load.rate, Some(5000));
+        assert_eq!(target.spawn, Some("target/release/chatserver".into()));
+        assert_eq!(target.server_db_args().unwrap(), ["--no-db"]);
+
+        let Mode::Offline { recipients, .. } = parse(&["offline"]).unwrap().command else {
+            panic!("not the offline mode");
+        };
+        assert_eq!(recipients, 1000);
+    }
+
+    #[test]
+    fn server_db() {
+        let dir = std::env::temp_dir().join(format!("chatbench-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let new = dir.join("new.db");
+        let old = dir.join("old.db");
+        std::fs::write(&old, b"").unwrap();
+        let target = |extra: &[&str]| {
+            let mut args = vec!["direct"];
+            args.extend_from_slice(extra);
+            match parse(&args).unwrap().command {
+                Mode::Direct { target, .. } => target,
+                other => panic!("not the direct mode: {other:?}"),
+            }
+        };
+        let new_s = new.to_str().unwrap();
+        let old_s = old.to_str().unwrap();
+
+        let args = target(&["--spawn", "chatserver", "--server-db", new_s])
+            .server_db_args()
+            .unwrap();
+        assert_eq!(args, [OsString::from("--db"), new.clone().into()]);
+
+        let err = target(&["--spawn", "chatserver", "--server-db", old_s])
+            .server_db_args()
+            .unwrap_err();
+        assert!(err.contains("exists; give a new path"), "{err}");
+
+        let err = target(&["--server-db", new_s])
+            .server_db_args()
+            .unwrap_err();
+        assert!(err.contains("needs --spawn"), "{err}");
+        // Refused before anything runs.
+        let err = with_server(&target(&["--server-db", new_s]), 1, |_, _| {
+            panic!("ran without --spawn")
+        })
+        .unwrap_err();
+        assert!(err.contains("needs --spawn"), "{err}");
+
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
