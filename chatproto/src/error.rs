@@ -52,6 +52,9 @@ pub enum ErrorCode {
     RateLimited,
     /// The recipient's offline queue is full.
     MailboxFull,
+    /// The server could not record the request's effect (its storage
+    /// failed), so it did not happen; try again later.
+    Unavailable,
     /// A code this version does not know (sent by a newer server). Never
     /// sent by this crate.
     #[serde(other)]
@@ -60,7 +63,7 @@ pub enum ErrorCode {
 
 impl ErrorCode {
     /// Every code this version sends.
-    pub const ALL: [ErrorCode; 16] = [
+    pub const ALL: [ErrorCode; 17] = [
         ErrorCode::BadFrame,
         ErrorCode::FrameTooLarge,
         ErrorCode::UnknownCommand,
@@ -77,6 +80,7 @@ impl ErrorCode {
         ErrorCode::Forbidden,
         ErrorCode::RateLimited,
         ErrorCode::MailboxFull,
+        ErrorCode::Unavailable,
     ];
 
     /// The code as it appears on the wire.
@@ -98,6 +102,7 @@ impl ErrorCode {
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::MailboxFull => "mailbox_full",
+            ErrorCode::Unavailable => "unavailable",
             ErrorCode::Unrecognized => "unrecognized",
         }
     }
@@ -217,6 +222,9 @@ pub enum RequestError {
         /// The per-user cap in force.
         capacity: usize,
     },
+    /// See [`ErrorCode::Unavailable`].
+    #[error("the server could not record this, so it did not happen: try again later")]
+    Unavailable,
 }
 
 impl RequestError {
@@ -239,6 +247,7 @@ impl RequestError {
             RequestError::Forbidden { .. } => ErrorCode::Forbidden,
             RequestError::RateLimited => ErrorCode::RateLimited,
             RequestError::MailboxFull { .. } => ErrorCode::MailboxFull,
+            RequestError::Unavailable => ErrorCode::Unavailable,
         }
     }
 

@@ -93,6 +93,7 @@ pub mod server_frame;
 pub mod store;
 mod text;
 mod time;
+mod uncommitted;
 mod username;
 
 pub use accounts::{Account, Accounts, DuplicateAccount};

@@ -152,6 +152,20 @@ impl Lockout {
         self.remove(name)
     }
 
+    /// Forgets the records of every account (not those of unknown names,
+    /// which are not lasting state), before loading them again.
+    pub(crate) fn forget_known(&mut self) {
+        let known: Vec<Arc<str>> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.known)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in known {
+            self.remove(&name);
+        }
+    }
+
     /// Puts back a state read from storage.
     pub(crate) fn restore(&mut self, name: &str, state: LockoutState, now: Timestamp) {
         self.remove(name);

@@ -56,6 +56,11 @@ impl Presence {
         }
     }
 
+    /// Forgets every last-seen time (before loading them again).
+    pub(crate) fn forget_last_seen(&mut self) {
+        self.last_seen.reset();
+    }
+
     /// Records a last-seen time from storage, keeping the later one.
     pub(crate) fn restore_last_seen(&mut self, user: UserId, at: Timestamp) {
         let seen = &mut self.last_seen[user];

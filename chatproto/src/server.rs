@@ -32,6 +32,7 @@ use crate::server_frame::{
 use crate::store::{Change, LastSeen, Snapshot, Store};
 use crate::text::MessageText;
 use crate::time::{seconds_until, Timestamp};
+use crate::uncommitted::{EndedSession, Uncommitted};
 use crate::username::Username;
 
 /// How a server core behaves. Start from [`ServerConfig::default`] and set
@@ -62,6 +63,12 @@ pub struct ServerConfig {
     /// Frames per connection, or `None` for no limit (default:
     /// [`RateLimit::default`]).
     pub rate_limit: Option<RateLimit>,
+    /// The driver commits the store after each batch of work, holds the
+    /// batch's output until the commit succeeds, and reports the outcome
+    /// with [`Server::commit_succeeded`] or [`Server::commit_failed`]. The
+    /// core then remembers what it must take back if a commit fails
+    /// (default `false`: the store cannot fail).
+    pub track_commits: bool,
 }
 
 impl Default for ServerConfig {
@@ -73,6 +80,7 @@ impl Default for ServerConfig {
             offline_queue_capacity: DEFAULT_OFFLINE_QUEUE_CAPACITY,
             admins: HashSet::new(),
             rate_limit: Some(RateLimit::default()),
+            track_commits: false,
         }
     }
 }
@@ -252,6 +260,8 @@ pub struct Server<S: Store> {
     idle_timers: BTreeSet<(Timestamp, ConnId)>,
     outputs: VecDeque<Output>,
     started_at: Timestamp,
+    /// What a failed commit would take back (with `track_commits`).
+    uncommitted: Option<Uncommitted>,
 }
 
 impl<S: Store> Server<S> {
@@ -285,11 +295,12 @@ impl<S: Store> Server<S> {
             idle_timers: BTreeSet::new(),
             outputs: VecDeque::new(),
             started_at: now,
+            uncommitted: config.track_commits.then(Uncommitted::default),
             accounts,
             store,
             config,
         };
-        let summary = server.restore(snapshot, now);
+        let summary = server.restore(snapshot, now, Restore::AtStart);
         Ok((server, summary))
     }
 
@@ -310,13 +321,10 @@ impl<S: Store> Server<S> {
                 .map(|limit| TokenBucket::new(limit, now)),
         });
         self.idle_timers.insert((idle_timer, conn));
-        self.send(
-            conn,
-            &ServerFrame::Hello {
-                session,
-                version: PROTOCOL_VERSION,
-            },
-        );
+        if let Some(u) = &mut self.uncommitted {
+            u.accepted.push(conn);
+        }
+        self.send_hello(conn, session);
         conn
     }
 
@@ -455,6 +463,79 @@ impl<S: Store> Server<S> {
         }
     }
 
+    /// The driver made every change recorded so far durable, and may send
+    /// the output it held back (with [`ServerConfig::track_commits`]).
+    pub fn commit_succeeded(&mut self) {
+        if let Some(u) = &mut self.uncommitted {
+            u.clear();
+        }
+    }
+
+    /// The changes recorded since the last [`Server::commit_succeeded`]
+    /// were not made durable, and the driver discarded, unsent, all output
+    /// polled since then. `committed` is the lasting state as storage
+    /// holds it (what the last successful commit left).
+    ///
+    /// The core takes that work back: lasting state becomes `committed`;
+    /// sessions that logged in since are logged out again, silently; every
+    /// request answered since is answered again with
+    /// [`ErrorCode::Unavailable`]. What cannot be taken back is said again:
+    /// connections accepted since get their `hello`, and users who went
+    /// offline since are announced offline once more and their logouts
+    /// recorded again (into the store, for the next commit).
+    ///
+    /// The output this produces does not depend on anything uncommitted:
+    /// the driver may send it without waiting for another commit. Does
+    /// nothing without [`ServerConfig::track_commits`].
+    pub fn commit_failed(&mut self, committed: &Snapshot, now: Timestamp) {
+        let Some(undone) = self.uncommitted.as_mut().map(std::mem::take) else {
+            return;
+        };
+        // Logins not recorded did not happen.
+        let reverted: HashSet<ConnId> = undone.logins.iter().copied().collect();
+        for &conn in &undone.logins {
+            if let Some(user) = self.connections.get_mut(conn).and_then(|c| c.user.take()) {
+                self.presence.log_out(user, now);
+            }
+        }
+        // Lasting state as committed. Failed-login counts of names without
+        // an account are not lasting state; they stay.
+        self.offline = OfflineQueues::new(&self.accounts, self.config.offline_queue_capacity);
+        self.blocks = BlockList::new(&self.accounts);
+        self.presence.forget_last_seen();
+        self.lockout.forget_known();
+        self.restore(committed, now, Restore::AfterFailedCommit);
+
+        for conn in undone.accepted {
+            if let Some(session) = self.connections.get(conn).map(|c| c.session) {
+                self.send_hello(conn, session);
+            }
+        }
+        for (conn, id) in undone.answered {
+            if self.connections.get(conn).is_some() {
+                self.send_error_frame(conn, id, &RequestError::Unavailable);
+            }
+        }
+        // Sessions that ended stay ended.
+        for ended in undone.ended {
+            if reverted.contains(&ended.conn) {
+                continue; // never (durably) logged in
+            }
+            let user = self.accounts.name(ended.user).clone();
+            self.store.record(Change::LoggedOut { user, at: ended.at });
+            self.presence.restore_last_seen(ended.user, ended.at);
+            if !ended.announced_again && self.presence.session(ended.user).is_none() {
+                self.announce(ended.user, false);
+            }
+            if let Some(u) = &mut self.uncommitted {
+                u.ended.push(EndedSession {
+                    announced_again: true,
+                    ..ended
+                });
+            }
+        }
+    }
+
     /// The next thing to do, if any. Drain it until `None` after every
     /// `handle_*`, `accept`, `close` or `shutdown` call.
     pub fn poll_output(&mut self) -> Option<Output> {
@@ -526,7 +607,8 @@ impl<S: Store> Server<S> {
         &mut self.store
     }
 
-    fn restore(&mut self, snapshot: &Snapshot, now: Timestamp) -> RestoreSummary {
+    /// Loads lasting state into empty structures.
+    fn restore(&mut self, snapshot: &Snapshot, now: Timestamp, when: Restore) -> RestoreSummary {
         let mut summary = RestoreSummary::default();
         for (user, messages) in &snapshot.offline {
             match self.accounts.id(user.as_str()) {
@@ -558,9 +640,9 @@ impl<S: Store> Server<S> {
                 summary.skipped += 1;
                 continue;
             };
-            let at = match *seen {
-                LastSeen::Offline { at } => at,
-                LastSeen::Online { .. } => {
+            let at = match (*seen, when) {
+                (LastSeen::Offline { at }, _) => at,
+                (LastSeen::Online { .. }, Restore::AtStart) => {
                     // Online when the last run stopped: seen until now.
                     self.store.record(Change::LoggedOut {
                         user: user.clone(),
@@ -568,6 +650,9 @@ impl<S: Store> Server<S> {
                     });
                     now
                 }
+                // Online in this run: either still online, or their logout
+                // is among what `commit_failed` records again.
+                (LastSeen::Online { since }, Restore::AfterFailedCommit) => since,
             };
             self.presence.restore_last_seen(id, at);
             summary.last_seen += 1;
@@ -767,6 +852,9 @@ impl<S: Store> Server<S> {
             c.user = Some(user);
         }
         self.presence.log_in(user, conn);
+        if let Some(u) = &mut self.uncommitted {
+            u.logins.push(conn);
+        }
         self.store.record(Change::LoggedIn {
             user: name.clone(),
             at: now,
@@ -1013,6 +1101,14 @@ impl<S: Store> Server<S> {
         self.idle_timers.remove(&(c.idle_timer, conn));
         if let Some(user) = c.user {
             self.presence.log_out(user, now);
+            if let Some(u) = &mut self.uncommitted {
+                u.ended.push(EndedSession {
+                    conn,
+                    user,
+                    at: now,
+                    announced_again: false,
+                });
+            }
             let name = self.accounts.name(user).clone();
             self.store.record(Change::LoggedOut {
                 user: name.clone(),
@@ -1027,10 +1123,33 @@ impl<S: Store> Server<S> {
     }
 
     fn reply(&mut self, conn: ConnId, id: Option<RequestId>, reply: Reply, text: String) {
+        self.answered(conn, id);
         self.send(conn, &ServerFrame::Ok(OkFrame { id, reply, text }));
     }
 
     fn send_error(&mut self, conn: ConnId, id: Option<RequestId>, error: &RequestError) {
+        self.answered(conn, id);
+        self.send_error_frame(conn, id, error);
+    }
+
+    /// Notes an answer, which a failed commit turns into `unavailable`.
+    fn answered(&mut self, conn: ConnId, id: Option<RequestId>) {
+        if let Some(u) = &mut self.uncommitted {
+            u.answered.push((conn, id));
+        }
+    }
+
+    fn send_hello(&mut self, conn: ConnId, session: uuid::Uuid) {
+        self.send(
+            conn,
+            &ServerFrame::Hello {
+                session,
+                version: PROTOCOL_VERSION,
+            },
+        );
+    }
+
+    fn send_error_frame(&mut self, conn: ConnId, id: Option<RequestId>, error: &RequestError) {
         let frame = ServerFrame::Error(ErrorFrame {
             id,
             code: error.code(),
@@ -1051,6 +1170,16 @@ impl<S: Store> Server<S> {
     fn event(&mut self, event: Event) {
         self.outputs.push_back(Output::Event(event));
     }
+}
+
+/// Why lasting state is being loaded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Restore {
+    /// At start-up: users online when the last run stopped went offline
+    /// then.
+    AtStart,
+    /// Back to the committed state after a failed commit.
+    AfterFailedCommit,
 }
 
 /// "1 user", "2 users".

@@ -115,8 +115,12 @@ fn serve(settings: Settings) -> Result<(), String> {
 
     let clock = Clock::start();
     let account_count = accounts.len();
+    let mut core_config = settings.core;
+    // Output waits for the commit of the changes it depends on; a failed
+    // commit is taken back.
+    core_config.track_commits = settings.database.is_some();
     let (mut core, restored) =
-        Server::with_snapshot(settings.core, accounts, storage, &snapshot, clock.now())
+        Server::with_snapshot(core_config, accounts, storage, &snapshot, clock.now())
             .map_err(|e| e.to_string())?;
     if let Some(path) = &settings.database {
         info!(

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use chatproto::{ByeReason, CloseReason, ConnId, Event as CoreEvent, Output, Server, ServerFrame};
 use polling::{Event, Events, PollMode, Poller};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::clock::Clock;
 use crate::output_queue::{Flushed, OutputQueue};
@@ -56,6 +56,10 @@ pub struct Reactor {
     by_conn: Vec<Option<(ConnId, usize)>>,
     /// Sockets with output or interest to update this turn.
     dirty: Vec<usize>,
+    /// Sockets with output queued since the last commit, and how many
+    /// frames they held before it: that output waits for the commit, and a
+    /// failed commit drops it.
+    staged: Vec<(usize, usize)>,
     /// Closing sockets' deadlines.
     close_deadlines: BTreeSet<(Instant, usize)>,
     accept_paused_until: Option<Instant>,
@@ -75,6 +79,8 @@ struct Socket {
     /// (oneshot mode only).
     armed: Option<(bool, bool)>,
     dirty: bool,
+    /// Listed in `Reactor::staged`.
+    staged: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +133,7 @@ impl Reactor {
             open: 0,
             by_conn: Vec::new(),
             dirty: Vec::new(),
+            staged: Vec::new(),
             close_deadlines: BTreeSet::new(),
             accept_paused_until: None,
             stop,
@@ -141,7 +148,7 @@ impl Reactor {
         let mut events = Events::new();
         loop {
             if self.stop.load(Ordering::SeqCst) && self.shutdown_deadline.is_none() {
-                self.begin_shutdown();
+                self.begin_shutdown()?;
             }
             if let Some(deadline) = self.shutdown_deadline {
                 if self.open == 0 || Instant::now() >= deadline {
@@ -179,22 +186,63 @@ impl Reactor {
             // wake-up.
             self.commit()?;
             while !self.dirty.is_empty() {
-                self.flush_dirty();
+                self.flush_dirty()?;
                 self.commit()?;
             }
         }
     }
 
-    /// Commits the changes the core made since the last commit.
+    /// Commits the changes the core made since the last commit, which
+    /// releases the output held back since then; or, if the commit fails,
+    /// drops that output and lets the core take the work back.
     fn commit(&mut self) -> io::Result<()> {
-        if !self.core.store().has_pending() {
+        if self.staged.is_empty() && !self.core.store().has_pending() {
             return Ok(());
         }
-        self.core.store_mut().commit().map(drop).map_err(|e| {
+        let result = if self.core.store().has_pending() {
+            self.core.store_mut().commit().map(drop)
+        } else {
+            Ok(())
+        };
+        match result {
+            Ok(()) => {
+                self.core.commit_succeeded();
+                self.release_staged();
+                Ok(())
+            }
+            Err(e) => self.take_back(&e),
+        }
+    }
+
+    fn release_staged(&mut self) {
+        for (key, _) in self.staged.drain(..) {
+            if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+                socket.staged = false;
+            }
+        }
+    }
+
+    /// After a failed commit: nothing of this turn's output leaves; the
+    /// core answers its requests `unavailable` instead.
+    fn take_back(&mut self, e: &crate::database::DatabaseError) -> io::Result<()> {
+        error!("{e}: answering the requests since the last commit with `unavailable`");
+        for (key, frames) in std::mem::take(&mut self.staged) {
+            if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+                socket.staged = false;
+                socket.output.truncate(frames);
+            }
+        }
+        let committed = self.core.store().load().map_err(|e| {
             io::Error::other(format!(
-                "{e}; stopping rather than answer what could not be recorded"
+                "{e}; cannot read the committed state back after a failed commit"
             ))
-        })
+        })?;
+        let now = self.clock.now();
+        self.core.commit_failed(&committed, now);
+        self.drain_core();
+        // None of that depends on an uncommitted change: it may go out.
+        self.release_staged();
+        Ok(())
     }
 
     /// The earliest moment something is due.
@@ -281,6 +329,7 @@ impl Reactor {
             phase: Phase::Open,
             armed: Some((true, false)),
             dirty: false,
+            staged: false,
         };
         if key == self.sockets.len() {
             self.sockets.push(Some(socket));
@@ -412,6 +461,10 @@ impl Reactor {
                         continue;
                     };
                     let socket = self.sockets[key].as_mut().expect("keys point at sockets");
+                    if !socket.staged {
+                        socket.staged = true;
+                        self.staged.push((key, socket.output.frames()));
+                    }
                     socket.output.push(frame);
                     let backlog = socket.output.len();
                     self.mark_dirty(key);
@@ -484,9 +537,14 @@ impl Reactor {
     }
 
     /// Writes every socket with new output once, and re-arms interest.
-    fn flush_dirty(&mut self) {
+    fn flush_dirty(&mut self) -> io::Result<()> {
         let dirty = std::mem::take(&mut self.dirty);
         for &key in &dirty {
+            if !self.staged.is_empty() {
+                // An earlier socket's write error made output (presence)
+                // and changes (a logout): they are committed first.
+                self.commit()?;
+            }
             let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
                 continue;
             };
@@ -520,6 +578,7 @@ impl Reactor {
         if self.dirty.is_empty() {
             self.dirty = dirty;
         }
+        Ok(())
     }
 
     fn rearm(&mut self, key: usize) {
@@ -547,7 +606,7 @@ impl Reactor {
         }
     }
 
-    fn begin_shutdown(&mut self) {
+    fn begin_shutdown(&mut self) -> io::Result<()> {
         let deadline = Instant::now() + self.config.shutdown_grace;
         info!(
             connections = self.open,
@@ -559,7 +618,7 @@ impl Reactor {
         let now = self.clock.now();
         self.core.shutdown(now);
         self.drain_core();
-        self.flush_dirty();
+        self.flush_dirty()
     }
 
     fn mark_dirty(&mut self, key: usize) {
@@ -591,6 +650,10 @@ impl Reactor {
         let Some(socket) = self.sockets.get_mut(key).and_then(Option::take) else {
             return;
         };
+        if socket.staged {
+            // The key may be reused before the next commit.
+            self.staged.retain(|(k, _)| *k != key);
+        }
         if let Phase::Flushing { deadline } | Phase::Draining { deadline } = socket.phase {
             self.close_deadlines.remove(&(deadline, key));
         }

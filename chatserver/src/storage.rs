@@ -5,7 +5,7 @@
 //! calls [`Storage::commit`] once per wake-up, before it writes any of that
 //! wake-up's output (group commit).
 
-use chatproto::{Change, Store};
+use chatproto::{Change, Snapshot, Store};
 
 use crate::database::{Committed, Database, DatabaseError};
 
@@ -22,6 +22,14 @@ impl Storage {
         match self {
             Storage::Volatile => Ok(Committed::default()),
             Storage::Database(db) => db.commit(),
+        }
+    }
+
+    /// The lasting state as committed.
+    pub fn load(&self) -> Result<Snapshot, DatabaseError> {
+        match self {
+            Storage::Volatile => Ok(Snapshot::default()),
+            Storage::Database(db) => db.load(),
         }
     }
 

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
 use chatproto::{
-    Accounts, CloseReason, Command, ConnId, FrameDecoder, FrameError, MemoryStore, Output, Reply,
-    Request, Server, ServerConfig, ServerFrame, Timestamp,
+    Accounts, Change, CloseReason, Command, ConnId, FrameDecoder, FrameError, Output, Reply,
+    Request, Server, ServerConfig, ServerFrame, Snapshot, Timestamp,
 };
 
 /// Frame decoding: never buffers more than the limit, and the frames do
@@ -124,12 +124,32 @@ pub fn check_json_request(data: &[u8]) {
 #[derive(Debug, Arbitrary)]
 pub enum Op {
     Connect,
-    Send { conn: u8, line: Line },
-    Raw { conn: u8, bytes: Vec<u8> },
-    Advance { millis: u32 },
-    Disconnect { conn: u8 },
-    CloseSlow { conn: u8 },
+    Send {
+        conn: u8,
+        line: Line,
+    },
+    Raw {
+        conn: u8,
+        bytes: Vec<u8>,
+    },
+    Advance {
+        millis: u32,
+    },
+    Disconnect {
+        conn: u8,
+    },
+    CloseSlow {
+        conn: u8,
+    },
     Shutdown,
+    /// Hold output until `Commit` or `FailCommit` (without it, every
+    /// step's changes are committed and its output sent at once).
+    Begin,
+    /// The driver's commit succeeds: held output goes out.
+    Commit,
+    /// The commit fails: held output is dropped and the core takes the
+    /// work back.
+    FailCommit,
 }
 
 /// A request, built to reach the interesting rules often.
@@ -219,9 +239,24 @@ pub fn check_server_session(data: &[u8]) {
     }
 }
 
+/// Output a driver holds until the commit.
+enum Held {
+    Frame(ConnId, ServerFrame),
+    /// The connection closed (the driver acted at once; the model learns
+    /// it in order with the frames).
+    Closed(ConnId),
+}
+
 /// The fuzzer's view of the server: what it has seen, to check against.
+/// It drives the core as a durable server does: changes are journaled and
+/// committed, and output waits for the commit.
 struct Model {
-    server: Server<MemoryStore>,
+    server: Server<Vec<Change>>,
+    /// What storage holds: every committed change applied.
+    committed: Snapshot,
+    /// Output waiting for a commit, in order.
+    held: Vec<Held>,
+    holding: bool,
     now: Timestamp,
     conns: Vec<ConnId>,
     closed: HashSet<ConnId>,
@@ -247,10 +282,14 @@ impl Model {
         config.idle_timeout = Duration::from_secs(30);
         config.lockout.max_tracked_unknown = 2;
         config.admins.insert("root".parse().unwrap());
+        config.track_commits = true;
         let now = Timestamp::from_unix_millis(1_700_000_000_000);
         Model {
             max_frame: config.max_frame_bytes,
-            server: Server::new(config, accounts, MemoryStore::new(), now).unwrap(),
+            server: Server::new(config, accounts, Vec::new(), now).unwrap(),
+            committed: Snapshot::default(),
+            held: Vec::new(),
+            holding: false,
             now,
             conns: Vec::new(),
             closed: HashSet::new(),
@@ -293,7 +332,7 @@ impl Model {
                     assert_eq!(self.server.handle_disconnect(c, self.now).is_ok(), open);
                     if open {
                         self.closed.insert(c);
-                        self.user_of.remove(&c);
+                        self.held.push(Held::Closed(c));
                     }
                 }
             }
@@ -309,9 +348,51 @@ impl Model {
                 }
             }
             Op::Shutdown => self.server.shutdown(self.now),
+            Op::Begin => self.holding = true,
+            Op::Commit => self.holding = false,
+            Op::FailCommit => {
+                self.collect();
+                // Frames are dropped; closes happened.
+                for held in std::mem::take(&mut self.held) {
+                    if let Held::Closed(conn) = held {
+                        self.user_of.remove(&conn);
+                    }
+                }
+                self.server.store_mut().clear();
+                self.server.commit_failed(&self.committed, self.now);
+                // What that says depends on nothing uncommitted: it goes
+                // out without another commit.
+                self.collect();
+                self.release();
+                self.holding = false;
+            }
         }
-        self.drain();
-        self.check_invariants();
+        self.collect();
+        if !self.holding {
+            self.commit();
+            self.check_invariants();
+        }
+    }
+
+    /// The commit succeeds: storage takes the journal, output goes out.
+    fn commit(&mut self) {
+        for change in self.server.store_mut().drain(..) {
+            self.committed.apply(&change);
+        }
+        self.server.commit_succeeded();
+        self.release();
+    }
+
+    /// Held output goes out.
+    fn release(&mut self) {
+        for held in std::mem::take(&mut self.held) {
+            match held {
+                Held::Frame(conn, frame) => self.observe(conn, frame),
+                Held::Closed(conn) => {
+                    self.user_of.remove(&conn);
+                }
+            }
+        }
     }
 
     fn input(&mut self, c: ConnId, bytes: &[u8]) {
@@ -319,7 +400,9 @@ impl Model {
         assert_eq!(self.server.handle_input(c, bytes, self.now).is_ok(), open);
     }
 
-    fn drain(&mut self) {
+    /// Takes the core's output: closes act at once (as in a driver),
+    /// frames wait for the commit.
+    fn collect(&mut self) {
         while let Some(output) = self.server.poll_output() {
             match output {
                 Output::Transmit { conn, frame } => {
@@ -330,11 +413,11 @@ impl Model {
                     assert!(!line.contains(&b'\n'));
                     let frame = ServerFrame::decode(line)
                         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(line)));
-                    self.observe(conn, frame);
+                    self.held.push(Held::Frame(conn, frame));
                 }
                 Output::Close { conn, .. } => {
                     assert!(self.closed.insert(conn), "{conn} closed twice");
-                    self.user_of.remove(&conn);
+                    self.held.push(Held::Closed(conn));
                 }
                 _ => {}
             }
