@@ -389,3 +389,32 @@ fn a_failed_commit_is_answered_unavailable_and_the_server_serves_on() {
         "exactly the acknowledged ones"
     );
 }
+
+#[test]
+fn a_damaged_database_is_refused_not_reset() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let mut alice = server.login("alice");
+    let text = "y".repeat(2000);
+    for i in 0..20 {
+        assert_eq!(
+            alice.ask(&format!("message bob {i} {text}"))["stored"],
+            true
+        );
+    }
+    stop(server, false);
+    let path = dir.path().join("chatserver.db");
+    let mut bytes = std::fs::read(&path).unwrap();
+    assert!(bytes.len() > 4 * 4096, "{} bytes", bytes.len());
+    // Scribble over the second and third pages (schema and table b-trees).
+    for b in &mut bytes[4096 + 8..3 * 4096] {
+        *b = 0xA5;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let err = start_fails(&path);
+    assert!(
+        err.contains("damaged") || err.contains("malformed"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap(), bytes, "the file was changed");
+}
