@@ -29,6 +29,10 @@ use crate::database::Database;
 use crate::reactor::{Reactor, ReactorConfig};
 use crate::storage::Storage;
 
+#[cfg(all(unix, not(target_env = "musl")))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 /// Descriptors kept free of connections: the listener, the poller, logs.
 const RESERVED_DESCRIPTORS: u64 = 32;
 

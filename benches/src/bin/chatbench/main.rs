@@ -62,8 +62,9 @@ enum Mode {
         /// How many connections.
         #[arg(long, alias = "connections", default_value_t = 10_000)]
         clients: usize,
-        /// How long to watch the idle server's CPU time, in seconds.
-        #[arg(long, default_value_t = 10)]
+        /// How long to hold the connections idle, watching the server's CPU
+        /// time, before reading its memory, in seconds.
+        #[arg(long, default_value_t = 30)]
         idle_secs: u64,
     },
     /// Every client keeps a window of direct messages in flight to random
@@ -334,6 +335,10 @@ fn idle(addr: SocketAddr, n: usize, pid: Option<u32>, idle_for: Duration) -> Res
     }
 
     let started = Instant::now();
+    // Every connection gets its hello and its login's ok, then a presence
+    // notice for each later login: the storm is over when all have come.
+    let expected = 2 * n + n * n.saturating_sub(1) / 2;
+    let mut received = 0;
     // Declared before the poller so that the poller is dropped first: no
     // registered socket is ever closed while the poller still watches it.
     let mut conns: Vec<Conn> = Vec::with_capacity(n);
@@ -359,12 +364,13 @@ fn idle(addr: SocketAddr, n: usize, pid: Option<u32>, idle_for: Duration) -> Res
         });
         if i % 1000 == 999 {
             // Serve what has arrived so the server's output does not pile up.
-            pump(&poller, &mut conns, Some(Duration::ZERO))?;
+            received += pump(&poller, &mut conns, Some(Duration::ZERO))?;
         }
     }
     let mut logged_in = count_logged_in(&conns);
     while logged_in < n {
         let frames = pump(&poller, &mut conns, Some(Duration::from_secs(5)))?;
+        received += frames;
         logged_in = count_logged_in(&conns);
         if frames == 0 {
             return Err(format!("stalled: {logged_in} of {n} logged in"));
@@ -374,23 +380,28 @@ fn idle(addr: SocketAddr, n: usize, pid: Option<u32>, idle_for: Duration) -> Res
         "{n} connections logged in after {:.1} s",
         started.elapsed().as_secs_f64()
     );
-    // Let the presence storm drain: wait until a whole second passes with
-    // no frame arriving and (when we can see it) the server idle, so that
-    // nothing is still queued in the server when its memory is read.
+    // Let the presence storm drain: every frame has arrived, and (when we
+    // can see it) the server is idle, so nothing is still queued in it
+    // when its memory is read.
     let mut last_frame = Instant::now();
     let mut last_cpu = pid
         .map(ProcessSample::read)
         .transpose()?
         .map(|s| s.cpu_secs);
-    let mut last_check = Instant::now();
     loop {
-        if pump(&poller, &mut conns, Some(Duration::from_millis(200)))? > 0 {
+        let frames = pump(&poller, &mut conns, Some(Duration::from_millis(200)))?;
+        received += frames;
+        if frames > 0 {
             last_frame = Instant::now();
+        } else if last_frame.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "the presence storm stalled: {received} of {expected} frames arrived"
+            ));
         }
-        if last_check.elapsed() < Duration::from_secs(1) {
+        if received < expected {
             continue;
         }
-        last_check = Instant::now();
+        std::thread::sleep(Duration::from_secs(1));
         let cpu = pid
             .map(ProcessSample::read)
             .transpose()?
@@ -400,10 +411,7 @@ fn idle(addr: SocketAddr, n: usize, pid: Option<u32>, idle_for: Duration) -> Res
             _ => true,
         };
         last_cpu = cpu;
-        // Three quiet seconds: with thousands of sockets the kernel can
-        // stall a second under memory pressure while the server still has
-        // output queued.
-        if server_idle && last_frame.elapsed() >= Duration::from_secs(3) {
+        if server_idle {
             break;
         }
     }
@@ -423,13 +431,22 @@ fn idle(addr: SocketAddr, n: usize, pid: Option<u32>, idle_for: Duration) -> Res
             )?;
         }
         let after = ProcessSample::read(pid)?;
-        let per_conn = settled.rss_bytes.saturating_sub(before.rss_bytes) as f64 / n as f64;
+        // Idle memory is what the server holds once it has been idle for
+        // a while: allocators hand freed memory back to the system on a
+        // delay, so the figure just after the storm is shown too.
+        let per_conn = |rss: u64| rss.saturating_sub(before.rss_bytes) as f64 / n as f64 / 1024.0;
         let cpu = (after.cpu_secs - settled.cpu_secs) / idle_for.as_secs_f64() * 100.0;
         println!(
-            "server with {n} idle connections: {:.1} MiB resident",
+            "server with {n} idle connections: {:.1} MiB resident after {} s idle ({:.1} MiB just after the storm)",
+            mib(after.rss_bytes),
+            idle_for.as_secs(),
             mib(settled.rss_bytes)
         );
-        println!("memory per idle connection: {:.1} KiB", per_conn / 1024.0);
+        println!(
+            "memory per idle connection: {:.1} KiB ({:.1} KiB just after the storm)",
+            per_conn(after.rss_bytes),
+            per_conn(settled.rss_bytes)
+        );
         println!(
             "server CPU while idle for {} s: {cpu:.2}% of one core ({frames} frames received meanwhile)",
             idle_for.as_secs()
