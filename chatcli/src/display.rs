@@ -114,6 +114,12 @@ pub fn closed(reason: Option<ByeReason>) -> (String, u8) {
         Some(ByeReason::ServerShutdown) => {
             ("Disconnected: the server is shutting down.".to_owned(), 4)
         }
+        Some(ByeReason::LoginTimeout) => ("Disconnected: did not log in in time.".to_owned(), 3),
+        Some(ByeReason::Flood) => ("Disconnected: too many requests, too fast.".to_owned(), 6),
+        Some(ByeReason::TooManyConnections) => (
+            "Refused: too many connections from this address.".to_owned(),
+            6,
+        ),
         None => ("Connection to the server lost.".to_owned(), 5),
         Some(other) => (format!("Disconnected by the server ({other})."), 6),
     }

@@ -46,12 +46,17 @@ pub(crate) struct Connection {
     pub(crate) session: Uuid,
     pub(crate) decoder: FrameDecoder,
     pub(crate) user: Option<UserId>,
+    /// When the connection opened.
+    pub(crate) opened: Timestamp,
     /// When the last frame arrived (or the connection opened).
     pub(crate) last_frame: Timestamp,
-    /// Where this connection sits in the idle-timer queue.
+    /// Where this connection sits in the timer queue (idle and login
+    /// timeouts).
     pub(crate) idle_timer: Timestamp,
     /// Present when the server limits frame rates.
     pub(crate) bucket: Option<TokenBucket>,
+    /// Frames refused by the rate limit since the last one let through.
+    pub(crate) refused_in_row: u32,
 }
 
 /// The open connections.
@@ -135,9 +140,11 @@ mod tests {
             session: Uuid::nil(),
             decoder: FrameDecoder::new(64),
             user: None,
+            opened: Timestamp::ZERO,
             last_frame: Timestamp::ZERO,
             idle_timer: Timestamp::ZERO,
             bucket: None,
+            refused_in_row: 0,
         }
     }
 

@@ -14,8 +14,8 @@ use crate::time::Timestamp;
 /// ```
 /// use chatproto::RateLimit;
 ///
-/// let limit = RateLimit { burst: 10, per_second: 5 };
-/// assert_eq!(limit, RateLimit { burst: 10, per_second: 5 });
+/// let limit = RateLimit { burst: 10, per_second: 5, flood_after: 50 };
+/// assert_eq!(limit.burst, 10);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RateLimit {
@@ -23,15 +23,20 @@ pub struct RateLimit {
     pub burst: u32,
     /// Frames per second sustained.
     pub per_second: u32,
+    /// Frames refused in a row after which the connection is closed with
+    /// `bye` reason `flood`; 0: never.
+    pub flood_after: u32,
 }
 
 impl Default for RateLimit {
     /// 200 frames at once, 100 a second: far beyond any typist, and beyond
-    /// any reasonable script.
+    /// any reasonable script. A client that ignores 100 refusals in a row is
+    /// not going to slow down: it is cut off.
     fn default() -> Self {
         RateLimit {
             burst: 200,
             per_second: 100,
+            flood_after: 100,
         }
     }
 }
@@ -85,6 +90,7 @@ mod tests {
         let limit = RateLimit {
             burst: 3,
             per_second: 2,
+            flood_after: 0,
         };
         let t0 = Timestamp::from_unix_millis(10_000);
         let mut b = TokenBucket::new(limit, t0);

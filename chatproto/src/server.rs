@@ -63,6 +63,11 @@ pub struct ServerConfig {
     /// Frames per connection, or `None` for no limit (default:
     /// [`RateLimit::default`]).
     pub rate_limit: Option<RateLimit>,
+    /// A connection that has not logged in this long after it opened is
+    /// closed with `bye` reason `login_timeout`, so idle unauthenticated
+    /// sockets cannot pile up (default 30 s; `None`: only the idle
+    /// timeout applies).
+    pub login_timeout: Option<Duration>,
     /// The driver commits the store after each batch of work, holds the
     /// batch's output until the commit succeeds, and reports the outcome
     /// with [`Server::commit_succeeded`] or [`Server::commit_failed`]. The
@@ -80,6 +85,7 @@ impl Default for ServerConfig {
             offline_queue_capacity: DEFAULT_OFFLINE_QUEUE_CAPACITY,
             admins: HashSet::new(),
             rate_limit: Some(RateLimit::default()),
+            login_timeout: Some(Duration::from_secs(30)),
             track_commits: false,
         }
     }
@@ -109,6 +115,9 @@ pub enum ConfigError {
     /// `rate_limit` allows no frames at all.
     #[error("a rate limit needs a burst and a rate of at least 1 frame")]
     ZeroRateLimit,
+    /// `login_timeout` is zero (use `None` for no login timeout).
+    #[error("the login timeout must be at least 1 ms")]
+    ZeroLoginTimeout,
 }
 
 /// Output queue slots kept between bursts, and the size past which a
@@ -144,6 +153,9 @@ impl ServerConfig {
             .is_some_and(|r| r.burst == 0 || r.per_second == 0)
         {
             return Err(ConfigError::ZeroRateLimit);
+        }
+        if self.login_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(ConfigError::ZeroLoginTimeout);
         }
         Ok(())
     }
@@ -208,6 +220,11 @@ pub enum Event {
         conn: ConnId,
         /// Who.
         user: Username,
+    },
+    /// A connection kept sending past its rate limit and is being closed.
+    Flooding {
+        /// Which.
+        conn: ConnId,
     },
 }
 
@@ -308,18 +325,22 @@ impl<S: Store> Server<S> {
     /// session id (a UUID v4); give it fresh random bytes.
     pub fn accept(&mut self, session_random: [u8; 16], now: Timestamp) -> ConnId {
         let session = uuid::Builder::from_random_bytes(session_random).into_uuid();
-        let idle_timer = now + self.config.idle_timeout;
-        let conn = self.connections.insert(Connection {
+        let mut c = Connection {
             session,
             decoder: FrameDecoder::new(self.config.max_frame_bytes),
             user: None,
+            opened: now,
             last_frame: now,
-            idle_timer,
+            idle_timer: now,
             bucket: self
                 .config
                 .rate_limit
                 .map(|limit| TokenBucket::new(limit, now)),
-        });
+            refused_in_row: 0,
+        };
+        let idle_timer = self.deadline(&c).0;
+        c.idle_timer = idle_timer;
+        let conn = self.connections.insert(c);
         self.idle_timers.insert((idle_timer, conn));
         if let Some(u) = &mut self.uncommitted {
             u.accepted.push(conn);
@@ -357,13 +378,27 @@ impl<S: Store> Server<S> {
         let mut input = data;
         while let Some(frame) = decoder.decode(&mut input) {
             let mut allowed = true;
+            let mut flooding = false;
             if let Some(c) = self.connections.get_mut(conn) {
                 c.last_frame = now;
                 if let (Some(bucket), Some(limit)) = (&mut c.bucket, self.config.rate_limit) {
                     allowed = bucket.take(limit, now);
+                    if allowed {
+                        c.refused_in_row = 0;
+                    } else {
+                        c.refused_in_row = c.refused_in_row.saturating_add(1);
+                        flooding = limit.flood_after > 0 && c.refused_in_row > limit.flood_after;
+                    }
                 }
             }
             match frame {
+                Ok(_) | Err(_) if flooding => {
+                    // It keeps going after `flood_after` refusals: it is
+                    // not listening. The rest of its input is ignored.
+                    self.event(Event::Flooding { conn });
+                    self.say_bye(conn, ByeReason::Flood, now);
+                    return Ok(());
+                }
                 Ok(frame) if !allowed => {
                     // Refused, not dropped: answer under the request's id.
                     let id = Request::parse_frame(frame).map_or_else(|r| r.id, |r| r.id);
@@ -442,15 +477,17 @@ impl<S: Store> Server<S> {
                 break;
             }
             self.idle_timers.pop_first();
-            let Some(c) = self.connections.get_mut(conn) else {
+            let Some(c) = self.connections.get(conn) else {
                 continue;
             };
-            let deadline = c.last_frame + self.config.idle_timeout;
+            let (deadline, reason) = self.deadline(c);
             if deadline > now {
-                c.idle_timer = deadline;
+                if let Some(c) = self.connections.get_mut(conn) {
+                    c.idle_timer = deadline;
+                }
                 self.idle_timers.insert((deadline, conn));
             } else {
-                self.say_bye(conn, ByeReason::IdleTimeout, now);
+                self.say_bye(conn, reason, now);
             }
         }
         for ended in self.lockout.expire(now) {
@@ -1120,6 +1157,26 @@ impl<S: Store> Server<S> {
             self.event(Event::LoggedOut { conn, user: name });
         }
         Some(())
+    }
+
+    /// When `c` times out, and why: idle for too long, or (before login)
+    /// not logged in in time, whichever comes first.
+    fn deadline(&self, c: &Connection) -> (Timestamp, ByeReason) {
+        let idle = (
+            c.last_frame + self.config.idle_timeout,
+            ByeReason::IdleTimeout,
+        );
+        match self.config.login_timeout {
+            Some(limit) if c.user.is_none() => {
+                let login = (c.opened + limit, ByeReason::LoginTimeout);
+                if login.0 < idle.0 {
+                    login
+                } else {
+                    idle
+                }
+            }
+            _ => idle,
+        }
     }
 
     fn reply(&mut self, conn: ConnId, id: Option<RequestId>, reply: Reply, text: String) {

@@ -221,6 +221,12 @@ pub enum ByeReason {
     SlowConsumer,
     /// The server is at its connection limit.
     ServerFull,
+    /// Too many connections from the same address.
+    TooManyConnections,
+    /// The connection did not log in within the login timeout.
+    LoginTimeout,
+    /// The connection kept sending past its rate limit.
+    Flood,
     /// A reason this version does not know (sent by a newer server).
     #[serde(other)]
     Unrecognized,
@@ -235,6 +241,9 @@ impl ByeReason {
             ByeReason::ServerShutdown => "server_shutdown",
             ByeReason::SlowConsumer => "slow_consumer",
             ByeReason::ServerFull => "server_full",
+            ByeReason::TooManyConnections => "too_many_connections",
+            ByeReason::LoginTimeout => "login_timeout",
+            ByeReason::Flood => "flood",
             ByeReason::Unrecognized => "unrecognized",
         }
     }

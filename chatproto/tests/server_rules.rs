@@ -3,9 +3,11 @@
 
 mod common;
 
+use std::time::Duration;
+
 use chatproto::{
-    ByeReason, Change, ErrorCode, Event, LastSeen, MessageFrame, RateLimit, Reply, ServerFrame,
-    Timestamp, UnknownConnection,
+    ByeReason, Change, ConfigError, ErrorCode, Event, LastSeen, MessageFrame, RateLimit, Reply,
+    ServerFrame, Timestamp, UnknownConnection,
 };
 use common::{names, presences, secs, Sim, T0};
 
@@ -875,6 +877,7 @@ fn frames_over_the_rate_limit_are_refused_with_rate_limited() {
     config.rate_limit = Some(RateLimit {
         burst: 3,
         per_second: 1,
+        flood_after: 0,
     });
     let mut sim = Sim::with_config(config);
     let c = sim.connect();
@@ -891,6 +894,127 @@ fn frames_over_the_rate_limit_are_refused_with_rate_limited() {
     );
     sim.advance(secs(1));
     sim.ok(c, "help");
+}
+
+#[test]
+fn a_connection_that_keeps_flooding_is_closed_with_bye_flood() {
+    let mut config = common::config();
+    config.rate_limit = Some(RateLimit {
+        burst: 2,
+        per_second: 1,
+        flood_after: 3,
+    });
+    let mut sim = Sim::with_config(config);
+    let bob = sim.login("bob");
+    let c = sim.connect();
+    sim.ok(c, "login alice pw-alice");
+    sim.take(bob);
+    // One frame of the burst is left; then three refusals are tolerated,
+    // and the fourth in a row ends it.
+    sim.send_bytes(
+        c,
+        "whoami
+"
+        .repeat(10)
+        .as_bytes(),
+    );
+    let frames = sim.take(c);
+    let codes: Vec<_> = frames
+        .iter()
+        .map(|f| match f {
+            ServerFrame::Ok(_) => "ok".to_owned(),
+            ServerFrame::Error(e) => e.code.to_string(),
+            ServerFrame::Bye { reason } => format!("bye {reason}"),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        codes,
+        [
+            "ok",
+            "rate_limited",
+            "rate_limited",
+            "rate_limited",
+            "bye flood"
+        ]
+    );
+    assert_eq!(sim.closed.get(&c), Some(&ByeReason::Flood));
+    assert!(sim
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Flooding { conn } if *conn == c)));
+    // Others see the user leave.
+    assert_eq!(presences(&sim.take(bob)), [("alice".to_owned(), false)]);
+}
+
+#[test]
+fn slowing_down_after_a_refusal_starts_the_count_again() {
+    let mut config = common::config();
+    config.rate_limit = Some(RateLimit {
+        burst: 1,
+        per_second: 1,
+        flood_after: 2,
+    });
+    let mut sim = Sim::with_config(config);
+    let c = sim.connect();
+    for _ in 0..5 {
+        // One let through, two refused: never three refusals in a row.
+        sim.send_bytes(
+            c,
+            b"help
+help
+help
+",
+        );
+        sim.advance(secs(1));
+    }
+    assert!(sim.closed.is_empty());
+    let refused = sim
+        .take(c)
+        .iter()
+        .filter(|f| matches!(f, ServerFrame::Error(e) if e.code == ErrorCode::RateLimited))
+        .count();
+    assert_eq!(refused, 10);
+}
+
+// --- Login timeout ---------------------------------------------------------------------------
+
+#[test]
+fn a_connection_that_does_not_log_in_in_time_is_closed() {
+    let mut config = common::config();
+    config.login_timeout = Some(secs(30));
+    let mut sim = Sim::with_config(config);
+    let idle = sim.connect();
+    let chatty = sim.connect();
+    let logged_in = sim.login("alice");
+    // Activity does not postpone the login timeout: only a login does.
+    for _ in 0..5 {
+        sim.advance(secs(5));
+        sim.send(chatty, "help");
+    }
+    sim.advance(secs(4));
+    assert!(sim.closed.is_empty());
+    sim.advance(secs(1));
+    assert_eq!(sim.closed.get(&idle), Some(&ByeReason::LoginTimeout));
+    assert_eq!(sim.closed.get(&chatty), Some(&ByeReason::LoginTimeout));
+    assert!(matches!(
+        sim.take(idle).last(),
+        Some(ServerFrame::Bye {
+            reason: ByeReason::LoginTimeout
+        })
+    ));
+    // A logged-in connection only has the idle timeout.
+    sim.advance(secs(500));
+    assert!(!sim.closed.contains_key(&logged_in));
+    sim.advance(secs(100));
+    assert_eq!(sim.closed.get(&logged_in), Some(&ByeReason::IdleTimeout));
+}
+
+#[test]
+fn a_zero_login_timeout_is_a_config_error() {
+    let mut config = common::config();
+    config.login_timeout = Some(Duration::ZERO);
+    assert_eq!(config.validate(), Err(ConfigError::ZeroLoginTimeout));
 }
 
 // --- Lasting state: the store sees every change --------------------------------------------------

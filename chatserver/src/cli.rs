@@ -67,9 +67,25 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = RateLimit::default().per_second, value_parser = clap::value_parser!(u32).range(1..))]
     rate_limit_per_sec: u32,
 
+    /// Frames refused in a row, past the rate limit, after which a
+    /// connection is closed with `bye flood` (0: never).
+    #[arg(long, value_name = "N", default_value_t = RateLimit::default().flood_after)]
+    flood_after: u32,
+
     /// Turn the per-connection rate limit off.
-    #[arg(long, conflicts_with_all = ["rate_limit_burst", "rate_limit_per_sec"])]
+    #[arg(long, conflicts_with_all = ["rate_limit_burst", "rate_limit_per_sec", "flood_after"])]
     no_rate_limit: bool,
+
+    /// Close connections that have not logged in this many seconds after
+    /// connecting (0: never; the idle timeout still applies).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    login_timeout_secs: u64,
+
+    /// Most open connections from one IP address; more are accepted and
+    /// closed with `bye` reason `too_many_connections`. Default: no limit
+    /// besides --max-connections.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    max_connections_per_ip: Option<u32>,
 
     /// SQLite database that keeps offline messages, blocks, last-seen times
     /// and locks across restarts; created if missing. `:memory:` keeps
@@ -111,6 +127,7 @@ pub struct Settings {
     pub core: ServerConfig,
     pub max_connections: Option<usize>,
     pub max_output_bytes: usize,
+    pub max_connections_per_ip: Option<u32>,
     pub shutdown_grace: Duration,
 }
 
@@ -183,7 +200,10 @@ impl Args {
         core.rate_limit = (!self.no_rate_limit).then_some(RateLimit {
             burst: self.rate_limit_burst,
             per_second: self.rate_limit_per_sec,
+            flood_after: self.flood_after,
         });
+        core.login_timeout =
+            (self.login_timeout_secs > 0).then(|| Duration::from_secs(self.login_timeout_secs));
         core.validate()?;
 
         Ok(Settings {
@@ -196,6 +216,7 @@ impl Args {
                 .max_connections
                 .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             max_output_bytes: usize::try_from(self.max_output_bytes).unwrap_or(usize::MAX),
+            max_connections_per_ip: self.max_connections_per_ip,
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
         })
     }
@@ -238,6 +259,29 @@ mod tests {
         assert_eq!(s.core.lockout.max_failures, 3);
         assert_eq!(s.max_output_bytes, 1024 * 1024);
         assert_eq!(s.database, Some(PathBuf::from("chatserver.db")));
+        assert_eq!(s.core.login_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(s.core.rate_limit.unwrap().flood_after, 100);
+        assert_eq!(s.max_connections_per_ip, None);
+    }
+
+    #[test]
+    fn limits() {
+        let s = settings(&[
+            "--login-timeout-secs",
+            "0",
+            "--flood-after",
+            "7",
+            "--max-connections-per-ip",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!(s.core.login_timeout, None);
+        assert_eq!(s.core.rate_limit.unwrap().flood_after, 7);
+        assert_eq!(s.max_connections_per_ip, Some(3));
+        let zero = settings(&["--max-connections-per-ip", "0"]).unwrap_err();
+        assert!(zero.contains("--max-connections-per-ip"), "{zero}");
+        let both = settings(&["--no-rate-limit", "--flood-after", "3"]).unwrap_err();
+        assert!(both.contains("cannot be used with"), "{both}");
     }
 
     #[test]

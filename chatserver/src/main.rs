@@ -162,6 +162,7 @@ fn serve(settings: Settings) -> Result<(), String> {
     let config = ReactorConfig {
         max_connections,
         max_output_bytes: settings.max_output_bytes,
+        max_connections_per_ip: settings.max_connections_per_ip,
         shutdown_grace: settings.shutdown_grace,
     };
     let mut reactor =

@@ -6,9 +6,9 @@
 //! each socket that has output once, with vectored writes. It holds no chat
 //! logic: that is all in `chatproto::Server`.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read};
-use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +27,7 @@ use crate::storage::Storage;
 pub struct ReactorConfig {
     pub max_connections: usize,
     pub max_output_bytes: usize,
+    pub max_connections_per_ip: Option<u32>,
     pub shutdown_grace: Duration,
 }
 
@@ -52,6 +53,8 @@ pub struct Reactor {
     sockets: Vec<Option<Socket>>,
     free_keys: Vec<usize>,
     open: usize,
+    /// Open sockets per peer address (with `max_connections_per_ip`).
+    per_ip: HashMap<IpAddr, u32>,
     /// Socket key for each open core connection, by `ConnId::index`.
     by_conn: Vec<Option<(ConnId, usize)>>,
     /// Sockets with output or interest to update this turn.
@@ -131,6 +134,7 @@ impl Reactor {
             sockets: Vec::new(),
             free_keys: Vec::new(),
             open: 0,
+            per_ip: HashMap::new(),
             by_conn: Vec::new(),
             dirty: Vec::new(),
             staged: Vec::new(),
@@ -291,8 +295,16 @@ impl Reactor {
     fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
         if self.open >= self.config.max_connections {
             info!(%peer, "refused: server full ({} connections)", self.open);
-            refuse_full(stream);
+            refuse(stream, ByeReason::ServerFull);
             return;
+        }
+        if let Some(limit) = self.config.max_connections_per_ip {
+            let count = self.per_ip.get(&peer.ip()).copied().unwrap_or(0);
+            if count >= limit {
+                info!(%peer, "refused: {count} connections from this address already");
+                refuse(stream, ByeReason::TooManyConnections);
+                return;
+            }
         }
         if let Err(e) = stream
             .set_nonblocking(true)
@@ -315,6 +327,10 @@ impl Reactor {
                 return;
             }
         };
+        if self.config.max_connections_per_ip.is_some() {
+            // Counted from here on; `remove` uncounts it.
+            *self.per_ip.entry(peer.ip()).or_default() += 1;
+        }
         let now = self.clock.now();
         let conn = self.core.accept(*uuid::Uuid::new_v4().as_bytes(), now);
         if self.by_conn.len() <= conn.index() {
@@ -621,6 +637,16 @@ impl Reactor {
         self.flush_dirty()
     }
 
+    /// A socket from `ip` is gone.
+    fn uncount(&mut self, ip: IpAddr) {
+        if let Some(count) = self.per_ip.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_ip.remove(&ip);
+            }
+        }
+    }
+
     fn mark_dirty(&mut self, key: usize) {
         if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
             if !socket.dirty {
@@ -666,20 +692,18 @@ impl Reactor {
             }
         }
         debug!(peer = %socket.peer, "socket closed");
+        self.uncount(socket.peer.ip());
         self.free_keys.push(key);
         self.open -= 1;
     }
 }
 
-/// Accepted beyond `--max-connections`: say why and hang up. The frame is
+/// Accepted beyond a connection limit: say why and hang up. The frame is
 /// tiny and the socket's send buffer empty, so one non-blocking write
 /// suffices.
-fn refuse_full(stream: TcpStream) {
+fn refuse(stream: TcpStream, reason: ByeReason) {
     use std::io::Write;
-    let bye = ServerFrame::Bye {
-        reason: ByeReason::ServerFull,
-    }
-    .encode();
+    let bye = ServerFrame::Bye { reason }.encode();
     let _ = stream.set_nonblocking(true);
     let _ = (&stream).write_all(&bye);
     let _ = stream.shutdown(Shutdown::Write);
@@ -696,6 +720,7 @@ fn log_event(event: &CoreEvent) {
         CoreEvent::LoginRefused { conn, user, code } => info!(%conn, %user, %code, "login refused"),
         CoreEvent::Locked { user, until } => warn!(%user, %until, "locked after failed logins"),
         CoreEvent::LoggedOut { conn, user } => info!(%conn, %user, "logged out"),
+        CoreEvent::Flooding { conn } => warn!(%conn, "flooding past its rate limit: closing"),
         other => debug!("{other:?}"),
     }
 }

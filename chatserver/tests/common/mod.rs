@@ -203,19 +203,24 @@ impl Client {
     }
 
     pub fn from_stream(stream: TcpStream) -> Client {
-        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-        stream.set_nodelay(true).unwrap();
-        let writer = stream.try_clone().unwrap();
-        let mut c = Client {
-            reader: BufReader::new(stream),
-            writer,
-            session: String::new(),
-        };
+        let mut c = Client::from_stream_raw(stream);
         let hello = c.recv();
         assert_eq!(hello["type"], "hello", "{hello}");
         assert_eq!(hello["version"], 1);
         c.session = hello["session"].as_str().unwrap().to_owned();
         c
+    }
+
+    /// A client on `stream` that has read nothing yet (not even `hello`).
+    pub fn from_stream_raw(stream: TcpStream) -> Client {
+        stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let writer = stream.try_clone().unwrap();
+        Client {
+            reader: BufReader::new(stream),
+            writer,
+            session: String::new(),
+        }
     }
 
     pub fn login(&mut self, user: &str) {
