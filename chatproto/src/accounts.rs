@@ -1,4 +1,5 @@
-//! Accounts: who may log in, and with which password.
+//! Accounts: who may log in, and with which password (kept in plaintext or
+//! as a hash).
 //!
 //! The table is fixed when the server core is built (the binary reads it
 //! from its credentials file). Each account gets a small integer
@@ -7,7 +8,7 @@
 
 use std::collections::HashMap;
 
-use crate::password::Password;
+use crate::password::{HashedPassword, Password};
 use crate::username::Username;
 
 /// The accounts a server knows.
@@ -24,13 +25,25 @@ use crate::username::Username;
 pub struct Accounts {
     entries: Vec<Account>,
     by_name: HashMap<Username, UserId>,
+    /// A hash to check logins for unknown names against, so that they cost
+    /// what a wrong password costs (the first hashed account's).
+    decoy: Option<HashedPassword>,
 }
 
 /// One account.
 #[derive(Clone, Debug)]
 pub struct Account {
     name: Username,
-    password: Password,
+    credential: Credential,
+}
+
+/// How an account's password is kept.
+#[derive(Clone, Debug)]
+pub enum Credential {
+    /// In plaintext: checked in constant time by the core.
+    Plain(Password),
+    /// As a hash: checked by the driver, off its event loop.
+    Hashed(HashedPassword),
 }
 
 /// An account's index in its [`Accounts`] table.
@@ -48,15 +61,48 @@ impl Accounts {
         Accounts::default()
     }
 
-    /// Adds an account; a name may appear once.
+    /// Adds an account with a plaintext password; a name may appear once.
     pub fn insert(&mut self, name: Username, password: Password) -> Result<(), DuplicateAccount> {
+        self.insert_credential(name, Credential::Plain(password))
+    }
+
+    /// Adds an account with a password hash; a name may appear once.
+    pub fn insert_hashed(
+        &mut self,
+        name: Username,
+        hash: HashedPassword,
+    ) -> Result<(), DuplicateAccount> {
+        self.insert_credential(name, Credential::Hashed(hash))
+    }
+
+    /// Adds an account; a name may appear once.
+    pub fn insert_credential(
+        &mut self,
+        name: Username,
+        credential: Credential,
+    ) -> Result<(), DuplicateAccount> {
         if self.by_name.contains_key(&name) {
             return Err(DuplicateAccount(name));
         }
+        if let (None, Credential::Hashed(hash)) = (&self.decoy, &credential) {
+            self.decoy = Some(hash.clone());
+        }
         let id = UserId(u32::try_from(self.entries.len()).expect("fewer than 2^32 accounts"));
         self.by_name.insert(name.clone(), id);
-        self.entries.push(Account { name, password });
+        self.entries.push(Account { name, credential });
         Ok(())
+    }
+
+    /// How many accounts keep their password in plaintext.
+    pub fn plaintext_count(&self) -> usize {
+        self.entries
+            .iter()
+            .filter(|a| matches!(a.credential, Credential::Plain(_)))
+            .count()
+    }
+
+    pub(crate) fn decoy(&self) -> Option<&HashedPassword> {
+        self.decoy.as_ref()
     }
 
     /// How many accounts there are.
@@ -102,9 +148,18 @@ impl Account {
         &self.name
     }
 
-    /// Whether `password` is this account's.
+    /// How the password is kept.
+    pub fn credential(&self) -> &Credential {
+        &self.credential
+    }
+
+    /// Whether `password` is this account's plaintext password (always
+    /// false for a hashed one, which only the driver can check).
     pub fn check_password(&self, password: &Password) -> bool {
-        self.password.matches(password)
+        match &self.credential {
+            Credential::Plain(p) => p.matches(password),
+            Credential::Hashed(_) => false,
+        }
     }
 }
 

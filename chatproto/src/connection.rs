@@ -57,6 +57,10 @@ pub(crate) struct Connection {
     pub(crate) bucket: Option<TokenBucket>,
     /// Frames refused by the rate limit since the last one let through.
     pub(crate) refused_in_row: u32,
+    /// Its login's password is being checked.
+    pub(crate) awaiting: Option<crate::server::VerifyTicket>,
+    /// Input that arrived meanwhile, served after the verdict.
+    pub(crate) held_input: Vec<u8>,
 }
 
 /// The open connections.
@@ -145,6 +149,8 @@ mod tests {
             idle_timer: Timestamp::ZERO,
             bucket: None,
             refused_in_row: 0,
+            awaiting: None,
+            held_input: Vec::new(),
         }
     }
 

@@ -96,7 +96,7 @@ mod time;
 mod uncommitted;
 mod username;
 
-pub use accounts::{Account, Accounts, DuplicateAccount};
+pub use accounts::{Account, Accounts, Credential, DuplicateAccount};
 pub use client::{
     Client, ClientEvent, ClientState, PendingRequest, SendError, DEFAULT_CLIENT_MAX_FRAME_BYTES,
 };
@@ -106,12 +106,12 @@ pub use error::{ErrorCode, RequestError};
 pub use framing::{encode_frame, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES};
 pub use lockout::{LockoutPolicy, LockoutState};
 pub use offline::OfflineMessage;
-pub use password::{InvalidPassword, Password};
+pub use password::{HashedPassword, InvalidHash, InvalidPassword, Password};
 pub use rate_limit::RateLimit;
 pub use request::{Rejected, Request, RequestId};
 pub use server::{
     CloseReason, ConfigError, Event, Output, RestoreSummary, Server, ServerConfig,
-    UnknownConnection, MAX_FRAME_BYTES, MIN_FRAME_BYTES,
+    UnknownConnection, VerifyTicket, MAX_FRAME_BYTES, MIN_FRAME_BYTES,
 };
 pub use server_frame::{
     BroadcastFrame, ByeReason, CommandUsage, DebugState, ErrorFrame, InvalidFrame, MessageFrame,

@@ -1,6 +1,10 @@
-//! Passwords: a secret that cannot reach a log by accident.
+//! Passwords: a secret that cannot reach a log by accident, and the
+//! stored hash of one.
 
 use std::fmt;
+use std::sync::Arc;
+
+use subtle::ConstantTimeEq;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -57,12 +61,67 @@ impl Password {
     /// Compares with `other` in time that depends only on the lengths, so
     /// that response timing does not reveal how much of a guess was right.
     pub fn matches(&self, other: &Password) -> bool {
-        let (a, b) = (self.0.as_bytes(), other.0.as_bytes());
-        let mut diff = u8::from(a.len() != b.len());
-        for (x, y) in a.iter().zip(b.iter()) {
-            diff |= x ^ y;
+        self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
+    }
+}
+
+/// A password hash in PHC string form, such as Argon2id's
+/// `$argon2id$v=19$m=19456,t=2,p=1$<salt>$<hash>`.
+///
+/// The core never computes or checks a hash itself: that costs
+/// milliseconds of CPU, which a driver runs off its event loop. When a
+/// login needs one checked, the core asks with
+/// [`Output::VerifyPassword`](crate::Output::VerifyPassword) and takes the
+/// verdict back with [`Server::handle_verification`](crate::Server::handle_verification).
+/// Cloning is cheap.
+///
+/// ```
+/// use chatproto::HashedPassword;
+///
+/// assert!(HashedPassword::new("$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo").is_ok());
+/// assert!(HashedPassword::new("plaintext").is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq)]
+pub struct HashedPassword(Arc<str>);
+
+/// Why a string is not a [`HashedPassword`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("not a password hash in PHC string form ($<algorithm>$...)")]
+pub struct InvalidHash;
+
+impl HashedPassword {
+    /// Wraps a PHC string. Only its shape is checked (`$` then an
+    /// algorithm name, no white space): the driver that verifies it knows
+    /// the algorithms it supports.
+    pub fn new(phc: &str) -> Result<Self, InvalidHash> {
+        let algorithm = phc
+            .strip_prefix('$')
+            .and_then(|rest| rest.split('$').next())
+            .unwrap_or("");
+        let shaped = !algorithm.is_empty()
+            && algorithm
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && phc.len() <= 1024
+            && !phc.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !shaped {
+            return Err(InvalidHash);
         }
-        diff == 0
+        Ok(HashedPassword(phc.into()))
+    }
+
+    /// The PHC string.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for HashedPassword {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The algorithm and parameters are not secret; the hash is not
+        // needed in logs.
+        let head: Vec<&str> = self.0.split('$').take(4).collect();
+        write!(f, "HashedPassword({}$…)", head.join("$"))
     }
 }
 

@@ -8,12 +8,12 @@
 //! — and after each call drains [`Server::poll_output`] until `None`, then
 //! waits for [`Server::poll_timeout`] or the next socket event.
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
 
-use crate::accounts::{Accounts, UserId};
+use crate::accounts::{Accounts, Credential, UserId};
 use crate::blocking::BlockList;
 use crate::command::{Command, CommandName, DebugTarget};
 use crate::connection::{ConnId, Connection, Connections};
@@ -21,7 +21,7 @@ use crate::error::{ErrorCode, RequestError};
 use crate::framing::{FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES};
 use crate::lockout::{Lockout, LockoutPolicy};
 use crate::offline::{OfflineMessage, OfflineQueues, DEFAULT_OFFLINE_QUEUE_CAPACITY};
-use crate::password::Password;
+use crate::password::{HashedPassword, Password};
 use crate::presence::Presence;
 use crate::rate_limit::{RateLimit, TokenBucket};
 use crate::request::{Request, RequestId};
@@ -184,7 +184,48 @@ pub enum Output {
     },
     /// Something worth a log line. Never holds a password or message text.
     Event(Event),
+    /// Check `password` against `hash` (for a login), off the event loop:
+    /// it costs milliseconds. Answer with [`Server::handle_verification`].
+    /// Meanwhile the connection's later frames wait, so its answers stay
+    /// in order.
+    VerifyPassword {
+        /// What to hand back with the verdict.
+        ticket: VerifyTicket,
+        /// The stored hash (PHC string).
+        hash: HashedPassword,
+        /// The password the user sent.
+        password: Password,
+    },
 }
+
+/// Names one [`Output::VerifyPassword`] request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VerifyTicket(u64);
+
+impl std::fmt::Display for VerifyTicket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "verify#{}", self.0)
+    }
+}
+
+/// A login waiting for its password check.
+#[derive(Debug)]
+struct PendingLogin {
+    conn: ConnId,
+    id: Option<RequestId>,
+    name: Username,
+    /// `None` for a name without an account (checked against a decoy).
+    account: Option<UserId>,
+}
+
+/// Input a connection may send while its login is being checked, beyond
+/// which it is cut off as a flood (in frame limits).
+const HELD_INPUT_FRAMES: usize = 4;
+
+/// Compared with the password of a login for an unknown name when no
+/// account is hashed, so it costs what a wrong password costs.
+static DECOY_PASSWORD: std::sync::LazyLock<Password> =
+    std::sync::LazyLock::new(|| Password::new("decoy-password-never-matches").expect("valid"));
 
 /// A notable thing that happened, for logs and metrics.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -279,6 +320,9 @@ pub struct Server<S: Store> {
     started_at: Timestamp,
     /// What a failed commit would take back (with `track_commits`).
     uncommitted: Option<Uncommitted>,
+    /// Logins waiting for a password check, by ticket.
+    verifications: HashMap<VerifyTicket, PendingLogin>,
+    next_ticket: u64,
 }
 
 impl<S: Store> Server<S> {
@@ -313,6 +357,8 @@ impl<S: Store> Server<S> {
             outputs: VecDeque::new(),
             started_at: now,
             uncommitted: config.track_commits.then(Uncommitted::default),
+            verifications: HashMap::new(),
+            next_ticket: 0,
             accounts,
             store,
             config,
@@ -337,6 +383,8 @@ impl<S: Store> Server<S> {
                 .rate_limit
                 .map(|limit| TokenBucket::new(limit, now)),
             refused_in_row: 0,
+            awaiting: None,
+            held_input: Vec::new(),
         };
         let idle_timer = self.deadline(&c).0;
         c.idle_timer = idle_timer;
@@ -372,6 +420,16 @@ impl<S: Store> Server<S> {
             // Timed out just now: the input is too late.
             return Ok(());
         };
+        if c.awaiting.is_some() {
+            // A login is being checked: what follows waits for it.
+            if c.held_input.len() + data.len() > HELD_INPUT_FRAMES * self.config.max_frame_bytes {
+                self.event(Event::Flooding { conn });
+                self.say_bye(conn, ByeReason::Flood, now);
+            } else {
+                c.held_input.extend_from_slice(data);
+            }
+            return Ok(());
+        }
         // Take the decoder out so frames can borrow it while the rest of
         // the core is mutated.
         let mut decoder = std::mem::replace(&mut c.decoder, FrameDecoder::new(0));
@@ -409,9 +467,15 @@ impl<S: Store> Server<S> {
                     self.send_error(conn, None, &RequestError::FrameTooLarge { limit });
                 }
             }
-            if self.connections.get(conn).is_none() {
+            match self.connections.get_mut(conn) {
                 // Closed by this frame (logout): the rest is ignored.
-                return Ok(());
+                None => return Ok(()),
+                Some(c) if c.awaiting.is_some() => {
+                    // A login went to be checked: the rest waits for it.
+                    c.held_input.extend_from_slice(input);
+                    break;
+                }
+                Some(_) => {}
             }
         }
         if let Some(c) = self.connections.get_mut(conn) {
@@ -497,6 +561,72 @@ impl<S: Store> Server<S> {
                     self.store.record(Change::LockoutCleared { user });
                 }
             }
+        }
+    }
+
+    /// The verdict on an [`Output::VerifyPassword`]: whether the password
+    /// matched the hash. The login goes on from there, and the
+    /// connection's frames that waited behind it are served. A failure
+    /// counts toward the lockout even if the connection has gone meanwhile.
+    /// An unknown or already answered ticket is ignored.
+    pub fn handle_verification(&mut self, ticket: VerifyTicket, matches: bool, now: Timestamp) {
+        let Some(pending) = self.verifications.remove(&ticket) else {
+            return;
+        };
+        if self.poll_timeout().is_some_and(|due| due <= now) {
+            self.handle_timeout(now);
+        }
+        let PendingLogin {
+            conn,
+            id,
+            name,
+            account,
+        } = pending;
+        let open = self
+            .connections
+            .get(conn)
+            .is_some_and(|c| c.awaiting == Some(ticket));
+        if !open {
+            // Gone meanwhile: a wrong guess still counts.
+            if !(matches && account.is_some()) {
+                let state = self
+                    .lockout
+                    .record_failure(name.as_str(), account.is_some(), now);
+                if account.is_some() {
+                    self.store
+                        .record(Change::LockoutChanged { user: name, state });
+                }
+            }
+            return;
+        }
+        if let Some(c) = self.connections.get_mut(conn) {
+            c.awaiting = None;
+        }
+        // Locked by other attempts while this one was checked.
+        let result = match self.lockout.locked_until(name.as_str(), now) {
+            Some(until) => {
+                self.event(Event::LoginRefused {
+                    conn,
+                    user: name.clone(),
+                    code: ErrorCode::AccountLocked,
+                });
+                Err(RequestError::AccountLocked {
+                    retry_after: seconds_until(until, now),
+                    just_locked: false,
+                })
+            }
+            None => self.finish_login(conn, id, name, account, matches, now),
+        };
+        if let Err(error) = result {
+            self.send_error(conn, id, &error);
+        }
+        let held = self
+            .connections
+            .get_mut(conn)
+            .map(|c| std::mem::take(&mut c.held_input))
+            .unwrap_or_default();
+        if !held.is_empty() {
+            let _ = self.handle_input(conn, &held, now);
         }
     }
 
@@ -853,7 +983,62 @@ impl<S: Store> Server<S> {
             return refuse(self, error);
         }
         let account = self.accounts.id(name.as_str());
-        let password_ok = account.is_some_and(|a| self.accounts.get(a).check_password(&password));
+        let hash = match account.map(|a| self.accounts.get(a).credential()) {
+            Some(Credential::Plain(stored)) => {
+                let ok = stored.matches(&password);
+                return self.finish_login(conn, id, name, account, ok, now);
+            }
+            Some(Credential::Hashed(hash)) => hash.clone(),
+            // No such account: as costly as a wrong password, so timing
+            // does not tell names apart.
+            None => match self.accounts.decoy() {
+                Some(decoy) => decoy.clone(),
+                None => {
+                    let _ = DECOY_PASSWORD.matches(&password);
+                    return self.finish_login(conn, id, name, None, false, now);
+                }
+            },
+        };
+        let ticket = VerifyTicket(self.next_ticket);
+        self.next_ticket += 1;
+        if let Some(c) = self.connections.get_mut(conn) {
+            c.awaiting = Some(ticket);
+        }
+        self.verifications.insert(
+            ticket,
+            PendingLogin {
+                conn,
+                id,
+                name,
+                account,
+            },
+        );
+        self.outputs.push_back(Output::VerifyPassword {
+            ticket,
+            hash,
+            password,
+        });
+        Ok(())
+    }
+
+    /// The rest of a login, once the password is checked.
+    fn finish_login(
+        &mut self,
+        conn: ConnId,
+        id: Option<RequestId>,
+        name: Username,
+        account: Option<UserId>,
+        password_ok: bool,
+        now: Timestamp,
+    ) -> Result<(), RequestError> {
+        let refuse = |server: &mut Self, error: RequestError| {
+            server.event(Event::LoginRefused {
+                conn,
+                user: name.clone(),
+                code: error.code(),
+            });
+            Err(error)
+        };
         let Some(user) = account.filter(|_| password_ok) else {
             let known = account.is_some();
             let state = self.lockout.record_failure(name.as_str(), known, now);

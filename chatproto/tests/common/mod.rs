@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chatproto::{
-    Accounts, ByeReason, ConnId, ErrorCode, ErrorFrame, Event, MemoryStore, OkFrame, Output,
-    Server, ServerConfig, ServerFrame, Snapshot, Timestamp,
+    Accounts, ByeReason, ConnId, ErrorCode, ErrorFrame, Event, HashedPassword, MemoryStore,
+    OkFrame, Output, Password, Server, ServerConfig, ServerFrame, Snapshot, Timestamp,
+    VerifyTicket,
 };
 
 /// The accounts every simulation has: name and password.
@@ -48,6 +49,8 @@ pub struct Sim {
     inbox: HashMap<ConnId, Vec<Bytes>>,
     pub closed: HashMap<ConnId, ByeReason>,
     pub events: Vec<Event>,
+    /// Password checks asked for, not yet answered.
+    pub verifications: Vec<(VerifyTicket, HashedPassword, Password)>,
     next_random: u8,
 }
 
@@ -57,11 +60,25 @@ impl Sim {
     }
 
     pub fn with_config(config: ServerConfig) -> Sim {
+        Sim::with_accounts(config, accounts())
+    }
+
+    pub fn with_accounts(config: ServerConfig, accounts: Accounts) -> Sim {
         let now = Timestamp::from_unix_millis(T0);
         Sim::from_server(
-            Server::new(config, accounts(), MemoryStore::new(), now).unwrap(),
+            Server::new(config, accounts, MemoryStore::new(), now).unwrap(),
             now,
         )
+    }
+
+    /// Answers every pending password check, as a driver's workers would:
+    /// the test "hash" of a password is `$test$<password>`.
+    pub fn verify_all(&mut self) {
+        for (ticket, hash, password) in std::mem::take(&mut self.verifications) {
+            let matches = hash.as_str() == format!("$test${}", password.expose());
+            self.server.handle_verification(ticket, matches, self.now);
+            self.pump();
+        }
     }
 
     /// A server carrying on from `snapshot`, as after a restart.
@@ -78,6 +95,7 @@ impl Sim {
             inbox: HashMap::new(),
             closed: HashMap::new(),
             events: Vec::new(),
+            verifications: Vec::new(),
             next_random: 0,
         }
     }
@@ -197,6 +215,11 @@ impl Sim {
                     );
                 }
                 Output::Event(e) => self.events.push(e),
+                Output::VerifyPassword {
+                    ticket,
+                    hash,
+                    password,
+                } => self.verifications.push((ticket, hash, password)),
                 other => panic!("unexpected output {other:?}"),
             }
         }
