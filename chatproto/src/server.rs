@@ -202,6 +202,19 @@ pub enum Output {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct VerifyTicket(u64);
 
+impl VerifyTicket {
+    /// The ticket as a number, for a driver that sends it elsewhere.
+    pub fn into_raw(self) -> u64 {
+        self.0
+    }
+
+    /// A ticket back from [`VerifyTicket::into_raw`]. A number the core
+    /// never issued is simply ignored by [`Server::handle_verification`].
+    pub fn from_raw(raw: u64) -> Self {
+        VerifyTicket(raw)
+    }
+}
+
 impl std::fmt::Display for VerifyTicket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "verify#{}", self.0)

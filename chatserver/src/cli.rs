@@ -102,6 +102,11 @@ pub struct Args {
     #[arg(long, value_name = "N", hide = true)]
     db_max_pages: Option<u64>,
 
+    /// Worker threads that check password hashes, off the event loop.
+    /// Default: one per CPU.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    verify_threads: Option<u16>,
+
     /// How long shutdown waits for output to drain, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     shutdown_grace_ms: u64,
@@ -112,6 +117,10 @@ pub struct Args {
 }
 
 const AFTER_HELP: &str = "\
+`chatserver hash-password` reads a password (without echo on a terminal, or
+one line of standard input) and prints its Argon2id hash for the credentials
+file.
+
 Connect with the reference client (`chatcli 127.0.0.1:4000`) or any line-based
 tool (`nc 127.0.0.1 4000`), then type `login alice wonderland` with the demo
 credentials.txt. Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more.";
@@ -128,6 +137,7 @@ pub struct Settings {
     pub max_connections: Option<usize>,
     pub max_output_bytes: usize,
     pub max_connections_per_ip: Option<u32>,
+    pub verify_threads: usize,
     pub shutdown_grace: Duration,
 }
 
@@ -217,6 +227,10 @@ impl Args {
                 .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             max_output_bytes: usize::try_from(self.max_output_bytes).unwrap_or(usize::MAX),
             max_connections_per_ip: self.max_connections_per_ip,
+            verify_threads: self.verify_threads.map_or_else(
+                || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                usize::from,
+            ),
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
         })
     }

@@ -1,4 +1,6 @@
-//! The credentials file: one account a line, `username password`.
+//! The credentials file: one account a line, `username password`, where
+//! the password is plaintext or an Argon2id hash in PHC string form
+//! (`$argon2id$v=19$...`, as `chatserver hash-password` prints).
 //!
 //! Blank lines and lines starting with `#` are skipped. Anything else that
 //! is not exactly a valid user name and a valid password is an error that
@@ -6,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use chatproto::{Accounts, Password, Username};
+use chatproto::{Accounts, Credential, HashedPassword, Password, Username};
 
 /// The demo accounts in the repository's `credentials.txt`. Their passwords
 /// are public, so the server warns when it serves any of them.
@@ -77,13 +79,36 @@ pub fn parse(text: &str) -> Result<Accounts, (usize, String)> {
         };
         let name =
             Username::new(name).map_err(|e| (number, format!("bad user name {name:?}: {e}")))?;
-        let password =
-            Password::new(password).map_err(|e| (number, format!("bad password: {e}")))?;
+        let credential = if password.starts_with('$') {
+            Credential::Hashed(parse_hash(password).map_err(|e| (number, e))?)
+        } else {
+            Credential::Plain(
+                Password::new(password).map_err(|e| (number, format!("bad password: {e}")))?,
+            )
+        };
         accounts
-            .insert(name, password)
+            .insert_credential(name, credential)
             .map_err(|e| (number, e.to_string()))?;
     }
     Ok(accounts)
+}
+
+/// An Argon2id PHC string this build can verify.
+fn parse_hash(phc: &str) -> Result<HashedPassword, String> {
+    let parsed = argon2::PasswordHash::new(phc).map_err(|e| {
+        format!("bad password hash: {e} (expected $argon2id$v=19$m=...,t=...,p=...$salt$hash)")
+    })?;
+    if parsed.algorithm != argon2::Algorithm::Argon2id.ident() {
+        return Err(format!(
+            "password hash uses {}: only argon2id is accepted",
+            parsed.algorithm
+        ));
+    }
+    argon2::Params::try_from(&parsed).map_err(|e| format!("bad argon2id parameters: {e}"))?;
+    if parsed.hash.is_none() {
+        return Err("password hash has no hash part".to_owned());
+    }
+    HashedPassword::new(phc).map_err(|e| e.to_string())
 }
 
 /// The demo accounts that `accounts` serves with their published password.
@@ -119,6 +144,37 @@ mod tests {
         let (line, problem) = parse("a x\na y\n").unwrap_err();
         assert_eq!(line, 2);
         assert!(problem.contains("duplicate"), "{problem}");
+    }
+
+    const HASH: &str = "$argon2id$v=19$m=19456,t=2,p=1$MDEyMzQ1Njc4OWFiY2RlZg$bTe/GOEpZiqKb5wMWhAwQm2vdT0cYzb/vCA7k8CXRpA";
+
+    #[test]
+    fn takes_argon2id_hashes_beside_plaintext() {
+        let accounts = parse(&format!(
+            "alice {HASH}
+bob plain
+"
+        ))
+        .unwrap();
+        assert_eq!(accounts.plaintext_count(), 1);
+        let alice = accounts.iter().next().unwrap();
+        assert!(matches!(alice.credential(), Credential::Hashed(h) if h.as_str() == HASH));
+    }
+
+    #[test]
+    fn refuses_hashes_it_cannot_verify() {
+        for (line, expected) in [
+            ("a $argon2id$v=19$m=19456", "no hash part"),
+            ("a $2b$12$abcdefghijklmnopqrstuv", "bad password hash"),
+            (
+                "a $argon2i$v=19$m=19456,t=2,p=1$MDEyMzQ1Njc4OWFiY2RlZg$bTe/GOEpZiqKb5wMWhAwQm2vdT0cYzb/vCA7k8CXRpA",
+                "only argon2id",
+            ),
+        ] {
+            let (number, problem) = parse(line).unwrap_err();
+            assert_eq!(number, 1);
+            assert!(problem.contains(expected), "{line}: {problem}");
+        }
     }
 
     #[test]

@@ -7,10 +7,12 @@ mod cli;
 mod clock;
 mod credentials;
 mod database;
+mod hash_password;
 mod output_queue;
 mod reactor;
 mod registration;
 mod storage;
+mod verifier;
 
 use std::io::IsTerminal;
 use std::net::TcpListener;
@@ -37,6 +39,11 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 const RESERVED_DESCRIPTORS: u64 = 32;
 
 fn main() -> ExitCode {
+    // A subcommand beside the positional form `PORT BLOCK TIMEOUT`, so it
+    // is told apart by hand.
+    if std::env::args().nth(1).as_deref() == Some("hash-password") {
+        return hash_password::run(std::env::args().skip(2).collect());
+    }
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {
@@ -82,6 +89,14 @@ fn serve(settings: Settings) -> Result<(), String> {
         warn!(
             "serving demo accounts with published passwords ({}): use your own credentials file for anything but a demo",
             demo.join(", ")
+        );
+    }
+    let plaintext = accounts.plaintext_count();
+    if plaintext > 0 {
+        warn!(
+            "{plaintext} of {} accounts in {} have plaintext passwords: replace them with hashes from `chatserver hash-password`",
+            accounts.len(),
+            settings.credentials.display()
         );
     }
     for admin in &settings.core.admins {
@@ -163,6 +178,7 @@ fn serve(settings: Settings) -> Result<(), String> {
         max_connections,
         max_output_bytes: settings.max_output_bytes,
         max_connections_per_ip: settings.max_connections_per_ip,
+        verify_threads: settings.verify_threads,
         shutdown_grace: settings.shutdown_grace,
     };
     let mut reactor =

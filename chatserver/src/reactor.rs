@@ -21,6 +21,7 @@ use crate::clock::Clock;
 use crate::output_queue::{Flushed, OutputQueue};
 use crate::registration::Registered;
 use crate::storage::Storage;
+use crate::verifier::Verifier;
 
 /// What the reactor needs besides the core.
 #[derive(Debug, Clone)]
@@ -29,6 +30,8 @@ pub struct ReactorConfig {
     pub max_output_bytes: usize,
     pub max_connections_per_ip: Option<u32>,
     pub shutdown_grace: Duration,
+    /// Worker threads for password checks.
+    pub verify_threads: usize,
 }
 
 /// Bytes read from one socket per wake-up, so one fast sender cannot
@@ -69,6 +72,8 @@ pub struct Reactor {
     stop: Arc<AtomicBool>,
     shutdown_deadline: Option<Instant>,
     read_buf: Vec<u8>,
+    /// Runs password checks off this thread.
+    verifier: Verifier,
 }
 
 struct Socket {
@@ -110,6 +115,7 @@ impl Reactor {
         stop: Arc<AtomicBool>,
         poller: Arc<Poller>,
     ) -> io::Result<Reactor> {
+        let verifier = Verifier::start(config.verify_threads, poller.clone())?;
         listener.set_nonblocking(true)?;
         let listener = Registered::new(
             poller.clone(),
@@ -143,6 +149,7 @@ impl Reactor {
             stop,
             shutdown_deadline: None,
             read_buf: vec![0; 64 * 1024],
+            verifier,
         })
     }
 
@@ -175,6 +182,7 @@ impl Reactor {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
+            self.take_verdicts();
             for event in events.iter() {
                 if event.key == LISTENER_KEY {
                     self.accept_ready();
@@ -247,6 +255,16 @@ impl Reactor {
         // None of that depends on an uncommitted change: it may go out.
         self.release_staged();
         Ok(())
+    }
+
+    /// Hands the core the password checks the workers finished.
+    fn take_verdicts(&mut self) {
+        let verdicts: Vec<_> = self.verifier.verdicts().collect();
+        for (ticket, matches) in verdicts {
+            let now = self.clock.now();
+            self.core.handle_verification(ticket, matches, now);
+            self.drain_core();
+        }
     }
 
     /// The earliest moment something is due.
@@ -499,6 +517,11 @@ impl Reactor {
                     self.start_closing(key);
                 }
                 Output::Event(event) => log_event(&event),
+                Output::VerifyPassword {
+                    ticket,
+                    hash,
+                    password,
+                } => self.verifier.submit(ticket, hash, password),
                 other => debug!("unhandled core output {other:?}"),
             }
         }

@@ -1,0 +1,153 @@
+//! Password checks off the reactor thread.
+//!
+//! An Argon2 verification costs milliseconds of CPU, which would stall
+//! every connection if the reactor ran it. The core asks for one with
+//! `Output::VerifyPassword`; the reactor hands it to this pool of worker
+//! threads and takes the verdict back on its next wake-up (a worker wakes
+//! the poller when it has one).
+
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use argon2::{Argon2, PasswordHash, PasswordVerifier as _};
+use chatproto::{HashedPassword, Password, VerifyTicket};
+use polling::Poller;
+use tracing::warn;
+
+/// A check to run.
+struct Job {
+    ticket: VerifyTicket,
+    hash: HashedPassword,
+    password: Password,
+}
+
+/// The worker pool.
+#[derive(Debug)]
+pub struct Verifier {
+    jobs: Option<Sender<Job>>,
+    verdicts: Receiver<(VerifyTicket, bool)>,
+    workers: Vec<thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Job({})", self.ticket)
+    }
+}
+
+impl Verifier {
+    /// Starts `threads` workers; each verdict wakes `poller`.
+    pub fn start(threads: usize, poller: Arc<Poller>) -> std::io::Result<Verifier> {
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let queue = Arc::new(Mutex::new(queue));
+        let (verdict_tx, verdicts) = mpsc::channel();
+        let mut workers = Vec::new();
+        for i in 0..threads.max(1) {
+            let queue = queue.clone();
+            let verdict_tx = verdict_tx.clone();
+            let poller = poller.clone();
+            workers.push(
+                thread::Builder::new()
+                    .name(format!("verify-{i}"))
+                    .spawn(move || loop {
+                        // The lock is held only to take one job.
+                        let job = match queue.lock() {
+                            Ok(queue) => queue.recv(),
+                            Err(_) => return,
+                        };
+                        let Ok(job) = job else { return };
+                        let ok = verify(&job.hash, &job.password);
+                        if verdict_tx.send((job.ticket, ok)).is_err() {
+                            return;
+                        }
+                        let _ = poller.notify();
+                    })?,
+            );
+        }
+        Ok(Verifier {
+            jobs: Some(jobs),
+            verdicts,
+            workers,
+        })
+    }
+
+    /// Queues a check.
+    pub fn submit(&self, ticket: VerifyTicket, hash: HashedPassword, password: Password) {
+        if let Some(jobs) = &self.jobs {
+            let _ = jobs.send(Job {
+                ticket,
+                hash,
+                password,
+            });
+        }
+    }
+
+    /// Verdicts ready now.
+    pub fn verdicts(&self) -> impl Iterator<Item = (VerifyTicket, bool)> + '_ {
+        self.verdicts.try_iter()
+    }
+}
+
+impl Drop for Verifier {
+    fn drop(&mut self) {
+        // Closing the queue ends the workers once they finish their job.
+        self.jobs = None;
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// Whether `password` matches `hash` (false for a hash this build cannot
+/// read; the credentials loader refuses those, so it is logged).
+pub fn verify(hash: &HashedPassword, password: &Password) -> bool {
+    match PasswordHash::new(hash.as_str()) {
+        Ok(parsed) => Argon2::default()
+            .verify_password(password.expose().as_bytes(), &parsed)
+            .is_ok(),
+        Err(e) => {
+            warn!("unreadable password hash: {e}");
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    use std::time::Duration;
+
+    fn hash(password: &str) -> HashedPassword {
+        let salt = SaltString::encode_b64(b"0123456789abcdef").unwrap();
+        let phc = Argon2::default()
+            .hash_password(password.as_bytes(), &salt)
+            .unwrap()
+            .to_string();
+        HashedPassword::new(&phc).unwrap()
+    }
+
+    #[test]
+    fn verdicts_come_back_and_wake_the_poller() {
+        let poller = Arc::new(Poller::new().unwrap());
+        let verifier = Verifier::start(2, poller.clone()).unwrap();
+        let h = hash("right");
+        verifier.submit(ticket(1), h.clone(), "right".parse().unwrap());
+        verifier.submit(ticket(2), h, "wrong".parse().unwrap());
+        let mut got = Vec::new();
+        let mut events = polling::Events::new();
+        while got.len() < 2 {
+            poller
+                .wait(&mut events, Some(Duration::from_secs(10)))
+                .unwrap();
+            got.extend(verifier.verdicts());
+        }
+        got.sort();
+        assert_eq!(got, [(ticket(1), true), (ticket(2), false)]);
+    }
+
+    fn ticket(n: u64) -> VerifyTicket {
+        VerifyTicket::from_raw(n)
+    }
+}
