@@ -50,18 +50,9 @@ impl Verifier {
             workers.push(
                 thread::Builder::new()
                     .name(format!("verify-{i}"))
-                    .spawn(move || loop {
-                        // The lock is held only to take one job.
-                        let job = match queue.lock() {
-                            Ok(queue) => queue.recv(),
-                            Err(_) => return,
-                        };
-                        let Ok(job) = job else { return };
-                        let ok = verify(&job.hash, &job.password);
-                        if verdict_tx.send((job.ticket, ok)).is_err() {
-                            return;
-                        }
-                        let _ = poller.notify();
+                    .spawn(move || {
+                        lower_priority();
+                        work(&queue, &verdict_tx, &poller);
                     })?,
             );
         }
@@ -95,6 +86,43 @@ impl Drop for Verifier {
         self.jobs = None;
         for worker in self.workers.drain(..) {
             let _ = worker.join();
+        }
+    }
+}
+
+/// One worker: checks jobs until the queue closes.
+fn work(queue: &Mutex<Receiver<Job>>, verdicts: &Sender<(VerifyTicket, bool)>, poller: &Poller) {
+    loop {
+        // The lock is held only to take one job.
+        let job = match queue.lock() {
+            Ok(queue) => queue.recv(),
+            Err(_) => return,
+        };
+        let Ok(job) = job else { return };
+        let ok = verify(&job.hash, &job.password);
+        if verdicts.send((job.ticket, ok)).is_err() {
+            return;
+        }
+        let _ = poller.notify();
+    }
+}
+
+/// Checks run only on CPU time nothing else wants (Linux's SCHED_IDLE
+/// class), so that when the CPUs are busy a login storm delays logins
+/// rather than everyone's messages: the reactor preempts a check at once.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let param = libc::sched_param { sched_priority: 0 };
+        // SAFETY: sched_setscheduler reads `param` and changes only the
+        // calling thread's (pid 0) scheduling class.
+        #[allow(unsafe_code)]
+        let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
+        if result != 0 {
+            warn!(
+                "cannot lower the priority of a password-check thread: {}",
+                std::io::Error::last_os_error()
+            );
         }
     }
 }

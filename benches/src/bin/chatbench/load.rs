@@ -48,6 +48,10 @@ pub struct LoadConfig {
     /// Open loop: messages per second, all senders together.
     pub rate: Option<u64>,
     pub server_pid: Option<u32>,
+    /// Extra connections that keep logging in to hashed accounts `s<i>`
+    /// with a wrong password, each retrying as soon as it is refused: a
+    /// storm of password checks beside the workload.
+    pub login_storm: usize,
 }
 
 /// What a run measured.
@@ -59,6 +63,8 @@ pub struct Report {
     pub lost: u64,
     pub latency: Histogram<u64>,
     pub server_cpu_secs: Option<f64>,
+    /// Storm logins refused (each a password check) while measuring.
+    pub storm_checks: u64,
 }
 
 impl Report {
@@ -105,8 +111,20 @@ impl Report {
                 cpu / self.seconds * 100.0
             );
         }
+        if config.login_storm > 0 {
+            println!(
+                "login storm: {} connections, {:.0} password checks/s",
+                config.login_storm,
+                self.storm_checks as f64 / self.seconds
+            );
+        }
         let recipients = match config.workload {
             Workload::Offline { recipients } => format!("\"recipients\":{recipients},"),
+            _ if config.login_storm > 0 => format!(
+                "\"login_storm\":{},\"storm_checks_per_sec\":{:.0},",
+                config.login_storm,
+                self.storm_checks as f64 / self.seconds
+            ),
             _ => String::new(),
         };
         println!(
@@ -153,6 +171,8 @@ struct Client {
     wants_write: bool,
     /// Listed in `Run::dirty`.
     dirty: bool,
+    /// One of the login storm's connections.
+    storm: bool,
 }
 
 struct Run {
@@ -171,6 +191,8 @@ struct Run {
     /// Clients with output queued during this turn: flushed once each at
     /// its end, so a write carries every frame the turn produced for it.
     dirty: Vec<usize>,
+    /// Refused storm logins while measuring.
+    storm_checks: u64,
 }
 
 pub fn run(config: LoadConfig) -> Result<Report, String> {
@@ -187,7 +209,8 @@ pub fn run(config: LoadConfig) -> Result<Report, String> {
     };
     let mut clients = Vec::with_capacity(config.clients);
     let poller = Poller::new().map_err(|e| e.to_string())?;
-    for i in 0..config.clients {
+    for i in 0..config.clients + config.login_storm {
+        let storm = i >= config.clients;
         let stream = TcpStream::connect(config.addr).map_err(|e| format!("client {i}: {e}"))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
         stream.set_nonblocking(true).map_err(|e| e.to_string())?;
@@ -202,16 +225,22 @@ pub fn run(config: LoadConfig) -> Result<Report, String> {
         }
         clients.push(Client {
             stream,
-            out: format!("login u{i} p{i}\n").into_bytes(),
+            out: if storm {
+                storm_login(i - config.clients)
+            } else {
+                format!("login u{i} p{i}\n").into_bytes()
+            },
             written: 0,
             partial: Vec::new(),
-            logged_in: false,
+            // Storm connections never log in.
+            logged_in: storm,
             in_flight: 0,
             unacked: VecDeque::new(),
             rng: 0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd),
             next_due: None,
             wants_write: false,
             dirty: false,
+            storm,
         });
     }
     let now = Instant::now();
@@ -231,6 +260,7 @@ pub fn run(config: LoadConfig) -> Result<Report, String> {
         sent: 0,
         received_marked: 0,
         dirty: Vec::new(),
+        storm_checks: 0,
         config,
     };
     let result = run.drive(senders);
@@ -346,6 +376,7 @@ impl Run {
                 (Some(a), Some(b)) => Some(b.cpu_secs - a.cpu_secs),
                 _ => None,
             },
+            storm_checks: self.storm_checks,
         })
     }
 
@@ -355,7 +386,7 @@ impl Run {
         if marked {
             self.sent += 1;
         }
-        let n = self.clients.len();
+        let n = self.config.clients;
         let ts = at.saturating_duration_since(self.start).as_nanos();
         let recipients = self.recipients_per_message as usize;
         let client = &mut self.clients[s];
@@ -429,7 +460,12 @@ impl Run {
                     match (&self.clients[i].stream).read(&mut buf) {
                         Ok(0) => return Err(format!("the server closed client {i}")),
                         Ok(n) => {
-                            frames += self.take(i, &buf[..n])?;
+                            let taken = self.take(i, &buf[..n])?;
+                            // The storm never goes quiet: it does not count
+                            // as traffic when waiting for quiet.
+                            if !self.clients[i].storm {
+                                frames += taken;
+                            }
                             if n < buf.len() {
                                 break; // drained: level-triggered, no read to EAGAIN
                             }
@@ -470,6 +506,23 @@ impl Run {
     }
 
     fn frame(&mut self, i: usize, line: &[u8]) -> Result<(), String> {
+        if self.clients[i].storm {
+            if contains(line, b"\"code\":\"invalid_credentials\"") {
+                let now = Instant::now();
+                if now >= self.measure_from && now < self.measure_until {
+                    self.storm_checks += 1;
+                }
+                let line = storm_login(i - self.config.clients);
+                self.clients[i].out.extend_from_slice(&line);
+                self.mark_dirty(i);
+            } else if !line.starts_with(b"{\"type\":\"hello\"") {
+                return Err(format!(
+                    "storm client {i}: {}",
+                    String::from_utf8_lossy(line)
+                ));
+            }
+            return Ok(());
+        }
         if line.starts_with(b"{\"type\":\"message\"")
             || line.starts_with(b"{\"type\":\"broadcast\"")
         {
@@ -490,7 +543,7 @@ impl Run {
             }
             let sender: usize = parse(sender)?;
             let ts: u64 = parse(ts)?;
-            if sender >= self.clients.len() {
+            if sender >= self.config.clients {
                 return Err("a message from an unknown sender".to_owned());
             }
             self.done(
@@ -611,6 +664,11 @@ fn parse<T: std::str::FromStr>(bytes: &[u8]) -> Result<T, String> {
         .ok()
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("bad number {:?}", String::from_utf8_lossy(bytes)))
+}
+
+/// A wrong-password login for storm account `s<j>`.
+fn storm_login(j: usize) -> Vec<u8> {
+    format!("login s{j} wrong\n").into_bytes()
 }
 
 fn next_random(state: &mut u64) -> u64 {

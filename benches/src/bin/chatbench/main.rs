@@ -166,6 +166,11 @@ struct LoadArgs {
     /// Open loop: messages per second in all, at fixed intervals.
     #[arg(long)]
     rate: Option<u64>,
+    /// Also run N connections that keep logging in to Argon2id-hashed
+    /// accounts with a wrong password (a storm of password checks); with
+    /// --spawn the server gets those accounts and no lockout.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    login_storm: usize,
 }
 
 fn main() -> ExitCode {
@@ -176,26 +181,31 @@ fn main() -> ExitCode {
             target,
             clients,
             idle_secs,
-        } => with_server(&target, clients, |addr, pid| {
+        } => with_server(&target, clients, 0, |addr, pid| {
             idle(addr, clients, pid, Duration::from_secs(idle_secs))
         }),
-        Mode::Direct { target, load } => with_server(&target, load.clients, |addr, pid| {
-            load_run(addr, pid, &load, Workload::Direct)
-        }),
+        Mode::Direct { target, load } => {
+            with_server(&target, load.clients, load.login_storm, |addr, pid| {
+                load_run(addr, pid, &load, Workload::Direct)
+            })
+        }
         Mode::Fanout {
             target,
             load,
             senders,
-        } => with_server(&target, load.clients, |addr, pid| {
+        } => with_server(&target, load.clients, load.login_storm, |addr, pid| {
             load_run(addr, pid, &load, Workload::Fanout { senders })
         }),
         Mode::Offline {
             target,
             load,
             recipients,
-        } => with_server(&target, load.clients + recipients, |addr, pid| {
-            load_run(addr, pid, &load, Workload::Offline { recipients })
-        }),
+        } => with_server(
+            &target,
+            load.clients + recipients,
+            load.login_storm,
+            |addr, pid| load_run(addr, pid, &load, Workload::Offline { recipients }),
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -234,17 +244,31 @@ fn load_run(
         measure: Duration::from_secs(args.secs.max(1)),
         rate: args.rate,
         server_pid,
+        login_storm: args.login_storm,
     };
     let report = load::run(config.clone())?;
     report.print(&config);
     Ok(())
 }
 
+/// An Argon2id hash (the server's default parameters) of a password no
+/// storm login sends.
+fn storm_hash() -> Result<String, String> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt = SaltString::encode_b64(b"chatbench-storm!").map_err(|e| e.to_string())?;
+    argon2::Argon2::default()
+        .hash_password(b"the-right-one", &salt)
+        .map(|h| h.to_string())
+        .map_err(|e| e.to_string())
+}
+
 /// Runs `f` against the target server, starting it first with --spawn
-/// with `users` accounts (`u<i>` with password `p<i>`).
+/// with `users` accounts (`u<i>` with password `p<i>`) and `storm` hashed
+/// accounts `s<j>` for the login storm.
 fn with_server(
     target: &Target,
     users: usize,
+    storm: usize,
     f: impl FnOnce(SocketAddr, Option<u32>) -> Result<(), String>,
 ) -> Result<(), String> {
     let db_args = target.server_db_args()?;
@@ -252,7 +276,11 @@ fn with_server(
         return f(target.addr, target.server_pid);
     };
     let credentials = std::env::temp_dir().join(format!("chatbench-{}.txt", std::process::id()));
-    let text: String = (0..users).map(|i| format!("u{i} p{i}\n")).collect();
+    let mut text: String = (0..users).map(|i| format!("u{i} p{i}\n")).collect();
+    if storm > 0 {
+        let hash = storm_hash()?;
+        text.extend((0..storm).map(|j| format!("s{j} {hash}\n")));
+    }
     std::fs::write(&credentials, text).map_err(|e| format!("{}: {e}", credentials.display()))?;
     // The server's limits that would cut a measurement short are lifted:
     // the rate limit, the output a fast sender may pile up, and the offline
@@ -268,6 +296,18 @@ fn with_server(
             "--offline-queue-cap",
             "1000000000",
         ])
+        // The storm's wrong passwords must keep costing a hash check, not
+        // hit a lock, on connections that never log in.
+        .args(if storm > 0 {
+            &[
+                "--lockout-attempts",
+                "4000000000",
+                "--login-timeout-secs",
+                "0",
+            ][..]
+        } else {
+            &[][..]
+        })
         .arg("--credentials")
         .arg(&credentials)
         .args(&db_args)
@@ -613,7 +653,7 @@ mod tests {
             .unwrap_err();
         assert!(err.contains("needs --spawn"), "{err}");
         // Refused before anything runs.
-        let err = with_server(&target(&["--server-db", new_s]), 1, |_, _| {
+        let err = with_server(&target(&["--server-db", new_s]), 1, 0, |_, _| {
             panic!("ran without --spawn")
         })
         .unwrap_err();
