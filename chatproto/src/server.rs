@@ -618,15 +618,11 @@ impl<S: Store> Server<S> {
         // Locked by other attempts while this one was checked.
         let result = match self.lockout.locked_until(name.as_str(), now) {
             Some(until) => {
-                self.event(Event::LoginRefused {
-                    conn,
-                    user: name.clone(),
-                    code: ErrorCode::AccountLocked,
-                });
-                Err(RequestError::AccountLocked {
+                let error = RequestError::AccountLocked {
                     retry_after: seconds_until(until, now),
                     just_locked: false,
-                })
+                };
+                self.refuse_login(conn, &name, error)
             }
             None => self.finish_login(conn, id, name, account, matches, now),
         };
@@ -980,20 +976,12 @@ impl<S: Store> Server<S> {
                 user: self.accounts.name(me).clone(),
             });
         }
-        let refuse = |server: &mut Self, error: RequestError| {
-            server.event(Event::LoginRefused {
-                conn,
-                user: name.clone(),
-                code: error.code(),
-            });
-            Err(error)
-        };
         if let Some(until) = self.lockout.locked_until(name.as_str(), now) {
             let error = RequestError::AccountLocked {
                 retry_after: seconds_until(until, now),
                 just_locked: false,
             };
-            return refuse(self, error);
+            return self.refuse_login(conn, &name, error);
         }
         let account = self.accounts.id(name.as_str());
         let hash = match account.map(|a| self.accounts.get(a).credential()) {
@@ -1044,14 +1032,6 @@ impl<S: Store> Server<S> {
         password_ok: bool,
         now: Timestamp,
     ) -> Result<(), RequestError> {
-        let refuse = |server: &mut Self, error: RequestError| {
-            server.event(Event::LoginRefused {
-                conn,
-                user: name.clone(),
-                code: error.code(),
-            });
-            Err(error)
-        };
         let Some(user) = account.filter(|_| password_ok) else {
             let known = account.is_some();
             let state = self.lockout.record_failure(name.as_str(), known, now);
@@ -1062,7 +1042,7 @@ impl<S: Store> Server<S> {
                 });
             }
             let Some(until) = state.locked_until else {
-                return refuse(self, RequestError::InvalidCredentials);
+                return self.refuse_login(conn, &name, RequestError::InvalidCredentials);
             };
             self.event(Event::Locked {
                 user: name.clone(),
@@ -1072,7 +1052,7 @@ impl<S: Store> Server<S> {
                 retry_after: seconds_until(until, now),
                 just_locked: true,
             };
-            return refuse(self, error);
+            return self.refuse_login(conn, &name, error);
         };
         if self.lockout.record_success(name.as_str()) {
             self.store
@@ -1080,7 +1060,7 @@ impl<S: Store> Server<S> {
         }
         if self.presence.session(user).is_some() {
             let error = RequestError::SessionElsewhere { user: name.clone() };
-            return refuse(self, error);
+            return self.refuse_login(conn, &name, error);
         }
 
         if let Some(c) = self.connections.get_mut(conn) {
@@ -1104,6 +1084,21 @@ impl<S: Store> Server<S> {
         self.announce(user, true);
         self.event(Event::LoggedIn { conn, user: name });
         Ok(())
+    }
+
+    /// Logs a refused login and returns its error, to be answered.
+    fn refuse_login(
+        &mut self,
+        conn: ConnId,
+        name: &Username,
+        error: RequestError,
+    ) -> Result<(), RequestError> {
+        self.event(Event::LoginRefused {
+            conn,
+            user: name.clone(),
+            code: error.code(),
+        });
+        Err(error)
     }
 
     /// Hands `user` everything queued for them, oldest first.

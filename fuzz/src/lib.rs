@@ -9,8 +9,9 @@ use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
 use chatproto::{
-    Accounts, Change, CloseReason, Command, ConnId, FrameDecoder, FrameError, Output, Reply,
-    Request, Server, ServerConfig, ServerFrame, Snapshot, Timestamp,
+    Accounts, Change, CloseReason, Command, ConnId, FrameDecoder, FrameError, HashedPassword,
+    Output, Password, Reply, Request, Server, ServerConfig, ServerFrame, Snapshot, Timestamp,
+    VerifyTicket,
 };
 
 /// Frame decoding: never buffers more than the limit, and the frames do
@@ -150,6 +151,10 @@ pub enum Op {
     /// The commit fails: held output is dropped and the core takes the
     /// work back.
     FailCommit,
+    /// A password-check worker answers one pending check.
+    Verify {
+        which: u8,
+    },
 }
 
 /// A request, built to reach the interesting rules often.
@@ -256,6 +261,8 @@ struct Model {
     committed: Snapshot,
     /// Output waiting for a commit, in order.
     held: Vec<Held>,
+    /// Password checks asked for and not answered yet.
+    checks: Vec<(VerifyTicket, HashedPassword, Password)>,
     holding: bool,
     now: Timestamp,
     conns: Vec<ConnId>,
@@ -271,10 +278,17 @@ struct Model {
 impl Model {
     fn new() -> Model {
         let mut accounts = Accounts::new();
-        for name in &USERS[..4] {
-            accounts
-                .insert(name.parse().unwrap(), format!("pw-{name}").parse().unwrap())
-                .unwrap();
+        for (i, &name) in USERS[..4].iter().enumerate() {
+            let user = name.parse().unwrap();
+            if i % 2 == 0 {
+                accounts
+                    .insert(user, format!("pw-{name}").parse().unwrap())
+                    .unwrap();
+            } else {
+                // Checked by the "driver" (the model) with a test scheme.
+                let hash = HashedPassword::new(&format!("$test$pw-{name}")).unwrap();
+                accounts.insert_hashed(user, hash).unwrap();
+            }
         }
         let mut config = ServerConfig::default();
         config.max_frame_bytes = 256;
@@ -289,6 +303,7 @@ impl Model {
             server: Server::new(config, accounts, Vec::new(), now).unwrap(),
             committed: Snapshot::default(),
             held: Vec::new(),
+            checks: Vec::new(),
             holding: false,
             now,
             conns: Vec::new(),
@@ -348,6 +363,14 @@ impl Model {
                 }
             }
             Op::Shutdown => self.server.shutdown(self.now),
+            Op::Verify { which } => {
+                if !self.checks.is_empty() {
+                    let i = usize::from(which) % self.checks.len();
+                    let (ticket, hash, password) = self.checks.remove(i);
+                    let matches = hash.as_str() == format!("$test${}", password.expose());
+                    self.server.handle_verification(ticket, matches, self.now);
+                }
+            }
             Op::Begin => self.holding = true,
             Op::Commit => self.holding = false,
             Op::FailCommit => {
@@ -418,6 +441,17 @@ impl Model {
                 Output::Close { conn, .. } => {
                     assert!(self.closed.insert(conn), "{conn} closed twice");
                     self.held.push(Held::Closed(conn));
+                }
+                Output::VerifyPassword {
+                    ticket,
+                    hash,
+                    password,
+                } => {
+                    assert!(
+                        !self.checks.iter().any(|(t, _, _)| *t == ticket),
+                        "{ticket} asked twice"
+                    );
+                    self.checks.push((ticket, hash, password));
                 }
                 _ => {}
             }
