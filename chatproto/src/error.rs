@@ -52,8 +52,9 @@ pub enum ErrorCode {
     RateLimited,
     /// The recipient's offline queue is full.
     MailboxFull,
-    /// The server could not record the request's effect (its storage
-    /// failed), so it did not happen; try again later.
+    /// The server cannot do this now (its storage failed, or too many
+    /// logins are waiting for a password check), so it did not happen; try
+    /// again later.
     Unavailable,
     /// A code this version does not know (sent by a newer server). Never
     /// sent by this crate.
@@ -223,7 +224,7 @@ pub enum RequestError {
         capacity: usize,
     },
     /// See [`ErrorCode::Unavailable`].
-    #[error("the server could not record this, so it did not happen: try again later")]
+    #[error("the server cannot do this now, so it did not happen: try again later")]
     Unavailable,
 }
 

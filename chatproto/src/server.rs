@@ -63,6 +63,10 @@ pub struct ServerConfig {
     /// Frames per connection, or `None` for no limit (default:
     /// [`RateLimit::default`]).
     pub rate_limit: Option<RateLimit>,
+    /// Password checks ([`Output::VerifyPassword`]) waiting for a verdict
+    /// at most; logins beyond are refused with `unavailable`, so a flood of
+    /// logins cannot queue unbounded work ahead of real users (default 64).
+    pub max_pending_checks: usize,
     /// A connection that has not logged in this long after it opened is
     /// closed with `bye` reason `login_timeout`, so idle unauthenticated
     /// sockets cannot pile up (default 30 s; `None`: only the idle
@@ -86,6 +90,7 @@ impl Default for ServerConfig {
             admins: HashSet::new(),
             rate_limit: Some(RateLimit::default()),
             login_timeout: Some(Duration::from_secs(30)),
+            max_pending_checks: 64,
             track_commits: false,
         }
     }
@@ -485,6 +490,11 @@ impl<S: Store> Server<S> {
                 None => return Ok(()),
                 Some(c) if c.awaiting.is_some() => {
                     // A login went to be checked: the rest waits for it.
+                    if input.len() > HELD_INPUT_FRAMES * self.config.max_frame_bytes {
+                        self.event(Event::Flooding { conn });
+                        self.say_bye(conn, ByeReason::Flood, now);
+                        return Ok(());
+                    }
                     c.held_input.extend_from_slice(input);
                     break;
                 }
@@ -615,6 +625,7 @@ impl<S: Store> Server<S> {
         if let Some(c) = self.connections.get_mut(conn) {
             c.awaiting = None;
         }
+        self.reschedule(conn);
         // Locked by other attempts while this one was checked.
         let result = match self.lockout.locked_until(name.as_str(), now) {
             Some(until) => {
@@ -672,6 +683,8 @@ impl<S: Store> Server<S> {
         for &conn in &undone.logins {
             if let Some(user) = self.connections.get_mut(conn).and_then(|c| c.user.take()) {
                 self.presence.log_out(user, now);
+                // Logged out again: the login timeout applies again.
+                self.reschedule(conn);
             }
         }
         // Lasting state as committed. Failed-login counts of names without
@@ -1000,6 +1013,11 @@ impl<S: Store> Server<S> {
                 }
             },
         };
+        if self.verifications.len() >= self.config.max_pending_checks {
+            // Checks are queued faster than the driver runs them: refuse
+            // rather than let the queue (and every login's wait) grow.
+            return self.refuse_login(conn, &name, RequestError::Unavailable);
+        }
         let ticket = VerifyTicket(self.next_ticket);
         self.next_ticket += 1;
         if let Some(c) = self.connections.get_mut(conn) {
@@ -1354,13 +1372,32 @@ impl<S: Store> Server<S> {
 
     /// When `c` times out, and why: idle for too long, or (before login)
     /// not logged in in time, whichever comes first.
+    /// Puts `conn` in the timer queue at its current deadline, if that is
+    /// earlier than where it sits (a later entry is moved when it fires).
+    fn reschedule(&mut self, conn: ConnId) {
+        let Some(c) = self.connections.get(conn) else {
+            return;
+        };
+        let (deadline, _) = self.deadline(c);
+        if deadline < c.idle_timer {
+            let old = (c.idle_timer, conn);
+            self.idle_timers.remove(&old);
+            self.idle_timers.insert((deadline, conn));
+            if let Some(c) = self.connections.get_mut(conn) {
+                c.idle_timer = deadline;
+            }
+        }
+    }
+
     fn deadline(&self, c: &Connection) -> (Timestamp, ByeReason) {
         let idle = (
             c.last_frame + self.config.idle_timeout,
             ByeReason::IdleTimeout,
         );
         match self.config.login_timeout {
-            Some(limit) if c.user.is_none() => {
+            // A login being checked is not held against the client: a
+            // slow check must not turn a right password into a timeout.
+            Some(limit) if c.user.is_none() && c.awaiting.is_none() => {
                 let login = (c.opened + limit, ByeReason::LoginTimeout);
                 if login.0 < idle.0 {
                     login

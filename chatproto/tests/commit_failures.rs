@@ -206,3 +206,28 @@ fn without_tracking_a_failed_commit_changes_nothing() {
     assert_eq!(sim.code(alice, "block alice"), ErrorCode::SelfTarget);
     assert_eq!(sim.ok(alice, "unblock bob").text, "bob is unblocked");
 }
+
+#[test]
+fn an_undone_login_is_under_the_login_timeout_again() {
+    let mut config = common::config();
+    config.track_commits = true;
+    config.login_timeout = Some(secs(30));
+    let mut d = Durable {
+        sim: Sim::with_config(config),
+        committed: Snapshot::default(),
+    };
+    let c = d.sim.connect();
+    d.commit();
+    d.sim.advance(secs(10));
+    d.sim.send(c, "login alice pw-alice");
+    // Past the login timeout: logged in, so only the idle timeout counts.
+    d.sim.advance(secs(25));
+    assert!(d.sim.closed.is_empty());
+    d.fail(&[c]);
+    d.commit();
+    d.sim.advance(secs(1));
+    assert_eq!(
+        d.sim.closed.get(&c),
+        Some(&chatproto::ByeReason::LoginTimeout)
+    );
+}

@@ -146,3 +146,51 @@ fn plaintext_accounts_need_no_check_and_credentials_say_how_they_are_kept() {
         .unwrap()
         .check_password(&"pw-alice".parse().unwrap()));
 }
+
+#[test]
+fn a_slow_check_does_not_turn_a_right_password_into_a_login_timeout() {
+    let mut config = common::config();
+    config.login_timeout = Some(common::secs(30));
+    let mut sim = Sim::with_accounts(config, accounts());
+    let c = sim.connect();
+    sim.advance(common::secs(29));
+    sim.send(c, "login alice pw-alice");
+    // The check takes longer than what was left of the login timeout.
+    sim.advance(common::secs(5));
+    assert!(
+        sim.closed.is_empty(),
+        "closed while its password was checked"
+    );
+    sim.verify_all();
+    assert_eq!(sim.server.user(c).map(|u| u.as_str()), Some("alice"));
+    // A wrong password after a slow check: the login timeout applies again.
+    let d = sim.connect();
+    sim.advance(common::secs(29));
+    sim.send(d, "login bob wrong");
+    sim.advance(common::secs(5));
+    sim.verify_all();
+    sim.advance(common::secs(0));
+    assert_eq!(sim.closed.get(&d), Some(&ByeReason::LoginTimeout));
+}
+
+#[test]
+fn logins_past_the_pending_check_limit_are_refused_unavailable() {
+    let mut config = common::config();
+    config.max_pending_checks = 2;
+    let mut sim = Sim::with_accounts(config, accounts());
+    let conns: Vec<_> = (0..3).map(|_| sim.connect()).collect();
+    for &c in &conns {
+        sim.take(c);
+        sim.send(c, "login nobody x");
+    }
+    assert_eq!(sim.verifications.len(), 2);
+    match sim.take(conns[2]).as_slice() {
+        [ServerFrame::Error(e)] => assert_eq!(e.code, ErrorCode::Unavailable),
+        other => panic!("{other:?}"),
+    }
+    sim.verify_all();
+    // Room again.
+    sim.send(conns[2], "login alice pw-alice");
+    sim.verify_all();
+    assert_eq!(sim.server.user(conns[2]).map(|u| u.as_str()), Some("alice"));
+}

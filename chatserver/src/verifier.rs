@@ -6,6 +6,7 @@
 //! threads and takes the verdict back on its next wake-up (a worker wakes
 //! the poller when it has one).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -26,6 +27,8 @@ struct Job {
 #[derive(Debug)]
 pub struct Verifier {
     jobs: Option<Sender<Job>>,
+    /// Set when the pool stops: queued checks are dropped, not run.
+    stopping: Arc<AtomicBool>,
     verdicts: Receiver<(VerifyTicket, bool)>,
     workers: Vec<thread::JoinHandle<()>>,
 }
@@ -42,22 +45,25 @@ impl Verifier {
         let (jobs, queue) = mpsc::channel::<Job>();
         let queue = Arc::new(Mutex::new(queue));
         let (verdict_tx, verdicts) = mpsc::channel();
+        let stopping = Arc::new(AtomicBool::new(false));
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
             let queue = queue.clone();
             let verdict_tx = verdict_tx.clone();
             let poller = poller.clone();
+            let stopping = stopping.clone();
             workers.push(
                 thread::Builder::new()
                     .name(format!("verify-{i}"))
                     .spawn(move || {
                         lower_priority();
-                        work(&queue, &verdict_tx, &poller);
+                        work(&queue, &verdict_tx, &poller, &stopping);
                     })?,
             );
         }
         Ok(Verifier {
             jobs: Some(jobs),
+            stopping,
             verdicts,
             workers,
         })
@@ -82,7 +88,8 @@ impl Verifier {
 
 impl Drop for Verifier {
     fn drop(&mut self) {
-        // Closing the queue ends the workers once they finish their job.
+        // Workers finish the check in hand and drop the rest.
+        self.stopping.store(true, Ordering::Relaxed);
         self.jobs = None;
         for worker in self.workers.drain(..) {
             let _ = worker.join();
@@ -91,7 +98,12 @@ impl Drop for Verifier {
 }
 
 /// One worker: checks jobs until the queue closes.
-fn work(queue: &Mutex<Receiver<Job>>, verdicts: &Sender<(VerifyTicket, bool)>, poller: &Poller) {
+fn work(
+    queue: &Mutex<Receiver<Job>>,
+    verdicts: &Sender<(VerifyTicket, bool)>,
+    poller: &Poller,
+    stopping: &AtomicBool,
+) {
     loop {
         // The lock is held only to take one job.
         let job = match queue.lock() {
@@ -99,6 +111,9 @@ fn work(queue: &Mutex<Receiver<Job>>, verdicts: &Sender<(VerifyTicket, bool)>, p
             Err(_) => return,
         };
         let Ok(job) = job else { return };
+        if stopping.load(Ordering::Relaxed) {
+            return;
+        }
         let ok = verify(&job.hash, &job.password);
         if verdicts.send((job.ticket, ok)).is_err() {
             return;
