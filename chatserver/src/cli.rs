@@ -102,6 +102,19 @@ pub struct Args {
     #[arg(long, value_name = "N", hide = true)]
     db_max_pages: Option<u64>,
 
+    /// Serve TLS with this certificate chain (PEM). With --tls-key; the
+    /// --listen address serves TLS unless --tls-listen is given.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+
+    /// Serve TLS on this address beside plaintext on --listen.
+    #[arg(long, value_name = "ADDR", requires = "tls_cert")]
+    tls_listen: Option<SocketAddr>,
+
     /// Worker threads that check password hashes, off the event loop.
     /// Default: one per CPU.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
@@ -138,6 +151,10 @@ pub struct Settings {
     pub max_output_bytes: usize,
     pub max_connections_per_ip: Option<u32>,
     pub verify_threads: usize,
+    /// Certificate chain and key files, when serving TLS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    /// Where TLS is served beside plaintext; `None` with `tls`: on `listen`.
+    pub tls_listen: Option<SocketAddr>,
     pub shutdown_grace: Duration,
 }
 
@@ -227,6 +244,8 @@ impl Args {
                 .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             max_output_bytes: usize::try_from(self.max_output_bytes).unwrap_or(usize::MAX),
             max_connections_per_ip: self.max_connections_per_ip,
+            tls: self.tls_cert.zip(self.tls_key),
+            tls_listen: self.tls_listen,
             verify_threads: self.verify_threads.map_or_else(
                 || std::thread::available_parallelism().map_or(1, |n| n.get()),
                 usize::from,

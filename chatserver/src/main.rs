@@ -12,6 +12,7 @@ mod output_queue;
 mod reactor;
 mod registration;
 mod storage;
+mod tls;
 mod verifier;
 
 use std::io::IsTerminal;
@@ -28,7 +29,7 @@ use tracing_subscriber::EnvFilter;
 use crate::cli::{Args, Settings};
 use crate::clock::Clock;
 use crate::database::Database;
-use crate::reactor::{Reactor, ReactorConfig};
+use crate::reactor::{Listener, Reactor, ReactorConfig};
 use crate::storage::Storage;
 
 #[cfg(all(unix, not(target_env = "musl")))]
@@ -114,9 +115,28 @@ fn serve(settings: Settings) -> Result<(), String> {
             .unwrap_or(usize::MAX)
     });
 
+    let tls = match &settings.tls {
+        Some((cert, key)) => Some(tls::server_config(cert, key).map_err(|e| e.to_string())?),
+        None => None,
+    };
     let listener = TcpListener::bind(settings.listen)
         .map_err(|e| format!("cannot listen on {}: {e}", settings.listen))?;
     let local = listener.local_addr().map_err(|e| e.to_string())?;
+    let mut listeners = vec![Listener {
+        socket: listener,
+        // TLS on --listen itself, unless it has an address of its own.
+        tls: tls.clone().filter(|_| settings.tls_listen.is_none()),
+    }];
+    let mut tls_local = None;
+    if let (Some(addr), Some(tls)) = (settings.tls_listen, &tls) {
+        let socket =
+            TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        tls_local = Some(socket.local_addr().map_err(|e| e.to_string())?);
+        listeners.push(Listener {
+            socket,
+            tls: Some(tls.clone()),
+        });
+    }
 
     let (storage, snapshot) = match &settings.database {
         Some(path) => {
@@ -182,11 +202,22 @@ fn serve(settings: Settings) -> Result<(), String> {
         shutdown_grace: settings.shutdown_grace,
     };
     let mut reactor =
-        Reactor::new(listener, core, clock, config, stop, poller).map_err(|e| e.to_string())?;
-    info!(
-        accounts = account_count,
-        max_connections, "listening on {local} (connect with: chatcli {local}, or nc)"
-    );
+        Reactor::new(listeners, core, clock, config, stop, poller).map_err(|e| e.to_string())?;
+    match (tls.is_some(), tls_local) {
+        (true, None) => info!(
+            accounts = account_count,
+            max_connections, "listening on {local} with TLS (connect with: chatcli --tls {local})"
+        ),
+        (_, Some(tls_local)) => info!(
+            accounts = account_count,
+            max_connections,
+            "listening on {local} (connect with: chatcli {local}, or nc); TLS on {tls_local}"
+        ),
+        _ => info!(
+            accounts = account_count,
+            max_connections, "listening on {local} (connect with: chatcli {local}, or nc)"
+        ),
+    }
     reactor
         .run()
         .map_err(|e| format!("the event loop failed: {e}"))?;

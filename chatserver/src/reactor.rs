@@ -43,12 +43,26 @@ const ACCEPT_BUDGET: usize = 256;
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How long to stop accepting after running out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
-/// The listener's poller key; sockets use their slab index.
+/// The listeners' poller keys count down from here; sockets use their
+/// slab index.
 const LISTENER_KEY: usize = usize::MAX - 1;
+/// At most this many listeners (plaintext and TLS).
+const MAX_LISTENERS: usize = 4;
+
+/// A listening socket, and the TLS its connections speak, if any.
+pub struct Listener {
+    pub socket: TcpListener,
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+}
+
+struct Listening {
+    socket: Registered<TcpListener>,
+    tls: Option<Arc<rustls::ServerConfig>>,
+}
 
 pub struct Reactor {
     poller: Arc<Poller>,
-    listener: Option<Registered<TcpListener>>,
+    listeners: Vec<Listening>,
     socket_mode: PollMode,
     core: Server<Storage>,
     clock: Clock,
@@ -89,6 +103,10 @@ struct Socket {
     dirty: bool,
     /// Listed in `Reactor::staged`.
     staged: bool,
+    /// The TLS session, on a TLS listener's connections.
+    tls: Option<Box<rustls::ServerConnection>>,
+    /// `close_notify` is queued (TLS, while closing).
+    close_notified: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,7 +126,7 @@ enum Phase {
 
 impl Reactor {
     pub fn new(
-        listener: TcpListener,
+        listeners: Vec<Listener>,
         core: Server<Storage>,
         clock: Clock,
         config: ReactorConfig,
@@ -116,13 +134,19 @@ impl Reactor {
         poller: Arc<Poller>,
     ) -> io::Result<Reactor> {
         let verifier = Verifier::start(config.verify_threads, poller.clone())?;
-        listener.set_nonblocking(true)?;
-        let listener = Registered::new(
-            poller.clone(),
-            listener,
-            Event::readable(LISTENER_KEY),
-            PollMode::Oneshot,
-        )?;
+        let mut listening = Vec::new();
+        for (i, listener) in listeners.into_iter().take(MAX_LISTENERS).enumerate() {
+            listener.socket.set_nonblocking(true)?;
+            listening.push(Listening {
+                socket: Registered::new(
+                    poller.clone(),
+                    listener.socket,
+                    Event::readable(LISTENER_KEY - i),
+                    PollMode::Oneshot,
+                )?,
+                tls: listener.tls,
+            });
+        }
         // Level-triggered sockets need no re-arming after each event: one
         // syscall fewer per read. Where the platform lacks it, oneshot.
         let socket_mode = if poller.supports_level() {
@@ -132,7 +156,7 @@ impl Reactor {
         };
         Ok(Reactor {
             poller,
-            listener: Some(listener),
+            listeners: listening,
             socket_mode,
             core,
             clock,
@@ -184,8 +208,8 @@ impl Reactor {
             }
             self.take_verdicts();
             for event in events.iter() {
-                if event.key == LISTENER_KEY {
-                    self.accept_ready();
+                if event.key > LISTENER_KEY - MAX_LISTENERS {
+                    self.accept_ready(LISTENER_KEY - event.key);
                 } else {
                     self.socket_ready(event.key, event.readable);
                 }
@@ -280,13 +304,14 @@ impl Reactor {
         .min()
     }
 
-    fn accept_ready(&mut self) {
+    fn accept_ready(&mut self, index: usize) {
         for _ in 0..ACCEPT_BUDGET {
-            let Some(listener) = &self.listener else {
+            let Some(listener) = self.listeners.get(index) else {
                 return;
             };
-            match listener.get().accept() {
-                Ok((stream, peer)) => self.admit(stream, peer),
+            let tls = listener.tls.clone();
+            match listener.socket.get().accept() {
+                Ok((stream, peer)) => self.admit(stream, peer, tls),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_out_of_descriptors(&e) => {
@@ -299,18 +324,23 @@ impl Reactor {
                 Err(e) => debug!("accept failed: {e}"),
             }
         }
-        self.rearm_listener();
+        self.rearm_listener(index);
     }
 
-    fn rearm_listener(&self) {
-        if let Some(listener) = &self.listener {
-            if let Err(e) = listener.rearm(Event::readable(LISTENER_KEY)) {
-                warn!("cannot re-arm the listener: {e}");
+    fn rearm_listener(&self, index: usize) {
+        if let Some(listener) = self.listeners.get(index) {
+            if let Err(e) = listener.socket.rearm(Event::readable(LISTENER_KEY - index)) {
+                warn!("cannot re-arm a listener: {e}");
             }
         }
     }
 
-    fn admit(&mut self, stream: TcpStream, peer: SocketAddr) {
+    fn admit(
+        &mut self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) {
         if self.open >= self.config.max_connections {
             info!(%peer, "refused: server full ({} connections)", self.open);
             refuse(stream, ByeReason::ServerFull);
@@ -331,6 +361,13 @@ impl Reactor {
             warn!(%peer, "cannot set up the socket: {e}");
             return;
         }
+        let tls = match tls.map(rustls::ServerConnection::new).transpose() {
+            Ok(tls) => tls.map(Box::new),
+            Err(e) => {
+                warn!(%peer, "cannot start TLS: {e}");
+                return;
+            }
+        };
         let key = self.free_keys.pop().unwrap_or(self.sockets.len());
         let stream = match Registered::new(
             self.poller.clone(),
@@ -364,6 +401,8 @@ impl Reactor {
             armed: Some((true, false)),
             dirty: false,
             staged: false,
+            tls,
+            close_notified: false,
         };
         if key == self.sockets.len() {
             self.sockets.push(Some(socket));
@@ -398,6 +437,14 @@ impl Reactor {
 
     /// Reads up to the budget and feeds the core.
     fn read_input(&mut self, key: usize) {
+        if self
+            .sockets
+            .get(key)
+            .and_then(Option::as_ref)
+            .is_some_and(|s| s.tls.is_some())
+        {
+            return self.read_tls_input(key);
+        }
         let mut buf = std::mem::take(&mut self.read_buf);
         let mut total = 0;
         while total < READ_BUDGET {
@@ -434,6 +481,72 @@ impl Reactor {
             }
         }
         self.read_buf = buf;
+    }
+
+    /// Reads TLS records up to the budget, and feeds the core what they
+    /// decrypt to.
+    fn read_tls_input(&mut self, key: usize) {
+        let mut plain = std::mem::take(&mut self.read_buf);
+        let mut total = 0;
+        let ended = loop {
+            let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+                break None;
+            };
+            let Some(tls) = socket.tls.as_mut() else {
+                break None;
+            };
+            match tls.read_tls(&mut socket.stream.get()) {
+                Ok(0) => break Some("the peer closed the connection".to_owned()),
+                Ok(n) => total += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => break Some(e.to_string()),
+            }
+            if let Err(e) = tls.process_new_packets() {
+                // The alert that says why goes out before the close; the
+                // session can carry nothing else now.
+                let _ = tls.write_tls(&mut socket.stream.get());
+                socket.output = OutputQueue::default();
+                break Some(format!("TLS: {e}"));
+            }
+            // Everything decrypted so far goes to the core.
+            let closed = loop {
+                let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+                    break true;
+                };
+                let (Some(tls), Some(conn)) = (socket.tls.as_mut(), socket.conn) else {
+                    break true;
+                };
+                match tls.reader().read(&mut plain) {
+                    Ok(0) => break true, // close_notify
+                    Ok(n) => {
+                        let now = self.clock.now();
+                        if self.core.handle_input(conn, &plain[..n], now).is_ok() {
+                            self.drain_core();
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
+                    Err(_) => break true, // the transport ended without close_notify
+                }
+            };
+            if closed {
+                break Some("the peer closed the TLS session".to_owned());
+            }
+            if total >= READ_BUDGET {
+                break None;
+            }
+        };
+        self.read_buf = plain;
+        if let Some(why) = ended {
+            if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+                if socket.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
+                    // Nothing queued can go out before a handshake that
+                    // will not finish.
+                    socket.output = OutputQueue::default();
+                }
+            }
+            self.transport_closed(key, &why);
+        }
     }
 
     /// Reads and throws away input of a connection being closed.
@@ -571,7 +684,9 @@ impl Reactor {
         }
         if self.accept_paused_until.is_some_and(|until| until <= now) {
             self.accept_paused_until = None;
-            self.rearm_listener();
+            for index in 0..self.listeners.len() {
+                self.rearm_listener(index);
+            }
         }
     }
 
@@ -588,7 +703,16 @@ impl Reactor {
                 continue;
             };
             socket.dirty = false;
-            let result = socket.output.write_to(&mut socket.stream.get());
+            let result = match socket.tls.as_mut() {
+                Some(tls) => flush_tls(
+                    tls,
+                    &mut socket.output,
+                    socket.stream.get(),
+                    matches!(socket.phase, Phase::Flushing { .. }),
+                    &mut socket.close_notified,
+                ),
+                None => socket.output.write_to(&mut socket.stream.get()),
+            };
             match result {
                 Ok(Flushed::All) => {
                     if let Phase::Flushing { deadline } = socket.phase {
@@ -625,7 +749,12 @@ impl Reactor {
             return;
         };
         let read = matches!(socket.phase, Phase::Open | Phase::Draining { .. });
-        let write = !socket.output.is_empty();
+        let write = match &socket.tls {
+            // Output waits while the handshake is under way; the
+            // handshake's own records are `wants_write`.
+            Some(tls) => tls.wants_write() || (!socket.output.is_empty() && !tls.is_handshaking()),
+            None => !socket.output.is_empty(),
+        };
         if socket.armed == Some((read, write)) {
             return;
         }
@@ -652,7 +781,7 @@ impl Reactor {
             "shutting down: saying bye to every connection"
         );
         self.shutdown_deadline = Some(deadline);
-        self.listener = None;
+        self.listeners.clear();
         self.accept_paused_until = None;
         let now = self.clock.now();
         self.core.shutdown(now);
@@ -730,6 +859,68 @@ fn refuse(stream: TcpStream, reason: ByeReason) {
     let _ = stream.set_nonblocking(true);
     let _ = (&stream).write_all(&bye);
     let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// Moves queued frames through the TLS session onto the socket: as much
+/// plaintext as rustls buffers, then its records, until the socket would
+/// block or everything is out. While `closing`, `close_notify` follows the
+/// last frame.
+fn flush_tls(
+    tls: &mut rustls::ServerConnection,
+    output: &mut OutputQueue,
+    stream: &TcpStream,
+    closing: bool,
+    close_notified: &mut bool,
+) -> io::Result<Flushed> {
+    loop {
+        if !tls.is_handshaking() {
+            output.write_to(&mut TlsPlaintext(tls))?;
+        }
+        if closing && output.is_empty() && !*close_notified {
+            tls.send_close_notify();
+            *close_notified = true;
+        }
+        while tls.wants_write() {
+            match tls.write_tls(&mut &*stream) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        if output.is_empty() && (*close_notified || !closing) {
+            return Ok(Flushed::All);
+        }
+        if tls.is_handshaking() {
+            // The rest waits for the peer's handshake messages.
+            return Ok(Flushed::Blocked);
+        }
+    }
+}
+
+/// rustls' plaintext buffer as a writer that says "would block" when full,
+/// so `OutputQueue` keeps what does not fit.
+struct TlsPlaintext<'a>(&'a mut rustls::ServerConnection);
+
+impl io::Write for TlsPlaintext<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self.0.writer().write(buf)? {
+            0 if !buf.is_empty() => Err(io::ErrorKind::WouldBlock.into()),
+            n => Ok(n),
+        }
+    }
+
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        let total: usize = bufs.iter().map(|b| b.len()).sum();
+        match self.0.writer().write_vectored(bufs)? {
+            0 if total > 0 => Err(io::ErrorKind::WouldBlock.into()),
+            n => Ok(n),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 fn is_out_of_descriptors(e: &io::Error) -> bool {
