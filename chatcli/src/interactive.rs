@@ -3,7 +3,6 @@
 
 use std::borrow::Cow;
 use std::io::Write;
-use std::net::TcpStream;
 use std::time::Duration;
 
 use chatproto::{Command, CommandName, ErrorCode, Password, Username};
@@ -19,12 +18,13 @@ use rustyline::{ColorMode, Context, Editor, ExternalPrinter, Helper};
 use crate::display::{error_text, Style};
 use crate::session::{Format, Session, Sink, WaitError};
 use crate::terminal::SavedTerminal;
+use crate::transport::Transport;
 use crate::Credentials;
 
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Runs the interactive client; returns the exit status.
-pub fn run(session: Session, stream: TcpStream, credentials: Option<Credentials>) -> u8 {
+pub fn run(session: Session, stream: Transport, credentials: Option<Credentials>) -> u8 {
     let style = Style::detect(true);
     let saved = SavedTerminal::save();
     let mut editor = match Editor::<ChatHelper, DefaultHistory>::new() {

@@ -10,6 +10,7 @@ mod interactive;
 mod script;
 mod session;
 mod terminal;
+mod transport;
 
 use std::io::IsTerminal;
 use std::net::{TcpStream, ToSocketAddrs};
@@ -21,6 +22,7 @@ use chatproto::{Password, Username};
 use clap::Parser;
 
 use crate::session::Session;
+use crate::transport::{Transport, Trust};
 
 /// The chatproto command-line client.
 ///
@@ -48,6 +50,25 @@ struct Args {
     /// (scripted use).
     #[arg(long)]
     json: bool,
+
+    /// Connect with TLS, checking the server's certificate against the
+    /// system's trusted roots (or --ca).
+    #[arg(long)]
+    tls: bool,
+
+    /// With --tls: trust only the CA certificates in this PEM file.
+    #[arg(
+        long,
+        value_name = "FILE",
+        requires = "tls",
+        conflicts_with = "insecure"
+    )]
+    ca: Option<PathBuf>,
+
+    /// With --tls: accept ANY certificate. The connection is encrypted but
+    /// not authenticated: anyone in the path can read and change it.
+    #[arg(long, requires = "tls")]
+    insecure: bool,
 }
 
 /// A user name and password given on the command line.
@@ -102,6 +123,27 @@ fn run(args: Args) -> u8 {
         }
     };
     let _ = stream.set_nodelay(true);
+    let stream = if args.tls {
+        let trust = match (&args.ca, args.insecure) {
+            (Some(ca), _) => Trust::Ca(ca.clone()),
+            (None, true) => {
+                eprintln!(
+                    "chatcli: WARNING: --insecure: the server's certificate is NOT checked; anyone between you and the server can read and change this session"
+                );
+                Trust::Anything
+            }
+            (None, false) => Trust::System,
+        };
+        match Transport::tls(stream, host_of(&args.addr), &trust) {
+            Ok(tls) => tls,
+            Err(e) => {
+                eprintln!("chatcli: {}: {e}", args.addr);
+                return 1;
+            }
+        }
+    } else {
+        Transport::plain(stream)
+    };
     let session = match Session::new(&stream) {
         Ok(session) => session,
         Err(e) => {
@@ -114,6 +156,13 @@ fn run(args: Args) -> u8 {
     } else {
         script::run(session, stream, credentials, args.json)
     }
+}
+
+/// The host part of `host:port` or `[v6]:port`: the name the server's
+/// certificate must carry.
+fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(host, _)| host);
+    host.trim_start_matches('[').trim_end_matches(']')
 }
 
 fn connect(addr: &str) -> std::io::Result<TcpStream> {

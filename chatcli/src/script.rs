@@ -2,7 +2,6 @@
 //! on standard output.
 
 use std::io::{BufRead, Write};
-use std::net::TcpStream;
 use std::time::Duration;
 
 use chatproto::{Command, DebugTarget};
@@ -10,6 +9,7 @@ use serde_json::json;
 
 use crate::display::Style;
 use crate::session::{Format, Session, Sink, WaitError};
+use crate::transport::Transport;
 use crate::Credentials;
 
 /// How long to wait for an answer.
@@ -18,7 +18,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs the scripted client; returns the exit status.
 pub fn run(
     session: Session,
-    stream: TcpStream,
+    stream: Transport,
     credentials: Option<Credentials>,
     json: bool,
 ) -> u8 {

@@ -2,11 +2,10 @@
 //! thread that sends what the user types and the thread that receives.
 
 use std::collections::{BTreeSet, HashMap};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::transport::Transport;
 use chatproto::{
     ByeReason, Client, ClientEvent, ClientState, Command, ErrorFrame, FrameDecoder, Reply,
     RequestId, SendError, Timestamp, DEFAULT_CLIENT_MAX_FRAME_BYTES,
@@ -56,7 +55,8 @@ pub struct Shared {
 #[derive(Clone)]
 pub struct Session {
     shared: Arc<Shared>,
-    writer: Arc<Mutex<TcpStream>>,
+    /// Writes are whole frames, one sender at a time.
+    writer: Arc<Mutex<Transport>>,
 }
 
 /// Why waiting for an answer stopped.
@@ -67,7 +67,7 @@ pub enum WaitError {
 }
 
 impl Session {
-    pub fn new(stream: &TcpStream) -> std::io::Result<Session> {
+    pub fn new(transport: &Transport) -> std::io::Result<Session> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 client: Client::new(),
@@ -79,7 +79,7 @@ impl Session {
         });
         Ok(Session {
             shared,
-            writer: Arc::new(Mutex::new(stream.try_clone()?)),
+            writer: Arc::new(Mutex::new(transport.clone())),
         })
     }
 
@@ -93,7 +93,7 @@ impl Session {
     /// ends, with the sink, the line that says why, and the exit status.
     pub fn start_receiving(
         &self,
-        stream: TcpStream,
+        stream: Transport,
         format: Format,
         mut sink: Box<dyn Sink>,
         on_end: OnEnd,
@@ -114,7 +114,7 @@ impl Session {
             let frames: Vec<_> = std::iter::from_fn(|| state.client.poll_transmit()).collect();
             (id, frames)
         };
-        let mut writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner());
         for frame in frames {
             // A failed write means the connection is gone; the receiving
             // thread sees that too and ends the session.
@@ -180,12 +180,7 @@ impl Session {
     }
 
     /// Reads until the server closes; returns the `bye` reason.
-    fn receive(
-        &self,
-        mut stream: TcpStream,
-        format: Format,
-        sink: &mut dyn Sink,
-    ) -> Option<ByeReason> {
+    fn receive(&self, stream: Transport, format: Format, sink: &mut dyn Sink) -> Option<ByeReason> {
         let mut buf = vec![0; 64 * 1024];
         let mut raw_lines = FrameDecoder::new(DEFAULT_CLIENT_MAX_FRAME_BYTES);
         let mut reason = None;
