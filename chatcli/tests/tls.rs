@@ -5,47 +5,22 @@
 #[path = "../../chatserver/tests/common/mod.rs"]
 mod common;
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::TestServer;
-
-/// A self-signed certificate for 127.0.0.1, as PEM files in `dir`.
-fn certificate(dir: &std::path::Path) -> (String, String) {
-    let cert = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
-    let cert_path = dir.join("cert.pem");
-    let key_path = dir.join("key.pem");
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    (
-        cert_path.to_str().unwrap().to_owned(),
-        key_path.to_str().unwrap().to_owned(),
-    )
-}
 
 /// Runs chatcli with `args` and `script` on standard input; returns (exit
 /// code, stdout, stderr).
 fn chatcli(server: &TestServer, args: &[&str], script: &str) -> (i32, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_chatcli"))
-        .arg(server.addr.to_string())
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code().unwrap(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatcli"));
+    cmd.arg(server.addr.to_string()).args(args);
+    common::run_with_input(cmd, script)
+}
+
+/// A certificate for 127.0.0.1: (cert path, key path).
+fn certificate(dir: &std::path::Path) -> (String, String) {
+    let (cert, key, _) = common::certificate(dir, "127.0.0.1");
+    (cert, key)
 }
 
 #[test]

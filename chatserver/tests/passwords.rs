@@ -3,32 +3,13 @@
 
 mod common;
 
-use std::io::Write;
-use std::process::Stdio;
-
 use common::{binary, TestServer};
 
 /// `chatserver hash-password` with `input` on standard input.
 fn hash_password(input: &str) -> (i32, String, String) {
-    let mut child = binary()
-        .arg("hash-password")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code().unwrap(),
-        String::from_utf8(out.stdout).unwrap(),
-        String::from_utf8(out.stderr).unwrap(),
-    )
+    let mut cmd = binary();
+    cmd.arg("hash-password");
+    common::run_with_input(cmd, input)
 }
 
 #[test]

@@ -11,22 +11,6 @@ use std::sync::Arc;
 use common::{TestServer, CREDENTIALS, TIMEOUT};
 use serde_json::Value;
 
-/// A self-signed certificate for `localhost`, written as PEM files.
-fn certificate(
-    dir: &std::path::Path,
-) -> (String, String, rustls::pki_types::CertificateDer<'static>) {
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
-    let cert_path = dir.join("cert.pem");
-    let key_path = dir.join("key.pem");
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    (
-        cert_path.to_str().unwrap().to_owned(),
-        key_path.to_str().unwrap().to_owned(),
-        cert.cert.der().clone(),
-    )
-}
-
 /// A line-based client over TLS that trusts only `root`.
 struct TlsClient {
     reader: BufReader<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>,
@@ -88,7 +72,7 @@ impl TlsClient {
 #[test]
 fn users_talk_over_tls_and_with_plaintext_users() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, root) = certificate(dir.path());
+    let (cert, key, root) = common::certificate(dir.path(), "localhost");
     let tls_port = common::free_port().to_string();
     let tls_addr = format!("127.0.0.1:{tls_port}");
     let server = TestServer::start_with(
@@ -128,7 +112,7 @@ fn users_talk_over_tls_and_with_plaintext_users() {
 #[test]
 fn a_plaintext_client_on_the_tls_port_is_cut_off_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key, _) = certificate(dir.path());
+    let (cert, key, _) = common::certificate(dir.path(), "localhost");
     let server = TestServer::start(&["--tls-cert", &cert, "--tls-key", &key]);
     server.wait_for_log("with TLS");
     let mut plain = TcpStream::connect(server.addr).unwrap();

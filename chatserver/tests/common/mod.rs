@@ -322,3 +322,45 @@ pub fn temp_file(contents: &str) -> (tempfile::TempDir, PathBuf) {
     std::fs::write(&path, contents).unwrap();
     (dir, path)
 }
+
+/// Runs `cmd` with `input` on standard input; returns (exit code, stdout,
+/// stderr).
+pub fn run_with_input(mut cmd: Command, input: &str) -> (i32, String, String) {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A throwaway self-signed certificate for `name` (a host name or an IP
+/// address), written as `cert.pem` and `key.pem` in `dir`; returns their
+/// paths and the certificate, to trust.
+pub fn certificate(
+    dir: &std::path::Path,
+    name: &str,
+) -> (String, String, rustls::pki_types::CertificateDer<'static>) {
+    let cert = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+    let cert_path = dir.join("cert.pem");
+    let key_path = dir.join("key.pem");
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    (
+        cert_path.to_str().unwrap().to_owned(),
+        key_path.to_str().unwrap().to_owned(),
+        cert.cert.der().clone(),
+    )
+}
