@@ -116,7 +116,7 @@ pub struct Args {
     tls_listen: Option<SocketAddr>,
 
     /// Worker threads that check password hashes, off the event loop.
-    /// Default: one per CPU.
+    /// Default: one per CPU but one (at least one).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     verify_threads: Option<u16>,
 
@@ -247,7 +247,10 @@ impl Args {
             tls: self.tls_cert.zip(self.tls_key),
             tls_listen: self.tls_listen,
             verify_threads: self.verify_threads.map_or_else(
-                || std::thread::available_parallelism().map_or(1, |n| n.get()),
+                || {
+                    std::thread::available_parallelism()
+                        .map_or(1, |n| n.get().saturating_sub(1).max(1))
+                },
                 usize::from,
             ),
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
