@@ -110,7 +110,7 @@ pub use password::{HashedPassword, InvalidHash, InvalidPassword, Password};
 pub use rate_limit::RateLimit;
 pub use request::{Rejected, Request, RequestId};
 pub use server::{
-    CloseReason, ConfigError, Event, Output, RestoreSummary, Server, ServerConfig,
+    CloseReason, ConfigError, Event, MessageError, Output, RestoreSummary, Server, ServerConfig,
     UnknownConnection, VerifyTicket, MAX_FRAME_BYTES, MIN_FRAME_BYTES,
 };
 pub use server_frame::{

@@ -302,6 +302,20 @@ pub enum CloseReason {
 #[error("{0} is not an open connection")]
 pub struct UnknownConnection(pub ConnId);
 
+/// Why [`Server::handle_message`] did not take a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum MessageError {
+    /// The connection is closed, or never was.
+    #[error(transparent)]
+    UnknownConnection(#[from] UnknownConnection),
+    /// The message holds a line break, so it is not one frame. Nothing of
+    /// it was taken; the transport should refuse it (a WebSocket closes
+    /// with status 1007).
+    #[error("a message holds exactly one frame, without a line break")]
+    LineBreak,
+}
+
 /// What [`Server::with_snapshot`] loaded, in counts.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
@@ -341,6 +355,8 @@ pub struct Server<S: Store> {
     /// Logins waiting for a password check, by ticket.
     verifications: HashMap<VerifyTicket, PendingLogin>,
     next_ticket: u64,
+    /// Scratch space for [`Server::handle_message`].
+    message_line: Vec<u8>,
 }
 
 impl<S: Store> Server<S> {
@@ -377,6 +393,7 @@ impl<S: Store> Server<S> {
             uncommitted: config.track_commits.then(Uncommitted::default),
             verifications: HashMap::new(),
             next_ticket: 0,
+            message_line: Vec::new(),
             accounts,
             store,
             config,
@@ -505,6 +522,47 @@ impl<S: Store> Server<S> {
             c.decoder = decoder;
         }
         Ok(())
+    }
+
+    /// One whole frame arrived on `conn` from a transport that keeps
+    /// message boundaries itself, such as a WebSocket text message: no line
+    /// framing. It is served exactly as the same frame sent as a line, with
+    /// the same frame limit (a longer one is answered `frame_too_large`)
+    /// and rate limit; an empty message is ignored, as an empty line is.
+    ///
+    /// ```
+    /// # use chatproto::{Accounts, MemoryStore, Output, Server, ServerConfig, Timestamp};
+    /// let now = Timestamp::from_millis(0);
+    /// let mut server = Server::new(ServerConfig::default(), Accounts::default(), MemoryStore::default(), now).unwrap();
+    /// let conn = server.accept([0; 16], now);
+    /// server.handle_message(conn, br#"{"id":1,"cmd":"whoami"}"#, now).unwrap();
+    /// assert!(server.handle_message(conn, b"whoami\nhelp", now).is_err());
+    /// ```
+    pub fn handle_message(
+        &mut self,
+        conn: ConnId,
+        message: &[u8],
+        now: Timestamp,
+    ) -> Result<(), MessageError> {
+        if self.connections.get(conn).is_none() {
+            return Err(UnknownConnection(conn).into());
+        }
+        if message.contains(&b'\n') {
+            return Err(MessageError::LineBreak);
+        }
+        // As a line it goes through the one path every frame takes (rate
+        // limit, held input behind a password check, frame limit). With
+        // only whole lines fed to it, the connection's decoder never holds
+        // a partial frame, so nothing of one message runs into the next.
+        let mut line = std::mem::take(&mut self.message_line);
+        line.clear();
+        line.extend_from_slice(message);
+        line.push(b'\n');
+        let result = self.handle_input(conn, &line, now);
+        if line.capacity() <= 2 * self.config.max_frame_bytes {
+            self.message_line = line;
+        }
+        result.map_err(MessageError::from)
     }
 
     /// The transport under `conn` is gone (reset, end of stream, write
