@@ -532,7 +532,7 @@ impl<S: Store> Server<S> {
     ///
     /// ```
     /// # use chatproto::{Accounts, MemoryStore, Output, Server, ServerConfig, Timestamp};
-    /// let now = Timestamp::from_millis(0);
+    /// let now = Timestamp::from_unix_millis(0);
     /// let mut server = Server::new(ServerConfig::default(), Accounts::default(), MemoryStore::default(), now).unwrap();
     /// let conn = server.accept([0; 16], now);
     /// server.handle_message(conn, br#"{"id":1,"cmd":"whoami"}"#, now).unwrap();
