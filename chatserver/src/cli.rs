@@ -115,6 +115,16 @@ pub struct Args {
     #[arg(long, value_name = "ADDR", requires = "tls_cert")]
     tls_listen: Option<SocketAddr>,
 
+    /// Serve the chat page (GET /) and a WebSocket carrying the protocol
+    /// (GET /ws) on this address; HTTPS and WSS with --tls-cert.
+    #[arg(long, value_name = "ADDR")]
+    http: Option<SocketAddr>,
+
+    /// An origin besides the page's own whose pages may open a WebSocket
+    /// (e.g. https://chat.example.com; repeatable).
+    #[arg(long = "allow-origin", value_name = "ORIGIN", requires = "http", value_parser = crate::http::parse_origin)]
+    allowed_origins: Vec<String>,
+
     /// Worker threads that check password hashes, off the event loop.
     /// Default: one per CPU but one (at least one).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
@@ -155,6 +165,10 @@ pub struct Settings {
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Where TLS is served beside plaintext; `None` with `tls`: on `listen`.
     pub tls_listen: Option<SocketAddr>,
+    /// Where the chat page and its WebSocket are served.
+    pub http: Option<SocketAddr>,
+    /// Origins allowed to open a WebSocket besides the page's own.
+    pub allowed_origins: Vec<String>,
     pub shutdown_grace: Duration,
 }
 
@@ -246,6 +260,8 @@ impl Args {
             max_connections_per_ip: self.max_connections_per_ip,
             tls: self.tls_cert.zip(self.tls_key),
             tls_listen: self.tls_listen,
+            http: self.http,
+            allowed_origins: self.allowed_origins,
             verify_threads: self.verify_threads.map_or_else(
                 || {
                     std::thread::available_parallelism()

@@ -8,12 +8,14 @@ mod clock;
 mod credentials;
 mod database;
 mod hash_password;
+mod http;
 mod output_queue;
 mod reactor;
 mod registration;
 mod storage;
 mod tls;
 mod verifier;
+mod websocket;
 
 use std::io::IsTerminal;
 use std::net::TcpListener;
@@ -126,6 +128,7 @@ fn serve(settings: Settings) -> Result<(), String> {
         socket: listener,
         // TLS on --listen itself, unless it has an address of its own.
         tls: tls.clone().filter(|_| settings.tls_listen.is_none()),
+        http: None,
     }];
     let mut tls_local = None;
     if let (Some(addr), Some(tls)) = (settings.tls_listen, &tls) {
@@ -135,6 +138,24 @@ fn serve(settings: Settings) -> Result<(), String> {
         listeners.push(Listener {
             socket,
             tls: Some(tls.clone()),
+            http: None,
+        });
+    }
+    let mut http_url = None;
+    if let Some(addr) = settings.http {
+        let socket =
+            TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let bound = socket.local_addr().map_err(|e| e.to_string())?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        http_url = Some(format!("{scheme}://{bound}/"));
+        listeners.push(Listener {
+            socket,
+            // With TLS configured, the page and its WebSocket are HTTPS/WSS.
+            tls: tls.clone(),
+            http: Some(Arc::new(http::HttpConfig {
+                secure: tls.is_some(),
+                allowed_origins: settings.allowed_origins.clone(),
+            })),
         });
     }
 
@@ -217,6 +238,9 @@ fn serve(settings: Settings) -> Result<(), String> {
             accounts = account_count,
             max_connections, "listening on {local} (connect with: chatcli {local}, or nc)"
         ),
+    }
+    if let Some(url) = http_url {
+        info!("serving the chat page on {url} (WebSocket at {url}ws)");
     }
     reactor
         .run()

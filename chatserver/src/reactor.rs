@@ -5,6 +5,10 @@
 //! the core, drains the core's outputs into per-socket queues, and writes
 //! each socket that has output once, with vectored writes. It holds no chat
 //! logic: that is all in `chatproto::Server`.
+//!
+//! A socket carries the protocol as lines (TCP, or TLS), or, on the
+//! `--http` listener, one HTTP request that either gets the chat page or
+//! becomes a WebSocket carrying one frame per message: see [`App`].
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read};
@@ -13,15 +17,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chatproto::{ByeReason, CloseReason, ConnId, Event as CoreEvent, Output, Server, ServerFrame};
+use chatproto::{
+    ByeReason, CloseReason, ConnId, Event as CoreEvent, MessageError, Output, Server, ServerFrame,
+};
 use polling::{Event, Events, PollMode, Poller};
 use tracing::{debug, error, info, warn};
+use tungstenite::protocol::frame::coding::CloseCode;
 
 use crate::clock::Clock;
+use crate::http::{self, HttpConfig, Routed};
 use crate::output_queue::{Flushed, OutputQueue};
 use crate::registration::Registered;
 use crate::storage::Storage;
 use crate::verifier::Verifier;
+use crate::websocket::{self, WebSocket};
 
 /// What the reactor needs besides the core.
 #[derive(Debug, Clone)]
@@ -41,6 +50,8 @@ const READ_BUDGET: usize = 256 * 1024;
 const ACCEPT_BUDGET: usize = 256;
 /// How long a closed connection may take to drain its output and hang up.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
+/// How long an HTTP connection may take to send its request.
+const HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to stop accepting after running out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// The listeners' poller keys count down from here; sockets use their
@@ -49,15 +60,18 @@ const LISTENER_KEY: usize = usize::MAX - 1;
 /// At most this many listeners (plaintext and TLS).
 const MAX_LISTENERS: usize = 4;
 
-/// A listening socket, and the TLS its connections speak, if any.
+/// A listening socket, the TLS its connections speak, if any, and whether
+/// it serves HTTP (the chat page and WebSocket) rather than lines.
 pub struct Listener {
     pub socket: TcpListener,
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub http: Option<Arc<HttpConfig>>,
 }
 
 struct Listening {
     socket: Registered<TcpListener>,
     tls: Option<Arc<rustls::ServerConfig>>,
+    http: Option<Arc<HttpConfig>>,
 }
 
 pub struct Reactor {
@@ -107,6 +121,32 @@ struct Socket {
     tls: Option<Box<rustls::ServerConnection>>,
     /// `close_notify` is queued (TLS, while closing).
     close_notified: bool,
+    /// What the bytes on the stream are.
+    app: App,
+}
+
+/// What a socket's (decrypted) bytes carry.
+enum App {
+    /// Protocol frames as lines.
+    Lines,
+    /// An HTTP request, read until it is whole.
+    Http(Box<HttpRequest>),
+    /// Protocol frames as WebSocket text messages.
+    WebSocket(Box<WebSocket>),
+}
+
+struct HttpRequest {
+    head: Vec<u8>,
+    /// When an unfinished request is given up (in `close_deadlines`).
+    deadline: Instant,
+    config: Arc<HttpConfig>,
+}
+
+impl Socket {
+    /// Whether its input still goes anywhere.
+    fn takes_input(&self) -> bool {
+        self.phase == Phase::Open && (self.conn.is_some() || matches!(self.app, App::Http(_)))
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +185,7 @@ impl Reactor {
                     PollMode::Oneshot,
                 )?,
                 tls: listener.tls,
+                http: listener.http,
             });
         }
         // Level-triggered sockets need no re-arming after each event: one
@@ -310,8 +351,9 @@ impl Reactor {
                 return;
             };
             let tls = listener.tls.clone();
+            let http = listener.http.clone();
             match listener.socket.get().accept() {
-                Ok((stream, peer)) => self.admit(stream, peer, tls),
+                Ok((stream, peer)) => self.admit(stream, peer, tls, http),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_out_of_descriptors(&e) => {
@@ -340,19 +382,24 @@ impl Reactor {
         stream: TcpStream,
         peer: SocketAddr,
         tls: Option<Arc<rustls::ServerConfig>>,
+        http: Option<Arc<HttpConfig>>,
     ) {
-        if self.open >= self.config.max_connections {
+        let refusal = if self.open >= self.config.max_connections {
             info!(%peer, "refused: server full ({} connections)", self.open);
-            refuse(stream, ByeReason::ServerFull);
-            return;
-        }
-        if let Some(limit) = self.config.max_connections_per_ip {
+            Some(ByeReason::ServerFull)
+        } else {
             let count = self.per_ip.get(&peer.ip()).copied().unwrap_or(0);
-            if count >= limit {
+            let limit = self.config.max_connections_per_ip.unwrap_or(u32::MAX);
+            (count >= limit).then(|| {
                 info!(%peer, "refused: {count} connections from this address already");
-                refuse(stream, ByeReason::TooManyConnections);
-                return;
+                ByeReason::TooManyConnections
+            })
+        };
+        if let Some(reason) = refusal {
+            if tls.is_none() {
+                refuse(stream, http.is_some(), reason);
             }
+            return;
         }
         if let Err(e) = stream
             .set_nonblocking(true)
@@ -386,16 +433,23 @@ impl Reactor {
             // Counted from here on; `remove` uncounts it.
             *self.per_ip.entry(peer.ip()).or_default() += 1;
         }
-        let now = self.clock.now();
-        let conn = self.core.accept(*uuid::Uuid::new_v4().as_bytes(), now);
-        if self.by_conn.len() <= conn.index() {
-            self.by_conn.resize(conn.index() + 1, None);
-        }
-        self.by_conn[conn.index()] = Some((conn, key));
+        let app = match http {
+            Some(config) => {
+                let deadline = Instant::now() + HTTP_REQUEST_TIMEOUT;
+                self.close_deadlines.insert((deadline, key));
+                App::Http(Box::new(HttpRequest {
+                    head: Vec::new(),
+                    deadline,
+                    config,
+                }))
+            }
+            None => App::Lines,
+        };
+        let lines = matches!(app, App::Lines);
         let socket = Socket {
             stream,
             peer,
-            conn: Some(conn),
+            conn: None,
             output: OutputQueue::default(),
             phase: Phase::Open,
             armed: Some((true, false)),
@@ -403,6 +457,7 @@ impl Reactor {
             staged: false,
             tls,
             close_notified: false,
+            app,
         };
         if key == self.sockets.len() {
             self.sockets.push(Some(socket));
@@ -410,8 +465,104 @@ impl Reactor {
             self.sockets[key] = Some(socket);
         }
         self.open += 1;
-        info!(%peer, %conn, "connected");
+        if lines {
+            self.start_session(key);
+        } else {
+            debug!(%peer, "HTTP connection");
+        }
+    }
+
+    /// Opens the core's connection for the socket at `key`.
+    fn start_session(&mut self, key: usize) {
+        let now = self.clock.now();
+        let conn = self.core.accept(*uuid::Uuid::new_v4().as_bytes(), now);
+        if self.by_conn.len() <= conn.index() {
+            self.by_conn.resize(conn.index() + 1, None);
+        }
+        self.by_conn[conn.index()] = Some((conn, key));
+        let socket = self.sockets[key].as_mut().expect("keys point at sockets");
+        socket.conn = Some(conn);
+        let kind = if matches!(socket.app, App::WebSocket(_)) {
+            " (WebSocket)"
+        } else {
+            ""
+        };
+        info!(peer = %socket.peer, %conn, "connected{kind}");
         self.drain_core();
+    }
+
+    /// Hands bytes read from the socket at `key` to whatever they are for.
+    fn deliver(&mut self, key: usize, data: &[u8]) {
+        let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+            return;
+        };
+        match &mut socket.app {
+            App::Lines => {
+                if let Some(conn) = socket.conn {
+                    let now = self.clock.now();
+                    if self.core.handle_input(conn, data, now).is_ok() {
+                        self.drain_core();
+                    }
+                }
+            }
+            App::Http(request) => {
+                request.head.extend_from_slice(data);
+                let deadline = request.deadline;
+                match http::route(&request.head, &request.config) {
+                    Routed::Partial => {}
+                    Routed::Respond(response) => {
+                        socket.output.push(response);
+                        socket.app = App::Lines;
+                        self.close_deadlines.remove(&(deadline, key));
+                        self.start_closing(key);
+                    }
+                    Routed::Upgrade { response, consumed } => {
+                        let rest = request.head.split_off(consumed);
+                        socket.output.push(response);
+                        let limit = self.core.config().max_frame_bytes;
+                        socket.app = App::WebSocket(Box::new(WebSocket::new(limit)));
+                        self.close_deadlines.remove(&(deadline, key));
+                        self.mark_dirty(key);
+                        self.start_session(key);
+                        if !rest.is_empty() {
+                            self.deliver(key, &rest);
+                        }
+                    }
+                }
+            }
+            App::WebSocket(ws) => {
+                let received = ws.receive(data);
+                if let Some(reply) = received.reply {
+                    socket.output.push(reply);
+                    self.mark_dirty(key);
+                }
+                let mut ended = received.ended;
+                for frame in received.frames {
+                    let Some(conn) = self.sockets[key].as_ref().and_then(|s| s.conn) else {
+                        break;
+                    };
+                    let now = self.clock.now();
+                    match self.core.handle_message(conn, &frame, now) {
+                        Ok(()) => self.drain_core(),
+                        Err(MessageError::LineBreak) => {
+                            let socket = self.sockets[key].as_mut().expect("keys point at sockets");
+                            if let App::WebSocket(ws) = &mut socket.app {
+                                let reason = "one frame per message: no line breaks";
+                                if let Some(close) = ws.refuse_invalid(reason) {
+                                    socket.output.push(close);
+                                }
+                            }
+                            ended = Some("WebSocket: a message with a line break".to_owned());
+                            break;
+                        }
+                        Err(_) => break,
+                    }
+                }
+                if let Some(why) = ended {
+                    self.transport_closed(key, &why);
+                }
+            }
+        }
     }
 
     fn socket_ready(&mut self, key: usize, readable: bool) {
@@ -451,9 +602,9 @@ impl Reactor {
             let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
                 break;
             };
-            let Some(conn) = socket.conn.filter(|_| socket.phase == Phase::Open) else {
+            if !socket.takes_input() {
                 break;
-            };
+            }
             match socket.stream.get().read(&mut buf) {
                 Ok(0) => {
                     self.transport_closed(key, "the peer closed the connection");
@@ -461,10 +612,7 @@ impl Reactor {
                 }
                 Ok(n) => {
                     total += n;
-                    let now = self.clock.now();
-                    if self.core.handle_input(conn, &buf[..n], now).is_ok() {
-                        self.drain_core();
-                    }
+                    self.deliver(key, &buf[..n]);
                     if n < buf.len() && self.socket_mode == PollMode::Level {
                         // Drained for now; a level-triggered poller reports
                         // anything more, so skip the read that would only
@@ -514,17 +662,15 @@ impl Reactor {
                 let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
                     break true;
                 };
-                let (Some(tls), Some(conn)) = (socket.tls.as_mut(), socket.conn) else {
+                if !socket.takes_input() {
+                    break true;
+                }
+                let Some(tls) = socket.tls.as_mut() else {
                     break true;
                 };
                 match tls.reader().read(&mut plain) {
                     Ok(0) => break true, // close_notify
-                    Ok(n) => {
-                        let now = self.clock.now();
-                        if self.core.handle_input(conn, &plain[..n], now).is_ok() {
-                            self.drain_core();
-                        }
-                    }
+                    Ok(n) => self.deliver(key, &plain[..n]),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
                     Err(_) => break true, // the transport ended without close_notify
                 }
@@ -612,7 +758,10 @@ impl Reactor {
                         socket.staged = true;
                         self.staged.push((key, socket.output.frames()));
                     }
-                    socket.output.push(frame);
+                    match &socket.app {
+                        App::WebSocket(_) => websocket::encode(&frame, |m| socket.output.push(m)),
+                        _ => socket.output.push(frame),
+                    }
                     let backlog = socket.output.len();
                     self.mark_dirty(key);
                     if backlog > self.config.max_output_bytes {
@@ -655,6 +804,12 @@ impl Reactor {
         let socket = self.sockets[key].as_mut().expect("keys point at sockets");
         if socket.phase != Phase::Open {
             return;
+        }
+        if let App::WebSocket(ws) = &mut socket.app {
+            // After the `bye`, the WebSocket's own goodbye.
+            if let Some(close) = ws.close_frame(CloseCode::Normal, "") {
+                socket.output.push(close);
+            }
         }
         let deadline = Instant::now() + CLOSE_GRACE;
         socket.phase = Phase::Flushing { deadline };
@@ -782,6 +937,17 @@ impl Reactor {
         );
         self.shutdown_deadline = Some(deadline);
         self.listeners.clear();
+        // Requests still being read have no session to say bye to.
+        let requests: Vec<usize> = (0..self.sockets.len())
+            .filter(|&key| {
+                self.sockets[key]
+                    .as_ref()
+                    .is_some_and(|s| matches!(s.app, App::Http(_)))
+            })
+            .collect();
+        for key in requests {
+            self.remove(key);
+        }
         self.accept_paused_until = None;
         let now = self.clock.now();
         self.core.shutdown(now);
@@ -835,6 +1001,9 @@ impl Reactor {
         if let Phase::Flushing { deadline } | Phase::Draining { deadline } = socket.phase {
             self.close_deadlines.remove(&(deadline, key));
         }
+        if let App::Http(request) = &socket.app {
+            self.close_deadlines.remove(&(request.deadline, key));
+        }
         if let Some(conn) = socket.conn {
             // Dropped without the core closing it (a write error): tell it.
             self.forget_conn(conn);
@@ -850,12 +1019,16 @@ impl Reactor {
     }
 }
 
-/// Accepted beyond a connection limit: say why and hang up. The frame is
-/// tiny and the socket's send buffer empty, so one non-blocking write
-/// suffices.
-fn refuse(stream: TcpStream, reason: ByeReason) {
+/// Accepted beyond a connection limit: say why (a `bye`, or a 503 to an
+/// HTTP client) and hang up. The answer is tiny and the socket's send
+/// buffer empty, so one non-blocking write suffices.
+fn refuse(stream: TcpStream, http: bool, reason: ByeReason) {
     use std::io::Write;
-    let bye = ServerFrame::Bye { reason }.encode();
+    let bye = if http {
+        http::unavailable(&format!("{reason}"))
+    } else {
+        ServerFrame::Bye { reason }.encode()
+    };
     let _ = stream.set_nonblocking(true);
     let _ = (&stream).write_all(&bye);
     let _ = stream.shutdown(Shutdown::Write);

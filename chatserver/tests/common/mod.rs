@@ -152,6 +152,17 @@ impl TestServer {
         panic!("no log line with {needle:?}: {:#?}", self.log());
     }
 
+    /// The `--http` listener's address, from the log.
+    pub fn http_addr(&self) -> SocketAddr {
+        let marker = "serving the chat page on ";
+        self.wait_for_log(marker);
+        let log = self.log();
+        let line = log.iter().find(|l| l.contains(marker)).unwrap();
+        let url = &line[line.find(marker).unwrap() + marker.len()..];
+        let rest = url.split_once("://").unwrap().1;
+        rest.split('/').next().unwrap().parse().unwrap()
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

@@ -1,0 +1,377 @@
+//! The HTTP side of `--http`: one request per connection, answered with
+//! the embedded chat page or upgraded to a WebSocket, and nothing else.
+//!
+//! Requests are parsed with `httparse` from a bounded buffer: at most
+//! [`MAX_REQUEST_BYTES`] and [`MAX_HEADERS`] headers, or the answer is a
+//! 431. Only `GET` (and `HEAD`) of the page's files and of `/ws` are served;
+//! anything else gets the matching 4xx. A WebSocket upgrade must come from
+//! the page's own origin or one allowed with `--allow-origin`.
+
+use bytes::Bytes;
+
+/// The largest request head accepted, in bytes.
+pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
+/// The most header lines a request may have.
+pub const MAX_HEADERS: usize = 32;
+/// Where the WebSocket is served.
+pub const WEBSOCKET_PATH: &str = "/ws";
+
+/// What the HTTP listener needs to know.
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// Served over TLS: the page's origin is `https://…`.
+    pub secure: bool,
+    /// Origins allowed to open a WebSocket besides the page's own, as
+    /// `scheme://host[:port]`.
+    pub allowed_origins: Vec<String>,
+}
+
+/// What to do with the bytes read so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Routed {
+    /// The request head is not complete yet.
+    Partial,
+    /// Send this response, then close.
+    Respond(Bytes),
+    /// Send this `101` response and speak WebSocket from here; the request
+    /// took the first `consumed` bytes (a client may send frames at once).
+    Upgrade { response: Bytes, consumed: usize },
+}
+
+/// An `--allow-origin` value that is not an origin.
+#[derive(Debug, thiserror::Error)]
+#[error("--allow-origin {0:?}: expected an origin such as https://chat.example.com or http://localhost:8080 (scheme, host, optional port; no path)")]
+pub struct BadOrigin(String);
+
+/// Checks and normalizes an `--allow-origin` value.
+pub fn parse_origin(value: &str) -> Result<String, BadOrigin> {
+    let bad = || BadOrigin(value.to_owned());
+    let (scheme, rest) = value.split_once("://").ok_or_else(bad)?;
+    if !matches!(scheme, "http" | "https") || rest.is_empty() {
+        return Err(bad());
+    }
+    let valid = rest
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
+    if !valid {
+        return Err(bad());
+    }
+    Ok(value.to_ascii_lowercase())
+}
+
+/// Routes the request at the start of `buf`.
+pub fn route(buf: &[u8], config: &HttpConfig) -> Routed {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut headers);
+    let consumed = match request.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_BYTES => return Routed::Partial,
+        Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
+            return Routed::Respond(error(431, "request head too large"));
+        }
+        Err(e) => return Routed::Respond(error(400, &format!("malformed request: {e}"))),
+    };
+    if consumed > MAX_REQUEST_BYTES {
+        return Routed::Respond(error(431, "request head too large"));
+    }
+    let method = request.method.unwrap_or_default();
+    let path = request.path.unwrap_or_default();
+    // The query string does not choose what is served.
+    let path = path.split_once('?').map_or(path, |(p, _)| p);
+    let head = match method {
+        "GET" => false,
+        "HEAD" => true,
+        _ => return Routed::Respond(not_allowed()),
+    };
+    let headers = &*request.headers;
+    let header = |name: &str| header(headers, name);
+    if header("content-length").is_some_and(|v| v != "0") || header("transfer-encoding").is_some() {
+        return Routed::Respond(error(400, "a GET request has no body"));
+    }
+    if path == WEBSOCKET_PATH {
+        return upgrade(headers, config, consumed, head);
+    }
+    match asset(path) {
+        Some((content_type, body)) => Routed::Respond(page(content_type, body, head)),
+        None => Routed::Respond(error(404, "not found")),
+    }
+}
+
+/// The embedded page's files: path, content type, contents.
+const ASSETS: [(&str, &str, &str); 3] = [
+    (
+        "/",
+        "text/html; charset=utf-8",
+        include_str!("../web/index.html"),
+    ),
+    (
+        "/chat.css",
+        "text/css; charset=utf-8",
+        include_str!("../web/chat.css"),
+    ),
+    (
+        "/chat.js",
+        "text/javascript; charset=utf-8",
+        include_str!("../web/chat.js"),
+    ),
+];
+
+/// The page allows only its own scripts, styles and connections, so text
+/// that slipped into the page as markup could still not run.
+const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
+     connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
+
+fn asset(path: &str) -> Option<(&'static str, &'static str)> {
+    let path = if path == "/index.html" { "/" } else { path };
+    ASSETS
+        .iter()
+        .find(|(p, _, _)| *p == path)
+        .map(|(_, content_type, body)| (*content_type, *body))
+}
+
+/// The value of header `name`, if present and text.
+fn header<'a>(headers: &[httparse::Header<'a>], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|h| h.name.eq_ignore_ascii_case(name))
+        .and_then(|h| std::str::from_utf8(h.value).ok())
+        .map(str::trim)
+}
+
+fn upgrade(
+    headers: &[httparse::Header<'_>],
+    config: &HttpConfig,
+    consumed: usize,
+    head: bool,
+) -> Routed {
+    let header = |name: &str| header(headers, name);
+    let has_token = |name: &str, token: &str| {
+        header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    if head || !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
+        return Routed::Respond(upgrade_required());
+    }
+    if header("sec-websocket-version") != Some("13") {
+        return Routed::Respond(upgrade_required());
+    }
+    let Some(key) = header("sec-websocket-key").filter(|k| !k.is_empty()) else {
+        return Routed::Respond(error(400, "Sec-WebSocket-Key missing"));
+    };
+    if let Some(origin) = header("origin") {
+        // Browsers always send Origin; other clients (which a page on
+        // another site cannot make) may leave it out.
+        let own = header("host").map(|host| {
+            let scheme = if config.secure { "https" } else { "http" };
+            format!("{scheme}://{host}").to_ascii_lowercase()
+        });
+        let origin = origin.to_ascii_lowercase();
+        if own.as_deref() != Some(origin.as_str()) && !config.allowed_origins.contains(&origin) {
+            return Routed::Respond(error(
+                403,
+                &format!("origin {origin} may not open a chat session here"),
+            ));
+        }
+    }
+    let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
+    let response = format!(
+        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
+    );
+    Routed::Upgrade {
+        response: Bytes::from(response),
+        consumed,
+    }
+}
+
+fn page(content_type: &str, body: &str, head: bool) -> Bytes {
+    let mut response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Cache-Control: no-cache\r\nContent-Security-Policy: {CONTENT_SECURITY_POLICY}\r\n\
+         X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    );
+    if !head {
+        response.push_str(body);
+    }
+    Bytes::from(response)
+}
+
+/// A status line, and the reason as a plain-text body.
+fn error(status: u16, reason: &str) -> Bytes {
+    respond(status, "", reason)
+}
+
+fn not_allowed() -> Bytes {
+    respond(405, "Allow: GET, HEAD\r\n", "only GET is served here")
+}
+
+fn upgrade_required() -> Bytes {
+    respond(
+        426,
+        "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
+        "/ws speaks WebSocket (version 13) only",
+    )
+}
+
+fn respond(status: u16, extra_headers: &str, reason: &str) -> Bytes {
+    let text = match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        426 => "Upgrade Required",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Error",
+    };
+    let body = format!("{status} {text}: {reason}\n");
+    Bytes::from(format!(
+        "HTTP/1.1 {status} {text}\r\n{extra_headers}Content-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    ))
+}
+
+/// The answer to a connection over a limit, before any request is read.
+pub fn unavailable(reason: &str) -> Bytes {
+    respond(503, "", reason)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> HttpConfig {
+        HttpConfig {
+            secure: false,
+            allowed_origins: vec!["https://chat.example.com".to_owned()],
+        }
+    }
+
+    fn status(routed: &Routed) -> u16 {
+        match routed {
+            Routed::Respond(r) => std::str::from_utf8(&r[9..12]).unwrap().parse().unwrap(),
+            Routed::Upgrade { .. } => 101,
+            Routed::Partial => 0,
+        }
+    }
+
+    fn ws_request(extra: &str) -> String {
+        format!(
+            "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
+             Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
+        )
+    }
+
+    #[test]
+    fn the_page_and_its_files_are_served_with_a_strict_policy() {
+        for path in ["/", "/index.html", "/chat.css", "/chat.js", "/?x=1"] {
+            let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+            let Routed::Respond(r) = route(request.as_bytes(), &config()) else {
+                panic!("{path}");
+            };
+            let text = std::str::from_utf8(&r).unwrap();
+            assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{path}: {text}");
+            assert!(text.contains("Content-Security-Policy: default-src 'none'"));
+            assert!(text.contains("X-Content-Type-Options: nosniff"));
+        }
+        let Routed::Respond(head) = route(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", &config()) else {
+            panic!()
+        };
+        assert!(head.ends_with(b"\r\n\r\n"), "HEAD has no body");
+    }
+
+    #[test]
+    fn an_incomplete_request_waits_and_an_oversized_one_is_refused() {
+        assert_eq!(
+            route(b"GET / HTTP/1.1\r\nHost:", &config()),
+            Routed::Partial
+        );
+        let long = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_REQUEST_BYTES));
+        assert_eq!(status(&route(long.as_bytes(), &config())), 431);
+        let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
+        let request = format!("GET / HTTP/1.1\r\n{many}\r\n");
+        assert_eq!(status(&route(request.as_bytes(), &config())), 431);
+    }
+
+    #[test]
+    fn everything_else_gets_a_clear_4xx() {
+        let cases: [(&[u8], u16); 6] = [
+            (b"POST / HTTP/1.1\r\nHost: a\r\n\r\n", 405),
+            (b"GET /nope HTTP/1.1\r\nHost: a\r\n\r\n", 404),
+            (
+                b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\n",
+                400,
+            ),
+            (b"\x00\x01garbage\r\n\r\n", 400),
+            (b"GET /ws HTTP/1.1\r\nHost: a\r\n\r\n", 426),
+            (b"HEAD /ws HTTP/1.1\r\nHost: a\r\n\r\n", 426),
+        ];
+        for (request, expected) in cases {
+            assert_eq!(
+                status(&route(request, &config())),
+                expected,
+                "{}",
+                String::from_utf8_lossy(request)
+            );
+        }
+        let no_key = ws_request("").replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
+        assert_eq!(status(&route(no_key.as_bytes(), &config())), 400);
+        let old = ws_request("").replace("Version: 13", "Version: 8");
+        assert_eq!(status(&route(old.as_bytes(), &config())), 426);
+    }
+
+    #[test]
+    fn an_upgrade_answers_with_the_rfc_6455_accept_key() {
+        let request = ws_request("") + "first frame bytes";
+        let Routed::Upgrade { response, consumed } = route(request.as_bytes(), &config()) else {
+            panic!()
+        };
+        // The example of RFC 6455, section 1.3.
+        assert!(std::str::from_utf8(&response)
+            .unwrap()
+            .contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+        assert_eq!(&request.as_bytes()[consumed..], b"first frame bytes");
+    }
+
+    #[test]
+    fn only_the_pages_own_origin_and_allowed_ones_may_upgrade() {
+        let upgrade = |origin: &str, config: &HttpConfig| {
+            status(&route(
+                ws_request(&format!("Origin: {origin}\r\n")).as_bytes(),
+                config,
+            ))
+        };
+        assert_eq!(upgrade("http://127.0.0.1:8080", &config()), 101);
+        assert_eq!(upgrade("HTTP://127.0.0.1:8080", &config()), 101);
+        assert_eq!(upgrade("https://chat.example.com", &config()), 101);
+        assert_eq!(upgrade("http://evil.example", &config()), 403);
+        assert_eq!(upgrade("http://127.0.0.1:8081", &config()), 403);
+        let secure = HttpConfig {
+            secure: true,
+            ..config()
+        };
+        assert_eq!(upgrade("http://127.0.0.1:8080", &secure), 403);
+        assert_eq!(upgrade("https://127.0.0.1:8080", &secure), 101);
+        // No Origin: not a browser, which is what the check guards.
+        assert_eq!(status(&route(ws_request("").as_bytes(), &config())), 101);
+    }
+
+    #[test]
+    fn allowed_origins_are_checked_at_start_up() {
+        assert_eq!(
+            parse_origin("https://Chat.Example.com").unwrap(),
+            "https://chat.example.com"
+        );
+        assert!(parse_origin("http://[::1]:8080").is_ok());
+        for bad in [
+            "chat.example.com",
+            "ftp://x",
+            "https://",
+            "https://x/path",
+            "*",
+        ] {
+            assert!(parse_origin(bad).is_err(), "{bad}");
+        }
+    }
+}

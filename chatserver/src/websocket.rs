@@ -1,0 +1,306 @@
+//! A WebSocket session after the upgrade (RFC 6455), sans-IO like the rest:
+//! bytes read from the socket go in, protocol frames and the bytes to send
+//! back come out.
+//!
+//! tungstenite's `WebSocketContext` does the reading: unmasking,
+//! fragments, control frames (a ping is answered, a close echoed), UTF-8
+//! and size checks. Each text message is one protocol frame for the core.
+//! Outgoing frames are written here, one text message per frame, so each
+//! stays a separate entry in the connection's output queue (a failed commit
+//! or a slow consumer drops whole frames, never half of one).
+
+use std::io::{self, Read, Write};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tungstenite::protocol::frame::{CloseFrame, FrameHeader};
+use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
+
+/// A message up to this many times the core's frame limit is handed to the
+/// core, which answers `frame_too_large` as it would for a long line; a
+/// longer one ends the session (status 1009), so a session never holds
+/// more than this.
+pub const MESSAGE_LIMIT_FACTOR: usize = 4;
+
+/// One WebSocket session's state.
+pub struct WebSocket {
+    context: WebSocketContext,
+    /// Received bytes tungstenite has not taken yet.
+    unread: BytesMut,
+    /// A close frame went out (ours, or the echo of the peer's).
+    close_sent: bool,
+}
+
+/// What one batch of received bytes made.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// Protocol frames, in order: each a text message's payload.
+    pub frames: Vec<Bytes>,
+    /// Bytes to send back (pongs, the echo of a close), whole frames.
+    pub reply: Option<Bytes>,
+    /// The session is over, and why.
+    pub ended: Option<String>,
+}
+
+impl std::fmt::Debug for WebSocket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebSocket")
+            .field("unread", &self.unread.len())
+            .field("close_sent", &self.close_sent)
+            .finish()
+    }
+}
+
+impl WebSocket {
+    /// A server session for a core frame limit of `max_frame_bytes`.
+    pub fn new(max_frame_bytes: usize) -> WebSocket {
+        let limit = max_frame_bytes.saturating_mul(MESSAGE_LIMIT_FACTOR);
+        let config = WebSocketConfig::default()
+            // Reads arrive in the reactor's buffer; this is only the chunk
+            // tungstenite grows its own by.
+            .read_buffer_size(4 * 1024)
+            .max_message_size(Some(limit))
+            .max_frame_size(Some(limit));
+        WebSocket {
+            context: WebSocketContext::new(Role::Server, Some(config)),
+            unread: BytesMut::new(),
+            close_sent: false,
+        }
+    }
+
+    /// Takes bytes read from the socket.
+    pub fn receive(&mut self, data: &[u8]) -> Received {
+        self.unread.extend_from_slice(data);
+        let mut received = Received::default();
+        let mut reply = Vec::new();
+        loop {
+            let mut io = Pipe {
+                input: &mut self.unread,
+                output: &mut reply,
+            };
+            match self.context.read(&mut io) {
+                Ok(Message::Text(text)) => received.frames.push(Bytes::from(text)),
+                Ok(Message::Binary(_)) => {
+                    self.close(&mut reply, CloseCode::Unsupported, "send text messages");
+                    received.ended = Some("WebSocket: a binary message".to_owned());
+                    break;
+                }
+                Ok(Message::Close(frame)) => {
+                    // tungstenite queued the echo; it goes out with `reply`.
+                    let _ = self.context.flush(&mut io);
+                    self.close_sent = true;
+                    let why = frame.map_or_else(String::new, |f| format!(" ({})", f.code));
+                    received.ended = Some(format!("the peer closed the WebSocket{why}"));
+                    break;
+                }
+                Ok(_) => {} // ping (answered), pong
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
+                    received.ended = Some("the WebSocket is closed".to_owned());
+                    break;
+                }
+                Err(e) => {
+                    let code = match e {
+                        tungstenite::Error::Capacity(_) => CloseCode::Size,
+                        tungstenite::Error::Utf8(_) => CloseCode::Invalid,
+                        _ => CloseCode::Protocol,
+                    };
+                    self.close(&mut reply, code, "");
+                    received.ended = Some(format!("WebSocket: {e}"));
+                    break;
+                }
+            }
+        }
+        if !reply.is_empty() {
+            received.reply = Some(Bytes::from(reply));
+        }
+        if received.ended.is_some() {
+            self.unread = BytesMut::new();
+        }
+        received
+    }
+
+    /// The close frame that ends the session from our side, unless one
+    /// went out already.
+    pub fn close_frame(&mut self, code: CloseCode, reason: &str) -> Option<Bytes> {
+        let mut out = Vec::new();
+        self.close(&mut out, code, reason);
+        (!out.is_empty()).then(|| Bytes::from(out))
+    }
+
+    /// Refuses a message the core would not take (a line break in it).
+    pub fn refuse_invalid(&mut self, reason: &str) -> Option<Bytes> {
+        self.close_frame(CloseCode::Invalid, reason)
+    }
+
+    fn close(&mut self, out: &mut Vec<u8>, code: CloseCode, reason: &str) {
+        if self.close_sent {
+            return;
+        }
+        self.close_sent = true;
+        let frame = tungstenite::protocol::frame::Frame::close(Some(CloseFrame {
+            code,
+            reason: reason.into(),
+        }));
+        // Writing into a Vec cannot fail.
+        let _ = frame.format(out);
+    }
+}
+
+/// Encodes one core output (one or more `\n`-ended frames) as text
+/// messages, one per frame.
+pub fn encode(frames: &Bytes, mut push: impl FnMut(Bytes)) {
+    let header = FrameHeader {
+        opcode: OpCode::Data(Data::Text),
+        ..FrameHeader::default()
+    };
+    for line in frames.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+        let mut message = BytesMut::with_capacity(header.len(line.len() as u64) + line.len());
+        let mut writer = (&mut message).writer();
+        // Writing into memory cannot fail.
+        let _ = header.format(line.len() as u64, &mut writer);
+        message.extend_from_slice(line);
+        push(message.freeze());
+    }
+}
+
+/// tungstenite's view of the socket: what has been read, and where its
+/// replies go. Reading past the end would block, as a socket would.
+struct Pipe<'a> {
+    input: &'a mut BytesMut,
+    output: &'a mut Vec<u8>,
+}
+
+impl Read for Pipe<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.input.is_empty() {
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        let n = buf.len().min(self.input.len());
+        buf[..n].copy_from_slice(&self.input.split_to(n));
+        Ok(n)
+    }
+}
+
+impl Write for Pipe<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.output.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tungstenite::protocol::frame::Frame;
+
+    /// A client frame: masked, as RFC 6455 requires of clients.
+    fn client_frame(opcode: OpCode, payload: &[u8], is_final: bool) -> Vec<u8> {
+        let mut frame = Frame::message(payload.to_vec(), opcode, is_final);
+        frame.header_mut().mask = Some([1, 2, 3, 4]);
+        let mut out = Vec::new();
+        frame.format(&mut out).unwrap();
+        out
+    }
+
+    fn text(payload: &str) -> Vec<u8> {
+        client_frame(OpCode::Data(Data::Text), payload.as_bytes(), true)
+    }
+
+    #[test]
+    fn text_messages_become_frames_however_the_bytes_are_cut() {
+        let mut ws = WebSocket::new(64);
+        let bytes = [text("whoami"), text(r#"{"cmd":"help"}"#)].concat();
+        let mut frames = Vec::new();
+        for chunk in bytes.chunks(3) {
+            let r = ws.receive(chunk);
+            assert!(r.ended.is_none() && r.reply.is_none());
+            frames.extend(r.frames);
+        }
+        assert_eq!(frames, [&b"whoami"[..], br#"{"cmd":"help"}"#]);
+    }
+
+    #[test]
+    fn fragments_are_joined_and_pings_answered() {
+        let mut ws = WebSocket::new(64);
+        let bytes = [
+            client_frame(OpCode::Data(Data::Text), b"who", false),
+            {
+                let mut ping = Frame::ping(&b"p"[..]);
+                ping.header_mut().mask = Some([5, 6, 7, 8]);
+                let mut out = Vec::new();
+                ping.format(&mut out).unwrap();
+                out
+            },
+            client_frame(OpCode::Data(Data::Continue), b"ami", true),
+        ]
+        .concat();
+        let r = ws.receive(&bytes);
+        assert_eq!(r.frames, [&b"whoami"[..]]);
+        assert_eq!(r.reply.as_deref(), Some(&[0x8a, 1, b'p'][..]), "a pong");
+    }
+
+    #[test]
+    fn a_close_is_echoed_and_ends_the_session() {
+        let mut ws = WebSocket::new(64);
+        let mut close = Frame::close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "bye".into(),
+        }));
+        close.header_mut().mask = Some([9, 9, 9, 9]);
+        let mut bytes = Vec::new();
+        close.format(&mut bytes).unwrap();
+        let r = ws.receive(&bytes);
+        assert!(r.ended.unwrap().contains("closed"));
+        assert_eq!(r.reply.unwrap()[0], 0x88, "a close frame");
+        assert!(
+            ws.close_frame(CloseCode::Normal, "").is_none(),
+            "only one close"
+        );
+    }
+
+    #[test]
+    fn bad_input_ends_the_session_with_the_matching_status() {
+        let status = |bytes: &[u8]| {
+            let mut ws = WebSocket::new(16);
+            let r = ws.receive(bytes);
+            assert!(r.ended.is_some());
+            let reply = r.reply.unwrap();
+            assert_eq!(reply[0], 0x88);
+            u16::from_be_bytes([reply[2], reply[3]])
+        };
+        // Too long: 4 × 16 bytes is the most a message may hold.
+        assert_eq!(status(&text(&"x".repeat(65))), 1009);
+        assert_eq!(
+            status(&client_frame(OpCode::Data(Data::Binary), b"x", true)),
+            1003
+        );
+        assert_eq!(
+            status(&client_frame(OpCode::Data(Data::Text), &[0xff, 0xfe], true)),
+            1007
+        );
+        // Unmasked, as only a server may send.
+        assert_eq!(status(&[0x81, 1, b'x']), 1002);
+        // Within the limit, long messages reach the core, which refuses them.
+        let mut ws = WebSocket::new(16);
+        assert_eq!(ws.receive(&text(&"x".repeat(64))).frames.len(), 1);
+    }
+
+    #[test]
+    fn each_outgoing_frame_is_its_own_text_message() {
+        let mut out = Vec::new();
+        encode(&Bytes::from_static(b"{\"a\":1}\n{\"b\":2}\n"), |m| {
+            out.push(m)
+        });
+        assert_eq!(out, [&b"\x81\x07{\"a\":1}"[..], b"\x81\x07{\"b\":2}"]);
+        let long = "y".repeat(300);
+        let mut out = Vec::new();
+        encode(&Bytes::from(format!("{long}\n")), |m| out.push(m));
+        assert_eq!(&out[0][..4], &[0x81, 126, 1, 44], "16-bit length");
+        assert_eq!(&out[0][4..], long.as_bytes());
+    }
+}

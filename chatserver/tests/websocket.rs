@@ -1,0 +1,282 @@
+//! The protocol over WebSocket (`--http`): the same sessions as over TCP,
+//! with the same rules and limits, plus the HTTP side's own checks.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+
+use common::{TestServer, TIMEOUT};
+use serde_json::Value;
+use tungstenite::client::IntoClientRequest;
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::{HandshakeError, Message, WebSocket};
+
+/// A WebSocket client that speaks protocol frames, one per message.
+struct WsClient<S: Read + Write> {
+    ws: WebSocket<S>,
+}
+
+fn connect(
+    addr: SocketAddr,
+    origin: Option<&str>,
+) -> Result<WsClient<TcpStream>, tungstenite::Error> {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    handshake(&format!("ws://{addr}/ws"), stream, origin)
+}
+
+fn handshake<S: Read + Write>(
+    url: &str,
+    stream: S,
+    origin: Option<&str>,
+) -> Result<WsClient<S>, tungstenite::Error> {
+    let mut request = url.into_client_request().unwrap();
+    if let Some(origin) = origin {
+        request
+            .headers_mut()
+            .insert("Origin", origin.parse().unwrap());
+    }
+    match tungstenite::client(request, stream) {
+        Ok((ws, _)) => {
+            let mut c = WsClient { ws };
+            assert_eq!(c.recv()["type"], "hello");
+            Ok(c)
+        }
+        Err(HandshakeError::Failure(e)) => Err(e),
+        Err(HandshakeError::Interrupted(_)) => panic!("blocking handshake interrupted"),
+    }
+}
+
+impl<S: Read + Write> WsClient<S> {
+    fn send(&mut self, frame: &str) {
+        self.ws.send(Message::text(frame)).unwrap();
+    }
+
+    /// The next protocol frame; each message must hold exactly one.
+    fn recv(&mut self) -> Value {
+        loop {
+            match self.ws.read().unwrap() {
+                Message::Text(text) => {
+                    assert!(!text.contains('\n'), "one frame per message: {text:?}");
+                    return serde_json::from_str(&text).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+                }
+                Message::Ping(_) | Message::Pong(_) => {}
+                other => panic!("expected a frame, got {other:?}"),
+            }
+        }
+    }
+
+    fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let v = self.recv();
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+
+    fn ask(&mut self, frame: &str) -> Value {
+        self.send(frame);
+        loop {
+            let v = self.recv();
+            if v["type"] == "ok" || v["type"] == "error" {
+                return v;
+            }
+        }
+    }
+
+    /// Reads until the server's close frame, returning its status.
+    fn recv_close(&mut self) -> CloseCode {
+        loop {
+            match self.ws.read() {
+                Ok(Message::Close(Some(frame))) => return frame.code,
+                Ok(Message::Close(None)) => panic!("a close frame without a status"),
+                Ok(_) => {}
+                Err(e) => panic!("no close frame: {e}"),
+            }
+        }
+    }
+}
+
+fn start(args: &[&str]) -> (TestServer, SocketAddr) {
+    let mut all = vec!["--http", "127.0.0.1:0", "--no-db"];
+    all.extend_from_slice(args);
+    let server = TestServer::start(&all);
+    let http = server.http_addr();
+    (server, http)
+}
+
+/// Sends `request` as is and returns the whole response.
+fn http_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[test]
+fn a_browser_user_and_a_tcp_user_talk_both_ways() {
+    let (server, http) = start(&[]);
+    let origin = format!("http://{http}");
+    let mut alice = connect(http, Some(&origin)).unwrap();
+    let ok = alice.ask(r#"{"id":1,"cmd":"login","user":"alice","password":"pw-alice"}"#);
+    assert_eq!(ok["type"], "ok", "{ok}");
+    assert_eq!(ok["id"], 1);
+    let mut bob = server.login("bob");
+    assert_eq!(alice.recv_type("presence")["user"], "bob");
+    assert_eq!(alice.ask("message bob hello from a browser")["type"], "ok");
+    let m = bob.recv_type("message");
+    assert_eq!(
+        (m["from"].as_str(), m["text"].as_str()),
+        (Some("alice"), Some("hello from a browser"))
+    );
+    bob.ask("message alice hi back over tcp");
+    let m = alice.recv_type("message");
+    assert_eq!(m["text"], "hi back over tcp");
+    // A burst of long frames arrives as one message each.
+    let text = "w".repeat(5_000);
+    for i in 0..20 {
+        bob.send(&format!("message alice {i} {text}"));
+    }
+    for i in 0..20 {
+        assert_eq!(
+            alice.recv_type("message")["text"].as_str().unwrap(),
+            format!("{i} {text}")
+        );
+    }
+    assert_eq!(alice.ask("logout")["cmd"], "logout");
+    assert_eq!(alice.recv()["reason"], "logout");
+    assert_eq!(alice.recv_close(), CloseCode::Normal);
+    assert_eq!(bob.recv_type("presence")["online"], false);
+    server.wait_for_log("connected (WebSocket)");
+}
+
+#[test]
+fn the_chat_page_is_served_and_everything_else_refused() {
+    let (_server, http) = start(&[]);
+    let page = http_exchange(http, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(page.starts_with("HTTP/1.1 200 OK\r\n"), "{page}");
+    assert!(page.contains("Content-Type: text/html"));
+    assert!(page.contains("Content-Security-Policy: default-src 'none'; script-src 'self'"));
+    assert!(page.to_ascii_lowercase().contains("<!doctype html>"));
+    for (request, status) in [
+        (&b"GET /chat.js HTTP/1.1\r\nHost: x\r\n\r\n"[..], "200"),
+        (b"GET /secret HTTP/1.1\r\nHost: x\r\n\r\n", "404"),
+        (b"DELETE / HTTP/1.1\r\nHost: x\r\n\r\n", "405"),
+        (b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n", "426"),
+        (b"\x16\x03\x01 not http\r\n\r\n", "400"),
+    ] {
+        let response = http_exchange(http, request);
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{response}"
+        );
+    }
+    // A request head past the bound is refused before it is all read.
+    let mut huge = b"GET / HTTP/1.1\r\nHost: x\r\n".to_vec();
+    huge.extend(std::iter::repeat_n(b'a', 9_000));
+    let response = http_exchange(http, &huge);
+    assert!(response.starts_with("HTTP/1.1 431 "), "{response}");
+}
+
+#[test]
+fn a_websocket_from_another_origin_is_refused() {
+    let (_server, http) = start(&["--allow-origin", "https://chat.example.com"]);
+    match connect(http, Some("http://evil.example")) {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a foreign origin got a session"),
+    }
+    assert!(connect(http, Some("https://chat.example.com")).is_ok());
+    assert!(connect(http, Some(&format!("http://{http}"))).is_ok());
+}
+
+#[test]
+fn an_oversize_frame_is_refused_and_a_huge_message_ends_the_session() {
+    let (_server, http) = start(&["--max-frame-bytes", "1024"]);
+    let mut c = connect(http, None).unwrap();
+    let e = c.ask(&"x".repeat(1025));
+    assert_eq!(e["code"], "frame_too_large", "{e}");
+    // The session goes on, as over TCP.
+    assert_eq!(c.ask("whoami")["code"], "not_logged_in");
+    // Beyond four frame limits, the WebSocket is closed: message too big.
+    c.ws.send(Message::text("y".repeat(4 * 1024 + 1))).unwrap();
+    assert_eq!(c.recv_close(), CloseCode::Size);
+}
+
+#[test]
+fn a_message_with_a_line_break_closes_the_websocket() {
+    let (_server, http) = start(&[]);
+    let mut c = connect(http, None).unwrap();
+    c.send("whoami\nhelp");
+    assert_eq!(c.recv_close(), CloseCode::Invalid);
+}
+
+#[test]
+fn the_same_limits_apply_as_over_tcp() {
+    let (_server, http) = start(&[
+        "--rate-limit-burst",
+        "2",
+        "--rate-limit-per-sec",
+        "1",
+        "--idle-timeout-secs",
+        "1",
+    ]);
+    let mut c = connect(http, None).unwrap();
+    for _ in 0..3 {
+        c.send("help");
+    }
+    let codes: Vec<Value> = (0..3).map(|_| c.recv()["code"].clone()).collect();
+    assert_eq!(codes[2], "rate_limited", "{codes:?}");
+    // Then silence: the idle timeout says bye and closes the WebSocket.
+    let bye = c.recv_type("bye");
+    assert_eq!(bye["reason"], "idle_timeout");
+    assert_eq!(c.recv_close(), CloseCode::Normal);
+}
+
+#[test]
+fn with_tls_the_page_and_websocket_are_https_and_wss() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, root) = common::certificate(dir.path(), "localhost");
+    let (_server, http) = start(&["--tls-cert", &cert, "--tls-key", &key]);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let config = Arc::new(config);
+    let wss = |origin: &str| {
+        let tcp = TcpStream::connect(http).unwrap();
+        tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
+        let tls =
+            rustls::ClientConnection::new(config.clone(), "localhost".try_into().unwrap()).unwrap();
+        let url = format!("wss://localhost:{}/ws", http.port());
+        handshake(&url, rustls::StreamOwned::new(tls, tcp), Some(origin))
+    };
+    let mut c = wss(&format!("https://localhost:{}", http.port())).unwrap();
+    assert_eq!(c.ask("login carol pw-carol")["cmd"], "login");
+    // Over TLS the page's origin is https: the same host over http is
+    // another origin.
+    match wss(&format!("http://localhost:{}", http.port())) {
+        Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
+        _ => panic!("an http origin opened a wss session"),
+    }
+}
+
+#[test]
+fn an_http_connection_over_a_limit_gets_a_503() {
+    let (_server, http) = start(&["--max-connections-per-ip", "1"]);
+    // Accepted first: the listener takes connections in order.
+    let _first = TcpStream::connect(http).unwrap();
+    let response = http_exchange(http, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(response.starts_with("HTTP/1.1 503 "), "{response}");
+    assert!(response.contains("too_many_connections"), "{response}");
+}
