@@ -381,7 +381,6 @@ function onOk(frame, request) {
 
 function onError(frame, request) {
   settle(request, 'not delivered', true);
-  if (frame.code === 'not_blocked') setBlocked(frame.user, false);
   addEntry('error', [frame.text || frame.code]);
 }
 
