@@ -280,3 +280,37 @@ fn an_http_connection_over_a_limit_gets_a_503() {
     assert!(response.starts_with("HTTP/1.1 503 "), "{response}");
     assert!(response.contains("too_many_connections"), "{response}");
 }
+
+#[test]
+fn a_browser_that_stops_reading_is_cut_off_as_a_slow_consumer() {
+    let (server, http) = start(&["--max-output-bytes", "65536", "--no-rate-limit"]);
+    // A WebSocket with a tiny receive window that stops reading once
+    // logged in.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&http.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let mut slow = handshake(&format!("ws://{http}/ws"), stream, None).unwrap();
+    assert_eq!(slow.ask("login carol pw-carol")["type"], "ok");
+    let mut sender = server.login("alice");
+    let text = "x".repeat(8000);
+    let mut cut = false;
+    for _ in 0..2000 {
+        sender.send(&format!("broadcast {text}"));
+        loop {
+            let v = sender.recv();
+            if v["type"] == "presence" && v["user"] == "carol" && v["online"] == false {
+                cut = true;
+            }
+            if v["type"] == "ok" {
+                break;
+            }
+        }
+        if cut {
+            break;
+        }
+    }
+    assert!(cut, "the WebSocket reader was never cut off");
+    server.wait_for_log("slow consumer");
+}
