@@ -130,6 +130,13 @@ pub struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     verify_threads: Option<u16>,
 
+    /// The share of its CPU each password-check thread may use, in
+    /// percent: after a check it rests for as long as keeps it under this.
+    /// Lower keeps message latency steadier during a login storm, at the
+    /// cost of slower logins.
+    #[arg(long, value_name = "PERCENT", default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=100))]
+    verify_cpu_percent: u8,
+
     /// How long shutdown waits for output to drain, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     shutdown_grace_ms: u64,
@@ -161,6 +168,7 @@ pub struct Settings {
     pub max_output_bytes: usize,
     pub max_connections_per_ip: Option<u32>,
     pub verify_threads: usize,
+    pub verify_cpu_percent: u8,
     /// Certificate chain and key files, when serving TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Where TLS is served beside plaintext; `None` with `tls`: on `listen`.
@@ -262,6 +270,7 @@ impl Args {
             tls_listen: self.tls_listen,
             http: self.http,
             allowed_origins: self.allowed_origins,
+            verify_cpu_percent: self.verify_cpu_percent,
             verify_threads: self.verify_threads.map_or_else(
                 || {
                     std::thread::available_parallelism()

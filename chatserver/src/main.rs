@@ -220,6 +220,7 @@ fn serve(settings: Settings) -> Result<(), String> {
         max_output_bytes: settings.max_output_bytes,
         max_connections_per_ip: settings.max_connections_per_ip,
         verify_threads: settings.verify_threads,
+        verify_cpu_percent: settings.verify_cpu_percent,
         shutdown_grace: settings.shutdown_grace,
     };
     let mut reactor =

@@ -41,6 +41,8 @@ pub struct ReactorConfig {
     pub shutdown_grace: Duration,
     /// Worker threads for password checks.
     pub verify_threads: usize,
+    /// The share of a CPU each of them may use, in percent.
+    pub verify_cpu_percent: u8,
 }
 
 /// Bytes read from one socket per wake-up, so one fast sender cannot
@@ -173,7 +175,11 @@ impl Reactor {
         stop: Arc<AtomicBool>,
         poller: Arc<Poller>,
     ) -> io::Result<Reactor> {
-        let verifier = Verifier::start(config.verify_threads, poller.clone())?;
+        let verifier = Verifier::start(
+            config.verify_threads,
+            config.verify_cpu_percent,
+            poller.clone(),
+        )?;
         let mut listening = Vec::new();
         for (i, listener) in listeners.into_iter().take(MAX_LISTENERS).enumerate() {
             listener.socket.set_nonblocking(true)?;

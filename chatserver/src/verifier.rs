@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::Instant;
 
 use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, Version};
 use chatproto::{HashedPassword, Password, VerifyTicket};
@@ -40,8 +41,15 @@ impl std::fmt::Debug for Job {
 }
 
 impl Verifier {
-    /// Starts `threads` workers; each verdict wakes `poller`.
-    pub fn start(threads: usize, poller: Arc<Poller>) -> std::io::Result<Verifier> {
+    /// Starts `threads` workers, each using at most `cpu_percent` of a CPU;
+    /// each verdict wakes `poller`.
+    pub fn start(
+        threads: usize,
+        cpu_percent: u8,
+        poller: Arc<Poller>,
+    ) -> std::io::Result<Verifier> {
+        let rest_per_busy =
+            f64::from(100 - cpu_percent.clamp(1, 100)) / f64::from(cpu_percent.max(1));
         let (jobs, queue) = mpsc::channel::<Job>();
         let queue = Arc::new(Mutex::new(queue));
         let (verdict_tx, verdicts) = mpsc::channel();
@@ -59,7 +67,7 @@ impl Verifier {
                     .spawn(move || {
                         confine_to(&cpus);
                         lower_priority();
-                        work(&queue, &verdict_tx, &poller, &stopping);
+                        work(&queue, &verdict_tx, &poller, &stopping, rest_per_busy);
                     })?,
             );
         }
@@ -106,6 +114,7 @@ fn work(
     verdicts: &Sender<(Job, bool)>,
     poller: &Poller,
     stopping: &AtomicBool,
+    rest_per_busy: f64,
 ) {
     let mut memory = Memory::default();
     loop {
@@ -125,11 +134,18 @@ fn work(
         if stopping.load(Ordering::Relaxed) {
             return;
         }
+        let started = Instant::now();
         let ok = memory.verify(&job.hash, &job.password);
+        let busy = started.elapsed();
         if verdicts.send((job, ok)).is_err() {
             return;
         }
         let _ = poller.notify();
+        if rest_per_busy > 0.0 {
+            // Under a CPU share: rest in proportion to the work just done,
+            // leaving the CPU idle for the reactor and everything else.
+            thread::sleep(busy.mul_f64(rest_per_busy));
+        }
     }
 }
 
@@ -277,34 +293,40 @@ mod tests {
 
     #[test]
     fn verdicts_come_back_and_wake_the_poller() {
-        let poller = Arc::new(Poller::new().unwrap());
-        let verifier = Verifier::start(2, poller.clone()).unwrap();
-        let h = hash("right");
-        verifier.submit(ticket(1), h.clone(), "right".parse().unwrap());
-        verifier.submit(ticket(2), h, "wrong".parse().unwrap());
-        let mut got = Vec::new();
-        let mut events = polling::Events::new();
-        while got.len() < 2 {
-            poller
-                .wait(&mut events, Some(Duration::from_secs(10)))
-                .unwrap();
-            got.extend(verifier.verdicts());
+        // A worker resting under a CPU share still answers every check.
+        for (threads, cpu_percent) in [(2, 100), (1, 10)] {
+            let poller = Arc::new(Poller::new().unwrap());
+            let verifier = Verifier::start(threads, cpu_percent, poller.clone()).unwrap();
+            let h = cheap_hash("right");
+            verifier.submit(ticket(1), h.clone(), "right".parse().unwrap());
+            verifier.submit(ticket(2), h, "wrong".parse().unwrap());
+            let mut got = Vec::new();
+            let mut events = polling::Events::new();
+            while got.len() < 2 {
+                poller
+                    .wait(&mut events, Some(Duration::from_secs(10)))
+                    .unwrap();
+                got.extend(verifier.verdicts());
+            }
+            got.sort();
+            assert_eq!(got, [(ticket(1), true), (ticket(2), false)]);
         }
-        got.sort();
-        assert_eq!(got, [(ticket(1), true), (ticket(2), false)]);
+    }
+
+    /// A hash with the smallest parameters: quick to check in a debug build.
+    fn cheap_hash(password: &str) -> HashedPassword {
+        let salt = SaltString::encode_b64(b"another salt 123").unwrap();
+        let params = Params::new(8, 1, 1, None).unwrap();
+        let phc = Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
+            .hash_password(password.as_bytes(), &salt)
+            .unwrap()
+            .to_string();
+        HashedPassword::new(&phc).unwrap()
     }
 
     #[test]
     fn reused_memory_checks_hashes_of_any_parameters() {
-        let small = {
-            let salt = SaltString::encode_b64(b"another salt 123").unwrap();
-            let params = Params::new(8, 1, 1, None).unwrap();
-            let phc = Argon2::new(Algorithm::Argon2id, Version::V0x13, params)
-                .hash_password(b"tiny", &salt)
-                .unwrap()
-                .to_string();
-            HashedPassword::new(&phc).unwrap()
-        };
+        let small = cheap_hash("tiny");
         let mut memory = Memory::default();
         for _ in 0..2 {
             assert!(memory.verify(&hash("right"), &"right".parse().unwrap()));

@@ -119,6 +119,10 @@ struct Target {
     /// which must not exist yet, instead of none (`--no-db`).
     #[arg(long, value_name = "PATH")]
     server_db: Option<PathBuf>,
+    /// With --spawn: one more argument for the server (repeatable), e.g.
+    /// `--server-arg=--verify-cpu-percent=25`.
+    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
+    server_args: Vec<OsString>,
 }
 
 impl Target {
@@ -311,6 +315,7 @@ fn with_server(
         .arg("--credentials")
         .arg(&credentials)
         .args(&db_args)
+        .args(&target.server_args)
         // Connection logs off: the measurement is of the server, not of
         // its log volume.
         .env("RUST_LOG", "warn,chatserver=info,chatserver::reactor=warn")
