@@ -67,12 +67,12 @@ pub fn route(buf: &[u8], config: &HttpConfig) -> Routed {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_BYTES => return Routed::Partial,
         Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
-            return Routed::Respond(error(431, "request head too large"));
+            return Routed::Respond(error(431, "request head too large", false));
         }
-        Err(e) => return Routed::Respond(error(400, &format!("malformed request: {e}"))),
+        Err(e) => return Routed::Respond(error(400, &format!("malformed request: {e}"), false)),
     };
     if consumed > MAX_REQUEST_BYTES {
-        return Routed::Respond(error(431, "request head too large"));
+        return Routed::Respond(error(431, "request head too large", false));
     }
     let method = request.method.unwrap_or_default();
     let path = request.path.unwrap_or_default();
@@ -86,14 +86,14 @@ pub fn route(buf: &[u8], config: &HttpConfig) -> Routed {
     let headers = &*request.headers;
     let header = |name: &str| header(headers, name);
     if header("content-length").is_some_and(|v| v != "0") || header("transfer-encoding").is_some() {
-        return Routed::Respond(error(400, "a GET request has no body"));
+        return Routed::Respond(error(400, "a GET request has no body", head));
     }
     if path == WEBSOCKET_PATH {
         return upgrade(headers, config, consumed, head);
     }
     match asset(path) {
         Some((content_type, body)) => Routed::Respond(page(content_type, body, head)),
-        None => Routed::Respond(error(404, "not found")),
+        None => Routed::Respond(error(404, "not found", head)),
     }
 }
 
@@ -148,14 +148,17 @@ fn upgrade(
     let has_token = |name: &str, token: &str| {
         header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
     };
-    if head || !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
-        return Routed::Respond(upgrade_required());
+    if head
+        || !has_token("upgrade", "websocket")
+        || !has_token("connection", "upgrade")
+        || header("sec-websocket-version") != Some("13")
+    {
+        return Routed::Respond(upgrade_required(head));
     }
-    if header("sec-websocket-version") != Some("13") {
-        return Routed::Respond(upgrade_required());
-    }
-    let Some(key) = header("sec-websocket-key").filter(|k| !k.is_empty()) else {
-        return Routed::Respond(error(400, "Sec-WebSocket-Key missing"));
+    // RFC 6455 4.2.1: the key is 16 random bytes in base64 (24 characters).
+    let Some(key) = header("sec-websocket-key").filter(|k| k.len() == 24 && k.ends_with("=="))
+    else {
+        return Routed::Respond(error(400, "Sec-WebSocket-Key missing or malformed", false));
     };
     if let Some(origin) = header("origin") {
         // Browsers always send Origin; other clients (which a page on
@@ -169,6 +172,7 @@ fn upgrade(
             return Routed::Respond(error(
                 403,
                 &format!("origin {origin} may not open a chat session here"),
+                false,
             ));
         }
     }
@@ -196,24 +200,31 @@ fn page(content_type: &str, body: &str, head: bool) -> Bytes {
     Bytes::from(response)
 }
 
-/// A status line, and the reason as a plain-text body.
-fn error(status: u16, reason: &str) -> Bytes {
-    respond(status, "", reason)
+/// A status line, and the reason as a plain-text body (headers only, for
+/// a HEAD request).
+fn error(status: u16, reason: &str, head: bool) -> Bytes {
+    respond(status, "", reason, head)
 }
 
 fn not_allowed() -> Bytes {
-    respond(405, "Allow: GET, HEAD\r\n", "only GET is served here")
+    respond(
+        405,
+        "Allow: GET, HEAD\r\n",
+        "only GET is served here",
+        false,
+    )
 }
 
-fn upgrade_required() -> Bytes {
+fn upgrade_required(head: bool) -> Bytes {
     respond(
         426,
         "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
         "/ws speaks WebSocket (version 13) only",
+        head,
     )
 }
 
-fn respond(status: u16, extra_headers: &str, reason: &str) -> Bytes {
+fn respond(status: u16, extra_headers: &str, reason: &str, head: bool) -> Bytes {
     let text = match status {
         400 => "Bad Request",
         403 => "Forbidden",
@@ -227,14 +238,15 @@ fn respond(status: u16, extra_headers: &str, reason: &str) -> Bytes {
     let body = format!("{status} {text}: {reason}\n");
     Bytes::from(format!(
         "HTTP/1.1 {status} {text}\r\n{extra_headers}Content-Type: text/plain; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
+         Content-Length: {}\r\nConnection: close\r\n\r\n{}",
+        body.len(),
+        if head { "" } else { &body }
     ))
 }
 
 /// The answer to a connection over a limit, before any request is read.
 pub fn unavailable(reason: &str) -> Bytes {
-    respond(503, "", reason)
+    respond(503, "", reason, false)
 }
 
 #[cfg(test)]
@@ -279,6 +291,18 @@ mod tests {
             panic!()
         };
         assert!(head.ends_with(b"\r\n\r\n"), "HEAD has no body");
+        for request in [
+            &b"HEAD /nope HTTP/1.1\r\n\r\n"[..],
+            b"HEAD /ws HTTP/1.1\r\n\r\n",
+        ] {
+            let Routed::Respond(r) = route(request, &config()) else {
+                panic!()
+            };
+            assert!(
+                r.ends_with(b"\r\n\r\n"),
+                "an error to HEAD has no body either"
+            );
+        }
     }
 
     #[test]

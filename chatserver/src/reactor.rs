@@ -512,8 +512,17 @@ impl Reactor {
                 }
             }
             App::Http(request) => {
+                let scanned = request.head.len().saturating_sub(2);
                 request.head.extend_from_slice(data);
                 let deadline = request.deadline;
+                // Parse only once the head may be whole (a blank line came)
+                // or too long, not once per byte of a slow sender.
+                let ended = request.head[scanned..]
+                    .windows(2)
+                    .any(|w| w == b"\n\n" || w == b"\n\r");
+                if !ended && request.head.len() < http::MAX_REQUEST_BYTES {
+                    return;
+                }
                 match http::route(&request.head, &request.config) {
                     Routed::Partial => {}
                     Routed::Respond(response) => {
@@ -538,12 +547,22 @@ impl Reactor {
             }
             App::WebSocket(ws) => {
                 let received = ws.receive(data);
+                let mut frames = received.frames;
                 if let Some(reply) = received.reply {
                     socket.output.push(reply);
+                    // Pongs count toward the backlog like any output: a
+                    // peer that pings and never reads is a slow consumer.
+                    let backlog = socket.output.len();
+                    let conn = socket.conn;
                     self.mark_dirty(key);
+                    if let Some(conn) = conn.filter(|_| backlog > self.config.max_output_bytes) {
+                        frames.clear();
+                        self.cut_off_slow_consumer(key, conn, backlog);
+                        self.drain_core();
+                    }
                 }
                 let mut ended = received.ended;
-                for frame in received.frames {
+                for frame in frames {
                     let Some(conn) = self.sockets[key].as_ref().and_then(|s| s.conn) else {
                         break;
                     };
@@ -562,6 +581,12 @@ impl Reactor {
                             break;
                         }
                         Err(_) => break,
+                    }
+                }
+                if let Some(close) = received.close {
+                    // After the answers to the frames that came before it.
+                    if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+                        socket.output.push(close);
                     }
                 }
                 if let Some(why) = ended {
@@ -669,7 +694,9 @@ impl Reactor {
                     break true;
                 };
                 if !socket.takes_input() {
-                    break true;
+                    // Closing (an HTTP answer, a WebSocket close): the
+                    // rest of its input goes nowhere.
+                    break false;
                 }
                 let Some(tls) = socket.tls.as_mut() else {
                     break true;
@@ -684,7 +711,12 @@ impl Reactor {
             if closed {
                 break Some("the peer closed the TLS session".to_owned());
             }
-            if total >= READ_BUDGET {
+            let taking = self
+                .sockets
+                .get(key)
+                .and_then(Option::as_ref)
+                .is_some_and(Socket::takes_input);
+            if !taking || total >= READ_BUDGET {
                 break None;
             }
         };

@@ -36,8 +36,11 @@ pub struct WebSocket {
 pub struct Received {
     /// Protocol frames, in order: each a text message's payload.
     pub frames: Vec<Bytes>,
-    /// Bytes to send back (pongs, the echo of a close), whole frames.
+    /// Pongs to send back, whole frames.
     pub reply: Option<Bytes>,
+    /// The close frame that ends the session (the echo of the peer's, or
+    /// ours refusing bad input): it goes out after the answers to `frames`.
+    pub close: Option<Bytes>,
     /// The session is over, and why.
     pub ended: Option<String>,
 }
@@ -73,6 +76,7 @@ impl WebSocket {
         self.unread.extend_from_slice(data);
         let mut received = Received::default();
         let mut reply = Vec::new();
+        let mut close = Vec::new();
         loop {
             let mut io = Pipe {
                 input: &mut self.unread,
@@ -81,13 +85,16 @@ impl WebSocket {
             match self.context.read(&mut io) {
                 Ok(Message::Text(text)) => received.frames.push(Bytes::from(text)),
                 Ok(Message::Binary(_)) => {
-                    self.close(&mut reply, CloseCode::Unsupported, "send text messages");
+                    self.close(&mut close, CloseCode::Unsupported, "send text messages");
                     received.ended = Some("WebSocket: a binary message".to_owned());
                     break;
                 }
                 Ok(Message::Close(frame)) => {
-                    // tungstenite queued the echo; it goes out with `reply`.
-                    let _ = self.context.flush(&mut io);
+                    // tungstenite queued the echo (in place of any pong).
+                    let _ = self.context.flush(&mut Pipe {
+                        input: &mut self.unread,
+                        output: &mut close,
+                    });
                     self.close_sent = true;
                     let why = frame.map_or_else(String::new, |f| format!(" ({})", f.code));
                     received.ended = Some(format!("the peer closed the WebSocket{why}"));
@@ -105,7 +112,7 @@ impl WebSocket {
                         tungstenite::Error::Utf8(_) => CloseCode::Invalid,
                         _ => CloseCode::Protocol,
                     };
-                    self.close(&mut reply, code, "");
+                    self.close(&mut close, code, "");
                     received.ended = Some(format!("WebSocket: {e}"));
                     break;
                 }
@@ -113,6 +120,9 @@ impl WebSocket {
         }
         if !reply.is_empty() {
             received.reply = Some(Bytes::from(reply));
+        }
+        if !close.is_empty() {
+            received.close = Some(Bytes::from(close));
         }
         if received.ended.is_some() {
             self.unread = BytesMut::new();
@@ -218,7 +228,7 @@ mod tests {
         let mut frames = Vec::new();
         for chunk in bytes.chunks(3) {
             let r = ws.receive(chunk);
-            assert!(r.ended.is_none() && r.reply.is_none());
+            assert!(r.ended.is_none() && r.reply.is_none() && r.close.is_none());
             frames.extend(r.frames);
         }
         assert_eq!(frames, [&b"whoami"[..], br#"{"cmd":"help"}"#]);
@@ -256,7 +266,8 @@ mod tests {
         close.format(&mut bytes).unwrap();
         let r = ws.receive(&bytes);
         assert!(r.ended.unwrap().contains("closed"));
-        assert_eq!(r.reply.unwrap()[0], 0x88, "a close frame");
+        assert!(r.reply.is_none());
+        assert_eq!(r.close.unwrap()[0], 0x88, "a close frame");
         assert!(
             ws.close_frame(CloseCode::Normal, "").is_none(),
             "only one close"
@@ -269,7 +280,7 @@ mod tests {
             let mut ws = WebSocket::new(16);
             let r = ws.receive(bytes);
             assert!(r.ended.is_some());
-            let reply = r.reply.unwrap();
+            let reply = r.close.unwrap();
             assert_eq!(reply[0], 0x88);
             u16::from_be_bytes([reply[2], reply[3]])
         };

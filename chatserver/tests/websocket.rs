@@ -10,7 +10,8 @@ use std::sync::Arc;
 use common::{TestServer, TIMEOUT};
 use serde_json::Value;
 use tungstenite::client::IntoClientRequest;
-use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
+use tungstenite::protocol::frame::Frame;
 use tungstenite::{HandshakeError, Message, WebSocket};
 
 /// A WebSocket client that speaks protocol frames, one per message.
@@ -312,5 +313,60 @@ fn a_browser_that_stops_reading_is_cut_off_as_a_slow_consumer() {
         }
     }
     assert!(cut, "the WebSocket reader was never cut off");
+    server.wait_for_log("slow consumer");
+}
+
+#[test]
+fn answers_go_out_before_the_close_that_follows_them() {
+    let (_server, http) = start(&[]);
+    let mut c = connect(http, None).unwrap();
+    // `help` and a close in one segment, so the server reads them together.
+    let mut bytes = Vec::new();
+    for mut frame in [
+        Frame::message(&b"help"[..], OpCode::Data(Data::Text), true),
+        Frame::close(None),
+    ] {
+        frame.header_mut().mask = Some([1, 2, 3, 4]);
+        frame.format(&mut bytes).unwrap();
+    }
+    c.ws.get_mut().write_all(&bytes).unwrap();
+    // The help reply, then the echo of our close: nothing after a close.
+    let mut saw_help = false;
+    loop {
+        match c.ws.read() {
+            Ok(Message::Text(text)) => {
+                assert!(text.contains("\"help\""), "{text}");
+                saw_help = true;
+            }
+            Ok(Message::Close(_)) => break,
+            Ok(_) => {}
+            Err(tungstenite::Error::ConnectionClosed) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert!(saw_help, "the close came before the answer");
+}
+
+#[test]
+fn a_peer_that_pings_and_never_reads_is_cut_off() {
+    let (server, http) = start(&["--max-output-bytes", "65536"]);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&http.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream.set_write_timeout(Some(TIMEOUT)).unwrap();
+    let mut c = handshake(&format!("ws://{http}/ws"), stream, None).unwrap();
+    let payload = vec![b'p'; 125];
+    for i in 0..200_000 {
+        let sent =
+            c.ws.write(Message::Ping(payload.clone().into()))
+                .and_then(|()| c.ws.flush());
+        if sent.is_err()
+            || (i % 1000 == 0 && server.log().iter().any(|l| l.contains("slow consumer")))
+        {
+            break;
+        }
+    }
     server.wait_for_log("slow consumer");
 }
