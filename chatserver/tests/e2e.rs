@@ -238,8 +238,6 @@ fn a_slow_consumer_is_cut_off_and_the_others_keep_receiving() {
     let mut sender = server.login("alice");
 
     let text = "x".repeat(8000);
-    let mut sent = 0;
-    let mut cut = false;
     let fast_reader = std::thread::spawn(move || {
         let mut got = 0;
         loop {
@@ -252,19 +250,7 @@ fn a_slow_consumer_is_cut_off_and_the_others_keep_receiving() {
             }
         }
     });
-    while !cut && sent < 2000 {
-        sender.send(&format!("broadcast {text}"));
-        sent += 1;
-        loop {
-            let v = sender.recv();
-            if v["type"] == "presence" && v["user"] == "carol" && v["online"] == false {
-                cut = true;
-            }
-            if v["type"] == "ok" {
-                break;
-            }
-        }
-    }
+    let (sent, cut) = sender.broadcast_until_offline(&text, "carol", 2000);
     assert!(cut, "carol was never cut off after {sent} broadcasts");
     sender.ask("message bob done");
     assert_eq!(fast_reader.join().unwrap(), sent, "bob got every broadcast");

@@ -296,22 +296,7 @@ fn a_browser_that_stops_reading_is_cut_off_as_a_slow_consumer() {
     assert_eq!(slow.ask("login carol pw-carol")["type"], "ok");
     let mut sender = server.login("alice");
     let text = "x".repeat(8000);
-    let mut cut = false;
-    for _ in 0..2000 {
-        sender.send(&format!("broadcast {text}"));
-        loop {
-            let v = sender.recv();
-            if v["type"] == "presence" && v["user"] == "carol" && v["online"] == false {
-                cut = true;
-            }
-            if v["type"] == "ok" {
-                break;
-            }
-        }
-        if cut {
-            break;
-        }
-    }
+    let (_, cut) = sender.broadcast_until_offline(&text, "carol", 2000);
     assert!(cut, "the WebSocket reader was never cut off");
     server.wait_for_log("slow consumer");
 }

@@ -310,6 +310,29 @@ impl Client {
     }
 
     /// The raw socket, for reading past the frame layer.
+    /// Broadcasts `text` (waiting for each `ok`) until `user` is reported
+    /// offline, at most `max` times: how many went out, and whether `user`
+    /// went offline.
+    pub fn broadcast_until_offline(&mut self, text: &str, user: &str, max: usize) -> (usize, bool) {
+        for sent in 1..=max {
+            self.send(&format!("broadcast {text}"));
+            let mut offline = false;
+            loop {
+                let v = self.recv();
+                if v["type"] == "presence" && v["user"] == user && v["online"] == false {
+                    offline = true;
+                }
+                if v["type"] == "ok" {
+                    break;
+                }
+            }
+            if offline {
+                return (sent, true);
+            }
+        }
+        (max, false)
+    }
+
     pub fn into_stream(self) -> TcpStream {
         self.reader.into_inner()
     }
