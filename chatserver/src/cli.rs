@@ -130,6 +130,11 @@ pub struct Args {
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     verify_threads: Option<u16>,
 
+    /// Pin the event loop to this CPU (Linux); password checks then keep
+    /// off it (without it they keep off the first CPU).
+    #[arg(long, value_name = "N")]
+    reactor_cpu: Option<usize>,
+
     /// The share of its CPU each password-check thread may use, in
     /// percent: after a check it rests for as long as keeps it under this.
     /// Lower keeps message latency steadier during a login storm, at the
@@ -169,6 +174,7 @@ pub struct Settings {
     pub max_connections_per_ip: Option<u32>,
     pub verify_threads: usize,
     pub verify_cpu_percent: u8,
+    pub reactor_cpu: Option<usize>,
     /// Certificate chain and key files, when serving TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
     /// Where TLS is served beside plaintext; `None` with `tls`: on `listen`.
@@ -271,6 +277,7 @@ impl Args {
             http: self.http,
             allowed_origins: self.allowed_origins,
             verify_cpu_percent: self.verify_cpu_percent,
+            reactor_cpu: self.reactor_cpu,
             verify_threads: self.verify_threads.map_or_else(
                 || {
                     std::thread::available_parallelism()

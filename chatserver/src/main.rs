@@ -5,6 +5,7 @@
 
 mod cli;
 mod clock;
+mod cpu;
 mod credentials;
 mod database;
 mod hash_password;
@@ -221,10 +222,23 @@ fn serve(settings: Settings) -> Result<(), String> {
         max_connections_per_ip: settings.max_connections_per_ip,
         verify_threads: settings.verify_threads,
         verify_cpu_percent: settings.verify_cpu_percent,
+        reactor_cpu: settings.reactor_cpu,
         shutdown_grace: settings.shutdown_grace,
     };
+    if let Some(n) = settings.reactor_cpu {
+        let allowed = cpu::allowed().unwrap_or_default();
+        if !allowed.contains(&n) {
+            return Err(format!(
+                "--reactor-cpu {n}: not a CPU this process may run on (it may use {allowed:?})"
+            ));
+        }
+    }
     let mut reactor =
         Reactor::new(listeners, core, clock, config, stop, poller).map_err(|e| e.to_string())?;
+    // After the check threads started (they must not inherit it).
+    if let Some(n) = settings.reactor_cpu {
+        cpu::pin_current_thread(&[n]).map_err(|e| format!("--reactor-cpu {n}: {e}"))?;
+    }
     match (tls.is_some(), tls_local) {
         (true, None) => info!(
             accounts = account_count,

@@ -43,6 +43,8 @@ pub struct ReactorConfig {
     pub verify_threads: usize,
     /// The share of a CPU each of them may use, in percent.
     pub verify_cpu_percent: u8,
+    /// The CPU the reactor is pinned to, which the checks keep off.
+    pub reactor_cpu: Option<usize>,
 }
 
 /// Bytes read from one socket per wake-up, so one fast sender cannot
@@ -178,6 +180,7 @@ impl Reactor {
         let verifier = Verifier::start(
             config.verify_threads,
             config.verify_cpu_percent,
+            config.reactor_cpu,
             poller.clone(),
         )?;
         let mut listening = Vec::new();

@@ -10,12 +10,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, Version};
 use chatproto::{HashedPassword, Password, VerifyTicket};
 use polling::Poller;
 use tracing::warn;
+
+use crate::cpu;
 
 /// A check to run.
 struct Job {
@@ -43,9 +45,13 @@ impl std::fmt::Debug for Job {
 impl Verifier {
     /// Starts `threads` workers, each using at most `cpu_percent` of a CPU;
     /// each verdict wakes `poller`.
+    /// On Linux the workers run in the SCHED_IDLE class and off
+    /// `reserved_cpu` (the reactor's), or off the first CPU without one:
+    /// see [`cpu::for_checks`].
     pub fn start(
         threads: usize,
         cpu_percent: u8,
+        reserved_cpu: Option<usize>,
         poller: Arc<Poller>,
     ) -> std::io::Result<Verifier> {
         let rest_per_busy =
@@ -54,19 +60,19 @@ impl Verifier {
         let queue = Arc::new(Mutex::new(queue));
         let (verdict_tx, verdicts) = mpsc::channel();
         let stopping = Arc::new(AtomicBool::new(false));
-        let cpus = check_cpus();
+        let cpus = cpu::for_checks(reserved_cpu);
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
             let queue = queue.clone();
             let verdict_tx = verdict_tx.clone();
             let poller = poller.clone();
             let stopping = stopping.clone();
+            let cpus = cpus.clone();
             workers.push(
                 thread::Builder::new()
                     .name(format!("verify-{i}"))
                     .spawn(move || {
-                        confine_to(&cpus);
-                        lower_priority();
+                        place_worker(cpus.as_deref());
                         work(&queue, &verdict_tx, &poller, &stopping, rest_per_busy);
                     })?,
             );
@@ -136,10 +142,10 @@ fn work(
         if stopping.load(Ordering::Relaxed) {
             return;
         }
-        let started = (Instant::now(), thread_cpu_time());
+        let started = (Instant::now(), cpu::thread_time());
         let ok = memory.verify(&job.hash, &job.password);
         // CPU time, not wall time: time spent preempted is not work.
-        let busy = match (started.1, thread_cpu_time()) {
+        let busy = match (started.1, cpu::thread_time()) {
             (Some(before), Some(after)) => after.saturating_sub(before),
             _ => started.0.elapsed(),
         };
@@ -217,98 +223,20 @@ impl Memory {
     }
 }
 
-/// The CPU time the calling thread has used.
-#[cfg(target_os = "linux")]
-fn thread_cpu_time() -> Option<Duration> {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec into `now`.
-    #[allow(unsafe_code)]
-    let result = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut now) };
-    (result == 0).then(|| {
-        Duration::new(
-            u64::try_from(now.tv_sec).unwrap_or(0),
-            u32::try_from(now.tv_nsec).unwrap_or(0),
-        )
-    })
-}
-
-#[cfg(not(target_os = "linux"))]
-fn thread_cpu_time() -> Option<Duration> {
-    None
-}
-
-/// The CPUs password checks may use: every CPU this process may run on but
-/// the first, which is left to the reactor (and whatever else the machine
-/// runs). Measured with `chatbench --login-storm` on 2 CPUs: with checks
-/// free to run on both, even in SCHED_IDLE, messages' p99 rose from 0.2 ms
-/// to 3–5 ms (each wake-up of the reactor or a client then preempts a check
-/// mid-hash, on either CPU); confined to one, to 0.7–0.8 ms. `None` when
-/// there is no CPU to spare or the set cannot be read.
-#[cfg(target_os = "linux")]
-fn check_cpus() -> Option<libc::cpu_set_t> {
-    // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
-    #[allow(unsafe_code)]
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: sched_getaffinity writes at most size_of::<cpu_set_t>() bytes
-    // into `set`, and the CPU_* helpers only touch the set they are given.
-    #[allow(unsafe_code)]
-    unsafe {
-        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
-            return None;
+/// Checks run only on CPU time nothing else wants (SCHED_IDLE), so the
+/// reactor preempts them at once, and off the reactor's CPU: measured with
+/// `chatbench --login-storm` on 2 CPUs, with checks free to run on both,
+/// even in SCHED_IDLE, messages' p99 rose from 0.2 ms to 3–5 ms (each
+/// wake-up of the reactor or a client then preempted a check mid-hash, on
+/// either CPU).
+fn place_worker(cpus: Option<&[usize]>) {
+    if let Some(cpus) = cpus {
+        if let Err(e) = cpu::pin_current_thread(cpus) {
+            warn!("cannot keep password checks off the reactor's CPU: {e}");
         }
-        if libc::CPU_COUNT(&set) < 2 {
-            return None;
-        }
-        let first = (0..libc::CPU_SETSIZE as usize).find(|&cpu| libc::CPU_ISSET(cpu, &set))?;
-        libc::CPU_CLR(first, &mut set);
     }
-    Some(set)
-}
-
-#[cfg(not(target_os = "linux"))]
-fn check_cpus() -> Option<()> {
-    None
-}
-
-/// Confines the calling worker to `cpus` (see [`check_cpus`]).
-#[cfg(target_os = "linux")]
-fn confine_to(cpus: &Option<libc::cpu_set_t>) {
-    let Some(set) = cpus else { return };
-    // SAFETY: sched_setaffinity reads the set and changes only the calling
-    // thread (pid 0).
-    #[allow(unsafe_code)]
-    let result = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) };
-    if result != 0 {
-        warn!(
-            "cannot keep password checks off the first CPU: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn confine_to(_: &Option<()>) {}
-
-/// Checks run only on CPU time nothing else wants (Linux's SCHED_IDLE
-/// class), so that when the CPUs are busy a login storm delays logins
-/// rather than everyone's messages: the reactor preempts a check at once.
-fn lower_priority() {
-    #[cfg(target_os = "linux")]
-    {
-        let param = libc::sched_param { sched_priority: 0 };
-        // SAFETY: sched_setscheduler reads `param` and changes only the
-        // calling thread's (pid 0) scheduling class.
-        #[allow(unsafe_code)]
-        let result = unsafe { libc::sched_setscheduler(0, libc::SCHED_IDLE, &param) };
-        if result != 0 {
-            warn!(
-                "cannot lower the priority of a password-check thread: {}",
-                std::io::Error::last_os_error()
-            );
-        }
+    if let Err(e) = cpu::lower_priority() {
+        warn!("cannot lower the priority of a password-check thread: {e}");
     }
 }
 
@@ -332,7 +260,7 @@ mod tests {
         // A worker resting under a CPU share still answers every check.
         for (threads, cpu_percent) in [(2, 100), (1, 10)] {
             let poller = Arc::new(Poller::new().unwrap());
-            let verifier = Verifier::start(threads, cpu_percent, poller.clone()).unwrap();
+            let verifier = Verifier::start(threads, cpu_percent, None, poller.clone()).unwrap();
             let h = cheap_hash("right");
             verifier.submit(ticket(1), h.clone(), "right".parse().unwrap());
             verifier.submit(ticket(2), h, "wrong".parse().unwrap());
@@ -355,7 +283,7 @@ mod tests {
         // default parameters in a debug build, minutes. Dropping the pool
         // must not wait for that.
         let poller = Arc::new(Poller::new().unwrap());
-        let verifier = Verifier::start(1, 1, poller.clone()).unwrap();
+        let verifier = Verifier::start(1, 1, None, poller.clone()).unwrap();
         verifier.submit(ticket(1), hash("right"), "right".parse().unwrap());
         let mut events = polling::Events::new();
         while verifier.verdicts().next().is_none() {
@@ -389,28 +317,6 @@ mod tests {
         }
         let bcrypt = HashedPassword::new("$2b$12$abcdefghijklmnopqrstuv").unwrap();
         assert!(!memory.verify(&bcrypt, &"x".parse().unwrap()));
-    }
-
-    #[cfg(target_os = "linux")]
-    #[test]
-    fn checks_keep_off_the_first_cpu_when_there_is_another() {
-        // SAFETY: as in `check_cpus`.
-        #[allow(unsafe_code)]
-        unsafe {
-            let mut allowed: libc::cpu_set_t = std::mem::zeroed();
-            let size = std::mem::size_of::<libc::cpu_set_t>();
-            assert_eq!(libc::sched_getaffinity(0, size, &mut allowed), 0);
-            let first = (0..libc::CPU_SETSIZE as usize)
-                .find(|&cpu| libc::CPU_ISSET(cpu, &allowed))
-                .unwrap();
-            match check_cpus() {
-                Some(set) => {
-                    assert_eq!(libc::CPU_COUNT(&set), libc::CPU_COUNT(&allowed) - 1);
-                    assert!(!libc::CPU_ISSET(first, &set));
-                }
-                None => assert_eq!(libc::CPU_COUNT(&allowed), 1),
-            }
-        }
     }
 
     fn ticket(n: u64) -> VerifyTicket {

@@ -135,6 +135,27 @@ fn an_address_in_use_is_a_clear_error() {
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
+#[cfg(target_os = "linux")]
+#[test]
+fn a_reactor_cpu_the_process_cannot_use_is_a_clear_error() {
+    let (_dir, path) = temp_file(CREDENTIALS);
+    let (code, stderr) = run(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--no-db",
+        "--credentials",
+        path.to_str().unwrap(),
+        "--reactor-cpu",
+        "100000",
+    ]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("--reactor-cpu 100000: not a CPU this process may run on"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[test]
 fn help_and_version_print_and_succeed() {
     let out = binary().arg("--help").output().unwrap();

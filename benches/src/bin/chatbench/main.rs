@@ -123,6 +123,10 @@ struct Target {
     /// `--server-arg=--verify-cpu-percent=25`.
     #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
     server_args: Vec<OsString>,
+    /// Run the load generator on CPU N only (Linux), from after the server
+    /// started (a spawned server keeps every CPU).
+    #[arg(long, value_name = "N")]
+    pin_cpu: Option<usize>,
 }
 
 impl Target {
@@ -277,6 +281,7 @@ fn with_server(
 ) -> Result<(), String> {
     let db_args = target.server_db_args()?;
     let Some(binary) = &target.spawn else {
+        pin(target.pin_cpu)?;
         return f(target.addr, target.server_pid);
     };
     let credentials = std::env::temp_dir().join(format!("chatbench-{}.txt", std::process::id()));
@@ -341,7 +346,7 @@ fn with_server(
     });
     let result = match rx.recv_timeout(Duration::from_secs(30)) {
         Ok(addr) => match addr.parse() {
-            Ok(addr) => f(addr, Some(child.id())),
+            Ok(addr) => pin(target.pin_cpu).and_then(|()| f(addr, Some(child.id()))),
             Err(_) => Err(format!("the server printed an unreadable address {addr:?}")),
         },
         Err(_) => Err("the spawned server did not start".to_owned()),
@@ -350,6 +355,35 @@ fn with_server(
     let _ = child.wait();
     let _ = std::fs::remove_file(&credentials);
     result
+}
+
+/// `--pin-cpu`: confines this (the load generator's) thread to CPU `n`.
+fn pin(cpu: Option<usize>) -> Result<(), String> {
+    let Some(n) = cpu else { return Ok(()) };
+    #[cfg(target_os = "linux")]
+    {
+        if n >= libc::CPU_SETSIZE as usize {
+            return Err(format!("--pin-cpu {n}: no such CPU"));
+        }
+        // SAFETY: cpu_set_t is plain data (all-zero is the empty set);
+        // CPU_SET writes within it (n is checked above); sched_setaffinity
+        // reads it and changes only this thread.
+        #[allow(unsafe_code)]
+        let result = unsafe {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(n, &mut set);
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
+        };
+        if result != 0 {
+            return Err(format!(
+                "--pin-cpu {n}: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    Err(format!("--pin-cpu {n}: only supported on Linux"))
 }
 
 fn print_credentials(count: usize) -> io::Result<()> {
