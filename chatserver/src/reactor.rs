@@ -515,87 +515,102 @@ impl Reactor {
                 }
             }
             App::Http(request) => {
-                let scanned = request.head.len().saturating_sub(2);
                 request.head.extend_from_slice(data);
-                let deadline = request.deadline;
-                // Parse only once the head may be whole (a blank line came)
-                // or too long, not once per byte of a slow sender.
-                let ended = request.head[scanned..]
-                    .windows(2)
-                    .any(|w| w == b"\n\n" || w == b"\n\r");
-                if !ended && request.head.len() < http::MAX_REQUEST_BYTES {
-                    return;
-                }
-                match http::route(&request.head, &request.config) {
-                    Routed::Partial => {}
-                    Routed::Respond(response) => {
-                        socket.output.push(response);
-                        socket.app = App::Lines;
-                        self.close_deadlines.remove(&(deadline, key));
-                        self.start_closing(key);
-                    }
-                    Routed::Upgrade { response, consumed } => {
-                        let rest = request.head.split_off(consumed);
-                        socket.output.push(response);
-                        let limit = self.core.config().max_frame_bytes;
-                        socket.app = App::WebSocket(Box::new(WebSocket::new(limit)));
-                        self.close_deadlines.remove(&(deadline, key));
-                        self.mark_dirty(key);
-                        self.start_session(key);
-                        if !rest.is_empty() {
-                            self.deliver(key, &rest);
-                        }
-                    }
-                }
+                self.serve_request(key, data.len());
             }
             App::WebSocket(ws) => {
                 let received = ws.receive(data);
-                let mut frames = received.frames;
-                if let Some(reply) = received.reply {
-                    socket.output.push(reply);
-                    // Pongs count toward the backlog like any output: a
-                    // peer that pings and never reads is a slow consumer.
-                    let backlog = socket.output.len();
-                    let conn = socket.conn;
-                    self.mark_dirty(key);
-                    if let Some(conn) = conn.filter(|_| backlog > self.config.max_output_bytes) {
-                        frames.clear();
-                        self.cut_off_slow_consumer(key, conn, backlog);
-                        self.drain_core();
-                    }
-                }
-                let mut ended = received.ended;
-                for frame in frames {
-                    let Some(conn) = self.sockets[key].as_ref().and_then(|s| s.conn) else {
-                        break;
-                    };
-                    let now = self.clock.now();
-                    match self.core.handle_message(conn, &frame, now) {
-                        Ok(()) => self.drain_core(),
-                        Err(MessageError::LineBreak) => {
-                            let socket = self.sockets[key].as_mut().expect("keys point at sockets");
-                            if let App::WebSocket(ws) = &mut socket.app {
-                                let reason = "one frame per message: no line breaks";
-                                if let Some(close) = ws.refuse_invalid(reason) {
-                                    socket.output.push(close);
-                                }
-                            }
-                            ended = Some("WebSocket: a message with a line break".to_owned());
-                            break;
-                        }
-                        Err(_) => break,
-                    }
-                }
-                if let Some(close) = received.close {
-                    // After the answers to the frames that came before it.
-                    if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
-                        socket.output.push(close);
-                    }
-                }
-                if let Some(why) = ended {
-                    self.transport_closed(key, &why);
+                self.serve_messages(key, received);
+            }
+        }
+    }
+
+    /// Answers the HTTP request on `key` once it is whole (or too long):
+    /// with a response and a close, or an upgrade to a WebSocket session.
+    /// `new` is how many bytes of the head just arrived.
+    fn serve_request(&mut self, key: usize, new: usize) {
+        let socket = self.sockets[key].as_mut().expect("keys point at sockets");
+        let App::Http(request) = &mut socket.app else {
+            return;
+        };
+        // Parse only once the head may be whole (a blank line came) or is
+        // too long, not once per byte of a slow sender.
+        let scanned = request.head.len().saturating_sub(new + 2);
+        let ended = request.head[scanned..]
+            .windows(2)
+            .any(|w| w == b"\n\n" || w == b"\n\r");
+        if !ended && request.head.len() < http::MAX_REQUEST_BYTES {
+            return;
+        }
+        let deadline = request.deadline;
+        match http::route(&request.head, &request.config) {
+            Routed::Partial => {}
+            Routed::Respond(response) => {
+                socket.output.push(response);
+                socket.app = App::Lines;
+                self.close_deadlines.remove(&(deadline, key));
+                self.start_closing(key);
+            }
+            Routed::Upgrade { response, consumed } => {
+                let rest = request.head.split_off(consumed);
+                socket.output.push(response);
+                let limit = self.core.config().max_frame_bytes;
+                socket.app = App::WebSocket(Box::new(WebSocket::new(limit)));
+                self.close_deadlines.remove(&(deadline, key));
+                self.mark_dirty(key);
+                self.start_session(key);
+                if !rest.is_empty() {
+                    self.deliver(key, &rest);
                 }
             }
+        }
+    }
+
+    /// Serves what a WebSocket read made: pongs, then the frames in order,
+    /// then the close that ends the session, if any.
+    fn serve_messages(&mut self, key: usize, received: websocket::Received) {
+        let mut frames = received.frames;
+        if let Some(reply) = received.reply {
+            let socket = self.sockets[key].as_mut().expect("keys point at sockets");
+            socket.output.push(reply);
+            self.mark_dirty(key);
+            // Pongs count toward the backlog like any output: a peer that
+            // pings and never reads is a slow consumer.
+            if self.enforce_backlog(key) {
+                frames.clear();
+                self.drain_core();
+            }
+        }
+        let mut ended = received.ended;
+        for frame in frames {
+            let Some(conn) = self.sockets[key].as_ref().and_then(|s| s.conn) else {
+                break;
+            };
+            let now = self.clock.now();
+            match self.core.handle_message(conn, &frame, now) {
+                Ok(()) => self.drain_core(),
+                Err(MessageError::LineBreak) => {
+                    let socket = self.sockets[key].as_mut().expect("keys point at sockets");
+                    if let App::WebSocket(ws) = &mut socket.app {
+                        let reason = "one frame per message: no line breaks";
+                        if let Some(close) = ws.refuse_invalid(reason) {
+                            socket.output.push(close);
+                        }
+                    }
+                    ended = Some("WebSocket: a message with a line break".to_owned());
+                    break;
+                }
+                Err(_) => break,
+            }
+        }
+        if let Some(close) = received.close {
+            // After the answers to the frames that came before it.
+            if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+                socket.output.push(close);
+            }
+        }
+        if let Some(why) = ended {
+            self.transport_closed(key, &why);
         }
     }
 
@@ -803,11 +818,8 @@ impl Reactor {
                         App::WebSocket(_) => websocket::encode(&frame, |m| socket.output.push(m)),
                         _ => socket.output.push(frame),
                     }
-                    let backlog = socket.output.len();
                     self.mark_dirty(key);
-                    if backlog > self.config.max_output_bytes {
-                        self.cut_off_slow_consumer(key, conn, backlog);
-                    }
+                    self.enforce_backlog(key);
                 }
                 Output::Close { conn, reason } => {
                     let Some(key) = self.key_of(conn) else {
@@ -827,6 +839,20 @@ impl Reactor {
                 } => self.verifier.submit(ticket, hash, password),
                 other => debug!("unhandled core output {other:?}"),
             }
+        }
+    }
+
+    /// Cuts the connection on `key` off as a slow consumer if its unsent
+    /// output is over the limit; whether it did.
+    fn enforce_backlog(&mut self, key: usize) -> bool {
+        let socket = self.sockets[key].as_mut().expect("keys point at sockets");
+        let backlog = socket.output.len();
+        match socket.conn {
+            Some(conn) if backlog > self.config.max_output_bytes => {
+                self.cut_off_slow_consumer(key, conn, backlog);
+                true
+            }
+            _ => false,
         }
     }
 

@@ -25,8 +25,6 @@ pub const MESSAGE_LIMIT_FACTOR: usize = 4;
 /// One WebSocket session's state.
 pub struct WebSocket {
     context: WebSocketContext,
-    /// Received bytes tungstenite has not taken yet.
-    unread: BytesMut,
     /// A close frame went out (ours, or the echo of the peer's).
     close_sent: bool,
 }
@@ -48,7 +46,6 @@ pub struct Received {
 impl std::fmt::Debug for WebSocket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebSocket")
-            .field("unread", &self.unread.len())
             .field("close_sent", &self.close_sent)
             .finish()
     }
@@ -66,20 +63,20 @@ impl WebSocket {
             .max_frame_size(Some(limit));
         WebSocket {
             context: WebSocketContext::new(Role::Server, Some(config)),
-            unread: BytesMut::new(),
             close_sent: false,
         }
     }
 
-    /// Takes bytes read from the socket.
-    pub fn receive(&mut self, data: &[u8]) -> Received {
-        self.unread.extend_from_slice(data);
+    /// Takes bytes read from the socket. tungstenite reads until the bytes
+    /// run out (it keeps a partial frame itself), so none are left over
+    /// unless the session ended.
+    pub fn receive(&mut self, mut data: &[u8]) -> Received {
         let mut received = Received::default();
         let mut reply = Vec::new();
         let mut close = Vec::new();
         loop {
             let mut io = Pipe {
-                input: &mut self.unread,
+                input: &mut data,
                 output: &mut reply,
             };
             match self.context.read(&mut io) {
@@ -92,7 +89,7 @@ impl WebSocket {
                 Ok(Message::Close(frame)) => {
                     // tungstenite queued the echo (in place of any pong).
                     let _ = self.context.flush(&mut Pipe {
-                        input: &mut self.unread,
+                        input: &mut data,
                         output: &mut close,
                     });
                     self.close_sent = true;
@@ -123,9 +120,6 @@ impl WebSocket {
         }
         if !close.is_empty() {
             received.close = Some(Bytes::from(close));
-        }
-        if received.ended.is_some() {
-            self.unread = BytesMut::new();
         }
         received
     }
@@ -176,23 +170,21 @@ pub fn encode(frames: &Bytes, mut push: impl FnMut(Bytes)) {
 
 /// tungstenite's view of the socket: what has been read, and where its
 /// replies go. Reading past the end would block, as a socket would.
-struct Pipe<'a> {
-    input: &'a mut BytesMut,
+struct Pipe<'a, 'b> {
+    input: &'a mut &'b [u8],
     output: &'a mut Vec<u8>,
 }
 
-impl Read for Pipe<'_> {
+impl Read for Pipe<'_, '_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.input.is_empty() {
             return Err(io::ErrorKind::WouldBlock.into());
         }
-        let n = buf.len().min(self.input.len());
-        buf[..n].copy_from_slice(&self.input.split_to(n));
-        Ok(n)
+        self.input.read(buf)
     }
 }
 
-impl Write for Pipe<'_> {
+impl Write for Pipe<'_, '_> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.output.extend_from_slice(buf);
         Ok(buf.len())
