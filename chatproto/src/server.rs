@@ -457,12 +457,7 @@ impl<S: Store> Server<S> {
         };
         if c.awaiting.is_some() {
             // A login is being checked: what follows waits for it.
-            if c.held_input.len() + data.len() > HELD_INPUT_FRAMES * self.config.max_frame_bytes {
-                self.event(Event::Flooding { conn });
-                self.say_bye(conn, ByeReason::Flood, now);
-            } else {
-                c.held_input.extend_from_slice(data);
-            }
+            self.hold_input(conn, data, now);
             return Ok(());
         }
         // Take the decoder out so frames can borrow it while the rest of
@@ -485,11 +480,10 @@ impl<S: Store> Server<S> {
                 }
             }
             match frame {
-                Ok(_) | Err(_) if flooding => {
+                _ if flooding => {
                     // It keeps going after `flood_after` refusals: it is
                     // not listening. The rest of its input is ignored.
-                    self.event(Event::Flooding { conn });
-                    self.say_bye(conn, ByeReason::Flood, now);
+                    self.flood_out(conn, now);
                     return Ok(());
                 }
                 Ok(frame) if !allowed => {
@@ -507,12 +501,7 @@ impl<S: Store> Server<S> {
                 None => return Ok(()),
                 Some(c) if c.awaiting.is_some() => {
                     // A login went to be checked: the rest waits for it.
-                    if input.len() > HELD_INPUT_FRAMES * self.config.max_frame_bytes {
-                        self.event(Event::Flooding { conn });
-                        self.say_bye(conn, ByeReason::Flood, now);
-                        return Ok(());
-                    }
-                    c.held_input.extend_from_slice(input);
+                    self.hold_input(conn, input, now);
                     break;
                 }
                 Some(_) => {}
@@ -670,13 +659,7 @@ impl<S: Store> Server<S> {
         if !open {
             // Gone meanwhile: a wrong guess still counts.
             if !(matches && account.is_some()) {
-                let state = self
-                    .lockout
-                    .record_failure(name.as_str(), account.is_some(), now);
-                if account.is_some() {
-                    self.store
-                        .record(Change::LockoutChanged { user: name, state });
-                }
+                self.count_failure(&name, account.is_some(), now);
             }
             return;
         }
@@ -686,13 +669,7 @@ impl<S: Store> Server<S> {
         self.reschedule(conn);
         // Locked by other attempts while this one was checked.
         let result = match self.lockout.locked_until(name.as_str(), now) {
-            Some(until) => {
-                let error = RequestError::AccountLocked {
-                    retry_after: seconds_until(until, now),
-                    just_locked: false,
-                };
-                self.refuse_login(conn, &name, error)
-            }
+            Some(until) => self.refuse_locked(conn, &name, until, false, now),
             None => self.finish_login(conn, id, name, account, matches, now),
         };
         if let Err(error) = result {
@@ -1048,11 +1025,7 @@ impl<S: Store> Server<S> {
             });
         }
         if let Some(until) = self.lockout.locked_until(name.as_str(), now) {
-            let error = RequestError::AccountLocked {
-                retry_after: seconds_until(until, now),
-                just_locked: false,
-            };
-            return self.refuse_login(conn, &name, error);
+            return self.refuse_locked(conn, &name, until, false, now);
         }
         let account = self.accounts.id(name.as_str());
         let hash = match account.map(|a| self.accounts.get(a).credential()) {
@@ -1098,6 +1071,62 @@ impl<S: Store> Server<S> {
         Ok(())
     }
 
+    /// Counts a failed login for `name` (`known`: an account has it) and
+    /// records the change; returns when the lock ends if this failure set
+    /// one.
+    fn count_failure(&mut self, name: &Username, known: bool, now: Timestamp) -> Option<Timestamp> {
+        let state = self.lockout.record_failure(name.as_str(), known, now);
+        if known {
+            self.store.record(Change::LockoutChanged {
+                user: name.clone(),
+                state,
+            });
+        }
+        let until = state.locked_until?;
+        self.event(Event::Locked {
+            user: name.clone(),
+            until,
+        });
+        Some(until)
+    }
+
+    /// Refuses a login for `name`, locked until `until` (`just_locked`: by
+    /// this very attempt).
+    fn refuse_locked(
+        &mut self,
+        conn: ConnId,
+        name: &Username,
+        until: Timestamp,
+        just_locked: bool,
+        now: Timestamp,
+    ) -> Result<(), RequestError> {
+        let error = RequestError::AccountLocked {
+            retry_after: seconds_until(until, now),
+            just_locked,
+        };
+        self.refuse_login(conn, name, error)
+    }
+
+    /// Keeps `input` for after the password check `conn` waits for, within
+    /// the bound; past it, the connection is flooding.
+    fn hold_input(&mut self, conn: ConnId, input: &[u8], now: Timestamp) {
+        let bound = HELD_INPUT_FRAMES * self.config.max_frame_bytes;
+        let Some(c) = self.connections.get_mut(conn) else {
+            return;
+        };
+        if c.held_input.len() + input.len() > bound {
+            self.flood_out(conn, now);
+        } else {
+            c.held_input.extend_from_slice(input);
+        }
+    }
+
+    /// Closes `conn` for flooding.
+    fn flood_out(&mut self, conn: ConnId, now: Timestamp) {
+        self.event(Event::Flooding { conn });
+        self.say_bye(conn, ByeReason::Flood, now);
+    }
+
     /// The rest of a login, once the password is checked.
     fn finish_login(
         &mut self,
@@ -1109,26 +1138,10 @@ impl<S: Store> Server<S> {
         now: Timestamp,
     ) -> Result<(), RequestError> {
         let Some(user) = account.filter(|_| password_ok) else {
-            let known = account.is_some();
-            let state = self.lockout.record_failure(name.as_str(), known, now);
-            if known {
-                self.store.record(Change::LockoutChanged {
-                    user: name.clone(),
-                    state,
-                });
-            }
-            let Some(until) = state.locked_until else {
-                return self.refuse_login(conn, &name, RequestError::InvalidCredentials);
+            return match self.count_failure(&name, account.is_some(), now) {
+                Some(until) => self.refuse_locked(conn, &name, until, true, now),
+                None => self.refuse_login(conn, &name, RequestError::InvalidCredentials),
             };
-            self.event(Event::Locked {
-                user: name.clone(),
-                until,
-            });
-            let error = RequestError::AccountLocked {
-                retry_after: seconds_until(until, now),
-                just_locked: true,
-            };
-            return self.refuse_login(conn, &name, error);
         };
         if self.lockout.record_success(name.as_str()) {
             self.store
