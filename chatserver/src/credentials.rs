@@ -95,19 +95,7 @@ pub fn parse(text: &str) -> Result<Accounts, (usize, String)> {
 
 /// An Argon2id PHC string this build can verify.
 fn parse_hash(phc: &str) -> Result<HashedPassword, String> {
-    let parsed = argon2::PasswordHash::new(phc).map_err(|e| {
-        format!("bad password hash: {e} (expected $argon2id$v=19$m=...,t=...,p=...$salt$hash)")
-    })?;
-    if parsed.algorithm != argon2::Algorithm::Argon2id.ident() {
-        return Err(format!(
-            "password hash uses {}: only argon2id is accepted",
-            parsed.algorithm
-        ));
-    }
-    argon2::Params::try_from(&parsed).map_err(|e| format!("bad argon2id parameters: {e}"))?;
-    if parsed.hash.is_none() {
-        return Err("password hash has no hash part".to_owned());
-    }
+    crate::verifier::parse(phc)?;
     HashedPassword::new(phc).map_err(|e| e.to_string())
 }
 

@@ -168,6 +168,43 @@ fn work(
     }
 }
 
+/// An Argon2id PHC string taken apart: what a check against it needs.
+pub struct ArgonHash<'a> {
+    version: Version,
+    params: Params,
+    salt: argon2::password_hash::Salt<'a>,
+    expected: argon2::password_hash::Output,
+}
+
+/// Takes an Argon2id PHC string apart, or says what is wrong with it: the
+/// credentials loader refuses what this refuses, so every hash it accepts
+/// can be checked.
+pub fn parse(phc: &str) -> Result<ArgonHash<'_>, String> {
+    let parsed = PasswordHash::new(phc).map_err(|e| {
+        format!("bad password hash: {e} (expected $argon2id$v=19$m=...,t=...,p=...$salt$hash)")
+    })?;
+    if parsed.algorithm != Algorithm::Argon2id.ident() {
+        return Err(format!(
+            "password hash uses {}: only argon2id is accepted",
+            parsed.algorithm
+        ));
+    }
+    let version = match parsed.version {
+        Some(v) => Version::try_from(v).map_err(|e| format!("bad argon2 version: {e}"))?,
+        None => Version::default(),
+    };
+    let params = Params::try_from(&parsed).map_err(|e| format!("bad argon2id parameters: {e}"))?;
+    let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
+        return Err("password hash has no salt or no hash part".to_owned());
+    };
+    Ok(ArgonHash {
+        version,
+        params,
+        salt,
+        expected,
+    })
+}
+
 /// A worker's Argon2 working memory, kept from one check to the next while
 /// checks keep coming: allocating and faulting in 19 MiB per check, and
 /// unmapping it after, costs the whole process (page faults, the address
@@ -191,16 +228,12 @@ impl Memory {
     }
 
     fn check(&mut self, hash: &HashedPassword, password: &Password) -> Result<bool, String> {
-        let parsed = PasswordHash::new(hash.as_str()).map_err(|e| e.to_string())?;
-        let algorithm = Algorithm::try_from(parsed.algorithm).map_err(|e| e.to_string())?;
-        let version = match parsed.version {
-            Some(v) => Version::try_from(v).map_err(|e| e.to_string())?,
-            None => Version::default(),
-        };
-        let params = Params::try_from(&parsed).map_err(|e| e.to_string())?;
-        let (Some(salt), Some(expected)) = (parsed.salt, parsed.hash) else {
-            return Err("no salt or no hash".to_owned());
-        };
+        let ArgonHash {
+            version,
+            params,
+            salt,
+            expected,
+        } = parse(hash.as_str())?;
         let mut salt_buf = [0u8; 64];
         let salt = salt.decode_b64(&mut salt_buf).map_err(|e| e.to_string())?;
         let needed = params.block_count();
@@ -209,7 +242,7 @@ impl Memory {
         }
         let mut out = [0u8; argon2::password_hash::Output::MAX_LENGTH];
         let out = &mut out[..expected.len()];
-        Argon2::new(algorithm, version, params)
+        Argon2::new(Algorithm::Argon2id, version, params)
             .hash_password_into_with_memory(
                 password.expose().as_bytes(),
                 salt,
