@@ -13,7 +13,7 @@
 
 use std::path::{Path, PathBuf};
 
-use chatproto::{Change, LastSeen, LockoutState, OfflineMessage, Snapshot, Timestamp};
+use chatproto::{Change, LastSeen, LockoutState, OfflineMessage, Snapshot, Timestamp, Username};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, Transaction};
 
 /// `PRAGMA application_id` of a chatserver database: "chtp".
@@ -113,8 +113,8 @@ impl Database {
             conn,
             pending: Vec::new(),
         };
-        db.configure()?;
-        db.check_and_migrate()?;
+        let objects = db.configure()?;
+        db.check_and_migrate(objects)?;
         let snapshot = db.load()?;
         Ok((db, snapshot))
     }
@@ -138,21 +138,14 @@ impl Database {
         }
         let pending = std::mem::take(&mut self.pending);
         let path = &self.path;
-        let sql = |doing| {
-            move |source| DatabaseError::Sql {
-                path: path.clone(),
-                doing,
-                source,
-            }
-        };
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-            .map_err(sql("begin a transaction"))?;
+            .map_err(sql_error(path, "begin a transaction"))?;
         for change in &pending {
-            write_change(&tx, change).map_err(sql("write a change"))?;
+            write_change(&tx, change).map_err(sql_error(path, "write a change"))?;
         }
-        tx.commit().map_err(sql("commit"))?;
+        tx.commit().map_err(sql_error(path, "commit"))?;
         Ok(Committed {
             changes: pending.len(),
         })
@@ -160,112 +153,107 @@ impl Database {
 
     /// Reads the whole lasting state.
     pub fn load(&self) -> Result<Snapshot, DatabaseError> {
-        let sql = |doing| {
-            move |source| DatabaseError::Sql {
-                path: self.path.clone(),
-                doing,
-                source,
-            }
-        };
-        let bad = |what: String| DatabaseError::BadRow {
-            path: self.path.clone(),
-            what,
-        };
         let mut snapshot = Snapshot::default();
-
-        let mut stmt = self
-            .conn
-            .prepare("SELECT recipient, sender, text, sent_at FROM offline_message ORDER BY seq")
-            .map_err(sql("read offline messages"))?;
-        let mut rows = stmt.query([]).map_err(sql("read offline messages"))?;
-        while let Some(row) = rows.next().map_err(sql("read offline messages"))? {
-            let (to, from, text, sent_at): (String, String, String, i64) = (
-                row.get(0).map_err(sql("read offline messages"))?,
-                row.get(1).map_err(sql("read offline messages"))?,
-                row.get(2).map_err(sql("read offline messages"))?,
-                row.get(3).map_err(sql("read offline messages"))?,
-            );
+        let messages = self.rows(
+            "SELECT recipient, sender, text, sent_at FROM offline_message ORDER BY seq",
+            "read offline messages",
+            |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?, r.get(3)?)),
+        )?;
+        for (to, from, text, sent_at) in messages {
             let message = OfflineMessage {
-                from: from
-                    .parse()
-                    .map_err(|e| bad(format!("offline message sender {from:?}: {e}")))?,
+                from: self.name(from, "offline message sender")?,
                 text: text
                     .parse()
-                    .map_err(|e| bad(format!("offline message text: {e}")))?,
-                sent_at: timestamp(sent_at).ok_or_else(|| bad(format!("sent_at {sent_at}")))?,
+                    .map_err(|e| self.bad(format!("offline message text: {e}")))?,
+                sent_at: self.time(sent_at, "sent_at")?,
             };
-            let to = to
-                .parse()
-                .map_err(|e| bad(format!("offline message recipient {to:?}: {e}")))?;
+            let to = self.name(to, "offline message recipient")?;
             snapshot.offline.entry(to).or_default().push(message);
         }
-
-        let mut stmt = self
-            .conn
-            .prepare("SELECT blocker, target FROM block")
-            .map_err(sql("read blocks"))?;
-        let mut rows = stmt.query([]).map_err(sql("read blocks"))?;
-        while let Some(row) = rows.next().map_err(sql("read blocks"))? {
-            let blocker: String = row.get(0).map_err(sql("read blocks"))?;
-            let target: String = row.get(1).map_err(sql("read blocks"))?;
-            let blocker = blocker
-                .parse()
-                .map_err(|e| bad(format!("blocker {blocker:?}: {e}")))?;
-            let target = target
-                .parse()
-                .map_err(|e| bad(format!("blocked user {target:?}: {e}")))?;
+        let blocks = self.rows("SELECT blocker, target FROM block", "read blocks", |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?;
+        for (blocker, target) in blocks {
+            let blocker = self.name(blocker, "blocker")?;
+            let target = self.name(target, "blocked user")?;
             snapshot.blocks.entry(blocker).or_default().insert(target);
         }
-
-        let mut stmt = self
-            .conn
-            .prepare("SELECT user, online, at FROM last_seen")
-            .map_err(sql("read last-seen times"))?;
-        let mut rows = stmt.query([]).map_err(sql("read last-seen times"))?;
-        while let Some(row) = rows.next().map_err(sql("read last-seen times"))? {
-            let user: String = row.get(0).map_err(sql("read last-seen times"))?;
-            let online: bool = row.get(1).map_err(sql("read last-seen times"))?;
-            let at: i64 = row.get(2).map_err(sql("read last-seen times"))?;
-            let at = timestamp(at).ok_or_else(|| bad(format!("last seen at {at}")))?;
-            let user = user
-                .parse()
-                .map_err(|e| bad(format!("last-seen user {user:?}: {e}")))?;
+        let seen = self.rows(
+            "SELECT user, online, at FROM last_seen",
+            "read last-seen times",
+            |r| Ok((r.get(0)?, r.get::<_, bool>(1)?, r.get(2)?)),
+        )?;
+        for (user, online, at) in seen {
+            let at = self.time(at, "last seen at")?;
             let seen = if online {
                 LastSeen::Online { since: at }
             } else {
                 LastSeen::Offline { at }
             };
-            snapshot.last_seen.insert(user, seen);
+            snapshot
+                .last_seen
+                .insert(self.name(user, "last-seen user")?, seen);
         }
-
-        let mut stmt = self
-            .conn
-            .prepare("SELECT user, failures, locked_until FROM lockout")
-            .map_err(sql("read lockouts"))?;
-        let mut rows = stmt.query([]).map_err(sql("read lockouts"))?;
-        while let Some(row) = rows.next().map_err(sql("read lockouts"))? {
-            let user: String = row.get(0).map_err(sql("read lockouts"))?;
-            let failures: u32 = row.get(1).map_err(sql("read lockouts"))?;
-            let locked_until: Option<i64> = row.get(2).map_err(sql("read lockouts"))?;
+        let lockouts = self.rows(
+            "SELECT user, failures, locked_until FROM lockout",
+            "read lockouts",
+            |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, Option<i64>>(2)?)),
+        )?;
+        for (user, failures, locked_until) in lockouts {
             let locked_until = match locked_until {
-                Some(t) => Some(timestamp(t).ok_or_else(|| bad(format!("locked until {t}")))?),
+                Some(t) => Some(self.time(t, "locked until")?),
                 None => None,
             };
-            let user = user
-                .parse()
-                .map_err(|e| bad(format!("lockout user {user:?}: {e}")))?;
-            snapshot.lockouts.insert(
-                user,
-                LockoutState {
-                    failures,
-                    locked_until,
-                },
-            );
+            let state = LockoutState {
+                failures,
+                locked_until,
+            };
+            snapshot
+                .lockouts
+                .insert(self.name(user, "lockout user")?, state);
         }
         Ok(snapshot)
     }
 
-    fn configure(&mut self) -> Result<(), DatabaseError> {
+    /// Every row of `query`, each taken apart by `row`.
+    fn rows<T>(
+        &self,
+        query: &str,
+        doing: &'static str,
+        row: impl FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<Vec<T>, DatabaseError> {
+        let mut stmt = self
+            .conn
+            .prepare(query)
+            .map_err(sql_error(&self.path, doing))?;
+        let rows = stmt
+            .query_map([], row)
+            .map_err(sql_error(&self.path, doing))?;
+        rows.collect::<Result<_, _>>()
+            .map_err(sql_error(&self.path, doing))
+    }
+
+    /// A user name read from a row.
+    fn name(&self, name: String, what: &str) -> Result<Username, DatabaseError> {
+        name.parse()
+            .map_err(|e| self.bad(format!("{what} {name:?}: {e}")))
+    }
+
+    /// A time read from a row.
+    fn time(&self, millis: i64, what: &str) -> Result<Timestamp, DatabaseError> {
+        timestamp(millis).ok_or_else(|| self.bad(format!("{what} {millis}")))
+    }
+
+    fn bad(&self, what: String) -> DatabaseError {
+        DatabaseError::BadRow {
+            path: self.path.clone(),
+            what,
+        }
+    }
+
+    /// Sets the connection up; returns how many schema objects the file
+    /// holds.
+    fn configure(&mut self) -> Result<i64, DatabaseError> {
         let path = self.path.clone();
         let classify = move |source: rusqlite::Error| match source.sqlite_error_code() {
             Some(ErrorCode::NotADatabase) => DatabaseError::NotADatabase { path: path.clone() },
@@ -285,7 +273,7 @@ impl Database {
             .map_err(&classify)?;
         // Reading the schema is the first access: a file that is not SQLite
         // fails here.
-        let _: i64 = self
+        let objects: i64 = self
             .conn
             .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
             .map_err(&classify)?;
@@ -309,19 +297,12 @@ impl Database {
         self.conn
             .pragma_update(None, "foreign_keys", "ON")
             .map_err(&classify)?;
-        Ok(())
+        Ok(objects)
     }
 
-    fn check_and_migrate(&mut self) -> Result<(), DatabaseError> {
+    fn check_and_migrate(&mut self, objects: i64) -> Result<(), DatabaseError> {
         let path = self.path.clone();
-        let sql = |doing| {
-            let path = path.clone();
-            move |source| DatabaseError::Sql {
-                path: path.clone(),
-                doing,
-                source,
-            }
-        };
+        let sql = |doing| sql_error(&path, doing);
         let app_id: i32 = self
             .conn
             .pragma_query_value(None, "application_id", |r| r.get(0))
@@ -330,10 +311,6 @@ impl Database {
             .conn
             .pragma_query_value(None, "user_version", |r| r.get(0))
             .map_err(sql("read the schema version"))?;
-        let objects: i64 = self
-            .conn
-            .query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get(0))
-            .map_err(sql("read the schema"))?;
         let fresh = app_id == 0 && version == 0 && objects == 0;
         if !fresh && app_id != APPLICATION_ID {
             return Err(DatabaseError::Foreign {
@@ -465,6 +442,19 @@ fn write_change(tx: &Transaction<'_>, change: &Change) -> rusqlite::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Turns a SQLite error into one that says which file and what was being
+/// done.
+fn sql_error<'a>(
+    path: &'a Path,
+    doing: &'static str,
+) -> impl FnOnce(rusqlite::Error) -> DatabaseError + 'a {
+    move |source| DatabaseError::Sql {
+        path: path.to_owned(),
+        doing,
+        source,
+    }
 }
 
 fn millis(t: Timestamp) -> i64 {

@@ -285,13 +285,8 @@ impl Reactor {
         if self.staged.is_empty() && !self.core.store().has_pending() {
             return Ok(());
         }
-        let result = if self.core.store().has_pending() {
-            self.core.store_mut().commit().map(drop)
-        } else {
-            Ok(())
-        };
-        match result {
-            Ok(()) => {
+        match self.core.store_mut().commit() {
+            Ok(_) => {
                 self.core.commit_succeeded();
                 self.release_staged();
                 Ok(())
