@@ -6,10 +6,9 @@ mod common;
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
-use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{binary, Client, TestServer, CREDENTIALS};
+use common::{Client, TestServer, CREDENTIALS};
 
 const LISTEN: &[&str] = &["--listen", "127.0.0.1:0"];
 
@@ -211,11 +210,10 @@ fn messages_acknowledged_before_a_crash_are_delivered_exactly_once() {
         })
         .collect();
     // Kill at a moment that depends on the clock, not on the senders.
-    let nanos = Instant::now().elapsed().as_nanos() as u64
-        ^ std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos() as u64;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos() as u64;
     std::thread::sleep(Duration::from_millis(150 + nanos % 250));
     stop(server, true);
     let acked: Vec<(String, String)> = handles
@@ -257,23 +255,19 @@ fn messages_acknowledged_before_a_crash_are_delivered_exactly_once() {
     }
 }
 
-/// Runs the server on `db` and returns its exit status and stderr.
+/// Runs the server on `db`, which must fail; returns its stderr.
 fn start_fails(db: &Path) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let credentials = dir.path().join("credentials.txt");
-    std::fs::write(&credentials, CREDENTIALS).unwrap();
-    let out = binary()
-        .args(LISTEN)
-        .arg("--credentials")
-        .arg(&credentials)
-        .arg("--db")
-        .arg(db)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    assert!(!out.status.success(), "started on {}", db.display());
-    assert_eq!(out.status.code(), Some(1));
-    String::from_utf8_lossy(&out.stderr).into_owned()
+    let (_dir, credentials) = common::temp_file(CREDENTIALS);
+    let (code, stderr) = common::run(&[
+        LISTEN[0],
+        LISTEN[1],
+        "--credentials",
+        credentials.to_str().unwrap(),
+        "--db",
+        db.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1, "started on {}: {stderr}", db.display());
+    stderr
 }
 
 #[test]

@@ -2,20 +2,10 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::{binary, free_port, temp_file, Client, TestServer, CREDENTIALS};
+use common::{binary, free_port, run, temp_file, Client, TestServer, CREDENTIALS};
 use serde_json::json;
-
-/// Runs the binary to completion; returns (exit code, stderr).
-fn run(args: &[&str]) -> (i32, String) {
-    let out = binary().args(args).stdin(Stdio::null()).output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
 
 fn assert_one_clear_line(stderr: &str) {
     assert_eq!(stderr.lines().count(), 1, "{stderr}");

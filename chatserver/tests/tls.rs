@@ -6,9 +6,8 @@ mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
 
-use common::{TestServer, CREDENTIALS, TIMEOUT};
+use common::{Frames, TestServer, CREDENTIALS, TIMEOUT};
 use serde_json::Value;
 
 /// A line-based client over TLS that trusts only `root`.
@@ -18,16 +17,8 @@ struct TlsClient {
 
 impl TlsClient {
     fn connect(addr: SocketAddr, root: &rustls::pki_types::CertificateDer<'static>) -> TlsClient {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(root.clone()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let conn = rustls::ClientConnection::new(Arc::new(config), "localhost".try_into().unwrap())
-            .unwrap();
+        let config = common::tls_client_config(root);
+        let conn = rustls::ClientConnection::new(config, "localhost".try_into().unwrap()).unwrap();
         let tcp = TcpStream::connect(addr).unwrap();
         tcp.set_read_timeout(Some(TIMEOUT)).unwrap();
         let mut c = TlsClient {
@@ -36,7 +27,9 @@ impl TlsClient {
         assert_eq!(c.recv()["type"], "hello");
         c
     }
+}
 
+impl Frames for TlsClient {
     fn send(&mut self, line: &str) {
         let stream = self.reader.get_mut();
         stream.write_all(format!("{line}\n").as_bytes()).unwrap();
@@ -48,25 +41,6 @@ impl TlsClient {
         self.reader.read_line(&mut line).unwrap();
         serde_json::from_str(line.trim_end()).unwrap_or_else(|e| panic!("{line:?}: {e}"))
     }
-
-    fn recv_type(&mut self, kind: &str) -> Value {
-        loop {
-            let v = self.recv();
-            if v["type"] == kind {
-                return v;
-            }
-        }
-    }
-
-    fn ask(&mut self, line: &str) -> Value {
-        self.send(line);
-        loop {
-            let v = self.recv();
-            if v["type"] == "ok" || v["type"] == "error" {
-                return v;
-            }
-        }
-    }
 }
 
 #[test]
@@ -75,18 +49,14 @@ fn users_talk_over_tls_and_with_plaintext_users() {
     let (cert, key, root) = common::certificate(dir.path(), "localhost");
     let tls_port = common::free_port().to_string();
     let tls_addr = format!("127.0.0.1:{tls_port}");
-    let server = TestServer::start_with(
-        CREDENTIALS,
-        &["--listen", "127.0.0.1:0"],
-        &[
-            "--tls-cert",
-            &cert,
-            "--tls-key",
-            &key,
-            "--tls-listen",
-            &tls_addr,
-        ],
-    );
+    let server = TestServer::start(&[
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-listen",
+        &tls_addr,
+    ]);
     server.wait_for_log("TLS on");
     let mut alice = TlsClient::connect(tls_addr.parse().unwrap(), &root);
     assert_eq!(alice.ask("login alice pw-alice")["cmd"], "login");
@@ -134,18 +104,19 @@ fn unreadable_certificates_are_a_startup_error() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.pem");
     std::fs::write(&bad, "not a certificate\n").unwrap();
-    let creds = dir.path().join("credentials.txt");
-    std::fs::write(&creds, CREDENTIALS).unwrap();
-    let out = common::binary()
-        .args(["--listen", "127.0.0.1:0", "--no-db", "--credentials"])
-        .arg(&creds)
-        .arg("--tls-cert")
-        .arg(&bad)
-        .arg("--tls-key")
-        .arg(&bad)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let (_creds_dir, creds) = common::temp_file(CREDENTIALS);
+    let bad = bad.to_str().unwrap();
+    let (code, err) = common::run(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--no-db",
+        "--credentials",
+        creds.to_str().unwrap(),
+        "--tls-cert",
+        bad,
+        "--tls-key",
+        bad,
+    ]);
+    assert_eq!(code, 1);
     assert!(err.contains("no certificate"), "{err}");
 }

@@ -5,9 +5,8 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::Arc;
 
-use common::{TestServer, TIMEOUT};
+use common::{Frames, TestServer, TIMEOUT};
 use serde_json::Value;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
@@ -50,7 +49,7 @@ fn handshake<S: Read + Write>(
     }
 }
 
-impl<S: Read + Write> WsClient<S> {
+impl<S: Read + Write> Frames for WsClient<S> {
     fn send(&mut self, frame: &str) {
         self.ws.send(Message::text(frame)).unwrap();
     }
@@ -68,26 +67,9 @@ impl<S: Read + Write> WsClient<S> {
             }
         }
     }
+}
 
-    fn recv_type(&mut self, kind: &str) -> Value {
-        loop {
-            let v = self.recv();
-            if v["type"] == kind {
-                return v;
-            }
-        }
-    }
-
-    fn ask(&mut self, frame: &str) -> Value {
-        self.send(frame);
-        loop {
-            let v = self.recv();
-            if v["type"] == "ok" || v["type"] == "error" {
-                return v;
-            }
-        }
-    }
-
+impl<S: Read + Write> WsClient<S> {
     /// Reads until the server's close frame, returning its status.
     fn recv_close(&mut self) -> CloseCode {
         loop {
@@ -244,16 +226,7 @@ fn with_tls_the_page_and_websocket_are_https_and_wss() {
     let dir = tempfile::tempdir().unwrap();
     let (cert, key, root) = common::certificate(dir.path(), "localhost");
     let (_server, http) = start(&["--tls-cert", &cert, "--tls-key", &key]);
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(root).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let config = Arc::new(config);
+    let config = common::tls_client_config(&root);
     let wss = |origin: &str| {
         let tcp = TcpStream::connect(http).unwrap();
         tcp.set_read_timeout(Some(TIMEOUT)).unwrap();

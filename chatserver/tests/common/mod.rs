@@ -26,8 +26,6 @@ pub struct TestServer {
     child: Child,
     pub addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
-    /// The server's working directory, where its default database lives.
-    pub dir: PathBuf,
     _owned_dir: Option<tempfile::TempDir>,
 }
 
@@ -120,7 +118,6 @@ impl TestServer {
             child,
             addr,
             log,
-            dir: dir.to_owned(),
             _owned_dir: None,
         }
     }
@@ -201,6 +198,66 @@ pub fn many_users(n: usize) -> String {
     (0..n).map(|i| format!("u{i} p{i}\n")).collect()
 }
 
+/// A client that sends and receives protocol frames, whatever carries
+/// them (lines over TCP or TLS, WebSocket messages).
+pub trait Frames {
+    fn send(&mut self, frame: &str);
+
+    /// The next frame.
+    fn recv(&mut self) -> Value;
+
+    /// The first `ok` or `error`, skipping presence and messages.
+    fn recv_answer(&mut self) -> Value {
+        loop {
+            let v = self.recv();
+            if v["type"] == "ok" || v["type"] == "error" {
+                return v;
+            }
+        }
+    }
+
+    /// Sends a frame and returns the first `ok` or `error` after it.
+    fn ask(&mut self, frame: &str) -> Value {
+        self.send(frame);
+        self.recv_answer()
+    }
+
+    /// The next frame of `kind`, skipping others.
+    fn recv_type(&mut self, kind: &str) -> Value {
+        loop {
+            let v = self.recv();
+            if v["type"] == kind {
+                return v;
+            }
+        }
+    }
+}
+
+impl Frames for Client {
+    fn send(&mut self, frame: &str) {
+        Client::send(self, frame);
+    }
+
+    fn recv(&mut self) -> Value {
+        Client::recv(self)
+    }
+}
+
+/// A rustls client configuration that trusts only `root`.
+pub fn tls_client_config(
+    root: &rustls::pki_types::CertificateDer<'static>,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(root.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
 pub struct Client {
     reader: BufReader<TcpStream>,
     writer: TcpStream,
@@ -245,9 +302,7 @@ impl Client {
     }
 
     pub fn send(&mut self, line: &str) {
-        self.writer
-            .write_all(format!("{line}\n").as_bytes())
-            .unwrap();
+        self.try_send(line).unwrap();
     }
 
     /// Sends a line; an error once the server is gone.
@@ -278,30 +333,19 @@ impl Client {
         }
     }
 
-    /// Sends a line and returns the first `ok` or `error` after it,
-    /// skipping presence and messages.
+    /// See [`Frames::ask`].
     pub fn ask(&mut self, line: &str) -> Value {
-        self.send(line);
-        self.recv_answer()
+        Frames::ask(self, line)
     }
 
+    /// See [`Frames::recv_answer`].
     pub fn recv_answer(&mut self) -> Value {
-        loop {
-            let v = self.recv();
-            if v["type"] == "ok" || v["type"] == "error" {
-                return v;
-            }
-        }
+        Frames::recv_answer(self)
     }
 
-    /// The next frame of `kind`, skipping others.
+    /// See [`Frames::recv_type`].
     pub fn recv_type(&mut self, kind: &str) -> Value {
-        loop {
-            let v = self.recv();
-            if v["type"] == kind {
-                return v;
-            }
-        }
+        Frames::recv_type(self, kind)
     }
 
     /// Reads until the server closes; returns every frame.
@@ -309,7 +353,6 @@ impl Client {
         std::iter::from_fn(|| self.try_recv()).collect()
     }
 
-    /// The raw socket, for reading past the frame layer.
     /// Broadcasts `text` (waiting for each `ok`) until `user` is reported
     /// offline, at most `max` times: how many went out, and whether `user`
     /// went offline.
@@ -333,6 +376,7 @@ impl Client {
         (max, false)
     }
 
+    /// The raw socket, for reading past the frame layer.
     pub fn into_stream(self) -> TcpStream {
         self.reader.into_inner()
     }
@@ -355,6 +399,16 @@ pub fn temp_file(contents: &str) -> (tempfile::TempDir, PathBuf) {
     let path = dir.path().join("credentials.txt");
     std::fs::write(&path, contents).unwrap();
     (dir, path)
+}
+
+/// Runs the server binary with `args` to completion; returns (exit code,
+/// stderr).
+pub fn run(args: &[&str]) -> (i32, String) {
+    let out = binary().args(args).stdin(Stdio::null()).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// Runs `cmd` with `input` on standard input; returns (exit code, stdout,
