@@ -118,15 +118,17 @@ impl Report {
                 self.storm_checks as f64 / self.seconds
             );
         }
-        let recipients = match config.workload {
+        let mut recipients = match config.workload {
             Workload::Offline { recipients } => format!("\"recipients\":{recipients},"),
-            _ if config.login_storm > 0 => format!(
+            _ => String::new(),
+        };
+        if config.login_storm > 0 {
+            recipients += &format!(
                 "\"login_storm\":{},\"storm_checks_per_sec\":{:.0},",
                 config.login_storm,
                 self.storm_checks as f64 / self.seconds
-            ),
-            _ => String::new(),
-        };
+            );
+        }
         println!(
             "{{\"workload\":\"{}\",\"clients\":{},{recipients}\"window\":{},\"rate\":{},\"seconds\":{:.1},\"deliveries_per_sec\":{:.0},\"sent\":{},\"lost\":{},\"p50_us\":{:.1},\"p99_us\":{:.1},\"p999_us\":{:.1},\"max_us\":{:.1},\"server_cpu_us_per_delivery\":{}}}",
             match config.workload {
@@ -191,16 +193,18 @@ struct Run {
     /// Clients with output queued during this turn: flushed once each at
     /// its end, so a write carries every frame the turn produced for it.
     dirty: Vec<usize>,
+    /// The poller's event buffer, kept from turn to turn.
+    events: Events,
     /// Refused storm logins while measuring.
     storm_checks: u64,
 }
 
 pub fn run(config: LoadConfig) -> Result<Report, String> {
     let limit = rlimit::increase_nofile_limit(u64::MAX).map_err(|e| e.to_string())?;
-    if (limit as usize) < config.clients + 16 {
+    if (limit as usize) < config.clients + config.login_storm + 16 {
         return Err(format!(
             "the open-file limit ({limit}) is too low for {} clients",
-            config.clients
+            config.clients + config.login_storm
         ));
     }
     let senders = match config.workload {
@@ -261,6 +265,7 @@ pub fn run(config: LoadConfig) -> Result<Report, String> {
         received_marked: 0,
         dirty: Vec::new(),
         storm_checks: 0,
+        events: Events::new(),
         config,
     };
     let result = run.drive(senders);
@@ -391,35 +396,32 @@ impl Run {
         let recipients = self.recipients_per_message as usize;
         let client = &mut self.clients[s];
         client.in_flight += recipients;
-        let text_head = format!("{s} {} {ts} ", u8::from(marked));
+        let to = match self.config.workload {
+            Workload::Direct => {
+                Some((s + 1 + (next_random(&mut client.rng) as usize % (n - 1))) % n)
+            }
+            Workload::Fanout { .. } => None,
+            Workload::Offline { recipients } => {
+                // Users u<n>.. never log in: the server stores the message.
+                client.unacked.push_back((at, marked));
+                Some(n + next_random(&mut client.rng) as usize % recipients)
+            }
+        };
+        let out = &mut client.out;
+        // Writing into a Vec cannot fail.
+        let _ = match to {
+            Some(to) => write!(out, "message u{to} "),
+            None => write!(out, "broadcast "),
+        };
+        let text_start = out.len();
+        let _ = write!(out, "{s} {} {ts} ", u8::from(marked));
         let pad = self
             .config
             .text_bytes
-            .saturating_sub(text_head.len())
+            .saturating_sub(out.len() - text_start)
             .max(1);
-        let line = match self.config.workload {
-            Workload::Direct => {
-                let to = (s + 1 + (next_random(&mut client.rng) as usize % (n - 1))) % n;
-                format!(
-                    "message u{to} {text_head}{}\n",
-                    &self.padding[..pad.min(self.padding.len())]
-                )
-            }
-            Workload::Fanout { .. } => format!(
-                "broadcast {text_head}{}\n",
-                &self.padding[..pad.min(self.padding.len())]
-            ),
-            Workload::Offline { recipients } => {
-                // Users u<n>.. never log in: the server stores the message.
-                let to = n + next_random(&mut client.rng) as usize % recipients;
-                client.unacked.push_back((at, marked));
-                format!(
-                    "message u{to} {text_head}{}\n",
-                    &self.padding[..pad.min(self.padding.len())]
-                )
-            }
-        };
-        client.out.extend_from_slice(line.as_bytes());
+        out.extend_from_slice(&self.padding.as_bytes()[..pad.min(self.padding.len())]);
+        out.push(b'\n');
         self.mark_dirty(s);
     }
 
@@ -444,17 +446,14 @@ impl Run {
 
     /// Waits once and serves every ready client; returns frames read.
     fn turn(&mut self, timeout: Option<Duration>) -> Result<usize, String> {
-        let mut events = Events::new();
+        let mut events = std::mem::take(&mut self.events);
+        events.clear();
         self.poller
             .wait(&mut events, timeout)
             .map_err(|e| e.to_string())?;
         let mut frames = 0;
         let mut buf = [0u8; 64 * 1024];
-        let ready: Vec<(usize, bool, bool)> = events
-            .iter()
-            .map(|e| (e.key, e.readable, e.writable))
-            .collect();
-        for (i, readable, writable) in ready {
+        for (i, readable, writable) in events.iter().map(|e| (e.key, e.readable, e.writable)) {
             if readable {
                 loop {
                     match (&self.clients[i].stream).read(&mut buf) {
@@ -480,6 +479,7 @@ impl Run {
                 self.mark_dirty(i);
             }
         }
+        self.events = events;
         self.flush_dirty()?;
         Ok(frames)
     }
