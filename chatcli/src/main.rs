@@ -144,13 +144,7 @@ fn run(args: Args) -> u8 {
     } else {
         Transport::plain(stream)
     };
-    let session = match Session::new(&stream) {
-        Ok(session) => session,
-        Err(e) => {
-            eprintln!("chatcli: {e}");
-            return 1;
-        }
-    };
+    let session = Session::new(&stream);
     if std::io::stdin().is_terminal() && std::io::stdout().is_terminal() && !args.json {
         interactive::run(session, stream, credentials)
     } else {

@@ -67,7 +67,7 @@ pub enum WaitError {
 }
 
 impl Session {
-    pub fn new(transport: &Transport) -> std::io::Result<Session> {
+    pub fn new(transport: &Transport) -> Session {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 client: Client::new(),
@@ -77,10 +77,10 @@ impl Session {
             }),
             changed: Condvar::new(),
         });
-        Ok(Session {
+        Session {
             shared,
             writer: Arc::new(Mutex::new(transport.clone())),
-        })
+        }
     }
 
     pub fn state(&self) -> MutexGuard<'_, State> {
