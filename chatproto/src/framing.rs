@@ -159,6 +159,23 @@ pub fn encode_frame(payload: &[u8]) -> Bytes {
     buf.freeze()
 }
 
+/// The frame a whole message holds, from a transport that keeps message
+/// boundaries itself, by the rules of a line: over the limit it is an
+/// error, a final `\r` is dropped, and an empty one is no frame (`None`).
+/// The message holds no newline.
+pub(crate) fn message_frame(
+    message: &[u8],
+    max_frame_bytes: usize,
+) -> Option<Result<&[u8], FrameError>> {
+    if message.len() > max_frame_bytes {
+        return Some(Err(FrameError::TooLarge {
+            limit: max_frame_bytes,
+        }));
+    }
+    let frame = strip_cr(message);
+    (!frame.is_empty()).then_some(Ok(frame))
+}
+
 fn find_newline(bytes: &[u8]) -> Option<usize> {
     bytes.iter().position(|&b| b == b'\n')
 }
@@ -170,6 +187,28 @@ fn strip_cr(line: &[u8]) -> &[u8] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_message_holds_the_frame_its_line_would() {
+        for message in [
+            &b"whoami"[..],
+            b"",
+            b"\r",
+            b"help\r",
+            b"12345678",
+            b"123456789",
+            b"1234567\r\r",
+        ] {
+            let mut line = message.to_vec();
+            line.push(b'\n');
+            let as_line = decode_all(&mut FrameDecoder::new(8), &[&line]);
+            let as_message: Vec<_> = message_frame(message, 8)
+                .map(|f| f.map(<[u8]>::to_vec))
+                .into_iter()
+                .collect();
+            assert_eq!(as_message, as_line, "{message:?}");
+        }
+    }
 
     fn decode_all(
         decoder: &mut FrameDecoder,

@@ -18,7 +18,7 @@ use crate::blocking::BlockList;
 use crate::command::{Command, CommandName, DebugTarget};
 use crate::connection::{ConnId, Connection, Connections};
 use crate::error::{ErrorCode, RequestError};
-use crate::framing::{FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES};
+use crate::framing::{self, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES};
 use crate::lockout::{Lockout, LockoutPolicy};
 use crate::offline::{OfflineMessage, OfflineQueues, DEFAULT_OFFLINE_QUEUE_CAPACITY};
 use crate::password::{HashedPassword, Password};
@@ -302,6 +302,15 @@ pub enum CloseReason {
 #[error("{0} is not an open connection")]
 pub struct UnknownConnection(pub ConnId);
 
+/// What became of a connection after one of its frames.
+enum Served {
+    Open,
+    /// A login went to be checked: later input waits.
+    Awaiting,
+    /// The frame closed it (logout, flood).
+    Closed,
+}
+
 /// Why [`Server::handle_message`] did not take a message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -355,8 +364,6 @@ pub struct Server<S: Store> {
     /// Logins waiting for a password check, by ticket.
     verifications: HashMap<VerifyTicket, PendingLogin>,
     next_ticket: u64,
-    /// Scratch space for [`Server::handle_message`].
-    message_line: Vec<u8>,
 }
 
 impl<S: Store> Server<S> {
@@ -393,7 +400,6 @@ impl<S: Store> Server<S> {
             uncommitted: config.track_commits.then(Uncommitted::default),
             verifications: HashMap::new(),
             next_ticket: 0,
-            message_line: Vec::new(),
             accounts,
             store,
             config,
@@ -457,7 +463,7 @@ impl<S: Store> Server<S> {
         };
         if c.awaiting.is_some() {
             // A login is being checked: what follows waits for it.
-            self.hold_input(conn, data, now);
+            self.hold_input(conn, &[data], now);
             return Ok(());
         }
         // Take the decoder out so frames can borrow it while the rest of
@@ -465,46 +471,15 @@ impl<S: Store> Server<S> {
         let mut decoder = std::mem::replace(&mut c.decoder, FrameDecoder::new(0));
         let mut input = data;
         while let Some(frame) = decoder.decode(&mut input) {
-            let mut allowed = true;
-            let mut flooding = false;
-            if let Some(c) = self.connections.get_mut(conn) {
-                c.last_frame = now;
-                if let (Some(bucket), Some(limit)) = (&mut c.bucket, self.config.rate_limit) {
-                    allowed = bucket.take(limit, now);
-                    if allowed {
-                        c.refused_in_row = 0;
-                    } else {
-                        c.refused_in_row = c.refused_in_row.saturating_add(1);
-                        flooding = limit.flood_after > 0 && c.refused_in_row > limit.flood_after;
-                    }
-                }
-            }
-            match frame {
-                _ if flooding => {
-                    // It keeps going after `flood_after` refusals: it is
-                    // not listening. The rest of its input is ignored.
-                    self.flood_out(conn, now);
-                    return Ok(());
-                }
-                Ok(frame) if !allowed => {
-                    // Refused, not dropped: answer under the request's id.
-                    let id = Request::parse_frame(frame).map_or_else(|r| r.id, |r| r.id);
-                    self.send_error(conn, id, &RequestError::RateLimited);
-                }
-                Ok(frame) => self.handle_frame(conn, frame, now),
-                Err(FrameError::TooLarge { limit }) => {
-                    self.send_error(conn, None, &RequestError::FrameTooLarge { limit });
-                }
-            }
-            match self.connections.get_mut(conn) {
-                // Closed by this frame (logout): the rest is ignored.
-                None => return Ok(()),
-                Some(c) if c.awaiting.is_some() => {
+            match self.serve_frame(conn, frame, now) {
+                // Closed by this frame (logout, flood): the rest is ignored.
+                Served::Closed => return Ok(()),
+                Served::Awaiting => {
                     // A login went to be checked: the rest waits for it.
-                    self.hold_input(conn, input, now);
+                    self.hold_input(conn, &[input], now);
                     break;
                 }
-                Some(_) => {}
+                Served::Open => {}
             }
         }
         if let Some(c) = self.connections.get_mut(conn) {
@@ -539,19 +514,22 @@ impl<S: Store> Server<S> {
         if message.contains(&b'\n') {
             return Err(MessageError::LineBreak);
         }
-        // As a line it goes through the one path every frame takes (rate
-        // limit, held input behind a password check, frame limit). With
-        // only whole lines fed to it, the connection's decoder never holds
-        // a partial frame, so nothing of one message runs into the next.
-        let mut line = std::mem::take(&mut self.message_line);
-        line.clear();
-        line.extend_from_slice(message);
-        line.push(b'\n');
-        let result = self.handle_input(conn, &line, now);
-        if line.capacity() <= 2 * self.config.max_frame_bytes {
-            self.message_line = line;
+        if self.poll_timeout().is_some_and(|due| due <= now) {
+            self.handle_timeout(now);
         }
-        result.map_err(MessageError::from)
+        let Some(c) = self.connections.get(conn) else {
+            // Timed out just now: the message is too late.
+            return Ok(());
+        };
+        if c.awaiting.is_some() {
+            // Held as the line it would have been, to be served in order.
+            self.hold_input(conn, &[message, b"\n"], now);
+            return Ok(());
+        }
+        if let Some(frame) = framing::message_frame(message, self.config.max_frame_bytes) {
+            self.serve_frame(conn, frame, now);
+        }
+        Ok(())
     }
 
     /// The transport under `conn` is gone (reset, end of stream, write
@@ -1107,17 +1085,66 @@ impl<S: Store> Server<S> {
         self.refuse_login(conn, name, error)
     }
 
-    /// Keeps `input` for after the password check `conn` waits for, within
-    /// the bound; past it, the connection is flooding.
-    fn hold_input(&mut self, conn: ConnId, input: &[u8], now: Timestamp) {
+    /// Keeps `input` (in parts) for after the password check `conn` waits
+    /// for, within the bound; past it, the connection is flooding.
+    fn hold_input(&mut self, conn: ConnId, input: &[&[u8]], now: Timestamp) {
         let bound = HELD_INPUT_FRAMES * self.config.max_frame_bytes;
         let Some(c) = self.connections.get_mut(conn) else {
             return;
         };
-        if c.held_input.len() + input.len() > bound {
+        let len: usize = input.iter().map(|part| part.len()).sum();
+        if c.held_input.len() + len > bound {
             self.flood_out(conn, now);
         } else {
-            c.held_input.extend_from_slice(input);
+            for part in input {
+                c.held_input.extend_from_slice(part);
+            }
+        }
+    }
+
+    /// Serves one frame (or a framing error) from `conn`, through the rate
+    /// limit; says what became of the connection.
+    fn serve_frame(
+        &mut self,
+        conn: ConnId,
+        frame: Result<&[u8], FrameError>,
+        now: Timestamp,
+    ) -> Served {
+        let mut allowed = true;
+        let mut flooding = false;
+        if let Some(c) = self.connections.get_mut(conn) {
+            c.last_frame = now;
+            if let (Some(bucket), Some(limit)) = (&mut c.bucket, self.config.rate_limit) {
+                allowed = bucket.take(limit, now);
+                if allowed {
+                    c.refused_in_row = 0;
+                } else {
+                    c.refused_in_row = c.refused_in_row.saturating_add(1);
+                    flooding = limit.flood_after > 0 && c.refused_in_row > limit.flood_after;
+                }
+            }
+        }
+        match frame {
+            _ if flooding => {
+                // It keeps going after `flood_after` refusals: it is not
+                // listening. The rest of its input is ignored.
+                self.flood_out(conn, now);
+                return Served::Closed;
+            }
+            Ok(frame) if !allowed => {
+                // Refused, not dropped: answer under the request's id.
+                let id = Request::parse_frame(frame).map_or_else(|r| r.id, |r| r.id);
+                self.send_error(conn, id, &RequestError::RateLimited);
+            }
+            Ok(frame) => self.handle_frame(conn, frame, now),
+            Err(FrameError::TooLarge { limit }) => {
+                self.send_error(conn, None, &RequestError::FrameTooLarge { limit });
+            }
+        }
+        match self.connections.get(conn) {
+            None => Served::Closed,
+            Some(c) if c.awaiting.is_some() => Served::Awaiting,
+            Some(_) => Served::Open,
         }
     }
 
