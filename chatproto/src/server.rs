@@ -451,21 +451,18 @@ impl<S: Store> Server<S> {
         data: &[u8],
         now: Timestamp,
     ) -> Result<(), UnknownConnection> {
-        if self.connections.get(conn).is_none() {
-            return Err(UnknownConnection(conn));
-        }
-        if self.poll_timeout().is_some_and(|due| due <= now) {
-            self.handle_timeout(now);
-        }
-        let Some(c) = self.connections.get_mut(conn) else {
+        let Some(awaiting) = self.catch_up(conn, now)? else {
             // Timed out just now: the input is too late.
             return Ok(());
         };
-        if c.awaiting.is_some() {
+        if awaiting {
             // A login is being checked: what follows waits for it.
             self.hold_input(conn, &[data], now);
             return Ok(());
         }
+        let Some(c) = self.connections.get_mut(conn) else {
+            return Ok(());
+        };
         // Take the decoder out so frames can borrow it while the rest of
         // the core is mutated.
         let mut decoder = std::mem::replace(&mut c.decoder, FrameDecoder::new(0));
@@ -508,20 +505,14 @@ impl<S: Store> Server<S> {
         message: &[u8],
         now: Timestamp,
     ) -> Result<(), MessageError> {
-        if self.connections.get(conn).is_none() {
-            return Err(UnknownConnection(conn).into());
-        }
         if message.contains(&b'\n') {
             return Err(MessageError::LineBreak);
         }
-        if self.poll_timeout().is_some_and(|due| due <= now) {
-            self.handle_timeout(now);
-        }
-        let Some(c) = self.connections.get(conn) else {
+        let Some(awaiting) = self.catch_up(conn, now)? else {
             // Timed out just now: the message is too late.
             return Ok(());
         };
-        if c.awaiting.is_some() {
+        if awaiting {
             // Held as the line it would have been, to be served in order.
             self.hold_input(conn, &[message, b"\n"], now);
             return Ok(());
@@ -1083,6 +1074,24 @@ impl<S: Store> Server<S> {
             just_locked,
         };
         self.refuse_login(conn, name, error)
+    }
+
+    /// Before input on `conn`: fires the deadlines due by `now`, so input
+    /// after a connection's idle timeout does not revive it. Then whether
+    /// the connection waits for a password check, or `None` if it just
+    /// timed out.
+    fn catch_up(
+        &mut self,
+        conn: ConnId,
+        now: Timestamp,
+    ) -> Result<Option<bool>, UnknownConnection> {
+        if self.connections.get(conn).is_none() {
+            return Err(UnknownConnection(conn));
+        }
+        if self.poll_timeout().is_some_and(|due| due <= now) {
+            self.handle_timeout(now);
+        }
+        Ok(self.connections.get(conn).map(|c| c.awaiting.is_some()))
     }
 
     /// Keeps `input` (in parts) for after the password check `conn` waits
