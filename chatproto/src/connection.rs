@@ -8,6 +8,7 @@
 use uuid::Uuid;
 
 use crate::accounts::UserId;
+use crate::drain::Drain;
 use crate::framing::FrameDecoder;
 use crate::rate_limit::TokenBucket;
 use crate::time::Timestamp;
@@ -61,6 +62,8 @@ pub(crate) struct Connection {
     pub(crate) awaiting: Option<crate::server::VerifyTicket>,
     /// Input that arrived meanwhile, served after the verdict.
     pub(crate) held_input: Vec<u8>,
+    /// Its user's offline queue being handed over.
+    pub(crate) drain: Option<Drain>,
 }
 
 /// The open connections.
@@ -151,6 +154,7 @@ mod tests {
             refused_in_row: 0,
             awaiting: None,
             held_input: Vec::new(),
+            drain: None,
         }
     }
 

@@ -216,12 +216,12 @@ pub enum RequestError {
     #[error("too many requests: slow down")]
     RateLimited,
     /// See [`ErrorCode::MailboxFull`].
-    #[error("{user}'s offline mailbox is full ({capacity} messages): try again later")]
+    #[error("{user}'s offline mailbox is full ({limit}): try again later")]
     MailboxFull {
         /// The recipient.
         user: Username,
-        /// The per-user cap in force.
-        capacity: usize,
+        /// The cap the message ran into.
+        limit: crate::offline::MailboxLimit,
     },
     /// See [`ErrorCode::Unavailable`].
     #[error("the server cannot do this now, so it did not happen: try again later")]

@@ -71,6 +71,7 @@
 //! | [`store`] | the storage boundary ([`Store`], [`Change`], [`Snapshot`]) |
 //! | [`accounts`], [`lockout`], [`offline`], [`rate_limit`] | accounts, failed-login locks, offline queues, flood control |
 //! | `presence`, `blocking`, `connection` | who is online, block lists, the connection table (internal) |
+//! | `drain` | handing an offline queue to a connection a page at a time, paced by the reader (internal) |
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -80,6 +81,7 @@ mod blocking;
 pub mod client;
 pub mod command;
 mod connection;
+mod drain;
 pub mod error;
 pub mod framing;
 pub mod lockout;
@@ -105,7 +107,7 @@ pub use connection::ConnId;
 pub use error::{ErrorCode, RequestError};
 pub use framing::{encode_frame, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES};
 pub use lockout::{LockoutPolicy, LockoutState};
-pub use offline::OfflineMessage;
+pub use offline::{MailboxLimit, OfflineMessage, OfflineTexts, QueueSize, QueuedMessage};
 pub use password::{HashedPassword, InvalidHash, InvalidPassword, Password};
 pub use rate_limit::RateLimit;
 pub use request::{Rejected, Request, RequestId};

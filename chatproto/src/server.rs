@@ -17,10 +17,14 @@ use crate::accounts::{Accounts, Credential, UserId};
 use crate::blocking::BlockList;
 use crate::command::{Command, CommandName, DebugTarget};
 use crate::connection::{ConnId, Connection, Connections};
+use crate::drain::Drain;
 use crate::error::{ErrorCode, RequestError};
 use crate::framing::{self, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES};
 use crate::lockout::{Lockout, LockoutPolicy};
-use crate::offline::{OfflineMessage, OfflineQueues, DEFAULT_OFFLINE_QUEUE_CAPACITY};
+use crate::offline::{
+    OfflineMessage, OfflineQueues, OfflineTexts, QueueLimits, QueueSize, QueuedMessage,
+    DEFAULT_OFFLINE_PAGE_BYTES, DEFAULT_OFFLINE_QUEUE_BYTES, DEFAULT_OFFLINE_QUEUE_CAPACITY,
+};
 use crate::password::{HashedPassword, Password};
 use crate::presence::Presence;
 use crate::rate_limit::{RateLimit, TokenBucket};
@@ -58,6 +62,17 @@ pub struct ServerConfig {
     pub lockout: LockoutPolicy,
     /// Most messages one user's offline queue holds (default 1,000).
     pub offline_queue_capacity: usize,
+    /// Most bytes of text one user's offline queue holds (default 4 MiB).
+    pub offline_queue_bytes: usize,
+    /// Most bytes of text all offline queues hold together, or `None` for
+    /// no such cap (default). Set it when the texts are kept in memory.
+    pub offline_total_bytes: Option<usize>,
+    /// Where queued texts are kept (default: in the core's memory).
+    pub offline_texts: OfflineTexts,
+    /// Bytes of queued text handed to a connection at a time (default 64
+    /// KiB; a page holds at least one message). The next page follows when
+    /// the driver reports the backlog low ([`Server::handle_drained`]).
+    pub offline_page_bytes: usize,
     /// Users allowed `debug server`.
     pub admins: HashSet<Username>,
     /// Frames per connection, or `None` for no limit (default:
@@ -87,6 +102,10 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(600),
             lockout: LockoutPolicy::default(),
             offline_queue_capacity: DEFAULT_OFFLINE_QUEUE_CAPACITY,
+            offline_queue_bytes: DEFAULT_OFFLINE_QUEUE_BYTES,
+            offline_total_bytes: None,
+            offline_texts: OfflineTexts::InMemory,
+            offline_page_bytes: DEFAULT_OFFLINE_PAGE_BYTES,
             admins: HashSet::new(),
             rate_limit: Some(RateLimit::default()),
             login_timeout: Some(Duration::from_secs(30)),
@@ -123,6 +142,9 @@ pub enum ConfigError {
     /// `login_timeout` is zero (use `None` for no login timeout).
     #[error("the login timeout must be at least 1 ms")]
     ZeroLoginTimeout,
+    /// `offline_page_bytes` is zero.
+    #[error("an offline page must hold at least 1 byte")]
+    ZeroOfflinePage,
 }
 
 /// Output queue slots kept between bursts, and the size past which a
@@ -162,6 +184,9 @@ impl ServerConfig {
         if self.login_timeout.is_some_and(|t| t.is_zero()) {
             return Err(ConfigError::ZeroLoginTimeout);
         }
+        if self.offline_page_bytes == 0 {
+            return Err(ConfigError::ZeroOfflinePage);
+        }
         Ok(())
     }
 }
@@ -200,6 +225,21 @@ pub enum Output {
         hash: HashedPassword,
         /// The password the user sent.
         password: Password,
+    },
+    /// Read the next page of `user`'s offline queue from storage (with
+    /// [`OfflineTexts::External`]): the messages after `after_seq` (all of
+    /// them for 0), oldest first, up to `max_bytes` of text but at least
+    /// one. Answer with [`Server::handle_offline_page`], after committing
+    /// every change polled before this output, so the page reflects them.
+    LoadOffline {
+        /// The connection the page is for.
+        conn: ConnId,
+        /// Whose queue.
+        user: Username,
+        /// The page starts after this [`QueuedMessage::seq`].
+        after_seq: u64,
+        /// How much text the page may hold.
+        max_bytes: usize,
     },
 }
 
@@ -364,7 +404,16 @@ pub struct Server<S: Store> {
     /// Logins waiting for a password check, by ticket.
     verifications: HashMap<VerifyTicket, PendingLogin>,
     next_ticket: u64,
+    /// Connections with an offline drain in progress.
+    draining: usize,
+    /// Drains of closed connections whose last frames may still be being
+    /// written: the driver says how many were, once it knows.
+    closing_drains: HashMap<ConnId, (UserId, Drain)>,
 }
+
+/// Closed connections whose drain outcome the core waits for, at most:
+/// past it the oldest is given up (its messages stay queued).
+const MAX_CLOSING_DRAINS: usize = 4096;
 
 impl<S: Store> Server<S> {
     /// A server core with no lasting state yet.
@@ -391,7 +440,7 @@ impl<S: Store> Server<S> {
         let mut server = Server {
             presence: Presence::new(&accounts),
             blocks: BlockList::new(&accounts),
-            offline: OfflineQueues::new(&accounts, config.offline_queue_capacity),
+            offline: OfflineQueues::new(&accounts, queue_limits(&config), config.offline_texts),
             lockout: Lockout::new(config.lockout.clone()),
             connections: Connections::default(),
             idle_timers: BTreeSet::new(),
@@ -400,6 +449,8 @@ impl<S: Store> Server<S> {
             uncommitted: config.track_commits.then(Uncommitted::default),
             verifications: HashMap::new(),
             next_ticket: 0,
+            draining: 0,
+            closing_drains: HashMap::new(),
             accounts,
             store,
             config,
@@ -426,6 +477,7 @@ impl<S: Store> Server<S> {
             refused_in_row: 0,
             awaiting: None,
             held_input: Vec::new(),
+            drain: None,
         };
         let idle_timer = self.deadline(&c).0;
         c.idle_timer = idle_timer;
@@ -549,6 +601,11 @@ impl<S: Store> Server<S> {
             CloseReason::SlowConsumer => ByeReason::SlowConsumer,
             CloseReason::ServerFull => ByeReason::ServerFull,
         };
+        if reason == ByeReason::SlowConsumer {
+            // The driver dropped its unwritten output (after reporting what
+            // was written): what the drain had in flight stays queued.
+            self.end_drain(conn);
+        }
         self.say_bye(conn, reason, now);
         Ok(())
     }
@@ -654,6 +711,88 @@ impl<S: Store> Server<S> {
         }
     }
 
+    /// A page of `conn`'s user's offline queue, read from storage for an
+    /// [`Output::LoadOffline`]: the messages after its `after_seq`, oldest
+    /// first. They go to the connection at once; an empty page means
+    /// storage holds nothing more. A page for a connection that closed
+    /// meanwhile, or that asked for none, is ignored: its messages stay
+    /// queued.
+    pub fn handle_offline_page(
+        &mut self,
+        conn: ConnId,
+        page: Vec<QueuedMessage>,
+        now: Timestamp,
+    ) -> Result<(), UnknownConnection> {
+        let c = self
+            .connections
+            .get_mut(conn)
+            .ok_or(UnknownConnection(conn))?;
+        let (Some(user), Some(drain)) = (c.user, c.drain.as_mut()) else {
+            return Ok(());
+        };
+        if !std::mem::take(&mut drain.loading) {
+            return Ok(());
+        }
+        let after = drain.after_seq();
+        let page: Vec<QueuedMessage> = page.into_iter().filter(|m| m.seq > after).collect();
+        if page.is_empty() {
+            // Storage has no more than what is in flight: the core's count
+            // was high (it never is, unless storage was changed behind it).
+            let in_flight = drain.in_flight();
+            self.offline.truncate(user, in_flight);
+            self.finish_drain_if_done(conn, user);
+        } else {
+            self.hand_over(conn, page);
+        }
+        self.catch_up_timers(now);
+        Ok(())
+    }
+
+    /// The driver's backlog for `conn` is low: all but `unsent_frames` of
+    /// the frames it was given for `conn` are written to the transport
+    /// (unsent frames are the newest; 0 when everything is out).
+    ///
+    /// Offline messages count as delivered, and leave their queue, once
+    /// written; while a queue is being handed over, this is what brings
+    /// its next page. A driver calls it after a write leaves the backlog
+    /// below its low-water mark, and once more, with the final count, when
+    /// a connection's socket is gone or its unwritten output is dropped
+    /// (before [`Server::close`] for a slow consumer, before
+    /// [`Server::handle_disconnect`], and after an [`Output::Close`] once
+    /// the socket is done). Without these calls an offline queue stops
+    /// after its first page, and messages are kept, never lost.
+    ///
+    /// Cheap when nothing is being handed over. A closed connection is
+    /// answered [`UnknownConnection`] unless it closed mid-drain.
+    pub fn handle_drained(
+        &mut self,
+        conn: ConnId,
+        unsent_frames: usize,
+        now: Timestamp,
+    ) -> Result<(), UnknownConnection> {
+        let Some(c) = self.connections.get_mut(conn) else {
+            // Closed: its last report settles what it delivered.
+            let (user, mut drain) = self
+                .closing_drains
+                .remove(&conn)
+                .ok_or(UnknownConnection(conn))?;
+            let written = drain.written(unsent_frames);
+            self.delivered(user, written);
+            return Ok(());
+        };
+        let (Some(user), Some(drain)) = (c.user, c.drain.as_mut()) else {
+            return Ok(());
+        };
+        let written = drain.written(unsent_frames);
+        let loading = drain.loading;
+        self.delivered(user, written);
+        if !loading {
+            self.next_page(conn, user);
+        }
+        self.catch_up_timers(now);
+        Ok(())
+    }
+
     /// The driver made every change recorded so far durable, and may send
     /// the output it held back (with [`ServerConfig::track_commits`]).
     pub fn commit_succeeded(&mut self) {
@@ -693,11 +832,26 @@ impl<S: Store> Server<S> {
         }
         // Lasting state as committed. Failed-login counts of names without
         // an account are not lasting state; they stay.
-        self.offline = OfflineQueues::new(&self.accounts, self.config.offline_queue_capacity);
+        self.offline.clear();
         self.blocks = BlockList::new(&self.accounts);
         self.presence.forget_last_seen();
         self.lockout.forget_known();
         self.restore(committed, now, Restore::AfterFailedCommit);
+
+        // What drains handed over went with the discarded output, and their
+        // deliveries were not recorded: each starts again from the front of
+        // the committed queue, after the answers said again below.
+        self.closing_drains.clear();
+        let mut restart = Vec::new();
+        let open: Vec<ConnId> = self.connections.ids().collect();
+        for conn in open {
+            if let Some(c) = self.connections.get_mut(conn) {
+                if c.drain.is_some() {
+                    c.drain = Some(Drain::default());
+                    restart.extend(c.user.map(|user| (conn, user)));
+                }
+            }
+        }
 
         for conn in undone.accepted {
             if let Some(session) = self.connections.get(conn).map(|c| c.session) {
@@ -726,6 +880,9 @@ impl<S: Store> Server<S> {
                     ..ended
                 });
             }
+        }
+        for (conn, user) in restart {
+            self.next_page(conn, user);
         }
     }
 
@@ -758,7 +915,7 @@ impl<S: Store> Server<S> {
         DebugState {
             connections: self.connections.len(),
             users_online: self.presence.online().len(),
-            queued_offline_messages: self.offline.total(),
+            queued_offline_messages: self.offline.total().messages,
             locked_accounts: self.lockout.locked_accounts(),
             uptime_secs: (now - self.started_at).as_secs(),
         }
@@ -812,6 +969,16 @@ impl<S: Store> Server<S> {
                     }
                 }
                 None => summary.skipped += messages.len(),
+            }
+        }
+        for (user, size) in &snapshot.offline_sizes {
+            match self.accounts.id(user.as_str()) {
+                // Texts that stay in storage: only their count is kept.
+                Some(id) if self.offline.external() => {
+                    self.offline.restore_size(id, *size);
+                    summary.offline_messages += size.messages;
+                }
+                _ => summary.skipped += size.messages,
             }
         }
         for (blocker, targets) in &snapshot.blocks {
@@ -1205,7 +1372,7 @@ impl<S: Store> Server<S> {
             Reply::Login { user: name.clone() },
             format!("welcome, {name}"),
         );
-        self.deliver_offline(conn, user);
+        self.start_drain(conn, user);
         self.announce(user, true);
         self.event(Event::LoggedIn { conn, user: name });
         Ok(())
@@ -1226,26 +1393,120 @@ impl<S: Store> Server<S> {
         Err(error)
     }
 
-    /// Hands `user` everything queued for them, oldest first.
-    fn deliver_offline(&mut self, conn: ConnId, user: UserId) {
-        let queued = self.offline.take(user);
-        if queued.is_empty() {
+    /// Starts handing `user`'s offline queue to `conn`, a page at a time.
+    fn start_drain(&mut self, conn: ConnId, user: UserId) {
+        // Deliveries still unsettled on an earlier connection of this user
+        // are given up (kept queued): this drain starts from the front.
+        if !self.closing_drains.is_empty() {
+            self.closing_drains.retain(|_, (u, _)| *u != user);
+        }
+        if self.offline.size(user).messages == 0 {
             return;
         }
-        let count = queued.len();
-        for m in queued {
-            let frame = ServerFrame::Message(MessageFrame {
-                from: m.from,
-                text: m.text,
-                sent_at: m.sent_at,
-                offline: true,
-            });
-            self.send(conn, &frame);
+        if let Some(c) = self.connections.get_mut(conn) {
+            c.drain = Some(Drain::default());
+            self.draining += 1;
+            self.next_page(conn, user);
         }
+    }
+
+    /// Hands `conn` the next page of `user`'s queue, from memory or by
+    /// asking storage; ends the drain once everything is delivered.
+    fn next_page(&mut self, conn: ConnId, user: UserId) {
+        let Some(drain) = self
+            .connections
+            .get_mut(conn)
+            .and_then(|c| c.drain.as_mut())
+        else {
+            return;
+        };
+        let left = self.offline.size(user).messages;
+        if left <= drain.in_flight().messages {
+            self.finish_drain_if_done(conn, user);
+            return;
+        }
+        let max_bytes = self.config.offline_page_bytes;
+        if drain.in_flight().bytes > max_bytes / 2 {
+            // Over half a page still unwritten: the reader has not caught
+            // up, whatever the driver's low-water mark says.
+            return;
+        }
+        let after_seq = drain.after_seq();
+        match self.offline.page(user, after_seq, max_bytes) {
+            Some(page) => self.hand_over(conn, page),
+            None => {
+                drain.loading = true;
+                self.outputs.push_back(Output::LoadOffline {
+                    conn,
+                    user: self.accounts.name(user).clone(),
+                    after_seq,
+                    max_bytes,
+                });
+            }
+        }
+    }
+
+    /// Sends a page of queued messages to `conn`, noting each in its drain.
+    fn hand_over(&mut self, conn: ConnId, page: Vec<QueuedMessage>) {
+        for QueuedMessage { seq, message } in page {
+            let bytes = message.size();
+            let frame = ServerFrame::Message(MessageFrame {
+                from: message.from,
+                text: message.text,
+                sent_at: message.sent_at,
+                offline: true,
+            })
+            .encode();
+            self.outputs.push_back(Output::Transmit { conn, frame });
+            if let Some(drain) = self
+                .connections
+                .get_mut(conn)
+                .and_then(|c| c.drain.as_mut())
+            {
+                drain.hand_over(seq, bytes);
+            }
+        }
+    }
+
+    /// Ends `conn`'s drain if nothing is queued or in flight any more.
+    fn finish_drain_if_done(&mut self, conn: ConnId, user: UserId) {
+        let done = self
+            .connections
+            .get(conn)
+            .and_then(|c| c.drain.as_ref())
+            .is_some_and(|d| d.in_flight().messages == 0 && !d.loading)
+            && self.offline.size(user).messages == 0;
+        if done {
+            self.end_drain(conn);
+        }
+    }
+
+    /// Drops `conn`'s drain, if any: what it had in flight stays queued.
+    fn end_drain(&mut self, conn: ConnId) -> Option<Drain> {
+        let drain = self.connections.get_mut(conn)?.drain.take()?;
+        self.draining -= 1;
+        Some(drain)
+    }
+
+    /// Offline messages of `user`'s are now written to their connection:
+    /// they leave the queue.
+    fn delivered(&mut self, user: UserId, written: QueueSize) {
+        if written.messages == 0 {
+            return;
+        }
+        self.offline.remove_front(user, written);
         self.store.record(Change::MessagesDelivered {
             to: self.accounts.name(user).clone(),
-            count,
+            count: written.messages,
         });
+    }
+
+    /// Fires deadlines due by `now`, for inputs that do not go through
+    /// `catch_up`.
+    fn catch_up_timers(&mut self, now: Timestamp) {
+        if self.poll_timeout().is_some_and(|due| due <= now) {
+            self.handle_timeout(now);
+        }
     }
 
     fn message(
@@ -1268,7 +1529,13 @@ impl<S: Store> Server<S> {
             return Err(RequestError::Blocked { user: to });
         }
         let from = self.accounts.name(me).clone();
-        let stored = match self.presence.session(recipient) {
+        // While their queue is being handed over, a message joins its end,
+        // so it is not delivered ahead of older ones.
+        let online = self
+            .presence
+            .session(recipient)
+            .filter(|&their_conn| !self.is_draining(their_conn));
+        let stored = match online {
             Some(their_conn) => {
                 let frame = ServerFrame::Message(MessageFrame {
                     from,
@@ -1285,12 +1552,12 @@ impl<S: Store> Server<S> {
                     text,
                     sent_at: now,
                 };
-                self.offline.push(recipient, message.clone()).map_err(|_| {
-                    RequestError::MailboxFull {
+                self.offline
+                    .push(recipient, message.clone())
+                    .map_err(|limit| RequestError::MailboxFull {
                         user: to.clone(),
-                        capacity: self.offline.capacity(),
-                    }
-                })?;
+                        limit,
+                    })?;
                 self.store.record(Change::MessageQueued {
                     to: to.clone(),
                     message,
@@ -1336,6 +1603,7 @@ impl<S: Store> Server<S> {
                 continue;
             }
             if let Some(their_conn) = self.presence.session(user) {
+                count_frame(&mut self.connections, self.draining, their_conn);
                 self.outputs.push_back(Output::Transmit {
                     conn: their_conn,
                     frame: frame.clone(),
@@ -1435,6 +1703,7 @@ impl<S: Store> Server<S> {
                 continue;
             }
             if let Some(conn) = self.presence.session(other) {
+                count_frame(&mut self.connections, self.draining, conn);
                 self.outputs.push_back(Output::Transmit {
                     conn,
                     frame: frame.clone(),
@@ -1454,6 +1723,19 @@ impl<S: Store> Server<S> {
     fn forget(&mut self, conn: ConnId, now: Timestamp, announce: bool) -> Option<()> {
         let c = self.connections.remove(conn)?;
         self.idle_timers.remove(&(c.idle_timer, conn));
+        if let Some(drain) = c.drain {
+            self.draining -= 1;
+            if let Some(user) = c.user.filter(|_| drain.in_flight().messages > 0) {
+                // Its last frames may still be written: the driver's final
+                // report says which.
+                if self.closing_drains.len() >= MAX_CLOSING_DRAINS {
+                    if let Some(&oldest) = self.closing_drains.keys().next() {
+                        self.closing_drains.remove(&oldest);
+                    }
+                }
+                self.closing_drains.insert(conn, (user, drain));
+            }
+        }
         if let Some(user) = c.user {
             self.presence.log_out(user, now);
             if let Some(u) = &mut self.uncommitted {
@@ -1558,7 +1840,17 @@ impl<S: Store> Server<S> {
     }
 
     fn transmit(&mut self, conn: ConnId, frame: Bytes) {
+        count_frame(&mut self.connections, self.draining, conn);
         self.outputs.push_back(Output::Transmit { conn, frame });
+    }
+
+    /// Whether `conn` is being handed its offline queue.
+    fn is_draining(&self, conn: ConnId) -> bool {
+        self.draining > 0
+            && self
+                .connections
+                .get(conn)
+                .is_some_and(|c| c.drain.is_some())
     }
 
     fn event(&mut self, event: Event) {
@@ -1574,6 +1866,25 @@ enum Restore {
     AtStart,
     /// Back to the committed state after a failed commit.
     AfterFailedCommit,
+}
+
+/// The caps on offline queues `config` sets.
+fn queue_limits(config: &ServerConfig) -> QueueLimits {
+    QueueLimits {
+        messages: config.offline_queue_capacity,
+        bytes: config.offline_queue_bytes,
+        total_bytes: config.offline_total_bytes,
+    }
+}
+
+/// Counts a frame handed over for `conn`, if its offline queue is being
+/// drained (the drain needs every frame's number); free when none is.
+fn count_frame(connections: &mut Connections, draining: usize, conn: ConnId) {
+    if draining > 0 {
+        if let Some(drain) = connections.get_mut(conn).and_then(|c| c.drain.as_mut()) {
+            drain.count_frame();
+        }
+    }
 }
 
 /// "1 user", "2 users".

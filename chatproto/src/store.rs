@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::lockout::LockoutState;
-use crate::offline::OfflineMessage;
+use crate::offline::{OfflineMessage, QueueSize};
 use crate::time::Timestamp;
 use crate::username::Username;
 
@@ -107,8 +107,15 @@ pub enum Change {
 /// All lasting state, as loaded at start-up.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Snapshot {
-    /// Offline queues, oldest message first.
+    /// Offline queues, oldest message first, with their texts: for a core
+    /// that keeps texts in memory ([`crate::OfflineTexts::InMemory`]).
     pub offline: BTreeMap<Username, Vec<OfflineMessage>>,
+    /// The sizes of offline queues whose texts stay in storage, for a core
+    /// that reads them a page at a time ([`crate::OfflineTexts::External`]).
+    /// [`Snapshot::apply`] leaves it alone: a store that fills it keeps
+    /// the texts itself.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub offline_sizes: BTreeMap<Username, QueueSize>,
     /// For each user, the users they have blocked.
     pub blocks: BTreeMap<Username, BTreeSet<Username>>,
     /// When each user was last seen.
@@ -185,7 +192,12 @@ impl Snapshot {
 
     /// Messages waiting in all offline queues.
     pub fn queued_messages(&self) -> usize {
-        self.offline.values().map(Vec::len).sum()
+        self.offline.values().map(Vec::len).sum::<usize>()
+            + self
+                .offline_sizes
+                .values()
+                .map(|s| s.messages)
+                .sum::<usize>()
     }
 }
 

@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use chatproto::{RateLimit, ServerConfig, Username};
+use chatproto::{OfflineTexts, RateLimit, ServerConfig, Username};
 use clap::Parser;
 
 /// Serves the chatproto instant-messaging protocol over TCP.
@@ -58,6 +58,17 @@ pub struct Args {
     /// Most messages one user's offline queue holds.
     #[arg(long, value_name = "N", default_value_t = chatproto::offline::DEFAULT_OFFLINE_QUEUE_CAPACITY)]
     offline_queue_cap: usize,
+
+    /// Most bytes of text one user's offline queue holds; past it a sender
+    /// gets `mailbox_full`.
+    #[arg(long, value_name = "N", default_value_t = chatproto::offline::DEFAULT_OFFLINE_QUEUE_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    offline_queue_bytes: usize,
+
+    /// Without a database (--no-db): most bytes of text all offline queues
+    /// hold together in memory; past it a sender gets `mailbox_full`. With a
+    /// database the texts are on disk and only the per-user caps apply.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_OFFLINE_MEMORY_BYTES, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    offline_memory_bytes: usize,
 
     /// Frames a connection may send at once after a quiet spell.
     #[arg(long, value_name = "N", default_value_t = RateLimit::default().burst, value_parser = clap::value_parser!(u32).range(1..))]
@@ -207,6 +218,9 @@ pub enum UsageError {
     Config(#[from] chatproto::ConfigError),
 }
 
+/// The default cap on offline texts kept in memory (without a database).
+pub const DEFAULT_OFFLINE_MEMORY_BYTES: usize = 256 * 1024 * 1024;
+
 pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 4000);
 
@@ -251,6 +265,14 @@ impl Args {
         core.lockout.max_failures = self.lockout_attempts;
         core.lockout.lock_duration = Duration::from_secs(lockout_secs);
         core.offline_queue_capacity = self.offline_queue_cap;
+        core.offline_queue_bytes = self.offline_queue_bytes;
+        let database = (!self.no_db && self.db.as_os_str() != ":memory:").then_some(self.db);
+        if database.is_some() {
+            // Texts stay on disk and are read a page at a time at login.
+            core.offline_texts = OfflineTexts::External;
+        } else {
+            core.offline_total_bytes = Some(self.offline_memory_bytes);
+        }
         core.admins = self.admins.into_iter().collect();
         core.rate_limit = (!self.no_rate_limit).then_some(RateLimit {
             burst: self.rate_limit_burst,
@@ -264,7 +286,7 @@ impl Args {
         Ok(Settings {
             listen,
             credentials: self.credentials,
-            database: (!self.no_db && self.db.as_os_str() != ":memory:").then_some(self.db),
+            database,
             db_max_pages: self.db_max_pages,
             core,
             max_connections: self

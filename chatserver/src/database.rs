@@ -4,7 +4,11 @@
 //! [`Database`] buffers the changes of one reactor wake-up and writes them
 //! in one transaction ([`Database::commit`]), which the reactor runs before
 //! it writes any of that wake-up's output. At start-up [`Database::open`]
-//! reads the state back as a [`Snapshot`].
+//! reads the state back as a [`Snapshot`]: everything but the texts of
+//! offline messages, of which it reads only each queue's size. Texts are
+//! read a page at a time when their recipient logs in
+//! ([`Database::offline_page`]), so memory does not grow with what is
+//! queued.
 //!
 //! The file is ours when its `application_id` says so; its `user_version`
 //! is the schema version, and [`MIGRATIONS`] brings an older file up to
@@ -13,7 +17,10 @@
 
 use std::path::{Path, PathBuf};
 
-use chatproto::{Change, LastSeen, LockoutState, OfflineMessage, Snapshot, Timestamp, Username};
+use chatproto::{
+    Change, LastSeen, LockoutState, OfflineMessage, QueueSize, QueuedMessage, Snapshot, Timestamp,
+    Username,
+};
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, Transaction};
 
 /// `PRAGMA application_id` of a chatserver database: "chtp".
@@ -46,6 +53,12 @@ const MIGRATIONS: &[&str] = &[
          failures INTEGER NOT NULL,
          locked_until INTEGER
      ) WITHOUT ROWID;",
+    // 1 -> 2: each message's size in bytes, in an index that covers the
+    // start-up count, so counting queues never reads their texts.
+    "ALTER TABLE offline_message ADD COLUMN size INTEGER NOT NULL DEFAULT 0;
+     UPDATE offline_message SET size = length(CAST(text AS BLOB));
+     DROP INDEX offline_message_by_recipient;
+     CREATE INDEX offline_message_by_recipient ON offline_message (recipient, seq, size);",
 ];
 
 /// The schema version this build reads and writes.
@@ -151,24 +164,21 @@ impl Database {
         })
     }
 
-    /// Reads the whole lasting state.
+    /// Reads the lasting state: offline queues as their sizes only.
     pub fn load(&self) -> Result<Snapshot, DatabaseError> {
         let mut snapshot = Snapshot::default();
-        let messages = self.rows(
-            "SELECT recipient, sender, text, sent_at FROM offline_message ORDER BY seq",
-            "read offline messages",
-            |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, String>(2)?, r.get(3)?)),
+        let sizes = self.rows(
+            "SELECT recipient, count(*), sum(size) FROM offline_message GROUP BY recipient",
+            "count offline messages",
+            |r| Ok((r.get(0)?, r.get::<_, i64>(1)?, r.get::<_, i64>(2)?)),
         )?;
-        for (to, from, text, sent_at) in messages {
-            let message = OfflineMessage {
-                from: self.name(from, "offline message sender")?,
-                text: text
-                    .parse()
-                    .map_err(|e| self.bad(format!("offline message text: {e}")))?,
-                sent_at: self.time(sent_at, "sent_at")?,
+        for (to, messages, bytes) in sizes {
+            let size = QueueSize {
+                messages: usize::try_from(messages).unwrap_or(0),
+                bytes: usize::try_from(bytes).unwrap_or(0),
             };
             let to = self.name(to, "offline message recipient")?;
-            snapshot.offline.entry(to).or_default().push(message);
+            snapshot.offline_sizes.insert(to, size);
         }
         let blocks = self.rows("SELECT blocker, target FROM block", "read blocks", |r| {
             Ok((r.get(0)?, r.get(1)?))
@@ -213,6 +223,60 @@ impl Database {
                 .insert(self.name(user, "lockout user")?, state);
         }
         Ok(snapshot)
+    }
+
+    /// `to`'s queued messages after `after_seq`, oldest first: up to
+    /// `max_bytes` of text, but at least one message if any is left. Reads
+    /// what is committed, so commit before asking.
+    pub fn offline_page(
+        &self,
+        to: &Username,
+        after_seq: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<QueuedMessage>, DatabaseError> {
+        let doing = "read offline messages";
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT seq, sender, text, sent_at, size FROM offline_message
+                 WHERE recipient = ?1 AND seq > ?2 ORDER BY seq",
+            )
+            .map_err(sql_error(&self.path, doing))?;
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        let mut rows = stmt
+            .query(params![to.as_str(), after])
+            .map_err(sql_error(&self.path, doing))?;
+        let mut page = Vec::new();
+        let mut bytes = 0;
+        while let Some(row) = rows.next().map_err(sql_error(&self.path, doing))? {
+            let fields = (|| {
+                Ok::<_, rusqlite::Error>((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, String>(2)?,
+                    row.get::<_, i64>(3)?,
+                    row.get::<_, i64>(4)?,
+                ))
+            })();
+            let (seq, from, text, sent_at, size) = fields.map_err(sql_error(&self.path, doing))?;
+            let size = usize::try_from(size).unwrap_or(0);
+            if !page.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            page.push(QueuedMessage {
+                seq: u64::try_from(seq)
+                    .map_err(|_| self.bad(format!("offline message seq {seq}")))?,
+                message: OfflineMessage {
+                    from: self.name(from, "offline message sender")?,
+                    text: text
+                        .parse()
+                        .map_err(|e| self.bad(format!("offline message text: {e}")))?,
+                    sent_at: self.time(sent_at, "sent_at")?,
+                },
+            });
+        }
+        Ok(page)
     }
 
     /// Every row of `query`, each taken apart by `row`.
@@ -379,13 +443,14 @@ fn write_change(tx: &Transaction<'_>, change: &Change) -> rusqlite::Result<()> {
     match change {
         Change::MessageQueued { to, message } => {
             tx.prepare_cached(
-                "INSERT INTO offline_message (recipient, sender, text, sent_at) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO offline_message (recipient, sender, text, sent_at, size) VALUES (?1, ?2, ?3, ?4, ?5)",
             )?
             .execute(params![
                 to.as_str(),
                 message.from.as_str(),
                 message.text.as_str(),
-                millis(message.sent_at)
+                millis(message.sent_at),
+                i64::try_from(message.size()).unwrap_or(i64::MAX)
             ])?;
         }
         Change::MessagesDelivered { to, count } => {
@@ -481,8 +546,21 @@ mod tests {
         }
     }
 
+    /// What `Snapshot::apply` makes of `changes`, with offline queues as
+    /// the database loads them: sizes only.
+    fn as_loaded(mut snapshot: Snapshot) -> Snapshot {
+        for (to, queue) in std::mem::take(&mut snapshot.offline) {
+            let size = QueueSize {
+                messages: queue.len(),
+                bytes: queue.iter().map(OfflineMessage::size).sum(),
+            };
+            snapshot.offline_sizes.insert(to, size);
+        }
+        snapshot
+    }
+
     /// Every kind of change, committed and read back, gives the state
-    /// `Snapshot::apply` defines.
+    /// `Snapshot::apply` defines; the texts come back a page at a time.
     #[test]
     fn what_is_committed_loads_back_as_the_same_snapshot() {
         let dir = tempfile::tempdir().unwrap();
@@ -563,12 +641,66 @@ mod tests {
             assert!(db.has_pending());
             db.commit().unwrap();
             assert!(!db.has_pending());
-            assert_eq!(db.load().unwrap(), expected);
+            assert_eq!(db.load().unwrap(), as_loaded(expected.clone()));
         }
-        let (_db, loaded) = Database::open(&path).unwrap();
-        assert_eq!(loaded, expected);
-        assert_eq!(loaded.offline[&user("bob")].len(), 2);
-        assert_eq!(loaded.offline[&user("bob")][0].text.as_str(), "two");
+        let (db, loaded) = Database::open(&path).unwrap();
+        assert_eq!(loaded, as_loaded(expected.clone()));
+        assert_eq!(
+            loaded.offline_sizes[&user("bob")],
+            QueueSize {
+                messages: 2,
+                bytes: 8
+            }
+        );
+        let texts = |page: Vec<QueuedMessage>| {
+            page.into_iter()
+                .map(|m| m.message)
+                .collect::<Vec<OfflineMessage>>()
+        };
+        assert_eq!(
+            texts(db.offline_page(&user("bob"), 0, 1000).unwrap()),
+            expected.offline[&user("bob")]
+        );
+        // A page holds at least one message, and starts after `after_seq`.
+        let first = db.offline_page(&user("bob"), 0, 1).unwrap();
+        assert_eq!(first.len(), 1);
+        assert_eq!(first[0].message.text.as_str(), "two");
+        let rest = db.offline_page(&user("bob"), first[0].seq, 1).unwrap();
+        assert_eq!(rest[0].message.text.as_str(), "three");
+        assert!(db
+            .offline_page(&user("bob"), rest[0].seq, 1)
+            .unwrap()
+            .is_empty());
+        assert!(db.offline_page(&user("nobody"), 0, 1).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_version_1_database_is_migrated_with_its_queue_sizes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("chat.db");
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0]).unwrap();
+            conn.execute(
+                "INSERT INTO offline_message (recipient, sender, text, sent_at) VALUES ('bob', 'alice', 'héllo', 5)",
+                [],
+            )
+            .unwrap();
+            conn.pragma_update(None, "application_id", APPLICATION_ID)
+                .unwrap();
+            conn.pragma_update(None, "user_version", 1).unwrap();
+        }
+        let (db, loaded) = Database::open(&path).unwrap();
+        assert_eq!(
+            loaded.offline_sizes[&user("bob")],
+            QueueSize {
+                messages: 1,
+                bytes: 6
+            },
+            "bytes, not characters"
+        );
+        let page = db.offline_page(&user("bob"), 0, 10).unwrap();
+        assert_eq!(page[0].message.text.as_str(), "héllo");
     }
 
     #[test]
@@ -616,7 +748,9 @@ mod tests {
         assert!(err.to_string().contains("full"), "{err}");
         assert!(!db.has_pending());
         let loaded = db.load().unwrap();
-        assert_eq!(loaded.offline[&user("bob")].len(), 1);
-        assert_eq!(loaded.offline[&user("bob")][0].text.as_str(), "kept");
+        assert_eq!(loaded.offline_sizes[&user("bob")].messages, 1);
+        let page = db.offline_page(&user("bob"), 0, usize::MAX).unwrap();
+        assert_eq!(page.len(), 1);
+        assert_eq!(page[0].message.text.as_str(), "kept");
     }
 }

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use chatproto::{
     ByeReason, CloseReason, ConnId, Event as CoreEvent, MessageError, Output, Server, ServerFrame,
+    Username,
 };
 use polling::{Event, Events, PollMode, Poller};
 use tracing::{debug, error, info, warn};
@@ -52,6 +53,16 @@ pub struct ReactorConfig {
 const READ_BUDGET: usize = 256 * 1024;
 /// Connections accepted per wake-up, for the same reason.
 const ACCEPT_BUDGET: usize = 256;
+/// A connection whose unsent output falls below this is reported drained to
+/// the core, which then hands it the next page of an offline queue. The
+/// socket's kernel buffer holds more, so the reader never waits on the
+/// page read.
+const LOW_WATER_BYTES: usize = 32 * 1024;
+/// The kernel send buffer of every accepted socket (`SO_SNDBUF`).
+pub const SEND_BUFFER_BYTES: usize = 256 * 1024;
+/// Write-and-refill rounds per wake-up before the reactor polls again, so
+/// a fast reader draining a long queue cannot hold the loop.
+const MAX_FLUSH_ROUNDS: usize = 16;
 /// How long a closed connection may take to drain its output and hang up.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How long an HTTP connection may take to send its request.
@@ -106,6 +117,17 @@ pub struct Reactor {
     read_buf: Vec<u8>,
     /// Runs password checks off this thread.
     verifier: Verifier,
+    /// Offline pages the core asked for, read once this turn's changes are
+    /// committed.
+    loads: Vec<PageRequest>,
+}
+
+/// An [`Output::LoadOffline`] waiting for the commit before it.
+struct PageRequest {
+    conn: ConnId,
+    user: Username,
+    after_seq: u64,
+    max_bytes: usize,
 }
 
 struct Socket {
@@ -113,6 +135,9 @@ struct Socket {
     peer: SocketAddr,
     /// The core's connection, until the core closes it.
     conn: Option<ConnId>,
+    /// The core's connection after it closed, while the socket writes its
+    /// last frames: the core hears how many were written when it is gone.
+    closed_conn: Option<ConnId>,
     output: OutputQueue,
     phase: Phase,
     /// What the poller is armed for; `None` once an event disarmed it
@@ -224,6 +249,7 @@ impl Reactor {
             shutdown_deadline: None,
             read_buf: vec![0; 64 * 1024],
             verifier,
+            loads: Vec::new(),
         })
     }
 
@@ -265,15 +291,58 @@ impl Reactor {
                 }
             }
             self.handle_deadlines();
-            // Group commit: this wake-up's changes are durable before any
-            // of its output leaves. A flush can make more output and
-            // changes (a write error logs a user out): commit and flush
-            // until nothing is left, so nothing waits for an unrelated
-            // wake-up.
+            self.commit_and_flush()?;
+        }
+    }
+
+    /// Group commit: this wake-up's changes are durable before any of its
+    /// output leaves. A flush can make more output and changes (a write
+    /// error logs a user out; a drained connection gets its next offline
+    /// page): commit, read the pages asked for, and flush until nothing is
+    /// left, so nothing waits for an unrelated wake-up, for a bounded
+    /// number of rounds (what is left is flushed on the next turn).
+    fn commit_and_flush(&mut self) -> io::Result<()> {
+        for _ in 0..MAX_FLUSH_ROUNDS {
             self.commit()?;
-            while !self.dirty.is_empty() {
-                self.flush_dirty()?;
-                self.commit()?;
+            if !self.loads.is_empty() {
+                self.serve_loads();
+                continue;
+            }
+            if self.dirty.is_empty() {
+                break;
+            }
+            self.flush_dirty()?;
+        }
+        self.commit()
+    }
+
+    /// Reads the offline pages the core asked for and hands them over. Runs
+    /// right after a commit, so a page holds every message queued before
+    /// it was asked for.
+    fn serve_loads(&mut self) {
+        for PageRequest {
+            conn,
+            user,
+            after_seq,
+            max_bytes,
+        } in std::mem::take(&mut self.loads)
+        {
+            let page = match self.core.store().offline_page(&user, after_seq, max_bytes) {
+                Ok(page) => page,
+                Err(e) => {
+                    // The messages stay queued; the connection is cut off so
+                    // its next login tries again, rather than wait forever.
+                    error!(%conn, "{e}: cannot read offline messages; closing the connection");
+                    if let Some(key) = self.key_of(conn) {
+                        self.report_written(key);
+                        self.transport_closed(key, "its offline messages cannot be read");
+                    }
+                    continue;
+                }
+            };
+            let now = self.clock.now();
+            if self.core.handle_offline_page(conn, page, now).is_ok() {
+                self.drain_core();
             }
         }
     }
@@ -307,6 +376,8 @@ impl Reactor {
     /// core answers its requests `unavailable` instead.
     fn take_back(&mut self, e: &crate::database::DatabaseError) -> io::Result<()> {
         error!("{e}: answering the requests since the last commit with `unavailable`");
+        // Page requests are output too: the core asks again.
+        self.loads.clear();
         for (key, frames) in std::mem::take(&mut self.staged) {
             if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
                 socket.staged = false;
@@ -343,6 +414,9 @@ impl Reactor {
             self.close_deadlines.first().map(|(at, _)| *at),
             self.accept_paused_until,
             self.shutdown_deadline,
+            // Flush rounds ran out with sockets still to write: go on at
+            // once, after a look at the others.
+            (!self.dirty.is_empty() || !self.loads.is_empty()).then(Instant::now),
         ]
         .into_iter()
         .flatten()
@@ -408,6 +482,9 @@ impl Reactor {
         if let Err(e) = stream
             .set_nonblocking(true)
             .and_then(|()| stream.set_nodelay(true))
+            // A backlog must not hide in the kernel, where the slow-consumer
+            // check cannot see it (Linux grows send buffers to megabytes).
+            .and_then(|()| socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_BYTES))
         {
             warn!(%peer, "cannot set up the socket: {e}");
             return;
@@ -454,6 +531,7 @@ impl Reactor {
             stream,
             peer,
             conn: None,
+            closed_conn: None,
             output: OutputQueue::default(),
             phase: Phase::Open,
             armed: Some((true, false)),
@@ -698,7 +776,10 @@ impl Reactor {
                 // The alert that says why goes out before the close; the
                 // session can carry nothing else now.
                 let _ = tls.write_tls(&mut socket.stream.get());
-                socket.output = OutputQueue::default();
+                self.report_written(key);
+                if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+                    socket.output = OutputQueue::default();
+                }
                 break Some(format!("TLS: {e}"));
             }
             // Everything decrypted so far goes to the core.
@@ -778,8 +859,15 @@ impl Reactor {
             return;
         };
         let peer = socket.peer;
-        if let Some(conn) = socket.conn.take() {
+        if let Some(conn) = socket.conn {
             info!(%peer, %conn, "disconnected: {why}");
+            // What is written so far counts as delivered; the rest may
+            // still go out (only the peer's sending half may be closed).
+            self.report_written(key);
+            if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+                socket.conn = None;
+                socket.closed_conn = Some(conn);
+            }
             self.forget_conn(conn);
             let now = self.clock.now();
             if self.core.handle_disconnect(conn, now).is_ok() {
@@ -823,6 +911,7 @@ impl Reactor {
                     let socket = self.sockets[key].as_mut().expect("keys point at sockets");
                     info!(peer = %socket.peer, %conn, "closing: {reason}");
                     socket.conn = None;
+                    socket.closed_conn = Some(conn);
                     self.forget_conn(conn);
                     self.start_closing(key);
                 }
@@ -832,6 +921,17 @@ impl Reactor {
                     hash,
                     password,
                 } => self.verifier.submit(ticket, hash, password),
+                Output::LoadOffline {
+                    conn,
+                    user,
+                    after_seq,
+                    max_bytes,
+                } => self.loads.push(PageRequest {
+                    conn,
+                    user,
+                    after_seq,
+                    max_bytes,
+                }),
                 other => debug!("unhandled core output {other:?}"),
             }
         }
@@ -854,8 +954,12 @@ impl Reactor {
     fn cut_off_slow_consumer(&mut self, key: usize, conn: ConnId, backlog: usize) {
         let socket = self.sockets[key].as_mut().expect("keys point at sockets");
         warn!(peer = %socket.peer, %conn, backlog, "slow consumer: cutting it off");
-        // What it has not started reading is dropped, so the bye goes out
-        // next rather than after a megabyte it will never read.
+        // What was written counts as delivered; what it has not started
+        // reading is dropped (its offline messages stay queued), so the
+        // bye goes out next rather than after a megabyte it will never
+        // read.
+        self.report_written(key);
+        let socket = self.sockets[key].as_mut().expect("keys point at sockets");
         socket.output.drop_unstarted();
         let now = self.clock.now();
         // The bye and the close come out of the core with the next outputs.
@@ -940,14 +1044,21 @@ impl Reactor {
                 }
                 Ok(Flushed::Blocked) => {}
                 Err(e) => {
+                    // Nothing more can be written: what is queued is
+                    // dropped with the socket (and not counted as written).
                     let why = format!("write failed: {e}");
                     self.transport_closed(key, &why);
-                    if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
-                        // Nothing more can be written: drop what is queued.
-                        socket.output = OutputQueue::default();
-                    }
                     self.remove(key);
                     continue;
+                }
+            }
+            if socket.output.len() < LOW_WATER_BYTES {
+                if let Some(conn) = socket.conn {
+                    let unsent = socket.output.frames();
+                    let now = self.clock.now();
+                    if self.core.handle_drained(conn, unsent, now).is_ok() {
+                        self.drain_core();
+                    }
                 }
             }
             self.rearm(key);
@@ -1051,6 +1162,22 @@ impl Reactor {
         }
     }
 
+    /// Tells the core how much of the output of the socket at `key` is
+    /// written, before any of the rest is dropped.
+    fn report_written(&mut self, key: usize) {
+        let Some(socket) = self.sockets.get(key).and_then(Option::as_ref) else {
+            return;
+        };
+        let Some(conn) = socket.conn.or(socket.closed_conn) else {
+            return;
+        };
+        let unsent = socket.output.frames();
+        let now = self.clock.now();
+        if self.core.handle_drained(conn, unsent, now).is_ok() {
+            self.drain_core();
+        }
+    }
+
     /// Drops a socket: the poller forgets it and the descriptor closes.
     fn remove(&mut self, key: usize) {
         let Some(socket) = self.sockets.get_mut(key).and_then(Option::take) else {
@@ -1066,11 +1193,21 @@ impl Reactor {
         if let App::Http(request) = &socket.app {
             self.close_deadlines.remove(&(request.deadline, key));
         }
+        let now = self.clock.now();
+        let unsent = socket.output.frames();
         if let Some(conn) = socket.conn {
-            // Dropped without the core closing it (a write error): tell it.
+            // Dropped without the core closing it: tell it what was
+            // written, then that it is gone.
             self.forget_conn(conn);
-            let now = self.clock.now();
+            let _ = self.core.handle_drained(conn, unsent, now);
             if self.core.handle_disconnect(conn, now).is_ok() {
+                self.drain_core();
+            }
+        }
+        if let Some(conn) = socket.closed_conn {
+            // Its last frames are written, or never will be: that settles
+            // which of its offline messages were delivered.
+            if self.core.handle_drained(conn, unsent, now).is_ok() {
                 self.drain_core();
             }
         }

@@ -5,7 +5,7 @@
 //! calls [`Storage::commit`] once per wake-up, before it writes any of that
 //! wake-up's output (group commit).
 
-use chatproto::{Change, Snapshot, Store};
+use chatproto::{Change, QueuedMessage, Snapshot, Store, Username};
 
 use crate::database::{Committed, Database, DatabaseError};
 
@@ -30,6 +30,20 @@ impl Storage {
         match self {
             Storage::Volatile => Ok(Snapshot::default()),
             Storage::Database(db) => db.load(),
+        }
+    }
+
+    /// A page of `to`'s offline queue (see [`Database::offline_page`]).
+    /// Without a database the core keeps texts itself and never asks.
+    pub fn offline_page(
+        &self,
+        to: &Username,
+        after_seq: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<QueuedMessage>, DatabaseError> {
+        match self {
+            Storage::Volatile => Ok(Vec::new()),
+            Storage::Database(db) => db.offline_page(to, after_seq, max_bytes),
         }
     }
 

@@ -198,7 +198,23 @@ impl Sim {
         self.pump();
     }
 
+    /// Takes every output, as a driver that writes everything at once:
+    /// each connection that got frames is then reported drained, which
+    /// hands over the next page of an offline queue.
     pub fn pump(&mut self) {
+        let mut written = Vec::new();
+        loop {
+            self.pump_once(&mut written);
+            if written.is_empty() {
+                return;
+            }
+            for conn in written.drain(..) {
+                let _ = self.server.handle_drained(conn, 0, self.now);
+            }
+        }
+    }
+
+    fn pump_once(&mut self, written: &mut Vec<ConnId>) {
         while let Some(output) = self.server.poll_output() {
             match output {
                 Output::Transmit { conn, frame } => {
@@ -206,6 +222,9 @@ impl Sim {
                         !self.closed.contains_key(&conn),
                         "frame sent to closed {conn}"
                     );
+                    if !written.contains(&conn) {
+                        written.push(conn);
+                    }
                     self.inbox.entry(conn).or_default().push(frame);
                 }
                 Output::Close { conn, reason } => {
