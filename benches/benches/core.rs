@@ -8,7 +8,8 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use chatproto::{
-    Accounts, Command, FrameDecoder, MemoryStore, Output, Request, Server, ServerConfig, Timestamp,
+    Accounts, Command, FrameDecoder, MemoryStore, Output, PeerKey, Request, Server, ServerConfig,
+    Timestamp,
 };
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
@@ -39,7 +40,7 @@ fn server_with_sessions(n: usize) -> (Server<MemoryStore>, Vec<chatproto::ConnId
     let mut server = Server::new(config(), accounts(n), MemoryStore::new(), now).unwrap();
     let conns: Vec<_> = (0..n)
         .map(|i| {
-            let c = server.accept([i as u8; 16], now);
+            let c = server.accept(PeerKey::UNSPECIFIED, [i as u8; 16], now);
             server
                 .handle_input(c, format!("login u{i} p{i}\n").as_bytes(), now)
                 .unwrap();
@@ -185,7 +186,7 @@ fn login_storm(c: &mut Criterion) {
                 (server, now)
             },
             |(mut server, now)| {
-                let mut conn = server.accept([0; 16], now);
+                let mut conn = server.accept(PeerKey::UNSPECIFIED, [0; 16], now);
                 // Wrong passwords over 100 known and 100 unknown names: most
                 // names lock; one in ten attempts is right.
                 for i in 0..1000usize {
@@ -198,7 +199,7 @@ fn login_storm(c: &mut Criterion) {
                     if server.user(conn).is_some() {
                         // Logged in: log out, and go on from a new connection.
                         server.handle_input(conn, b"logout\n", now).unwrap();
-                        conn = server.accept([0; 16], now);
+                        conn = server.accept(PeerKey::UNSPECIFIED, [0; 16], now);
                     }
                     drain(&mut server);
                 }

@@ -10,6 +10,7 @@ use uuid::Uuid;
 use crate::accounts::UserId;
 use crate::drain::Drain;
 use crate::framing::FrameDecoder;
+use crate::peer::PeerKey;
 use crate::rate_limit::TokenBucket;
 use crate::time::Timestamp;
 
@@ -45,6 +46,8 @@ impl std::fmt::Display for ConnId {
 #[derive(Debug)]
 pub(crate) struct Connection {
     pub(crate) session: Uuid,
+    /// Where it comes from.
+    pub(crate) peer: PeerKey,
     pub(crate) decoder: FrameDecoder,
     pub(crate) user: Option<UserId>,
     /// When the connection opened.
@@ -145,6 +148,7 @@ mod tests {
     fn conn() -> Connection {
         Connection {
             session: Uuid::nil(),
+            peer: PeerKey::UNSPECIFIED,
             decoder: FrameDecoder::new(64),
             user: None,
             opened: Timestamp::ZERO,

@@ -123,6 +123,7 @@ impl FrameDecoder {
                     self.discarding = true;
                     *input = &input[window.len()..];
                 } else {
+                    grow_within(&mut self.partial, window.len(), self.max_frame_bytes);
                     self.partial.extend_from_slice(window);
                     *input = &[];
                 }
@@ -137,6 +138,7 @@ impl FrameDecoder {
                 }
                 return Some(Ok(line));
             }
+            grow_within(&mut self.partial, end, self.max_frame_bytes);
             self.partial.extend_from_slice(&whole[..end]);
             if strip_cr(&self.partial).is_empty() {
                 self.partial.clear();
@@ -174,6 +176,17 @@ pub(crate) fn message_frame(
     }
     let frame = strip_cr(message);
     (!frame.is_empty()).then_some(Ok(frame))
+}
+
+/// Makes room for `extra` more bytes in `buf`, doubling as a `Vec` does but
+/// never past `limit` (unless `extra` itself needs it), so a partial frame
+/// costs at most the frame limit, not twice it.
+fn grow_within(buf: &mut Vec<u8>, extra: usize, limit: usize) {
+    let needed = buf.len() + extra;
+    if needed > buf.capacity() {
+        let target = (buf.capacity() * 2).clamp(needed, limit.max(needed));
+        buf.reserve_exact(target - buf.len());
+    }
 }
 
 fn find_newline(bytes: &[u8]) -> Option<usize> {
@@ -271,6 +284,25 @@ mod tests {
         assert!(decode_all(&mut d, &[&big]).is_empty());
         assert_eq!(d.buffered(), 0);
         assert!(d.is_discarding());
+    }
+
+    #[test]
+    fn a_partial_frame_costs_at_most_the_frame_limit() {
+        let limit = 16_000;
+        let mut d = FrameDecoder::new(limit);
+        // Arriving in pieces of every size, one byte short of the limit.
+        let mut sent = 0;
+        for piece in 1.. {
+            let n = piece.min(limit - 1 - sent);
+            if n == 0 {
+                break;
+            }
+            let mut input = &vec![b'x'; n][..];
+            assert!(d.decode(&mut input).is_none());
+            sent += n;
+            assert!(d.partial.capacity() <= limit, "{}", d.partial.capacity());
+        }
+        assert_eq!(d.buffered(), limit - 1);
     }
 
     #[test]

@@ -13,7 +13,7 @@
 //! ## Driving the server core
 //!
 //! ```
-//! use chatproto::{Accounts, MemoryStore, Output, Server, ServerConfig, ServerFrame, Timestamp};
+//! use chatproto::{Accounts, MemoryStore, Output, PeerKey, Server, ServerConfig, ServerFrame, Timestamp};
 //!
 //! let mut accounts = Accounts::new();
 //! accounts.insert("alice".parse()?, "wonderland".parse()?)?;
@@ -22,8 +22,8 @@
 //! let mut server = Server::new(ServerConfig::default(), accounts, MemoryStore::new(), now)?;
 //!
 //! // Two connections arrive; each is greeted with `hello`.
-//! let a = server.accept([1; 16], now);
-//! let b = server.accept([2; 16], now);
+//! let a = server.accept(PeerKey::UNSPECIFIED, [1; 16], now);
+//! let b = server.accept(PeerKey::UNSPECIFIED, [2; 16], now);
 //!
 //! // Bytes come in as they were read: any chunking, either request form.
 //! server.handle_input(a, b"login alice wonderland\n", now)?;
@@ -71,6 +71,7 @@
 //! | [`store`] | the storage boundary ([`Store`], [`Change`], [`Snapshot`]) |
 //! | [`accounts`], [`lockout`], [`offline`], [`rate_limit`] | accounts, failed-login locks, offline queues, flood control |
 //! | `presence`, `blocking`, `connection` | who is online, block lists, the connection table (internal) |
+//! | [`peer`] | client addresses as [`PeerKey`]s, and the limits kept per address |
 //! | `drain` | handing an offline queue to a connection a page at a time, paced by the reader (internal) |
 
 #![forbid(unsafe_code)]
@@ -87,6 +88,7 @@ pub mod framing;
 pub mod lockout;
 pub mod offline;
 mod password;
+pub mod peer;
 mod presence;
 pub mod rate_limit;
 pub mod request;
@@ -109,7 +111,8 @@ pub use framing::{encode_frame, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTE
 pub use lockout::{LockoutPolicy, LockoutState};
 pub use offline::{MailboxLimit, OfflineMessage, OfflineTexts, QueueSize, QueuedMessage};
 pub use password::{HashedPassword, InvalidHash, InvalidPassword, Password};
-pub use rate_limit::RateLimit;
+pub use peer::PeerKey;
+pub use rate_limit::{LoginRate, RateLimit};
 pub use request::{Rejected, Request, RequestId};
 pub use server::{
     CloseReason, ConfigError, Event, MessageError, Output, RestoreSummary, Server, ServerConfig,

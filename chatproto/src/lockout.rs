@@ -1,18 +1,23 @@
-//! Lockout: too many failed logins lock a user name for a while.
+//! Lockout and login pacing per user name: too many failed logins lock a
+//! name for a while, and logins for one name are rate limited.
 //!
-//! Failures are counted per user name, whether or not an account has that
-//! name, so that a wrong password and an unknown user look the same from
-//! outside (no account enumeration). Names with an account are few and
-//! fixed; names without one come from anyone on the network, so they are
-//! held in a bounded table that forgets the oldest first.
+//! Every name tried is kept in one table under one rule, whether or not an
+//! account has that name, so that nothing (an answer, a lock that outlives
+//! a flood of made-up names, what survives a restart) tells accounts apart
+//! from names that have none. An entry is forgotten only when nothing in it
+//! matters any more: its failure count has expired (the lock duration
+//! passed without a failure), it is not locked, and its login bucket is
+//! full again. The table has a cap; while it is full, a login for a name
+//! not in it is refused (`unavailable`), whatever the name.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::sync::Arc;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::rate_limit::{LoginRate, TokenBucket};
 use crate::time::Timestamp;
+use crate::username::Username;
 
 /// When failed logins lock a name, and for how long.
 ///
@@ -27,12 +32,13 @@ use crate::time::Timestamp;
 pub struct LockoutPolicy {
     /// Consecutive failures that lock the name (at least 1; default 3).
     pub max_failures: u32,
-    /// How long the lock holds (default 60 s).
+    /// How long the lock holds (default 60 s); a failure count also
+    /// starts again from zero once this long passes without a failure.
     pub lock_duration: Duration,
-    /// How many names without an account are tracked at once (default
-    /// 10,000). Past it the oldest is forgotten, which bounds memory under a
-    /// flood of made-up names.
-    pub max_tracked_unknown: usize,
+    /// How many names, with an account or not, are tracked at once
+    /// (default 100,000). While the table is full, a login for a name not
+    /// in it is answered `unavailable`.
+    pub max_tracked_names: usize,
 }
 
 impl Default for LockoutPolicy {
@@ -40,7 +46,7 @@ impl Default for LockoutPolicy {
         LockoutPolicy {
             max_failures: 3,
             lock_duration: Duration::from_secs(60),
-            max_tracked_unknown: 10_000,
+            max_tracked_names: 100_000,
         }
     }
 }
@@ -53,37 +59,51 @@ pub struct LockoutState {
     /// When the lock ends, while the name is locked.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locked_until: Option<Timestamp>,
+    /// When the last failure was; the count expires a lock duration later.
+    /// `None` in records written before counts expired: taken as the time
+    /// they are loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure: Option<Timestamp>,
 }
 
-/// Failed-login records for every name that has one.
+impl LockoutState {
+    /// Whether there is anything to keep: a count or a lock.
+    pub fn is_empty(&self) -> bool {
+        self.failures == 0 && self.locked_until.is_none()
+    }
+}
+
+/// The name table is full and does not hold this name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TableFull;
+
+/// Failed-login records and login buckets for every name tried lately.
 #[derive(Debug)]
 pub(crate) struct Lockout {
     policy: LockoutPolicy,
-    entries: HashMap<Arc<str>, Entry>,
-    /// Lock ends, earliest first.
-    expiries: BTreeSet<(Timestamp, Arc<str>)>,
-    /// Names without an account and not locked, oldest first, with the
-    /// sequence number of their entry (a stale pair no longer matches it).
-    unknown_order: VecDeque<(u64, Arc<str>)>,
-    /// Locked names without an account, oldest first, likewise.
-    locked_unknown_order: VecDeque<(u64, Arc<str>)>,
-    unknown_count: usize,
-    next_seq: u64,
+    entries: HashMap<Username, Entry>,
+    /// When each entry can be forgotten (or its lock ends), earliest first:
+    /// one pair per entry.
+    deadlines: BTreeSet<(Timestamp, Username)>,
     locked_known: usize,
 }
 
 #[derive(Debug)]
 struct Entry {
     state: LockoutState,
+    /// An account has this name (only for the `locked_accounts` count).
     known: bool,
-    seq: u64,
+    /// Logins for this name, when they are rate limited.
+    attempts: Option<TokenBucket>,
+    deadline: Timestamp,
 }
 
-/// A lock that ended.
+/// An entry that was forgotten.
 #[derive(Debug)]
 pub(crate) struct Expired {
-    pub(crate) name: Arc<str>,
-    pub(crate) known: bool,
+    pub(crate) name: Username,
+    /// It held a stored record (a count or a lock), which storage drops.
+    pub(crate) had_record: bool,
 }
 
 impl Lockout {
@@ -91,11 +111,7 @@ impl Lockout {
         Lockout {
             policy,
             entries: HashMap::new(),
-            expiries: BTreeSet::new(),
-            unknown_order: VecDeque::new(),
-            locked_unknown_order: VecDeque::new(),
-            unknown_count: 0,
-            next_seq: 0,
+            deadlines: BTreeSet::new(),
             locked_known: 0,
         }
     }
@@ -106,105 +122,162 @@ impl Lockout {
         (until > now).then_some(until)
     }
 
+    /// Takes a login attempt for `name` from its bucket: whether it may go
+    /// on. Fails when the table is full and does not hold the name yet.
+    pub(crate) fn take_attempt(
+        &mut self,
+        name: &Username,
+        known: bool,
+        rate: Option<LoginRate>,
+        now: Timestamp,
+    ) -> Result<bool, TableFull> {
+        if !self.entries.contains_key(name.as_str()) {
+            if self.entries.len() >= self.policy.max_tracked_names {
+                return Err(TableFull);
+            }
+            if rate.is_none() {
+                // Nothing to keep until the attempt fails.
+                return Ok(true);
+            }
+            self.insert(name, known, LockoutState::default(), now);
+        }
+        let Some(rate) = rate else {
+            return Ok(true);
+        };
+        let entry = self.entries.get_mut(name.as_str()).expect("inserted above");
+        let allowed = entry
+            .attempts
+            .get_or_insert_with(|| TokenBucket::full(rate.burst, now))
+            .take(rate.burst, rate.per_second, now);
+        self.reschedule(name, now, Some(rate));
+        Ok(allowed)
+    }
+
     /// Counts a failure; returns the new state, locked if this failure
     /// reached the limit.
     pub(crate) fn record_failure(
         &mut self,
-        name: &str,
+        name: &Username,
         known: bool,
+        rate: Option<LoginRate>,
         now: Timestamp,
     ) -> LockoutState {
-        self.end_lock_if_over(name, now);
-        if !self.entries.contains_key(name) {
-            self.insert(name, known, LockoutState::default());
+        if !self.entries.contains_key(name.as_str()) {
+            // Past the cap only for a login already let in (its check took
+            // longer than its entry lived): bounded by the pending checks.
+            self.insert(name, known, LockoutState::default(), now);
         }
-        let seq = self.next_seq;
-        let entry = self.entries.get_mut(name).expect("inserted above");
+        let lock_duration = self.policy.lock_duration;
+        let max_failures = self.policy.max_failures;
+        let entry = self.entries.get_mut(name.as_str()).expect("inserted above");
+        let was_locked = entry.state.locked_until.is_some();
+        entry.state = current(entry.state, lock_duration, now);
         entry.state.failures = entry.state.failures.saturating_add(1);
-        if entry.state.failures < self.policy.max_failures {
-            return entry.state;
+        entry.state.last_failure = Some(now);
+        if entry.state.failures >= max_failures {
+            entry.state.failures = 0;
+            entry.state.locked_until = Some(now + lock_duration);
         }
-        let until = now + self.policy.lock_duration;
-        entry.state = LockoutState {
-            failures: 0,
-            locked_until: Some(until),
-        };
         let state = entry.state;
-        let (key, _) = self.entries.get_key_value(name).expect("inserted above");
-        let key = key.clone();
-        self.expiries.insert((until, key.clone()));
-        if known {
-            self.locked_known += 1;
-        } else {
-            // Locked names are forgotten last, so a flood of made-up names
-            // cannot end a lock early (which would tell them apart from
-            // real accounts).
-            self.next_seq += 1;
-            self.entries.get_mut(name).expect("inserted above").seq = seq;
-            self.locked_unknown_order.push_back((seq, key));
+        let known = entry.known;
+        match (was_locked, state.locked_until.is_some()) {
+            (false, true) if known => self.locked_known += 1,
+            (true, false) if known => self.locked_known -= 1,
+            _ => {}
         }
+        self.reschedule(name, now, rate);
         state
     }
 
-    /// Forgets the failures of `name` after a successful login; true if
-    /// there were any.
-    pub(crate) fn record_success(&mut self, name: &str) -> bool {
-        self.remove(name)
-    }
-
-    /// Forgets the records of every account (not those of unknown names,
-    /// which are not lasting state), before loading them again.
-    pub(crate) fn forget_known(&mut self) {
-        let known: Vec<Arc<str>> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.known)
-            .map(|(name, _)| name.clone())
-            .collect();
-        for name in known {
-            self.remove(&name);
-        }
-    }
-
-    /// Puts back a state read from storage.
-    pub(crate) fn restore(&mut self, name: &str, state: LockoutState, now: Timestamp) {
-        self.remove(name);
-        let state = match state.locked_until {
-            Some(until) if until <= now => return,
-            Some(_) => LockoutState {
-                failures: 0,
-                ..state
-            },
-            None => state,
+    /// Clears the record of `name` after a successful login; true if there
+    /// was one (a count), which storage must drop too.
+    pub(crate) fn record_success(
+        &mut self,
+        name: &Username,
+        rate: Option<LoginRate>,
+        now: Timestamp,
+    ) -> bool {
+        let Some(entry) = self.entries.get_mut(name.as_str()) else {
+            return false;
         };
-        if state.failures == 0 && state.locked_until.is_none() {
+        let had_record = !entry.state.is_empty();
+        if entry.known && entry.state.locked_until.is_some() {
+            self.locked_known -= 1;
+        }
+        entry.state = LockoutState::default();
+        self.reschedule(name, now, rate);
+        had_record
+    }
+
+    /// Forgets every record (buckets stay), before loading them again.
+    pub(crate) fn clear_records(&mut self, now: Timestamp) {
+        let names: Vec<Username> = self.entries.keys().cloned().collect();
+        for name in names {
+            if let Some(entry) = self.entries.get_mut(name.as_str()) {
+                entry.state = LockoutState::default();
+            }
+            self.reschedule(&name, now, None);
+        }
+        self.locked_known = 0;
+    }
+
+    /// Puts back a record read from storage; one that has run out by `now`
+    /// is not put back.
+    pub(crate) fn restore(
+        &mut self,
+        name: &Username,
+        known: bool,
+        state: LockoutState,
+        now: Timestamp,
+    ) {
+        let state = LockoutState {
+            last_failure: state.last_failure.or(Some(now)),
+            ..state
+        };
+        let state = current(state, self.policy.lock_duration, now);
+        if state.is_empty() {
             return;
         }
-        self.insert(name, true, state);
-        if let Some(until) = state.locked_until {
-            let (key, _) = self.entries.get_key_value(name).expect("inserted above");
-            self.expiries.insert((until, key.clone()));
+        if !self.entries.contains_key(name.as_str()) {
+            self.insert(name, known, LockoutState::default(), now);
+        }
+        let entry = self.entries.get_mut(name.as_str()).expect("inserted above");
+        if entry.known && entry.state.locked_until.is_some() {
+            self.locked_known -= 1;
+        }
+        entry.state = state;
+        if entry.known && state.locked_until.is_some() {
             self.locked_known += 1;
         }
+        self.reschedule(name, now, None);
     }
 
-    /// Ends every lock due by `now`.
+    /// Forgets every entry due by `now`: counts expired, locks ended,
+    /// buckets full.
     pub(crate) fn expire(&mut self, now: Timestamp) -> Vec<Expired> {
         let mut ended = Vec::new();
-        while let Some((until, name)) = self.expiries.first().cloned() {
-            if until > now {
+        while let Some((due, name)) = self.deadlines.first().cloned() {
+            if due > now {
                 break;
             }
-            let known = self.entries.get(&*name).is_some_and(|e| e.known);
-            self.remove(&name);
-            ended.push(Expired { name, known });
+            self.deadlines.pop_first();
+            let Some(entry) = self.entries.remove(name.as_str()) else {
+                continue;
+            };
+            if entry.known && entry.state.locked_until.is_some() {
+                self.locked_known -= 1;
+            }
+            ended.push(Expired {
+                had_record: !entry.state.is_empty(),
+                name,
+            });
         }
         ended
     }
 
-    /// When the next lock ends.
+    /// When the next entry is due to be forgotten.
     pub(crate) fn next_expiry(&self) -> Option<Timestamp> {
-        self.expiries.first().map(|(t, _)| *t)
+        self.deadlines.first().map(|(t, _)| *t)
     }
 
     /// Accounts (names that exist) locked now.
@@ -212,86 +285,81 @@ impl Lockout {
         self.locked_known
     }
 
-    /// Names without an account being tracked.
+    /// Names tracked.
     #[cfg(test)]
-    pub(crate) fn tracked_unknown(&self) -> usize {
-        self.unknown_count
+    pub(crate) fn tracked(&self) -> usize {
+        self.entries.len()
     }
 
-    /// A lock that has run out (but whose timer has not fired yet) counts
-    /// as gone: the name starts afresh.
-    fn end_lock_if_over(&mut self, name: &str, now: Timestamp) {
-        let over = self
-            .entries
-            .get(name)
-            .and_then(|e| e.state.locked_until)
-            .is_some_and(|until| until <= now);
-        if over {
-            self.remove(name);
-        }
+    fn insert(&mut self, name: &Username, known: bool, state: LockoutState, now: Timestamp) {
+        self.entries.insert(
+            name.clone(),
+            Entry {
+                state,
+                known,
+                attempts: None,
+                deadline: now,
+            },
+        );
+        self.deadlines.insert((now, name.clone()));
     }
 
-    fn insert(&mut self, name: &str, known: bool, state: LockoutState) {
-        let key: Arc<str> = Arc::from(name);
-        let seq = self.next_seq;
-        self.next_seq += 1;
-        if !known {
-            while self.unknown_count >= self.policy.max_tracked_unknown.max(1) {
-                if !self.evict_oldest_unknown() {
-                    break;
-                }
-            }
-            self.unknown_order.push_back((seq, key.clone()));
-            self.unknown_count += 1;
-            self.compact_unknown_order();
-        }
-        self.entries.insert(key, Entry { state, known, seq });
-    }
-
-    /// Forgets one name without an account: the oldest unlocked one, or
-    /// failing that the oldest locked one.
-    fn evict_oldest_unknown(&mut self) -> bool {
-        for locked in [false, true] {
-            let order = if locked {
-                &mut self.locked_unknown_order
-            } else {
-                &mut self.unknown_order
-            };
-            while let Some((seq, name)) = order.pop_front() {
-                if self.entries.get(&*name).is_some_and(|e| e.seq == seq) {
-                    self.remove(&name);
-                    return true;
-                }
-            }
-        }
-        false
-    }
-
-    /// Drops stale pairs once they outnumber live ones, so the order queues
-    /// stay proportional to the table.
-    fn compact_unknown_order(&mut self) {
-        let entries = &self.entries;
-        for order in [&mut self.unknown_order, &mut self.locked_unknown_order] {
-            if order.len() > 2 * self.unknown_count + 16 {
-                order.retain(|(seq, name)| entries.get(&**name).is_some_and(|e| e.seq == *seq));
-            }
-        }
-    }
-
-    fn remove(&mut self, name: &str) -> bool {
-        let Some((key, entry)) = self.entries.remove_entry(name) else {
-            return false;
+    /// Moves `name`'s deadline to when nothing in its entry matters: the
+    /// lock has ended, the count has expired, the bucket is full.
+    fn reschedule(&mut self, name: &Username, now: Timestamp, rate: Option<LoginRate>) {
+        let lock_duration = self.policy.lock_duration;
+        let Some(entry) = self.entries.get_mut(name.as_str()) else {
+            return;
         };
-        if let Some(until) = entry.state.locked_until {
-            self.expiries.remove(&(until, key));
-            if entry.known {
-                self.locked_known -= 1;
+        let record = match entry.state {
+            LockoutState {
+                locked_until: Some(until),
+                ..
+            } => until,
+            LockoutState {
+                failures: 1..,
+                last_failure,
+                ..
+            } => last_failure.unwrap_or(now) + lock_duration,
+            _ => now,
+        };
+        let bucket = match (&entry.attempts, rate) {
+            (Some(bucket), Some(rate)) => bucket.full_at(rate.burst, rate.per_second),
+            _ => now,
+        };
+        let deadline = record.max(bucket);
+        if deadline <= now {
+            // Nothing in it matters any more.
+            self.deadlines.remove(&(entry.deadline, name.clone()));
+            if let Some(entry) = self.entries.remove(name.as_str()) {
+                if entry.known && entry.state.locked_until.is_some() {
+                    self.locked_known -= 1;
+                }
             }
+            return;
         }
-        if !entry.known {
-            self.unknown_count -= 1;
+        if deadline != entry.deadline {
+            self.deadlines.remove(&(entry.deadline, name.clone()));
+            self.deadlines.insert((deadline, name.clone()));
+            entry.deadline = deadline;
         }
-        true
+    }
+}
+
+/// `state` as of `now`: a lock that has run out is gone, and so is a
+/// count whose last failure is a lock duration old.
+fn current(state: LockoutState, lock_duration: Duration, now: Timestamp) -> LockoutState {
+    match state {
+        LockoutState {
+            locked_until: Some(until),
+            ..
+        } if until <= now => LockoutState::default(),
+        LockoutState {
+            locked_until: None,
+            last_failure: Some(at),
+            ..
+        } if at + lock_duration <= now => LockoutState::default(),
+        state => state,
     }
 }
 
@@ -303,20 +371,25 @@ mod tests {
         Timestamp::from_unix_millis(secs * 1000)
     }
 
-    fn lockout(max_unknown: usize) -> Lockout {
+    fn name(s: &str) -> Username {
+        s.parse().unwrap()
+    }
+
+    fn lockout(max_names: usize) -> Lockout {
         Lockout::new(LockoutPolicy {
             max_failures: 3,
             lock_duration: Duration::from_secs(60),
-            max_tracked_unknown: max_unknown,
+            max_tracked_names: max_names,
         })
     }
 
     #[test]
     fn locks_on_the_third_failure_and_expires() {
         let mut l = lockout(10);
-        assert_eq!(l.record_failure("bob", true, at(0)).failures, 1);
-        assert_eq!(l.record_failure("bob", true, at(1)).failures, 2);
-        let s = l.record_failure("bob", true, at(2));
+        let bob = name("bob");
+        assert_eq!(l.record_failure(&bob, true, None, at(0)).failures, 1);
+        assert_eq!(l.record_failure(&bob, true, None, at(1)).failures, 2);
+        let s = l.record_failure(&bob, true, None, at(2));
         assert_eq!(s.locked_until, Some(at(62)));
         assert_eq!(l.locked_until("bob", at(61)), Some(at(62)));
         assert_eq!(l.locked_accounts(), 1);
@@ -324,44 +397,97 @@ mod tests {
         assert!(l.expire(at(61)).is_empty());
         let ended = l.expire(at(62));
         assert_eq!(ended.len(), 1);
-        assert!(ended[0].known);
+        assert!(ended[0].had_record);
         assert_eq!(l.locked_until("bob", at(62)), None);
         assert_eq!(l.locked_accounts(), 0);
-        assert_eq!(l.record_failure("bob", true, at(63)).failures, 1);
+        assert_eq!(l.record_failure(&bob, true, None, at(63)).failures, 1);
+    }
+
+    #[test]
+    fn a_count_expires_a_lock_duration_after_the_last_failure() {
+        let mut l = lockout(10);
+        let bob = name("bob");
+        l.record_failure(&bob, true, None, at(0));
+        l.record_failure(&bob, true, None, at(30));
+        assert_eq!(l.next_expiry(), Some(at(90)));
+        // Not yet: the third failure locks.
+        assert!(l
+            .record_failure(&bob, true, None, at(89))
+            .locked_until
+            .is_some());
+        let carol = name("carol");
+        l.record_failure(&carol, false, None, at(100));
+        l.record_failure(&carol, false, None, at(100));
+        // A lock duration later the count starts again, even before the
+        // timer has fired.
+        assert_eq!(l.record_failure(&carol, false, None, at(160)).failures, 1);
     }
 
     #[test]
     fn a_success_resets_the_count() {
         let mut l = lockout(10);
-        l.record_failure("bob", true, at(0));
-        l.record_failure("bob", true, at(0));
-        assert!(l.record_success("bob"));
-        assert_eq!(l.record_failure("bob", true, at(0)).failures, 1);
+        let bob = name("bob");
+        l.record_failure(&bob, true, None, at(0));
+        l.record_failure(&bob, true, None, at(0));
+        assert!(l.record_success(&bob, None, at(0)));
+        assert!(!l.record_success(&bob, None, at(0)));
+        assert_eq!(l.record_failure(&bob, true, None, at(0)).failures, 1);
     }
 
     #[test]
-    fn unknown_names_are_bounded_and_oldest_go_first() {
+    fn a_full_table_refuses_new_names_and_keeps_every_record_until_it_expires() {
         let mut l = lockout(3);
-        for i in 0..1000 {
-            l.record_failure(&format!("ghost{i}"), false, at(0));
-            assert!(l.tracked_unknown() <= 3);
-            assert!(l.unknown_order.len() <= 2 * 3 + 16 + 1);
+        let real = name("bob");
+        for _ in 0..2 {
+            assert_eq!(l.take_attempt(&real, true, None, at(0)), Ok(true));
+            l.record_failure(&real, true, None, at(0));
         }
-        assert!(l.entries.contains_key("ghost999"));
-        assert!(!l.entries.contains_key("ghost0"));
+        for i in 0..2 {
+            let ghost = name(&format!("ghost{i}"));
+            assert_eq!(l.take_attempt(&ghost, false, None, at(1)), Ok(true));
+            l.record_failure(&ghost, false, None, at(1));
+        }
+        assert_eq!(l.tracked(), 3);
+        // Full: a new name is refused, account or not, and nothing is
+        // evicted to make room.
+        assert_eq!(
+            l.take_attempt(&name("ghost9"), false, None, at(2)),
+            Err(TableFull)
+        );
+        assert_eq!(
+            l.take_attempt(&name("alice"), true, None, at(2)),
+            Err(TableFull)
+        );
+        // Names in the table go on.
+        assert_eq!(l.take_attempt(&real, true, None, at(2)), Ok(true));
+        assert!(l
+            .record_failure(&real, true, None, at(2))
+            .locked_until
+            .is_some());
+        // Once counts expire, room comes back.
+        assert_eq!(l.expire(at(61)).len(), 2);
+        assert_eq!(
+            l.take_attempt(&name("ghost9"), false, None, at(61)),
+            Ok(true)
+        );
     }
 
     #[test]
-    fn a_flood_of_made_up_names_does_not_end_a_lock_early() {
-        let mut l = lockout(3);
-        for _ in 0..3 {
-            l.record_failure("ghost", false, at(0));
-        }
-        for i in 0..100 {
-            l.record_failure(&format!("filler{i}"), false, at(1));
-        }
-        assert_eq!(l.locked_until("ghost", at(2)), Some(at(60)));
-        assert!(l.tracked_unknown() <= 3);
+    fn logins_per_name_are_rate_limited_and_the_entry_lives_until_the_bucket_is_full() {
+        let mut l = lockout(10);
+        let rate = Some(LoginRate {
+            burst: 2,
+            per_second: 1,
+        });
+        let bob = name("bob");
+        assert_eq!(l.take_attempt(&bob, true, rate, at(0)), Ok(true));
+        assert_eq!(l.take_attempt(&bob, true, rate, at(0)), Ok(true));
+        assert_eq!(l.take_attempt(&bob, true, rate, at(0)), Ok(false));
+        assert_eq!(l.next_expiry(), Some(at(2)));
+        assert!(l.expire(at(1)).is_empty());
+        let ended = l.expire(at(2));
+        assert_eq!(ended.len(), 1);
+        assert!(!ended[0].had_record);
     }
 
     #[test]
@@ -370,20 +496,28 @@ mod tests {
         let state = LockoutState {
             failures: u32::MAX,
             locked_until: None,
+            last_failure: None,
         };
-        l.restore("bob", state, at(0));
-        assert!(l.record_failure("bob", true, at(0)).locked_until.is_some());
+        let bob = name("bob");
+        l.restore(&bob, true, state, at(0));
+        assert!(l
+            .record_failure(&bob, true, None, at(0))
+            .locked_until
+            .is_some());
     }
 
     #[test]
-    fn evicting_a_locked_unknown_name_drops_its_timer() {
-        let mut l = lockout(1);
-        for _ in 0..3 {
-            l.record_failure("ghost", false, at(0));
-        }
-        assert!(l.next_expiry().is_some());
-        l.record_failure("other", false, at(0));
-        assert_eq!(l.next_expiry(), None);
-        assert_eq!(l.locked_accounts(), 0);
+    fn a_restored_record_that_ran_out_is_dropped() {
+        let mut l = lockout(3);
+        let ghost = name("ghost");
+        let old = LockoutState {
+            failures: 2,
+            locked_until: None,
+            last_failure: Some(at(0)),
+        };
+        l.restore(&ghost, false, old, at(60));
+        assert_eq!(l.tracked(), 0);
+        l.restore(&ghost, false, old, at(59));
+        assert_eq!(l.tracked(), 1);
     }
 }

@@ -1,9 +1,12 @@
-//! Rate limiting: a token bucket per connection, so that one client cannot
-//! make the server do unbounded work.
+//! Rate limiting: token buckets, so that one client cannot make the server
+//! do unbounded work.
 //!
-//! Every frame costs one token; tokens refill continuously up to the burst.
-//! A frame that finds the bucket empty is refused with `rate_limited`, not
-//! dropped, so the client knows to slow down.
+//! Each connection has a bucket for its frames ([`RateLimit`]); logins
+//! have buckets of their own, per client address and per user name
+//! ([`LoginRate`]). Every frame or login costs one token; tokens refill
+//! continuously up to the burst. A frame that finds the bucket empty is
+//! refused with `rate_limited`, not dropped, so the client knows to slow
+//! down.
 
 use std::time::Duration;
 
@@ -41,8 +44,39 @@ impl Default for RateLimit {
     }
 }
 
-/// One connection's bucket. Tokens are counted in thousandths, so that a
-/// refill over a few milliseconds is not lost to rounding.
+/// How many login attempts one client address, or one user name, may make.
+///
+/// ```
+/// use chatproto::LoginRate;
+///
+/// let per_name = LoginRate { burst: 5, per_second: 1 };
+/// assert_eq!(per_name, LoginRate::PER_NAME);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoginRate {
+    /// Attempts that may come at once after a quiet spell.
+    pub burst: u32,
+    /// Attempts per second sustained.
+    pub per_second: u32,
+}
+
+impl LoginRate {
+    /// The default per client address: 20 at once, 10 a second.
+    pub const PER_PEER: LoginRate = LoginRate {
+        burst: 20,
+        per_second: 10,
+    };
+    /// The default per user name: 5 at once, 1 a second. This is what
+    /// bounds the presence frames one account can cause by logging in and
+    /// out: at most 2 a second per online user, sustained.
+    pub const PER_NAME: LoginRate = LoginRate {
+        burst: 5,
+        per_second: 1,
+    };
+}
+
+/// One bucket. Tokens are counted in thousandths, so that a refill over a
+/// few milliseconds is not lost to rounding.
 #[derive(Clone, Debug)]
 pub(crate) struct TokenBucket {
     millitokens: u64,
@@ -53,27 +87,35 @@ const MILLI: u64 = 1000;
 
 impl TokenBucket {
     /// A full bucket.
-    pub(crate) fn new(limit: RateLimit, now: Timestamp) -> Self {
+    pub(crate) fn full(burst: u32, now: Timestamp) -> Self {
         TokenBucket {
-            millitokens: u64::from(limit.burst) * MILLI,
+            millitokens: u64::from(burst) * MILLI,
             updated: now,
         }
     }
 
-    /// Takes a token for one frame; false when there is none.
-    pub(crate) fn take(&mut self, limit: RateLimit, now: Timestamp) -> bool {
+    /// Takes a token; false when there is none.
+    pub(crate) fn take(&mut self, burst: u32, per_second: u32, now: Timestamp) -> bool {
         let elapsed = now.saturating_since(self.updated);
         self.updated = self.updated.max(now);
-        let refill = millis(elapsed).saturating_mul(u64::from(limit.per_second));
+        let refill = millis(elapsed).saturating_mul(u64::from(per_second));
         self.millitokens = self
             .millitokens
             .saturating_add(refill)
-            .min(u64::from(limit.burst) * MILLI);
+            .min(u64::from(burst) * MILLI);
         if self.millitokens < MILLI {
             return false;
         }
         self.millitokens -= MILLI;
         true
+    }
+
+    /// When the bucket is full again, if nothing more is taken.
+    pub(crate) fn full_at(&self, burst: u32, per_second: u32) -> Timestamp {
+        let missing = (u64::from(burst) * MILLI).saturating_sub(self.millitokens);
+        // Millitokens refill at `per_second` per millisecond.
+        let ms = missing.div_ceil(u64::from(per_second.max(1)));
+        self.updated + Duration::from_millis(ms)
     }
 }
 
@@ -93,16 +135,18 @@ mod tests {
             flood_after: 0,
         };
         let t0 = Timestamp::from_unix_millis(10_000);
-        let mut b = TokenBucket::new(limit, t0);
-        assert!((0..3).all(|_| b.take(limit, t0)));
-        assert!(!b.take(limit, t0));
+        let take = |b: &mut TokenBucket, t| b.take(limit.burst, limit.per_second, t);
+        let mut b = TokenBucket::full(limit.burst, t0);
+        assert!((0..3).all(|_| take(&mut b, t0)));
+        assert!(!take(&mut b, t0));
+        assert_eq!(b.full_at(3, 2), t0 + Duration::from_millis(1500));
         // Half a second buys one frame.
-        assert!(!b.take(limit, t0 + Duration::from_millis(499)));
-        assert!(b.take(limit, t0 + Duration::from_millis(500)));
-        assert!(!b.take(limit, t0 + Duration::from_millis(500)));
+        assert!(!take(&mut b, t0 + Duration::from_millis(499)));
+        assert!(take(&mut b, t0 + Duration::from_millis(500)));
+        assert!(!take(&mut b, t0 + Duration::from_millis(500)));
         // A long quiet spell refills to the burst, no further.
         let later = t0 + Duration::from_secs(3600);
-        assert!((0..3).all(|_| b.take(limit, later)));
-        assert!(!b.take(limit, later));
+        assert!((0..3).all(|_| take(&mut b, later)));
+        assert!(!take(&mut b, later));
     }
 }

@@ -26,8 +26,9 @@ use crate::offline::{
     DEFAULT_OFFLINE_PAGE_BYTES, DEFAULT_OFFLINE_QUEUE_BYTES, DEFAULT_OFFLINE_QUEUE_CAPACITY,
 };
 use crate::password::{HashedPassword, Password};
+use crate::peer::{PeerKey, Peers};
 use crate::presence::Presence;
-use crate::rate_limit::{RateLimit, TokenBucket};
+use crate::rate_limit::{LoginRate, RateLimit, TokenBucket};
 use crate::request::{Request, RequestId};
 use crate::server_frame::{
     BroadcastFrame, ByeReason, CommandUsage, DebugState, ErrorFrame, MessageFrame, OkFrame,
@@ -82,6 +83,16 @@ pub struct ServerConfig {
     /// at most; logins beyond are refused with `unavailable`, so a flood of
     /// logins cannot queue unbounded work ahead of real users (default 64).
     pub max_pending_checks: usize,
+    /// Password checks waiting for a verdict at most per [`PeerKey`], so
+    /// that one address cannot take every slot; logins beyond are refused
+    /// with `unavailable` (default 8, `None`: no such limit).
+    pub max_pending_checks_per_peer: Option<usize>,
+    /// Login attempts per [`PeerKey`]; beyond, a login is answered
+    /// `rate_limited` (default [`LoginRate::PER_PEER`]).
+    pub login_rate_per_peer: Option<LoginRate>,
+    /// Login attempts per user name, account or not; beyond, a login is
+    /// answered `rate_limited` (default [`LoginRate::PER_NAME`]).
+    pub login_rate_per_name: Option<LoginRate>,
     /// A connection that has not logged in this long after it opened is
     /// closed with `bye` reason `login_timeout`, so idle unauthenticated
     /// sockets cannot pile up (default 30 s; `None`: only the idle
@@ -110,6 +121,9 @@ impl Default for ServerConfig {
             rate_limit: Some(RateLimit::default()),
             login_timeout: Some(Duration::from_secs(30)),
             max_pending_checks: 64,
+            max_pending_checks_per_peer: Some(8),
+            login_rate_per_peer: Some(LoginRate::PER_PEER),
+            login_rate_per_name: Some(LoginRate::PER_NAME),
             track_commits: false,
         }
     }
@@ -133,9 +147,15 @@ pub enum ConfigError {
     /// `lockout.lock_duration` is zero.
     #[error("the lockout duration must be longer than zero")]
     ZeroLockDuration,
-    /// `lockout.max_tracked_unknown` is zero.
-    #[error("at least one unknown user name must be tracked for lockout")]
-    ZeroTrackedUnknown,
+    /// `lockout.max_tracked_names` is zero.
+    #[error("at least one user name must be tracked for lockout")]
+    ZeroTrackedNames,
+    /// A login rate allows no logins at all.
+    #[error("a login rate needs a burst and a rate of at least 1 login")]
+    ZeroLoginRate,
+    /// `max_pending_checks_per_peer` is zero (use `None` for no limit).
+    #[error("at least one password check per peer must be allowed")]
+    ZeroPendingChecksPerPeer,
     /// `rate_limit` allows no frames at all.
     #[error("a rate limit needs a burst and a rate of at least 1 frame")]
     ZeroRateLimit,
@@ -172,8 +192,18 @@ impl ServerConfig {
         if self.lockout.lock_duration.is_zero() {
             return Err(ConfigError::ZeroLockDuration);
         }
-        if self.lockout.max_tracked_unknown == 0 {
-            return Err(ConfigError::ZeroTrackedUnknown);
+        if self.lockout.max_tracked_names == 0 {
+            return Err(ConfigError::ZeroTrackedNames);
+        }
+        if [self.login_rate_per_peer, self.login_rate_per_name]
+            .iter()
+            .flatten()
+            .any(|r| r.burst == 0 || r.per_second == 0)
+        {
+            return Err(ConfigError::ZeroLoginRate);
+        }
+        if self.max_pending_checks_per_peer == Some(0) {
+            return Err(ConfigError::ZeroPendingChecksPerPeer);
         }
         if self
             .rate_limit
@@ -221,6 +251,9 @@ pub enum Output {
     VerifyPassword {
         /// What to hand back with the verdict.
         ticket: VerifyTicket,
+        /// Whose login it is: a driver that queues checks serves peers in
+        /// turn, so that one address's flood does not delay the others.
+        peer: PeerKey,
         /// The stored hash (PHC string).
         hash: HashedPassword,
         /// The password the user sent.
@@ -270,10 +303,15 @@ impl std::fmt::Display for VerifyTicket {
 #[derive(Debug)]
 struct PendingLogin {
     conn: ConnId,
+    peer: PeerKey,
     id: Option<RequestId>,
     name: Username,
     /// `None` for a name without an account (checked against a decoy).
     account: Option<UserId>,
+    /// The verdict on a plaintext password, known already (wrong): the
+    /// check against a decoy hash only makes it cost what a hashed one
+    /// costs.
+    plain_verdict: Option<bool>,
 }
 
 /// Input a connection may send while its login is being checked, beyond
@@ -409,6 +447,8 @@ pub struct Server<S: Store> {
     /// Drains of closed connections whose last frames may still be being
     /// written: the driver says how many were, once it knows.
     closing_drains: HashMap<ConnId, (UserId, Drain)>,
+    /// Per-address limits.
+    peers: Peers,
 }
 
 /// Closed connections whose drain outcome the core waits for, at most:
@@ -451,6 +491,7 @@ impl<S: Store> Server<S> {
             next_ticket: 0,
             draining: 0,
             closing_drains: HashMap::new(),
+            peers: Peers::new(),
             accounts,
             store,
             config,
@@ -459,12 +500,15 @@ impl<S: Store> Server<S> {
         Ok((server, summary))
     }
 
-    /// A new connection: queues its `hello`. `session_random` makes its
+    /// A new connection from `peer` (its address: see
+    /// [`PeerKey::from_ip`]): queues its `hello`. `session_random` makes its
     /// session id (a UUID v4); give it fresh random bytes.
-    pub fn accept(&mut self, session_random: [u8; 16], now: Timestamp) -> ConnId {
+    pub fn accept(&mut self, peer: PeerKey, session_random: [u8; 16], now: Timestamp) -> ConnId {
         let session = uuid::Builder::from_random_bytes(session_random).into_uuid();
+        self.peers.connected(peer, now);
         let mut c = Connection {
             session,
+            peer,
             decoder: FrameDecoder::new(self.config.max_frame_bytes),
             user: None,
             opened: now,
@@ -473,7 +517,7 @@ impl<S: Store> Server<S> {
             bucket: self
                 .config
                 .rate_limit
-                .map(|limit| TokenBucket::new(limit, now)),
+                .map(|limit| TokenBucket::full(limit.burst, now)),
             refused_in_row: 0,
             awaiting: None,
             held_input: Vec::new(),
@@ -544,10 +588,10 @@ impl<S: Store> Server<S> {
     /// and rate limit; an empty message is ignored, as an empty line is.
     ///
     /// ```
-    /// # use chatproto::{Accounts, MemoryStore, Output, Server, ServerConfig, Timestamp};
+    /// # use chatproto::{Accounts, MemoryStore, Output, PeerKey, Server, ServerConfig, Timestamp};
     /// let now = Timestamp::from_unix_millis(0);
     /// let mut server = Server::new(ServerConfig::default(), Accounts::default(), MemoryStore::default(), now).unwrap();
-    /// let conn = server.accept([0; 16], now);
+    /// let conn = server.accept(PeerKey::UNSPECIFIED, [0; 16], now);
     /// server.handle_message(conn, br#"{"id":1,"cmd":"whoami"}"#, now).unwrap();
     /// assert!(server.handle_message(conn, b"whoami\nhelp", now).is_err());
     /// ```
@@ -651,11 +695,10 @@ impl<S: Store> Server<S> {
             }
         }
         for ended in self.lockout.expire(now) {
-            if ended.known {
-                if let Some(id) = self.accounts.id(&ended.name) {
-                    let user = self.accounts.name(id).clone();
-                    self.store.record(Change::LockoutCleared { user });
-                }
+            // Stored for every name, account or not: so is its end.
+            if ended.had_record {
+                self.store
+                    .record(Change::LockoutCleared { user: ended.name });
             }
         }
     }
@@ -674,10 +717,15 @@ impl<S: Store> Server<S> {
         }
         let PendingLogin {
             conn,
+            peer,
             id,
             name,
             account,
+            plain_verdict,
         } = pending;
+        self.peers
+            .check_ended(peer, self.config.login_rate_per_peer);
+        let matches = plain_verdict.unwrap_or(matches);
         let open = self
             .connections
             .get(conn)
@@ -830,12 +878,11 @@ impl<S: Store> Server<S> {
                 self.reschedule(conn);
             }
         }
-        // Lasting state as committed. Failed-login counts of names without
-        // an account are not lasting state; they stay.
+        // Lasting state as committed.
         self.offline.clear();
         self.blocks = BlockList::new(&self.accounts);
         self.presence.forget_last_seen();
-        self.lockout.forget_known();
+        self.lockout.clear_records(now);
         self.restore(committed, now, Restore::AfterFailedCommit);
 
         // What drains handed over went with the discarded output, and their
@@ -1017,13 +1064,12 @@ impl<S: Store> Server<S> {
             self.presence.restore_last_seen(id, at);
             summary.last_seen += 1;
         }
+        // Every name tried, account or not, so that a restart does not
+        // tell them apart.
         for (user, state) in &snapshot.lockouts {
-            if self.accounts.contains(user.as_str()) {
-                self.lockout.restore(user.as_str(), *state, now);
-                summary.lockouts += 1;
-            } else {
-                summary.skipped += 1;
-            }
+            let known = self.accounts.contains(user.as_str());
+            self.lockout.restore(user, known, *state, now);
+            summary.lockouts += 1;
         }
         summary
     }
@@ -1160,14 +1206,45 @@ impl<S: Store> Server<S> {
                 user: self.accounts.name(me).clone(),
             });
         }
+        let peer = self
+            .connections
+            .get(conn)
+            .map_or(PeerKey::UNSPECIFIED, |c| c.peer);
+        if let Some(rate) = self.config.login_rate_per_peer {
+            if !self.peers.take_login(peer, rate, now) {
+                return self.refuse_login(conn, &name, RequestError::RateLimited);
+            }
+        }
+        let account = self.accounts.id(name.as_str());
+        let rate = self.config.login_rate_per_name;
+        match self
+            .lockout
+            .take_attempt(&name, account.is_some(), rate, now)
+        {
+            Ok(true) => {}
+            Ok(false) => return self.refuse_login(conn, &name, RequestError::RateLimited),
+            // Every name tried is tracked; with no room for one more, a new
+            // name waits, account or not.
+            Err(_) => return self.refuse_login(conn, &name, RequestError::Unavailable),
+        }
         if let Some(until) = self.lockout.locked_until(name.as_str(), now) {
             return self.refuse_locked(conn, &name, until, false, now);
         }
-        let account = self.accounts.id(name.as_str());
+        let mut plain_verdict = None;
         let hash = match account.map(|a| self.accounts.get(a).credential()) {
             Some(Credential::Plain(stored)) => {
                 let ok = stored.matches(&password);
-                return self.finish_login(conn, id, name, account, ok, now);
+                match self.accounts.decoy() {
+                    // Hashed accounts beside it: an unknown name costs an
+                    // Argon2id check, so must a wrong password here, or
+                    // timing tells the two apart. The decoy check only
+                    // takes the time; the verdict is known.
+                    Some(decoy) if !ok => {
+                        plain_verdict = Some(false);
+                        decoy.clone()
+                    }
+                    _ => return self.finish_login(conn, id, name, account, ok, now),
+                }
             }
             Some(Credential::Hashed(hash)) => hash.clone(),
             // No such account: as costly as a wrong password, so timing
@@ -1180,11 +1257,16 @@ impl<S: Store> Server<S> {
                 }
             },
         };
-        if self.verifications.len() >= self.config.max_pending_checks {
+        let peer_full = self
+            .config
+            .max_pending_checks_per_peer
+            .is_some_and(|max| self.peers.pending_checks(peer) as usize >= max);
+        if self.verifications.len() >= self.config.max_pending_checks || peer_full {
             // Checks are queued faster than the driver runs them: refuse
             // rather than let the queue (and every login's wait) grow.
             return self.refuse_login(conn, &name, RequestError::Unavailable);
         }
+        self.peers.check_started(peer);
         let ticket = VerifyTicket(self.next_ticket);
         self.next_ticket += 1;
         if let Some(c) = self.connections.get_mut(conn) {
@@ -1194,13 +1276,16 @@ impl<S: Store> Server<S> {
             ticket,
             PendingLogin {
                 conn,
+                peer,
                 id,
                 name,
                 account,
+                plain_verdict,
             },
         );
         self.outputs.push_back(Output::VerifyPassword {
             ticket,
+            peer,
             hash,
             password,
         });
@@ -1211,13 +1296,13 @@ impl<S: Store> Server<S> {
     /// records the change; returns when the lock ends if this failure set
     /// one.
     fn count_failure(&mut self, name: &Username, known: bool, now: Timestamp) -> Option<Timestamp> {
-        let state = self.lockout.record_failure(name.as_str(), known, now);
-        if known {
-            self.store.record(Change::LockoutChanged {
-                user: name.clone(),
-                state,
-            });
-        }
+        let rate = self.config.login_rate_per_name;
+        let state = self.lockout.record_failure(name, known, rate, now);
+        // Stored for every name, so a restart does not tell them apart.
+        self.store.record(Change::LockoutChanged {
+            user: name.clone(),
+            state,
+        });
         let until = state.locked_until?;
         self.event(Event::Locked {
             user: name.clone(),
@@ -1291,7 +1376,7 @@ impl<S: Store> Server<S> {
         if let Some(c) = self.connections.get_mut(conn) {
             c.last_frame = now;
             if let (Some(bucket), Some(limit)) = (&mut c.bucket, self.config.rate_limit) {
-                allowed = bucket.take(limit, now);
+                allowed = bucket.take(limit.burst, limit.per_second, now);
                 if allowed {
                     c.refused_in_row = 0;
                 } else {
@@ -1346,7 +1431,8 @@ impl<S: Store> Server<S> {
                 None => self.refuse_login(conn, &name, RequestError::InvalidCredentials),
             };
         };
-        if self.lockout.record_success(name.as_str()) {
+        let rate = self.config.login_rate_per_name;
+        if self.lockout.record_success(&name, rate, now) {
             self.store
                 .record(Change::LockoutCleared { user: name.clone() });
         }
@@ -1723,6 +1809,8 @@ impl<S: Store> Server<S> {
     fn forget(&mut self, conn: ConnId, now: Timestamp, announce: bool) -> Option<()> {
         let c = self.connections.remove(conn)?;
         self.idle_timers.remove(&(c.idle_timer, conn));
+        self.peers
+            .disconnected(c.peer, self.config.login_rate_per_peer);
         if let Some(drain) = c.drain {
             self.draining -= 1;
             if let Some(user) = c.user.filter(|_| drain.in_flight().messages > 0) {

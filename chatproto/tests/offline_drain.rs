@@ -10,7 +10,8 @@ use std::collections::VecDeque;
 
 use chatproto::{
     Accounts, Change, ConnId, ErrorCode, MemoryStore, OfflineMessage, OfflineTexts, Output,
-    QueueSize, QueuedMessage, Server, ServerConfig, ServerFrame, Snapshot, Timestamp, Username,
+    PeerKey, QueueSize, QueuedMessage, Server, ServerConfig, ServerFrame, Snapshot, Timestamp,
+    Username,
 };
 use common::{accounts, config, T0};
 
@@ -131,7 +132,7 @@ impl<S: chatproto::Store> Driver<S> {
 
     /// A new connection, its `hello` read.
     fn connect(&mut self) -> ConnId {
-        let conn = self.server.accept([7; 16], self.now);
+        let conn = self.server.accept(PeerKey::UNSPECIFIED, [7; 16], self.now);
         self.pump();
         self.write(conn, usize::MAX);
         conn
@@ -296,7 +297,7 @@ fn a_closed_connection_settles_its_drain_with_the_drivers_last_report() {
 fn a_message_sent_during_a_drain_joins_the_end_of_the_queue() {
     let mut d = in_memory();
     queue_for_bob(&mut d, 200, TEXT_1K);
-    let a = d.server.accept([9; 16], d.now);
+    let a = d.server.accept(PeerKey::UNSPECIFIED, [9; 16], d.now);
     d.pump();
     d.send(a, "login carol pw-carol");
     let b = d.login("bob");

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use chatproto::{
     Command, ConnId, DebugTarget, FrameDecoder, FrameError, MemoryStore, MessageText, Output,
-    Password, Request, RequestId, Server, ServerFrame, Timestamp, Username,
+    Password, PeerKey, Request, RequestId, Server, ServerFrame, Timestamp, Username,
 };
 use proptest::prelude::*;
 
@@ -220,7 +220,7 @@ proptest! {
         let mut logged_in: HashMap<ConnId, String> = HashMap::new();
         for (step, op) in ops.into_iter().enumerate() {
             match op {
-                Op::Connect => conns.push(server.accept([step as u8; 16], now)),
+                Op::Connect => conns.push(server.accept(PeerKey::UNSPECIFIED, [step as u8; 16], now)),
                 Op::Send(i, bytes) => {
                     if let Some(&c) = conns.get(i % conns.len().max(1)) {
                         let open = server.is_open(c);

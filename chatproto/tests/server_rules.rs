@@ -6,8 +6,8 @@ mod common;
 use std::time::Duration;
 
 use chatproto::{
-    ByeReason, Change, ConfigError, ErrorCode, Event, LastSeen, MessageFrame, RateLimit, Reply,
-    ServerFrame, Timestamp, UnknownConnection,
+    ByeReason, Change, ConfigError, ErrorCode, Event, LastSeen, MessageFrame, PeerKey, RateLimit,
+    Reply, ServerFrame, Timestamp, UnknownConnection,
 };
 use common::{names, presences, secs, Sim, T0};
 
@@ -16,7 +16,7 @@ use common::{names, presences, secs, Sim, T0};
 #[test]
 fn a_connection_is_greeted_with_hello_and_a_session_from_the_given_bytes() {
     let mut sim = Sim::new();
-    let conn = sim.server.accept([0xab; 16], sim.now);
+    let conn = sim.server.accept(PeerKey::UNSPECIFIED, [0xab; 16], sim.now);
     sim.pump();
     let frames = sim.take(conn);
     let [ServerFrame::Hello { session, version }] = frames.as_slice() else {
@@ -1034,7 +1034,7 @@ fn every_lasting_change_reaches_the_store_in_order() {
         chatproto::Server::new(common::config(), common::accounts(), &mut journal, sim.now)
             .unwrap();
     let now = sim.now;
-    let c = server.accept([0; 16], now);
+    let c = server.accept(PeerKey::UNSPECIFIED, [0; 16], now);
     for line in [
         "login alice pw-alice",
         "block carol",

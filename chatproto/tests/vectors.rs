@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use chatproto::{
-    Accounts, Command, ConnId, MemoryStore, Output, Request, RequestId, Server, ServerConfig,
-    ServerFrame, Timestamp,
+    Accounts, Command, ConnId, MemoryStore, Output, PeerKey, Request, RequestId, Server,
+    ServerConfig, ServerFrame, Timestamp,
 };
 use serde_json::{json, Value};
 
@@ -138,7 +138,7 @@ fn the_transcript_plays_back_exactly() {
         let now = Timestamp::from_unix_millis(START + step["at"].as_u64().unwrap());
         if let Some(name) = step["connect"].as_str() {
             let bytes = hex(str_of(step, "session_random"));
-            let conn = server.accept(bytes, now);
+            let conn = server.accept(PeerKey::UNSPECIFIED, bytes, now);
             conns.insert(name.to_owned(), conn);
             names.insert(conn, name.to_owned());
         } else if let Some(name) = step["send"].as_str() {

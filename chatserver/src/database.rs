@@ -59,6 +59,9 @@ const MIGRATIONS: &[&str] = &[
      UPDATE offline_message SET size = length(CAST(text AS BLOB));
      DROP INDEX offline_message_by_recipient;
      CREATE INDEX offline_message_by_recipient ON offline_message (recipient, seq, size);",
+    // 2 -> 3: when a name's last failure was, so its count can expire. The
+    // table now holds every name tried, account or not.
+    "ALTER TABLE lockout ADD COLUMN last_failure INTEGER;",
 ];
 
 /// The schema version this build reads and writes.
@@ -205,18 +208,22 @@ impl Database {
                 .insert(self.name(user, "last-seen user")?, seen);
         }
         let lockouts = self.rows(
-            "SELECT user, failures, locked_until FROM lockout",
+            "SELECT user, failures, locked_until, last_failure FROM lockout",
             "read lockouts",
-            |r| Ok((r.get(0)?, r.get(1)?, r.get::<_, Option<i64>>(2)?)),
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get::<_, Option<i64>>(2)?,
+                    r.get::<_, Option<i64>>(3)?,
+                ))
+            },
         )?;
-        for (user, failures, locked_until) in lockouts {
-            let locked_until = match locked_until {
-                Some(t) => Some(self.time(t, "locked until")?),
-                None => None,
-            };
+        for (user, failures, locked_until, last_failure) in lockouts {
             let state = LockoutState {
                 failures,
-                locked_until,
+                locked_until: self.optional_time(locked_until, "locked until")?,
+                last_failure: self.optional_time(last_failure, "last failure")?,
             };
             snapshot
                 .lockouts
@@ -301,6 +308,15 @@ impl Database {
     fn name(&self, name: String, what: &str) -> Result<Username, DatabaseError> {
         name.parse()
             .map_err(|e| self.bad(format!("{what} {name:?}: {e}")))
+    }
+
+    /// A time read from a row, where there may be none.
+    fn optional_time(
+        &self,
+        millis: Option<i64>,
+        what: &str,
+    ) -> Result<Option<Timestamp>, DatabaseError> {
+        millis.map(|t| self.time(t, what)).transpose()
     }
 
     /// A time read from a row.
@@ -485,12 +501,13 @@ fn write_change(tx: &Transaction<'_>, change: &Change) -> rusqlite::Result<()> {
         }
         Change::LockoutChanged { user, state } => {
             tx.prepare_cached(
-                "INSERT OR REPLACE INTO lockout (user, failures, locked_until) VALUES (?1, ?2, ?3)",
+                "INSERT OR REPLACE INTO lockout (user, failures, locked_until, last_failure) VALUES (?1, ?2, ?3, ?4)",
             )?
             .execute(params![
                 user.as_str(),
                 state.failures,
-                state.locked_until.map(millis)
+                state.locked_until.map(millis),
+                state.last_failure.map(millis)
             ])?;
         }
         Change::LockoutCleared { user } => {
@@ -615,6 +632,7 @@ mod tests {
                 state: LockoutState {
                     failures: 2,
                     locked_until: Some(Timestamp::from_unix_millis(99)),
+                    last_failure: Some(Timestamp::from_unix_millis(98)),
                 },
             },
             Change::LockoutChanged {
@@ -622,6 +640,7 @@ mod tests {
                 state: LockoutState {
                     failures: 1,
                     locked_until: None,
+                    last_failure: None,
                 },
             },
             Change::LockoutCleared { user: user("dave") },

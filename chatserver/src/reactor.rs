@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chatproto::{
-    ByeReason, CloseReason, ConnId, Event as CoreEvent, MessageError, Output, Server, ServerFrame,
-    Username,
+    ByeReason, CloseReason, ConnId, Event as CoreEvent, MessageError, Output, PeerKey, Server,
+    ServerFrame, Username,
 };
 use polling::{Event, Events, PollMode, Poller};
 use tracing::{debug, error, info, warn};
@@ -557,7 +557,11 @@ impl Reactor {
     /// Opens the core's connection for the socket at `key`.
     fn start_session(&mut self, key: usize) {
         let now = self.clock.now();
-        let conn = self.core.accept(*uuid::Uuid::new_v4().as_bytes(), now);
+        let socket = self.sockets[key].as_ref().expect("keys point at sockets");
+        let peer = PeerKey::from_ip(socket.peer.ip());
+        let conn = self
+            .core
+            .accept(peer, *uuid::Uuid::new_v4().as_bytes(), now);
         if self.by_conn.len() <= conn.index() {
             self.by_conn.resize(conn.index() + 1, None);
         }
@@ -918,9 +922,10 @@ impl Reactor {
                 Output::Event(event) => log_event(&event),
                 Output::VerifyPassword {
                     ticket,
+                    peer,
                     hash,
                     password,
-                } => self.verifier.submit(ticket, hash, password),
+                } => self.verifier.submit(ticket, peer, hash, password),
                 Output::LoadOffline {
                     conn,
                     user,

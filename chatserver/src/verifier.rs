@@ -5,15 +5,20 @@
 //! `Output::VerifyPassword`; the reactor hands it to this pool of worker
 //! threads and takes the verdict back on its next wake-up (a worker wakes
 //! the poller when it has one).
+//!
+//! Waiting checks are served one client address at a time, in turn, so
+//! that an address with many checks queued delays another's by at most
+//! one check each.
 
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Instant;
 
 use argon2::{Algorithm, Argon2, Block, Params, PasswordHash, Version};
-use chatproto::{HashedPassword, Password, VerifyTicket};
+use chatproto::{HashedPassword, Password, PeerKey, VerifyTicket};
 use polling::Poller;
 use tracing::warn;
 
@@ -26,10 +31,45 @@ struct Job {
     password: Password,
 }
 
+/// Checks waiting for a worker: a queue per peer, served in turn.
+#[derive(Debug, Default)]
+struct FairQueue {
+    by_peer: HashMap<PeerKey, VecDeque<Job>>,
+    /// Peers with checks waiting, the next to serve first.
+    turns: VecDeque<PeerKey>,
+    /// The pool is stopping: workers take nothing more.
+    closed: bool,
+}
+
+impl FairQueue {
+    fn push(&mut self, peer: PeerKey, job: Job) {
+        let queue = self.by_peer.entry(peer).or_default();
+        if queue.is_empty() {
+            self.turns.push_back(peer);
+        }
+        queue.push_back(job);
+    }
+
+    fn pop(&mut self) -> Option<Job> {
+        let peer = self.turns.pop_front()?;
+        let queue = self.by_peer.get_mut(&peer)?;
+        let job = queue.pop_front();
+        if queue.is_empty() {
+            self.by_peer.remove(&peer);
+        } else {
+            self.turns.push_back(peer);
+        }
+        job
+    }
+}
+
+/// The queue and the bell workers wait on.
+type Jobs = (Mutex<FairQueue>, Condvar);
+
 /// The worker pool.
 #[derive(Debug)]
 pub struct Verifier {
-    jobs: Option<Sender<Job>>,
+    jobs: Arc<Jobs>,
     /// Set when the pool stops: queued checks are dropped, not run.
     stopping: Arc<AtomicBool>,
     verdicts: Receiver<(Job, bool)>,
@@ -56,14 +96,13 @@ impl Verifier {
     ) -> std::io::Result<Verifier> {
         let rest_per_busy =
             f64::from(100 - cpu_percent.clamp(1, 100)) / f64::from(cpu_percent.max(1));
-        let (jobs, queue) = mpsc::channel::<Job>();
-        let queue = Arc::new(Mutex::new(queue));
+        let jobs: Arc<Jobs> = Arc::default();
         let (verdict_tx, verdicts) = mpsc::channel();
         let stopping = Arc::new(AtomicBool::new(false));
         let cpus = cpu::for_checks(reserved_cpu);
         let mut workers = Vec::new();
         for i in 0..threads.max(1) {
-            let queue = queue.clone();
+            let queue = jobs.clone();
             let verdict_tx = verdict_tx.clone();
             let poller = poller.clone();
             let stopping = stopping.clone();
@@ -78,21 +117,34 @@ impl Verifier {
             );
         }
         Ok(Verifier {
-            jobs: Some(jobs),
+            jobs,
             stopping,
             verdicts,
             workers,
         })
     }
 
-    /// Queues a check.
-    pub fn submit(&self, ticket: VerifyTicket, hash: HashedPassword, password: Password) {
-        if let Some(jobs) = &self.jobs {
-            let _ = jobs.send(Job {
-                ticket,
-                hash,
-                password,
-            });
+    /// Queues a check for a login from `peer`.
+    pub fn submit(
+        &self,
+        ticket: VerifyTicket,
+        peer: PeerKey,
+        hash: HashedPassword,
+        password: Password,
+    ) {
+        let (queue, bell) = &*self.jobs;
+        if let Ok(mut queue) = queue.lock() {
+            if !queue.closed {
+                queue.push(
+                    peer,
+                    Job {
+                        ticket,
+                        hash,
+                        password,
+                    },
+                );
+                bell.notify_one();
+            }
         }
     }
 
@@ -107,7 +159,11 @@ impl Drop for Verifier {
     fn drop(&mut self) {
         // Workers finish the check in hand and drop the rest.
         self.stopping.store(true, Ordering::Relaxed);
-        self.jobs = None;
+        let (queue, bell) = &*self.jobs;
+        if let Ok(mut queue) = queue.lock() {
+            queue.closed = true;
+        }
+        bell.notify_all();
         for worker in self.workers.drain(..) {
             // Out of a rest at once.
             worker.thread().unpark();
@@ -118,7 +174,7 @@ impl Drop for Verifier {
 
 /// One worker: checks jobs until the queue closes.
 fn work(
-    queue: &Mutex<Receiver<Job>>,
+    jobs: &Jobs,
     verdicts: &Sender<(Job, bool)>,
     poller: &Poller,
     stopping: &AtomicBool,
@@ -128,17 +184,24 @@ fn work(
     loop {
         // The lock is held only to take one job; with none waiting, the
         // worker's Argon2 memory goes back before it sleeps.
-        let job = match queue.lock() {
-            Ok(queue) => match queue.try_recv() {
-                Ok(job) => Ok(job),
-                Err(_) => {
-                    memory = Memory::default();
-                    queue.recv()
-                }
-            },
-            Err(_) => return,
+        let (queue, bell) = jobs;
+        let Ok(mut waiting) = queue.lock() else {
+            return;
         };
-        let Ok(job) = job else { return };
+        let job = loop {
+            if waiting.closed {
+                return;
+            }
+            if let Some(job) = waiting.pop() {
+                break job;
+            }
+            memory = Memory::default();
+            waiting = match bell.wait(waiting) {
+                Ok(waiting) => waiting,
+                Err(_) => return,
+            };
+        };
+        drop(waiting);
         if stopping.load(Ordering::Relaxed) {
             return;
         }
@@ -289,14 +352,41 @@ mod tests {
     }
 
     #[test]
+    fn waiting_checks_are_served_one_peer_at_a_time() {
+        let mut q = FairQueue::default();
+        let flood = PeerKey::from_bytes([2; 16]);
+        let user = PeerKey::from_bytes([1; 16]);
+        let job = |n| Job {
+            ticket: ticket(n),
+            hash: cheap_hash("x"),
+            password: "x".parse().unwrap(),
+        };
+        for n in 0..8 {
+            q.push(flood, job(n));
+        }
+        q.push(user, job(100));
+        let order: Vec<u64> = std::iter::from_fn(|| q.pop())
+            .map(|j| j.ticket.into_raw())
+            .collect();
+        // The user's check comes second, not ninth.
+        assert_eq!(order, [0, 100, 1, 2, 3, 4, 5, 6, 7]);
+        assert!(q.by_peer.is_empty() && q.turns.is_empty());
+    }
+
+    #[test]
     fn verdicts_come_back_and_wake_the_poller() {
         // A worker resting under a CPU share still answers every check.
         for (threads, cpu_percent) in [(2, 100), (1, 10)] {
             let poller = Arc::new(Poller::new().unwrap());
             let verifier = Verifier::start(threads, cpu_percent, None, poller.clone()).unwrap();
             let h = cheap_hash("right");
-            verifier.submit(ticket(1), h.clone(), "right".parse().unwrap());
-            verifier.submit(ticket(2), h, "wrong".parse().unwrap());
+            verifier.submit(
+                ticket(1),
+                PeerKey::UNSPECIFIED,
+                h.clone(),
+                "right".parse().unwrap(),
+            );
+            verifier.submit(ticket(2), PeerKey::UNSPECIFIED, h, "wrong".parse().unwrap());
             let mut got = Vec::new();
             let mut events = polling::Events::new();
             while got.len() < 2 {
@@ -317,7 +407,12 @@ mod tests {
         // must not wait for that.
         let poller = Arc::new(Poller::new().unwrap());
         let verifier = Verifier::start(1, 1, None, poller.clone()).unwrap();
-        verifier.submit(ticket(1), hash("right"), "right".parse().unwrap());
+        verifier.submit(
+            ticket(1),
+            PeerKey::UNSPECIFIED,
+            hash("right"),
+            "right".parse().unwrap(),
+        );
         let mut events = polling::Events::new();
         while verifier.verdicts().next().is_none() {
             poller

@@ -10,8 +10,8 @@ use std::time::Duration;
 use arbitrary::{Arbitrary, Unstructured};
 use chatproto::{
     Accounts, Change, CloseReason, Command, ConnId, FrameDecoder, FrameError, HashedPassword,
-    Output, Password, Reply, Request, Server, ServerConfig, ServerFrame, Snapshot, Timestamp,
-    VerifyTicket,
+    Output, Password, PeerKey, Reply, Request, Server, ServerConfig, ServerFrame, Snapshot,
+    Timestamp, VerifyTicket,
 };
 
 /// Frame decoding: never buffers more than the limit, and the frames do
@@ -294,7 +294,7 @@ impl Model {
         config.max_frame_bytes = 256;
         config.offline_queue_capacity = 4;
         config.idle_timeout = Duration::from_secs(30);
-        config.lockout.max_tracked_unknown = 2;
+        config.lockout.max_tracked_names = 4;
         config.admins.insert("root".parse().unwrap());
         config.track_commits = true;
         let now = Timestamp::from_unix_millis(1_700_000_000_000);
@@ -323,7 +323,8 @@ impl Model {
         match op {
             Op::Connect if self.conns.len() < MAX_CONNS => {
                 let random = [self.steps as u8; 16];
-                self.conns.push(self.server.accept(random, self.now));
+                self.conns
+                    .push(self.server.accept(PeerKey::UNSPECIFIED, random, self.now));
             }
             Op::Connect => {}
             Op::Send { conn, line } => {
@@ -406,15 +407,26 @@ impl Model {
         self.release();
     }
 
-    /// Held output goes out.
+    /// Held output goes out, all of it written at once: each connection
+    /// that got frames is reported drained (which hands over the next page
+    /// of an offline queue: collected now, released with the next commit).
     fn release(&mut self) {
+        let mut written = Vec::new();
         for held in std::mem::take(&mut self.held) {
             match held {
-                Held::Frame(conn, frame) => self.observe(conn, frame),
+                Held::Frame(conn, frame) => {
+                    if !written.contains(&conn) {
+                        written.push(conn);
+                    }
+                    self.observe(conn, frame);
+                }
                 Held::Closed(conn) => {
                     self.user_of.remove(&conn);
                 }
             }
+        }
+        for conn in written {
+            let _ = self.server.handle_drained(conn, 0, self.now);
         }
     }
 
@@ -446,6 +458,7 @@ impl Model {
                     ticket,
                     hash,
                     password,
+                    ..
                 } => {
                     assert!(
                         !self.checks.iter().any(|(t, _, _)| *t == ticket),

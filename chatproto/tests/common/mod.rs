@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chatproto::{
     Accounts, ByeReason, ConnId, ErrorCode, ErrorFrame, Event, HashedPassword, MemoryStore,
-    OkFrame, Output, Password, Server, ServerConfig, ServerFrame, Snapshot, Timestamp,
+    OkFrame, Output, Password, PeerKey, Server, ServerConfig, ServerFrame, Snapshot, Timestamp,
     VerifyTicket,
 };
 
@@ -40,6 +40,11 @@ pub fn config() -> ServerConfig {
     // Most rules are about long spells of protocol time on connections
     // that have not logged in; the login timeout has tests of its own.
     config.login_timeout = None;
+    // Likewise the per-address and per-name login limits: every simulated
+    // connection shares one peer key, and tests log in at will.
+    config.login_rate_per_peer = None;
+    config.login_rate_per_name = None;
+    config.max_pending_checks_per_peer = None;
     config
 }
 
@@ -101,8 +106,13 @@ impl Sim {
     }
 
     pub fn connect(&mut self) -> ConnId {
+        self.connect_from(PeerKey::UNSPECIFIED)
+    }
+
+    /// Connects from the client address `peer`.
+    pub fn connect_from(&mut self, peer: PeerKey) -> ConnId {
         self.next_random = self.next_random.wrapping_add(1);
-        let conn = self.server.accept([self.next_random; 16], self.now);
+        let conn = self.server.accept(peer, [self.next_random; 16], self.now);
         self.pump();
         conn
     }
@@ -238,6 +248,7 @@ impl Sim {
                     ticket,
                     hash,
                     password,
+                    ..
                 } => self.verifications.push((ticket, hash, password)),
                 other => panic!("unexpected output {other:?}"),
             }
