@@ -84,8 +84,19 @@ pub fn route(buf: &[u8], config: &HttpConfig) -> Routed {
         _ => return Routed::Respond(not_allowed()),
     };
     let headers = &*request.headers;
-    let header = |name: &str| header(headers, name);
-    if header("content-length").is_some_and(|v| v != "0") || header("transfer-encoding").is_some() {
+    // Copies that disagree mean that something on the way (a proxy) may
+    // have framed the request otherwise than we do: refused, whatever the
+    // values.
+    let mut lengths = values(headers, "content-length").map(<[u8]>::trim_ascii);
+    if let Some(first) = lengths.next() {
+        if lengths.any(|length| length != first) {
+            return Routed::Respond(error(400, "conflicting Content-Length headers", head));
+        }
+        if first != b"0" {
+            return Routed::Respond(error(400, "a GET request has no body", head));
+        }
+    }
+    if values(headers, "transfer-encoding").next().is_some() {
         return Routed::Respond(error(400, "a GET request has no body", head));
     }
     if path == WEBSOCKET_PATH {
@@ -129,7 +140,18 @@ fn asset(path: &str) -> Option<(&'static str, &'static str)> {
         .map(|(_, content_type, body)| (*content_type, *body))
 }
 
-/// The value of header `name`, if present and text.
+/// Every value of header `name`, as sent (text or not), in order.
+fn values<'h, 'a>(
+    headers: &'h [httparse::Header<'a>],
+    name: &'h str,
+) -> impl Iterator<Item = &'a [u8]> + 'h {
+    headers
+        .iter()
+        .filter(move |h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
+/// The value of the first header `name`, if present and text.
 fn header<'a>(headers: &[httparse::Header<'a>], name: &str) -> Option<&'a str> {
     headers
         .iter()
@@ -160,6 +182,11 @@ fn upgrade(
     else {
         return Routed::Respond(error(400, "Sec-WebSocket-Key missing or malformed", false));
     };
+    let mut origins = values(headers, "origin");
+    if let (Some(_), Some(_)) = (origins.next(), origins.next()) {
+        // Which one a check would read is a guess; a browser sends one.
+        return Routed::Respond(error(403, "more than one Origin header", false));
+    }
     if let Some(origin) = header("origin") {
         // Browsers always send Origin; other clients (which a page on
         // another site cannot make) may leave it out.
@@ -339,6 +366,41 @@ mod tests {
                 String::from_utf8_lossy(request)
             );
         }
+        // Copies of a header that frames the request must agree.
+        for (lengths, expected) in [
+            ("0", 200),
+            ("0\r\nContent-Length: 0", 200),
+            ("0\r\nContent-Length: 5", 400),
+        ] {
+            let request = format!("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: {lengths}\r\n\r\n");
+            assert_eq!(
+                status(&route(request.as_bytes(), &config())),
+                expected,
+                "{request}"
+            );
+            let upgrade = ws_request(&format!("Content-Length: {lengths}\r\n"));
+            let expected = if expected == 200 { 101 } else { expected };
+            assert_eq!(
+                status(&route(upgrade.as_bytes(), &config())),
+                expected,
+                "{upgrade}"
+            );
+        }
+        let conflicting = route(
+            b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n",
+            &config(),
+        );
+        let Routed::Respond(r) = conflicting else {
+            panic!()
+        };
+        assert!(std::str::from_utf8(&r)
+            .unwrap()
+            .contains("conflicting Content-Length"));
+        let not_text = route(
+            b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \xff\r\n\r\n",
+            &config(),
+        );
+        assert_eq!(status(&not_text), 400);
         let no_key = ws_request("").replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
         assert_eq!(status(&route(no_key.as_bytes(), &config())), 400);
         let old = ws_request("").replace("Version: 13", "Version: 8");
@@ -379,6 +441,18 @@ mod tests {
         assert_eq!(upgrade("https://127.0.0.1:8080", &secure), 101);
         // No Origin: not a browser, which is what the check guards.
         assert_eq!(status(&route(ws_request("").as_bytes(), &config())), 101);
+        // Two: which one a check reads is not for the client to choose,
+        // even when one of them would pass.
+        for second in ["http://evil.example", "http://127.0.0.1:8080"] {
+            let request = ws_request(&format!(
+                "Origin: http://127.0.0.1:8080\r\nOrigin: {second}\r\n"
+            ));
+            assert_eq!(
+                status(&route(request.as_bytes(), &config())),
+                403,
+                "{second}"
+            );
+        }
     }
 
     #[test]
