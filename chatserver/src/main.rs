@@ -10,6 +10,7 @@ mod credentials;
 mod database;
 mod hash_password;
 mod http;
+mod logging;
 mod output_queue;
 mod reactor;
 mod registration;
@@ -18,7 +19,6 @@ mod tls;
 mod verifier;
 mod websocket;
 
-use std::io::IsTerminal;
 use std::net::TcpListener;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +27,6 @@ use std::sync::Arc;
 use chatproto::{Server, Snapshot};
 use clap::Parser;
 use tracing::{info, warn};
-use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Args, Settings};
 use crate::clock::Clock;
@@ -70,13 +69,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .init();
+    logging::init();
     match serve(settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

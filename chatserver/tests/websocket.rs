@@ -139,6 +139,43 @@ fn a_browser_user_and_a_tcp_user_talk_both_ways() {
 }
 
 #[test]
+fn no_password_or_message_text_reaches_the_log_even_at_trace() {
+    const PASSWORD: &str = "pw-Quokka-Sesame-7741";
+    const TO_BOB: &str = "the eagle lands at dawn 4417";
+    const TO_ERIN: &str = "bravo reply over tcp 9931";
+    let credentials = format!("{}erin {PASSWORD}\n", common::CREDENTIALS);
+    let server = TestServer::start_with_env(
+        &credentials,
+        &["--listen", "127.0.0.1:0"],
+        &["--http", "127.0.0.1:0", "--no-db"],
+        // Even asked for by name.
+        &[("RUST_LOG", "trace,tungstenite::protocol=trace")],
+    );
+    let http = server.http_addr();
+    let mut erin = connect(http, None).unwrap();
+    let login = format!(r#"{{"cmd":"login","user":"erin","password":"{PASSWORD}","id":1}}"#);
+    assert_eq!(erin.ask(&login)["type"], "ok");
+    let mut bob = server.login("bob");
+    assert_eq!(erin.ask(&format!("message bob {TO_BOB}"))["type"], "ok");
+    assert_eq!(bob.recv_type("message")["text"], TO_BOB);
+    assert_eq!(bob.ask(&format!("message erin {TO_ERIN}"))["type"], "ok");
+    assert_eq!(erin.recv_type("message")["text"], TO_ERIN);
+    assert_eq!(erin.ask("logout")["cmd"], "logout");
+    // Logged after everything above was read and written.
+    server.wait_for_log("logged out");
+    let log = server.log().join("\n");
+    // The level took: the reactor's debug lines are there.
+    assert!(log.contains("HTTP connection"), "{log}");
+    for secret in [PASSWORD, TO_BOB, TO_ERIN] {
+        // As text, or as the hex dump of a frame's payload.
+        let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+        for shape in [secret, hex.as_str()] {
+            assert!(!log.contains(shape), "{shape:?} is in the log:\n{log}");
+        }
+    }
+}
+
+#[test]
 fn the_chat_page_is_served_and_everything_else_refused() {
     let (_server, http) = start(&[]);
     let page = http_exchange(http, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
