@@ -11,6 +11,7 @@ mod database;
 mod hash_password;
 mod http;
 mod logging;
+mod origin;
 mod output_queue;
 mod reactor;
 mod registration;
@@ -142,14 +143,22 @@ fn serve(settings: Settings) -> Result<(), String> {
         let bound = socket.local_addr().map_err(|e| e.to_string())?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         http_url = Some(format!("{scheme}://{bound}/"));
+        let origins = origin::Origins::new(
+            tls.is_some(),
+            bound,
+            &settings.public_hosts,
+            settings.allowed_origins.clone(),
+        );
+        if !origins.knows_the_pages_own() {
+            warn!(
+                "--http {bound} listens on every address, so which name browsers reach the page at is unknown: their WebSocket sessions will be refused (403) unless --public-host names it (or --allow-origin its origin)"
+            );
+        }
         listeners.push(Listener {
             socket,
             // With TLS configured, the page and its WebSocket are HTTPS/WSS.
             tls: tls.clone(),
-            http: Some(Arc::new(http::HttpConfig {
-                secure: tls.is_some(),
-                allowed_origins: settings.allowed_origins.clone(),
-            })),
+            http: Some(Arc::new(http::HttpConfig { origins })),
         });
     }
 

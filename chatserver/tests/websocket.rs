@@ -203,16 +203,55 @@ fn the_chat_page_is_served_and_everything_else_refused() {
     assert!(response.starts_with("HTTP/1.1 431 "), "{response}");
 }
 
-#[test]
-fn a_websocket_from_another_origin_is_refused() {
-    let (_server, http) = start(&["--allow-origin", "https://chat.example.com"]);
-    match connect(http, Some("http://evil.example")) {
+/// Asserts that a handshake was refused with a 403.
+fn refused<S: Read + Write>(result: Result<WsClient<S>, tungstenite::Error>) {
+    match result {
         Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("a foreign origin got a session"),
     }
-    assert!(connect(http, Some("https://chat.example.com")).is_ok());
-    assert!(connect(http, Some(&format!("http://{http}"))).is_ok());
+}
+
+#[test]
+fn a_websocket_from_another_origin_is_refused() {
+    let (_server, http) = start(&[
+        "--allow-origin",
+        "https://chat.example.com",
+        "--public-host",
+        "chat.test",
+    ]);
+    let port = http.port();
+    refused(connect(http, Some("http://evil.example")));
+    // A page on a name its author pointed at this server (DNS
+    // rebinding): its Host header agrees with its origin, and is no guide.
+    let stream = TcpStream::connect(http).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let rebound = format!("rebound.example:{port}");
+    refused(handshake(
+        &format!("ws://{rebound}/ws"),
+        stream,
+        Some(&format!("http://{rebound}")),
+    ));
+    for origin in [
+        "https://chat.example.com".to_owned(),
+        format!("http://{http}"),
+        format!("http://localhost:{port}"),
+        format!("http://chat.test:{port}"),
+    ] {
+        assert!(connect(http, Some(&origin)).is_ok(), "{origin}");
+    }
+}
+
+#[test]
+fn a_wildcard_listener_warns_that_browsers_will_be_refused() {
+    // Nothing connects to it but over loopback.
+    let server = TestServer::start(&["--http", "0.0.0.0:0", "--no-db"]);
+    server.wait_for_log("listens on every address");
+    let port = server.http_addr().port();
+    let http = SocketAddr::from(([127, 0, 0, 1], port));
+    refused(connect(http, Some(&format!("http://{http}"))));
+    // Clients that are not browsers still get a session.
+    assert!(connect(http, None).is_ok());
 }
 
 #[test]
