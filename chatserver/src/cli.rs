@@ -8,6 +8,8 @@ use std::time::Duration;
 use chatproto::{OfflineTexts, RateLimit, ServerConfig, Username};
 use clap::Parser;
 
+use crate::origin::{Origin, PublicHost};
+
 /// Serves the chatproto instant-messaging protocol over TCP.
 ///
 /// Also accepts the positional form `chatserver PORT BLOCK_DURATION TIMEOUT`:
@@ -131,10 +133,18 @@ pub struct Args {
     #[arg(long, value_name = "ADDR")]
     http: Option<SocketAddr>,
 
+    /// A name (or address) browsers reach the chat page at, with the port
+    /// if it is not the --http one (e.g. chat.example.com; repeatable):
+    /// the page loaded from it may open a WebSocket. The --http address,
+    /// and localhost on a loopback address, need none; a wildcard address
+    /// (0.0.0.0, ::) needs one for browsers to get a session.
+    #[arg(long = "public-host", value_name = "HOST[:PORT]", requires = "http", value_parser = crate::origin::parse_public_host)]
+    public_hosts: Vec<PublicHost>,
+
     /// An origin besides the page's own whose pages may open a WebSocket
     /// (e.g. https://chat.example.com; repeatable).
-    #[arg(long = "allow-origin", value_name = "ORIGIN", requires = "http", value_parser = crate::http::parse_origin)]
-    allowed_origins: Vec<String>,
+    #[arg(long = "allow-origin", value_name = "ORIGIN", requires = "http", value_parser = crate::origin::parse_origin)]
+    allowed_origins: Vec<Origin>,
 
     /// Worker threads that check password hashes, off the event loop.
     /// Default: one per CPU but one (at least one).
@@ -192,8 +202,10 @@ pub struct Settings {
     pub tls_listen: Option<SocketAddr>,
     /// Where the chat page and its WebSocket are served.
     pub http: Option<SocketAddr>,
+    /// Names browsers reach the chat page at, besides its address.
+    pub public_hosts: Vec<PublicHost>,
     /// Origins allowed to open a WebSocket besides the page's own.
-    pub allowed_origins: Vec<String>,
+    pub allowed_origins: Vec<Origin>,
     pub shutdown_grace: Duration,
 }
 
@@ -297,6 +309,7 @@ impl Args {
             tls: self.tls_cert.zip(self.tls_key),
             tls_listen: self.tls_listen,
             http: self.http,
+            public_hosts: self.public_hosts,
             allowed_origins: self.allowed_origins,
             verify_cpu_percent: self.verify_cpu_percent,
             reactor_cpu: self.reactor_cpu,
@@ -433,5 +446,38 @@ mod tests {
         assert!(settings(&["--max-frame-bytes", "3"])
             .unwrap_err()
             .contains("frame limit"));
+    }
+
+    #[test]
+    fn public_hosts_and_allowed_origins() {
+        let s = settings(&[
+            "--http",
+            "0.0.0.0:8080",
+            "--public-host",
+            "Chat.Example.com",
+            "--public-host",
+            "[2001:db8::7]:443",
+            "--allow-origin",
+            "https://app.example.com",
+        ])
+        .unwrap();
+        assert_eq!(s.public_hosts.len(), 2);
+        assert_eq!(s.public_hosts[0].host.to_string(), "chat.example.com");
+        assert_eq!(s.public_hosts[1].port, Some(443));
+        assert_eq!(s.allowed_origins[0].to_string(), "https://app.example.com");
+        // Checked as the command line is read, with the reason.
+        for bad in [
+            "http://chat.example.com",
+            "chat.example.com:0",
+            "2001:db8::7",
+        ] {
+            let e = settings(&["--http", "0.0.0.0:8080", "--public-host", bad]).unwrap_err();
+            assert!(
+                e.contains("expected the host name or IP address browsers reach"),
+                "{bad}: {e}"
+            );
+        }
+        let alone = settings(&["--public-host", "chat.example.com"]).unwrap_err();
+        assert!(alone.contains("--http"), "{alone}");
     }
 }

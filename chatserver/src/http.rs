@@ -4,10 +4,14 @@
 //! Requests are parsed with `httparse` from a bounded buffer: at most
 //! [`MAX_REQUEST_BYTES`] and [`MAX_HEADERS`] headers, or the answer is a
 //! 431. Only `GET` (and `HEAD`) of the page's files and of `/ws` are served;
-//! anything else gets the matching 4xx. A WebSocket upgrade must come from
-//! the page's own origin or one allowed with `--allow-origin`.
+//! anything else gets the matching 4xx. A WebSocket upgrade from a browser
+//! must come from an origin the [`Origins`] rule allows: the page's own, as
+//! configured (not as the request's `Host` says), or one allowed with
+//! `--allow-origin`.
 
 use bytes::Bytes;
+
+use crate::origin::Origins;
 
 /// The largest request head accepted, in bytes.
 pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
@@ -19,11 +23,8 @@ pub const WEBSOCKET_PATH: &str = "/ws";
 /// What the HTTP listener needs to know.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
-    /// Served over TLS: the page's origin is `https://…`.
-    pub secure: bool,
-    /// Origins allowed to open a WebSocket besides the page's own, as
-    /// `scheme://host[:port]`.
-    pub allowed_origins: Vec<String>,
+    /// Whose pages may open a WebSocket.
+    pub origins: Origins,
 }
 
 /// What to do with the bytes read so far.
@@ -36,27 +37,6 @@ pub enum Routed {
     /// Send this `101` response and speak WebSocket from here; the request
     /// took the first `consumed` bytes (a client may send frames at once).
     Upgrade { response: Bytes, consumed: usize },
-}
-
-/// An `--allow-origin` value that is not an origin.
-#[derive(Debug, thiserror::Error)]
-#[error("--allow-origin {0:?}: expected an origin such as https://chat.example.com or http://localhost:8080 (scheme, host, optional port; no path)")]
-pub struct BadOrigin(String);
-
-/// Checks and normalizes an `--allow-origin` value.
-pub fn parse_origin(value: &str) -> Result<String, BadOrigin> {
-    let bad = || BadOrigin(value.to_owned());
-    let (scheme, rest) = value.split_once("://").ok_or_else(bad)?;
-    if !matches!(scheme, "http" | "https") || rest.is_empty() {
-        return Err(bad());
-    }
-    let valid = rest
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b));
-    if !valid {
-        return Err(bad());
-    }
-    Ok(value.to_ascii_lowercase())
 }
 
 /// Routes the request at the start of `buf`.
@@ -84,8 +64,19 @@ pub fn route(buf: &[u8], config: &HttpConfig) -> Routed {
         _ => return Routed::Respond(not_allowed()),
     };
     let headers = &*request.headers;
-    let header = |name: &str| header(headers, name);
-    if header("content-length").is_some_and(|v| v != "0") || header("transfer-encoding").is_some() {
+    // Copies that disagree mean that something on the way (a proxy) may
+    // have framed the request otherwise than we do: refused, whatever the
+    // values.
+    let mut lengths = values(headers, "content-length").map(<[u8]>::trim_ascii);
+    if let Some(first) = lengths.next() {
+        if lengths.any(|length| length != first) {
+            return Routed::Respond(error(400, "conflicting Content-Length headers", head));
+        }
+        if first != b"0" {
+            return Routed::Respond(error(400, "a GET request has no body", head));
+        }
+    }
+    if values(headers, "transfer-encoding").next().is_some() {
         return Routed::Respond(error(400, "a GET request has no body", head));
     }
     if path == WEBSOCKET_PATH {
@@ -129,7 +120,18 @@ fn asset(path: &str) -> Option<(&'static str, &'static str)> {
         .map(|(_, content_type, body)| (*content_type, *body))
 }
 
-/// The value of header `name`, if present and text.
+/// Every value of header `name`, as sent (text or not), in order.
+fn values<'h, 'a>(
+    headers: &'h [httparse::Header<'a>],
+    name: &'h str,
+) -> impl Iterator<Item = &'a [u8]> + 'h {
+    headers
+        .iter()
+        .filter(move |h| h.name.eq_ignore_ascii_case(name))
+        .map(|h| h.value)
+}
+
+/// The value of the first header `name`, if present and text.
 fn header<'a>(headers: &[httparse::Header<'a>], name: &str) -> Option<&'a str> {
     headers
         .iter()
@@ -160,15 +162,18 @@ fn upgrade(
     else {
         return Routed::Respond(error(400, "Sec-WebSocket-Key missing or malformed", false));
     };
-    if let Some(origin) = header("origin") {
+    let mut origins = values(headers, "origin");
+    if let (Some(_), Some(_)) = (origins.next(), origins.next()) {
+        // Which one a check would read is a guess; a browser sends one.
+        return Routed::Respond(error(403, "more than one Origin header", false));
+    }
+    if let Some(origin) = values(headers, "origin").next() {
         // Browsers always send Origin; other clients (which a page on
-        // another site cannot make) may leave it out.
-        let own = header("host").map(|host| {
-            let scheme = if config.secure { "https" } else { "http" };
-            format!("{scheme}://{host}").to_ascii_lowercase()
-        });
-        let origin = origin.to_ascii_lowercase();
-        if own.as_deref() != Some(origin.as_str()) && !config.allowed_origins.contains(&origin) {
+        // another site cannot make) may leave it out. The Host header is
+        // no guide to which origin is the page's own: see crate::origin.
+        let origin = String::from_utf8_lossy(origin);
+        let origin = origin.trim();
+        if !config.origins.allow(origin) {
             return Routed::Respond(error(
                 403,
                 &format!("origin {origin} may not open a chat session here"),
@@ -253,11 +258,16 @@ pub fn unavailable(reason: &str) -> Bytes {
 mod tests {
     use super::*;
 
-    fn config() -> HttpConfig {
+    /// A listener on 127.0.0.1:8080, plaintext unless `secure`.
+    fn config_with(secure: bool) -> HttpConfig {
+        let allowed = vec![crate::origin::parse_origin("https://chat.example.com").unwrap()];
         HttpConfig {
-            secure: false,
-            allowed_origins: vec!["https://chat.example.com".to_owned()],
+            origins: Origins::new(secure, "127.0.0.1:8080".parse().unwrap(), &[], allowed),
         }
+    }
+
+    fn config() -> HttpConfig {
+        config_with(false)
     }
 
     fn status(routed: &Routed) -> u16 {
@@ -269,8 +279,13 @@ mod tests {
     }
 
     fn ws_request(extra: &str) -> String {
+        ws_request_to("127.0.0.1:8080", extra)
+    }
+
+    /// An upgrade request whose Host header says `host`.
+    fn ws_request_to(host: &str, extra: &str) -> String {
         format!(
-            "GET /ws HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
+            "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
         )
     }
@@ -339,6 +354,41 @@ mod tests {
                 String::from_utf8_lossy(request)
             );
         }
+        // Copies of a header that frames the request must agree.
+        for (lengths, expected) in [
+            ("0", 200),
+            ("0\r\nContent-Length: 0", 200),
+            ("0\r\nContent-Length: 5", 400),
+        ] {
+            let request = format!("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: {lengths}\r\n\r\n");
+            assert_eq!(
+                status(&route(request.as_bytes(), &config())),
+                expected,
+                "{request}"
+            );
+            let upgrade = ws_request(&format!("Content-Length: {lengths}\r\n"));
+            let expected = if expected == 200 { 101 } else { expected };
+            assert_eq!(
+                status(&route(upgrade.as_bytes(), &config())),
+                expected,
+                "{upgrade}"
+            );
+        }
+        let conflicting = route(
+            b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n",
+            &config(),
+        );
+        let Routed::Respond(r) = conflicting else {
+            panic!()
+        };
+        assert!(std::str::from_utf8(&r)
+            .unwrap()
+            .contains("conflicting Content-Length"));
+        let not_text = route(
+            b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \xff\r\n\r\n",
+            &config(),
+        );
+        assert_eq!(status(&not_text), 400);
         let no_key = ws_request("").replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
         assert_eq!(status(&route(no_key.as_bytes(), &config())), 400);
         let old = ws_request("").replace("Version: 13", "Version: 8");
@@ -371,31 +421,45 @@ mod tests {
         assert_eq!(upgrade("https://chat.example.com", &config()), 101);
         assert_eq!(upgrade("http://evil.example", &config()), 403);
         assert_eq!(upgrade("http://127.0.0.1:8081", &config()), 403);
-        let secure = HttpConfig {
-            secure: true,
-            ..config()
-        };
+        assert_eq!(upgrade("http://localhost:8080", &config()), 101);
+        assert_eq!(upgrade("null", &config()), 403);
+        let secure = config_with(true);
         assert_eq!(upgrade("http://127.0.0.1:8080", &secure), 403);
         assert_eq!(upgrade("https://127.0.0.1:8080", &secure), 101);
         // No Origin: not a browser, which is what the check guards.
         assert_eq!(status(&route(ws_request("").as_bytes(), &config())), 101);
+        // Two: which one a check reads is not for the client to choose,
+        // even when one of them would pass.
+        for second in ["http://evil.example", "http://127.0.0.1:8080"] {
+            let request = ws_request(&format!(
+                "Origin: http://127.0.0.1:8080\r\nOrigin: {second}\r\n"
+            ));
+            assert_eq!(
+                status(&route(request.as_bytes(), &config())),
+                403,
+                "{second}"
+            );
+        }
     }
 
     #[test]
-    fn allowed_origins_are_checked_at_start_up() {
+    fn the_host_header_does_not_say_which_origin_is_the_pages_own() {
+        let upgrade = |host: &str, origin: &str| {
+            status(&route(
+                ws_request_to(host, &format!("Origin: {origin}\r\n")).as_bytes(),
+                &config(),
+            ))
+        };
+        // A page on a name its author controls, pointed at this server
+        // (DNS rebinding): its origin and the Host header agree.
         assert_eq!(
-            parse_origin("https://Chat.Example.com").unwrap(),
-            "https://chat.example.com"
+            upgrade("rebound.example:8080", "http://rebound.example:8080"),
+            403
         );
-        assert!(parse_origin("http://[::1]:8080").is_ok());
-        for bad in [
-            "chat.example.com",
-            "ftp://x",
-            "https://",
-            "https://x/path",
-            "*",
-        ] {
-            assert!(parse_origin(bad).is_err(), "{bad}");
-        }
+        // The page's own origin passes whatever the Host header says.
+        assert_eq!(
+            upgrade("rebound.example:8080", "http://127.0.0.1:8080"),
+            101
+        );
     }
 }

@@ -10,6 +10,8 @@ mod credentials;
 mod database;
 mod hash_password;
 mod http;
+mod logging;
+mod origin;
 mod output_queue;
 mod reactor;
 mod registration;
@@ -18,7 +20,6 @@ mod tls;
 mod verifier;
 mod websocket;
 
-use std::io::IsTerminal;
 use std::net::TcpListener;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +28,6 @@ use std::sync::Arc;
 use chatproto::{Server, Snapshot};
 use clap::Parser;
 use tracing::{info, warn};
-use tracing_subscriber::EnvFilter;
 
 use crate::cli::{Args, Settings};
 use crate::clock::Clock;
@@ -70,13 +70,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none())
-        .init();
+    logging::init();
     match serve(settings) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -149,14 +143,22 @@ fn serve(settings: Settings) -> Result<(), String> {
         let bound = socket.local_addr().map_err(|e| e.to_string())?;
         let scheme = if tls.is_some() { "https" } else { "http" };
         http_url = Some(format!("{scheme}://{bound}/"));
+        let origins = origin::Origins::new(
+            tls.is_some(),
+            bound,
+            &settings.public_hosts,
+            settings.allowed_origins.clone(),
+        );
+        if !origins.knows_the_pages_own() {
+            warn!(
+                "--http {bound} listens on every address, so which name browsers reach the page at is unknown: their WebSocket sessions will be refused (403) unless --public-host names it (or --allow-origin its origin)"
+            );
+        }
         listeners.push(Listener {
             socket,
             // With TLS configured, the page and its WebSocket are HTTPS/WSS.
             tls: tls.clone(),
-            http: Some(Arc::new(http::HttpConfig {
-                secure: tls.is_some(),
-                allowed_origins: settings.allowed_origins.clone(),
-            })),
+            http: Some(Arc::new(http::HttpConfig { origins })),
         });
     }
 

@@ -12,6 +12,7 @@
 use std::io::{self, Read, Write};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use tungstenite::error::CapacityError;
 use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
 use tungstenite::protocol::frame::{CloseFrame, FrameHeader};
 use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
@@ -105,6 +106,10 @@ impl WebSocket {
                 }
                 Err(e) => {
                     let code = match e {
+                        tungstenite::Error::Capacity(CapacityError::MessageTooLong {
+                            size,
+                            ..
+                        }) if reserved_length(size) => CloseCode::Protocol,
                         tungstenite::Error::Capacity(_) => CloseCode::Size,
                         tungstenite::Error::Utf8(_) => CloseCode::Invalid,
                         _ => CloseCode::Protocol,
@@ -149,6 +154,16 @@ impl WebSocket {
         // Writing into a Vec cannot fail.
         let _ = frame.format(out);
     }
+}
+
+/// Whether a frame's payload length, as tungstenite reports it, has the
+/// top bit of the 64-bit length set. RFC 6455 (5.2) requires that bit to
+/// be 0, so such a header is malformed (1002), not merely too long
+/// (1009); tungstenite refuses it as too long, since no limit reaches it.
+/// The length comes as a `usize`, cast from the header's `u64`: exact on
+/// the 64-bit targets the server is built for.
+fn reserved_length(size: usize) -> bool {
+    (size as u64) >> 63 != 0
 }
 
 /// Encodes one core output (one or more `\n`-ended frames) as text
@@ -288,6 +303,13 @@ mod tests {
         );
         // Unmasked, as only a server may send.
         assert_eq!(status(&[0x81, 1, b'x']), 1002);
+        // A 64-bit length with its top bit set, which RFC 6455 (5.2)
+        // forbids: a malformed header, not merely a long message.
+        let header =
+            |length: u64| [&[0x81, 0xff][..], &length.to_be_bytes(), &[1, 2, 3, 4]].concat();
+        assert_eq!(status(&header(1 << 63)), 1002);
+        assert_eq!(status(&header(u64::MAX)), 1002);
+        assert_eq!(status(&header((1 << 63) - 1)), 1009);
         // Within the limit, long messages reach the core, which refuses them.
         let mut ws = WebSocket::new(16);
         assert_eq!(ws.receive(&text(&"x".repeat(64))).frames.len(), 1);

@@ -139,6 +139,43 @@ fn a_browser_user_and_a_tcp_user_talk_both_ways() {
 }
 
 #[test]
+fn no_password_or_message_text_reaches_the_log_even_at_trace() {
+    const PASSWORD: &str = "pw-Quokka-Sesame-7741";
+    const TO_BOB: &str = "the eagle lands at dawn 4417";
+    const TO_ERIN: &str = "bravo reply over tcp 9931";
+    let credentials = format!("{}erin {PASSWORD}\n", common::CREDENTIALS);
+    let server = TestServer::start_with_env(
+        &credentials,
+        &["--listen", "127.0.0.1:0"],
+        &["--http", "127.0.0.1:0", "--no-db"],
+        // Even asked for by name.
+        &[("RUST_LOG", "trace,tungstenite::protocol=trace")],
+    );
+    let http = server.http_addr();
+    let mut erin = connect(http, None).unwrap();
+    let login = format!(r#"{{"cmd":"login","user":"erin","password":"{PASSWORD}","id":1}}"#);
+    assert_eq!(erin.ask(&login)["type"], "ok");
+    let mut bob = server.login("bob");
+    assert_eq!(erin.ask(&format!("message bob {TO_BOB}"))["type"], "ok");
+    assert_eq!(bob.recv_type("message")["text"], TO_BOB);
+    assert_eq!(bob.ask(&format!("message erin {TO_ERIN}"))["type"], "ok");
+    assert_eq!(erin.recv_type("message")["text"], TO_ERIN);
+    assert_eq!(erin.ask("logout")["cmd"], "logout");
+    // Logged after everything above was read and written.
+    server.wait_for_log("logged out");
+    let log = server.log().join("\n");
+    // The level took: the reactor's debug lines are there.
+    assert!(log.contains("HTTP connection"), "{log}");
+    for secret in [PASSWORD, TO_BOB, TO_ERIN] {
+        // As text, or as the hex dump of a frame's payload.
+        let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+        for shape in [secret, hex.as_str()] {
+            assert!(!log.contains(shape), "{shape:?} is in the log:\n{log}");
+        }
+    }
+}
+
+#[test]
 fn the_chat_page_is_served_and_everything_else_refused() {
     let (_server, http) = start(&[]);
     let page = http_exchange(http, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
@@ -166,16 +203,55 @@ fn the_chat_page_is_served_and_everything_else_refused() {
     assert!(response.starts_with("HTTP/1.1 431 "), "{response}");
 }
 
-#[test]
-fn a_websocket_from_another_origin_is_refused() {
-    let (_server, http) = start(&["--allow-origin", "https://chat.example.com"]);
-    match connect(http, Some("http://evil.example")) {
+/// Asserts that a handshake was refused with a 403.
+fn refused<S: Read + Write>(result: Result<WsClient<S>, tungstenite::Error>) {
+    match result {
         Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("a foreign origin got a session"),
     }
-    assert!(connect(http, Some("https://chat.example.com")).is_ok());
-    assert!(connect(http, Some(&format!("http://{http}"))).is_ok());
+}
+
+#[test]
+fn a_websocket_from_another_origin_is_refused() {
+    let (_server, http) = start(&[
+        "--allow-origin",
+        "https://chat.example.com",
+        "--public-host",
+        "chat.test",
+    ]);
+    let port = http.port();
+    refused(connect(http, Some("http://evil.example")));
+    // A page on a name its author pointed at this server (DNS
+    // rebinding): its Host header agrees with its origin, and is no guide.
+    let stream = TcpStream::connect(http).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let rebound = format!("rebound.example:{port}");
+    refused(handshake(
+        &format!("ws://{rebound}/ws"),
+        stream,
+        Some(&format!("http://{rebound}")),
+    ));
+    for origin in [
+        "https://chat.example.com".to_owned(),
+        format!("http://{http}"),
+        format!("http://localhost:{port}"),
+        format!("http://chat.test:{port}"),
+    ] {
+        assert!(connect(http, Some(&origin)).is_ok(), "{origin}");
+    }
+}
+
+#[test]
+fn a_wildcard_listener_warns_that_browsers_will_be_refused() {
+    // Nothing connects to it but over loopback.
+    let server = TestServer::start(&["--http", "0.0.0.0:0", "--no-db"]);
+    server.wait_for_log("listens on every address");
+    let port = server.http_addr().port();
+    let http = SocketAddr::from(([127, 0, 0, 1], port));
+    refused(connect(http, Some(&format!("http://{http}"))));
+    // Clients that are not browsers still get a session.
+    assert!(connect(http, None).is_ok());
 }
 
 #[test]

@@ -58,8 +58,20 @@ impl TestServer {
 
     /// Starts the server in a fresh temporary directory.
     pub fn start_with(credentials: &str, listen: &[&str], args: &[&str]) -> TestServer {
+        TestServer::start_with_env(credentials, listen, args, &[])
+    }
+
+    /// As [`TestServer::start_with`], with environment variables set for
+    /// the server on top of the harness's own (`RUST_LOG=info`), which
+    /// they override.
+    pub fn start_with_env(
+        credentials: &str,
+        listen: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestServer {
         let dir = tempfile::tempdir().unwrap();
-        let mut server = TestServer::start_in(dir.path(), credentials, listen, args);
+        let mut server = TestServer::start_in_with_env(dir.path(), credentials, listen, args, env);
         server._owned_dir = Some(dir);
         server
     }
@@ -73,6 +85,18 @@ impl TestServer {
         listen: &[&str],
         args: &[&str],
     ) -> TestServer {
+        TestServer::start_in_with_env(dir, credentials, listen, args, &[])
+    }
+
+    /// As [`TestServer::start_in`], with environment variables that
+    /// override the harness's own (see [`TestServer::start_with_env`]).
+    pub fn start_in_with_env(
+        dir: &std::path::Path,
+        credentials: &str,
+        listen: &[&str],
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> TestServer {
         let path = dir.join("credentials.txt");
         std::fs::write(&path, credentials).unwrap();
         let mut child = binary()
@@ -82,6 +106,7 @@ impl TestServer {
             .arg(&path)
             .args(args)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
