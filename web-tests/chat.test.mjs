@@ -66,8 +66,13 @@ after(async () => {
 async function startServer(extraArgs = []) {
   const credentials = path.join(workDir, 'credentials.txt');
   fs.writeFileSync(credentials, Object.entries(ACCOUNTS).map(([u, p]) => `${u} ${p}\n`).join(''));
+  // Every browser comes from 127.0.0.1: the per-address limits are off.
+  const limitsOff = ['--max-connections-per-ip', '--max-unauthenticated-percent', '--max-pending-checks-per-ip',
+    '--login-rate-per-ip', '--login-rate-per-name', '--tls-handshakes-per-ip', '--tls-handshakes']
+    .filter((flag) => !extraArgs.includes(flag))
+    .flatMap((flag) => [flag, '0']);
   const args = ['--listen', '127.0.0.1:0', '--http', '127.0.0.1:0', '--no-db', '--credentials', credentials,
-    ...extraArgs];
+    ...limitsOff, ...extraArgs];
   const child = spawn(serverBin, args, {
     stdio: ['ignore', 'ignore', 'pipe'],
     env: { ...process.env, NO_COLOR: '1' },

@@ -59,6 +59,8 @@ pub(crate) struct Connection {
     pub(crate) idle_timer: Timestamp,
     /// Present when the server limits frame rates.
     pub(crate) bucket: Option<TokenBucket>,
+    /// Present when the server limits the bytes of frames.
+    pub(crate) byte_bucket: Option<TokenBucket>,
     /// Frames refused by the rate limit since the last one let through.
     pub(crate) refused_in_row: u32,
     /// Its login's password is being checked.
@@ -155,6 +157,7 @@ mod tests {
             last_frame: Timestamp::ZERO,
             idle_timer: Timestamp::ZERO,
             bucket: None,
+            byte_bucket: None,
             refused_in_row: 0,
             awaiting: None,
             held_input: Vec::new(),

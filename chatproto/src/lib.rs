@@ -112,7 +112,7 @@ pub use lockout::{LockoutPolicy, LockoutState};
 pub use offline::{MailboxLimit, OfflineMessage, OfflineTexts, QueueSize, QueuedMessage};
 pub use password::{HashedPassword, InvalidHash, InvalidPassword, Password};
 pub use peer::PeerKey;
-pub use rate_limit::{LoginRate, RateLimit};
+pub use rate_limit::{Rate, RateLimit};
 pub use request::{Rejected, Request, RequestId};
 pub use server::{
     CloseReason, ConfigError, Event, MessageError, Output, RestoreSummary, Server, ServerConfig,

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::rate_limit::{LoginRate, TokenBucket};
+use crate::rate_limit::{Rate, TokenBucket};
 use crate::time::Timestamp;
 use crate::username::Username;
 
@@ -128,7 +128,7 @@ impl Lockout {
         &mut self,
         name: &Username,
         known: bool,
-        rate: Option<LoginRate>,
+        rate: Option<Rate>,
         now: Timestamp,
     ) -> Result<bool, TableFull> {
         if !self.entries.contains_key(name.as_str()) {
@@ -159,7 +159,7 @@ impl Lockout {
         &mut self,
         name: &Username,
         known: bool,
-        rate: Option<LoginRate>,
+        rate: Option<Rate>,
         now: Timestamp,
     ) -> LockoutState {
         if !self.entries.contains_key(name.as_str()) {
@@ -194,7 +194,7 @@ impl Lockout {
     pub(crate) fn record_success(
         &mut self,
         name: &Username,
-        rate: Option<LoginRate>,
+        rate: Option<Rate>,
         now: Timestamp,
     ) -> bool {
         let Some(entry) = self.entries.get_mut(name.as_str()) else {
@@ -306,7 +306,7 @@ impl Lockout {
 
     /// Moves `name`'s deadline to when nothing in its entry matters: the
     /// lock has ended, the count has expired, the bucket is full.
-    fn reschedule(&mut self, name: &Username, now: Timestamp, rate: Option<LoginRate>) {
+    fn reschedule(&mut self, name: &Username, now: Timestamp, rate: Option<Rate>) {
         let lock_duration = self.policy.lock_duration;
         let Some(entry) = self.entries.get_mut(name.as_str()) else {
             return;
@@ -475,7 +475,7 @@ mod tests {
     #[test]
     fn logins_per_name_are_rate_limited_and_the_entry_lives_until_the_bucket_is_full() {
         let mut l = lockout(10);
-        let rate = Some(LoginRate {
+        let rate = Some(Rate {
             burst: 2,
             per_second: 1,
         });

@@ -9,7 +9,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 
-use crate::rate_limit::{LoginRate, TokenBucket};
+use crate::rate_limit::{Rate, TokenBucket};
 use crate::time::Timestamp;
 
 /// Where a connection comes from, as far as per-address limits go.
@@ -115,7 +115,7 @@ impl Peers {
     }
 
     /// A connection from `peer` closed.
-    pub(crate) fn disconnected(&mut self, peer: PeerKey, rate: Option<LoginRate>) {
+    pub(crate) fn disconnected(&mut self, peer: PeerKey, rate: Option<Rate>) {
         if let Some(p) = self.table.get_mut(&peer) {
             p.connections = p.connections.saturating_sub(1);
         }
@@ -123,7 +123,7 @@ impl Peers {
     }
 
     /// Takes a login attempt from `peer`'s bucket: whether it may go on.
-    pub(crate) fn take_login(&mut self, peer: PeerKey, rate: LoginRate, now: Timestamp) -> bool {
+    pub(crate) fn take_login(&mut self, peer: PeerKey, rate: Rate, now: Timestamp) -> bool {
         self.table
             .entry(peer)
             .or_default()
@@ -143,7 +143,7 @@ impl Peers {
     }
 
     /// A check for `peer` was answered.
-    pub(crate) fn check_ended(&mut self, peer: PeerKey, rate: Option<LoginRate>) {
+    pub(crate) fn check_ended(&mut self, peer: PeerKey, rate: Option<Rate>) {
         if let Some(p) = self.table.get_mut(&peer) {
             p.pending_checks = p.pending_checks.saturating_sub(1);
         }
@@ -156,7 +156,7 @@ impl Peers {
         self.table.len()
     }
 
-    fn idle_if_unused(&mut self, peer: PeerKey, rate: Option<LoginRate>) {
+    fn idle_if_unused(&mut self, peer: PeerKey, rate: Option<Rate>) {
         let Some(p) = self.table.get_mut(&peer) else {
             return;
         };
@@ -193,7 +193,7 @@ mod tests {
 
     #[test]
     fn a_peer_is_forgotten_only_once_its_login_bucket_is_full() {
-        let rate = LoginRate {
+        let rate = Rate {
             burst: 2,
             per_second: 1,
         };

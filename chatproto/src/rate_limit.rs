@@ -3,7 +3,7 @@
 //!
 //! Each connection has a bucket for its frames ([`RateLimit`]); logins
 //! have buckets of their own, per client address and per user name
-//! ([`LoginRate`]). Every frame or login costs one token; tokens refill
+//! ([`Rate`]). Every frame or login costs one token; tokens refill
 //! continuously up to the burst. A frame that finds the bucket empty is
 //! refused with `rate_limited`, not dropped, so the client knows to slow
 //! down.
@@ -44,41 +44,62 @@ impl Default for RateLimit {
     }
 }
 
-/// How many login attempts one client address, or one user name, may make.
+/// A token-bucket rate: how much may come at once after a quiet spell, and
+/// how much a second, sustained. It bounds logins per client address and
+/// per user name, and each connection's bytes.
 ///
 /// ```
-/// use chatproto::LoginRate;
+/// use chatproto::Rate;
 ///
-/// let per_name = LoginRate { burst: 5, per_second: 1 };
-/// assert_eq!(per_name, LoginRate::PER_NAME);
+/// let per_name = Rate { burst: 5, per_second: 1 };
+/// assert_eq!(per_name, Rate::LOGINS_PER_NAME);
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LoginRate {
-    /// Attempts that may come at once after a quiet spell.
+pub struct Rate {
+    /// What may come at once.
     pub burst: u32,
-    /// Attempts per second sustained.
+    /// What may come a second, sustained.
     pub per_second: u32,
 }
 
-impl LoginRate {
-    /// The default per client address: 20 at once, 10 a second.
-    pub const PER_PEER: LoginRate = LoginRate {
+impl Rate {
+    /// The default for logins per client address: 20 at once, 10 a second.
+    pub const LOGINS_PER_PEER: Rate = Rate {
         burst: 20,
         per_second: 10,
     };
-    /// The default per user name: 5 at once, 1 a second. This is what
-    /// bounds the presence frames one account can cause by logging in and
-    /// out: at most 2 a second per online user, sustained.
-    pub const PER_NAME: LoginRate = LoginRate {
+    /// The default for logins per user name: 5 at once, 1 a second. This
+    /// is what bounds the presence frames one account can cause by logging
+    /// in and out: at most 2 a second per online user, sustained.
+    pub const LOGINS_PER_NAME: Rate = Rate {
         burst: 5,
         per_second: 1,
     };
+    /// The default for the bytes of frames one connection sends: 256 KiB
+    /// at once, 64 KiB a second. One sender at this rate makes about 72 KB
+    /// a second for each reader of its broadcasts (frames add about 70
+    /// bytes each), which a 200 KB/s link keeps up with.
+    pub const BYTES_PER_CONNECTION: Rate = Rate {
+        burst: 256 * 1024,
+        per_second: 64 * 1024,
+    };
 }
 
-/// One bucket. Tokens are counted in thousandths, so that a refill over a
+/// One token bucket, for a driver's own limits too (a TLS handshake
+/// budget, say). Tokens are counted in thousandths, so that a refill over a
 /// few milliseconds is not lost to rounding.
+///
+/// ```
+/// use chatproto::rate_limit::TokenBucket;
+/// use chatproto::Timestamp;
+///
+/// let t = Timestamp::from_unix_millis(0);
+/// let mut bucket = TokenBucket::full(2, t);
+/// assert!(bucket.take(2, 1, t) && bucket.take(2, 1, t));
+/// assert!(!bucket.take(2, 1, t));
+/// ```
 #[derive(Clone, Debug)]
-pub(crate) struct TokenBucket {
+pub struct TokenBucket {
     millitokens: u64,
     updated: Timestamp,
 }
@@ -87,7 +108,7 @@ const MILLI: u64 = 1000;
 
 impl TokenBucket {
     /// A full bucket.
-    pub(crate) fn full(burst: u32, now: Timestamp) -> Self {
+    pub fn full(burst: u32, now: Timestamp) -> Self {
         TokenBucket {
             millitokens: u64::from(burst) * MILLI,
             updated: now,
@@ -95,7 +116,12 @@ impl TokenBucket {
     }
 
     /// Takes a token; false when there is none.
-    pub(crate) fn take(&mut self, burst: u32, per_second: u32, now: Timestamp) -> bool {
+    pub fn take(&mut self, burst: u32, per_second: u32, now: Timestamp) -> bool {
+        self.take_n(1, burst, per_second, now)
+    }
+
+    /// Takes `n` tokens at once; false (taking none) when there are fewer.
+    pub fn take_n(&mut self, n: u32, burst: u32, per_second: u32, now: Timestamp) -> bool {
         let elapsed = now.saturating_since(self.updated);
         self.updated = self.updated.max(now);
         let refill = millis(elapsed).saturating_mul(u64::from(per_second));
@@ -103,15 +129,16 @@ impl TokenBucket {
             .millitokens
             .saturating_add(refill)
             .min(u64::from(burst) * MILLI);
-        if self.millitokens < MILLI {
+        let cost = u64::from(n) * MILLI;
+        if self.millitokens < cost {
             return false;
         }
-        self.millitokens -= MILLI;
+        self.millitokens -= cost;
         true
     }
 
     /// When the bucket is full again, if nothing more is taken.
-    pub(crate) fn full_at(&self, burst: u32, per_second: u32) -> Timestamp {
+    pub fn full_at(&self, burst: u32, per_second: u32) -> Timestamp {
         let missing = (u64::from(burst) * MILLI).saturating_sub(self.millitokens);
         // Millitokens refill at `per_second` per millisecond.
         let ms = missing.div_ceil(u64::from(per_second.max(1)));

@@ -28,7 +28,7 @@ use crate::offline::{
 use crate::password::{HashedPassword, Password};
 use crate::peer::{PeerKey, Peers};
 use crate::presence::Presence;
-use crate::rate_limit::{LoginRate, RateLimit, TokenBucket};
+use crate::rate_limit::{Rate, RateLimit, TokenBucket};
 use crate::request::{Request, RequestId};
 use crate::server_frame::{
     BroadcastFrame, ByeReason, CommandUsage, DebugState, ErrorFrame, MessageFrame, OkFrame,
@@ -79,6 +79,11 @@ pub struct ServerConfig {
     /// Frames per connection, or `None` for no limit (default:
     /// [`RateLimit::default`]).
     pub rate_limit: Option<RateLimit>,
+    /// Bytes of frames per connection, or `None` for no limit (default:
+    /// [`Rate::BYTES_PER_CONNECTION`]). A frame past it is refused like one
+    /// past `rate_limit`, and counts toward its flood limit. The burst must
+    /// hold a frame of the largest size.
+    pub byte_rate: Option<Rate>,
     /// Password checks ([`Output::VerifyPassword`]) waiting for a verdict
     /// at most; logins beyond are refused with `unavailable`, so a flood of
     /// logins cannot queue unbounded work ahead of real users (default 64).
@@ -88,11 +93,11 @@ pub struct ServerConfig {
     /// with `unavailable` (default 8, `None`: no such limit).
     pub max_pending_checks_per_peer: Option<usize>,
     /// Login attempts per [`PeerKey`]; beyond, a login is answered
-    /// `rate_limited` (default [`LoginRate::PER_PEER`]).
-    pub login_rate_per_peer: Option<LoginRate>,
+    /// `rate_limited` (default [`Rate::LOGINS_PER_PEER`]).
+    pub login_rate_per_peer: Option<Rate>,
     /// Login attempts per user name, account or not; beyond, a login is
-    /// answered `rate_limited` (default [`LoginRate::PER_NAME`]).
-    pub login_rate_per_name: Option<LoginRate>,
+    /// answered `rate_limited` (default [`Rate::LOGINS_PER_NAME`]).
+    pub login_rate_per_name: Option<Rate>,
     /// A connection that has not logged in this long after it opened is
     /// closed with `bye` reason `login_timeout`, so idle unauthenticated
     /// sockets cannot pile up (default 30 s; `None`: only the idle
@@ -119,11 +124,12 @@ impl Default for ServerConfig {
             offline_page_bytes: DEFAULT_OFFLINE_PAGE_BYTES,
             admins: HashSet::new(),
             rate_limit: Some(RateLimit::default()),
+            byte_rate: Some(Rate::BYTES_PER_CONNECTION),
             login_timeout: Some(Duration::from_secs(30)),
             max_pending_checks: 64,
             max_pending_checks_per_peer: Some(8),
-            login_rate_per_peer: Some(LoginRate::PER_PEER),
-            login_rate_per_name: Some(LoginRate::PER_NAME),
+            login_rate_per_peer: Some(Rate::LOGINS_PER_PEER),
+            login_rate_per_name: Some(Rate::LOGINS_PER_NAME),
             track_commits: false,
         }
     }
@@ -152,7 +158,13 @@ pub enum ConfigError {
     ZeroTrackedNames,
     /// A login rate allows no logins at all.
     #[error("a login rate needs a burst and a rate of at least 1 login")]
-    ZeroLoginRate,
+    ZeroRate,
+    /// `byte_rate` cannot let a frame of the largest size through.
+    #[error("the byte rate limit needs a burst of at least the frame limit ({frame_limit} bytes) and a rate of at least 1 byte")]
+    ByteRateBelowFrameLimit {
+        /// The frame limit in force.
+        frame_limit: usize,
+    },
     /// `max_pending_checks_per_peer` is zero (use `None` for no limit).
     #[error("at least one password check per peer must be allowed")]
     ZeroPendingChecksPerPeer,
@@ -200,7 +212,15 @@ impl ServerConfig {
             .flatten()
             .any(|r| r.burst == 0 || r.per_second == 0)
         {
-            return Err(ConfigError::ZeroLoginRate);
+            return Err(ConfigError::ZeroRate);
+        }
+        if self
+            .byte_rate
+            .is_some_and(|r| (r.burst as usize) < self.max_frame_bytes || r.per_second == 0)
+        {
+            return Err(ConfigError::ByteRateBelowFrameLimit {
+                frame_limit: self.max_frame_bytes,
+            });
         }
         if self.max_pending_checks_per_peer == Some(0) {
             return Err(ConfigError::ZeroPendingChecksPerPeer);
@@ -518,6 +538,10 @@ impl<S: Store> Server<S> {
                 .config
                 .rate_limit
                 .map(|limit| TokenBucket::full(limit.burst, now)),
+            byte_bucket: self
+                .config
+                .byte_rate
+                .map(|rate| TokenBucket::full(rate.burst, now)),
             refused_in_row: 0,
             awaiting: None,
             held_input: Vec::new(),
@@ -968,6 +992,11 @@ impl<S: Store> Server<S> {
         }
     }
 
+    /// How many users are logged in now.
+    pub fn users_online(&self) -> usize {
+        self.presence.online().len()
+    }
+
     /// Who is logged in on `conn`.
     pub fn user(&self, conn: ConnId) -> Option<&Username> {
         let user = self.connections.get(conn)?.user?;
@@ -1375,14 +1404,22 @@ impl<S: Store> Server<S> {
         let mut flooding = false;
         if let Some(c) = self.connections.get_mut(conn) {
             c.last_frame = now;
+            if let (Some(bucket), Some(rate)) = (&mut c.byte_bucket, self.config.byte_rate) {
+                // An over-long line costs what the limit lets through.
+                let len = frame.map_or(self.config.max_frame_bytes, <[u8]>::len);
+                let cost = u32::try_from(len).unwrap_or(u32::MAX);
+                allowed = bucket.take_n(cost, rate.burst, rate.per_second, now);
+            }
             if let (Some(bucket), Some(limit)) = (&mut c.bucket, self.config.rate_limit) {
-                allowed = bucket.take(limit.burst, limit.per_second, now);
-                if allowed {
-                    c.refused_in_row = 0;
-                } else {
-                    c.refused_in_row = c.refused_in_row.saturating_add(1);
-                    flooding = limit.flood_after > 0 && c.refused_in_row > limit.flood_after;
-                }
+                // A frame refused for its bytes takes no frame token.
+                allowed = allowed && bucket.take(limit.burst, limit.per_second, now);
+            }
+            if allowed {
+                c.refused_in_row = 0;
+            } else {
+                c.refused_in_row = c.refused_in_row.saturating_add(1);
+                let flood_after = self.config.rate_limit.map_or(0, |l| l.flood_after);
+                flooding = flood_after > 0 && c.refused_in_row > flood_after;
             }
         }
         match frame {

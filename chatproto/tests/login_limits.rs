@@ -6,8 +6,8 @@
 mod common;
 
 use chatproto::{
-    Accounts, Change, ErrorCode, HashedPassword, LockoutState, LoginRate, MemoryStore, PeerKey,
-    Server, ServerConfig, ServerFrame, Snapshot, Timestamp,
+    Accounts, Change, ErrorCode, HashedPassword, LockoutState, MemoryStore, PeerKey, Rate, Server,
+    ServerConfig, ServerFrame, Snapshot, Timestamp,
 };
 use common::{secs, Sim};
 
@@ -26,7 +26,7 @@ fn last_error(sim: &mut Sim, conn: chatproto::ConnId) -> (ErrorCode, Option<u64>
 #[test]
 fn logins_from_one_address_are_rate_limited_under_their_id() {
     let mut config = common::config();
-    config.login_rate_per_peer = Some(LoginRate {
+    config.login_rate_per_peer = Some(Rate {
         burst: 3,
         per_second: 1,
     });
@@ -54,7 +54,7 @@ fn logins_from_one_address_are_rate_limited_under_their_id() {
 #[test]
 fn logins_for_one_name_are_rate_limited_account_or_not() {
     let mut config = common::config();
-    config.login_rate_per_name = Some(LoginRate::PER_NAME);
+    config.login_rate_per_name = Some(Rate::LOGINS_PER_NAME);
     // Locks would answer first: they are not what this is about.
     config.lockout.max_failures = 100;
     let mut sim = Sim::with_config(config);
@@ -81,7 +81,7 @@ fn logins_for_one_name_are_rate_limited_account_or_not() {
 #[test]
 fn login_and_logout_cycles_are_bounded_by_the_per_name_rate() {
     let mut config = common::config();
-    config.login_rate_per_name = Some(LoginRate::PER_NAME);
+    config.login_rate_per_name = Some(Rate::LOGINS_PER_NAME);
     let mut sim = Sim::with_config(config);
     let watcher = sim.login("bob");
     sim.take(watcher);
@@ -311,7 +311,7 @@ fn login_limits_out_of_range_are_config_errors() {
     let accounts = common::accounts;
     let now = Timestamp::from_unix_millis(0);
     let mut config = ServerConfig::default();
-    config.login_rate_per_name = Some(LoginRate {
+    config.login_rate_per_name = Some(Rate {
         burst: 0,
         per_second: 1,
     });

@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use chatproto::{OfflineTexts, RateLimit, ServerConfig, Username};
+use chatproto::{OfflineTexts, Rate, RateLimit, ServerConfig, Username};
 use clap::Parser;
 
 use crate::origin::{Origin, PublicHost};
@@ -85,8 +85,14 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = RateLimit::default().flood_after)]
     flood_after: u32,
 
-    /// Turn the per-connection rate limit off.
-    #[arg(long, conflicts_with_all = ["rate_limit_burst", "rate_limit_per_sec", "flood_after"])]
+    /// Bytes of frames a second a connection may send, sustained, beside
+    /// the frame rate (0: no byte limit). Bursts of up to 4 seconds' worth
+    /// (and at least one frame of the largest size) pass at once.
+    #[arg(long, value_name = "N", default_value_t = Rate::BYTES_PER_CONNECTION.per_second)]
+    rate_limit_bytes_per_sec: u32,
+
+    /// Turn the per-connection rate limits (frames and bytes) off.
+    #[arg(long, conflicts_with_all = ["rate_limit_burst", "rate_limit_per_sec", "flood_after", "rate_limit_bytes_per_sec"])]
     no_rate_limit: bool,
 
     /// Close connections that have not logged in this many seconds after
@@ -94,11 +100,70 @@ pub struct Args {
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     login_timeout_secs: u64,
 
-    /// Most open connections from one IP address; more are accepted and
-    /// closed with `bye` reason `too_many_connections`. Default: no limit
-    /// besides --max-connections.
-    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
-    max_connections_per_ip: Option<u32>,
+    /// Most open connections from one client address (an IPv6 /64 counts
+    /// as one); more are accepted and closed with `bye` reason
+    /// `too_many_connections` (0: no limit). Behind a TCP load balancer that
+    /// hides client addresses, set this and the other per-address limits to
+    /// 0.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    max_connections_per_ip: u32,
+
+    /// Most connections not yet logged in, in percent of --max-connections;
+    /// more are accepted and closed with `bye` reason `server_full` (0: no
+    /// limit).
+    #[arg(long, value_name = "PERCENT", default_value_t = 50, value_parser = clap::value_parser!(u8).range(0..=100))]
+    max_unauthenticated_percent: u8,
+
+    /// Password checks waiting at most per client address; more logins are
+    /// answered `unavailable` (0: no limit besides the 64 overall).
+    #[arg(long, value_name = "N", default_value_t = 8)]
+    max_pending_checks_per_ip: u32,
+
+    /// Login attempts a second from one client address, sustained, with
+    /// bursts of twice that; more are answered `rate_limited` (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = Rate::LOGINS_PER_PEER.per_second)]
+    login_rate_per_ip: u32,
+
+    /// Login attempts a second for one user name (account or not),
+    /// sustained, with bursts of 5 times that; more are answered
+    /// `rate_limited` (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = Rate::LOGINS_PER_NAME.per_second)]
+    login_rate_per_name: u32,
+
+    /// User names (accounts or not) whose failed logins are tracked at
+    /// once; while the table is full, a login for a name not in it is
+    /// answered `unavailable`.
+    #[arg(long, value_name = "N", default_value_t = chatproto::LockoutPolicy::default().max_tracked_names, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    max_tracked_names: usize,
+
+    /// A connection whose unsent output stays above --max-output-bytes this
+    /// long is cut off as a slow consumer (it is cut off at once past 4
+    /// times --max-output-bytes).
+    #[arg(long, value_name = "SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    slow_consumer_secs: u64,
+
+    /// TCP keepalive on every connection: probes start after this many idle
+    /// seconds and are sent every third of it, 3 unanswered ones end the
+    /// connection (0: the system's default).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    tcp_keepalive_secs: u64,
+
+    /// TCP_USER_TIMEOUT on every connection (Linux): data unacknowledged
+    /// this long ends the connection (0: the system's default).
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    tcp_user_timeout_secs: u64,
+
+    /// TLS handshakes a second one client address may start, with bursts of
+    /// twice that; past it a new TLS connection is closed at once (0: no
+    /// limit).
+    #[arg(long, value_name = "N", default_value_t = 20)]
+    tls_handshakes_per_ip: u32,
+
+    /// TLS handshakes a second all clients together may start, with bursts
+    /// of twice that; past it a new TLS connection is closed at once (0: no
+    /// limit).
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    tls_handshakes: u32,
 
     /// SQLite database that keeps offline messages, blocks, last-seen times
     /// and locks across restarts; created if missing. `:memory:` keeps
@@ -192,7 +257,7 @@ pub struct Settings {
     pub core: ServerConfig,
     pub max_connections: Option<usize>,
     pub max_output_bytes: usize,
-    pub max_connections_per_ip: Option<u32>,
+    pub limits: Limits,
     pub verify_threads: usize,
     pub verify_cpu_percent: u8,
     pub reactor_cpu: Option<usize>,
@@ -207,6 +272,28 @@ pub struct Settings {
     /// Origins allowed to open a WebSocket besides the page's own.
     pub allowed_origins: Vec<Origin>,
     pub shutdown_grace: Duration,
+}
+
+/// The limits the reactor enforces per socket and per client address;
+/// `None` is no limit.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_connections_per_ip: Option<u32>,
+    pub max_unauthenticated_percent: Option<u8>,
+    pub slow_consumer_after: Duration,
+    pub tcp_keepalive: Option<Duration>,
+    pub tcp_user_timeout: Option<Duration>,
+    pub tls_handshakes_per_ip: Option<Rate>,
+    pub tls_handshakes: Option<Rate>,
+}
+
+impl Default for Limits {
+    /// The defaults of the flags.
+    fn default() -> Self {
+        Args::parse_from(["chatserver"])
+            .limits()
+            .expect("the default flags make sense")
+    }
 }
 
 /// A command line that parses but does not make sense.
@@ -271,6 +358,7 @@ impl Args {
             listen = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), port);
         }
 
+        let limits = self.limits()?;
         let mut core = ServerConfig::default();
         core.max_frame_bytes = self.max_frame_bytes;
         core.idle_timeout = Duration::from_secs(idle_secs);
@@ -291,6 +379,25 @@ impl Args {
             per_second: self.rate_limit_per_sec,
             flood_after: self.flood_after,
         });
+        core.byte_rate = (!self.no_rate_limit && self.rate_limit_bytes_per_sec > 0).then(|| {
+            let per_second = self.rate_limit_bytes_per_sec;
+            let frame = u32::try_from(self.max_frame_bytes).unwrap_or(u32::MAX);
+            Rate {
+                burst: per_second.saturating_mul(4).max(frame),
+                per_second,
+            }
+        });
+        core.max_pending_checks_per_peer = nonzero(self.max_pending_checks_per_ip)
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX));
+        core.login_rate_per_peer = nonzero(self.login_rate_per_ip).map(|per_second| Rate {
+            burst: per_second.saturating_mul(2),
+            per_second,
+        });
+        core.login_rate_per_name = nonzero(self.login_rate_per_name).map(|per_second| Rate {
+            burst: per_second.saturating_mul(5),
+            per_second,
+        });
+        core.lockout.max_tracked_names = self.max_tracked_names;
         core.login_timeout =
             (self.login_timeout_secs > 0).then(|| Duration::from_secs(self.login_timeout_secs));
         core.validate()?;
@@ -305,7 +412,7 @@ impl Args {
                 .max_connections
                 .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
             max_output_bytes: usize::try_from(self.max_output_bytes).unwrap_or(usize::MAX),
-            max_connections_per_ip: self.max_connections_per_ip,
+            limits,
             tls: self.tls_cert.zip(self.tls_key),
             tls_listen: self.tls_listen,
             http: self.http,
@@ -323,6 +430,34 @@ impl Args {
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
         })
     }
+}
+
+impl Args {
+    /// The reactor's limits these flags set.
+    fn limits(&self) -> Result<Limits, UsageError> {
+        let secs = |s: u64| (s > 0).then(|| Duration::from_secs(s));
+        let per_second = |n: u32| {
+            nonzero(n).map(|per_second| Rate {
+                burst: per_second.saturating_mul(2),
+                per_second,
+            })
+        };
+        Ok(Limits {
+            max_connections_per_ip: nonzero(self.max_connections_per_ip),
+            max_unauthenticated_percent: (self.max_unauthenticated_percent > 0)
+                .then_some(self.max_unauthenticated_percent),
+            slow_consumer_after: Duration::from_secs(self.slow_consumer_secs),
+            tcp_keepalive: secs(self.tcp_keepalive_secs),
+            tcp_user_timeout: secs(self.tcp_user_timeout_secs),
+            tls_handshakes_per_ip: per_second(self.tls_handshakes_per_ip),
+            tls_handshakes: per_second(self.tls_handshakes),
+        })
+    }
+}
+
+/// `n`, where 0 means "no limit".
+fn nonzero(n: u32) -> Option<u32> {
+    (n > 0).then_some(n)
 }
 
 fn positional<T: std::str::FromStr>(
@@ -364,7 +499,68 @@ mod tests {
         assert_eq!(s.database, Some(PathBuf::from("chatserver.db")));
         assert_eq!(s.core.login_timeout, Some(Duration::from_secs(30)));
         assert_eq!(s.core.rate_limit.unwrap().flood_after, 100);
-        assert_eq!(s.max_connections_per_ip, None);
+        // The per-address limits, and what they turn into.
+        assert_eq!(s.limits.max_connections_per_ip, Some(256));
+        assert_eq!(s.limits.max_unauthenticated_percent, Some(50));
+        assert_eq!(s.core.max_pending_checks_per_peer, Some(8));
+        assert_eq!(s.core.login_rate_per_peer, Some(Rate::LOGINS_PER_PEER));
+        assert_eq!(s.core.login_rate_per_name, Some(Rate::LOGINS_PER_NAME));
+        assert_eq!(s.core.byte_rate, Some(Rate::BYTES_PER_CONNECTION));
+        assert_eq!(s.core.lockout.max_tracked_names, 100_000);
+        assert_eq!(s.limits.slow_consumer_after, Duration::from_secs(10));
+        assert_eq!(s.limits.tcp_keepalive, Some(Duration::from_secs(30)));
+        assert_eq!(s.limits.tcp_user_timeout, Some(Duration::from_secs(60)));
+        assert!(s.limits.tls_handshakes_per_ip.is_some() && s.limits.tls_handshakes.is_some());
+        // Without a database, queued texts are in memory, capped overall.
+        let s = settings(&["--no-db"]).unwrap();
+        assert_eq!(
+            s.core.offline_total_bytes,
+            Some(DEFAULT_OFFLINE_MEMORY_BYTES)
+        );
+        assert_eq!(s.core.offline_texts, OfflineTexts::InMemory);
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.core.offline_total_bytes, None);
+        assert_eq!(s.core.offline_texts, OfflineTexts::External);
+    }
+
+    #[test]
+    fn zero_turns_a_per_address_limit_off() {
+        let s = settings(&[
+            "--max-connections-per-ip",
+            "0",
+            "--max-unauthenticated-percent",
+            "0",
+            "--max-pending-checks-per-ip",
+            "0",
+            "--login-rate-per-ip",
+            "0",
+            "--login-rate-per-name",
+            "0",
+            "--tls-handshakes-per-ip",
+            "0",
+            "--tls-handshakes",
+            "0",
+            "--rate-limit-bytes-per-sec",
+            "0",
+            "--tcp-keepalive-secs",
+            "0",
+            "--tcp-user-timeout-secs",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(s.limits.max_connections_per_ip, None);
+        assert_eq!(s.limits.max_unauthenticated_percent, None);
+        assert_eq!(s.core.max_pending_checks_per_peer, None);
+        assert_eq!(s.core.login_rate_per_peer, None);
+        assert_eq!(s.core.login_rate_per_name, None);
+        assert_eq!(s.limits.tls_handshakes_per_ip, None);
+        assert_eq!(s.limits.tls_handshakes, None);
+        assert_eq!(s.core.byte_rate, None);
+        assert_eq!(s.limits.tcp_keepalive, None);
+        assert_eq!(s.limits.tcp_user_timeout, None);
+        assert!(settings(&["--max-unauthenticated-percent", "101"]).is_err());
+        assert!(settings(&["--slow-consumer-secs", "0"]).is_err());
+        assert!(settings(&["--max-tracked-names", "0"]).is_err());
     }
 
     #[test]
@@ -380,9 +576,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.core.login_timeout, None);
         assert_eq!(s.core.rate_limit.unwrap().flood_after, 7);
-        assert_eq!(s.max_connections_per_ip, Some(3));
-        let zero = settings(&["--max-connections-per-ip", "0"]).unwrap_err();
-        assert!(zero.contains("--max-connections-per-ip"), "{zero}");
+        assert_eq!(s.limits.max_connections_per_ip, Some(3));
         let both = settings(&["--no-rate-limit", "--flood-after", "3"]).unwrap_err();
         assert!(both.contains("cannot be used with"), "{both}");
     }

@@ -107,10 +107,19 @@ fn serve(settings: Settings) -> Result<(), String> {
     }
 
     let descriptors = raise_descriptor_limit();
-    let max_connections = settings.max_connections.unwrap_or_else(|| {
-        usize::try_from(descriptors.saturating_sub(RESERVED_DESCRIPTORS).max(1))
-            .unwrap_or(usize::MAX)
-    });
+    let allowed = usize::try_from(descriptors.saturating_sub(RESERVED_DESCRIPTORS).max(1))
+        .unwrap_or(usize::MAX);
+    let max_connections = match settings.max_connections {
+        // Past the open-file limit, accepts would fail with EMFILE and the
+        // server would stall instead of saying `server_full`.
+        Some(n) if n > allowed => {
+            return Err(format!(
+                "--max-connections {n} is more than the open-file limit allows ({allowed}: {descriptors} descriptors, less {RESERVED_DESCRIPTORS} for the server itself); raise the limit (ulimit -n) or lower --max-connections"
+            ))
+        }
+        Some(n) => n,
+        None => allowed,
+    };
 
     let tls = match &settings.tls {
         Some((cert, key)) => Some(tls::server_config(cert, key).map_err(|e| e.to_string())?),
@@ -221,7 +230,7 @@ fn serve(settings: Settings) -> Result<(), String> {
     let config = ReactorConfig {
         max_connections,
         max_output_bytes: settings.max_output_bytes,
-        max_connections_per_ip: settings.max_connections_per_ip,
+        limits: settings.limits,
         verify_threads: settings.verify_threads,
         verify_cpu_percent: settings.verify_cpu_percent,
         reactor_cpu: settings.reactor_cpu,

@@ -12,19 +12,21 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read};
-use std::net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use chatproto::rate_limit::TokenBucket;
 use chatproto::{
-    ByeReason, CloseReason, ConnId, Event as CoreEvent, MessageError, Output, PeerKey, Server,
-    ServerFrame, Username,
+    ByeReason, CloseReason, ConnId, Event as CoreEvent, MessageError, Output, PeerKey, Rate,
+    Server, ServerFrame, Username,
 };
 use polling::{Event, Events, PollMode, Poller};
 use tracing::{debug, error, info, warn};
 use tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::cli::Limits;
 use crate::clock::Clock;
 use crate::http::{self, HttpConfig, Routed};
 use crate::output_queue::{Flushed, OutputQueue};
@@ -38,7 +40,8 @@ use crate::websocket::{self, WebSocket};
 pub struct ReactorConfig {
     pub max_connections: usize,
     pub max_output_bytes: usize,
-    pub max_connections_per_ip: Option<u32>,
+    /// Per-socket and per-address limits.
+    pub limits: Limits,
     pub shutdown_grace: Duration,
     /// Worker threads for password checks.
     pub verify_threads: usize,
@@ -99,8 +102,14 @@ pub struct Reactor {
     sockets: Vec<Option<Socket>>,
     free_keys: Vec<usize>,
     open: usize,
-    /// Open sockets per peer address (with `max_connections_per_ip`).
-    per_ip: HashMap<IpAddr, u32>,
+    /// Open sockets per client address (with `max_connections_per_ip`).
+    per_ip: HashMap<PeerKey, u32>,
+    /// TLS handshake budgets: overall, and per client address.
+    handshakes: Option<TokenBucket>,
+    handshakes_per_ip: HashMap<PeerKey, TokenBucket>,
+    /// When sockets whose backlog went over `max_output_bytes` are cut off
+    /// if it is still over then.
+    slow_deadlines: BTreeSet<(Instant, usize)>,
     /// Socket key for each open core connection, by `ConnId::index`.
     by_conn: Vec<Option<(ConnId, usize)>>,
     /// Sockets with output or interest to update this turn.
@@ -152,6 +161,8 @@ struct Socket {
     close_notified: bool,
     /// What the bytes on the stream are.
     app: App,
+    /// Since when its backlog has been over `max_output_bytes`.
+    over_since: Option<Instant>,
 }
 
 /// What a socket's (decrypted) bytes carry.
@@ -162,6 +173,14 @@ enum App {
     Http(Box<HttpRequest>),
     /// Protocol frames as WebSocket text messages.
     WebSocket(Box<WebSocket>),
+    /// Over a limit, on a TLS listener: once the handshake is done it gets
+    /// the refusal (a `bye`, or a 503 over HTTPS), then is closed; given up
+    /// at `deadline`.
+    Refused {
+        reason: ByeReason,
+        http: bool,
+        deadline: Instant,
+    },
 }
 
 struct HttpRequest {
@@ -240,6 +259,9 @@ impl Reactor {
             free_keys: Vec::new(),
             open: 0,
             per_ip: HashMap::new(),
+            handshakes: None,
+            handshakes_per_ip: HashMap::new(),
+            slow_deadlines: BTreeSet::new(),
             by_conn: Vec::new(),
             dirty: Vec::new(),
             staged: Vec::new(),
@@ -462,29 +484,24 @@ impl Reactor {
         tls: Option<Arc<rustls::ServerConfig>>,
         http: Option<Arc<HttpConfig>>,
     ) {
-        let refusal = if self.open >= self.config.max_connections {
-            info!(%peer, "refused: server full ({} connections)", self.open);
-            Some(ByeReason::ServerFull)
-        } else {
-            let count = self.per_ip.get(&peer.ip()).copied().unwrap_or(0);
-            let limit = self.config.max_connections_per_ip.unwrap_or(u32::MAX);
-            (count >= limit).then(|| {
-                info!(%peer, "refused: {count} connections from this address already");
-                ByeReason::TooManyConnections
-            })
-        };
-        if let Some(reason) = refusal {
-            if tls.is_none() {
-                refuse(stream, http.is_some(), reason);
-            }
+        let key_of_peer = PeerKey::from_ip(peer.ip());
+        let refusal = self.admission(key_of_peer).map(|(reason, why)| {
+            info!(%peer, open = self.open, "refused: {why}");
+            reason
+        });
+        if tls.is_some() && !self.handshake_budget(key_of_peer) {
+            // Handshakes cost the reactor CPU: past the budget, not even a
+            // refusal is worth one.
+            debug!(%peer, "TLS handshake budget spent: closing at once");
+            return;
+        }
+        if let (Some(reason), None) = (refusal, &tls) {
+            refuse(stream, http.is_some(), reason);
             return;
         }
         if let Err(e) = stream
             .set_nonblocking(true)
-            .and_then(|()| stream.set_nodelay(true))
-            // A backlog must not hide in the kernel, where the slow-consumer
-            // check cannot see it (Linux grows send buffers to megabytes).
-            .and_then(|()| socket2::SockRef::from(&stream).set_send_buffer_size(SEND_BUFFER_BYTES))
+            .and_then(|()| self.configure_socket(&stream))
         {
             warn!(%peer, "cannot set up the socket: {e}");
             return;
@@ -510,11 +527,20 @@ impl Reactor {
                 return;
             }
         };
-        if self.config.max_connections_per_ip.is_some() {
+        if self.config.limits.max_connections_per_ip.is_some() {
             // Counted from here on; `remove` uncounts it.
-            *self.per_ip.entry(peer.ip()).or_default() += 1;
+            *self.per_ip.entry(key_of_peer).or_default() += 1;
         }
         let app = match http {
+            _ if refusal.is_some() => {
+                let deadline = Instant::now() + CLOSE_GRACE;
+                self.close_deadlines.insert((deadline, key));
+                App::Refused {
+                    reason: refusal.unwrap_or(ByeReason::ServerFull),
+                    http: http.is_some(),
+                    deadline,
+                }
+            }
             Some(config) => {
                 let deadline = Instant::now() + HTTP_REQUEST_TIMEOUT;
                 self.close_deadlines.insert((deadline, key));
@@ -540,6 +566,7 @@ impl Reactor {
             tls,
             close_notified: false,
             app,
+            over_since: None,
         };
         if key == self.sockets.len() {
             self.sockets.push(Some(socket));
@@ -552,6 +579,91 @@ impl Reactor {
         } else {
             debug!(%peer, "HTTP connection");
         }
+    }
+
+    /// Whether a new connection from `peer` may come in, or the reason it
+    /// is refused (and why, for the log). The admission policy, in one
+    /// place.
+    fn admission(&self, peer: PeerKey) -> Option<(ByeReason, &'static str)> {
+        let limits = &self.config.limits;
+        if self.open >= self.config.max_connections {
+            return Some((ByeReason::ServerFull, "server full"));
+        }
+        let from_peer = self.per_ip.get(&peer).copied().unwrap_or(0);
+        if limits
+            .max_connections_per_ip
+            .is_some_and(|limit| from_peer >= limit)
+        {
+            return Some((
+                ByeReason::TooManyConnections,
+                "too many connections from this address",
+            ));
+        }
+        if let Some(percent) = limits.max_unauthenticated_percent {
+            // Sockets without a logged-in user: new ones, HTTP requests,
+            // closing ones. Logged-in users can always be let in again.
+            let unauthenticated = self.open.saturating_sub(self.core.users_online());
+            let cap = self.config.max_connections * usize::from(percent) / 100;
+            if unauthenticated >= cap.max(1) {
+                return Some((
+                    ByeReason::ServerFull,
+                    "server full of connections not logged in",
+                ));
+            }
+        }
+        None
+    }
+
+    /// Takes a TLS handshake from the budgets (overall and `peer`'s):
+    /// whether one may start now.
+    fn handshake_budget(&mut self, peer: PeerKey) -> bool {
+        let now = self.clock.now();
+        let limits = &self.config.limits;
+        if let Some(rate) = limits.tls_handshakes_per_ip {
+            if self.handshakes_per_ip.len() > 4096 {
+                // Forget addresses whose budget is whole again.
+                self.handshakes_per_ip
+                    .retain(|_, bucket| bucket.full_at(rate.burst, rate.per_second) > now);
+            }
+            let bucket = self
+                .handshakes_per_ip
+                .entry(peer)
+                .or_insert_with(|| TokenBucket::full(rate.burst, now));
+            if !bucket.take(rate.burst, rate.per_second, now) {
+                return false;
+            }
+        }
+        match limits.tls_handshakes {
+            Some(Rate { burst, per_second }) => self
+                .handshakes
+                .get_or_insert_with(|| TokenBucket::full(burst, now))
+                .take(burst, per_second, now),
+            None => true,
+        }
+    }
+
+    /// Socket options every accepted connection gets.
+    fn configure_socket(&self, stream: &TcpStream) -> io::Result<()> {
+        stream.set_nodelay(true)?;
+        let socket = socket2::SockRef::from(stream);
+        // A backlog must not hide in the kernel, where the slow-consumer
+        // check cannot see it (Linux grows send buffers to megabytes).
+        socket.set_send_buffer_size(SEND_BUFFER_BYTES)?;
+        let limits = &self.config.limits;
+        // A peer that vanishes without a FIN or RST (its network gone) is
+        // found dead by keepalive probes, or by unacknowledged data.
+        if let Some(idle) = limits.tcp_keepalive {
+            let keepalive = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval((idle / 3).max(Duration::from_secs(1)))
+                .with_retries(3);
+            socket.set_tcp_keepalive(&keepalive)?;
+        }
+        #[cfg(target_os = "linux")]
+        if let Some(timeout) = limits.tcp_user_timeout {
+            socket.set_tcp_user_timeout(Some(timeout))?;
+        }
+        Ok(())
     }
 
     /// Opens the core's connection for the socket at `key`.
@@ -599,6 +711,8 @@ impl Reactor {
                 let received = ws.receive(data);
                 self.serve_messages(key, received);
             }
+            // Refused: what it says before its refusal goes nowhere.
+            App::Refused { .. } => {}
         }
     }
 
@@ -626,7 +740,7 @@ impl Reactor {
                 socket.output.push(response);
                 socket.app = App::Lines;
                 self.close_deadlines.remove(&(deadline, key));
-                self.start_closing(key);
+                self.start_closing(key, None);
             }
             Routed::Upgrade { response, consumed } => {
                 let rest = request.head.split_off(consumed);
@@ -786,6 +900,14 @@ impl Reactor {
                 }
                 break Some(format!("TLS: {e}"));
             }
+            if let App::Refused { reason, http, .. } = socket.app {
+                if !tls.is_handshaking() {
+                    // The handshake the budget allowed is done: now say why.
+                    socket.output.push(refusal(http, reason));
+                    self.start_closing(key, None);
+                    break None;
+                }
+            }
             // Everything decrypted so far goes to the core.
             let closed = loop {
                 let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
@@ -884,7 +1006,7 @@ impl Reactor {
         if socket.output.is_empty() {
             self.remove(key);
         } else {
-            self.start_closing(key);
+            self.start_closing(key, None);
         }
     }
 
@@ -917,7 +1039,7 @@ impl Reactor {
                     socket.conn = None;
                     socket.closed_conn = Some(conn);
                     self.forget_conn(conn);
-                    self.start_closing(key);
+                    self.start_closing(key, Some(reason));
                 }
                 Output::Event(event) => log_event(&event),
                 Output::VerifyPassword {
@@ -947,12 +1069,45 @@ impl Reactor {
     fn enforce_backlog(&mut self, key: usize) -> bool {
         let socket = self.sockets[key].as_mut().expect("keys point at sockets");
         let backlog = socket.output.len();
-        match socket.conn {
-            Some(conn) if backlog > self.config.max_output_bytes => {
+        let Some(conn) = socket.conn else {
+            return false;
+        };
+        match backlog_verdict(
+            backlog,
+            self.config.max_output_bytes,
+            socket.over_since,
+            self.config.limits.slow_consumer_after,
+            Instant::now(),
+        ) {
+            Backlog::Fine => false,
+            Backlog::Over => {
+                if socket.over_since.is_none() {
+                    let now = Instant::now();
+                    socket.over_since = Some(now);
+                    let deadline = now + self.config.limits.slow_consumer_after;
+                    self.slow_deadlines.insert((deadline, key));
+                }
+                false
+            }
+            Backlog::CutOff => {
                 self.cut_off_slow_consumer(key, conn, backlog);
                 true
             }
-            _ => false,
+        }
+    }
+
+    /// After a write: a backlog back under the limit starts its clock
+    /// afresh.
+    fn backlog_written(&mut self, key: usize) {
+        let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+            return;
+        };
+        if let Some(since) = socket.over_since {
+            if socket.output.len() <= self.config.max_output_bytes {
+                socket.over_since = None;
+                self.slow_deadlines
+                    .remove(&(since + self.config.limits.slow_consumer_after, key));
+            }
         }
     }
 
@@ -971,14 +1126,16 @@ impl Reactor {
         let _ = self.core.close(conn, CloseReason::SlowConsumer, now);
     }
 
-    fn start_closing(&mut self, key: usize) {
+    /// Flushes what is queued on `key`, then hangs up; a WebSocket says
+    /// goodbye with the close status for `reason` (the `bye`'s).
+    fn start_closing(&mut self, key: usize, reason: Option<ByeReason>) {
         let socket = self.sockets[key].as_mut().expect("keys point at sockets");
         if socket.phase != Phase::Open {
             return;
         }
         if let App::WebSocket(ws) = &mut socket.app {
             // After the `bye`, the WebSocket's own goodbye.
-            if let Some(close) = ws.close_frame(CloseCode::Normal, "") {
+            if let Some(close) = ws.close_frame(websocket_close_code(reason), "") {
                 socket.output.push(close);
             }
         }
@@ -997,6 +1154,16 @@ impl Reactor {
         {
             self.core.handle_timeout(self.clock.at(now));
             self.drain_core();
+        }
+        while let Some(&(deadline, key)) = self.slow_deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.slow_deadlines.pop_first();
+            // Still over since then (a write under the limit removes it).
+            if self.sockets.get(key).and_then(Option::as_ref).is_some() {
+                self.enforce_backlog(key);
+            }
         }
         while let Some(&(deadline, key)) = self.close_deadlines.first() {
             if deadline > now {
@@ -1057,6 +1224,10 @@ impl Reactor {
                     continue;
                 }
             }
+            self.backlog_written(key);
+            let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+                continue;
+            };
             if socket.output.len() < LOW_WATER_BYTES {
                 if let Some(conn) = socket.conn {
                     let unsent = socket.output.frames();
@@ -1134,11 +1305,11 @@ impl Reactor {
     }
 
     /// A socket from `ip` is gone.
-    fn uncount(&mut self, ip: IpAddr) {
-        if let Some(count) = self.per_ip.get_mut(&ip) {
+    fn uncount(&mut self, peer: PeerKey) {
+        if let Some(count) = self.per_ip.get_mut(&peer) {
             *count -= 1;
             if *count == 0 {
-                self.per_ip.remove(&ip);
+                self.per_ip.remove(&peer);
             }
         }
     }
@@ -1198,6 +1369,13 @@ impl Reactor {
         if let App::Http(request) = &socket.app {
             self.close_deadlines.remove(&(request.deadline, key));
         }
+        if let App::Refused { deadline, .. } = &socket.app {
+            self.close_deadlines.remove(&(*deadline, key));
+        }
+        if let Some(since) = socket.over_since {
+            self.slow_deadlines
+                .remove(&(since + self.config.limits.slow_consumer_after, key));
+        }
         let now = self.clock.now();
         let unsent = socket.output.frames();
         if let Some(conn) = socket.conn {
@@ -1217,7 +1395,7 @@ impl Reactor {
             }
         }
         debug!(peer = %socket.peer, "socket closed");
-        self.uncount(socket.peer.ip());
+        self.uncount(PeerKey::from_ip(socket.peer.ip()));
         self.free_keys.push(key);
         self.open -= 1;
     }
@@ -1228,14 +1406,59 @@ impl Reactor {
 /// buffer empty, so one non-blocking write suffices.
 fn refuse(stream: TcpStream, http: bool, reason: ByeReason) {
     use std::io::Write;
-    let bye = if http {
+    let _ = stream.set_nonblocking(true);
+    let _ = (&stream).write_all(&refusal(http, reason));
+    let _ = stream.shutdown(Shutdown::Write);
+}
+
+/// What a refused connection is told: a `bye`, or a 503 to an HTTP client.
+fn refusal(http: bool, reason: ByeReason) -> bytes::Bytes {
+    if http {
         http::unavailable(&format!("{reason}"))
     } else {
         ServerFrame::Bye { reason }.encode()
-    };
-    let _ = stream.set_nonblocking(true);
-    let _ = (&stream).write_all(&bye);
-    let _ = stream.shutdown(Shutdown::Write);
+    }
+}
+
+/// What a socket's backlog calls for.
+#[derive(Debug, PartialEq, Eq)]
+enum Backlog {
+    Fine,
+    /// Over the limit, for less than the grace time so far.
+    Over,
+    CutOff,
+}
+
+/// The slow-consumer policy: a backlog over `limit` is cut off once it has
+/// been over for `grace` (it was over since `over_since`), or at once past
+/// 4 times `limit`, so a burst does not cut off a reader that keeps up.
+fn backlog_verdict(
+    backlog: usize,
+    limit: usize,
+    over_since: Option<Instant>,
+    grace: Duration,
+    now: Instant,
+) -> Backlog {
+    if backlog > limit.saturating_mul(4) {
+        Backlog::CutOff
+    } else if backlog <= limit {
+        Backlog::Fine
+    } else if over_since.is_some_and(|since| now >= since + grace) {
+        Backlog::CutOff
+    } else {
+        Backlog::Over
+    }
+}
+
+/// The WebSocket close status that goes with a `bye` reason: 1001 (going
+/// away) at shutdown, 1008 (policy) for a flood or a slow consumer, 1000
+/// otherwise.
+fn websocket_close_code(reason: Option<ByeReason>) -> CloseCode {
+    match reason {
+        Some(ByeReason::ServerShutdown) => CloseCode::Away,
+        Some(ByeReason::Flood | ByeReason::SlowConsumer) => CloseCode::Policy,
+        _ => CloseCode::Normal,
+    }
 }
 
 /// Moves queued frames through the TLS session onto the socket: as much
@@ -1313,5 +1536,38 @@ fn log_event(event: &CoreEvent) {
         CoreEvent::LoggedOut { conn, user } => info!(%conn, %user, "logged out"),
         CoreEvent::Flooding { conn } => warn!(%conn, "flooding past its rate limit: closing"),
         other => debug!("{other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_backlog_over_the_limit_is_cut_off_only_if_it_stays_over() {
+        let t0 = Instant::now();
+        let grace = Duration::from_secs(10);
+        let verdict = |backlog, since, now| backlog_verdict(backlog, 1000, since, grace, now);
+        assert_eq!(verdict(1000, None, t0), Backlog::Fine);
+        assert_eq!(verdict(1001, None, t0), Backlog::Over);
+        assert_eq!(
+            verdict(1001, Some(t0), t0 + Duration::from_secs(9)),
+            Backlog::Over
+        );
+        assert_eq!(verdict(1001, Some(t0), t0 + grace), Backlog::CutOff);
+        // Past 4 times the limit, at once.
+        assert_eq!(verdict(4001, None, t0), Backlog::CutOff);
+        assert_eq!(verdict(4000, None, t0), Backlog::Over);
+    }
+
+    #[test]
+    fn each_bye_reason_has_its_websocket_close_status() {
+        let code = |r| u16::from(websocket_close_code(r));
+        assert_eq!(code(Some(ByeReason::ServerShutdown)), 1001);
+        assert_eq!(code(Some(ByeReason::Flood)), 1008);
+        assert_eq!(code(Some(ByeReason::SlowConsumer)), 1008);
+        assert_eq!(code(Some(ByeReason::Logout)), 1000);
+        assert_eq!(code(Some(ByeReason::IdleTimeout)), 1000);
+        assert_eq!(code(None), 1000);
     }
 }

@@ -27,7 +27,7 @@ fn connections_beyond_the_per_address_limit_get_too_many_connections() {
         read_to_close(third),
         "{\"type\":\"bye\",\"reason\":\"too_many_connections\"}\n"
     );
-    server.wait_for_log("connections from this address already");
+    server.wait_for_log("too many connections from this address");
     // A connection that ends frees its place.
     a.shutdown();
     drop(a);

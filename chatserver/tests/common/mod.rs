@@ -29,6 +29,27 @@ pub struct TestServer {
     _owned_dir: Option<tempfile::TempDir>,
 }
 
+/// The per-address limits, each turned off unless `args` sets it: every
+/// test client comes from 127.0.0.1, and only the tests about a limit want
+/// it.
+pub const ADDRESS_LIMITS: [&str; 7] = [
+    "--max-connections-per-ip",
+    "--max-unauthenticated-percent",
+    "--max-pending-checks-per-ip",
+    "--login-rate-per-ip",
+    "--login-rate-per-name",
+    "--tls-handshakes-per-ip",
+    "--tls-handshakes",
+];
+
+pub fn address_limits_off(args: &[&str]) -> Vec<String> {
+    ADDRESS_LIMITS
+        .iter()
+        .filter(|flag| !args.contains(flag))
+        .flat_map(|flag| [flag.to_string(), "0".to_owned()])
+        .collect()
+}
+
 /// The `chatserver` binary. Other packages' tests (the CLI's) include this
 /// harness too; for them it sits beside their own binaries, and is built
 /// first if a narrower `cargo test -p` did not build it.
@@ -105,6 +126,7 @@ impl TestServer {
             .arg("--credentials")
             .arg(&path)
             .args(args)
+            .args(address_limits_off(args))
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdin(Stdio::null())

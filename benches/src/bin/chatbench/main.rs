@@ -270,6 +270,25 @@ fn storm_hash() -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
+/// The server's per-address limits, each turned off (set to 0) unless
+/// `server_args` sets it.
+fn address_limits_off(server_args: &[OsString]) -> Vec<String> {
+    const LIMITS: [&str; 7] = [
+        "--max-connections-per-ip",
+        "--max-unauthenticated-percent",
+        "--max-pending-checks-per-ip",
+        "--login-rate-per-ip",
+        "--login-rate-per-name",
+        "--tls-handshakes-per-ip",
+        "--tls-handshakes",
+    ];
+    LIMITS
+        .iter()
+        .filter(|flag| !server_args.iter().any(|a| a == **flag))
+        .flat_map(|flag| [flag.to_string(), "0".to_owned()])
+        .collect()
+}
+
 /// Runs `f` against the target server, starting it first with --spawn
 /// with `users` accounts (`u<i>` with password `p<i>`) and `storm` hashed
 /// accounts `s<j>` for the login storm.
@@ -321,6 +340,9 @@ fn with_server(
         .arg(&credentials)
         .args(&db_args)
         .args(&target.server_args)
+        // Every load client comes from one loopback address: the
+        // per-address limits are off, unless --server-arg sets one.
+        .args(address_limits_off(&target.server_args))
         // Connection logs off: the measurement is of the server, not of
         // its log volume.
         .env("RUST_LOG", "warn,chatserver=info,chatserver::reactor=warn")
