@@ -77,6 +77,8 @@ pub enum DatabaseError {
     },
     #[error("{path} is not a SQLite database (or is encrypted or damaged)")]
     NotADatabase { path: PathBuf },
+    #[error("{path} is empty (0 bytes): a chatserver database never is, so it was truncated or is not ours; refusing to start on it, which would lose what it held (delete it to start a new database)")]
+    Empty { path: PathBuf },
     #[error("{path} is a SQLite database of another application (application_id {found:#x}); refusing to touch it")]
     Foreign { path: PathBuf, found: i32 },
     #[error("{path} has schema version {found}, newer than this build understands ({SCHEMA_VERSION}); use a newer chatserver")]
@@ -114,6 +116,20 @@ impl Database {
     /// Opens (creating if needed) the database at `path`, brings its schema
     /// up to date, and reads the lasting state back.
     pub fn open(path: &Path) -> Result<(Database, Snapshot), DatabaseError> {
+        // SQLite takes an empty file for a new database; here it is far more
+        // likely a database truncated by accident, and starting on it would
+        // silently drop everything queued. Only a file this call creates is
+        // new. (An empty file beside a write-ahead log with data is a
+        // database SQLite can recover, and is opened.)
+        if std::fs::metadata(path).is_ok_and(|m| m.is_file() && m.len() == 0) {
+            let mut wal = path.as_os_str().to_owned();
+            wal.push("-wal");
+            if !std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+                return Err(DatabaseError::Empty {
+                    path: path.to_owned(),
+                });
+            }
+        }
         let conn = Connection::open_with_flags(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE

@@ -290,6 +290,43 @@ fn a_file_that_is_not_a_database_is_refused_and_left_alone() {
 }
 
 #[test]
+fn an_empty_file_is_refused_not_taken_as_a_new_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chat.db");
+    std::fs::write(&path, "").unwrap();
+    let err = start_fails(&path);
+    assert!(err.contains("is empty (0 bytes)"), "{err}");
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), 0, "left alone");
+    // A file the server creates itself is new, and fine.
+    std::fs::remove_file(&path).unwrap();
+    let server = start(dir.path(), &["--db", path.to_str().unwrap()]);
+    stop(server, false);
+    assert!(std::fs::metadata(&path).unwrap().len() > 0);
+}
+
+/// Failure counts and locks survive a restart for every name tried, so a
+/// restart does not tell accounts from made-up names.
+#[test]
+fn counts_of_made_up_names_survive_a_restart_as_accounts_do() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let mut c = server.connect();
+    for name in ["alice", "nobody"] {
+        for _ in 0..2 {
+            let e = c.ask(&format!("login {name} wrong"));
+            assert_eq!(e["code"], "invalid_credentials", "{e}");
+        }
+    }
+    stop(server, true);
+    let server = start(dir.path(), &[]);
+    let mut c = server.connect();
+    for name in ["alice", "nobody"] {
+        let e = c.ask(&format!("login {name} wrong"));
+        assert_eq!(e["code"], "account_locked", "{name}: {e}");
+    }
+}
+
+#[test]
 fn a_database_of_another_application_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("other.db");
