@@ -1041,7 +1041,7 @@ impl Reactor {
                     self.forget_conn(conn);
                     self.start_closing(key, Some(reason));
                 }
-                Output::Event(event) => log_event(&event),
+                Output::Event(event) => log_event(&event, self.core.accounts()),
                 Output::VerifyPassword {
                     ticket,
                     peer,
@@ -1528,10 +1528,20 @@ fn is_out_of_descriptors(e: &io::Error) -> bool {
     matches!(e.raw_os_error(), Some(23 | 24))
 }
 
-fn log_event(event: &CoreEvent) {
+/// Logs a core event. A name typed at a login is logged only if it is an
+/// account: people type passwords into the name field too.
+fn log_event(event: &CoreEvent, accounts: &chatproto::Accounts) {
     match event {
         CoreEvent::LoggedIn { conn, user } => info!(%conn, %user, "logged in"),
-        CoreEvent::LoginRefused { conn, user, code } => info!(%conn, %user, %code, "login refused"),
+        CoreEvent::LoginRefused { conn, user, code } if accounts.contains(user.as_str()) => {
+            info!(%conn, %user, %code, "login refused")
+        }
+        CoreEvent::LoginRefused { conn, code, .. } => {
+            info!(%conn, %code, "login refused (the name is no account)")
+        }
+        CoreEvent::Locked { user, .. } if !accounts.contains(user.as_str()) => {
+            warn!("a name that is no account locked after failed logins")
+        }
         CoreEvent::Locked { user, until } => warn!(%user, %until, "locked after failed logins"),
         CoreEvent::LoggedOut { conn, user } => info!(%conn, %user, "logged out"),
         CoreEvent::Flooding { conn } => warn!(%conn, "flooding past its rate limit: closing"),

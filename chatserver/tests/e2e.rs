@@ -278,3 +278,21 @@ fn connections_beyond_the_limit_get_server_full() {
     assert_eq!(got, "{\"type\":\"bye\",\"reason\":\"server_full\"}\n");
     server.wait_for_log("server full");
 }
+
+/// A name typed at a login is logged only if it is an account: people type
+/// their password into the name field too.
+#[test]
+fn a_refused_login_logs_the_name_only_if_it_is_an_account() {
+    let server = TestServer::start(&[]);
+    let mut c = server.connect();
+    for name in ["Tr0ub4dor-3", "alice"] {
+        let e = c.ask(&format!("login {name} wrong"));
+        assert_eq!(e["code"], "invalid_credentials", "{e}");
+    }
+    // Both refusals are logged, in order; only the account is named.
+    server.wait_for_log("user=alice");
+    let log = server.log().join("\n");
+    assert!(log.contains("the name is no account"), "{log}");
+    assert!(!log.contains("Tr0ub4dor-3"), "{log}");
+    assert!(log.contains("user=alice"), "{log}");
+}
