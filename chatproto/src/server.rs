@@ -471,8 +471,9 @@ pub struct Server<S: Store> {
     peers: Peers,
 }
 
-/// Closed connections whose drain outcome the core waits for, at most:
-/// past it the oldest is given up (its messages stay queued).
+/// Closed connections whose drain outcome the core waits for, at most
+/// (only a driver that never reports could fill it): past it one is given
+/// up, and its messages stay queued.
 const MAX_CLOSING_DRAINS: usize = 4096;
 
 impl<S: Store> Server<S> {
@@ -1854,8 +1855,8 @@ impl<S: Store> Server<S> {
                 // Its last frames may still be written: the driver's final
                 // report says which.
                 if self.closing_drains.len() >= MAX_CLOSING_DRAINS {
-                    if let Some(&oldest) = self.closing_drains.keys().next() {
-                        self.closing_drains.remove(&oldest);
+                    if let Some(&any) = self.closing_drains.keys().next() {
+                        self.closing_drains.remove(&any);
                     }
                 }
                 self.closing_drains.insert(conn, (user, drain));

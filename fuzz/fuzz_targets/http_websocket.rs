@@ -9,6 +9,9 @@ use libfuzzer_sys::fuzz_target;
 #[path = "../../chatserver/src/http.rs"]
 mod http;
 #[allow(dead_code)]
+#[path = "../../chatserver/src/origin.rs"]
+mod origin;
+#[allow(dead_code)]
 #[path = "../../chatserver/src/websocket.rs"]
 mod websocket;
 
@@ -19,9 +22,11 @@ fuzz_target!(|data: &[u8]| {
     let Some((&control, data)) = data.split_first() else {
         return;
     };
+    let secure = control & 1 == 1;
+    let allowed = vec![origin::parse_origin("https://chat.example.com").expect("a valid origin")];
+    let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 8080));
     let config = http::HttpConfig {
-        secure: control & 1 == 1,
-        allowed_origins: vec!["https://chat.example.com".to_owned()],
+        origins: origin::Origins::new(secure, listen, &[], allowed),
     };
     let rest = match http::route(data, &config) {
         http::Routed::Partial => {
