@@ -501,7 +501,7 @@ impl Reactor {
         }
         if let Err(e) = stream
             .set_nonblocking(true)
-            .and_then(|()| self.configure_socket(&stream))
+            .and_then(|()| configure_socket(&stream, &self.config.limits))
         {
             warn!(%peer, "cannot set up the socket: {e}");
             return;
@@ -640,30 +640,6 @@ impl Reactor {
                 .take(burst, per_second, now),
             None => true,
         }
-    }
-
-    /// Socket options every accepted connection gets.
-    fn configure_socket(&self, stream: &TcpStream) -> io::Result<()> {
-        stream.set_nodelay(true)?;
-        let socket = socket2::SockRef::from(stream);
-        // A backlog must not hide in the kernel, where the slow-consumer
-        // check cannot see it (Linux grows send buffers to megabytes).
-        socket.set_send_buffer_size(SEND_BUFFER_BYTES)?;
-        let limits = &self.config.limits;
-        // A peer that vanishes without a FIN or RST (its network gone) is
-        // found dead by keepalive probes, or by unacknowledged data.
-        if let Some(idle) = limits.tcp_keepalive {
-            let keepalive = socket2::TcpKeepalive::new()
-                .with_time(idle)
-                .with_interval((idle / 3).max(Duration::from_secs(1)))
-                .with_retries(3);
-            socket.set_tcp_keepalive(&keepalive)?;
-        }
-        #[cfg(target_os = "linux")]
-        if let Some(timeout) = limits.tcp_user_timeout {
-            socket.set_tcp_user_timeout(Some(timeout))?;
-        }
-        Ok(())
     }
 
     /// Opens the core's connection for the socket at `key`.
@@ -1411,6 +1387,29 @@ fn refuse(stream: TcpStream, http: bool, reason: ByeReason) {
     let _ = stream.shutdown(Shutdown::Write);
 }
 
+/// Socket options every accepted connection gets.
+fn configure_socket(stream: &TcpStream, limits: &Limits) -> io::Result<()> {
+    stream.set_nodelay(true)?;
+    let socket = socket2::SockRef::from(stream);
+    // A backlog must not hide in the kernel, where the slow-consumer check
+    // cannot see it (Linux grows send buffers to megabytes).
+    socket.set_send_buffer_size(SEND_BUFFER_BYTES)?;
+    // A peer that vanishes without a FIN or RST (its network gone) is found
+    // dead by keepalive probes, or by unacknowledged data.
+    if let Some(idle) = limits.tcp_keepalive {
+        let keepalive = socket2::TcpKeepalive::new()
+            .with_time(idle)
+            .with_interval((idle / 3).max(Duration::from_secs(1)))
+            .with_retries(3);
+        socket.set_tcp_keepalive(&keepalive)?;
+    }
+    #[cfg(target_os = "linux")]
+    if let Some(timeout) = limits.tcp_user_timeout {
+        socket.set_tcp_user_timeout(Some(timeout))?;
+    }
+    Ok(())
+}
+
 /// What a refused connection is told: a `bye`, or a 503 to an HTTP client.
 fn refusal(http: bool, reason: ByeReason) -> bytes::Bytes {
     if http {
@@ -1568,6 +1567,39 @@ mod tests {
         // Past 4 times the limit, at once.
         assert_eq!(verdict(4001, None, t0), Backlog::CutOff);
         assert_eq!(verdict(4000, None, t0), Backlog::Over);
+    }
+
+    #[test]
+    fn accepted_sockets_get_keepalive_a_user_timeout_and_a_small_send_buffer() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let limits = Limits {
+            tcp_keepalive: Some(Duration::from_secs(30)),
+            tcp_user_timeout: Some(Duration::from_secs(60)),
+            ..Limits::default()
+        };
+        configure_socket(&accepted, &limits).unwrap();
+        let socket = socket2::SockRef::from(&accepted);
+        assert!(socket.keepalive().unwrap());
+        assert_eq!(
+            socket.tcp_keepalive_time().unwrap(),
+            Duration::from_secs(30)
+        );
+        assert_eq!(
+            socket.tcp_keepalive_interval().unwrap(),
+            Duration::from_secs(10)
+        );
+        assert_eq!(socket.tcp_keepalive_retries().unwrap(), 3);
+        #[cfg(target_os = "linux")]
+        assert_eq!(
+            socket.tcp_user_timeout().unwrap(),
+            Some(Duration::from_secs(60))
+        );
+        // Linux reports twice what was set (it counts its own overhead).
+        let sndbuf = socket.send_buffer_size().unwrap();
+        assert!(sndbuf <= 2 * SEND_BUFFER_BYTES, "{sndbuf}");
+        assert!(accepted.nodelay().unwrap());
     }
 
     #[test]
