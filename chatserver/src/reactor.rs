@@ -434,6 +434,9 @@ impl Reactor {
         [
             self.core.poll_timeout().map(|t| self.clock.instant(t)),
             self.close_deadlines.first().map(|(at, _)| *at),
+            // A backlog over the limit is judged at its deadline, even if
+            // nothing else happens by then.
+            self.slow_deadlines.first().map(|(at, _)| *at),
             self.accept_paused_until,
             self.shutdown_deadline,
             // Flush rounds ran out with sockets still to write: go on at
@@ -1137,8 +1140,10 @@ impl Reactor {
             }
             self.slow_deadlines.pop_first();
             // Still over since then (a write under the limit removes it).
-            if self.sockets.get(key).and_then(Option::as_ref).is_some() {
-                self.enforce_backlog(key);
+            if self.sockets.get(key).and_then(Option::as_ref).is_some() && self.enforce_backlog(key)
+            {
+                // The bye, the close and the presence wait in the core.
+                self.drain_core();
             }
         }
         while let Some(&(deadline, key)) = self.close_deadlines.first() {

@@ -499,3 +499,41 @@ pub fn certificate(
         cert.cert.der().clone(),
     )
 }
+
+impl Client {
+    /// The next frame if one starts arriving within `timeout`; `None` if
+    /// none does, or at end of stream. Nothing is lost on a timeout: only
+    /// a frame that has begun to arrive is read (with the usual timeout).
+    pub fn recv_within(&mut self, timeout: Duration) -> Option<Value> {
+        let timeout = timeout.max(Duration::from_millis(1));
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(timeout))
+            .unwrap();
+        let waited = self.reader.fill_buf().map(|buf| buf.is_empty());
+        self.reader
+            .get_ref()
+            .set_read_timeout(Some(TIMEOUT))
+            .unwrap();
+        match waited {
+            Ok(true) => None,
+            Ok(false) => self.try_recv(),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                None
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => None,
+            Err(e) => panic!("read failed: {e}"),
+        }
+    }
+
+    /// The local address of the connection (its port tells the server's
+    /// socket for it apart).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.writer.local_addr().unwrap()
+    }
+}
