@@ -540,6 +540,18 @@ fn offline_memory(target: &Target, args: &OfflineMemoryArgs) -> Result<(), Strin
         );
     }
     let after = memory_at_rest(server.pid(), settle, "after queuing")?;
+    if let Some(db) = &target.server_db {
+        let size = |suffix: &str| {
+            let mut name = db.as_os_str().to_owned();
+            name.push(suffix);
+            std::fs::metadata(PathBuf::from(name)).map_or(0, |m| m.len())
+        };
+        println!(
+            "database on disk: {:.1} MiB, write-ahead log {:.1} MiB",
+            mib(size("")),
+            mib(size("-wal"))
+        );
+    }
     let count = queued_offline_messages(server.addr)?;
     println!("the server counts {count} queued offline messages");
     if count != queued.messages {
@@ -626,6 +638,7 @@ fn memory_at_rest(pid: u32, settle: Duration, label: &str) -> Result<AtRest, Str
         last = cpu;
     }
     let at_idle = ProcessSample::read(pid)?.rss_bytes;
+    let waited = started.elapsed();
     std::thread::sleep(settle);
     let settled = ProcessSample::read(pid)?.rss_bytes;
     println!(
@@ -636,7 +649,7 @@ fn memory_at_rest(pid: u32, settle: Duration, label: &str) -> Result<AtRest, Str
         } else {
             "(still busy after 120 s)"
         },
-        started.elapsed().as_secs_f64(),
+        waited.as_secs_f64(),
         mib(settled),
         settle.as_secs()
     );

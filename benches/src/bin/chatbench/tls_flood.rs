@@ -51,12 +51,26 @@ pub struct FloodReport {
     /// Due while --max-open connections were open.
     pub skipped: u64,
     pub seconds: f64,
+    /// For each answered connection, from the ClientHello written to the
+    /// server's first bytes read: about what the handshake's first flight
+    /// costs the server, when it is otherwise idle.
+    pub answer_times: Vec<Duration>,
 }
 
 impl FloodReport {
     pub fn summary(&self) -> String {
+        let mut times = self.answer_times.clone();
+        times.sort();
+        let answer = match times.len() {
+            0 => String::new(),
+            n => format!(
+                " (answer after {:.2} ms median, {:.2} ms max)",
+                times[n / 2].as_secs_f64() * 1000.0,
+                times[n - 1].as_secs_f64() * 1000.0
+            ),
+        };
         format!(
-            "{} connections in {:.1} s ({:.0}/s): {} answered with a handshake, {} closed at once, {} unanswered, {} failed, {} skipped",
+            "{} connections in {:.1} s ({:.0}/s): {} answered with a handshake{answer}, {} closed at once, {} unanswered, {} failed, {} skipped",
             self.started,
             self.seconds,
             self.started as f64 / self.seconds.max(1e-9),
@@ -140,8 +154,8 @@ struct Pending {
     stream: TcpStream,
     /// When it gives up waiting for the server.
     deadline: Instant,
-    /// The ClientHello is written (the connection is established).
-    sent: bool,
+    /// When the ClientHello was written (the connection is established).
+    sent: Option<Instant>,
 }
 
 /// Floods `config.target` until `config.duration` is over or `stop` is
@@ -217,7 +231,7 @@ pub fn flood(config: &FloodConfig, hello: &[u8], stop: &AtomicBool) -> Result<Fl
             let pending = Pending {
                 stream,
                 deadline: now + config.read_wait,
-                sent: false,
+                sent: None,
             };
             if key == slots.len() {
                 slots.push(Some(pending));
@@ -240,11 +254,21 @@ pub fn flood(config: &FloodConfig, hello: &[u8], stop: &AtomicBool) -> Result<Fl
             let Some(pending) = slots.get_mut(event.key).and_then(Option::as_mut) else {
                 continue;
             };
-            let outcome = if !pending.sent {
+            let outcome = if let Some(sent) = pending.sent {
+                match (&pending.stream).read(&mut buf) {
+                    Ok(0) => Some(Outcome::ClosedAtOnce),
+                    Ok(_) => Some(Outcome::Answered(sent.elapsed())),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
+                        Some(Outcome::ClosedAtOnce)
+                    }
+                    Err(e) => Some(Outcome::Failed(e.to_string())),
+                }
+            } else {
                 match pending.stream.take_error() {
                     Ok(None) => match (&pending.stream).write(hello) {
                         Ok(n) if n == hello.len() => {
-                            pending.sent = true;
+                            pending.sent = Some(Instant::now());
                             poller
                                 .modify_with_mode(
                                     &pending.stream,
@@ -260,20 +284,13 @@ pub fn flood(config: &FloodConfig, hello: &[u8], stop: &AtomicBool) -> Result<Fl
                     },
                     Ok(Some(e)) | Err(e) => Some(Outcome::Failed(e.to_string())),
                 }
-            } else {
-                match (&pending.stream).read(&mut buf) {
-                    Ok(0) => Some(Outcome::ClosedAtOnce),
-                    Ok(_) => Some(Outcome::Answered),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {
-                        Some(Outcome::ClosedAtOnce)
-                    }
-                    Err(e) => Some(Outcome::Failed(e.to_string())),
-                }
             };
             if let Some(outcome) = outcome {
                 match outcome {
-                    Outcome::Answered => report.answered += 1,
+                    Outcome::Answered(took) => {
+                        report.answered += 1;
+                        report.answer_times.push(took);
+                    }
                     Outcome::ClosedAtOnce => report.closed_at_once += 1,
                     Outcome::Failed(e) => {
                         report.failed += 1;
@@ -309,7 +326,8 @@ pub fn flood(config: &FloodConfig, hello: &[u8], stop: &AtomicBool) -> Result<Fl
 }
 
 enum Outcome {
-    Answered,
+    /// After this long.
+    Answered(Duration),
     ClosedAtOnce,
     Failed(String),
 }
