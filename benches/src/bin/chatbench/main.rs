@@ -13,6 +13,22 @@
 //!   discarding everything the server sends, presence storms included),
 //!   then reports the server's resident memory per connection and its CPU
 //!   use while idle.
+//! - `chatbench offline-memory` reports the server's resident memory while
+//!   offline queues grow: empty, after a few senders queued `--bytes` of
+//!   messages (1 GiB by default) to `--recipients` users who never log in,
+//!   and, with a database (`--server-db`), after the server is stopped
+//!   (SIGTERM) and started again on it. Without a database it queues until
+//!   the server's memory cap answers `mailbox_full`. Needs `--spawn`.
+//! - `chatbench tls-flood` opens connections from another loopback address
+//!   (127.0.0.2 by default) to a TLS address at `--rate` a second, each
+//!   sending a recorded TLS ClientHello and closing. With `--spawn` it
+//!   starts the server with an RSA-2048 certificate and compares the
+//!   latency of a `direct` load on the plaintext address with and without
+//!   the flood, in alternating rounds.
+//! - `chatbench login-timing` times failed logins, one at a time on fresh
+//!   connections: wrong passwords for plaintext accounts and names without
+//!   an account, taking turns. With `--spawn` the credentials file also
+//!   has hashed accounts unless `--all-plaintext`.
 //!
 //! With `--spawn PATH` it starts the server itself, on a free loopback
 //! port, with a credentials file it writes and no database (`--no-db`), or
@@ -20,13 +36,18 @@
 //! Traffic goes to loopback (or the address given) and nowhere else.
 
 mod load;
+mod login_timing;
+mod offline_memory;
 mod process;
+mod tls_flood;
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::net::{IpAddr, SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
@@ -99,6 +120,130 @@ enum Mode {
         #[arg(long, default_value_t = 1000)]
         recipients: usize,
     },
+    /// Queue offline messages for users who never log in and report the
+    /// server's resident memory: empty, after queuing, and (with
+    /// --server-db) after a restart on the same database. Needs --spawn.
+    OfflineMemory {
+        #[command(flatten)]
+        target: Target,
+        #[command(flatten)]
+        args: OfflineMemoryArgs,
+    },
+    /// Open connections from another loopback address to a TLS address,
+    /// each sending a recorded ClientHello; with --spawn, compare a direct
+    /// load's latency with and without the flood.
+    TlsFlood {
+        #[command(flatten)]
+        args: TlsFloodArgs,
+    },
+    /// Time failed logins: wrong passwords of plaintext accounts against
+    /// names without an account, one at a time on fresh connections.
+    LoginTiming {
+        #[command(flatten)]
+        target: Target,
+        /// Attempts of each kind measured.
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+        /// Attempts of each kind made first and not measured.
+        #[arg(long, default_value_t = 10)]
+        warmup: usize,
+        /// With --spawn: hashed (Argon2id) accounts beside the plaintext
+        /// ones, so the server answers a wrong plaintext password with a
+        /// decoy hash check, as it does an unknown name.
+        #[arg(long, default_value_t = 10)]
+        hashed: usize,
+        /// With --spawn: plaintext accounts only (no hashed ones).
+        #[arg(long)]
+        all_plaintext: bool,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct OfflineMemoryArgs {
+    /// Bytes of message text to queue. Without a database, queuing stops
+    /// earlier when the server's memory cap answers `mailbox_full`. With
+    /// one, the file needs about this much free disk.
+    #[arg(long, default_value_t = 1 << 30)]
+    bytes: u64,
+    /// How many offline recipients: users u<senders>, u<senders + 1>, ...,
+    /// messaged in turn.
+    #[arg(long, default_value_t = 1000)]
+    recipients: usize,
+    /// How many sender clients (users u0, u1, ...).
+    #[arg(long, default_value_t = 4)]
+    senders: usize,
+    /// Messages in flight per sender.
+    #[arg(long, default_value_t = 16)]
+    window: usize,
+    /// Bytes of text per message: the whole frame must stay within the
+    /// server's default frame limit (16384 bytes).
+    #[arg(long, default_value_t = 16_000)]
+    text_bytes: usize,
+    /// Stop queuing after this many seconds, whatever is stored by then.
+    #[arg(long, default_value_t = 600)]
+    max_secs: u64,
+    /// Once the server is idle, wait this many seconds more before reading
+    /// its memory: the allocator hands freed memory back on a delay.
+    #[arg(long, default_value_t = 12)]
+    settle_secs: u64,
+    /// Keep the --server-db file afterwards (by default it is deleted, with
+    /// its -wal and -shm files: chatbench made it).
+    #[arg(long)]
+    keep_db: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct TlsFloodArgs {
+    /// Without --spawn: the TLS address to flood (a loopback address).
+    #[arg(long, default_value = "127.0.0.1:4443")]
+    tls_addr: SocketAddr,
+    /// The loopback address the flood's connections come from.
+    #[arg(long, default_value = "127.0.0.2")]
+    source: IpAddr,
+    /// New flood connections a second.
+    #[arg(long, default_value_t = 1200)]
+    rate: u64,
+    /// Seconds of flood; with --spawn, seconds each run measures.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// How long a flood connection waits for the server's answer or close
+    /// before it closes, in milliseconds.
+    #[arg(long, default_value_t = 200)]
+    read_ms: u64,
+    /// Most flood connections open at once (more due are skipped).
+    #[arg(long, default_value_t = 4096)]
+    max_open: usize,
+    /// Start this chatserver binary with TLS on a second loopback port
+    /// (an RSA-2048 certificate, its TLS handshake budgets at their
+    /// defaults unless --server-arg sets them, the other per-address
+    /// limits off), and run a direct load on its plaintext port, in rounds
+    /// without and with the flood.
+    #[arg(long, value_name = "PATH")]
+    spawn: Option<PathBuf>,
+    /// With --spawn: one more argument for the server (repeatable), e.g.
+    /// `--server-arg=--tls-handshakes=0`.
+    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
+    server_args: Vec<OsString>,
+    /// With --spawn: serve this certificate chain (PEM) instead of a new
+    /// RSA-2048 one (made with openssl and rcgen).
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// With --spawn: the private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// With --spawn: rounds, each a run without the flood, then one with.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// With --spawn: the direct load's clients.
+    #[arg(long, default_value_t = 100)]
+    clients: usize,
+    /// With --spawn: the direct load's messages a second, all clients
+    /// together (open loop).
+    #[arg(long, default_value_t = 5000)]
+    load_rate: u64,
+    /// With --spawn: seconds of warm-up before each run is measured.
+    #[arg(long, default_value_t = 2)]
+    warmup_secs: u64,
 }
 
 /// Which server to measure.
@@ -214,6 +359,20 @@ fn main() -> ExitCode {
             load.login_storm,
             |addr, pid| load_run(addr, pid, &load, Workload::Offline { recipients }),
         ),
+        Mode::OfflineMemory { target, args } => offline_memory(&target, &args),
+        Mode::TlsFlood { args } => tls_flood(&args),
+        Mode::LoginTiming {
+            target,
+            count,
+            warmup,
+            hashed,
+            all_plaintext,
+        } => login_timing(
+            &target,
+            count,
+            warmup,
+            if all_plaintext { 0 } else { hashed },
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -259,6 +418,553 @@ fn load_run(
     Ok(())
 }
 
+/// The server's default frame limit (`--max-frame-bytes`).
+const MAX_FRAME_BYTES: usize = 16 * 1024;
+
+/// The server's default `--offline-memory-bytes`.
+const DEFAULT_OFFLINE_MEMORY_BYTES: u64 = 256 * 1024 * 1024;
+
+/// `chatbench offline-memory`.
+fn offline_memory(target: &Target, args: &OfflineMemoryArgs) -> Result<(), String> {
+    let Some(binary) = &target.spawn else {
+        return Err(
+            "offline-memory needs --spawn: it reads the memory of the server it starts, and restarts it"
+                .to_owned(),
+        );
+    };
+    if args.senders < 1 || args.recipients < 1 || args.window < 1 || args.text_bytes < 1 {
+        return Err(
+            "--senders, --recipients, --window and --text-bytes must be at least 1".to_owned(),
+        );
+    }
+    let frame = format!("message u{} ", args.senders + args.recipients - 1).len() + args.text_bytes;
+    if frame > MAX_FRAME_BYTES {
+        return Err(format!(
+            "--text-bytes {}: a message frame would be {frame} bytes, over the server's frame limit ({MAX_FRAME_BYTES})",
+            args.text_bytes
+        ));
+    }
+    let db_args = target.server_db_args()?;
+    // The database is chatbench's (it must not have existed): removed at
+    // the end, whatever happens, unless --keep-db.
+    let _db_files = target
+        .server_db
+        .as_ref()
+        .filter(|_| !args.keep_db)
+        .map(|db| RemoveOnDrop::database(db));
+    let credentials = TempFile::write(
+        "credentials.txt",
+        &credentials_text(args.senders + args.recipients, 0)?,
+    )?;
+    // Room for each recipient's share twice over: the per-user caps are
+    // not what is measured. u0 may ask `debug server` how many messages
+    // are queued.
+    let per_user = args
+        .bytes
+        .div_ceil(args.recipients as u64)
+        .saturating_mul(2)
+        .max(4 << 20);
+    let command = ServerCommand::new(
+        binary,
+        &target.server_args,
+        &credentials.0,
+        db_args,
+        0,
+        &[
+            ("--offline-queue-bytes", per_user.to_string().into()),
+            ("--admin", "u0".into()),
+        ],
+        &[&ADDRESS_LIMITS[..], &TLS_BUDGETS[..]].concat(),
+    );
+    let settle = Duration::from_secs(args.settle_secs);
+    let storage = match &target.server_db {
+        Some(db) => format!("database {}", db.display()),
+        None => {
+            let cap = server_value(&target.server_args, "--offline-memory-bytes")
+                .unwrap_or_else(|| format!("{DEFAULT_OFFLINE_MEMORY_BYTES} (the default)"));
+            format!("no database, --offline-memory-bytes {cap}")
+        }
+    };
+    println!(
+        "offline-memory: {} senders queue up to {:.1} MiB in {}-byte texts, window {}, to {} recipients; {storage}",
+        args.senders,
+        mib(args.bytes),
+        args.text_bytes,
+        args.window,
+        args.recipients
+    );
+
+    let mut server = command.start()?;
+    pin(target.pin_cpu)?;
+    println!("server started in {:.3} s", server.startup.as_secs_f64());
+    let empty = memory_at_rest(server.pid(), settle, "empty server")?;
+
+    let queued = offline_memory::queue(
+        &offline_memory::QueueConfig {
+            addr: server.addr,
+            senders: args.senders,
+            recipients: args.recipients,
+            window: args.window,
+            text_bytes: args.text_bytes,
+            bytes: args.bytes,
+            max_time: Duration::from_secs(args.max_secs),
+        },
+        Some(server.pid()),
+    )?;
+    let secs = queued.elapsed.as_secs_f64();
+    println!(
+        "queued {} bytes ({:.1} MiB) in {} messages, acknowledged stored, in {secs:.1} s ({:.1} MiB/s){}{}",
+        queued.bytes,
+        mib(queued.bytes),
+        queued.messages,
+        mib(queued.bytes) / secs.max(1e-9),
+        if queued.mailbox_full > 0 {
+            format!(
+                "; then {} refused mailbox_full",
+                queued.mailbox_full
+            )
+        } else {
+            String::new()
+        },
+        if queued.timed_out {
+            format!("; stopped at --max-secs {} before --bytes", args.max_secs)
+        } else {
+            String::new()
+        }
+    );
+    if let (Some(end), Some(peak)) = (queued.rss_at_end, queued.peak_rss) {
+        println!(
+            "server when the last answer came: {:.1} MiB resident (at most {:.1} MiB while queuing)",
+            mib(end),
+            mib(peak)
+        );
+    }
+    let after = memory_at_rest(server.pid(), settle, "after queuing")?;
+    if let Some(db) = &target.server_db {
+        let size = |suffix: &str| {
+            let mut name = db.as_os_str().to_owned();
+            name.push(suffix);
+            std::fs::metadata(PathBuf::from(name)).map_or(0, |m| m.len())
+        };
+        println!(
+            "database on disk: {:.1} MiB, write-ahead log {:.1} MiB",
+            mib(size("")),
+            mib(size("-wal"))
+        );
+    }
+    let count = queued_offline_messages(server.addr)?;
+    println!("the server counts {count} queued offline messages");
+    if count != queued.messages {
+        return Err(format!(
+            "the server counts {count} queued offline messages, {} were acknowledged stored",
+            queued.messages
+        ));
+    }
+
+    let mut restart = None;
+    if target.server_db.is_some() {
+        let stopped = server.terminate(Duration::from_secs(60))?;
+        println!("server stopped (SIGTERM) in {:.2} s", stopped.as_secs_f64());
+        let again = command.start()?;
+        println!(
+            "server started again on the same database in {:.3} s",
+            again.startup.as_secs_f64()
+        );
+        let rss = memory_at_rest(again.pid(), settle, "after the restart")?;
+        let count = queued_offline_messages(again.addr)?;
+        println!("the restarted server counts {count} queued offline messages");
+        if count != queued.messages {
+            return Err(format!(
+                "after the restart the server counts {count} queued offline messages, {} were acknowledged stored",
+                queued.messages
+            ));
+        }
+        restart = Some((rss, again.startup));
+    }
+
+    let growth = |rss: u64| mib(rss) - mib(empty.settled);
+    println!(
+        "summary: empty {:.1} MiB; after queuing {:.1} MiB ({:+.1} MiB){}",
+        mib(empty.settled),
+        mib(after.settled),
+        growth(after.settled),
+        restart.as_ref().map_or(String::new(), |(r, _)| format!(
+            "; after the restart {:.1} MiB ({:+.1} MiB)",
+            mib(r.settled),
+            growth(r.settled)
+        ))
+    );
+    if let Some((r, _)) = &restart {
+        let met = growth(after.settled) <= 64.0 && growth(r.settled) <= 64.0;
+        println!(
+            "goal (after queuing and after the restart within 64 MiB of the empty server): {}",
+            if met { "met" } else { "not met" }
+        );
+    }
+    println!(
+        "{{\"mode\":\"offline-memory\",\"database\":{},\"bytes_stored\":{},\"messages\":{},\"mailbox_full\":{},\"seconds\":{secs:.1},\"empty_rss_mib\":{:.1},\"end_rss_mib\":{},\"after_idle_rss_mib\":{:.1},\"after_rss_mib\":{:.1},\"restart_rss_mib\":{},\"restart_secs\":{}}}",
+        target.server_db.is_some(),
+        queued.bytes,
+        queued.messages,
+        queued.mailbox_full,
+        mib(empty.settled),
+        queued.rss_at_end.map_or("null".to_owned(), |r| format!("{:.1}", mib(r))),
+        mib(after.idle),
+        mib(after.settled),
+        restart.as_ref().map_or("null".to_owned(), |(r, _)| format!("{:.1}", mib(r.settled))),
+        restart.as_ref().map_or("null".to_owned(), |(_, t)| format!("{:.2}", t.as_secs_f64())),
+    );
+    Ok(())
+}
+
+/// A server's resident memory at rest: once its CPU is idle, and `settle`
+/// later.
+struct AtRest {
+    idle: u64,
+    settled: u64,
+}
+
+/// Waits for the server to be idle (under 2% of a core for a second, at
+/// most 2 minutes), reads its memory, waits `settle`, reads it again;
+/// prints both under `label`.
+fn memory_at_rest(pid: u32, settle: Duration, label: &str) -> Result<AtRest, String> {
+    let started = Instant::now();
+    let mut last = ProcessSample::read(pid)?.cpu_secs;
+    let mut idle = false;
+    while !idle && started.elapsed() < Duration::from_secs(120) {
+        std::thread::sleep(Duration::from_secs(1));
+        let cpu = ProcessSample::read(pid)?.cpu_secs;
+        idle = cpu - last < 0.02;
+        last = cpu;
+    }
+    let at_idle = ProcessSample::read(pid)?.rss_bytes;
+    let waited = started.elapsed();
+    std::thread::sleep(settle);
+    let settled = ProcessSample::read(pid)?.rss_bytes;
+    println!(
+        "{label}: {:.1} MiB resident {} ({:.1} s), {:.1} MiB {} s later",
+        mib(at_idle),
+        if idle {
+            "once idle"
+        } else {
+            "(still busy after 120 s)"
+        },
+        waited.as_secs_f64(),
+        mib(settled),
+        settle.as_secs()
+    );
+    Ok(AtRest {
+        idle: at_idle,
+        settled,
+    })
+}
+
+/// Logs in as u0 (an administrator) and asks `debug server` how many
+/// offline messages the server holds.
+fn queued_offline_messages(addr: SocketAddr) -> Result<u64, String> {
+    use std::io::BufRead;
+    let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+        .map_err(|e| format!("cannot connect to {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    (&stream)
+        .write_all(b"login u0 p0\ndebug server\n")
+        .map_err(|e| e.to_string())?;
+    let mut reader = io::BufReader::new(&stream);
+    let key = "\"queued_offline_messages\":";
+    // The hello, the login's ok, then the answer: a few lines at most.
+    for _ in 0..16 {
+        let mut line = String::new();
+        match reader.read_line(&mut line) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) => return Err(format!("debug server: {e}")),
+        }
+        if line.starts_with("{\"type\":\"error\"") {
+            return Err(format!("debug server: {}", line.trim_end()));
+        }
+        if let Some(at) = line.find(key) {
+            let digits: String = line[at + key.len()..]
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            let _ = (&stream).write_all(b"logout\n");
+            return digits
+                .parse()
+                .map_err(|_| format!("debug server: unreadable {}", line.trim_end()));
+        }
+    }
+    Err("debug server: no answer".to_owned())
+}
+
+/// Files removed when dropped.
+struct RemoveOnDrop(Vec<PathBuf>);
+
+impl RemoveOnDrop {
+    /// A SQLite database and its write-ahead log files.
+    fn database(path: &Path) -> RemoveOnDrop {
+        let with = |suffix: &str| {
+            let mut name = path.as_os_str().to_owned();
+            name.push(suffix);
+            PathBuf::from(name)
+        };
+        RemoveOnDrop(vec![path.to_owned(), with("-wal"), with("-shm")])
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for path in &self.0 {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// How long a flood may go on past its run's measurement, at most: the
+/// load's logins (up to 120 s) and its wait for stragglers.
+const FLOOD_ALLOWANCE: Duration = Duration::from_secs(130);
+
+/// `chatbench tls-flood`.
+fn tls_flood(args: &TlsFloodArgs) -> Result<(), String> {
+    if !args.source.is_loopback() {
+        return Err(format!(
+            "--source {}: not a loopback address (chatbench sends nothing off this machine)",
+            args.source
+        ));
+    }
+    if !(1..=100_000).contains(&args.rate) || args.secs < 1 || args.max_open < 1 {
+        return Err("--rate must be 1 to 100000, --secs and --max-open at least 1".to_owned());
+    }
+    let hello = tls_flood::client_hello()?;
+    let flood_config = |target: SocketAddr, duration: Duration| tls_flood::FloodConfig {
+        target,
+        source: args.source,
+        rate: args.rate,
+        duration,
+        read_wait: Duration::from_millis(args.read_ms.clamp(1, 10_000)),
+        max_open: args.max_open,
+    };
+    let Some(binary) = &args.spawn else {
+        if !args.tls_addr.ip().is_loopback() {
+            return Err(format!(
+                "--tls-addr {}: not a loopback address (chatbench sends nothing off this machine)",
+                args.tls_addr
+            ));
+        }
+        let stop = AtomicBool::new(false);
+        let report = tls_flood::flood(
+            &flood_config(args.tls_addr, Duration::from_secs(args.secs)),
+            &hello,
+            &stop,
+        )?;
+        println!(
+            "tls-flood from {} to {}: {}",
+            args.source,
+            args.tls_addr,
+            report.summary()
+        );
+        return Ok(());
+    };
+    if args.clients < 2 || args.rounds < 1 || args.load_rate < 1 {
+        return Err("--clients must be at least 2, --rounds and --load-rate at least 1".to_owned());
+    }
+    let generated;
+    let (cert, key) = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => (cert.clone(), key.clone()),
+        _ => {
+            let (cert, key) = tls_flood::rsa_certificate()?;
+            // A throwaway key for a loopback benchmark, removed at the end.
+            generated = (
+                TempFile::write("cert.pem", &cert)?,
+                TempFile::write("key.pem", &key)?,
+            );
+            (generated.0 .0.clone(), generated.1 .0.clone())
+        }
+    };
+    let credentials = TempFile::write("credentials.txt", &credentials_text(args.clients, 0)?)?;
+    let command = ServerCommand::new(
+        binary,
+        &args.server_args,
+        &credentials.0,
+        vec!["--no-db".into()],
+        0,
+        &[
+            ("--tls-cert", cert.into()),
+            ("--tls-key", key.into()),
+            ("--tls-listen", "127.0.0.1:0".into()),
+        ],
+        // The direct load's clients all come from 127.0.0.1; the TLS
+        // budgets, what is measured, keep their defaults.
+        &ADDRESS_LIMITS,
+    );
+    let server = command.start()?;
+    let tls_addr = server
+        .tls_addr
+        .ok_or("the server did not say its TLS address")?;
+    let budget = |flag| server_value(&args.server_args, flag).unwrap_or("default".to_owned());
+    println!(
+        "server: plaintext {}, TLS {} ({}); --tls-handshakes-per-ip {}, --tls-handshakes {}",
+        server.addr,
+        tls_addr,
+        if args.tls_cert.is_some() {
+            "the given certificate"
+        } else {
+            "an RSA-2048 certificate"
+        },
+        budget("--tls-handshakes-per-ip"),
+        budget("--tls-handshakes"),
+    );
+    let load_config = LoadConfig {
+        addr: server.addr,
+        clients: args.clients,
+        workload: Workload::Direct,
+        window: 4,
+        text_bytes: 64,
+        warmup: Duration::from_secs(args.warmup_secs),
+        measure: Duration::from_secs(args.secs),
+        rate: Some(args.load_rate),
+        server_pid: Some(server.pid()),
+        login_storm: 0,
+    };
+    let mut p99 = [Vec::new(), Vec::new()];
+    for round in 1..=args.rounds {
+        for flooded in [false, true] {
+            let stop = Arc::new(AtomicBool::new(false));
+            let flood = flooded.then(|| {
+                let config = flood_config(
+                    tls_addr,
+                    load_config.warmup + load_config.measure + FLOOD_ALLOWANCE,
+                );
+                let (stop, hello) = (stop.clone(), hello.clone());
+                std::thread::spawn(move || tls_flood::flood(&config, &hello, &stop))
+            });
+            let load = load::run(load_config.clone());
+            stop.store(true, Ordering::Relaxed);
+            let flood = flood
+                .map(|thread| thread.join().map_err(|_| "the flood thread panicked"))
+                .transpose()?
+                .transpose()?;
+            let report = load?;
+            let condition = if flooded { "with the flood" } else { "quiet" };
+            println!("round {round}, {condition}:");
+            report.print(&load_config);
+            if let Some(flood) = flood {
+                println!("flood: {}", flood.summary());
+            }
+            p99[usize::from(flooded)].push(report.latency.value_at_quantile(0.99) as f64 / 1000.0);
+            // Let the flood's leftovers (sockets closing) clear before the
+            // next run.
+            std::thread::sleep(Duration::from_secs(2));
+        }
+    }
+    let list = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.0}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (quiet, flooded) = (median(&p99[0]), median(&p99[1]));
+    println!(
+        "p99 latency, quiet: {} µs (median {quiet:.0} µs); with the flood: {} µs (median {flooded:.0} µs); ratio {:.2}",
+        list(&p99[0]),
+        list(&p99[1]),
+        flooded / quiet
+    );
+    println!(
+        "{{\"mode\":\"tls-flood\",\"flood_rate\":{},\"tls_handshakes_per_ip\":\"{}\",\"tls_handshakes\":\"{}\",\"rounds\":{},\"quiet_p99_us\":[{}],\"flood_p99_us\":[{}],\"quiet_median_p99_us\":{quiet:.0},\"flood_median_p99_us\":{flooded:.0},\"ratio\":{:.2}}}",
+        args.rate,
+        budget("--tls-handshakes-per-ip"),
+        budget("--tls-handshakes"),
+        args.rounds,
+        list(&p99[0]),
+        list(&p99[1]),
+        flooded / quiet
+    );
+    Ok(())
+}
+
+/// The median of `values` (the mean of the middle two for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// `chatbench login-timing`.
+fn login_timing(target: &Target, count: usize, warmup: usize, hashed: usize) -> Result<(), String> {
+    if count < 1 {
+        return Err("--count must be at least 1".to_owned());
+    }
+    let accounts = count + warmup;
+    with_server(target, accounts, hashed, |addr, _| {
+        let timings = login_timing::run(&login_timing::TimingConfig {
+            addr,
+            count,
+            warmup,
+            // Without --spawn the server's accounts are the caller's
+            // business (`chatbench credentials` writes u<i> p<i>).
+            accounts: if target.spawn.is_some() {
+                accounts
+            } else {
+                usize::MAX
+            },
+        })?;
+        match (&target.spawn, hashed) {
+            (None, _) => println!(
+                "login-timing: {count} failed logins of each kind against {addr}, one at a time (after {warmup} of each unmeasured)"
+            ),
+            (Some(_), 0) => println!(
+                "login-timing: {count} failed logins of each kind, one at a time (after {warmup} of each unmeasured); {accounts} plaintext accounts, none hashed"
+            ),
+            (Some(_), _) => println!(
+                "login-timing: {count} failed logins of each kind, one at a time (after {warmup} of each unmeasured); {accounts} plaintext accounts and {hashed} Argon2id-hashed ones"
+            ),
+        }
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let show = |name: &str, times: &[Duration]| {
+            println!(
+                "{name}: p10 {:.3} ms, median {:.3} ms, p90 {:.3} ms, max {:.3} ms",
+                ms(login_timing::quantile(times, 0.1)),
+                ms(login_timing::quantile(times, 0.5)),
+                ms(login_timing::quantile(times, 0.9)),
+                ms(login_timing::quantile(times, 1.0)),
+            );
+        };
+        show(
+            "wrong password (plaintext account)",
+            &timings.wrong_password,
+        );
+        show("unknown name", &timings.unknown_name);
+        let wrong = ms(login_timing::quantile(&timings.wrong_password, 0.5));
+        let unknown = ms(login_timing::quantile(&timings.unknown_name, 0.5));
+        let difference = (unknown - wrong) / wrong * 100.0;
+        println!(
+            "medians: the unknown name's is {difference:+.1}% of the wrong password's ({})",
+            if difference.abs() < 10.0 {
+                "under 10% apart"
+            } else {
+                "10% or more apart"
+            }
+        );
+        let q = |times: &[Duration], p| format!("{:.3}", ms(login_timing::quantile(times, p)));
+        println!(
+            "{{\"mode\":\"login-timing\",\"count\":{count},\"hashed_accounts\":{hashed},\"wrong_password_ms\":{{\"p10\":{},\"p50\":{},\"p90\":{}}},\"unknown_name_ms\":{{\"p10\":{},\"p50\":{},\"p90\":{}}},\"median_difference_percent\":{difference:.1}}}",
+            q(&timings.wrong_password, 0.1),
+            q(&timings.wrong_password, 0.5),
+            q(&timings.wrong_password, 0.9),
+            q(&timings.unknown_name, 0.1),
+            q(&timings.unknown_name, 0.5),
+            q(&timings.unknown_name, 0.9),
+        );
+        Ok(())
+    })
+}
+
 /// An Argon2id hash (the server's default parameters) of a password no
 /// storm login sends.
 fn storm_hash() -> Result<String, String> {
@@ -270,23 +976,296 @@ fn storm_hash() -> Result<String, String> {
         .map_err(|e| e.to_string())
 }
 
-/// The server's per-address limits, each turned off (set to 0) unless
-/// `server_args` sets it.
-fn address_limits_off(server_args: &[OsString]) -> Vec<String> {
-    const LIMITS: [&str; 7] = [
-        "--max-connections-per-ip",
-        "--max-unauthenticated-percent",
-        "--max-pending-checks-per-ip",
-        "--login-rate-per-ip",
-        "--login-rate-per-name",
-        "--tls-handshakes-per-ip",
-        "--tls-handshakes",
-    ];
-    LIMITS
+/// The server's per-address connection and login limits: a load's clients
+/// all come from one loopback address.
+const ADDRESS_LIMITS: [&str; 5] = [
+    "--max-connections-per-ip",
+    "--max-unauthenticated-percent",
+    "--max-pending-checks-per-ip",
+    "--login-rate-per-ip",
+    "--login-rate-per-name",
+];
+
+/// The server's TLS handshake budgets (per address and overall).
+const TLS_BUDGETS: [&str; 2] = ["--tls-handshakes-per-ip", "--tls-handshakes"];
+
+/// Whether `server_args` sets `flag`, as `--flag VALUE` or `--flag=VALUE`.
+fn sets(server_args: &[OsString], flag: &str) -> bool {
+    server_value(server_args, flag).is_some()
+}
+
+/// The value `server_args` gives `flag` (`--flag VALUE` or `--flag=VALUE`;
+/// empty for a switch).
+fn server_value(server_args: &[OsString], flag: &str) -> Option<String> {
+    let args: Vec<_> = server_args.iter().map(|a| a.to_string_lossy()).collect();
+    args.iter().enumerate().find_map(|(i, arg)| {
+        if arg == flag {
+            Some(args.get(i + 1).map_or(String::new(), |v| v.to_string()))
+        } else {
+            arg.strip_prefix(flag)
+                .and_then(|rest| rest.strip_prefix('='))
+                .map(str::to_owned)
+        }
+    })
+}
+
+/// `limits`, each turned off (set to 0) unless `server_args` sets it.
+fn limits_off(server_args: &[OsString], limits: &[&str]) -> Vec<String> {
+    limits
         .iter()
-        .filter(|flag| !server_args.iter().any(|a| a == **flag))
+        .filter(|flag| !sets(server_args, flag))
         .flat_map(|flag| [flag.to_string(), "0".to_owned()])
         .collect()
+}
+
+/// A credentials file's text: `users` plaintext accounts `u<i>` with
+/// password `p<i>`, and `hashed` Argon2id-hashed accounts `s<j>`.
+fn credentials_text(users: usize, hashed: usize) -> Result<String, String> {
+    let mut text: String = (0..users).map(|i| format!("u{i} p{i}\n")).collect();
+    if hashed > 0 {
+        let hash = storm_hash()?;
+        text.extend((0..hashed).map(|j| format!("s{j} {hash}\n")));
+    }
+    Ok(text)
+}
+
+/// A file chatbench wrote in the temporary directory, removed when dropped.
+struct TempFile(PathBuf);
+
+impl TempFile {
+    fn write(name: &str, contents: &str) -> Result<TempFile, String> {
+        // The process id keeps concurrent runs apart.
+        let path = std::env::temp_dir().join(format!("chatbench-{}-{name}", std::process::id()));
+        std::fs::write(&path, contents).map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(TempFile(path))
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// How to start a server: its binary and every argument, kept so that it
+/// can be started again the same way.
+struct ServerCommand {
+    binary: PathBuf,
+    args: Vec<OsString>,
+}
+
+impl ServerCommand {
+    /// The server on a free loopback port, with `credentials`, the database
+    /// arguments `db_args`, `hashed` hashed accounts among the credentials,
+    /// the mode's own `extra` flags, `server_args`, and `limits` off.
+    /// Chatbench's choices give way to a flag `server_args` sets.
+    fn new(
+        binary: &Path,
+        server_args: &[OsString],
+        credentials: &Path,
+        db_args: Vec<OsString>,
+        hashed: usize,
+        extra: &[(&str, OsString)],
+        limits: &[&str],
+    ) -> ServerCommand {
+        // The server's limits that would cut a measurement short are
+        // lifted: the rate limit, the output a fast sender may pile up, and
+        // the offline queue cap (1,000 a recipient by default, which
+        // `offline` fills within seconds: every message would then be
+        // refused `mailbox_full`).
+        let mut defaults: Vec<(&str, Option<OsString>)> = vec![
+            ("--listen", Some("127.0.0.1:0".into())),
+            ("--no-rate-limit", None),
+            ("--max-output-bytes", Some("268435456".into())),
+            ("--offline-queue-cap", Some("1000000000".into())),
+        ];
+        if hashed > 0 {
+            // Wrong passwords for hashed accounts must keep costing a hash
+            // check, not hit a lock, on connections that never log in.
+            defaults.push(("--lockout-attempts", Some("4000000000".into())));
+            defaults.push(("--login-timeout-secs", Some("0".into())));
+        }
+        defaults.extend(
+            extra
+                .iter()
+                .map(|(flag, value)| (*flag, Some(value.clone()))),
+        );
+        let mut args: Vec<OsString> = Vec::new();
+        for (flag, value) in defaults {
+            if !sets(server_args, flag) {
+                args.push(flag.into());
+                args.extend(value);
+            }
+        }
+        args.push("--credentials".into());
+        args.push(credentials.into());
+        args.extend(db_args);
+        args.extend(server_args.iter().cloned());
+        // Every load client comes from one loopback address: the limits
+        // are off, unless --server-arg sets one.
+        args.extend(
+            limits_off(server_args, limits)
+                .into_iter()
+                .map(OsString::from),
+        );
+        ServerCommand {
+            binary: binary.to_owned(),
+            args,
+        }
+    }
+
+    /// Starts the server and waits until it listens.
+    fn start(&self) -> Result<Spawned, String> {
+        let started = Instant::now();
+        let mut child = std::process::Command::new(&self.binary)
+            .args(&self.args)
+            // Connection logs off: the measurement is of the server, not
+            // of its log volume.
+            .env("RUST_LOG", "warn,chatserver=info,chatserver::reactor=warn")
+            .stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", self.binary.display()))?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            // Lines go to the channel until the server listens; after
+            // that, its warnings and errors go to our stderr, and the rest
+            // is read and dropped so that the server never blocks on a
+            // full pipe.
+            let mut listening = false;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if listening {
+                    if line.contains(" WARN ") || line.contains(" ERROR ") {
+                        eprintln!("chatserver: {line}");
+                    }
+                    continue;
+                }
+                listening = line.contains("listening on ");
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = started + SERVER_START_TIMEOUT;
+        let mut said = Vec::new();
+        let line = loop {
+            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(line) if line.contains("listening on ") => break line,
+                Ok(line) => said.push(line),
+                Err(e) => {
+                    let _ = child.kill();
+                    let status = child.wait().map_or(String::new(), |s| format!(" ({s})"));
+                    let what = match e {
+                        std::sync::mpsc::RecvTimeoutError::Timeout => {
+                            format!("did not start within {} s", SERVER_START_TIMEOUT.as_secs())
+                        }
+                        std::sync::mpsc::RecvTimeoutError::Disconnected => {
+                            format!("exited{status}")
+                        }
+                    };
+                    let tail = said.len().saturating_sub(10);
+                    return Err(format!(
+                        "the spawned server {what}; it said:\n{}",
+                        said[tail..].join("\n")
+                    ));
+                }
+            }
+        };
+        let word_after = |key: &str| {
+            line.find(key).map(|at| {
+                line[at + key.len()..]
+                    .split_whitespace()
+                    .next()
+                    .unwrap_or("")
+            })
+        };
+        let parse = |text: &str| {
+            text.parse::<SocketAddr>()
+                .map_err(|_| format!("the server printed an unreadable address {text:?}"))
+        };
+        let addr = parse(word_after("listening on ").unwrap_or(""))?;
+        let tls_addr = word_after("TLS on ").map(parse).transpose()?;
+        Ok(Spawned {
+            child,
+            addr,
+            tls_addr,
+            startup: started.elapsed(),
+        })
+    }
+}
+
+/// How long a spawned server may take to listen (it loads its database
+/// first).
+const SERVER_START_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A server chatbench started; killed when dropped.
+struct Spawned {
+    child: std::process::Child,
+    /// Its --listen address.
+    addr: SocketAddr,
+    /// Its --tls-listen address, if any.
+    tls_addr: Option<SocketAddr>,
+    /// From starting it to its saying it listens.
+    startup: Duration,
+}
+
+impl Spawned {
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Stops the server as an operator would (SIGTERM) and waits for it to
+    /// exit, up to `within`; returns how long it took.
+    fn terminate(&mut self, within: Duration) -> Result<Duration, String> {
+        let started = Instant::now();
+        send_sigterm(self.child.id())?;
+        while started.elapsed() < within {
+            match self.child.try_wait() {
+                Ok(Some(status)) if status.success() => return Ok(started.elapsed()),
+                Ok(Some(status)) => {
+                    return Err(format!("the server exited with {status} on SIGTERM"))
+                }
+                Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                Err(e) => return Err(format!("waiting for the server: {e}")),
+            }
+        }
+        Err(format!(
+            "the server did not stop within {} s of SIGTERM",
+            within.as_secs()
+        ))
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        // Exited already (terminated): only reaped.
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+#[cfg(unix)]
+fn send_sigterm(pid: u32) -> Result<(), String> {
+    let pid = libc::pid_t::try_from(pid).map_err(|_| format!("process id {pid} out of range"))?;
+    // SAFETY: kill(2) touches no memory of ours; `pid` is our child, not
+    // yet waited for, so the id is not anyone else's.
+    #[allow(unsafe_code)]
+    let result = unsafe { libc::kill(pid, libc::SIGTERM) };
+    if result != 0 {
+        return Err(format!(
+            "cannot send SIGTERM to the server: {}",
+            io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(not(unix))]
+fn send_sigterm(_pid: u32) -> Result<(), String> {
+    Err("stopping the server with SIGTERM needs a Unix system".to_owned())
 }
 
 /// Runs `f` against the target server, starting it first with --spawn
@@ -303,80 +1282,20 @@ fn with_server(
         pin(target.pin_cpu)?;
         return f(target.addr, target.server_pid);
     };
-    let credentials = std::env::temp_dir().join(format!("chatbench-{}.txt", std::process::id()));
-    let mut text: String = (0..users).map(|i| format!("u{i} p{i}\n")).collect();
-    if storm > 0 {
-        let hash = storm_hash()?;
-        text.extend((0..storm).map(|j| format!("s{j} {hash}\n")));
-    }
-    std::fs::write(&credentials, text).map_err(|e| format!("{}: {e}", credentials.display()))?;
-    // The server's limits that would cut a measurement short are lifted:
-    // the rate limit, the output a fast sender may pile up, and the offline
-    // queue cap (1,000 a recipient by default, which `offline` fills within
-    // seconds: every message would then be refused `mailbox_full`).
-    let mut child = std::process::Command::new(binary)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--no-rate-limit",
-            "--max-output-bytes",
-            "268435456",
-            "--offline-queue-cap",
-            "1000000000",
-        ])
-        // The storm's wrong passwords must keep costing a hash check, not
-        // hit a lock, on connections that never log in.
-        .args(if storm > 0 {
-            &[
-                "--lockout-attempts",
-                "4000000000",
-                "--login-timeout-secs",
-                "0",
-            ][..]
-        } else {
-            &[][..]
-        })
-        .arg("--credentials")
-        .arg(&credentials)
-        .args(&db_args)
-        .args(&target.server_args)
-        // Every load client comes from one loopback address: the
-        // per-address limits are off, unless --server-arg sets one.
-        .args(address_limits_off(&target.server_args))
-        // Connection logs off: the measurement is of the server, not of
-        // its log volume.
-        .env("RUST_LOG", "warn,chatserver=info,chatserver::reactor=warn")
-        .stdin(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .map_err(|e| format!("cannot start {}: {e}", binary.display()))?;
-    let stderr = child.stderr.take().ok_or("no stderr")?;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            if let Some(at) = line.find("listening on ") {
-                let addr = line[at + 13..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_owned();
-                let _ = tx.send(addr);
-            }
-        }
-    });
-    let result = match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(addr) => match addr.parse() {
-            Ok(addr) => pin(target.pin_cpu).and_then(|()| f(addr, Some(child.id()))),
-            Err(_) => Err(format!("the server printed an unreadable address {addr:?}")),
-        },
-        Err(_) => Err("the spawned server did not start".to_owned()),
-    };
-    let _ = child.kill();
-    let _ = child.wait();
-    let _ = std::fs::remove_file(&credentials);
-    result
+    let credentials = TempFile::write("credentials.txt", &credentials_text(users, storm)?)?;
+    let command = ServerCommand::new(
+        binary,
+        &target.server_args,
+        &credentials.0,
+        db_args,
+        storm,
+        &[],
+        &[&ADDRESS_LIMITS[..], &TLS_BUDGETS[..]].concat(),
+    );
+    // Dropped (killed) before `credentials` is removed.
+    let server = command.start()?;
+    pin(target.pin_cpu)?;
+    f(server.addr, Some(server.pid()))
 }
 
 /// `--pin-cpu`: confines this (the load generator's) thread to CPU `n`.
@@ -721,5 +1640,214 @@ mod tests {
         assert!(err.contains("needs --spawn"), "{err}");
 
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn new_modes_and_their_defaults() {
+        let Mode::OfflineMemory { target, args } = parse(&["offline-memory"]).unwrap().command
+        else {
+            panic!("not the offline-memory mode");
+        };
+        assert_eq!(args.bytes, 1 << 30);
+        assert_eq!(args.recipients, 1000);
+        assert_eq!(args.text_bytes, 16_000);
+        assert!(!args.keep_db);
+        // It needs a server of its own.
+        let err = offline_memory(&target, &args).unwrap_err();
+        assert!(err.contains("needs --spawn"), "{err}");
+
+        let Mode::TlsFlood { args } = parse(&["tls-flood"]).unwrap().command else {
+            panic!("not the tls-flood mode");
+        };
+        assert_eq!(args.rate, 1200);
+        assert_eq!(args.source, IpAddr::from([127, 0, 0, 2]));
+        assert_eq!(args.rounds, 3);
+        assert_eq!(args.clients, 100);
+        assert_eq!(args.load_rate, 5000);
+        // Off-machine addresses are refused before anything is sent.
+        let Mode::TlsFlood { args } = parse(&["tls-flood", "--tls-addr", "192.0.2.1:443"])
+            .unwrap()
+            .command
+        else {
+            panic!("not the tls-flood mode");
+        };
+        let err = tls_flood(&args).unwrap_err();
+        assert!(err.contains("not a loopback address"), "{err}");
+        let Mode::TlsFlood { args } = parse(&["tls-flood", "--source", "192.0.2.1"])
+            .unwrap()
+            .command
+        else {
+            panic!("not the tls-flood mode");
+        };
+        assert!(tls_flood(&args).is_err());
+        // A certificate needs its key.
+        assert!(parse(&["tls-flood", "--tls-cert", "c.pem"]).is_err());
+
+        let Mode::LoginTiming {
+            count,
+            warmup,
+            hashed,
+            all_plaintext,
+            ..
+        } = parse(&["login-timing", "--all-plaintext"]).unwrap().command
+        else {
+            panic!("not the login-timing mode");
+        };
+        assert_eq!((count, warmup, hashed, all_plaintext), (200, 10, 10, true));
+    }
+
+    #[test]
+    fn server_args_override_chatbenchs_choices() {
+        let server_args: Vec<OsString> = [
+            "--offline-queue-cap",
+            "5",
+            "--tls-handshakes=0",
+            "--no-rate-limit",
+        ]
+        .iter()
+        .map(OsString::from)
+        .collect();
+        assert_eq!(
+            server_value(&server_args, "--offline-queue-cap").as_deref(),
+            Some("5")
+        );
+        assert_eq!(
+            server_value(&server_args, "--tls-handshakes").as_deref(),
+            Some("0")
+        );
+        // A prefix of another flag is not that flag.
+        assert!(!sets(&server_args, "--tls-handshake"));
+        assert!(!sets(&server_args, "--offline-queue-bytes"));
+
+        let command = ServerCommand::new(
+            Path::new("chatserver"),
+            &server_args,
+            Path::new("creds.txt"),
+            vec!["--no-db".into()],
+            0,
+            &[("--offline-queue-bytes", "9".into())],
+            &[&ADDRESS_LIMITS[..], &TLS_BUDGETS[..]].concat(),
+        );
+        let args: Vec<String> = command
+            .args
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        let count = |flag: &str| {
+            args.iter()
+                .filter(|a| *a == flag || a.starts_with(&format!("{flag}=")))
+                .count()
+        };
+        // Each flag once: the server refuses a repeated one.
+        for flag in [
+            "--offline-queue-cap",
+            "--tls-handshakes",
+            "--no-rate-limit",
+            "--offline-queue-bytes",
+            "--tls-handshakes-per-ip",
+            "--login-rate-per-name",
+            "--listen",
+        ] {
+            assert_eq!(count(flag), 1, "{flag} in {args:?}");
+        }
+        let at = args
+            .iter()
+            .position(|a| a == "--offline-queue-cap")
+            .unwrap();
+        assert_eq!(args[at + 1], "5");
+        let at = args
+            .iter()
+            .position(|a| a == "--offline-queue-bytes")
+            .unwrap();
+        assert_eq!(args[at + 1], "9");
+    }
+
+    #[test]
+    fn medians_and_quantiles() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        let times: Vec<Duration> = (1..=10).map(Duration::from_millis).collect();
+        assert_eq!(
+            login_timing::quantile(&times, 0.5),
+            Duration::from_millis(5)
+        );
+        assert_eq!(
+            login_timing::quantile(&times, 0.1),
+            Duration::from_millis(1)
+        );
+        assert_eq!(
+            login_timing::quantile(&times, 0.9),
+            Duration::from_millis(9)
+        );
+        assert_eq!(
+            login_timing::quantile(&times, 1.0),
+            Duration::from_millis(10)
+        );
+    }
+
+    #[test]
+    fn the_recorded_client_hello_is_a_tls_handshake_record() {
+        let hello = tls_flood::client_hello().unwrap();
+        // A handshake record (22) whose first message is a ClientHello (1).
+        assert_eq!(hello[0], 0x16);
+        assert_eq!(hello[5], 0x01);
+        let len = usize::from(u16::from_be_bytes([hello[3], hello[4]]));
+        assert_eq!(hello.len(), 5 + len);
+        assert!(contains(&hello, b"localhost"));
+    }
+
+    /// The flood against a listener that closes every connection at once,
+    /// as the server does past its handshake budget.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_flood_comes_from_its_source_address_at_its_rate() {
+        use std::sync::atomic::AtomicUsize;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let target = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let from_source = Arc::new(AtomicUsize::new(0));
+        let acceptor = {
+            let (stop, from_source) = (stop.clone(), from_source.clone());
+            std::thread::spawn(move || {
+                let until = Instant::now() + Duration::from_secs(20);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < until {
+                    match listener.accept() {
+                        Ok((stream, peer)) => {
+                            if peer.ip() == IpAddr::from([127, 0, 0, 2]) {
+                                from_source.fetch_add(1, Ordering::Relaxed);
+                            }
+                            drop(stream);
+                        }
+                        Err(_) => std::thread::sleep(Duration::from_millis(1)),
+                    }
+                }
+            })
+        };
+        let hello = tls_flood::client_hello().unwrap();
+        let report = tls_flood::flood(
+            &tls_flood::FloodConfig {
+                target,
+                source: IpAddr::from([127, 0, 0, 2]),
+                rate: 200,
+                duration: Duration::from_secs(1),
+                read_wait: Duration::from_millis(500),
+                max_open: 1000,
+            },
+            &hello,
+            &AtomicBool::new(false),
+        )
+        .unwrap();
+        stop.store(true, Ordering::Relaxed);
+        acceptor.join().unwrap();
+        assert_eq!(report.started, 200, "{report:?}");
+        assert_eq!(report.answered, 0, "{report:?}");
+        assert_eq!(
+            report.closed_at_once + report.unanswered + report.failed,
+            200,
+            "{report:?}"
+        );
+        assert!(report.closed_at_once >= 190, "{report:?}");
+        assert_eq!(from_source.load(Ordering::Relaxed), 200);
     }
 }
