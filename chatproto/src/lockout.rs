@@ -209,7 +209,8 @@ impl Lockout {
         had_record
     }
 
-    /// Forgets every record (buckets stay), before loading them again.
+    /// Forgets every record, before loading them again. Entries kept only
+    /// for their login bucket go too: a failed commit refills the buckets.
     pub(crate) fn clear_records(&mut self, now: Timestamp) {
         let names: Vec<Username> = self.entries.keys().cloned().collect();
         for name in names {
@@ -222,21 +223,21 @@ impl Lockout {
     }
 
     /// Puts back a record read from storage; one that has run out by `now`
-    /// is not put back.
+    /// is not put back (false).
     pub(crate) fn restore(
         &mut self,
         name: &Username,
         known: bool,
         state: LockoutState,
         now: Timestamp,
-    ) {
+    ) -> bool {
         let state = LockoutState {
             last_failure: state.last_failure.or(Some(now)),
             ..state
         };
         let state = current(state, self.policy.lock_duration, now);
         if state.is_empty() {
-            return;
+            return false;
         }
         if !self.entries.contains_key(name.as_str()) {
             self.insert(name, known, LockoutState::default(), now);
@@ -250,6 +251,7 @@ impl Lockout {
             self.locked_known += 1;
         }
         self.reschedule(name, now, None);
+        true
     }
 
     /// Forgets every entry due by `now`: counts expired, locks ended,

@@ -467,6 +467,9 @@ pub struct Server<S: Store> {
     /// Drains of closed connections whose last frames may still be being
     /// written: the driver says how many were, once it knows.
     closing_drains: HashMap<ConnId, (UserId, Drain)>,
+    /// When each closing drain is given up if no report came (a driver
+    /// that never reports must not hold its user's queue back for ever).
+    closing_deadlines: BTreeSet<(Timestamp, ConnId)>,
     /// Per-address limits.
     peers: Peers,
 }
@@ -475,6 +478,10 @@ pub struct Server<S: Store> {
 /// (only a driver that never reports could fill it): past it one is given
 /// up, and its messages stay queued.
 const MAX_CLOSING_DRAINS: usize = 4096;
+/// How long the core waits for a closed connection's last report before
+/// it gives the drain up (its unsettled messages stay queued, and may come
+/// twice): far longer than a driver takes to flush and close a socket.
+const CLOSING_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl<S: Store> Server<S> {
     /// A server core with no lasting state yet.
@@ -512,6 +519,7 @@ impl<S: Store> Server<S> {
             next_ticket: 0,
             draining: 0,
             closing_drains: HashMap::new(),
+            closing_deadlines: BTreeSet::new(),
             peers: Peers::new(),
             accounts,
             store,
@@ -719,6 +727,12 @@ impl<S: Store> Server<S> {
                 self.say_bye(conn, reason, now);
             }
         }
+        while let Some(&(due, conn)) = self.closing_deadlines.first() {
+            if due > now {
+                break;
+            }
+            self.give_up_closing_drain(conn);
+        }
         for ended in self.lockout.expire(now) {
             // Stored for every name, account or not: so is its end.
             if ended.had_record {
@@ -849,8 +863,11 @@ impl<S: Store> Server<S> {
                 .closing_drains
                 .remove(&conn)
                 .ok_or(UnknownConnection(conn))?;
+            self.closing_deadlines.retain(|&(_, c)| c != conn);
             let written = drain.written(unsent_frames);
             self.delivered(user, written);
+            self.resume_drain(user);
+            self.catch_up_timers(now);
             return Ok(());
         };
         let (Some(user), Some(drain)) = (c.user, c.drain.as_mut()) else {
@@ -897,6 +914,7 @@ impl<S: Store> Server<S> {
         // Logins not recorded did not happen.
         let reverted: HashSet<ConnId> = undone.logins.iter().copied().collect();
         for &conn in &undone.logins {
+            self.end_drain(conn);
             if let Some(user) = self.connections.get_mut(conn).and_then(|c| c.user.take()) {
                 self.presence.log_out(user, now);
                 // Logged out again: the login timeout applies again.
@@ -913,7 +931,8 @@ impl<S: Store> Server<S> {
         // What drains handed over went with the discarded output, and their
         // deliveries were not recorded: each starts again from the front of
         // the committed queue, after the answers said again below.
-        self.closing_drains.clear();
+        let unsettled: Vec<UserId> = self.closing_drains.drain().map(|(_, (u, _))| u).collect();
+        self.closing_deadlines.clear();
         let mut restart = Vec::new();
         let open: Vec<ConnId> = self.connections.ids().collect();
         for conn in open {
@@ -956,6 +975,9 @@ impl<S: Store> Server<S> {
         for (conn, user) in restart {
             self.next_page(conn, user);
         }
+        for user in unsettled {
+            self.resume_drain(user);
+        }
     }
 
     /// The next thing to do, if any. Drain it until `None` after every
@@ -975,11 +997,14 @@ impl<S: Store> Server<S> {
     /// be early (a connection was active since the deadline was set);
     /// calling then is harmless.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        let idle = self.idle_timers.first().map(|(t, _)| *t);
-        match (idle, self.lockout.next_expiry()) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.idle_timers.first().map(|(t, _)| *t),
+            self.lockout.next_expiry(),
+            self.closing_deadlines.first().map(|(t, _)| *t),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// Counters, as `debug server` shows them.
@@ -1098,8 +1123,13 @@ impl<S: Store> Server<S> {
         // tell them apart.
         for (user, state) in &snapshot.lockouts {
             let known = self.accounts.contains(user.as_str());
-            self.lockout.restore(user, known, *state, now);
-            summary.lockouts += 1;
+            if self.lockout.restore(user, known, *state, now) {
+                summary.lockouts += 1;
+            } else {
+                // Ran out while the server was down: storage drops it too.
+                self.store
+                    .record(Change::LockoutCleared { user: user.clone() });
+            }
         }
         summary
     }
@@ -1519,18 +1549,39 @@ impl<S: Store> Server<S> {
 
     /// Starts handing `user`'s offline queue to `conn`, a page at a time.
     fn start_drain(&mut self, conn: ConnId, user: UserId) {
-        // Deliveries still unsettled on an earlier connection of this user
-        // are given up (kept queued): this drain starts from the front.
-        if !self.closing_drains.is_empty() {
-            self.closing_drains.retain(|_, (u, _)| *u != user);
-        }
         if self.offline.size(user).messages == 0 {
             return;
         }
+        if self.closing_drains.values().any(|(u, _)| *u == user) {
+            // An earlier connection of this user may still be writing part
+            // of the queue: this one waits for its last report (a close
+            // grace at most), or it would get those messages twice.
+            return;
+        }
         if let Some(c) = self.connections.get_mut(conn) {
-            c.drain = Some(Drain::default());
-            self.draining += 1;
+            if c.drain.replace(Drain::default()).is_none() {
+                self.draining += 1;
+            }
             self.next_page(conn, user);
+        }
+    }
+
+    /// Gives up waiting for closed `conn`'s last report: its unsettled
+    /// messages stay queued, and its user's drain may start.
+    fn give_up_closing_drain(&mut self, conn: ConnId) {
+        self.closing_deadlines.retain(|&(_, c)| c != conn);
+        if let Some((user, _)) = self.closing_drains.remove(&conn) {
+            self.resume_drain(user);
+        }
+    }
+
+    /// Starts `user`'s drain on the connection they are online on, if it
+    /// waited for an earlier connection's drain to settle.
+    fn resume_drain(&mut self, user: UserId) {
+        if let Some(conn) = self.presence.session(user) {
+            if !self.is_draining(conn) {
+                self.start_drain(conn, user);
+            }
         }
     }
 
@@ -1653,12 +1704,11 @@ impl<S: Store> Server<S> {
             return Err(RequestError::Blocked { user: to });
         }
         let from = self.accounts.name(me).clone();
-        // While their queue is being handed over, a message joins its end,
-        // so it is not delivered ahead of older ones.
-        let online = self
-            .presence
-            .session(recipient)
-            .filter(|&their_conn| !self.is_draining(their_conn));
+        // While their queue is not empty (being handed over, or waiting to
+        // be), a message joins its end, so it never overtakes older ones.
+        let online = self.presence.session(recipient).filter(|&their_conn| {
+            self.offline.size(recipient).messages == 0 && !self.is_draining(their_conn)
+        });
         let stored = match online {
             Some(their_conn) => {
                 let frame = ServerFrame::Message(MessageFrame {
@@ -1855,11 +1905,13 @@ impl<S: Store> Server<S> {
                 // Its last frames may still be written: the driver's final
                 // report says which.
                 if self.closing_drains.len() >= MAX_CLOSING_DRAINS {
-                    if let Some(&any) = self.closing_drains.keys().next() {
-                        self.closing_drains.remove(&any);
+                    if let Some(&(_, oldest)) = self.closing_deadlines.first() {
+                        self.give_up_closing_drain(oldest);
                     }
                 }
                 self.closing_drains.insert(conn, (user, drain));
+                self.closing_deadlines
+                    .insert((now + CLOSING_DRAIN_TIMEOUT, conn));
             }
         }
         if let Some(user) = c.user {

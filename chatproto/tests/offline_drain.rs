@@ -256,6 +256,9 @@ fn a_reader_that_stops_gets_the_unwritten_rest_at_its_next_login_and_nothing_twi
     d.server.handle_drained(b, left, d.now).unwrap();
     d.server.handle_disconnect(b, d.now).unwrap();
     d.pump();
+    // The socket is gone with `left` frames unwritten: the last report.
+    d.server.handle_drained(b, left, d.now).unwrap();
+    d.unsent.remove(&b);
     let first = d.offline_read(b);
     assert_eq!(first.len(), 100);
     assert_eq!(d.server.debug_state(d.now).queued_offline_messages, 200);
@@ -524,4 +527,64 @@ fn an_in_memory_snapshot_restores_queues_with_their_texts() {
     let b = d.login("bob");
     d.write_all(b);
     assert_eq!(d.offline_read(b), ["kept"]);
+}
+
+#[test]
+fn a_new_login_waits_for_the_last_report_of_a_connection_still_writing_the_queue() {
+    let mut d = in_memory();
+    queue_for_bob(&mut d, 100, TEXT_1K);
+    let b = d.login("bob");
+    d.read_frames(b, 11); // the ok and 10 messages
+                          // The peer hangs up; its socket goes on writing for a while.
+    d.server.handle_disconnect(b, d.now).unwrap();
+    d.pump();
+    let b2 = d.login("bob");
+    d.write_all(b2);
+    assert!(d.offline_read(b2).is_empty(), "it waits");
+    // Messages sent meanwhile queue behind the rest, not ahead of it.
+    let c = d.login("carol");
+    d.send(c, "message bob late");
+    // The old socket wrote 20 more frames, then was gone.
+    d.write_unreported(b, 20);
+    let left = d.unsent_len(b);
+    d.server.handle_drained(b, left, d.now).unwrap();
+    d.unsent.remove(&b);
+    d.pump();
+    d.write_all(b2);
+    let first = d.offline_read(b);
+    let second = d.offline_read(b2);
+    let index = |t: &String| t.get(1..5).and_then(|n| n.parse::<usize>().ok());
+    let all: Vec<Option<usize>> = first.iter().chain(&second).map(index).collect();
+    let mut want: Vec<Option<usize>> = (0..100).map(Some).collect();
+    want.push(None);
+    assert_eq!(all, want, "in order, none twice, the late one last");
+    assert_eq!(second.last().map(String::as_str), Some("late"));
+}
+
+#[test]
+fn a_closed_connection_that_never_reports_holds_the_queue_back_a_minute_at_most() {
+    let mut d = in_memory();
+    queue_for_bob(&mut d, 100, TEXT_1K);
+    let b = d.login("bob");
+    d.read_frames(b, 11);
+    d.server.handle_disconnect(b, d.now).unwrap();
+    d.pump();
+    d.unsent.remove(&b); // the driver forgets it, and never reports
+    let b2 = d.login("bob");
+    d.write_all(b2);
+    assert!(d.offline_read(b2).is_empty(), "it waits");
+    let due = d.server.poll_timeout().unwrap();
+    assert!(due <= d.now + std::time::Duration::from_secs(60));
+    d.now = due;
+    d.server.handle_timeout(d.now);
+    d.pump();
+    d.write_all(b2);
+    // Given up: everything not known written comes, the unsettled page
+    // included (so some of it may come twice), in order.
+    let second: Vec<usize> = d
+        .offline_read(b2)
+        .iter()
+        .map(|t| t[1..5].parse().unwrap())
+        .collect();
+    assert_eq!(second, (10..100).collect::<Vec<_>>());
 }

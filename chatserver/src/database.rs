@@ -287,17 +287,25 @@ impl Database {
                 break;
             }
             bytes += size;
-            page.push(QueuedMessage {
-                seq: u64::try_from(seq)
-                    .map_err(|_| self.bad(format!("offline message seq {seq}")))?,
-                message: OfflineMessage {
-                    from: self.name(from, "offline message sender")?,
-                    text: text
-                        .parse()
-                        .map_err(|e| self.bad(format!("offline message text: {e}")))?,
-                    sent_at: self.time(sent_at, "sent_at")?,
-                },
-            });
+            let message = (|| {
+                Ok::<_, DatabaseError>(QueuedMessage {
+                    seq: u64::try_from(seq)
+                        .map_err(|_| self.bad(format!("offline message seq {seq}")))?,
+                    message: OfflineMessage {
+                        from: self.name(from, "offline message sender")?,
+                        text: text
+                            .parse()
+                            .map_err(|e| self.bad(format!("offline message text: {e}")))?,
+                        sent_at: self.time(sent_at, "sent_at")?,
+                    },
+                })
+            })();
+            match message {
+                Ok(message) => page.push(message),
+                // One damaged row must not block the whole queue at every
+                // login: it is left in place, said, and passed over.
+                Err(e) => tracing::error!("{e} (offline message {seq} for {to}, skipped)"),
+            }
         }
         Ok(page)
     }

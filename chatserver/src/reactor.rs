@@ -56,11 +56,6 @@ pub struct ReactorConfig {
 const READ_BUDGET: usize = 256 * 1024;
 /// Connections accepted per wake-up, for the same reason.
 const ACCEPT_BUDGET: usize = 256;
-/// A connection whose unsent output falls below this is reported drained to
-/// the core, which then hands it the next page of an offline queue. The
-/// socket's kernel buffer holds more, so the reader never waits on the
-/// page read.
-const LOW_WATER_BYTES: usize = 32 * 1024;
 /// The kernel send buffer of every accepted socket (`SO_SNDBUF`).
 pub const SEND_BUFFER_BYTES: usize = 256 * 1024;
 /// Write-and-refill rounds per wake-up before the reactor polls again, so
@@ -405,6 +400,7 @@ impl Reactor {
                 socket.staged = false;
                 socket.output.truncate(frames);
             }
+            self.backlog_written(key);
         }
         let committed = self.core.store().load().map_err(|e| {
             io::Error::other(format!(
@@ -500,6 +496,10 @@ impl Reactor {
         }
         if let (Some(reason), None) = (refusal, &tls) {
             refuse(stream, http.is_some(), reason);
+            return;
+        }
+        if refusal.is_some() && self.open >= self.config.max_connections {
+            // No descriptor to spare for a handshake that only refuses.
             return;
         }
         if let Err(e) = stream
@@ -855,6 +855,7 @@ impl Reactor {
     fn read_tls_input(&mut self, key: usize) {
         let mut plain = std::mem::take(&mut self.read_buf);
         let mut total = 0;
+        let mut tls_failed = false;
         let ended = loop {
             let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
                 break None;
@@ -873,10 +874,7 @@ impl Reactor {
                 // The alert that says why goes out before the close; the
                 // session can carry nothing else now.
                 let _ = tls.write_tls(&mut socket.stream.get());
-                self.report_written(key);
-                if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
-                    socket.output = OutputQueue::default();
-                }
+                tls_failed = true;
                 break Some(format!("TLS: {e}"));
             }
             if let App::Refused { reason, http, .. } = socket.app {
@@ -921,14 +919,18 @@ impl Reactor {
         };
         self.read_buf = plain;
         if let Some(why) = ended {
-            if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
-                if socket.tls.as_ref().is_some_and(|t| t.is_handshaking()) {
-                    // Nothing queued can go out before a handshake that
-                    // will not finish.
-                    socket.output = OutputQueue::default();
-                }
-            }
+            let handshaking = self
+                .sockets
+                .get(key)
+                .and_then(Option::as_ref)
+                .and_then(|s| s.tls.as_ref())
+                .is_some_and(|t| t.is_handshaking());
             self.transport_closed(key, &why);
+            if tls_failed || handshaking {
+                // Nothing queued can go out: not after a broken record,
+                // nor before a handshake that will not finish.
+                self.discard_output(key);
+            }
         }
     }
 
@@ -963,21 +965,9 @@ impl Reactor {
         let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
             return;
         };
-        let peer = socket.peer;
         if let Some(conn) = socket.conn {
-            info!(%peer, %conn, "disconnected: {why}");
-            // What is written so far counts as delivered; the rest may
-            // still go out (only the peer's sending half may be closed).
-            self.report_written(key);
-            if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
-                socket.conn = None;
-                socket.closed_conn = Some(conn);
-            }
-            self.forget_conn(conn);
-            let now = self.clock.now();
-            if self.core.handle_disconnect(conn, now).is_ok() {
-                self.drain_core();
-            }
+            info!(peer = %socket.peer, %conn, "disconnected: {why}");
+            self.end_session(key, conn);
         }
         let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
             return;
@@ -989,8 +979,46 @@ impl Reactor {
         }
     }
 
+    /// Tells the core the session on `key` is gone: what is written so far
+    /// counts as delivered; the rest may still go out (only the peer's
+    /// sending half may be closed), and the socket's last report settles
+    /// it (`remove`).
+    fn end_session(&mut self, key: usize, conn: ConnId) {
+        self.report_written(key);
+        if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+            socket.conn = None;
+            socket.closed_conn = Some(conn);
+        }
+        self.forget_conn(conn);
+        let now = self.clock.now();
+        if self.core.handle_disconnect(conn, now).is_ok() {
+            self.drain_core();
+        }
+    }
+
     /// Moves every core output to where it goes.
     fn drain_core(&mut self) {
+        // Slow consumers found on the way are cut off only once the core
+        // has nothing more queued, one at a time: the core has counted
+        // every frame it queued for a connection, so reporting what a
+        // socket wrote while some of its frames are still in the core
+        // would count those as written.
+        let mut cut = Vec::new();
+        loop {
+            self.drain_core_outputs(&mut cut);
+            let Some(key) = cut.pop() else {
+                return;
+            };
+            let socket = self.sockets.get(key).and_then(Option::as_ref);
+            if let Some((conn, backlog)) = socket.and_then(|s| Some((s.conn?, s.output.len()))) {
+                self.cut_off_slow_consumer(key, conn, backlog);
+            }
+        }
+    }
+
+    /// Moves the core's outputs to where they go until there are none;
+    /// notes in `cut` the sockets whose backlog calls for a cut-off.
+    fn drain_core_outputs(&mut self, cut: &mut Vec<usize>) {
         while let Some(output) = self.core.poll_output() {
             match output {
                 Output::Transmit { conn, frame } => {
@@ -1007,7 +1035,9 @@ impl Reactor {
                         _ => socket.output.push(frame),
                     }
                     self.mark_dirty(key);
-                    self.enforce_backlog(key);
+                    if self.backlog_due(key) && !cut.contains(&key) {
+                        cut.push(key);
+                    }
                 }
                 Output::Close { conn, reason } => {
                     let Some(key) = self.key_of(conn) else {
@@ -1046,11 +1076,25 @@ impl Reactor {
     /// Cuts the connection on `key` off as a slow consumer if its unsent
     /// output is over the limit; whether it did.
     fn enforce_backlog(&mut self, key: usize) -> bool {
+        if !self.backlog_due(key) {
+            return false;
+        }
+        let socket = self.sockets[key].as_ref().expect("keys point at sockets");
+        if let Some(conn) = socket.conn {
+            let backlog = socket.output.len();
+            self.cut_off_slow_consumer(key, conn, backlog);
+        }
+        true
+    }
+
+    /// Whether the backlog on `key` calls for a cut-off now (the backlog
+    /// policy); starts its clock when it first goes over the limit.
+    fn backlog_due(&mut self, key: usize) -> bool {
         let socket = self.sockets[key].as_mut().expect("keys point at sockets");
         let backlog = socket.output.len();
-        let Some(conn) = socket.conn else {
+        if socket.conn.is_none() {
             return false;
-        };
+        }
         match backlog_verdict(
             backlog,
             self.config.max_output_bytes,
@@ -1068,10 +1112,7 @@ impl Reactor {
                 }
                 false
             }
-            Backlog::CutOff => {
-                self.cut_off_slow_consumer(key, conn, backlog);
-                true
-            }
+            Backlog::CutOff => true,
         }
     }
 
@@ -1090,17 +1131,21 @@ impl Reactor {
         }
     }
 
+    /// Cuts `conn` on `key` off as a slow consumer. Only while the core
+    /// has no output queued (see `drain_core`); the caller drains the core
+    /// after.
     fn cut_off_slow_consumer(&mut self, key: usize, conn: ConnId, backlog: usize) {
         let socket = self.sockets[key].as_mut().expect("keys point at sockets");
         warn!(peer = %socket.peer, %conn, backlog, "slow consumer: cutting it off");
         // What was written counts as delivered; what it has not started
-        // reading is dropped (its offline messages stay queued), so the
-        // bye goes out next rather than after a megabyte it will never
-        // read.
-        self.report_written(key);
+        // reading is dropped (its offline messages stay queued, as the core
+        // ends the drain), so the bye goes out next rather than after a
+        // megabyte it will never read.
+        let unsent = socket.output.frames();
+        let now = self.clock.now();
+        let _ = self.core.handle_drained(conn, unsent, now);
         let socket = self.sockets[key].as_mut().expect("keys point at sockets");
         socket.output.drop_unstarted();
-        let now = self.clock.now();
         // The bye and the close come out of the core with the next outputs.
         let _ = self.core.close(conn, CloseReason::SlowConsumer, now);
     }
@@ -1139,7 +1184,9 @@ impl Reactor {
                 break;
             }
             self.slow_deadlines.pop_first();
-            // Still over since then (a write under the limit removes it).
+            // Still over since then (a write under the limit removes it;
+            // a backlog found under it starts its clock afresh).
+            self.backlog_written(key);
             if self.sockets.get(key).and_then(Option::as_ref).is_some() && self.enforce_backlog(key)
             {
                 // The bye, the close and the presence wait in the core.
@@ -1209,13 +1256,13 @@ impl Reactor {
             let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
                 continue;
             };
-            if socket.output.len() < LOW_WATER_BYTES {
-                if let Some(conn) = socket.conn {
-                    let unsent = socket.output.frames();
-                    let now = self.clock.now();
-                    if self.core.handle_drained(conn, unsent, now).is_ok() {
-                        self.drain_core();
-                    }
+            // What is written is delivered; the core hands over the next
+            // offline page once at most half a page is unwritten.
+            if let Some(conn) = socket.conn {
+                let unsent = socket.output.frames();
+                let now = self.clock.now();
+                if self.core.handle_drained(conn, unsent, now).is_ok() {
+                    self.drain_core();
                 }
             }
             self.rearm(key);
@@ -1335,8 +1382,31 @@ impl Reactor {
         }
     }
 
+    /// Drops the output queued on `key`, unwritten, after telling the core
+    /// (for the last time) how much of it was written before.
+    fn discard_output(&mut self, key: usize) {
+        self.report_written(key);
+        if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+            // That report settled the closed connection's drain: none follows.
+            if socket.conn.is_none() {
+                socket.closed_conn = None;
+            }
+            socket.output = OutputQueue::default();
+        }
+    }
+
     /// Drops a socket: the poller forgets it and the descriptor closes.
     fn remove(&mut self, key: usize) {
+        if let Some(conn) = self
+            .sockets
+            .get(key)
+            .and_then(Option::as_ref)
+            .and_then(|s| s.conn)
+        {
+            // Dropped without the core closing it: it ends here, while the
+            // socket can still take what the core hands it meanwhile.
+            self.end_session(key, conn);
+        }
         let Some(socket) = self.sockets.get_mut(key).and_then(Option::take) else {
             return;
         };
@@ -1359,15 +1429,6 @@ impl Reactor {
         }
         let now = self.clock.now();
         let unsent = socket.output.frames();
-        if let Some(conn) = socket.conn {
-            // Dropped without the core closing it: tell it what was
-            // written, then that it is gone.
-            self.forget_conn(conn);
-            let _ = self.core.handle_drained(conn, unsent, now);
-            if self.core.handle_disconnect(conn, now).is_ok() {
-                self.drain_core();
-            }
-        }
         if let Some(conn) = socket.closed_conn {
             // Its last frames are written, or never will be: that settles
             // which of its offline messages were delivered.

@@ -428,6 +428,9 @@ impl Model {
         for conn in written {
             let _ = self.server.handle_drained(conn, 0, self.now);
         }
+        // What that hands over is taken now, in order with what comes
+        // next, and goes out with the next commit.
+        self.collect();
     }
 
     fn input(&mut self, c: ConnId, bytes: &[u8]) {
