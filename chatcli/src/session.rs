@@ -189,15 +189,20 @@ impl Session {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if let Format::Json = format {
-                let mut input = &buf[..n];
-                while let Some(Ok(frame)) = raw_lines.decode(&mut input) {
-                    sink.line(String::from_utf8_lossy(frame).into_owned());
-                }
-            }
             let mut lines = Vec::new();
             let mut state = self.state();
-            state.client.handle_input(&buf[..n]);
+            if let Format::Json = format {
+                // Each frame is split once: printed raw, then handed on.
+                let mut input = &buf[..n];
+                while let Some(frame) = raw_lines.decode(&mut input) {
+                    if let Ok(frame) = frame {
+                        sink.line(String::from_utf8_lossy(frame).into_owned());
+                    }
+                    state.client.handle_frame(frame);
+                }
+            } else {
+                state.client.handle_input(&buf[..n]);
+            }
             while let Some(event) = state.client.poll_event() {
                 state.note(&event);
                 if let ClientEvent::Closed { reason: r } = event {

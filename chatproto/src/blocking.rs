@@ -13,28 +13,28 @@ use crate::accounts::{Accounts, PerUser, UserId};
 pub(crate) struct BlockList {
     /// `blocks[a]`: the users `a` has blocked.
     blocks: PerUser<HashSet<UserId>>,
-    /// `blocked_by[b]`: the users who have blocked `b`.
-    blocked_by: PerUser<HashSet<UserId>>,
+    /// `blockers[b]`: the users who have blocked `b`.
+    blockers: PerUser<HashSet<UserId>>,
 }
 
 impl BlockList {
     pub(crate) fn new(accounts: &Accounts) -> Self {
         BlockList {
             blocks: PerUser::new(accounts),
-            blocked_by: PerUser::new(accounts),
+            blockers: PerUser::new(accounts),
         }
     }
 
     /// `blocker` blocks `target`; false when it already did.
     pub(crate) fn block(&mut self, blocker: UserId, target: UserId) -> bool {
         let added = self.blocks[blocker].insert(target);
-        self.blocked_by[target].insert(blocker);
+        self.blockers[target].insert(blocker);
         added
     }
 
     /// `blocker` unblocks `target`; false when it had not blocked them.
     pub(crate) fn unblock(&mut self, blocker: UserId, target: UserId) -> bool {
-        self.blocked_by[target].remove(&blocker);
+        self.blockers[target].remove(&blocker);
         self.blocks[blocker].remove(&target)
     }
 
@@ -44,12 +44,12 @@ impl BlockList {
     }
 
     /// The users `blocker` has blocked.
-    pub(crate) fn blocked_by(&self, blocker: UserId) -> &HashSet<UserId> {
+    pub(crate) fn targets_of(&self, blocker: UserId) -> &HashSet<UserId> {
         &self.blocks[blocker]
     }
 
     /// The users who have blocked `target`.
     pub(crate) fn blockers_of(&self, target: UserId) -> &HashSet<UserId> {
-        &self.blocked_by[target]
+        &self.blockers[target]
     }
 }

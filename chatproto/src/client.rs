@@ -221,23 +221,38 @@ impl Client {
         let mut decoder = std::mem::replace(&mut self.decoder, FrameDecoder::new(0));
         let mut input = data;
         while let Some(frame) = decoder.decode(&mut input) {
-            self.frames_received += 1;
-            let event = match frame {
-                Ok(frame) => match ServerFrame::decode(frame) {
-                    Ok(frame) => self.on_frame(frame),
-                    Err(e) => ClientEvent::Invalid {
-                        error: e.to_string(),
-                        request: answer_id(frame).and_then(|id| self.pending.remove(&id)),
-                    },
-                },
-                Err(e @ FrameError::TooLarge { .. }) => ClientEvent::Invalid {
-                    error: e.to_string(),
-                    request: None,
-                },
-            };
-            self.events.push_back(event);
+            self.handle_frame(frame);
         }
         self.decoder = decoder;
+    }
+
+    /// One whole frame from the server, already split from the stream
+    /// (without its line ending), or the framing error in its place: for a
+    /// caller that splits frames itself, such as one that also prints
+    /// them raw, or a transport that keeps message boundaries.
+    ///
+    /// ```
+    /// # use chatproto::{Client, ClientEvent};
+    /// let mut client = Client::default();
+    /// client.handle_frame(Ok(br#"{"type":"presence","user":"bob","online":true}"#));
+    /// assert!(matches!(client.poll_event(), Some(ClientEvent::Presence(_))));
+    /// ```
+    pub fn handle_frame(&mut self, frame: Result<&[u8], FrameError>) {
+        self.frames_received += 1;
+        let event = match frame {
+            Ok(frame) => match ServerFrame::decode(frame) {
+                Ok(frame) => self.on_frame(frame),
+                Err(e) => ClientEvent::Invalid {
+                    error: e.to_string(),
+                    request: answer_id(frame).and_then(|id| self.pending.remove(&id)),
+                },
+            },
+            Err(e @ FrameError::TooLarge { .. }) => ClientEvent::Invalid {
+                error: e.to_string(),
+                request: None,
+            },
+        };
+        self.events.push_back(event);
     }
 
     /// The next event, if any. Drain it after every `handle_input`.

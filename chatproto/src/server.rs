@@ -7,6 +7,10 @@
 //! ([`Server::handle_disconnect`]), time passed ([`Server::handle_timeout`])
 //! — and after each call drains [`Server::poll_output`] until `None`, then
 //! waits for [`Server::poll_timeout`] or the next socket event.
+//!
+//! Time never runs backwards for the core: a `now` earlier than the latest
+//! any call brought counts as that latest, so a clock that steps back fires
+//! no timer early and refills no rate limit.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
@@ -464,6 +468,9 @@ pub struct Server<S: Store> {
     next_ticket: u64,
     /// Connections with an offline drain in progress.
     draining: usize,
+    /// The latest time any call brought: an earlier one counts as this, so
+    /// a clock that steps back fires no timer early and refills no bucket.
+    latest: Timestamp,
     /// Drains of closed connections whose last frames may still be being
     /// written: the driver says how many were, once it knows.
     closing_drains: HashMap<ConnId, (UserId, Drain)>,
@@ -518,6 +525,7 @@ impl<S: Store> Server<S> {
             verifications: HashMap::new(),
             next_ticket: 0,
             draining: 0,
+            latest: now,
             closing_drains: HashMap::new(),
             closing_deadlines: BTreeSet::new(),
             peers: Peers::new(),
@@ -533,6 +541,7 @@ impl<S: Store> Server<S> {
     /// [`PeerKey::from_ip`]): queues its `hello`. `session_random` makes its
     /// session id (a UUID v4); give it fresh random bytes.
     pub fn accept(&mut self, peer: PeerKey, session_random: [u8; 16], now: Timestamp) -> ConnId {
+        let now = self.clock(now);
         let session = uuid::Builder::from_random_bytes(session_random).into_uuid();
         self.peers.connected(peer, now);
         let mut c = Connection {
@@ -580,6 +589,7 @@ impl<S: Store> Server<S> {
         data: &[u8],
         now: Timestamp,
     ) -> Result<(), UnknownConnection> {
+        let now = self.clock(now);
         let Some(awaiting) = self.catch_up(conn, now)? else {
             // Timed out just now: the input is too late.
             return Ok(());
@@ -634,6 +644,7 @@ impl<S: Store> Server<S> {
         message: &[u8],
         now: Timestamp,
     ) -> Result<(), MessageError> {
+        let now = self.clock(now);
         if message.contains(&b'\n') {
             return Err(MessageError::LineBreak);
         }
@@ -659,6 +670,7 @@ impl<S: Store> Server<S> {
         conn: ConnId,
         now: Timestamp,
     ) -> Result<(), UnknownConnection> {
+        let now = self.clock(now);
         self.forget(conn, now, true).ok_or(UnknownConnection(conn))
     }
 
@@ -671,6 +683,7 @@ impl<S: Store> Server<S> {
         reason: CloseReason,
         now: Timestamp,
     ) -> Result<(), UnknownConnection> {
+        let now = self.clock(now);
         if self.connections.get(conn).is_none() {
             return Err(UnknownConnection(conn));
         }
@@ -691,6 +704,7 @@ impl<S: Store> Server<S> {
     /// offline (the store is told) without presence notices, since everyone
     /// is leaving.
     pub fn shutdown(&mut self, now: Timestamp) {
+        let now = self.clock(now);
         let ids: Vec<ConnId> = self.connections.ids().collect();
         let bye = ServerFrame::Bye {
             reason: ByeReason::ServerShutdown,
@@ -709,6 +723,7 @@ impl<S: Store> Server<S> {
     /// Time has passed: fires every deadline due by `now` (idle timeouts,
     /// lock expiries). Early or repeated calls do nothing.
     pub fn handle_timeout(&mut self, now: Timestamp) {
+        let now = self.clock(now);
         while let Some(&(due, conn)) = self.idle_timers.first() {
             if due > now {
                 break;
@@ -748,6 +763,7 @@ impl<S: Store> Server<S> {
     /// counts toward the lockout even if the connection has gone meanwhile.
     /// An unknown or already answered ticket is ignored.
     pub fn handle_verification(&mut self, ticket: VerifyTicket, matches: bool, now: Timestamp) {
+        let now = self.clock(now);
         let Some(pending) = self.verifications.remove(&ticket) else {
             return;
         };
@@ -810,6 +826,7 @@ impl<S: Store> Server<S> {
         page: Vec<QueuedMessage>,
         now: Timestamp,
     ) -> Result<(), UnknownConnection> {
+        let now = self.clock(now);
         let c = self
             .connections
             .get_mut(conn)
@@ -857,6 +874,7 @@ impl<S: Store> Server<S> {
         unsent_frames: usize,
         now: Timestamp,
     ) -> Result<(), UnknownConnection> {
+        let now = self.clock(now);
         let Some(c) = self.connections.get_mut(conn) else {
             // Closed: its last report settles what it delivered.
             let (user, mut drain) = self
@@ -908,6 +926,7 @@ impl<S: Store> Server<S> {
     /// the driver may send it without waiting for another commit. Does
     /// nothing without [`ServerConfig::track_commits`].
     pub fn commit_failed(&mut self, committed: &Snapshot, now: Timestamp) {
+        let now = self.clock(now);
         let Some(undone) = self.uncommitted.as_mut().map(std::mem::take) else {
             return;
         };
@@ -1676,6 +1695,13 @@ impl<S: Store> Server<S> {
         });
     }
 
+    /// `now`, or the latest time seen if `now` is earlier: time never runs
+    /// backwards for the core.
+    fn clock(&mut self, now: Timestamp) -> Timestamp {
+        self.latest = self.latest.max(now);
+        self.latest
+    }
+
     /// Fires deadlines due by `now`, for inputs that do not go through
     /// `catch_up`.
     fn catch_up_timers(&mut self, now: Timestamp) {
@@ -1871,7 +1897,7 @@ impl<S: Store> Server<S> {
             online,
         })
         .encode();
-        let blocked = self.blocks.blocked_by(user);
+        let blocked = self.blocks.targets_of(user);
         for &other in self.presence.online() {
             if other == user || blocked.contains(&other) {
                 continue;
@@ -1937,8 +1963,6 @@ impl<S: Store> Server<S> {
         Some(())
     }
 
-    /// When `c` times out, and why: idle for too long, or (before login)
-    /// not logged in in time, whichever comes first.
     /// Puts `conn` in the timer queue at its current deadline, if that is
     /// earlier than where it sits (a later entry is moved when it fires).
     fn reschedule(&mut self, conn: ConnId) {
@@ -1956,6 +1980,8 @@ impl<S: Store> Server<S> {
         }
     }
 
+    /// When `c` times out, and why: idle for too long, or (before login)
+    /// not logged in in time, whichever comes first.
     fn deadline(&self, c: &Connection) -> (Timestamp, ByeReason) {
         let idle = (
             c.last_frame + self.config.idle_timeout,

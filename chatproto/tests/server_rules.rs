@@ -1202,3 +1202,41 @@ fn a_bad_config_is_refused() {
     .unwrap_err();
     assert_eq!(err, chatproto::ConfigError::FrameLimit(10));
 }
+
+// --- Time that steps back --------------------------------------------------------------------
+
+/// A `now` earlier than the latest the core has seen counts as the latest:
+/// a frame does not date the connection's activity back (so its idle
+/// timeout does not come early), and rate limits do not refill.
+#[test]
+fn a_clock_that_steps_back_is_taken_as_the_latest_time_seen() {
+    let mut config = common::config();
+    config.rate_limit = Some(chatproto::RateLimit {
+        burst: 2,
+        per_second: 1,
+        flood_after: 0,
+    });
+    let idle = config.idle_timeout;
+    let mut sim = Sim::with_config(config);
+    let a = sim.login("alice");
+    let start = sim.now;
+    sim.now = start + secs(5);
+    assert!(matches!(sim.ask(a, "whoami")[0], ServerFrame::Ok(_)));
+    assert!(matches!(sim.ask(a, "whoami")[0], ServerFrame::Ok(_)));
+    // Back by 4 s: no refill (the bucket is empty at +5 s).
+    sim.now = start + secs(1);
+    let frames = sim.ask(a, "whoami");
+    assert!(
+        matches!(&frames[0], ServerFrame::Error(e) if e.code == ErrorCode::RateLimited),
+        "{frames:?}"
+    );
+    // That frame came at +5 s as far as the core knows: the connection is
+    // idle from then, not from +1 s.
+    sim.advance(idle + secs(3));
+    assert!(
+        sim.server.is_open(a),
+        "timed out from the stepped-back time"
+    );
+    sim.advance(secs(3));
+    assert!(!sim.server.is_open(a));
+}
