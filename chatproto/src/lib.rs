@@ -116,7 +116,7 @@ pub use rate_limit::{Rate, RateLimit};
 pub use request::{Rejected, Request, RequestId};
 pub use server::{
     CloseReason, ConfigError, Event, MessageError, Output, RestoreSummary, Server, ServerConfig,
-    UnknownConnection, VerifyTicket, MAX_FRAME_BYTES, MIN_FRAME_BYTES,
+    Timer, UnknownConnection, VerifyTicket, MAX_FRAME_BYTES, MIN_FRAME_BYTES,
 };
 pub use server_frame::{
     BroadcastFrame, ByeReason, CommandUsage, DebugState, ErrorFrame, InvalidFrame, MessageFrame,

@@ -389,6 +389,33 @@ pub enum Event {
     },
 }
 
+/// One of the core's timers, as [`Server::next_timer`] names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Timer {
+    /// A connection's idle timeout.
+    Idle,
+    /// A connection's time to log in.
+    Login,
+    /// A user name's failed-login record or login bucket runs out (a lock
+    /// ends, a count expires).
+    LoginRecord,
+    /// The core stops waiting for a closed connection's last
+    /// [`Server::handle_drained`] report.
+    ClosingDrain,
+}
+
+impl std::fmt::Display for Timer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Timer::Idle => "idle timeout",
+            Timer::Login => "login timeout",
+            Timer::LoginRecord => "login record expiry",
+            Timer::ClosingDrain => "closing drain timeout",
+        })
+    }
+}
+
 /// Why a driver ends a connection with [`Server::close`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -1016,14 +1043,40 @@ impl<S: Store> Server<S> {
     /// be early (a connection was active since the deadline was set);
     /// calling then is harmless.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
+        self.next_timer().map(|(at, _)| at)
+    }
+
+    /// The next deadline, as [`Server::poll_timeout`] gives it, and which
+    /// timer it is: for a driver that logs why it wakes.
+    ///
+    /// ```
+    /// # use chatproto::{Accounts, MemoryStore, PeerKey, Server, ServerConfig, Timer, Timestamp};
+    /// let now = Timestamp::from_unix_millis(0);
+    /// let mut server = Server::new(ServerConfig::default(), Accounts::new(), MemoryStore::new(), now).unwrap();
+    /// server.accept(PeerKey::UNSPECIFIED, [0; 16], now);
+    /// let (_, timer) = server.next_timer().unwrap();
+    /// assert_eq!(timer, Timer::Login);
+    /// ```
+    pub fn next_timer(&self) -> Option<(Timestamp, Timer)> {
+        let connection = self.idle_timers.first().map(|&(at, conn)| {
+            let timer = match self.connections.get(conn).map(|c| self.deadline(c).1) {
+                Some(ByeReason::LoginTimeout) => Timer::Login,
+                _ => Timer::Idle,
+            };
+            (at, timer)
+        });
         [
-            self.idle_timers.first().map(|(t, _)| *t),
-            self.lockout.next_expiry(),
-            self.closing_deadlines.first().map(|(t, _)| *t),
+            connection,
+            self.lockout
+                .next_expiry()
+                .map(|at| (at, Timer::LoginRecord)),
+            self.closing_deadlines
+                .first()
+                .map(|&(at, _)| (at, Timer::ClosingDrain)),
         ]
         .into_iter()
         .flatten()
-        .min()
+        .min_by_key(|&(at, _)| at)
     }
 
     /// Counters, as `debug server` shows them.

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use chatproto::rate_limit::TokenBucket;
 use chatproto::{
     ByeReason, CloseReason, ConnId, Event as CoreEvent, MessageError, Output, PeerKey, Rate,
-    Server, ServerFrame, Username,
+    Server, ServerFrame, Timestamp, Username,
 };
 use polling::{Event, Events, PollMode, Poller};
 use tracing::{debug, error, info, warn};
@@ -119,6 +119,9 @@ pub struct Reactor {
     stop: Arc<AtomicBool>,
     shutdown_deadline: Option<Instant>,
     read_buf: Vec<u8>,
+    /// When this wake-up began: the clock is read once per wake-up, and
+    /// everything in it happens at that time.
+    instant: Instant,
     /// Runs password checks off this thread.
     verifier: Verifier,
     /// Offline pages the core asked for, read once this turn's changes are
@@ -265,6 +268,7 @@ impl Reactor {
             stop,
             shutdown_deadline: None,
             read_buf: vec![0; 64 * 1024],
+            instant: Instant::now(),
             verifier,
             loads: Vec::new(),
         })
@@ -275,11 +279,12 @@ impl Reactor {
     pub fn run(&mut self) -> io::Result<()> {
         let mut events = Events::new();
         loop {
+            self.instant = Instant::now();
             if self.stop.load(Ordering::SeqCst) && self.shutdown_deadline.is_none() {
                 self.begin_shutdown()?;
             }
             if let Some(deadline) = self.shutdown_deadline {
-                if self.open == 0 || Instant::now() >= deadline {
+                if self.open == 0 || self.instant >= deadline {
                     self.commit()?;
                     if self.open > 0 {
                         warn!(
@@ -292,13 +297,14 @@ impl Reactor {
             }
             let timeout = self
                 .next_wakeup()
-                .map(|at| at.saturating_duration_since(Instant::now()));
+                .map(|at| at.saturating_duration_since(self.instant));
             events.clear();
             match self.poller.wait(&mut events, timeout) {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             }
+            self.instant = Instant::now();
             self.take_verdicts();
             for event in events.iter() {
                 if event.key > LISTENER_KEY - MAX_LISTENERS {
@@ -357,7 +363,7 @@ impl Reactor {
                     continue;
                 }
             };
-            let now = self.clock.now();
+            let now = self.now();
             if self.core.handle_offline_page(conn, page, now).is_ok() {
                 self.drain_core();
             }
@@ -407,7 +413,7 @@ impl Reactor {
                 "{e}; cannot read the committed state back after a failed commit"
             ))
         })?;
-        let now = self.clock.now();
+        let now = self.now();
         self.core.commit_failed(&committed, now);
         self.drain_core();
         // None of that depends on an uncommitted change: it may go out.
@@ -419,10 +425,15 @@ impl Reactor {
     fn take_verdicts(&mut self) {
         let verdicts: Vec<_> = self.verifier.verdicts().collect();
         for (ticket, matches) in verdicts {
-            let now = self.clock.now();
+            let now = self.now();
             self.core.handle_verification(ticket, matches, now);
             self.drain_core();
         }
+    }
+
+    /// This wake-up's time, as the core's clock.
+    fn now(&self) -> Timestamp {
+        self.clock.at(self.instant)
     }
 
     /// The earliest moment something is due.
@@ -437,7 +448,7 @@ impl Reactor {
             self.shutdown_deadline,
             // Flush rounds ran out with sockets still to write: go on at
             // once, after a look at the others.
-            (!self.dirty.is_empty() || !self.loads.is_empty()).then(Instant::now),
+            (!self.dirty.is_empty() || !self.loads.is_empty()).then_some(self.instant),
         ]
         .into_iter()
         .flatten()
@@ -457,7 +468,7 @@ impl Reactor {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) if is_out_of_descriptors(&e) => {
                     warn!("cannot accept: {e}; pausing accepts for {ACCEPT_PAUSE:?}");
-                    self.accept_paused_until = Some(Instant::now() + ACCEPT_PAUSE);
+                    self.accept_paused_until = Some(self.instant + ACCEPT_PAUSE);
                     return;
                 }
                 // A connection that failed between the handshake and accept
@@ -536,7 +547,7 @@ impl Reactor {
         }
         let app = match http {
             _ if refusal.is_some() => {
-                let deadline = Instant::now() + CLOSE_GRACE;
+                let deadline = self.instant + CLOSE_GRACE;
                 self.close_deadlines.insert((deadline, key));
                 App::Refused {
                     reason: refusal.unwrap_or(ByeReason::ServerFull),
@@ -545,7 +556,7 @@ impl Reactor {
                 }
             }
             Some(config) => {
-                let deadline = Instant::now() + HTTP_REQUEST_TIMEOUT;
+                let deadline = self.instant + HTTP_REQUEST_TIMEOUT;
                 self.close_deadlines.insert((deadline, key));
                 App::Http(Box::new(HttpRequest {
                     head: Vec::new(),
@@ -620,7 +631,7 @@ impl Reactor {
     /// Takes a TLS handshake from the budgets (overall and `peer`'s):
     /// whether one may start now.
     fn handshake_budget(&mut self, peer: PeerKey) -> bool {
-        let now = self.clock.now();
+        let now = self.now();
         let limits = &self.config.limits;
         if let Some(rate) = limits.tls_handshakes_per_ip {
             if self.handshakes_per_ip.len() > 4096 {
@@ -647,7 +658,7 @@ impl Reactor {
 
     /// Opens the core's connection for the socket at `key`.
     fn start_session(&mut self, key: usize) {
-        let now = self.clock.now();
+        let now = self.now();
         let socket = self.sockets[key].as_ref().expect("keys point at sockets");
         let peer = PeerKey::from_ip(socket.peer.ip());
         let conn = self
@@ -676,7 +687,7 @@ impl Reactor {
         match &mut socket.app {
             App::Lines => {
                 if let Some(conn) = socket.conn {
-                    let now = self.clock.now();
+                    let now = self.now();
                     if self.core.handle_input(conn, data, now).is_ok() {
                         self.drain_core();
                     }
@@ -756,7 +767,7 @@ impl Reactor {
             let Some(conn) = self.sockets[key].as_ref().and_then(|s| s.conn) else {
                 break;
             };
-            let now = self.clock.now();
+            let now = self.now();
             match self.core.handle_message(conn, &frame, now) {
                 Ok(()) => self.drain_core(),
                 Err(MessageError::LineBreak) => {
@@ -990,7 +1001,7 @@ impl Reactor {
             socket.closed_conn = Some(conn);
         }
         self.forget_conn(conn);
-        let now = self.clock.now();
+        let now = self.now();
         if self.core.handle_disconnect(conn, now).is_ok() {
             self.drain_core();
         }
@@ -1100,12 +1111,12 @@ impl Reactor {
             self.config.max_output_bytes,
             socket.over_since,
             self.config.limits.slow_consumer_after,
-            Instant::now(),
+            self.instant,
         ) {
             Backlog::Fine => false,
             Backlog::Over => {
                 if socket.over_since.is_none() {
-                    let now = Instant::now();
+                    let now = self.instant;
                     socket.over_since = Some(now);
                     let deadline = now + self.config.limits.slow_consumer_after;
                     self.slow_deadlines.insert((deadline, key));
@@ -1142,7 +1153,7 @@ impl Reactor {
         // ends the drain), so the bye goes out next rather than after a
         // megabyte it will never read.
         let unsent = socket.output.frames();
-        let now = self.clock.now();
+        let now = self.now();
         let _ = self.core.handle_drained(conn, unsent, now);
         let socket = self.sockets[key].as_mut().expect("keys point at sockets");
         socket.output.drop_unstarted();
@@ -1163,19 +1174,20 @@ impl Reactor {
                 socket.output.push(close);
             }
         }
-        let deadline = Instant::now() + CLOSE_GRACE;
+        let deadline = self.instant + CLOSE_GRACE;
         socket.phase = Phase::Flushing { deadline };
         self.close_deadlines.insert((deadline, key));
         self.mark_dirty(key);
     }
 
     fn handle_deadlines(&mut self) {
-        let now = Instant::now();
-        if self
+        let now = self.instant;
+        if let Some((_, timer)) = self
             .core
-            .poll_timeout()
-            .is_some_and(|t| self.clock.instant(t) <= now)
+            .next_timer()
+            .filter(|&(t, _)| self.clock.instant(t) <= now)
         {
+            debug!("woke for the core's {timer}");
             self.core.handle_timeout(self.clock.at(now));
             self.drain_core();
         }
@@ -1260,7 +1272,7 @@ impl Reactor {
             // offline page once at most half a page is unwritten.
             if let Some(conn) = socket.conn {
                 let unsent = socket.output.frames();
-                let now = self.clock.now();
+                let now = self.now();
                 if self.core.handle_drained(conn, unsent, now).is_ok() {
                     self.drain_core();
                 }
@@ -1307,7 +1319,7 @@ impl Reactor {
     }
 
     fn begin_shutdown(&mut self) -> io::Result<()> {
-        let deadline = Instant::now() + self.config.shutdown_grace;
+        let deadline = self.instant + self.config.shutdown_grace;
         info!(
             connections = self.open,
             "shutting down: saying bye to every connection"
@@ -1326,7 +1338,7 @@ impl Reactor {
             self.remove(key);
         }
         self.accept_paused_until = None;
-        let now = self.clock.now();
+        let now = self.now();
         self.core.shutdown(now);
         self.drain_core();
         self.flush_dirty()
@@ -1376,7 +1388,7 @@ impl Reactor {
             return;
         };
         let unsent = socket.output.frames();
-        let now = self.clock.now();
+        let now = self.now();
         if self.core.handle_drained(conn, unsent, now).is_ok() {
             self.drain_core();
         }
@@ -1427,7 +1439,7 @@ impl Reactor {
             self.slow_deadlines
                 .remove(&(since + self.config.limits.slow_consumer_after, key));
         }
-        let now = self.clock.now();
+        let now = self.now();
         let unsent = socket.output.frames();
         if let Some(conn) = socket.closed_conn {
             // Its last frames are written, or never will be: that settles
