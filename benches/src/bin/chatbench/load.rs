@@ -12,6 +12,7 @@
 //! requests in order, so each client keeps a first-in, first-out queue of
 //! its unacknowledged messages' send times (scheduled times, open loop).
 
+use crate::outbox::Outbox;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -156,8 +157,7 @@ impl Report {
 struct Client {
     stream: TcpStream,
     /// Bytes waiting to be written; written many frames per syscall.
-    out: Vec<u8>,
-    written: usize,
+    outbox: Outbox,
     partial: Vec<u8>,
     logged_in: bool,
     in_flight: usize,
@@ -168,9 +168,6 @@ struct Client {
     rng: u64,
     /// Open loop: when the next message is due.
     next_due: Option<Instant>,
-    /// Whether the poller watches for writability (only while `out` is
-    /// backed up), so a flush re-registers only when that changes.
-    wants_write: bool,
     /// Listed in `Run::dirty`.
     dirty: bool,
     /// One of the login storm's connections.
@@ -229,12 +226,11 @@ pub fn run(config: LoadConfig) -> Result<Report, String> {
         }
         clients.push(Client {
             stream,
-            out: if storm {
+            outbox: Outbox::new(if storm {
                 storm_login(i - config.clients)
             } else {
                 format!("login u{i} p{i}\n").into_bytes()
-            },
-            written: 0,
+            }),
             partial: Vec::new(),
             // Storm connections never log in.
             logged_in: storm,
@@ -242,7 +238,6 @@ pub fn run(config: LoadConfig) -> Result<Report, String> {
             unacked: VecDeque::new(),
             rng: 0x9e37_79b9_7f4a_7c15 ^ (i as u64 + 1).wrapping_mul(0xff51_afd7_ed55_8ccd),
             next_due: None,
-            wants_write: false,
             dirty: false,
             storm,
         });
@@ -407,7 +402,7 @@ impl Run {
                 Some(n + next_random(&mut client.rng) as usize % recipients)
             }
         };
-        let out = &mut client.out;
+        let out = &mut client.outbox.out;
         // Writing into a Vec cannot fail.
         let _ = match to {
             Some(to) => write!(out, "message u{to} "),
@@ -513,7 +508,7 @@ impl Run {
                     self.storm_checks += 1;
                 }
                 let line = storm_login(i - self.config.clients);
-                self.clients[i].out.extend_from_slice(&line);
+                self.clients[i].outbox.out.extend_from_slice(&line);
                 self.mark_dirty(i);
             } else if !line.starts_with(b"{\"type\":\"hello\"") {
                 return Err(format!(
@@ -623,31 +618,10 @@ impl Run {
     /// takes it all.
     fn flush(&mut self, i: usize) -> Result<(), String> {
         let client = &mut self.clients[i];
-        while client.written < client.out.len() {
-            match (&client.stream).write(&client.out[client.written..]) {
-                Ok(n) => client.written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("client {i}: {e}")),
-            }
-        }
-        if client.written == client.out.len() {
-            client.out.clear();
-            client.written = 0;
-        }
-        let wants_write = !client.out.is_empty();
-        if wants_write == client.wants_write {
-            return Ok(());
-        }
-        client.wants_write = wants_write;
-        let interest = if wants_write {
-            Event::all(i)
-        } else {
-            Event::readable(i)
-        };
-        self.poller
-            .modify_with_mode(&client.stream, interest, PollMode::Level)
-            .map_err(|e| e.to_string())
+        client
+            .outbox
+            .flush(&client.stream, &self.poller, i)
+            .map_err(|e| format!("client {i}: {e}"))
     }
 }
 

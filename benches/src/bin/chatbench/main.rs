@@ -38,6 +38,7 @@
 mod load;
 mod login_timing;
 mod offline_memory;
+mod outbox;
 mod process;
 mod tls_flood;
 

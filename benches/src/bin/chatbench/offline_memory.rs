@@ -8,6 +8,7 @@
 //! the oldest. Recipients are taken in turn, so every queue grows alike
 //! and none reaches its per-user cap before the others.
 
+use crate::outbox::Outbox;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -61,13 +62,11 @@ pub struct Queued {
 
 struct Sender {
     stream: TcpStream,
-    out: Vec<u8>,
-    written: usize,
+    outbox: Outbox,
     partial: Vec<u8>,
     logged_in: bool,
     /// Text sizes of the messages awaiting an answer, oldest first.
     in_flight: VecDeque<usize>,
-    wants_write: bool,
 }
 
 /// Progress of the whole run, shared by every sender's answers.
@@ -101,12 +100,10 @@ pub fn queue(config: &QueueConfig, pid: Option<u32>) -> Result<Queued, String> {
         }
         senders.push(Sender {
             stream,
-            out: format!("login u{i} p{i}\n").into_bytes(),
-            written: 0,
+            outbox: Outbox::new(format!("login u{i} p{i}\n").into_bytes()),
             partial: Vec::new(),
             logged_in: false,
             in_flight: VecDeque::new(),
-            wants_write: false,
         });
     }
     let mut events = Events::new();
@@ -182,7 +179,7 @@ pub fn queue(config: &QueueConfig, pid: Option<u32>) -> Result<Queued, String> {
                     let to = config.senders + next_recipient;
                     next_recipient = (next_recipient + 1) % config.recipients;
                     // Writing into a Vec cannot fail.
-                    let _ = writeln!(sender.out, "message u{to} {text}");
+                    let _ = writeln!(sender.outbox.out, "message u{to} {text}");
                     sender.in_flight.push_back(text.len());
                     committed += text.len() as u64;
                 }
@@ -249,34 +246,11 @@ fn turn(
 }
 
 impl Sender {
-    /// Writes what is queued, as far as the socket takes it; watches for
-    /// writability only while output is backed up.
+    /// Writes what is queued, as far as the socket takes it.
     fn flush(&mut self, poller: &Poller, i: usize) -> Result<(), String> {
-        while self.written < self.out.len() {
-            match (&self.stream).write(&self.out[self.written..]) {
-                Ok(n) => self.written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(format!("sender {i}: {e}")),
-            }
-        }
-        if self.written == self.out.len() {
-            self.out.clear();
-            self.written = 0;
-        }
-        let wants_write = !self.out.is_empty();
-        if wants_write == self.wants_write {
-            return Ok(());
-        }
-        self.wants_write = wants_write;
-        let interest = if wants_write {
-            Event::all(i)
-        } else {
-            Event::readable(i)
-        };
-        poller
-            .modify_with_mode(&self.stream, interest, PollMode::Level)
-            .map_err(|e| e.to_string())
+        self.outbox
+            .flush(&self.stream, poller, i)
+            .map_err(|e| format!("sender {i}: {e}"))
     }
 
     /// Splits input into lines and accounts for each.
