@@ -727,6 +727,33 @@ impl<S: Store> Server<S> {
         Ok(())
     }
 
+    /// The driver cuts `conn` off as a slow consumer: all but the newest
+    /// `unsent_frames` of the frames it was given for `conn` were written,
+    /// and it drops those unwritten ones. Queues `bye slow_consumer` and
+    /// the close, as [`Server::close`] does; offline messages among the
+    /// dropped frames stay queued, those written leave the queue. Unlike
+    /// [`Server::handle_drained`] it hands nothing more over and fires no
+    /// timer, so nothing new is queued for `conn` before the `bye`.
+    pub fn cut_off_slow_consumer(
+        &mut self,
+        conn: ConnId,
+        unsent_frames: usize,
+        now: Timestamp,
+    ) -> Result<(), UnknownConnection> {
+        let now = self.clock(now);
+        let c = self
+            .connections
+            .get_mut(conn)
+            .ok_or(UnknownConnection(conn))?;
+        if let (Some(user), Some(drain)) = (c.user, c.drain.as_mut()) {
+            let written = drain.written(unsent_frames);
+            self.delivered(user, written);
+        }
+        self.end_drain(conn);
+        self.say_bye(conn, ByeReason::SlowConsumer, now);
+        Ok(())
+    }
+
     /// Ends every connection with `bye` reason `server_shutdown`. Users go
     /// offline (the store is told) without presence notices, since everyone
     /// is leaving.
@@ -1024,6 +1051,13 @@ impl<S: Store> Server<S> {
         for user in unsettled {
             self.resume_drain(user);
         }
+        // Deliveries recorded in the failed batch are back in their queues:
+        // a user online without a drain gets theirs again, or messages to
+        // them would queue behind it until their next login.
+        let online: Vec<UserId> = self.presence.online().to_vec();
+        for user in online {
+            self.resume_drain(user);
+        }
     }
 
     /// The next thing to do, if any. Drain it until `None` after every
@@ -1081,6 +1115,7 @@ impl<S: Store> Server<S> {
 
     /// Counters, as `debug server` shows them.
     pub fn debug_state(&self, now: Timestamp) -> DebugState {
+        let now = self.latest.max(now);
         DebugState {
             connections: self.connections.len(),
             users_online: self.presence.online().len(),

@@ -240,3 +240,67 @@ fn an_undone_login_is_under_the_login_timeout_again() {
         Some(&chatproto::ByeReason::LoginTimeout)
     );
 }
+
+/// A delivery recorded in a failed batch is taken back: the messages are
+/// queued again and handed to their recipient, still online, at once; and
+/// a new message to them is not held behind a queue nobody drains.
+#[test]
+fn offline_messages_whose_delivery_was_not_recorded_come_again_to_an_online_user() {
+    use chatproto::{MemoryStore, Output, PeerKey, Server, Timestamp};
+    let mut config = common::config();
+    config.track_commits = true;
+    let now = Timestamp::from_unix_millis(common::T0);
+    let mut server = Server::new(config, common::accounts(), MemoryStore::new(), now).unwrap();
+    let frames_to = |server: &mut Server<MemoryStore>, conn| {
+        let mut got = Vec::new();
+        while let Some(output) = server.poll_output() {
+            if let Output::Transmit { conn: c, frame } = output {
+                if c == conn {
+                    got.push(ServerFrame::decode(frame.strip_suffix(b"\n").unwrap()).unwrap());
+                }
+            }
+        }
+        got
+    };
+    let alice = server.accept(PeerKey::UNSPECIFIED, [1; 16], now);
+    server
+        .handle_input(alice, b"login alice pw-alice\nmessage bob first\n", now)
+        .unwrap();
+    frames_to(&mut server, alice);
+    server.commit_succeeded();
+    // Bob logs in (committed); his queue is handed over, written, and its
+    // delivery recorded in the next batch, whose commit fails.
+    let bob = server.accept(PeerKey::UNSPECIFIED, [2; 16], now);
+    server
+        .handle_input(bob, b"login bob pw-bob\n", now)
+        .unwrap();
+    let got = frames_to(&mut server, bob);
+    assert!(got
+        .iter()
+        .any(|f| matches!(f, ServerFrame::Message(m) if m.offline)));
+    server.commit_succeeded();
+    let committed = server.store().snapshot().clone();
+    server.handle_drained(bob, 0, now).unwrap();
+    assert_eq!(server.debug_state(now).queued_offline_messages, 0);
+    server.commit_failed(&committed, now);
+    let again = frames_to(&mut server, bob);
+    assert!(
+        again.iter().any(
+            |f| matches!(f, ServerFrame::Message(m) if m.offline && m.text.as_str() == "first")
+        ),
+        "{again:?}"
+    );
+    server.commit_succeeded();
+    server.handle_drained(bob, 0, now).unwrap();
+    frames_to(&mut server, bob);
+    server
+        .handle_input(alice, b"message bob second\n", now)
+        .unwrap();
+    let got = frames_to(&mut server, bob);
+    assert!(
+        got.iter().any(
+            |f| matches!(f, ServerFrame::Message(m) if !m.offline && m.text.as_str() == "second")
+        ),
+        "delivered at once: {got:?}"
+    );
+}

@@ -588,3 +588,42 @@ fn a_closed_connection_that_never_reports_holds_the_queue_back_a_minute_at_most(
         .collect();
     assert_eq!(second, (10..100).collect::<Vec<_>>());
 }
+
+#[test]
+fn a_slow_consumer_cut_off_gets_no_more_of_its_queue_before_its_bye() {
+    let mut d = in_memory();
+    queue_for_bob(&mut d, 200, TEXT_1K);
+    let b = d.login("bob");
+    d.read_frames(b, 31); // the ok and 30 messages
+    let left = d.unsent_len(b);
+    d.unsent.remove(&b);
+    d.server.cut_off_slow_consumer(b, left, d.now).unwrap();
+    d.pump();
+    // Only the bye follows.
+    let after: Vec<_> = d
+        .unsent
+        .remove(&b)
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
+    assert!(
+        matches!(
+            after.as_slice(),
+            [ServerFrame::Bye {
+                reason: chatproto::ByeReason::SlowConsumer
+            }]
+        ),
+        "{after:?}"
+    );
+    assert_eq!(d.server.debug_state(d.now).queued_offline_messages, 170);
+    let b2 = d.login("bob");
+    d.write_all(b2);
+    let all: Vec<String> = d
+        .offline_read(b)
+        .iter()
+        .chain(&d.offline_read(b2))
+        .cloned()
+        .collect();
+    let want: Vec<String> = (0..200).map(|i| numbered(i, TEXT_1K)).collect();
+    assert_eq!(all, want);
+}

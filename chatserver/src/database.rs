@@ -303,7 +303,10 @@ impl Database {
             match message {
                 Ok(message) => page.push(message),
                 // One damaged row must not block the whole queue at every
-                // login: it is left in place, said, and passed over.
+                // login: it is said and passed over. (It still counts in
+                // the queue's length, so it leaves with the first delivery
+                // after it, and one message may then come twice: a damaged
+                // database is past what the server can promise.)
                 Err(e) => tracing::error!("{e} (offline message {seq} for {to}, skipped)"),
             }
         }

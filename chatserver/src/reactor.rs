@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use chatproto::rate_limit::TokenBucket;
 use chatproto::{
-    ByeReason, CloseReason, ConnId, Event as CoreEvent, MessageError, Output, PeerKey, Rate,
-    Server, ServerFrame, Timestamp, Username,
+    ByeReason, ConnId, Event as CoreEvent, MessageError, Output, PeerKey, Rate, Server,
+    ServerFrame, Timestamp, Username,
 };
 use polling::{Event, Events, PollMode, Poller};
 use tracing::{debug, error, info, warn};
@@ -1153,12 +1153,10 @@ impl Reactor {
         // ends the drain), so the bye goes out next rather than after a
         // megabyte it will never read.
         let unsent = socket.output.frames();
-        let now = self.now();
-        let _ = self.core.handle_drained(conn, unsent, now);
-        let socket = self.sockets[key].as_mut().expect("keys point at sockets");
         socket.output.drop_unstarted();
+        let now = self.now();
         // The bye and the close come out of the core with the next outputs.
-        let _ = self.core.close(conn, CloseReason::SlowConsumer, now);
+        let _ = self.core.cut_off_slow_consumer(conn, unsent, now);
     }
 
     /// Flushes what is queued on `key`, then hangs up; a WebSocket says
