@@ -741,14 +741,10 @@ impl<S: Store> Server<S> {
         now: Timestamp,
     ) -> Result<(), UnknownConnection> {
         let now = self.clock(now);
-        let c = self
-            .connections
-            .get_mut(conn)
-            .ok_or(UnknownConnection(conn))?;
-        if let (Some(user), Some(drain)) = (c.user, c.drain.as_mut()) {
-            let written = drain.written(unsent_frames);
-            self.delivered(user, written);
+        if self.connections.get(conn).is_none() {
+            return Err(UnknownConnection(conn));
         }
+        self.record_written(conn, unsent_frames);
         self.end_drain(conn);
         self.say_bye(conn, ByeReason::SlowConsumer, now);
         Ok(())
@@ -942,12 +938,10 @@ impl<S: Store> Server<S> {
             self.catch_up_timers(now);
             return Ok(());
         };
-        let (Some(user), Some(drain)) = (c.user, c.drain.as_mut()) else {
+        let (Some(user), Some(loading)) = (c.user, c.drain.as_ref().map(|d| d.loading)) else {
             return Ok(());
         };
-        let written = drain.written(unsent_frames);
-        let loading = drain.loading;
-        self.delivered(user, written);
+        self.record_written(conn, unsent_frames);
         if !loading {
             self.next_page(conn, user);
         }
@@ -1768,6 +1762,18 @@ impl<S: Store> Server<S> {
         let drain = self.connections.get_mut(conn)?.drain.take()?;
         self.draining -= 1;
         Some(drain)
+    }
+
+    /// The driver has `unsent_frames` of open `conn`'s frames left: the
+    /// queued messages its drain now knows written leave the queue.
+    fn record_written(&mut self, conn: ConnId, unsent_frames: usize) {
+        let Some(c) = self.connections.get_mut(conn) else {
+            return;
+        };
+        if let (Some(user), Some(drain)) = (c.user, c.drain.as_mut()) {
+            let written = drain.written(unsent_frames);
+            self.delivered(user, written);
+        }
     }
 
     /// Offline messages of `user`'s are now written to their connection:
