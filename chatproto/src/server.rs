@@ -710,21 +710,19 @@ impl<S: Store> Server<S> {
         reason: CloseReason,
         now: Timestamp,
     ) -> Result<(), UnknownConnection> {
-        let now = self.clock(now);
-        if self.connections.get(conn).is_none() {
-            return Err(UnknownConnection(conn));
+        match reason {
+            // Nothing known written: what a drain had in flight stays
+            // queued.
+            CloseReason::SlowConsumer => self.cut_off_slow_consumer(conn, usize::MAX, now),
+            CloseReason::ServerFull => {
+                let now = self.clock(now);
+                if self.connections.get(conn).is_none() {
+                    return Err(UnknownConnection(conn));
+                }
+                self.say_bye(conn, ByeReason::ServerFull, now);
+                Ok(())
+            }
         }
-        let reason = match reason {
-            CloseReason::SlowConsumer => ByeReason::SlowConsumer,
-            CloseReason::ServerFull => ByeReason::ServerFull,
-        };
-        if reason == ByeReason::SlowConsumer {
-            // The driver dropped its unwritten output (after reporting what
-            // was written): what the drain had in flight stays queued.
-            self.end_drain(conn);
-        }
-        self.say_bye(conn, reason, now);
-        Ok(())
     }
 
     /// The driver cuts `conn` off as a slow consumer: all but the newest

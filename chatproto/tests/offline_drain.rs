@@ -165,6 +165,11 @@ impl<S: chatproto::Store> Driver<S> {
             .collect()
     }
 
+    /// What `conns` read of the queue, one after the other.
+    fn offline_read_all(&self, conns: &[ConnId]) -> Vec<String> {
+        conns.iter().flat_map(|&c| self.offline_read(c)).collect()
+    }
+
     fn unsent_len(&self, conn: ConnId) -> usize {
         self.unsent.get(&conn).map_or(0, VecDeque::len)
     }
@@ -354,12 +359,7 @@ fn a_slow_consumer_cut_off_mid_drain_keeps_what_it_did_not_write() {
     assert_eq!(d.server.debug_state(d.now).queued_offline_messages, 130);
     let b2 = d.login("bob");
     d.write_all(b2);
-    let all: Vec<String> = d
-        .offline_read(b)
-        .iter()
-        .chain(&d.offline_read(b2))
-        .cloned()
-        .collect();
+    let all = d.offline_read_all(&[b, b2]);
     let want: Vec<String> = (0..150).map(|i| numbered(i, TEXT_1K)).collect();
     assert_eq!(all, want);
 }
@@ -618,12 +618,7 @@ fn a_slow_consumer_cut_off_gets_no_more_of_its_queue_before_its_bye() {
     assert_eq!(d.server.debug_state(d.now).queued_offline_messages, 170);
     let b2 = d.login("bob");
     d.write_all(b2);
-    let all: Vec<String> = d
-        .offline_read(b)
-        .iter()
-        .chain(&d.offline_read(b2))
-        .cloned()
-        .collect();
+    let all = d.offline_read_all(&[b, b2]);
     let want: Vec<String> = (0..200).map(|i| numbered(i, TEXT_1K)).collect();
     assert_eq!(all, want);
 }

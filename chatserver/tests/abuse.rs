@@ -902,14 +902,7 @@ fn a_websocket_gets_close_status_1008_after_bye_flood() {
         }
     }
     let (frames, code) = ws_frames_to_close(&mut ws);
-    let kinds: Vec<String> = frames
-        .iter()
-        .map(|f| match f["type"].as_str().unwrap() {
-            "error" => f["code"].as_str().unwrap().to_owned(),
-            "bye" => format!("bye {}", f["reason"].as_str().unwrap()),
-            other => other.to_owned(),
-        })
-        .collect();
+    let kinds = common::frame_kinds(&frames);
     assert_eq!(
         kinds,
         [

@@ -78,14 +78,7 @@ fn a_client_that_keeps_flooding_is_cut_off() {
     // refusals, then the fourth refusal in a row ends it.
     c.send(&"whoami\n".repeat(50));
     let frames = c.recv_to_end();
-    let kinds: Vec<String> = frames
-        .iter()
-        .map(|f| match f["type"].as_str().unwrap() {
-            "error" => f["code"].as_str().unwrap().to_owned(),
-            "bye" => format!("bye {}", f["reason"].as_str().unwrap()),
-            other => other.to_owned(),
-        })
-        .collect();
+    let kinds = common::frame_kinds(&frames);
     assert_eq!(
         kinds,
         [

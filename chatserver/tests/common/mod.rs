@@ -537,3 +537,15 @@ impl Client {
         self.writer.local_addr().unwrap()
     }
 }
+
+/// Each frame's kind: its type, an error's code, or `bye <reason>`.
+pub fn frame_kinds(frames: &[Value]) -> Vec<String> {
+    frames
+        .iter()
+        .map(|f| match f["type"].as_str().unwrap_or("?") {
+            "error" => f["code"].as_str().unwrap_or("?").to_owned(),
+            "bye" => format!("bye {}", f["reason"].as_str().unwrap_or("?")),
+            other => other.to_owned(),
+        })
+        .collect()
+}
