@@ -178,10 +178,6 @@ impl<T: Default> PerUser<T> {
         PerUser((0..accounts.len()).map(|_| T::default()).collect())
     }
 
-    /// Every slot back to its default.
-    pub(crate) fn reset(&mut self) {
-        self.0.iter_mut().for_each(|slot| *slot = T::default());
-    }
 }
 
 impl<T> std::ops::Index<UserId> for PerUser<T> {

@@ -26,6 +26,8 @@ pub(crate) struct Drain {
     after_seq: u64,
     /// A page was asked of storage and has not come back.
     pub(crate) loading: bool,
+    /// The next page is wanted, and waits to be handed over.
+    pub(crate) page_due: bool,
     /// Frames handed to the driver for this connection since the drain
     /// began.
     frames: u64,

@@ -13,13 +13,13 @@
 //! ## Driving the server core
 //!
 //! ```
-//! use chatproto::{Accounts, MemoryStore, Output, PeerKey, Server, ServerConfig, ServerFrame, Timestamp};
+//! use chatproto::{Accounts, Output, PeerKey, Server, ServerConfig, ServerFrame, Timestamp};
 //!
 //! let mut accounts = Accounts::new();
 //! accounts.insert("alice".parse()?, "wonderland".parse()?)?;
 //! accounts.insert("bob".parse()?, "builder".parse()?)?;
 //! let mut now = Timestamp::from_unix_millis(1_700_000_000_000);
-//! let mut server = Server::new(ServerConfig::default(), accounts, MemoryStore::new(), now)?;
+//! let mut server = Server::new(ServerConfig::default(), accounts, now)?;
 //!
 //! // Two connections arrive; each is greeted with `hello`.
 //! let a = server.accept(PeerKey::UNSPECIFIED, [1; 16], now);
@@ -68,7 +68,8 @@
 //! | [`error`] | wire error codes and [`RequestError`] |
 //! | [`server`] | the server state machine ([`Server`]) |
 //! | [`client`] | the client state machine ([`Client`]) |
-//! | [`store`] | the storage boundary ([`Store`], [`Change`], [`Snapshot`]) |
+//! | [`store`] | lasting state: [`Change`] and [`Snapshot`] |
+//! | [`durability`] | changes in batches ([`Output::Persist`]), what waits for them, undoing a failed one |
 //! | [`accounts`], [`lockout`], [`offline`], [`rate_limit`] | accounts, failed-login locks, offline queues, flood control |
 //! | `presence`, `blocking`, `connection` | who is online, block lists, the connection table (internal) |
 //! | [`peer`] | client addresses as [`PeerKey`]s, and the limits kept per address |
@@ -83,6 +84,7 @@ pub mod client;
 pub mod command;
 mod connection;
 mod drain;
+pub mod durability;
 pub mod error;
 pub mod framing;
 pub mod lockout;
@@ -97,7 +99,6 @@ pub mod server_frame;
 pub mod store;
 mod text;
 mod time;
-mod uncommitted;
 mod username;
 
 pub use accounts::{Account, Accounts, Credential, DuplicateAccount};
@@ -122,7 +123,8 @@ pub use server_frame::{
     BroadcastFrame, ByeReason, CommandUsage, DebugState, ErrorFrame, InvalidFrame, MessageFrame,
     OkFrame, PresenceFrame, Reply, ServerFrame, PROTOCOL_VERSION,
 };
-pub use store::{Change, LastSeen, MemoryStore, Snapshot, Store};
+pub use durability::{BatchId, Persisted};
+pub use store::{Change, LastSeen, Snapshot};
 pub use text::{InvalidText, MessageText};
 pub use time::Timestamp;
 pub use username::{InvalidUsername, Username, MAX_USERNAME_LEN};

@@ -122,6 +122,40 @@ impl Lockout {
         (until > now).then_some(until)
     }
 
+    /// The failed-login record of `name` (empty if none).
+    pub(crate) fn state(&self, name: &str) -> LockoutState {
+        self.entries
+            .get(name)
+            .map(|e| e.state)
+            .unwrap_or_default()
+    }
+
+    /// Sets the record of `name` back to `before`, as a failed batch takes
+    /// back the changes made since.
+    pub(crate) fn put_back(
+        &mut self,
+        name: &Username,
+        known: bool,
+        before: LockoutState,
+        now: Timestamp,
+    ) {
+        if !self.entries.contains_key(name.as_str()) {
+            if before.is_empty() {
+                return;
+            }
+            self.insert(name, known, LockoutState::default(), now);
+        }
+        let entry = self.entries.get_mut(name.as_str()).expect("inserted above");
+        if entry.known && entry.state.locked_until.is_some() {
+            self.locked_known -= 1;
+        }
+        entry.state = before;
+        if entry.known && before.locked_until.is_some() {
+            self.locked_known += 1;
+        }
+        self.reschedule(name, now, None);
+    }
+
     /// Takes a login attempt for `name` from its bucket: whether it may go
     /// on. Fails when the table is full and does not hold the name yet.
     pub(crate) fn take_attempt(
@@ -207,19 +241,6 @@ impl Lockout {
         entry.state = LockoutState::default();
         self.reschedule(name, now, rate);
         had_record
-    }
-
-    /// Forgets every record, before loading them again. Entries kept only
-    /// for their login bucket go too: a failed commit refills the buckets.
-    pub(crate) fn clear_records(&mut self, now: Timestamp) {
-        let names: Vec<Username> = self.entries.keys().cloned().collect();
-        for name in names {
-            if let Some(entry) = self.entries.get_mut(name.as_str()) {
-                entry.state = LockoutState::default();
-            }
-            self.reschedule(&name, now, None);
-        }
-        self.locked_known = 0;
     }
 
     /// Puts back a record read from storage; one that has run out by `now`

@@ -233,13 +233,13 @@ impl OfflineQueues {
         );
     }
 
-    /// Every queue empty, as before anything was restored.
-    pub(crate) fn clear(&mut self) {
-        self.sizes.reset();
+    /// Takes back the newest message of `to`'s queue, of `bytes`: its
+    /// batch failed.
+    pub(crate) fn pop_back(&mut self, to: UserId, bytes: usize) {
+        self.shrink(to, QueueSize { messages: 1, bytes });
         if let Some(texts) = &mut self.texts {
-            texts.reset();
+            texts[to].pop_back();
         }
-        self.total = QueueSize::default();
     }
 
     /// What all queues hold together.

@@ -56,9 +56,14 @@ impl Presence {
         }
     }
 
-    /// Forgets every last-seen time (before loading them again).
-    pub(crate) fn forget_last_seen(&mut self) {
-        self.last_seen.reset();
+    /// When `user` last went offline.
+    pub(crate) fn last_seen(&self, user: UserId) -> Option<Timestamp> {
+        self.last_seen[user]
+    }
+
+    /// Sets when `user` last went offline, as a taken-back login leaves it.
+    pub(crate) fn set_last_seen(&mut self, user: UserId, at: Option<Timestamp>) {
+        self.last_seen[user] = at;
     }
 
     /// Records a last-seen time from storage, keeping the later one.

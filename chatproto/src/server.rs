@@ -38,10 +38,10 @@ use crate::server_frame::{
     BroadcastFrame, ByeReason, CommandUsage, DebugState, ErrorFrame, MessageFrame, OkFrame,
     PresenceFrame, Reply, ServerFrame, PROTOCOL_VERSION,
 };
-use crate::store::{Change, LastSeen, Snapshot, Store};
+use crate::durability::{BatchId, Held, Key, Kind, Ledger, Persisted, Undo};
+use crate::store::{Change, LastSeen, Snapshot};
 use crate::text::MessageText;
 use crate::time::{seconds_until, Timestamp};
-use crate::uncommitted::{EndedSession, Uncommitted};
 use crate::username::Username;
 
 /// How a server core behaves. Start from [`ServerConfig::default`] and set
@@ -107,12 +107,11 @@ pub struct ServerConfig {
     /// sockets cannot pile up (default 30 s; `None`: only the idle
     /// timeout applies).
     pub login_timeout: Option<Duration>,
-    /// The driver commits the store after each batch of work, holds the
-    /// batch's output until the commit succeeds, and reports the outcome
-    /// with [`Server::commit_succeeded`] or [`Server::commit_failed`]. The
-    /// core then remembers what it must take back if a commit fails
-    /// (default `false`: the store cannot fail).
-    pub track_commits: bool,
+    /// Changes to lasting state leave as [`Output::Persist`] batches, and
+    /// what depends on a batch waits in the core until the driver answers
+    /// it with [`Server::handle_persisted`] (PROTOCOL.md rule 15). Default
+    /// `false`: nothing lasts past the process, and nothing waits.
+    pub durable: bool,
 }
 
 impl Default for ServerConfig {
@@ -134,7 +133,7 @@ impl Default for ServerConfig {
             max_pending_checks_per_peer: Some(8),
             login_rate_per_peer: Some(Rate::LOGINS_PER_PEER),
             login_rate_per_name: Some(Rate::LOGINS_PER_NAME),
-            track_commits: false,
+            durable: false,
         }
     }
 }
@@ -297,6 +296,18 @@ pub enum Output {
         after_seq: u64,
         /// How much text the page may hold.
         max_bytes: usize,
+    },
+    /// Make `changes` durable, all or none, in order (with
+    /// [`ServerConfig::durable`]); answer with [`Server::handle_persisted`].
+    /// Outputs that depend on them wait in the core meanwhile; everything
+    /// else goes on. One batch is in flight at a time: changes made while
+    /// it is written come as the next one, after its answer.
+    Persist {
+        /// What to hand back with the outcome.
+        batch: BatchId,
+        /// The changes, oldest first. [`Snapshot::apply`] says what each
+        /// means.
+        changes: Vec<Change>,
     },
 }
 
@@ -474,10 +485,9 @@ pub struct RestoreSummary {
 ///
 /// See the [crate docs](crate) for a walk through a session.
 #[derive(Debug)]
-pub struct Server<S: Store> {
+pub struct Server {
     config: ServerConfig,
     accounts: Accounts,
-    store: S,
     connections: Connections,
     presence: Presence,
     blocks: BlockList,
@@ -488,8 +498,18 @@ pub struct Server<S: Store> {
     idle_timers: BTreeSet<(Timestamp, ConnId)>,
     outputs: VecDeque<Output>,
     started_at: Timestamp,
-    /// What a failed commit would take back (with `track_commits`).
-    uncommitted: Option<Uncommitted>,
+    /// Batches of changes, and the outputs that wait for them.
+    ledger: Ledger,
+    /// Answers and facts among the outputs of the unit of work being
+    /// served, by position in `outputs`: what a failed batch does to each.
+    unit_kinds: Vec<(usize, Kind)>,
+    /// Units of work open (they nest: the outermost settles).
+    unit_depth: u32,
+    /// Drains that want their next page handed over, once nothing they
+    /// follow waits for a batch.
+    page_due: Vec<ConnId>,
+    /// Drains whose next page waits for a batch to be answered.
+    page_gated: Vec<ConnId>,
     /// Logins waiting for a password check, by ticket.
     verifications: HashMap<VerifyTicket, PendingLogin>,
     next_ticket: u64,
@@ -517,24 +537,19 @@ const MAX_CLOSING_DRAINS: usize = 4096;
 /// twice): far longer than a driver takes to flush and close a socket.
 const CLOSING_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
-impl<S: Store> Server<S> {
+impl Server {
     /// A server core with no lasting state yet.
-    pub fn new(
-        config: ServerConfig,
-        accounts: Accounts,
-        store: S,
-        now: Timestamp,
-    ) -> Result<Self, ConfigError> {
-        Server::with_snapshot(config, accounts, store, &Snapshot::default(), now).map(|(s, _)| s)
+    pub fn new(config: ServerConfig, accounts: Accounts, now: Timestamp) -> Result<Self, ConfigError> {
+        Server::with_snapshot(config, accounts, &Snapshot::default(), now).map(|(s, _)| s)
     }
 
     /// A server core that carries on from `snapshot`, as loaded from
     /// storage. Users who were online when the last run stopped are taken
-    /// as having gone offline `now` (and the store is told so).
+    /// as having gone offline `now` (and the first [`Output::Persist`] says
+    /// so).
     pub fn with_snapshot(
         config: ServerConfig,
         accounts: Accounts,
-        store: S,
         snapshot: &Snapshot,
         now: Timestamp,
     ) -> Result<(Self, RestoreSummary), ConfigError> {
@@ -548,7 +563,11 @@ impl<S: Store> Server<S> {
             idle_timers: BTreeSet::new(),
             outputs: VecDeque::new(),
             started_at: now,
-            uncommitted: config.track_commits.then(Uncommitted::default),
+            ledger: Ledger::new(config.durable),
+            unit_kinds: Vec::new(),
+            unit_depth: 0,
+            page_due: Vec::new(),
+            page_gated: Vec::new(),
             verifications: HashMap::new(),
             next_ticket: 0,
             draining: 0,
@@ -557,10 +576,9 @@ impl<S: Store> Server<S> {
             closing_deadlines: BTreeSet::new(),
             peers: Peers::new(),
             accounts,
-            store,
             config,
         };
-        let summary = server.restore(snapshot, now, Restore::AtStart);
+        let summary = server.restore(snapshot, now);
         Ok((server, summary))
     }
 
@@ -596,9 +614,8 @@ impl<S: Store> Server<S> {
         c.idle_timer = idle_timer;
         let conn = self.connections.insert(c);
         self.idle_timers.insert((idle_timer, conn));
-        if let Some(u) = &mut self.uncommitted {
-            u.accepted.push(conn);
-        }
+        // Nothing is held for a new connection, and a hello depends on
+        // nothing: it goes out at once.
         self.send_hello(conn, session);
         conn
     }
@@ -624,6 +641,7 @@ impl<S: Store> Server<S> {
         if awaiting {
             // A login is being checked: what follows waits for it.
             self.hold_input(conn, &[data], now);
+            self.pump_drains();
             return Ok(());
         }
         let Some(c) = self.connections.get_mut(conn) else {
@@ -636,7 +654,10 @@ impl<S: Store> Server<S> {
         while let Some(frame) = decoder.decode(&mut input) {
             match self.serve_frame(conn, frame, now) {
                 // Closed by this frame (logout, flood): the rest is ignored.
-                Served::Closed => return Ok(()),
+                Served::Closed => {
+                    self.pump_drains();
+                    return Ok(());
+                }
                 Served::Awaiting => {
                     // A login went to be checked: the rest waits for it.
                     self.hold_input(conn, &[input], now);
@@ -648,6 +669,7 @@ impl<S: Store> Server<S> {
         if let Some(c) = self.connections.get_mut(conn) {
             c.decoder = decoder;
         }
+        self.pump_drains();
         Ok(())
     }
 
@@ -658,9 +680,9 @@ impl<S: Store> Server<S> {
     /// and rate limit; an empty message is ignored, as an empty line is.
     ///
     /// ```
-    /// # use chatproto::{Accounts, MemoryStore, Output, PeerKey, Server, ServerConfig, Timestamp};
+    /// # use chatproto::{Accounts, Output, PeerKey, Server, ServerConfig, Timestamp};
     /// let now = Timestamp::from_unix_millis(0);
-    /// let mut server = Server::new(ServerConfig::default(), Accounts::default(), MemoryStore::default(), now).unwrap();
+    /// let mut server = Server::new(ServerConfig::default(), Accounts::default(), now).unwrap();
     /// let conn = server.accept(PeerKey::UNSPECIFIED, [0; 16], now);
     /// server.handle_message(conn, br#"{"id":1,"cmd":"whoami"}"#, now).unwrap();
     /// assert!(server.handle_message(conn, b"whoami\nhelp", now).is_err());
@@ -682,11 +704,10 @@ impl<S: Store> Server<S> {
         if awaiting {
             // Held as the line it would have been, to be served in order.
             self.hold_input(conn, &[message, b"\n"], now);
-            return Ok(());
-        }
-        if let Some(frame) = framing::message_frame(message, self.config.max_frame_bytes) {
+        } else if let Some(frame) = framing::message_frame(message, self.config.max_frame_bytes) {
             self.serve_frame(conn, frame, now);
         }
+        self.pump_drains();
         Ok(())
     }
 
@@ -698,7 +719,13 @@ impl<S: Store> Server<S> {
         now: Timestamp,
     ) -> Result<(), UnknownConnection> {
         let now = self.clock(now);
-        self.forget(conn, now, true).ok_or(UnknownConnection(conn))
+        // Nothing more can be written to it: what waits for it goes.
+        self.ledger.forget_held(conn);
+        let mark = self.begin();
+        let known = self.forget(conn, now, true);
+        self.settle(mark);
+        self.pump_drains();
+        known.ok_or(UnknownConnection(conn))
     }
 
     /// Ends `conn` for a reason the driver found: queues `bye` with the
@@ -719,7 +746,10 @@ impl<S: Store> Server<S> {
                 if self.connections.get(conn).is_none() {
                     return Err(UnknownConnection(conn));
                 }
+                let mark = self.begin();
                 self.say_bye(conn, ByeReason::ServerFull, now);
+                self.settle(mark);
+                self.pump_drains();
                 Ok(())
             }
         }
@@ -744,7 +774,10 @@ impl<S: Store> Server<S> {
         }
         self.record_written(conn, unsent_frames);
         self.end_drain(conn);
+        let mark = self.begin();
         self.say_bye(conn, ByeReason::SlowConsumer, now);
+        self.settle(mark);
+        self.pump_drains();
         Ok(())
     }
 
@@ -758,7 +791,9 @@ impl<S: Store> Server<S> {
             reason: ByeReason::ServerShutdown,
         }
         .encode();
+        let mark = self.begin();
         for conn in ids {
+            self.note_kind(Kind::Fact);
             self.transmit(conn, bye.clone());
             self.outputs.push_back(Output::Close {
                 conn,
@@ -766,6 +801,7 @@ impl<S: Store> Server<S> {
             });
             self.forget(conn, now, false);
         }
+        self.settle(mark);
     }
 
     /// Time has passed: fires every deadline due by `now` (idle timeouts,
@@ -787,7 +823,9 @@ impl<S: Store> Server<S> {
                 }
                 self.idle_timers.insert((deadline, conn));
             } else {
+                let mark = self.begin();
                 self.say_bye(conn, reason, now);
+                self.settle(mark);
             }
         }
         while let Some(&(due, conn)) = self.closing_deadlines.first() {
@@ -799,10 +837,11 @@ impl<S: Store> Server<S> {
         for ended in self.lockout.expire(now) {
             // Stored for every name, account or not: so is its end.
             if ended.had_record {
-                self.store
-                    .record(Change::LockoutCleared { user: ended.name });
+                self.ledger
+                    .record_fact(Change::LockoutCleared { user: ended.name }, None);
             }
         }
+        self.pump_drains();
     }
 
     /// The verdict on an [`Output::VerifyPassword`]: whether the password
@@ -833,11 +872,13 @@ impl<S: Store> Server<S> {
             .connections
             .get(conn)
             .is_some_and(|c| c.awaiting == Some(ticket));
+        let mark = self.begin();
         if !open {
             // Gone meanwhile: a wrong guess still counts.
             if !(matches && account.is_some()) {
                 self.count_failure(&name, account.is_some(), now);
             }
+            self.settle(mark);
             return;
         }
         if let Some(c) = self.connections.get_mut(conn) {
@@ -845,6 +886,7 @@ impl<S: Store> Server<S> {
         }
         self.reschedule(conn);
         // Locked by other attempts while this one was checked.
+        self.ledger.read(Key::Name(&name));
         let result = match self.lockout.locked_until(name.as_str(), now) {
             Some(until) => self.refuse_locked(conn, &name, until, false, now),
             None => self.finish_login(conn, id, name, account, matches, now),
@@ -852,6 +894,7 @@ impl<S: Store> Server<S> {
         if let Err(error) = result {
             self.send_error(conn, id, &error);
         }
+        self.settle(mark);
         let held = self
             .connections
             .get_mut(conn)
@@ -860,6 +903,7 @@ impl<S: Store> Server<S> {
         if !held.is_empty() {
             let _ = self.handle_input(conn, &held, now);
         }
+        self.pump_drains();
     }
 
     /// A page of `conn`'s user's offline queue, read from storage for an
@@ -894,6 +938,8 @@ impl<S: Store> Server<S> {
             self.offline.truncate(user, in_flight);
             self.finish_drain_if_done(conn, user);
         } else {
+            // Asked for once nothing for `conn` waited: nothing does now,
+            // since everything since went through this drain's gate.
             self.hand_over(conn, page);
         }
         self.catch_up_timers(now);
@@ -934,6 +980,7 @@ impl<S: Store> Server<S> {
             self.delivered(user, written);
             self.resume_drain(user);
             self.catch_up_timers(now);
+            self.pump_drains();
             return Ok(());
         };
         let (Some(user), Some(loading)) = (c.user, c.drain.as_ref().map(|d| d.loading)) else {
@@ -944,118 +991,96 @@ impl<S: Store> Server<S> {
             self.next_page(conn, user);
         }
         self.catch_up_timers(now);
+        self.pump_drains();
         Ok(())
     }
 
-    /// The driver made every change recorded so far durable, and may send
-    /// the output it held back (with [`ServerConfig::track_commits`]).
-    pub fn commit_succeeded(&mut self) {
-        if let Some(u) = &mut self.uncommitted {
-            u.clear();
-        }
-    }
-
-    /// The changes recorded since the last [`Server::commit_succeeded`]
-    /// were not made durable, and the driver discarded, unsent, all output
-    /// polled since then. `committed` is the lasting state as storage
-    /// holds it (what the last successful commit left).
+    /// The outcome of an [`Output::Persist`] batch.
     ///
-    /// The core takes that work back: lasting state becomes `committed`;
-    /// sessions that logged in since are logged out again, silently; every
-    /// request answered since is answered again with
-    /// [`ErrorCode::Unavailable`]. What cannot be taken back is said again:
-    /// connections accepted since get their `hello`, and users who went
-    /// offline since are announced offline once more and their logouts
-    /// recorded again (into the store, for the next commit).
+    /// Committed: the outputs that waited for it go out (drain
+    /// [`Server::poll_output`]), and the next batch, if changes were made
+    /// meanwhile, comes after them.
     ///
-    /// The output this produces does not depend on anything uncommitted:
-    /// the driver may send it without waiting for another commit. Does
-    /// nothing without [`ServerConfig::track_commits`].
-    pub fn commit_failed(&mut self, committed: &Snapshot, now: Timestamp) {
+    /// Failed: the batch did not happen, nor did anything made after it.
+    /// The core takes its changes back from what it recorded when it made
+    /// them: a stored message leaves its queue, a block is lifted, a login
+    /// is taken back (silently: the connection stays open, logged out), a
+    /// failed-login count is as before. Every held answer that depended on
+    /// them becomes `unavailable` under its request id; other output that
+    /// depended on them is dropped. What cannot be taken back is recorded
+    /// again in the next batch: users who went offline stay offline, and
+    /// offline messages written to their recipient stay delivered; a `bye`
+    /// and a close still go out.
+    ///
+    /// A batch that is not the one in flight is ignored.
+    pub fn handle_persisted(&mut self, batch: BatchId, outcome: Persisted, now: Timestamp) {
         let now = self.clock(now);
-        let Some(undone) = self.uncommitted.as_mut().map(std::mem::take) else {
-            return;
+        let outputs = &mut self.outputs;
+        let connections = &mut self.connections;
+        let closing = &mut self.closing_drains;
+        let draining = self.draining;
+        let release = |output: Output| {
+            let drains = Drains {
+                connections: &mut *connections,
+                closing: &mut *closing,
+                draining,
+            };
+            release_into(outputs, drains, output)
         };
-        // Logins not recorded did not happen.
-        let reverted: HashSet<ConnId> = undone.logins.iter().copied().collect();
-        for &conn in &undone.logins {
-            self.end_drain(conn);
-            if let Some(user) = self.connections.get_mut(conn).and_then(|c| c.user.take()) {
-                self.presence.log_out(user, now);
-                // Logged out again: the login timeout applies again.
-                self.reschedule(conn);
+        match outcome {
+            Persisted::Committed => {
+                if !self.ledger.committed(batch, release) {
+                    return;
+                }
             }
-        }
-        // Lasting state as committed.
-        self.offline.clear();
-        self.blocks = BlockList::new(&self.accounts);
-        self.presence.forget_last_seen();
-        self.lockout.clear_records(now);
-        self.restore(committed, now, Restore::AfterFailedCommit);
-
-        // What drains handed over went with the discarded output, and their
-        // deliveries were not recorded: each starts again from the front of
-        // the committed queue, after the answers said again below.
-        let unsettled: Vec<UserId> = self.closing_drains.drain().map(|(_, (u, _))| u).collect();
-        self.closing_deadlines.clear();
-        let mut restart = Vec::new();
-        let open: Vec<ConnId> = self.connections.ids().collect();
-        for conn in open {
-            if let Some(c) = self.connections.get_mut(conn) {
-                if c.drain.is_some() {
-                    c.drain = Some(Drain::default());
-                    restart.extend(c.user.map(|user| (conn, user)));
+            Persisted::Failed => {
+                let unavailable = |conn, id| Output::Transmit {
+                    conn,
+                    frame: error_frame(id, &RequestError::Unavailable),
+                };
+                let Some(failure) = self.ledger.failed(batch, unavailable, release) else {
+                    return;
+                };
+                let mut undone_sessions = HashSet::new();
+                for undo in failure.undo {
+                    if let Some(conn) = self.undo(undo, now) {
+                        undone_sessions.insert(conn);
+                    }
+                }
+                for fact in failure.facts {
+                    if fact.session.is_some_and(|c| undone_sessions.contains(&c)) {
+                        continue; // never (durably) logged in
+                    }
+                    self.ledger.record_fact(fact.change, fact.session);
                 }
             }
         }
+        // Drains that waited for this batch may go on.
+        self.page_due.append(&mut self.page_gated);
+        self.catch_up_timers(now);
+        self.pump_drains();
+    }
 
-        for conn in undone.accepted {
-            if let Some(session) = self.connections.get(conn).map(|c| c.session) {
-                self.send_hello(conn, session);
-            }
-        }
-        for (conn, id) in undone.answered {
-            if self.connections.get(conn).is_some() {
-                self.send_error_frame(conn, id, &RequestError::Unavailable);
-            }
-        }
-        // Sessions that ended stay ended.
-        for ended in undone.ended {
-            if reverted.contains(&ended.conn) {
-                continue; // never (durably) logged in
-            }
-            let user = self.accounts.name(ended.user).clone();
-            self.store.record(Change::LoggedOut { user, at: ended.at });
-            self.presence.restore_last_seen(ended.user, ended.at);
-            if !ended.announced_again && self.presence.session(ended.user).is_none() {
-                self.announce(ended.user, false);
-            }
-            if let Some(u) = &mut self.uncommitted {
-                u.ended.push(EndedSession {
-                    announced_again: true,
-                    ..ended
-                });
-            }
-        }
-        for (conn, user) in restart {
-            self.next_page(conn, user);
-        }
-        for user in unsettled {
-            self.resume_drain(user);
-        }
-        // Deliveries recorded in the failed batch are back in their queues:
-        // a user online without a drain gets theirs again, or messages to
-        // them would queue behind it until their next login.
-        let online: Vec<UserId> = self.presence.online().to_vec();
-        for user in online {
-            self.resume_drain(user);
-        }
+    /// Whether changes are waiting to be made durable: a batch in flight,
+    /// or changes made since. A driver that stops waits until this is false
+    /// (answering each [`Output::Persist`]), so nothing acknowledged is
+    /// lost.
+    pub fn persist_pending(&self) -> bool {
+        self.ledger.pending()
     }
 
     /// The next thing to do, if any. Drain it until `None` after every
     /// `handle_*`, `accept`, `close` or `shutdown` call.
     pub fn poll_output(&mut self) -> Option<Output> {
-        let output = self.outputs.pop_front();
+        let mut output = self.outputs.pop_front();
+        if output.is_none() {
+            // Everything else polled first: the batch holds every change
+            // made by the calls before.
+            output = self
+                .ledger
+                .take_batch()
+                .map(|(batch, changes)| Output::Persist { batch, changes });
+        }
         if output.is_none() && self.outputs.capacity() > OUTPUT_QUEUE_SHRINK_ABOVE {
             // An exceptional burst (a presence storm) grew the queue; give
             // it back. Ordinary fan-outs stay below the threshold, so the
@@ -1076,9 +1101,9 @@ impl<S: Store> Server<S> {
     /// timer it is: for a driver that logs why it wakes.
     ///
     /// ```
-    /// # use chatproto::{Accounts, MemoryStore, PeerKey, Server, ServerConfig, Timer, Timestamp};
+    /// # use chatproto::{Accounts, PeerKey, Server, ServerConfig, Timer, Timestamp};
     /// let now = Timestamp::from_unix_millis(0);
-    /// let mut server = Server::new(ServerConfig::default(), Accounts::new(), MemoryStore::new(), now).unwrap();
+    /// let mut server = Server::new(ServerConfig::default(), Accounts::new(), now).unwrap();
     /// server.accept(PeerKey::UNSPECIFIED, [0; 16], now);
     /// let (_, timer) = server.next_timer().unwrap();
     /// assert_eq!(timer, Timer::Login);
@@ -1148,18 +1173,9 @@ impl<S: Store> Server<S> {
         &self.accounts
     }
 
-    /// The store.
-    pub fn store(&self) -> &S {
-        &self.store
-    }
-
-    /// The store, to commit or flush it.
-    pub fn store_mut(&mut self) -> &mut S {
-        &mut self.store
-    }
 
     /// Loads lasting state into empty structures.
-    fn restore(&mut self, snapshot: &Snapshot, now: Timestamp, when: Restore) -> RestoreSummary {
+    fn restore(&mut self, snapshot: &Snapshot, now: Timestamp) -> RestoreSummary {
         let mut summary = RestoreSummary::default();
         for (user, messages) in &snapshot.offline {
             match self.accounts.id(user.as_str()) {
@@ -1201,19 +1217,17 @@ impl<S: Store> Server<S> {
                 summary.skipped += 1;
                 continue;
             };
-            let at = match (*seen, when) {
-                (LastSeen::Offline { at }, _) => at,
-                (LastSeen::Online { .. }, Restore::AtStart) => {
+            let at = match *seen {
+                LastSeen::Offline { at } => at,
+                LastSeen::Online { .. } => {
                     // Online when the last run stopped: seen until now.
-                    self.store.record(Change::LoggedOut {
+                    let change = Change::LoggedOut {
                         user: user.clone(),
                         at: now,
-                    });
+                    };
+                    self.ledger.record_fact(change, None);
                     now
                 }
-                // Online in this run: either still online, or their logout
-                // is among what `commit_failed` records again.
-                (LastSeen::Online { since }, Restore::AfterFailedCommit) => since,
             };
             self.presence.restore_last_seen(id, at);
             summary.last_seen += 1;
@@ -1226,8 +1240,8 @@ impl<S: Store> Server<S> {
                 summary.lockouts += 1;
             } else {
                 // Ran out while the server was down: storage drops it too.
-                self.store
-                    .record(Change::LockoutCleared { user: user.clone() });
+                self.ledger
+                    .record_fact(Change::LockoutCleared { user: user.clone() }, None);
             }
         }
         summary
@@ -1252,6 +1266,10 @@ impl<S: Store> Server<S> {
         now: Timestamp,
     ) -> Result<(), RequestError> {
         let me = self.connections.get(conn).and_then(|c| c.user);
+        if let Some(me) = me {
+            // Their session, queue and blocks: every answer reads them.
+            self.ledger.read(Key::User(me));
+        }
         match (command, me) {
             (Command::Help, _) => {
                 self.help(conn, id);
@@ -1281,12 +1299,14 @@ impl<S: Store> Server<S> {
                 Ok(())
             }
             (Command::Whoelse, Some(me)) => {
+                self.ledger.read(Key::Online);
                 let users = self.visible_users(me, self.presence.online().iter().copied());
                 let text = list_text("online now", &users);
                 self.reply(conn, id, Reply::Whoelse { users }, text);
                 Ok(())
             }
             (Command::Whoelsesince { seconds }, Some(me)) => {
+                self.ledger.read(Key::Online);
                 let since = now.saturating_sub(Duration::from_secs(seconds));
                 let candidates = self
                     .accounts
@@ -1310,6 +1330,7 @@ impl<S: Store> Server<S> {
                         what: "debug server",
                     });
                 }
+                self.ledger.read_all();
                 let state = self.debug_state(now);
                 let text = format!(
                     "{}, {} online, {} queued, {} locked, up {} s",
@@ -1375,6 +1396,10 @@ impl<S: Store> Server<S> {
             }
         }
         let account = self.accounts.id(name.as_str());
+        self.ledger.read(Key::Name(&name));
+        if let Some(account) = account {
+            self.ledger.read(Key::User(account));
+        }
         let rate = self.config.login_rate_per_name;
         match self
             .lockout
@@ -1456,12 +1481,20 @@ impl<S: Store> Server<S> {
     /// one.
     fn count_failure(&mut self, name: &Username, known: bool, now: Timestamp) -> Option<Timestamp> {
         let rate = self.config.login_rate_per_name;
+        let before = self.lockout.state(name.as_str());
         let state = self.lockout.record_failure(name, known, rate, now);
         // Stored for every name, so a restart does not tell them apart.
-        self.store.record(Change::LockoutChanged {
-            user: name.clone(),
-            state,
-        });
+        self.ledger.record(
+            Change::LockoutChanged {
+                user: name.clone(),
+                state,
+            },
+            Undo::Lockout {
+                name: name.clone(),
+                before,
+            },
+            &[Key::Name(name)],
+        );
         let until = state.locked_until?;
         self.event(Event::Locked {
             user: name.clone(),
@@ -1530,6 +1563,7 @@ impl<S: Store> Server<S> {
         frame: Result<&[u8], FrameError>,
         now: Timestamp,
     ) -> Served {
+        let mark = self.begin();
         let mut allowed = true;
         let mut flooding = false;
         if let Some(c) = self.connections.get_mut(conn) {
@@ -1557,6 +1591,7 @@ impl<S: Store> Server<S> {
                 // It keeps going after `flood_after` refusals: it is not
                 // listening. The rest of its input is ignored.
                 self.flood_out(conn, now);
+                self.settle(mark);
                 return Served::Closed;
             }
             Ok(frame) if !allowed => {
@@ -1569,6 +1604,7 @@ impl<S: Store> Server<S> {
                 self.send_error(conn, None, &RequestError::FrameTooLarge { limit });
             }
         }
+        self.settle(mark);
         match self.connections.get(conn) {
             None => Served::Closed,
             Some(c) if c.awaiting.is_some() => Served::Awaiting,
@@ -1578,8 +1614,10 @@ impl<S: Store> Server<S> {
 
     /// Closes `conn` for flooding.
     fn flood_out(&mut self, conn: ConnId, now: Timestamp) {
+        let mark = self.begin();
         self.event(Event::Flooding { conn });
         self.say_bye(conn, ByeReason::Flood, now);
+        self.settle(mark);
     }
 
     /// The rest of a login, once the password is checked.
@@ -1599,9 +1637,16 @@ impl<S: Store> Server<S> {
             };
         };
         let rate = self.config.login_rate_per_name;
+        let before = self.lockout.state(name.as_str());
         if self.lockout.record_success(&name, rate, now) {
-            self.store
-                .record(Change::LockoutCleared { user: name.clone() });
+            self.ledger.record(
+                Change::LockoutCleared { user: name.clone() },
+                Undo::Lockout {
+                    name: name.clone(),
+                    before,
+                },
+                &[Key::Name(&name)],
+            );
         }
         if self.presence.session(user).is_some() {
             let error = RequestError::SessionElsewhere { user: name.clone() };
@@ -1611,14 +1656,20 @@ impl<S: Store> Server<S> {
         if let Some(c) = self.connections.get_mut(conn) {
             c.user = Some(user);
         }
+        let last_seen = self.presence.last_seen(user);
         self.presence.log_in(user, conn);
-        if let Some(u) = &mut self.uncommitted {
-            u.logins.push(conn);
-        }
-        self.store.record(Change::LoggedIn {
-            user: name.clone(),
-            at: now,
-        });
+        self.ledger.record(
+            Change::LoggedIn {
+                user: name.clone(),
+                at: now,
+            },
+            Undo::LoggedIn {
+                user,
+                conn,
+                last_seen,
+            },
+            &[Key::User(user), Key::Online],
+        );
         self.reply(
             conn,
             id,
@@ -1665,6 +1716,35 @@ impl<S: Store> Server<S> {
         }
     }
 
+    /// Hands over the pages drains asked for, where nothing they follow
+    /// waits for a batch: a page goes out at once, after every frame
+    /// before it, so the drain's frame numbers match what the driver was
+    /// given. A drain whose connection has held output, or whose user's
+    /// queue has changes not yet durable, waits for the next batch's
+    /// answer.
+    fn pump_drains(&mut self) {
+        if self.page_due.is_empty() {
+            return;
+        }
+        for conn in std::mem::take(&mut self.page_due) {
+            let Some(user) = self
+                .connections
+                .get(conn)
+                .filter(|c| c.drain.as_ref().is_some_and(|d| d.page_due))
+                .and_then(|c| c.user)
+            else {
+                continue;
+            };
+            if self.ledger.holds(conn) || self.ledger.user_dirty(user) {
+                if !self.page_gated.contains(&conn) {
+                    self.page_gated.push(conn);
+                }
+                continue;
+            }
+            self.give_page(conn, user);
+        }
+    }
+
     /// Gives up waiting for closed `conn`'s last report: its unsettled
     /// messages stay queued, and its user's drain may start.
     fn give_up_closing_drain(&mut self, conn: ConnId) {
@@ -1684,8 +1764,8 @@ impl<S: Store> Server<S> {
         }
     }
 
-    /// Hands `conn` the next page of `user`'s queue, from memory or by
-    /// asking storage; ends the drain once everything is delivered.
+    /// Asks for the next page of `user`'s queue for `conn`: handed over
+    /// by [`Server::pump_drains`] once nothing it follows waits.
     fn next_page(&mut self, conn: ConnId, user: UserId) {
         let Some(drain) = self
             .connections
@@ -1694,6 +1774,26 @@ impl<S: Store> Server<S> {
         else {
             return;
         };
+        if !self.ledger.enabled() {
+            // Nothing is ever held: the page goes out now, in order.
+            self.give_page(conn, user);
+        } else if !drain.page_due {
+            drain.page_due = true;
+            self.page_due.push(conn);
+        }
+    }
+
+    /// Hands `conn` the next page of `user`'s queue, from memory or by
+    /// asking storage; ends the drain once everything is delivered.
+    fn give_page(&mut self, conn: ConnId, user: UserId) {
+        let Some(drain) = self
+            .connections
+            .get_mut(conn)
+            .and_then(|c| c.drain.as_mut())
+        else {
+            return;
+        };
+        drain.page_due = false;
         let left = self.offline.size(user).messages;
         if left <= drain.in_flight().messages {
             self.finish_drain_if_done(conn, user);
@@ -1721,7 +1821,9 @@ impl<S: Store> Server<S> {
     }
 
     /// Sends a page of queued messages to `conn`, noting each in its drain.
+    /// Never inside a unit of work: the frames go out at once, numbered.
     fn hand_over(&mut self, conn: ConnId, page: Vec<QueuedMessage>) {
+        debug_assert!(self.unit_depth == 0 || !self.ledger.enabled());
         for QueuedMessage { seq, message } in page {
             let bytes = message.size();
             let frame = ServerFrame::Message(MessageFrame {
@@ -1781,10 +1883,12 @@ impl<S: Store> Server<S> {
             return;
         }
         self.offline.remove_front(user, written);
-        self.store.record(Change::MessagesDelivered {
+        // Written to the connection: delivered, whatever storage says.
+        let change = Change::MessagesDelivered {
             to: self.accounts.name(user).clone(),
             count: written.messages,
-        });
+        };
+        self.ledger.record_fact(change, None);
     }
 
     /// `now`, or the latest time seen if `now` is earlier: time never runs
@@ -1818,6 +1922,7 @@ impl<S: Store> Server<S> {
         if recipient == me {
             return Err(RequestError::SelfTarget { action: "message" });
         }
+        self.ledger.read(Key::User(recipient));
         if self.blocks.has_blocked(recipient, me) {
             return Err(RequestError::Blocked { user: to });
         }
@@ -1844,16 +1949,24 @@ impl<S: Store> Server<S> {
                     text,
                     sent_at: now,
                 };
+                let bytes = message.size();
                 self.offline
                     .push(recipient, message.clone())
                     .map_err(|limit| RequestError::MailboxFull {
                         user: to.clone(),
                         limit,
                     })?;
-                self.store.record(Change::MessageQueued {
-                    to: to.clone(),
-                    message,
-                });
+                self.ledger.record(
+                    Change::MessageQueued {
+                        to: to.clone(),
+                        message,
+                    },
+                    Undo::Queued {
+                        to: recipient,
+                        bytes,
+                    },
+                    &[Key::User(recipient)],
+                );
                 true
             }
         };
@@ -1877,6 +1990,7 @@ impl<S: Store> Server<S> {
         text: MessageText,
         now: Timestamp,
     ) {
+        self.ledger.read(Key::Online);
         // One encoding, shared by every recipient.
         let frame = ServerFrame::Broadcast(BroadcastFrame {
             from: self.accounts.name(me).clone(),
@@ -1895,11 +2009,16 @@ impl<S: Store> Server<S> {
                 continue;
             }
             if let Some(their_conn) = self.presence.session(user) {
-                count_frame(&mut self.connections, self.draining, their_conn);
-                self.outputs.push_back(Output::Transmit {
+                let output = Output::Transmit {
                     conn: their_conn,
                     frame: frame.clone(),
-                });
+                };
+                let drains = Drains {
+                    connections: &mut self.connections,
+                    closing: &mut self.closing_drains,
+                    draining: self.draining,
+                };
+                queue_in_unit(&mut self.outputs, drains, &self.ledger, output);
                 delivered += 1;
             }
         }
@@ -1922,10 +2041,14 @@ impl<S: Store> Server<S> {
     ) -> Result<(), RequestError> {
         let target = self.target(me, &user, "block")?;
         if self.blocks.block(me, target) {
-            self.store.record(Change::Blocked {
-                blocker: self.accounts.name(me).clone(),
-                target: user.clone(),
-            });
+            self.ledger.record(
+                Change::Blocked {
+                    blocker: self.accounts.name(me).clone(),
+                    target: user.clone(),
+                },
+                Undo::Blocked { blocker: me, target },
+                &[Key::User(me), Key::User(target)],
+            );
         }
         let text = format!("{user} is blocked");
         self.reply(conn, id, Reply::Block { user }, text);
@@ -1943,10 +2066,14 @@ impl<S: Store> Server<S> {
         if !self.blocks.unblock(me, target) {
             return Err(RequestError::NotBlocked { user });
         }
-        self.store.record(Change::Unblocked {
-            blocker: self.accounts.name(me).clone(),
-            target: user.clone(),
-        });
+        self.ledger.record(
+            Change::Unblocked {
+                blocker: self.accounts.name(me).clone(),
+                target: user.clone(),
+            },
+            Undo::Unblocked { blocker: me, target },
+            &[Key::User(me), Key::User(target)],
+        );
         let text = format!("{user} is unblocked");
         self.reply(conn, id, Reply::Unblock { user }, text);
         Ok(())
@@ -1954,7 +2081,7 @@ impl<S: Store> Server<S> {
 
     /// The account `user` names, refusing unknown names and oneself.
     fn target(
-        &self,
+        &mut self,
         me: UserId,
         user: &Username,
         action: &'static str,
@@ -1966,6 +2093,7 @@ impl<S: Store> Server<S> {
         if target == me {
             return Err(RequestError::SelfTarget { action });
         }
+        self.ledger.read(Key::User(target));
         Ok(target)
     }
 
@@ -1984,6 +2112,8 @@ impl<S: Store> Server<S> {
     /// Tells everyone online, except whom `user` has blocked, that `user`
     /// came or went.
     fn announce(&mut self, user: UserId, online: bool) {
+        self.ledger.read(Key::User(user));
+        self.ledger.read(Key::Online);
         let frame = ServerFrame::Presence(PresenceFrame {
             user: self.accounts.name(user).clone(),
             online,
@@ -1995,17 +2125,24 @@ impl<S: Store> Server<S> {
                 continue;
             }
             if let Some(conn) = self.presence.session(other) {
-                count_frame(&mut self.connections, self.draining, conn);
-                self.outputs.push_back(Output::Transmit {
+                let output = Output::Transmit {
                     conn,
                     frame: frame.clone(),
-                });
+                };
+                let drains = Drains {
+                    connections: &mut self.connections,
+                    closing: &mut self.closing_drains,
+                    draining: self.draining,
+                };
+                queue_in_unit(&mut self.outputs, drains, &self.ledger, output);
             }
         }
     }
 
     /// Queues `bye` and the close, and forgets the connection.
     fn say_bye(&mut self, conn: ConnId, reason: ByeReason, now: Timestamp) {
+        // A fact: it goes out even if a batch it waits behind fails.
+        self.note_kind(Kind::Fact);
         self.send(conn, &ServerFrame::Bye { reason });
         self.outputs.push_back(Output::Close { conn, reason });
         self.forget(conn, now, true);
@@ -2034,19 +2171,12 @@ impl<S: Store> Server<S> {
         }
         if let Some(user) = c.user {
             self.presence.log_out(user, now);
-            if let Some(u) = &mut self.uncommitted {
-                u.ended.push(EndedSession {
-                    conn,
-                    user,
-                    at: now,
-                    announced_again: false,
-                });
-            }
             let name = self.accounts.name(user).clone();
-            self.store.record(Change::LoggedOut {
+            let change = Change::LoggedOut {
                 user: name.clone(),
                 at: now,
-            });
+            };
+            self.ledger.record_fact(change, Some(conn));
             if announce {
                 self.announce(user, false);
             }
@@ -2104,10 +2234,17 @@ impl<S: Store> Server<S> {
         self.send_error_frame(conn, id, error);
     }
 
-    /// Notes an answer, which a failed commit turns into `unavailable`.
-    fn answered(&mut self, conn: ConnId, id: Option<RequestId>) {
-        if let Some(u) = &mut self.uncommitted {
-            u.answered.push((conn, id));
+    /// Notes an answer, which a failed batch it waits for turns into
+    /// `unavailable`.
+    fn answered(&mut self, _conn: ConnId, id: Option<RequestId>) {
+        self.note_kind(Kind::Answer(id));
+    }
+
+    /// Notes what the next output is, for a failed batch to decide its
+    /// fate (anything not noted is dropped with the batch).
+    fn note_kind(&mut self, kind: Kind) {
+        if self.ledger.enabled() {
+            self.unit_kinds.push((self.outputs.len(), kind));
         }
     }
 
@@ -2122,22 +2259,144 @@ impl<S: Store> Server<S> {
     }
 
     fn send_error_frame(&mut self, conn: ConnId, id: Option<RequestId>, error: &RequestError) {
-        let frame = ServerFrame::Error(ErrorFrame {
-            id,
-            code: error.code(),
-            text: error.to_string(),
-            retry_after: error.retry_after(),
-        });
-        self.send(conn, &frame);
+        self.transmit(conn, error_frame(id, error));
     }
 
     fn send(&mut self, conn: ConnId, frame: &ServerFrame) {
         self.transmit(conn, frame.encode());
     }
 
+    /// Queues `frame` for `conn`. Inside a unit of work it is settled
+    /// (sent or held) with the unit; outside, it goes out at once.
     fn transmit(&mut self, conn: ConnId, frame: Bytes) {
-        count_frame(&mut self.connections, self.draining, conn);
-        self.outputs.push_back(Output::Transmit { conn, frame });
+        let output = Output::Transmit { conn, frame };
+        // Without durability nothing is ever held: it goes out now.
+        if self.unit_depth == 0 || !self.ledger.enabled() {
+            let drains = Drains {
+                connections: &mut self.connections,
+                closing: &mut self.closing_drains,
+                draining: self.draining,
+            };
+            release_into(&mut self.outputs, drains, output);
+        } else {
+            self.outputs.push_back(output);
+        }
+    }
+
+    /// Starts a unit of work (a frame served, a timer fired): its outputs
+    /// are sent or held together, by what it read. Units nest; the
+    /// outermost settles.
+    fn begin(&mut self) -> usize {
+        self.unit_depth += 1;
+        self.outputs.len()
+    }
+
+    /// Ends the unit of work begun at `mark`: its outputs go out, or wait
+    /// for the newest unanswered batch it read or changed, behind what
+    /// their connections already hold.
+    fn settle(&mut self, mark: usize) {
+        self.unit_depth -= 1;
+        if self.unit_depth > 0 {
+            return;
+        }
+        let after = self.ledger.take_reads();
+        let fast = after == 0
+            && (!self.ledger.holds_any()
+                || !self.outputs.range(mark..).any(|o| match o {
+                    Output::Transmit { conn, .. } | Output::Close { conn, .. } => {
+                        self.ledger.holds(*conn)
+                    }
+                    _ => false,
+                }));
+        if fast {
+            self.unit_kinds.clear();
+            // (Without durability, frames were counted as they were queued.)
+            let counted = !self.ledger.enabled();
+            if !counted && (self.draining > 0 || !self.closing_drains.is_empty()) {
+                for output in self.outputs.range(mark..) {
+                    if let Output::Transmit { conn, .. } = output {
+                        let drains = Drains {
+                            connections: &mut self.connections,
+                            closing: &mut self.closing_drains,
+                            draining: self.draining,
+                        };
+                        count_frame(drains, *conn);
+                    }
+                }
+            }
+            return;
+        }
+        let tail: Vec<Output> = self.outputs.drain(mark..).collect();
+        let mut kinds = std::mem::take(&mut self.unit_kinds).into_iter().peekable();
+        for (at, output) in (mark..).zip(tail) {
+            let noted = kinds.next_if(|&(i, _)| i == at).map(|(_, kind)| kind);
+            let (conn, kind) = match &output {
+                Output::Transmit { conn, .. } => (*conn, noted.unwrap_or(Kind::Caused)),
+                Output::Close { conn, .. } => (*conn, Kind::Fact),
+                // Events, password checks and page reads wait for nothing.
+                _ => {
+                    self.outputs.push_back(output);
+                    continue;
+                }
+            };
+            if self.ledger.must_hold(conn, after) {
+                self.ledger.hold(
+                    conn,
+                    Held {
+                        after,
+                        output,
+                        kind,
+                    },
+                );
+            } else {
+                let drains = Drains {
+                    connections: &mut self.connections,
+                    closing: &mut self.closing_drains,
+                    draining: self.draining,
+                };
+                release_into(&mut self.outputs, drains, output);
+            }
+        }
+    }
+
+    /// Takes back one change of a failed batch; for a login, returns the
+    /// connection whose session it was.
+    fn undo(&mut self, undo: Undo, now: Timestamp) -> Option<ConnId> {
+        match undo {
+            Undo::Queued { to, bytes } => self.offline.pop_back(to, bytes),
+            Undo::Blocked { blocker, target } => {
+                self.blocks.unblock(blocker, target);
+            }
+            Undo::Unblocked { blocker, target } => {
+                self.blocks.block(blocker, target);
+            }
+            Undo::LoggedIn {
+                user,
+                conn,
+                last_seen,
+            } => {
+                let still_on = self
+                    .connections
+                    .get(conn)
+                    .is_some_and(|c| c.user == Some(user));
+                if still_on {
+                    self.end_drain(conn);
+                    if let Some(c) = self.connections.get_mut(conn) {
+                        c.user = None;
+                    }
+                    self.presence.log_out(user, now);
+                    // Logged out again: the login timeout applies again.
+                    self.reschedule(conn);
+                }
+                self.presence.set_last_seen(user, last_seen);
+                return Some(conn);
+            }
+            Undo::Lockout { name, before } => {
+                let known = self.accounts.contains(name.as_str());
+                self.lockout.put_back(&name, known, before, now);
+            }
+        }
+        None
     }
 
     /// Whether `conn` is being handed its offline queue.
@@ -2154,14 +2413,39 @@ impl<S: Store> Server<S> {
     }
 }
 
-/// Why lasting state is being loaded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Restore {
-    /// At start-up: users online when the last run stopped went offline
-    /// then.
-    AtStart,
-    /// Back to the committed state after a failed commit.
-    AfterFailedCommit,
+/// Queues an output of the unit of work being served: settled with the
+/// unit, or (without durability, where nothing waits) out at once.
+fn queue_in_unit(
+    outputs: &mut VecDeque<Output>,
+    drains: Drains<'_>,
+    ledger: &Ledger,
+    output: Output,
+) {
+    if ledger.enabled() {
+        outputs.push_back(output);
+    } else {
+        release_into(outputs, drains, output);
+    }
+}
+
+/// Puts a settled output in the queue the driver polls, numbering it in
+/// its connection's drain if one is in progress.
+fn release_into(outputs: &mut VecDeque<Output>, drains: Drains<'_>, output: Output) {
+    if let Output::Transmit { conn, .. } = &output {
+        count_frame(drains, *conn);
+    }
+    outputs.push_back(output);
+}
+
+/// The encoded `error` frame for request `id`.
+fn error_frame(id: Option<RequestId>, error: &RequestError) -> Bytes {
+    ServerFrame::Error(ErrorFrame {
+        id,
+        code: error.code(),
+        text: error.to_string(),
+        retry_after: error.retry_after(),
+    })
+    .encode()
 }
 
 /// The caps on offline queues `config` sets.
@@ -2174,13 +2458,32 @@ fn queue_limits(config: &ServerConfig) -> QueueLimits {
 }
 
 /// Counts a frame handed over for `conn`, if its offline queue is being
-/// drained (the drain needs every frame's number); free when none is.
-fn count_frame(connections: &mut Connections, draining: usize, conn: ConnId) {
-    if draining > 0 {
-        if let Some(drain) = connections.get_mut(conn).and_then(|c| c.drain.as_mut()) {
+/// drained, or was when it closed (the drain needs every frame's number);
+/// free when none is.
+fn count_frame(drains: Drains<'_>, conn: ConnId) {
+    if drains.draining > 0 {
+        if let Some(drain) = drains
+            .connections
+            .get_mut(conn)
+            .and_then(|c| c.drain.as_mut())
+        {
+            drain.count_frame();
+            return;
+        }
+    }
+    if !drains.closing.is_empty() {
+        if let Some((_, drain)) = drains.closing.get_mut(&conn) {
             drain.count_frame();
         }
     }
+}
+
+/// Where frames handed over are counted: the open connections' drains and
+/// those of connections that closed mid-drain.
+struct Drains<'a> {
+    connections: &'a mut Connections,
+    closing: &'a mut HashMap<ConnId, (UserId, Drain)>,
+    draining: usize,
 }
 
 /// "1 user", "2 users".

@@ -1,10 +1,11 @@
 //! Storage: the boundary between the core and whatever keeps state across
 //! restarts.
 //!
-//! The core keeps its working state in memory and tells a [`Store`] about
-//! every change to lasting state as a [`Change`]: a plain, serializable
-//! record that a database can write in the same transaction as the rest of
-//! a wake-up's changes. At start-up the driver reads the lasting state back
+//! The core keeps its working state in memory and hands every change to
+//! lasting state to its driver as a [`Change`] in an
+//! [`Output::Persist`](crate::Output::Persist) batch: a plain, serializable
+//! record that a database writes in the same transaction as the rest of its
+//! batch. At start-up the driver reads the lasting state back
 //! as a [`Snapshot`] and hands it to the core. [`Snapshot::apply`] defines
 //! what each change means, so replaying a journal of changes over an empty
 //! snapshot gives the state the core had.
@@ -20,16 +21,6 @@ use crate::lockout::LockoutState;
 use crate::offline::{OfflineMessage, QueueSize};
 use crate::time::Timestamp;
 use crate::username::Username;
-
-/// Where the core sends every change to lasting state, in the order made.
-///
-/// A durable implementation buffers the changes of one wake-up and commits
-/// them together before the driver writes that wake-up's output, so no
-/// client sees an answer that depends on an uncommitted change.
-pub trait Store {
-    /// Takes one change.
-    fn record(&mut self, change: Change);
-}
 
 /// One change to lasting state.
 ///
@@ -198,60 +189,5 @@ impl Snapshot {
                 .values()
                 .map(|s| s.messages)
                 .sum::<usize>()
-    }
-}
-
-/// A [`Store`] that keeps the lasting state in memory, as a [`Snapshot`].
-///
-/// It forgets everything when dropped; it is what a server without
-/// persistence runs on, and what tests use to restart a core from the
-/// state an earlier one left.
-#[derive(Clone, Debug, Default)]
-pub struct MemoryStore {
-    snapshot: Snapshot,
-    changes: u64,
-}
-
-impl MemoryStore {
-    /// An empty store.
-    pub fn new() -> Self {
-        MemoryStore::default()
-    }
-
-    /// The state as of the last change.
-    pub fn snapshot(&self) -> &Snapshot {
-        &self.snapshot
-    }
-
-    /// How many changes it has taken.
-    pub fn changes_recorded(&self) -> u64 {
-        self.changes
-    }
-}
-
-impl Store for MemoryStore {
-    fn record(&mut self, change: Change) {
-        self.snapshot.apply(&change);
-        self.changes += 1;
-    }
-}
-
-/// A journal: every change, in order. Handy in tests and for write-ahead
-/// logging.
-impl Store for Vec<Change> {
-    fn record(&mut self, change: Change) {
-        self.push(change);
-    }
-}
-
-impl<S: Store + ?Sized> Store for &mut S {
-    fn record(&mut self, change: Change) {
-        (**self).record(change);
-    }
-}
-
-impl<S: Store + ?Sized> Store for Box<S> {
-    fn record(&mut self, change: Change) {
-        (**self).record(change);
     }
 }

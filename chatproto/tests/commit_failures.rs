@@ -1,44 +1,44 @@
-//! `ServerConfig::track_commits`: when the driver's commit fails, the core
-//! takes back everything since the last successful commit, answers it with
-//! `unavailable`, and says again only what cannot be taken back.
+//! `ServerConfig::durable`: when a batch fails, the core takes back that
+//! batch and everything made since, answers the requests that depended on
+//! them with `unavailable`, and records again only what cannot be taken
+//! back.
 
 mod common;
 
-use chatproto::{ErrorCode, LastSeen, ServerFrame, Snapshot};
+use chatproto::{BatchId, ErrorCode, LastSeen, Persisted, ServerFrame};
 use common::{presences, secs, Sim};
 
-/// A simulation whose driver commits; `committed` is what storage holds.
+/// A simulation whose storage answers batches when the test says.
 struct Durable {
     sim: Sim,
-    committed: Snapshot,
 }
 
 impl Durable {
     fn new() -> Durable {
-        let mut config = common::config();
-        config.track_commits = true;
-        let mut d = Durable {
-            sim: Sim::with_config(config),
-            committed: Snapshot::default(),
-        };
-        d.commit();
-        d
+        Durable::with_sim(Sim::new())
     }
 
-    /// The commit succeeds: the memory store's state is now durable.
+    fn with_sim(sim: Sim) -> Durable {
+        Durable { sim }
+    }
+
+    /// Storage turns slow: batches wait for `commit` or `fail`.
+    fn begin(&mut self) {
+        self.sim.auto_commit = false;
+    }
+
+    /// Every waiting batch is committed, and from now on each as it comes.
     fn commit(&mut self) {
-        self.committed = self.sim.server.store().snapshot().clone();
-        self.sim.server.commit_succeeded();
+        while !self.sim.batches.is_empty() {
+            self.sim.answer_batch(Persisted::Committed);
+        }
+        self.sim.auto_commit = true;
+        self.sim.pump();
     }
 
-    /// The commit fails: the driver drops what it held for `conns` (here:
-    /// the frames the simulation collected), and tells the core.
-    fn fail(&mut self, conns: &[chatproto::ConnId]) {
-        for &c in conns {
-            self.sim.take(c);
-        }
-        self.sim.server.commit_failed(&self.committed, self.sim.now);
-        self.sim.pump();
+    /// The batch in flight fails.
+    fn fail(&mut self) {
+        self.sim.answer_batch(Persisted::Failed);
     }
 }
 
@@ -57,15 +57,10 @@ fn unavailable(frames: &[ServerFrame]) -> Vec<Option<u64>> {
 fn a_queued_message_is_taken_back_and_refused_as_unavailable() {
     let mut d = Durable::new();
     let alice = d.sim.login("alice");
-    d.commit();
-    assert!(
-        d.sim.ok(alice, "message bob hello").reply
-            == chatproto::Reply::Message {
-                to: "bob".parse().unwrap(),
-                stored: true
-            }
-    );
-    d.fail(&[alice]);
+    d.begin();
+    // Rule 15: the `ok` (stored) waits for the batch that stores it.
+    assert!(d.sim.ask(alice, "message bob hello").is_empty());
+    d.fail();
     let frames = d.sim.take(alice);
     assert_eq!(unavailable(&frames), [None], "{frames:?}");
     d.commit();
@@ -81,11 +76,11 @@ fn a_queued_message_is_taken_back_and_refused_as_unavailable() {
 fn every_answer_since_the_commit_is_refused_under_its_own_id() {
     let mut d = Durable::new();
     let alice = d.sim.login("alice");
-    d.commit();
+    d.begin();
     d.sim.send(alice, r#"{"id":7,"cmd":"block","user":"bob"}"#);
     d.sim.send(alice, r#"{"id":8,"cmd":"whoami"}"#);
     d.sim.send(alice, "whoelse");
-    d.fail(&[alice]);
+    d.fail();
     assert_eq!(unavailable(&d.sim.take(alice)), [Some(7), Some(8), None]);
     d.commit();
     // The block did not happen.
@@ -96,12 +91,12 @@ fn every_answer_since_the_commit_is_refused_under_its_own_id() {
 fn a_login_not_recorded_did_not_happen() {
     let mut d = Durable::new();
     let alice = d.sim.login("alice");
-    d.commit();
+    d.begin();
     let c = d.sim.connect();
     d.sim.send(c, "login bob pw-bob");
-    d.fail(&[alice, c]);
+    d.fail();
     let frames = d.sim.take(c);
-    // The hello went with the discarded output: it comes again, first.
+    // The hello depends on nothing: it went out at once, first.
     assert!(matches!(frames[0], ServerFrame::Hello { .. }), "{frames:?}");
     assert_eq!(unavailable(&frames), [None]);
     // alice never hears of bob, and bob is not logged in.
@@ -121,12 +116,12 @@ fn offline_messages_handed_over_by_an_unrecorded_login_are_kept() {
     let mut d = Durable::new();
     let alice = d.sim.login("alice");
     d.sim.ok(alice, "message bob first");
-    d.commit();
-    let first = d.committed.offline["bob"][0].clone();
+    let first = d.sim.store.offline["bob"][0].clone();
 
+    d.begin();
     let bob = d.sim.connect();
     d.sim.send(bob, "login bob pw-bob");
-    d.fail(&[alice, bob]);
+    d.fail();
     d.commit();
     let messages: Vec<_> = d
         .sim
@@ -148,23 +143,23 @@ fn users_who_left_stay_gone_and_are_announced_and_recorded_again() {
     let mut d = Durable::new();
     let alice = d.sim.login("alice");
     let carol = d.sim.login("carol");
-    d.commit();
+    d.sim.take(alice);
+    d.begin();
     d.sim.advance(secs(5));
     let left_at = d.sim.now;
     d.sim.disconnect(carol);
-    d.fail(&[alice]);
-    // The first notice went with the discarded output; alice hears again.
+    // Carol's session was durable: her leaving depends on nothing that can
+    // be taken back, so alice hears of it at once.
     assert_eq!(presences(&d.sim.take(alice)), [("carol".to_owned(), false)]);
-    assert_eq!(
-        d.sim.server.store().snapshot().last_seen["carol"],
-        LastSeen::Offline { at: left_at }
-    );
-    // A second failure records it again but does not announce it twice.
-    d.fail(&[alice]);
+    d.fail();
+    // The logout is recorded again in the next batch; a second failure
+    // records it again but announces nothing twice.
+    assert_eq!(d.sim.batches.len(), 1);
+    d.fail();
     assert!(presences(&d.sim.take(alice)).is_empty());
     d.commit();
     assert_eq!(
-        d.committed.last_seen["carol"],
+        d.sim.store.last_seen["carol"],
         LastSeen::Offline { at: left_at }
     );
     let users = d.sim.ok(alice, "whoelsesince 60").reply;
@@ -180,13 +175,13 @@ fn users_who_left_stay_gone_and_are_announced_and_recorded_again() {
 fn a_lock_not_recorded_did_not_happen_for_any_name() {
     let mut d = Durable::new();
     let c = d.sim.connect();
-    d.commit();
+    d.begin();
     for _ in 0..3 {
         d.sim.send(c, "login bob wrong");
     }
     d.sim.send(c, "login nobody x");
     d.sim.send(c, "login nobody x");
-    d.fail(&[c]);
+    d.fail();
     assert_eq!(unavailable(&d.sim.take(c)), [None; 5]);
     d.commit();
     // Failure counts are lasting state for every name, account or not (so
@@ -205,11 +200,15 @@ fn a_lock_not_recorded_did_not_happen_for_any_name() {
 }
 
 #[test]
-fn without_tracking_a_failed_commit_changes_nothing() {
-    let mut sim = Sim::new();
+fn without_durability_a_failed_batch_changes_nothing() {
+    let mut config = common::config();
+    config.durable = false;
+    let mut sim = Sim::with_config(config);
     let alice = sim.login("alice");
     sim.ok(alice, "block bob");
-    sim.server.commit_failed(&Snapshot::default(), sim.now);
+    assert!(!sim.server.persist_pending());
+    sim.server
+        .handle_persisted(BatchId::from_raw(1), Persisted::Failed, sim.now);
     sim.pump();
     assert!(sim.take(alice).is_empty());
     assert_eq!(sim.code(alice, "block alice"), ErrorCode::SelfTarget);
@@ -219,20 +218,16 @@ fn without_tracking_a_failed_commit_changes_nothing() {
 #[test]
 fn an_undone_login_is_under_the_login_timeout_again() {
     let mut config = common::config();
-    config.track_commits = true;
     config.login_timeout = Some(secs(30));
-    let mut d = Durable {
-        sim: Sim::with_config(config),
-        committed: Snapshot::default(),
-    };
+    let mut d = Durable::with_sim(Sim::with_config(config));
     let c = d.sim.connect();
-    d.commit();
+    d.begin();
     d.sim.advance(secs(10));
     d.sim.send(c, "login alice pw-alice");
     // Past the login timeout: logged in, so only the idle timeout counts.
     d.sim.advance(secs(25));
     assert!(d.sim.closed.is_empty());
-    d.fail(&[c]);
+    d.fail();
     d.commit();
     d.sim.advance(secs(1));
     assert_eq!(
@@ -241,66 +236,50 @@ fn an_undone_login_is_under_the_login_timeout_again() {
     );
 }
 
-/// A delivery recorded in a failed batch is taken back: the messages are
-/// queued again and handed to their recipient, still online, at once; and
-/// a new message to them is not held behind a queue nobody drains.
+/// A delivery is a fact: written to the recipient's connection, it stays
+/// delivered when the batch recording it fails. It is recorded again, not
+/// handed over twice, and a new message to the recipient goes straight
+/// through.
 #[test]
-fn offline_messages_whose_delivery_was_not_recorded_come_again_to_an_online_user() {
-    use chatproto::{MemoryStore, Output, PeerKey, Server, Timestamp};
-    let mut config = common::config();
-    config.track_commits = true;
-    let now = Timestamp::from_unix_millis(common::T0);
-    let mut server = Server::new(config, common::accounts(), MemoryStore::new(), now).unwrap();
-    let frames_to = |server: &mut Server<MemoryStore>, conn| {
-        let mut got = Vec::new();
-        while let Some(output) = server.poll_output() {
-            if let Output::Transmit { conn: c, frame } = output {
-                if c == conn {
-                    got.push(ServerFrame::decode(frame.strip_suffix(b"\n").unwrap()).unwrap());
-                }
-            }
-        }
-        got
-    };
-    let alice = server.accept(PeerKey::UNSPECIFIED, [1; 16], now);
-    server
-        .handle_input(alice, b"login alice pw-alice\nmessage bob first\n", now)
-        .unwrap();
-    frames_to(&mut server, alice);
-    server.commit_succeeded();
-    // Bob logs in (committed); his queue is handed over, written, and its
-    // delivery recorded in the next batch, whose commit fails.
-    let bob = server.accept(PeerKey::UNSPECIFIED, [2; 16], now);
-    server
-        .handle_input(bob, b"login bob pw-bob\n", now)
-        .unwrap();
-    let got = frames_to(&mut server, bob);
+fn a_delivery_in_a_failed_batch_is_recorded_again_not_handed_over_twice() {
+    let mut d = Durable::new();
+    let alice = d.sim.login("alice");
+    d.sim.ok(alice, "message bob first");
+    // Bob logs in (committed); his queue is handed over and written, and
+    // its delivery recorded in the next batch, which fails.
+    d.begin();
+    let bob = d.sim.connect();
+    d.sim.send(bob, "login bob pw-bob");
+    d.sim.answer_batch(Persisted::Committed);
+    let got = d.sim.take(bob);
     assert!(got
         .iter()
-        .any(|f| matches!(f, ServerFrame::Message(m) if m.offline)));
-    server.commit_succeeded();
-    let committed = server.store().snapshot().clone();
-    server.handle_drained(bob, 0, now).unwrap();
-    assert_eq!(server.debug_state(now).queued_offline_messages, 0);
-    server.commit_failed(&committed, now);
-    let again = frames_to(&mut server, bob);
+        .any(|f| matches!(f, ServerFrame::Message(m) if m.offline && m.text.as_str() == "first")));
+    // Written (the simulation reports it): delivered, and recorded in the
+    // batch now in flight.
+    assert_eq!(d.sim.server.debug_state(d.sim.now).queued_offline_messages, 0);
+    assert_eq!(d.sim.batches.len(), 1);
+    d.fail();
+    d.commit();
     assert!(
-        again.iter().any(
-            |f| matches!(f, ServerFrame::Message(m) if m.offline && m.text.as_str() == "first")
-        ),
-        "{again:?}"
+        !d.sim
+            .take(bob)
+            .iter()
+            .any(|f| matches!(f, ServerFrame::Message(_))),
+        "handed over twice"
     );
-    server.commit_succeeded();
-    server.handle_drained(bob, 0, now).unwrap();
-    frames_to(&mut server, bob);
-    server
-        .handle_input(alice, b"message bob second\n", now)
-        .unwrap();
-    let got = frames_to(&mut server, bob);
-    assert!(
-        got.iter().any(
-            |f| matches!(f, ServerFrame::Message(m) if !m.offline && m.text.as_str() == "second")
-        ),
-        "delivered at once: {got:?}"
+    assert!(d.sim.store.offline.is_empty(), "the delivery is recorded");
+    let ok = d.sim.ok(alice, "message bob second");
+    assert_eq!(
+        ok.reply,
+        chatproto::Reply::Message {
+            to: "bob".parse().unwrap(),
+            stored: false
+        }
     );
+    assert!(d
+        .sim
+        .take(bob)
+        .iter()
+        .any(|f| matches!(f, ServerFrame::Message(m) if !m.offline && m.text.as_str() == "second")));
 }

@@ -6,7 +6,7 @@
 mod common;
 
 use chatproto::{
-    Accounts, Change, ErrorCode, HashedPassword, LockoutState, MemoryStore, PeerKey, Rate, Server,
+    Accounts, Change, ErrorCode, HashedPassword, LockoutState, PeerKey, Rate, Server,
     ServerConfig, ServerFrame, Snapshot, Timestamp,
 };
 use common::{secs, Sim};
@@ -120,7 +120,7 @@ fn third_failure(name: &str, filler: usize, restart: bool) -> (ErrorCode, ErrorC
     }
     sim.take(c);
     if restart {
-        let snapshot = sim.server.store().snapshot().clone();
+        let snapshot = sim.store.clone();
         sim = Sim::restarted(config, &snapshot, sim.now + secs(1));
     }
     let c = sim.connect();
@@ -148,13 +148,13 @@ fn made_up_names_are_stored_as_accounts_are() {
     let mut sim = Sim::new();
     let c = sim.connect();
     sim.send(c, "login nobody wrong");
-    let snapshot = sim.server.store().snapshot();
+    let snapshot = &sim.store;
     assert_eq!(snapshot.lockouts["nobody"].failures, 1);
     assert_eq!(snapshot.lockouts["nobody"].last_failure, Some(sim.now));
     // The count expires a lock duration after the last failure, and the
     // record goes with it.
     sim.advance(secs(60));
-    assert!(sim.server.store().snapshot().lockouts.is_empty());
+    assert!(sim.store.lockouts.is_empty());
 }
 
 #[test]
@@ -315,13 +315,13 @@ fn login_limits_out_of_range_are_config_errors() {
         burst: 0,
         per_second: 1,
     });
-    assert!(Server::new(config, accounts(), MemoryStore::new(), now).is_err());
+    assert!(Server::new(config, accounts(), now).is_err());
     let mut config = ServerConfig::default();
     config.max_pending_checks_per_peer = Some(0);
-    assert!(Server::new(config, accounts(), MemoryStore::new(), now).is_err());
+    assert!(Server::new(config, accounts(), now).is_err());
     let mut config = ServerConfig::default();
     config.lockout.max_tracked_names = 0;
-    assert!(Server::new(config, accounts(), MemoryStore::new(), now).is_err());
+    assert!(Server::new(config, accounts(), now).is_err());
 }
 
 #[test]
@@ -329,7 +329,6 @@ fn a_failed_login_for_any_name_is_journaled() {
     let (mut server, _) = Server::with_snapshot(
         common::config(),
         common::accounts(),
-        Vec::new(),
         &Snapshot::default(),
         Timestamp::from_unix_millis(common::T0),
     )
@@ -337,7 +336,9 @@ fn a_failed_login_for_any_name_is_journaled() {
     let now = Timestamp::from_unix_millis(common::T0);
     let c = server.accept(PeerKey::UNSPECIFIED, [1; 16], now);
     server.handle_input(c, b"login nobody x\n", now).unwrap();
-    assert!(server.store().iter().any(
+    let mut journal = Vec::new();
+    common::drain_journal(&mut server, now, &mut journal);
+    assert!(journal.iter().any(
         |change| matches!(change, Change::LockoutChanged { user, .. } if user.as_str() == "nobody")
     ));
 }

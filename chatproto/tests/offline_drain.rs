@@ -9,8 +9,8 @@ mod common;
 use std::collections::VecDeque;
 
 use chatproto::{
-    Accounts, Change, ConnId, ErrorCode, MemoryStore, OfflineMessage, OfflineTexts, Output,
-    PeerKey, QueueSize, QueuedMessage, Server, ServerConfig, ServerFrame, Snapshot, Timestamp,
+    Accounts, Change, ConnId, ErrorCode, OfflineMessage, OfflineTexts, Output,
+    PeerKey, Persisted, QueueSize, QueuedMessage, Server, ServerConfig, ServerFrame, Snapshot, Timestamp,
     Username,
 };
 use common::{accounts, config, T0};
@@ -22,8 +22,12 @@ fn user(name: &str) -> Username {
 }
 
 /// A driver whose sockets write only what the test lets them.
-struct Driver<S: chatproto::Store> {
-    server: Server<S>,
+struct Driver {
+    server: Server,
+    /// What storage holds (every batch is committed as it comes).
+    store: Snapshot,
+    /// Every change committed, in order.
+    journal: Vec<Change>,
     now: Timestamp,
     /// Frames queued per connection, not yet written.
     unsent: std::collections::HashMap<ConnId, VecDeque<ServerFrame>>,
@@ -35,10 +39,12 @@ struct Driver<S: chatproto::Store> {
     closed: Vec<ConnId>,
 }
 
-impl<S: chatproto::Store> Driver<S> {
-    fn new(server: Server<S>) -> Self {
+impl Driver {
+    fn new(server: Server) -> Self {
         Driver {
             server,
+            store: Snapshot::default(),
+            journal: Vec::new(),
             now: Timestamp::from_unix_millis(T0),
             unsent: Default::default(),
             read: Default::default(),
@@ -51,6 +57,14 @@ impl<S: chatproto::Store> Driver<S> {
     fn pump(&mut self) {
         while let Some(output) = self.server.poll_output() {
             match output {
+                Output::Persist { batch, changes } => {
+                    for change in &changes {
+                        self.store.apply(change);
+                    }
+                    self.journal.extend(changes);
+                    self.server
+                        .handle_persisted(batch, Persisted::Committed, self.now);
+                }
                 Output::Transmit { conn, frame } => {
                     let frame = ServerFrame::decode(frame.strip_suffix(b"\n").unwrap()).unwrap();
                     self.unsent.entry(conn).or_default().push_back(frame);
@@ -190,7 +204,7 @@ fn numbered(i: usize, len: usize) -> String {
 }
 
 /// Alice queues `n` messages of `len` bytes for bob (who is offline).
-fn queue_for_bob<S: chatproto::Store>(d: &mut Driver<S>, n: usize, len: usize) {
+fn queue_for_bob(d: &mut Driver, n: usize, len: usize) {
     let a = d.login("alice");
     for i in 0..n {
         d.send(a, &format!("message bob {}", numbered(i, len)));
@@ -203,14 +217,13 @@ fn queue_for_bob<S: chatproto::Store>(d: &mut Driver<S>, n: usize, len: usize) {
     assert_eq!(stored, n, "every message acknowledged stored");
 }
 
-fn in_memory() -> Driver<MemoryStore> {
+fn in_memory() -> Driver {
     let mut config = config();
     config.rate_limit = None;
     Driver::new(
         Server::new(
             config,
             accounts(),
-            MemoryStore::new(),
             Timestamp::from_unix_millis(T0),
         )
         .unwrap(),
@@ -246,7 +259,7 @@ fn a_large_queue_comes_after_the_ok_a_page_at_a_time_and_all_of_it() {
     let want: Vec<String> = (0..1000).map(|i| numbered(i, TEXT_1K)).collect();
     assert_eq!(got, want, "all of it, in order, once");
     assert_eq!(d.server.debug_state(d.now).queued_offline_messages, 0);
-    assert!(d.server.store().snapshot().offline.is_empty());
+    assert!(d.store.offline.is_empty());
 }
 
 #[test]
@@ -369,11 +382,11 @@ fn queued_messages_leave_the_store_once_written_not_before() {
     let mut d = in_memory();
     queue_for_bob(&mut d, 3, 10);
     let b = d.login("bob");
-    assert_eq!(d.server.store().snapshot().queued_messages(), 3);
+    assert_eq!(d.store.queued_messages(), 3);
     d.write(b, 2); // the ok and the first message
-    assert_eq!(d.server.store().snapshot().queued_messages(), 2);
+    assert_eq!(d.store.queued_messages(), 2);
     d.write(b, usize::MAX);
-    assert_eq!(d.server.store().snapshot().queued_messages(), 0);
+    assert_eq!(d.store.queued_messages(), 0);
 }
 
 #[test]
@@ -386,7 +399,6 @@ fn queues_are_capped_in_bytes_per_user_and_overall() {
         Server::new(
             config,
             accounts(),
-            MemoryStore::new(),
             Timestamp::from_unix_millis(T0),
         )
         .unwrap(),
@@ -418,7 +430,7 @@ fn queues_are_capped_in_bytes_per_user_and_overall() {
     );
 }
 
-fn external() -> Driver<Vec<Change>> {
+fn external() -> Driver {
     let mut config = config();
     config.rate_limit = None;
     config.offline_texts = OfflineTexts::External;
@@ -434,7 +446,6 @@ fn external() -> Driver<Vec<Change>> {
     let (server, summary) = Server::with_snapshot(
         config,
         accounts(),
-        Vec::new(),
         &snapshot,
         Timestamp::from_unix_millis(T0),
     )
@@ -474,8 +485,7 @@ fn with_texts_in_storage_the_core_asks_for_pages_after_the_last_one() {
     let want: Vec<String> = (0..50).map(|i| numbered(i, TEXT_1K)).collect();
     assert_eq!(d.offline_read(b), want);
     let delivered: usize = d
-        .server
-        .store()
+        .journal
         .iter()
         .filter_map(|c| match c {
             Change::MessagesDelivered { count, .. } => Some(*count),
@@ -518,7 +528,6 @@ fn an_in_memory_snapshot_restores_queues_with_their_texts() {
     let (server, _) = Server::with_snapshot(
         ServerConfig::default(),
         Accounts::clone(&accounts()),
-        MemoryStore::new(),
         &snapshot,
         Timestamp::from_unix_millis(T0),
     )

@@ -8,8 +8,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chatproto::{
-    Command, ConnId, DebugTarget, FrameDecoder, FrameError, MemoryStore, MessageText, Output,
-    Password, PeerKey, Request, RequestId, Server, ServerFrame, Timestamp, Username,
+    Command, ConnId, DebugTarget, FrameDecoder, FrameError, MessageText, Output,
+    Password, PeerKey, Persisted, Request, RequestId, Server, ServerFrame, Timestamp, Username,
 };
 use proptest::prelude::*;
 
@@ -151,6 +151,8 @@ enum Op {
     Send(usize, Vec<u8>),
     Advance(u64),
     Disconnect(usize),
+    /// Storage fails the next batch.
+    FailNextBatch,
 }
 
 /// Lines that exercise the rules, with names from the accounts (and not).
@@ -201,6 +203,7 @@ fn op() -> impl Strategy<Value = Op> {
         6 => (0usize..6, line()).prop_map(|(c, bytes)| Op::Send(c, bytes)),
         2 => (0u64..400_000).prop_map(Op::Advance),
         1 => (0usize..6).prop_map(Op::Disconnect),
+        1 => Just(Op::FailNextBatch),
     ]
 }
 
@@ -214,10 +217,11 @@ proptest! {
         config.offline_queue_capacity = 3;
         let max_frame = config.max_frame_bytes;
         let mut now = Timestamp::from_unix_millis(common::T0);
-        let mut server = Server::new(config, common::accounts(), MemoryStore::new(), now).unwrap();
+        let mut server = Server::new(config, common::accounts(), now).unwrap();
         let mut conns: Vec<ConnId> = Vec::new();
         let mut closed: HashSet<ConnId> = HashSet::new();
         let mut logged_in: HashMap<ConnId, String> = HashMap::new();
+        let mut fail_next = false;
         for (step, op) in ops.into_iter().enumerate() {
             match op {
                 Op::Connect => conns.push(server.accept(PeerKey::UNSPECIFIED, [step as u8; 16], now)),
@@ -238,7 +242,19 @@ proptest! {
                         closed.insert(c);
                     }
                 }
+                Op::FailNextBatch => fail_next = true,
             }
+            // Storage answers every batch: committed, or failed when asked.
+            let mut batch = None;
+            loop {
+                if let Some(b) = batch.take() {
+                    let outcome = if std::mem::take(&mut fail_next) {
+                        Persisted::Failed
+                    } else {
+                        Persisted::Committed
+                    };
+                    server.handle_persisted(b, outcome, now);
+                }
             while let Some(output) = server.poll_output() {
                 match output {
                     Output::Transmit { conn, frame } => {
@@ -251,9 +267,15 @@ proptest! {
                     Output::Close { conn, .. } => {
                         prop_assert!(closed.insert(conn), "closed twice");
                     }
+                    Output::Persist { batch: b, .. } => batch = Some(b),
                     _ => {}
                 }
             }
+                if batch.is_none() {
+                    break;
+                }
+            }
+            prop_assert!(!server.persist_pending(), "every batch answered");
             // The online set is exactly the logged-in open connections.
             logged_in.clear();
             for &c in &conns {

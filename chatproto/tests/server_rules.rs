@@ -313,13 +313,13 @@ fn rule2_the_lock_is_written_to_the_store_and_survives_a_restart() {
     for _ in 0..3 {
         sim.send(c, "login bob nope");
     }
-    let snapshot = sim.server.store().snapshot().clone();
+    let snapshot = sim.store.clone();
     assert!(snapshot.lockouts["bob"].locked_until.is_some());
     let mut after = Sim::restarted(common::config(), &snapshot, sim.now + secs(10));
     let c = after.connect();
     assert_eq!(after.err(c, "login bob pw-bob").retry_after, Some(50));
     after.advance(secs(50));
-    assert!(after.server.store().snapshot().lockouts.is_empty());
+    assert!(after.store.lockouts.is_empty());
     after.ok(c, "login bob pw-bob");
 }
 
@@ -675,7 +675,7 @@ fn rule9_blocks_are_written_to_the_store_and_survive_a_restart() {
     sim.ok(a, "block bob");
     sim.ok(a, "block carol");
     sim.ok(a, "unblock carol");
-    let snapshot = sim.server.store().snapshot().clone();
+    let snapshot = sim.store.clone();
     let mut after = Sim::restarted(common::config(), &snapshot, sim.now);
     let b = after.login("bob");
     let c = after.login("carol");
@@ -1031,8 +1031,7 @@ fn every_lasting_change_reaches_the_store_in_order() {
 
     let mut journal: Vec<Change> = Vec::new();
     let mut server =
-        chatproto::Server::new(common::config(), common::accounts(), &mut journal, sim.now)
-            .unwrap();
+        chatproto::Server::new(common::config(), common::accounts(), sim.now).unwrap();
     let now = sim.now;
     let c = server.accept(PeerKey::UNSPECIFIED, [0; 16], now);
     for line in [
@@ -1045,8 +1044,8 @@ fn every_lasting_change_reaches_the_store_in_order() {
         server
             .handle_input(c, format!("{line}\n").as_bytes(), now)
             .unwrap();
+        common::drain_journal(&mut server, now, &mut journal);
     }
-    drop(server);
     let kinds: Vec<_> = journal
         .iter()
         .map(|c| {
@@ -1067,7 +1066,7 @@ fn every_lasting_change_reaches_the_store_in_order() {
         ]
     );
 
-    let snapshot = sim.server.store().snapshot();
+    let snapshot = &sim.store;
     assert!(
         snapshot.offline.is_empty(),
         "delivered messages leave the store"
@@ -1090,7 +1089,7 @@ fn a_restart_keeps_offline_messages_and_recent_presence() {
     sim.send(c, "logout");
     sim.advance(secs(30));
     // The server stops with alice still online.
-    let snapshot = sim.server.store().snapshot().clone();
+    let snapshot = sim.store.clone();
     let mut after = Sim::restarted(common::config(), &snapshot, sim.now + secs(5));
 
     let d = after.login("dave");
@@ -1161,7 +1160,7 @@ fn close_and_shutdown_send_bye_with_their_reason() {
     }
     assert_eq!(sim.server.debug_state(sim.now).connections, 0);
     assert!(matches!(
-        sim.server.store().snapshot().last_seen["alice"],
+        sim.store.last_seen["alice"],
         LastSeen::Offline { .. }
     ));
 }
@@ -1196,7 +1195,6 @@ fn a_bad_config_is_refused() {
     let err = chatproto::Server::new(
         config,
         common::accounts(),
-        chatproto::MemoryStore::new(),
         Timestamp::ZERO,
     )
     .unwrap_err();

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use chatproto::{
-    Accounts, Command, ConnId, MemoryStore, Output, PeerKey, Request, RequestId, Server,
+    Accounts, Command, ConnId, Output, PeerKey, Request, RequestId, Server,
     ServerConfig, ServerFrame, Timestamp,
 };
 use serde_json::{json, Value};
@@ -121,7 +121,6 @@ fn the_transcript_plays_back_exactly() {
     let mut server = Server::new(
         config,
         accounts,
-        MemoryStore::new(),
         Timestamp::from_unix_millis(START),
     )
     .unwrap();

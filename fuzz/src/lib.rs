@@ -9,9 +9,9 @@ use std::time::Duration;
 
 use arbitrary::{Arbitrary, Unstructured};
 use chatproto::{
-    Accounts, Change, CloseReason, Command, ConnId, FrameDecoder, FrameError, HashedPassword,
-    Output, Password, PeerKey, Reply, Request, Server, ServerConfig, ServerFrame, Snapshot,
-    Timestamp, VerifyTicket,
+    Accounts, BatchId, Change, CloseReason, Command, ConnId, FrameDecoder, FrameError,
+    HashedPassword, Output, Password, PeerKey, Persisted, Reply, Request, Server, ServerConfig,
+    ServerFrame, Snapshot, Timestamp, VerifyTicket,
 };
 
 /// Frame decoding: never buffers more than the limit, and the frames do
@@ -143,13 +143,13 @@ pub enum Op {
         conn: u8,
     },
     Shutdown,
-    /// Hold output until `Commit` or `FailCommit` (without it, every
-    /// step's changes are committed and its output sent at once).
+    /// Storage turns slow: the batch in flight waits for `Commit` or
+    /// `FailCommit` (without it, every batch is committed at once).
     Begin,
-    /// The driver's commit succeeds: held output goes out.
+    /// The batch in flight is committed: what waited for it goes out.
     Commit,
-    /// The commit fails: held output is dropped and the core takes the
-    /// work back.
+    /// The batch in flight fails: the core takes it back, and every change
+    /// made since.
     FailCommit,
     /// A password-check worker answers one pending check.
     Verify {
@@ -244,25 +244,19 @@ pub fn check_server_session(data: &[u8]) {
     }
 }
 
-/// Output a driver holds until the commit.
-enum Held {
-    Frame(ConnId, ServerFrame),
-    /// The connection closed (the driver acted at once; the model learns
-    /// it in order with the frames).
-    Closed(ConnId),
-}
-
 /// The fuzzer's view of the server: what it has seen, to check against.
-/// It drives the core as a durable server does: changes are journaled and
-/// committed, and output waits for the commit.
+/// It drives the core as a durable server does: each batch of changes is
+/// committed (or failed) when the operations say, and the core holds what
+/// depends on a batch until then.
 struct Model {
-    server: Server<Vec<Change>>,
+    server: Server,
     /// What storage holds: every committed change applied.
     committed: Snapshot,
-    /// Output waiting for a commit, in order.
-    held: Vec<Held>,
+    /// The batch being written, if any.
+    in_flight: Option<(BatchId, Vec<Change>)>,
     /// Password checks asked for and not answered yet.
     checks: Vec<(VerifyTicket, HashedPassword, Password)>,
+    /// Storage is slow: batches wait for `Commit` or `FailCommit`.
     holding: bool,
     now: Timestamp,
     conns: Vec<ConnId>,
@@ -296,13 +290,13 @@ impl Model {
         config.idle_timeout = Duration::from_secs(30);
         config.lockout.max_tracked_names = 4;
         config.admins.insert("root".parse().unwrap());
-        config.track_commits = true;
+        config.durable = true;
         let now = Timestamp::from_unix_millis(1_700_000_000_000);
         Model {
             max_frame: config.max_frame_bytes,
-            server: Server::new(config, accounts, Vec::new(), now).unwrap(),
+            server: Server::new(config, accounts, now).unwrap(),
             committed: Snapshot::default(),
-            held: Vec::new(),
+            in_flight: None,
             checks: Vec::new(),
             holding: false,
             now,
@@ -348,7 +342,7 @@ impl Model {
                     assert_eq!(self.server.handle_disconnect(c, self.now).is_ok(), open);
                     if open {
                         self.closed.insert(c);
-                        self.held.push(Held::Closed(c));
+                        self.user_of.remove(&c);
                     }
                 }
             }
@@ -376,61 +370,26 @@ impl Model {
             Op::Commit => self.holding = false,
             Op::FailCommit => {
                 self.collect();
-                // Frames are dropped; closes happened.
-                for held in std::mem::take(&mut self.held) {
-                    if let Held::Closed(conn) = held {
-                        self.user_of.remove(&conn);
-                    }
+                if let Some((batch, _)) = self.in_flight.take() {
+                    self.server
+                        .handle_persisted(batch, Persisted::Failed, self.now);
                 }
-                self.server.store_mut().clear();
-                self.server.commit_failed(&self.committed, self.now);
-                // What that says depends on nothing uncommitted: it goes
-                // out without another commit.
-                self.collect();
-                self.release();
                 self.holding = false;
             }
         }
         self.collect();
         if !self.holding {
-            self.commit();
+            while let Some((batch, changes)) = self.in_flight.take() {
+                for change in &changes {
+                    self.committed.apply(change);
+                }
+                self.server
+                    .handle_persisted(batch, Persisted::Committed, self.now);
+                self.collect();
+            }
+            assert!(!self.server.persist_pending(), "a batch left unsent");
             self.check_invariants();
         }
-    }
-
-    /// The commit succeeds: storage takes the journal, output goes out.
-    fn commit(&mut self) {
-        for change in self.server.store_mut().drain(..) {
-            self.committed.apply(&change);
-        }
-        self.server.commit_succeeded();
-        self.release();
-    }
-
-    /// Held output goes out, all of it written at once: each connection
-    /// that got frames is reported drained (which hands over the next page
-    /// of an offline queue: collected now, released with the next commit).
-    fn release(&mut self) {
-        let mut written = Vec::new();
-        for held in std::mem::take(&mut self.held) {
-            match held {
-                Held::Frame(conn, frame) => {
-                    if !written.contains(&conn) {
-                        written.push(conn);
-                    }
-                    self.observe(conn, frame);
-                }
-                Held::Closed(conn) => {
-                    self.user_of.remove(&conn);
-                }
-            }
-        }
-        for conn in written {
-            let _ = self.server.handle_drained(conn, 0, self.now);
-        }
-        // What that hands over is taken now, in order with what comes
-        // next, and goes out with the next commit.
-        self.collect();
     }
 
     fn input(&mut self, c: ConnId, bytes: &[u8]) {
@@ -438,9 +397,23 @@ impl Model {
         assert_eq!(self.server.handle_input(c, bytes, self.now).is_ok(), open);
     }
 
-    /// Takes the core's output: closes act at once (as in a driver),
-    /// frames wait for the commit.
+    /// Takes the core's output, all of it written at once: each
+    /// connection that got frames is then reported drained (which hands
+    /// over the next page of an offline queue), until nothing more comes.
     fn collect(&mut self) {
+        loop {
+            let written = self.collect_once();
+            if written.is_empty() {
+                return;
+            }
+            for conn in written {
+                let _ = self.server.handle_drained(conn, 0, self.now);
+            }
+        }
+    }
+
+    fn collect_once(&mut self) -> Vec<ConnId> {
+        let mut written = Vec::new();
         while let Some(output) = self.server.poll_output() {
             match output {
                 Output::Transmit { conn, frame } => {
@@ -451,11 +424,18 @@ impl Model {
                     assert!(!line.contains(&b'\n'));
                     let frame = ServerFrame::decode(line)
                         .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(line)));
-                    self.held.push(Held::Frame(conn, frame));
+                    if !written.contains(&conn) {
+                        written.push(conn);
+                    }
+                    self.observe(conn, frame);
                 }
                 Output::Close { conn, .. } => {
                     assert!(self.closed.insert(conn), "{conn} closed twice");
-                    self.held.push(Held::Closed(conn));
+                    self.user_of.remove(&conn);
+                }
+                Output::Persist { batch, changes } => {
+                    assert!(self.in_flight.is_none(), "two batches in flight");
+                    self.in_flight = Some((batch, changes));
                 }
                 Output::VerifyPassword {
                     ticket,
@@ -472,6 +452,7 @@ impl Model {
                 _ => {}
             }
         }
+        written
     }
 
     /// Learns from a frame, and checks it against the blocks in force.
@@ -485,6 +466,11 @@ impl Model {
         match frame {
             ServerFrame::Ok(ok) => match ok.reply {
                 Reply::Login { user } => {
+                    // Rule 15: a login is answered once it is durable.
+                    assert!(
+                        self.committed.last_seen.contains_key(&user),
+                        "{user}'s login answered before it was committed"
+                    );
                     self.user_of.insert(conn, user.to_string());
                 }
                 Reply::Block { user } => {

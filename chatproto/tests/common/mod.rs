@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chatproto::{
-    Accounts, ByeReason, ConnId, ErrorCode, ErrorFrame, Event, HashedPassword, MemoryStore,
-    OkFrame, Output, Password, PeerKey, Server, ServerConfig, ServerFrame, Snapshot, Timestamp,
-    VerifyTicket,
+    Accounts, BatchId, ByeReason, Change, ConnId, ErrorCode, ErrorFrame, Event, HashedPassword,
+    OkFrame, Output, Password, PeerKey, Persisted, Server, ServerConfig, ServerFrame, Snapshot,
+    Timestamp, VerifyTicket,
 };
 
 /// The accounts every simulation has: name and password.
@@ -47,12 +47,22 @@ pub fn config() -> ServerConfig {
     config.max_pending_checks_per_peer = None;
     // And the byte rate: tests send what they need, as fast as they like.
     config.byte_rate = None;
+    // Every change goes through batches, which the simulated storage
+    // commits at once (see `Sim::pump`).
+    config.durable = true;
     config
 }
 
 pub struct Sim {
-    pub server: Server<MemoryStore>,
+    pub server: Server,
     pub now: Timestamp,
+    /// What storage holds: every committed batch applied.
+    pub store: Snapshot,
+    /// Whether `pump` commits each batch as it comes (the default); if
+    /// not, batches wait in `batches` for the test to answer.
+    pub auto_commit: bool,
+    /// Batches polled and not yet answered (without `auto_commit`).
+    pub batches: Vec<(BatchId, Vec<Change>)>,
     inbox: HashMap<ConnId, Vec<Bytes>>,
     pub closed: HashMap<ConnId, ByeReason>,
     pub events: Vec<Event>,
@@ -72,10 +82,7 @@ impl Sim {
 
     pub fn with_accounts(config: ServerConfig, accounts: Accounts) -> Sim {
         let now = Timestamp::from_unix_millis(T0);
-        Sim::from_server(
-            Server::new(config, accounts, MemoryStore::new(), now).unwrap(),
-            now,
-        )
+        Sim::from_server(Server::new(config, accounts, now).unwrap(), now)
     }
 
     /// Answers every pending password check, as a driver's workers would:
@@ -90,15 +97,20 @@ impl Sim {
 
     /// A server carrying on from `snapshot`, as after a restart.
     pub fn restarted(config: ServerConfig, snapshot: &Snapshot, now: Timestamp) -> Sim {
-        let store = MemoryStore::new();
-        let (server, _) = Server::with_snapshot(config, accounts(), store, snapshot, now).unwrap();
-        Sim::from_server(server, now)
+        let (server, _) = Server::with_snapshot(config, accounts(), snapshot, now).unwrap();
+        let mut sim = Sim::from_server(server, now);
+        sim.store = snapshot.clone();
+        sim.pump();
+        sim
     }
 
-    fn from_server(server: Server<MemoryStore>, now: Timestamp) -> Sim {
+    fn from_server(server: Server, now: Timestamp) -> Sim {
         Sim {
             server,
             now,
+            store: Snapshot::default(),
+            auto_commit: true,
+            batches: Vec::new(),
             inbox: HashMap::new(),
             closed: HashMap::new(),
             events: Vec::new(),
@@ -215,10 +227,15 @@ impl Sim {
     /// hands over the next page of an offline queue.
     pub fn pump(&mut self) {
         let mut written = Vec::new();
+        let mut committed = Vec::new();
         loop {
-            self.pump_once(&mut written);
-            if written.is_empty() {
+            self.pump_once(&mut written, &mut committed);
+            if written.is_empty() && committed.is_empty() {
                 return;
+            }
+            for batch in committed.drain(..) {
+                self.server
+                    .handle_persisted(batch, Persisted::Committed, self.now);
             }
             for conn in written.drain(..) {
                 let _ = self.server.handle_drained(conn, 0, self.now);
@@ -226,7 +243,21 @@ impl Sim {
         }
     }
 
-    fn pump_once(&mut self, written: &mut Vec<ConnId>) {
+    /// Answers the oldest batch the test holds (without `auto_commit`):
+    /// committed (applied to `store`) or failed.
+    pub fn answer_batch(&mut self, outcome: Persisted) {
+        assert!(!self.batches.is_empty(), "no batch to answer");
+        let (batch, changes) = self.batches.remove(0);
+        if outcome == Persisted::Committed {
+            for change in &changes {
+                self.store.apply(change);
+            }
+        }
+        self.server.handle_persisted(batch, outcome, self.now);
+        self.pump();
+    }
+
+    fn pump_once(&mut self, written: &mut Vec<ConnId>, committed: &mut Vec<BatchId>) {
         while let Some(output) = self.server.poll_output() {
             match output {
                 Output::Transmit { conn, frame } => {
@@ -252,6 +283,13 @@ impl Sim {
                     password,
                     ..
                 } => self.verifications.push((ticket, hash, password)),
+                Output::Persist { batch, changes } if self.auto_commit => {
+                    for change in &changes {
+                        self.store.apply(change);
+                    }
+                    committed.push(batch);
+                }
+                Output::Persist { batch, changes } => self.batches.push((batch, changes)),
                 other => panic!("unexpected output {other:?}"),
             }
         }
@@ -275,4 +313,30 @@ pub fn names(users: &[chatproto::Username]) -> Vec<&str> {
 
 pub fn secs(s: u64) -> Duration {
     Duration::from_secs(s)
+}
+
+/// Drains `server`'s outputs as a driver with storage would: each batch's
+/// changes are appended to `journal`, and the batch committed.
+pub fn drain_journal(server: &mut Server, now: Timestamp, journal: &mut Vec<Change>) {
+    loop {
+        let mut committed = None;
+        while let Some(output) = server.poll_output() {
+            if let Output::Persist { batch, changes } = output {
+                journal.extend(changes);
+                committed = Some(batch);
+            }
+        }
+        match committed {
+            Some(batch) => server.handle_persisted(batch, Persisted::Committed, now),
+            None => return,
+        }
+    }
+}
+
+impl Sim {
+    /// Sends one line whose answer waits for storage (nothing comes yet).
+    pub fn ok_later(&mut self, conn: ConnId, line: &str) {
+        let frames = self.ask(conn, line);
+        assert!(frames.is_empty(), "{line:?} answered early: {frames:?}");
+    }
 }
