@@ -8,8 +8,7 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use chatproto::{
-    Accounts, Command, FrameDecoder, MemoryStore, Output, PeerKey, Request, Server, ServerConfig,
-    Timestamp,
+    Accounts, Command, FrameDecoder, Output, PeerKey, Request, Server, ServerConfig, Timestamp,
 };
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 
@@ -35,9 +34,9 @@ fn config() -> ServerConfig {
 }
 
 /// A server with users u0..u(n-1) logged in on connections 0..n-1.
-fn server_with_sessions(n: usize) -> (Server<MemoryStore>, Vec<chatproto::ConnId>) {
+fn server_with_sessions(n: usize) -> (Server, Vec<chatproto::ConnId>) {
     let now = Timestamp::from_unix_millis(T0);
-    let mut server = Server::new(config(), accounts(n), MemoryStore::new(), now).unwrap();
+    let mut server = Server::new(config(), accounts(n), now).unwrap();
     let conns: Vec<_> = (0..n)
         .map(|i| {
             let c = server.accept(PeerKey::UNSPECIFIED, [i as u8; 16], now);
@@ -52,7 +51,7 @@ fn server_with_sessions(n: usize) -> (Server<MemoryStore>, Vec<chatproto::ConnId
 }
 
 /// Drains the outputs; returns how many frames were transmitted.
-fn drain(server: &mut Server<MemoryStore>) -> usize {
+fn drain(server: &mut Server) -> usize {
     let mut frames = 0;
     while let Some(output) = server.poll_output() {
         if let Output::Transmit { frame, .. } = output {
@@ -182,7 +181,7 @@ fn login_storm(c: &mut Criterion) {
         b.iter_batched(
             || {
                 let now = Timestamp::from_unix_millis(T0);
-                let server = Server::new(config(), accounts(100), MemoryStore::new(), now).unwrap();
+                let server = Server::new(config(), accounts(100), now).unwrap();
                 (server, now)
             },
             |(mut server, now)| {

@@ -177,7 +177,6 @@ impl<T: Default> PerUser<T> {
     pub(crate) fn new(accounts: &Accounts) -> Self {
         PerUser((0..accounts.len()).map(|_| T::default()).collect())
     }
-
 }
 
 impl<T> std::ops::Index<UserId> for PerUser<T> {

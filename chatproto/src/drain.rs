@@ -28,6 +28,9 @@ pub(crate) struct Drain {
     pub(crate) loading: bool,
     /// The next page is wanted, and waits to be handed over.
     pub(crate) page_due: bool,
+    /// A page has been handed over: the connection's later input, held
+    /// until then, is served.
+    pub(crate) started: bool,
     /// Frames handed to the driver for this connection since the drain
     /// began.
     frames: u64,
@@ -62,6 +65,7 @@ impl Drain {
             bytes,
         });
         self.frames += 1;
+        self.started = true;
         self.after_seq = seq;
         self.in_flight_size.messages += 1;
         self.in_flight_size.bytes += bytes;

@@ -72,9 +72,18 @@ pub enum Persisted {
 #[derive(Debug)]
 pub(crate) enum Undo {
     /// A message joined the end of `to`'s queue.
-    Queued { to: UserId, bytes: usize },
-    Blocked { blocker: UserId, target: UserId },
-    Unblocked { blocker: UserId, target: UserId },
+    Queued {
+        to: UserId,
+        bytes: usize,
+    },
+    Blocked {
+        blocker: UserId,
+        target: UserId,
+    },
+    Unblocked {
+        blocker: UserId,
+        target: UserId,
+    },
     /// `user` logged in on `conn`; before, they were last seen at
     /// `last_seen`.
     LoggedIn {
@@ -83,7 +92,10 @@ pub(crate) enum Undo {
         last_seen: Option<Timestamp>,
     },
     /// The failed-login record of `name` was `before`.
-    Lockout { name: Username, before: LockoutState },
+    Lockout {
+        name: Username,
+        before: LockoutState,
+    },
 }
 
 /// Changes made together, and how to take them back.

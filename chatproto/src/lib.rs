@@ -107,6 +107,7 @@ pub use client::{
 };
 pub use command::{Command, CommandName, DebugTarget};
 pub use connection::ConnId;
+pub use durability::{BatchId, Persisted};
 pub use error::{ErrorCode, RequestError};
 pub use framing::{encode_frame, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES};
 pub use lockout::{LockoutPolicy, LockoutState};
@@ -123,7 +124,6 @@ pub use server_frame::{
     BroadcastFrame, ByeReason, CommandUsage, DebugState, ErrorFrame, InvalidFrame, MessageFrame,
     OkFrame, PresenceFrame, Reply, ServerFrame, PROTOCOL_VERSION,
 };
-pub use durability::{BatchId, Persisted};
 pub use store::{Change, LastSeen, Snapshot};
 pub use text::{InvalidText, MessageText};
 pub use time::Timestamp;

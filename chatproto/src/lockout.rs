@@ -124,10 +124,7 @@ impl Lockout {
 
     /// The failed-login record of `name` (empty if none).
     pub(crate) fn state(&self, name: &str) -> LockoutState {
-        self.entries
-            .get(name)
-            .map(|e| e.state)
-            .unwrap_or_default()
+        self.entries.get(name).map(|e| e.state).unwrap_or_default()
     }
 
     /// Sets the record of `name` back to `before`, as a failed batch takes

@@ -22,6 +22,7 @@ use crate::blocking::BlockList;
 use crate::command::{Command, CommandName, DebugTarget};
 use crate::connection::{ConnId, Connection, Connections};
 use crate::drain::Drain;
+use crate::durability::{BatchId, Held, Key, Kind, Ledger, Persisted, Undo};
 use crate::error::{ErrorCode, RequestError};
 use crate::framing::{self, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES};
 use crate::lockout::{Lockout, LockoutPolicy};
@@ -38,7 +39,6 @@ use crate::server_frame::{
     BroadcastFrame, ByeReason, CommandUsage, DebugState, ErrorFrame, MessageFrame, OkFrame,
     PresenceFrame, Reply, ServerFrame, PROTOCOL_VERSION,
 };
-use crate::durability::{BatchId, Held, Key, Kind, Ledger, Persisted, Undo};
 use crate::store::{Change, LastSeen, Snapshot};
 use crate::text::MessageText;
 use crate::time::{seconds_until, Timestamp};
@@ -510,6 +510,8 @@ pub struct Server {
     page_due: Vec<ConnId>,
     /// Drains whose next page waits for a batch to be answered.
     page_gated: Vec<ConnId>,
+    /// Connections whose held input may go on: their first page went out.
+    input_due: Vec<ConnId>,
     /// Logins waiting for a password check, by ticket.
     verifications: HashMap<VerifyTicket, PendingLogin>,
     next_ticket: u64,
@@ -539,7 +541,11 @@ const CLOSING_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Server {
     /// A server core with no lasting state yet.
-    pub fn new(config: ServerConfig, accounts: Accounts, now: Timestamp) -> Result<Self, ConfigError> {
+    pub fn new(
+        config: ServerConfig,
+        accounts: Accounts,
+        now: Timestamp,
+    ) -> Result<Self, ConfigError> {
         Server::with_snapshot(config, accounts, &Snapshot::default(), now).map(|(s, _)| s)
     }
 
@@ -568,6 +574,7 @@ impl Server {
             unit_depth: 0,
             page_due: Vec::new(),
             page_gated: Vec::new(),
+            input_due: Vec::new(),
             verifications: HashMap::new(),
             next_ticket: 0,
             draining: 0,
@@ -943,6 +950,7 @@ impl Server {
             self.hand_over(conn, page);
         }
         self.catch_up_timers(now);
+        self.pump_drains();
         Ok(())
     }
 
@@ -1172,7 +1180,6 @@ impl Server {
     pub fn accounts(&self) -> &Accounts {
         &self.accounts
     }
-
 
     /// Loads lasting state into empty structures.
     fn restore(&mut self, snapshot: &Snapshot, now: Timestamp) -> RestoreSummary {
@@ -1535,7 +1542,7 @@ impl Server {
         if self.poll_timeout().is_some_and(|due| due <= now) {
             self.handle_timeout(now);
         }
-        Ok(self.connections.get(conn).map(|c| c.awaiting.is_some()))
+        Ok(self.connections.get(conn).map(waits_for_input))
     }
 
     /// Keeps `input` (in parts) for after the password check `conn` waits
@@ -1607,7 +1614,7 @@ impl Server {
         self.settle(mark);
         match self.connections.get(conn) {
             None => Served::Closed,
-            Some(c) if c.awaiting.is_some() => Served::Awaiting,
+            Some(c) if waits_for_input(c) => Served::Awaiting,
             Some(_) => Served::Open,
         }
     }
@@ -1723,9 +1730,6 @@ impl Server {
     /// queue has changes not yet durable, waits for the next batch's
     /// answer.
     fn pump_drains(&mut self) {
-        if self.page_due.is_empty() {
-            return;
-        }
         for conn in std::mem::take(&mut self.page_due) {
             let Some(user) = self
                 .connections
@@ -1742,6 +1746,10 @@ impl Server {
                 continue;
             }
             self.give_page(conn, user);
+        }
+        // Input that waited for a first page: served now, in order.
+        while let Some(conn) = self.input_due.pop() {
+            self.resume_input(conn);
         }
     }
 
@@ -1824,6 +1832,14 @@ impl Server {
     /// Never inside a unit of work: the frames go out at once, numbered.
     fn hand_over(&mut self, conn: ConnId, page: Vec<QueuedMessage>) {
         debug_assert!(self.unit_depth == 0 || !self.ledger.enabled());
+        let first = self
+            .connections
+            .get(conn)
+            .and_then(|c| c.drain.as_ref())
+            .is_some_and(|d| !d.started);
+        if first {
+            self.input_due.push(conn);
+        }
         for QueuedMessage { seq, message } in page {
             let bytes = message.size();
             let frame = ServerFrame::Message(MessageFrame {
@@ -1861,7 +1877,24 @@ impl Server {
     fn end_drain(&mut self, conn: ConnId) -> Option<Drain> {
         let drain = self.connections.get_mut(conn)?.drain.take()?;
         self.draining -= 1;
+        if !drain.started {
+            // Its later input waited for the first page: it goes on.
+            self.input_due.push(conn);
+        }
         Some(drain)
+    }
+
+    /// Serves the input `conn` held back, once it no longer waits (for a
+    /// password check, or for its offline queue's first page).
+    fn resume_input(&mut self, conn: ConnId) {
+        let Some(c) = self.connections.get_mut(conn) else {
+            return;
+        };
+        if waits_for_input(c) || c.held_input.is_empty() {
+            return;
+        }
+        let held = std::mem::take(&mut c.held_input);
+        let _ = self.handle_input(conn, &held, self.latest);
     }
 
     /// The driver has `unsent_frames` of open `conn`'s frames left: the
@@ -2046,7 +2079,10 @@ impl Server {
                     blocker: self.accounts.name(me).clone(),
                     target: user.clone(),
                 },
-                Undo::Blocked { blocker: me, target },
+                Undo::Blocked {
+                    blocker: me,
+                    target,
+                },
                 &[Key::User(me), Key::User(target)],
             );
         }
@@ -2071,7 +2107,10 @@ impl Server {
                 blocker: self.accounts.name(me).clone(),
                 target: user.clone(),
             },
-            Undo::Unblocked { blocker: me, target },
+            Undo::Unblocked {
+                blocker: me,
+                target,
+            },
             &[Key::User(me), Key::User(target)],
         );
         let text = format!("{user} is unblocked");
@@ -2502,4 +2541,11 @@ fn list_text(what: &str, users: &[Username]) -> String {
     }
     let names: Vec<&str> = users.iter().map(Username::as_str).collect();
     format!("{what}: {}", names.join(", "))
+}
+
+/// Whether `c`'s input waits: for its login's password check, or for the
+/// first page of the offline queue its login started (so the queue comes
+/// before the answer to anything sent after the login).
+fn waits_for_input(c: &Connection) -> bool {
+    c.awaiting.is_some() || c.drain.as_ref().is_some_and(|d| !d.started)
 }

@@ -257,7 +257,10 @@ fn a_delivery_in_a_failed_batch_is_recorded_again_not_handed_over_twice() {
         .any(|f| matches!(f, ServerFrame::Message(m) if m.offline && m.text.as_str() == "first")));
     // Written (the simulation reports it): delivered, and recorded in the
     // batch now in flight.
-    assert_eq!(d.sim.server.debug_state(d.sim.now).queued_offline_messages, 0);
+    assert_eq!(
+        d.sim.server.debug_state(d.sim.now).queued_offline_messages,
+        0
+    );
     assert_eq!(d.sim.batches.len(), 1);
     d.fail();
     d.commit();
@@ -277,9 +280,7 @@ fn a_delivery_in_a_failed_batch_is_recorded_again_not_handed_over_twice() {
             stored: false
         }
     );
-    assert!(d
-        .sim
-        .take(bob)
-        .iter()
-        .any(|f| matches!(f, ServerFrame::Message(m) if !m.offline && m.text.as_str() == "second")));
+    assert!(d.sim.take(bob).iter().any(
+        |f| matches!(f, ServerFrame::Message(m) if !m.offline && m.text.as_str() == "second")
+    ));
 }

@@ -6,8 +6,8 @@
 mod common;
 
 use chatproto::{
-    Accounts, Change, ErrorCode, HashedPassword, LockoutState, PeerKey, Rate, Server,
-    ServerConfig, ServerFrame, Snapshot, Timestamp,
+    Accounts, Change, ErrorCode, HashedPassword, LockoutState, PeerKey, Rate, Server, ServerConfig,
+    ServerFrame, Snapshot, Timestamp,
 };
 use common::{secs, Sim};
 

@@ -9,9 +9,8 @@ mod common;
 use std::collections::VecDeque;
 
 use chatproto::{
-    Accounts, Change, ConnId, ErrorCode, OfflineMessage, OfflineTexts, Output,
-    PeerKey, Persisted, QueueSize, QueuedMessage, Server, ServerConfig, ServerFrame, Snapshot, Timestamp,
-    Username,
+    Accounts, Change, ConnId, ErrorCode, OfflineMessage, OfflineTexts, Output, PeerKey, Persisted,
+    QueueSize, QueuedMessage, Server, ServerConfig, ServerFrame, Snapshot, Timestamp, Username,
 };
 use common::{accounts, config, T0};
 
@@ -220,14 +219,7 @@ fn queue_for_bob(d: &mut Driver, n: usize, len: usize) {
 fn in_memory() -> Driver {
     let mut config = config();
     config.rate_limit = None;
-    Driver::new(
-        Server::new(
-            config,
-            accounts(),
-            Timestamp::from_unix_millis(T0),
-        )
-        .unwrap(),
-    )
+    Driver::new(Server::new(config, accounts(), Timestamp::from_unix_millis(T0)).unwrap())
 }
 
 #[test]
@@ -395,14 +387,8 @@ fn queues_are_capped_in_bytes_per_user_and_overall() {
     config.rate_limit = None;
     config.offline_queue_bytes = 2500;
     config.offline_total_bytes = Some(3500);
-    let mut d = Driver::new(
-        Server::new(
-            config,
-            accounts(),
-            Timestamp::from_unix_millis(T0),
-        )
-        .unwrap(),
-    );
+    let mut d =
+        Driver::new(Server::new(config, accounts(), Timestamp::from_unix_millis(T0)).unwrap());
     let a = d.login("alice");
     let text = "y".repeat(1000);
     for _ in 0..2 {

@@ -65,11 +65,14 @@ fn output_that_reads_nothing_unanswered_goes_out_at_once() {
     assert!(sim.ask(alice, "help").is_empty());
     sim.answer_batch(Persisted::Committed);
     let frames = sim.take(alice);
-    assert!(matches!(
-        &frames[..],
-        [ServerFrame::Ok(a), ServerFrame::Message(_), ServerFrame::Ok(b)]
-            if matches!(a.reply, Reply::Message { stored: true, .. }) && matches!(b.reply, Reply::Help { .. })
-    ), "{frames:?}");
+    assert!(
+        matches!(
+            &frames[..],
+            [ServerFrame::Ok(a), ServerFrame::Message(_), ServerFrame::Ok(b)]
+                if matches!(a.reply, Reply::Message { stored: true, .. }) && matches!(b.reply, Reply::Help { .. })
+        ),
+        "{frames:?}"
+    );
 }
 
 #[test]
@@ -141,7 +144,10 @@ fn a_login_refusal_waits_for_the_failure_count_it_read() {
     sim.take(c);
     sim.take(d);
     sim.send(c, "login nobody x");
-    assert!(sim.take(c).is_empty(), "the failure count is not durable yet");
+    assert!(
+        sim.take(c).is_empty(),
+        "the failure count is not durable yet"
+    );
     // Another connection trying the same name reads that count.
     assert!(sim.ask(d, "login nobody y").is_empty());
     sim.answer_batch(Persisted::Committed);

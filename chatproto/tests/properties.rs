@@ -8,8 +8,8 @@ use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use chatproto::{
-    Command, ConnId, DebugTarget, FrameDecoder, FrameError, MessageText, Output,
-    Password, PeerKey, Persisted, Request, RequestId, Server, ServerFrame, Timestamp, Username,
+    Command, ConnId, DebugTarget, FrameDecoder, FrameError, MessageText, Output, Password, PeerKey,
+    Persisted, Request, RequestId, Server, ServerFrame, Timestamp, Username,
 };
 use proptest::prelude::*;
 

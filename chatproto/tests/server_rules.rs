@@ -1030,8 +1030,7 @@ fn every_lasting_change_reaches_the_store_in_order() {
     sim.ok(a, "unblock carol");
 
     let mut journal: Vec<Change> = Vec::new();
-    let mut server =
-        chatproto::Server::new(common::config(), common::accounts(), sim.now).unwrap();
+    let mut server = chatproto::Server::new(common::config(), common::accounts(), sim.now).unwrap();
     let now = sim.now;
     let c = server.accept(PeerKey::UNSPECIFIED, [0; 16], now);
     for line in [
@@ -1192,12 +1191,7 @@ fn events_tell_the_driver_about_logins_refusals_and_logouts() {
 fn a_bad_config_is_refused() {
     let mut config = common::config();
     config.max_frame_bytes = 10;
-    let err = chatproto::Server::new(
-        config,
-        common::accounts(),
-        Timestamp::ZERO,
-    )
-    .unwrap_err();
+    let err = chatproto::Server::new(config, common::accounts(), Timestamp::ZERO).unwrap_err();
     assert_eq!(err, chatproto::ConfigError::FrameLimit(10));
 }
 

@@ -11,8 +11,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use chatproto::{
-    Accounts, Command, ConnId, Output, PeerKey, Request, RequestId, Server,
-    ServerConfig, ServerFrame, Timestamp,
+    Accounts, Command, ConnId, Output, PeerKey, Request, RequestId, Server, ServerConfig,
+    ServerFrame, Timestamp,
 };
 use serde_json::{json, Value};
 
@@ -118,12 +118,7 @@ fn the_transcript_plays_back_exactly() {
             .admins
             .insert(admin.as_str().unwrap().parse().unwrap());
     }
-    let mut server = Server::new(
-        config,
-        accounts,
-        Timestamp::from_unix_millis(START),
-    )
-    .unwrap();
+    let mut server = Server::new(config, accounts, Timestamp::from_unix_millis(START)).unwrap();
 
     let mut conns: HashMap<String, ConnId> = HashMap::new();
     let mut names: HashMap<ConnId, String> = HashMap::new();

@@ -157,6 +157,7 @@ impl Database {
     }
 
     /// Whether changes are waiting for a commit.
+    #[cfg(test)]
     pub fn has_pending(&self) -> bool {
         !self.pending.is_empty()
     }

@@ -25,7 +25,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use chatproto::{Server, Snapshot};
+use chatproto::{Output, Persisted, Server, Snapshot};
 use clap::Parser;
 use tracing::{info, warn};
 
@@ -171,29 +171,28 @@ fn serve(settings: Settings) -> Result<(), String> {
         });
     }
 
-    let (storage, snapshot) = match &settings.database {
+    let (database, snapshot) = match &settings.database {
         Some(path) => {
             let (db, snapshot) = Database::open(path).map_err(|e| e.to_string())?;
             if let Some(pages) = settings.db_max_pages {
                 db.set_max_pages(pages).map_err(|e| e.to_string())?;
             }
-            (Storage::Database(db), snapshot)
+            (Some(db), snapshot)
         }
         None => {
             info!("no database: state lasts until the server stops");
-            (Storage::Volatile, Snapshot::default())
+            (None, Snapshot::default())
         }
     };
 
     let clock = Clock::start();
     let account_count = accounts.len();
     let mut core_config = settings.core;
-    // Output waits for the commit of the changes it depends on; a failed
-    // commit is taken back.
-    core_config.track_commits = settings.database.is_some();
-    let (mut core, restored) =
-        Server::with_snapshot(core_config, accounts, storage, &snapshot, clock.now())
-            .map_err(|e| e.to_string())?;
+    // Changes leave the core in batches for the storage thread; output
+    // waits for the batches it depends on, and a failed one is taken back.
+    core_config.durable = database.is_some();
+    let (mut core, restored) = Server::with_snapshot(core_config, accounts, &snapshot, clock.now())
+        .map_err(|e| e.to_string())?;
     if let Some(path) = &settings.database {
         info!(
             offline_messages = restored.offline_messages,
@@ -211,10 +210,22 @@ fn serve(settings: Settings) -> Result<(), String> {
             );
         }
     }
-    // Users online when the last run stopped are now recorded offline.
-    core.store_mut()
-        .commit()
-        .map_err(|e| format!("cannot write to the database: {e}"))?;
+    // Users online when the last run stopped are now recorded offline,
+    // before serving: a database that cannot be written to is a start-up
+    // error, not a first batch that fails.
+    let mut database = database;
+    if let Some(db) = database.as_mut() {
+        while let Some(output) = core.poll_output() {
+            if let Output::Persist { batch, changes } = output {
+                for change in changes {
+                    db.record(change);
+                }
+                db.commit()
+                    .map_err(|e| format!("cannot write to the database: {e}"))?;
+                core.handle_persisted(batch, Persisted::Committed, clock.now());
+            }
+        }
+    }
 
     let poller =
         Arc::new(polling::Poller::new().map_err(|e| format!("cannot create the poller: {e}"))?);
@@ -244,8 +255,12 @@ fn serve(settings: Settings) -> Result<(), String> {
             ));
         }
     }
-    let mut reactor =
-        Reactor::new(listeners, core, clock, config, stop, poller).map_err(|e| e.to_string())?;
+    let storage = database
+        .map(|db| Storage::start(db, poller.clone()))
+        .transpose()
+        .map_err(|e| format!("cannot start the storage thread: {e}"))?;
+    let mut reactor = Reactor::new(listeners, core, storage, clock, config, stop, poller)
+        .map_err(|e| e.to_string())?;
     // After the check threads started (they must not inherit it).
     if let Some(n) = settings.reactor_cpu {
         cpu::pin_current_thread(&[n]).map_err(|e| format!("--reactor-cpu {n}: {e}"))?;

@@ -53,15 +53,6 @@ impl OutputQueue {
         self.frames.len()
     }
 
-    /// Drops every frame after the first `frames` (the ones queued since a
-    /// commit that failed). A partly written frame is never dropped.
-    pub fn truncate(&mut self, frames: usize) {
-        let keep = frames.max(usize::from(self.front_started));
-        for frame in self.frames.drain(keep.min(self.frames.len())..) {
-            self.bytes -= frame.len();
-        }
-    }
-
     /// Drops every frame not yet started, keeping a partly written one so
     /// the peer never sees half a line followed by another frame.
     pub fn drop_unstarted(&mut self) {
@@ -117,21 +108,6 @@ impl OutputQueue {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn truncate_keeps_the_first_frames_and_any_started_one() {
-        let mut q = OutputQueue::default();
-        for f in ["one\n", "two\n", "three\n"] {
-            q.push(Bytes::from_static(f.as_bytes()));
-        }
-        q.truncate(1);
-        assert_eq!((q.frames(), q.len()), (1, 4));
-        q.consume(2); // "one" partly written
-        q.truncate(0);
-        assert_eq!((q.frames(), q.len()), (1, 2), "a started frame stays");
-        q.truncate(5);
-        assert_eq!(q.frames(), 1);
-    }
 
     /// Takes at most `limit` bytes per call, then blocks once out of budget.
     struct Trickle {

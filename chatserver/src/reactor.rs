@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use chatproto::rate_limit::TokenBucket;
 use chatproto::{
-    ByeReason, ConnId, Event as CoreEvent, MessageError, Output, PeerKey, Rate, Server,
-    ServerFrame, Timestamp, Username,
+    ByeReason, ConnId, Event as CoreEvent, MessageError, Output, PeerKey, Persisted, Rate, Server,
+    ServerFrame, Timestamp,
 };
 use polling::{Event, Events, PollMode, Poller};
 use tracing::{debug, error, info, warn};
@@ -31,7 +31,7 @@ use crate::clock::Clock;
 use crate::http::{self, HttpConfig, Routed};
 use crate::output_queue::{Flushed, OutputQueue};
 use crate::registration::Registered;
-use crate::storage::Storage;
+use crate::storage::{Done, Storage};
 use crate::verifier::Verifier;
 use crate::websocket::{self, WebSocket};
 
@@ -91,7 +91,9 @@ pub struct Reactor {
     poller: Arc<Poller>,
     listeners: Vec<Listening>,
     socket_mode: PollMode,
-    core: Server<Storage>,
+    core: Server,
+    /// The storage thread, with a database (`None` with `--no-db`).
+    storage: Option<Storage>,
     clock: Clock,
     config: ReactorConfig,
     sockets: Vec<Option<Socket>>,
@@ -109,10 +111,6 @@ pub struct Reactor {
     by_conn: Vec<Option<(ConnId, usize)>>,
     /// Sockets with output or interest to update this turn.
     dirty: Vec<usize>,
-    /// Sockets with output queued since the last commit, and how many
-    /// frames they held before it: that output waits for the commit, and a
-    /// failed commit drops it.
-    staged: Vec<(usize, usize)>,
     /// Closing sockets' deadlines.
     close_deadlines: BTreeSet<(Instant, usize)>,
     accept_paused_until: Option<Instant>,
@@ -124,17 +122,6 @@ pub struct Reactor {
     instant: Instant,
     /// Runs password checks off this thread.
     verifier: Verifier,
-    /// Offline pages the core asked for, read once this turn's changes are
-    /// committed.
-    loads: Vec<PageRequest>,
-}
-
-/// An [`Output::LoadOffline`] waiting for the commit before it.
-struct PageRequest {
-    conn: ConnId,
-    user: Username,
-    after_seq: u64,
-    max_bytes: usize,
 }
 
 struct Socket {
@@ -151,8 +138,6 @@ struct Socket {
     /// (oneshot mode only).
     armed: Option<(bool, bool)>,
     dirty: bool,
-    /// Listed in `Reactor::staged`.
-    staged: bool,
     /// The TLS session, on a TLS listener's connections.
     tls: Option<Box<rustls::ServerConnection>>,
     /// `close_notify` is queued (TLS, while closing).
@@ -213,7 +198,8 @@ enum Phase {
 impl Reactor {
     pub fn new(
         listeners: Vec<Listener>,
-        core: Server<Storage>,
+        core: Server,
+        storage: Option<Storage>,
         clock: Clock,
         config: ReactorConfig,
         stop: Arc<AtomicBool>,
@@ -251,6 +237,7 @@ impl Reactor {
             listeners: listening,
             socket_mode,
             core,
+            storage,
             clock,
             config,
             sockets: Vec::new(),
@@ -262,7 +249,6 @@ impl Reactor {
             slow_deadlines: BTreeSet::new(),
             by_conn: Vec::new(),
             dirty: Vec::new(),
-            staged: Vec::new(),
             close_deadlines: BTreeSet::new(),
             accept_paused_until: None,
             stop,
@@ -270,7 +256,6 @@ impl Reactor {
             read_buf: vec![0; 64 * 1024],
             instant: Instant::now(),
             verifier,
-            loads: Vec::new(),
         })
     }
 
@@ -284,8 +269,14 @@ impl Reactor {
                 self.begin_shutdown()?;
             }
             if let Some(deadline) = self.shutdown_deadline {
-                if self.open == 0 || self.instant >= deadline {
-                    self.commit()?;
+                // Done once every socket is closed and every change the core
+                // made (the logouts of the shutdown included) is durable.
+                let persisted = !self.core.persist_pending()
+                    && self.storage.as_ref().map_or(true, Storage::idle);
+                if (self.open == 0 && persisted) || self.instant >= deadline {
+                    if !persisted {
+                        error!("shutdown grace period over with changes not yet durable");
+                    }
                     if self.open > 0 {
                         warn!(
                             connections = self.open,
@@ -306,6 +297,7 @@ impl Reactor {
             }
             self.instant = Instant::now();
             self.take_verdicts();
+            self.take_storage();
             for event in events.iter() {
                 if event.key > LISTENER_KEY - MAX_LISTENERS {
                     self.accept_ready(LISTENER_KEY - event.key);
@@ -314,111 +306,62 @@ impl Reactor {
                 }
             }
             self.handle_deadlines();
-            self.commit_and_flush()?;
+            self.flush()?;
         }
     }
 
-    /// Group commit: this wake-up's changes are durable before any of its
-    /// output leaves. A flush can make more output and changes (a write
-    /// error logs a user out; a drained connection gets its next offline
-    /// page): commit, read the pages asked for, and flush until nothing is
-    /// left, so nothing waits for an unrelated wake-up, for a bounded
-    /// number of rounds (what is left is flushed on the next turn).
-    fn commit_and_flush(&mut self) -> io::Result<()> {
+    /// Writes what the wake-up queued. A flush can make more output (a
+    /// write error logs a user out; a drained connection gets its next
+    /// offline page): flush until nothing is left, so nothing waits for an
+    /// unrelated wake-up, for a bounded number of rounds (what is left is
+    /// flushed on the next turn).
+    fn flush(&mut self) -> io::Result<()> {
         for _ in 0..MAX_FLUSH_ROUNDS {
-            self.commit()?;
-            if !self.loads.is_empty() {
-                self.serve_loads();
-                continue;
-            }
             if self.dirty.is_empty() {
                 break;
             }
             self.flush_dirty()?;
         }
-        self.commit()
-    }
-
-    /// Reads the offline pages the core asked for and hands them over. Runs
-    /// right after a commit, so a page holds every message queued before
-    /// it was asked for.
-    fn serve_loads(&mut self) {
-        for PageRequest {
-            conn,
-            user,
-            after_seq,
-            max_bytes,
-        } in std::mem::take(&mut self.loads)
-        {
-            let page = match self.core.store().offline_page(&user, after_seq, max_bytes) {
-                Ok(page) => page,
-                Err(e) => {
-                    // The messages stay queued; the connection is cut off so
-                    // its next login tries again, rather than wait forever.
-                    error!(%conn, "{e}: cannot read offline messages; closing the connection");
-                    if let Some(key) = self.key_of(conn) {
-                        self.report_written(key);
-                        self.transport_closed(key, "its offline messages cannot be read");
-                    }
-                    continue;
-                }
-            };
-            let now = self.now();
-            if self.core.handle_offline_page(conn, page, now).is_ok() {
-                self.drain_core();
-            }
-        }
-    }
-
-    /// Commits the changes the core made since the last commit, which
-    /// releases the output held back since then; or, if the commit fails,
-    /// drops that output and lets the core take the work back.
-    fn commit(&mut self) -> io::Result<()> {
-        if self.staged.is_empty() && !self.core.store().has_pending() {
-            return Ok(());
-        }
-        match self.core.store_mut().commit() {
-            Ok(_) => {
-                self.core.commit_succeeded();
-                self.release_staged();
-                Ok(())
-            }
-            Err(e) => self.take_back(&e),
-        }
-    }
-
-    fn release_staged(&mut self) {
-        for (key, _) in self.staged.drain(..) {
-            if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
-                socket.staged = false;
-            }
-        }
-    }
-
-    /// After a failed commit: nothing of this turn's output leaves; the
-    /// core answers its requests `unavailable` instead.
-    fn take_back(&mut self, e: &crate::database::DatabaseError) -> io::Result<()> {
-        error!("{e}: answering the requests since the last commit with `unavailable`");
-        // Page requests are output too: the core asks again.
-        self.loads.clear();
-        for (key, frames) in std::mem::take(&mut self.staged) {
-            if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
-                socket.staged = false;
-                socket.output.truncate(frames);
-            }
-            self.backlog_written(key);
-        }
-        let committed = self.core.store().load().map_err(|e| {
-            io::Error::other(format!(
-                "{e}; cannot read the committed state back after a failed commit"
-            ))
-        })?;
-        let now = self.now();
-        self.core.commit_failed(&committed, now);
-        self.drain_core();
-        // None of that depends on an uncommitted change: it may go out.
-        self.release_staged();
         Ok(())
+    }
+
+    /// Hands the core what the storage thread finished: batches committed
+    /// (or failed), and offline pages read.
+    fn take_storage(&mut self) {
+        let Some(storage) = self.storage.as_mut() else {
+            return;
+        };
+        for done in storage.finished() {
+            let now = self.now();
+            match done {
+                Done::Persisted { batch, result } => {
+                    let outcome = match result {
+                        Ok(_) => Persisted::Committed,
+                        Err(e) => {
+                            error!(%batch, "{e}: taking the batch back; its requests are answered `unavailable`");
+                            Persisted::Failed
+                        }
+                    };
+                    self.core.handle_persisted(batch, outcome, now);
+                }
+                Done::Page { conn, result } => match result {
+                    Ok(page) => {
+                        let _ = self.core.handle_offline_page(conn, page, now);
+                    }
+                    Err(e) => {
+                        // The messages stay queued; the connection is cut
+                        // off so its next login tries again, rather than
+                        // wait forever.
+                        error!(%conn, "{e}: cannot read offline messages; closing the connection");
+                        if let Some(key) = self.key_of(conn) {
+                            self.report_written(key);
+                            self.transport_closed(key, "its offline messages cannot be read");
+                        }
+                    }
+                },
+            }
+            self.drain_core();
+        }
     }
 
     /// Hands the core the password checks the workers finished.
@@ -448,7 +391,7 @@ impl Reactor {
             self.shutdown_deadline,
             // Flush rounds ran out with sockets still to write: go on at
             // once, after a look at the others.
-            (!self.dirty.is_empty() || !self.loads.is_empty()).then_some(self.instant),
+            (!self.dirty.is_empty()).then_some(self.instant),
         ]
         .into_iter()
         .flatten()
@@ -576,7 +519,6 @@ impl Reactor {
             phase: Phase::Open,
             armed: Some((true, false)),
             dirty: false,
-            staged: false,
             tls,
             close_notified: false,
             app,
@@ -1037,10 +979,6 @@ impl Reactor {
                         continue;
                     };
                     let socket = self.sockets[key].as_mut().expect("keys point at sockets");
-                    if !socket.staged {
-                        socket.staged = true;
-                        self.staged.push((key, socket.output.frames()));
-                    }
                     match &socket.app {
                         App::WebSocket(_) => websocket::encode(&frame, |m| socket.output.push(m)),
                         _ => socket.output.push(frame),
@@ -1073,12 +1011,20 @@ impl Reactor {
                     user,
                     after_seq,
                     max_bytes,
-                } => self.loads.push(PageRequest {
-                    conn,
-                    user,
-                    after_seq,
-                    max_bytes,
-                }),
+                } => match self.storage.as_mut() {
+                    Some(storage) => storage.load_page(conn, user, after_seq, max_bytes),
+                    // Texts stay in the core without a database: never asked.
+                    None => error!(%conn, "an offline page was asked for without a database"),
+                },
+                Output::Persist { batch, changes } => match self.storage.as_mut() {
+                    Some(storage) => storage.persist(batch, changes),
+                    None => {
+                        // Not durable without a database: the core makes no
+                        // batches then, but if it did, nothing could fail.
+                        let now = self.now();
+                        self.core.handle_persisted(batch, Persisted::Committed, now);
+                    }
+                },
                 other => debug!("unhandled core output {other:?}"),
             }
         }
@@ -1225,11 +1171,6 @@ impl Reactor {
     fn flush_dirty(&mut self) -> io::Result<()> {
         let dirty = std::mem::take(&mut self.dirty);
         for &key in &dirty {
-            if !self.staged.is_empty() {
-                // An earlier socket's write error made output (presence)
-                // and changes (a logout): they are committed first.
-                self.commit()?;
-            }
             let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
                 continue;
             };
@@ -1420,10 +1361,6 @@ impl Reactor {
         let Some(socket) = self.sockets.get_mut(key).and_then(Option::take) else {
             return;
         };
-        if socket.staged {
-            // The key may be reused before the next commit.
-            self.staged.retain(|(k, _)| *k != key);
-        }
         if let Phase::Flushing { deadline } | Phase::Draining { deadline } = socket.phase {
             self.close_deadlines.remove(&(deadline, key));
         }
