@@ -256,7 +256,7 @@ fn offline_messages_whose_delivery_was_not_recorded_come_again_to_an_online_user
         while let Some(output) = server.poll_output() {
             if let Output::Transmit { conn: c, frame } = output {
                 if c == conn {
-                    got.push(ServerFrame::decode(frame.strip_suffix(b"\n").unwrap()).unwrap());
+                    got.push(ServerFrame::decode(&frame).unwrap());
                 }
             }
         }

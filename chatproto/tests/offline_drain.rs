@@ -52,7 +52,7 @@ impl<S: chatproto::Store> Driver<S> {
         while let Some(output) = self.server.poll_output() {
             match output {
                 Output::Transmit { conn, frame } => {
-                    let frame = ServerFrame::decode(frame.strip_suffix(b"\n").unwrap()).unwrap();
+                    let frame = ServerFrame::decode(&frame).unwrap();
                     self.unsent.entry(conn).or_default().push_back(frame);
                 }
                 Output::Close { conn, .. } => self.closed.push(conn),
@@ -179,7 +179,8 @@ impl<S: chatproto::Store> Driver<S> {
             .get(&conn)
             .into_iter()
             .flatten()
-            .map(|f| f.encode().len())
+            // As written on a line transport: each frame and its `\n`.
+            .map(|f| f.encode().len() + 1)
             .sum()
     }
 }
