@@ -32,13 +32,14 @@
 //! server.handle_input(a, b"message bob hi ", now)?;
 //! server.handle_input(a, b"there\n", now)?;
 //!
-//! // After every call, drain the outputs: bytes for a connection, a
+//! // After every call, drain the outputs: a frame for a connection, a
 //! // connection to close, or an event to log.
 //! let mut to_bob = Vec::new();
 //! while let Some(output) = server.poll_output() {
 //!     match output {
 //!         Output::Transmit { conn, frame } if conn == b => {
-//!             to_bob.push(ServerFrame::decode(frame.strip_suffix(b"\n").unwrap())?);
+//!             // One frame's payload; over TCP, write it, then `\n`.
+//!             to_bob.push(ServerFrame::decode(&frame)?);
 //!         }
 //!         _ => {} // a real driver writes the other frames, closes, logs
 //!     }

@@ -248,12 +248,15 @@ impl ServerConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Output {
-    /// Send these bytes (one or more whole frames) on `conn`, after
-    /// everything sent on it before.
+    /// Send this frame on `conn`, after everything sent on it before.
+    /// `frame` is exactly one frame's payload, without a terminator: the
+    /// transport frames it (over a byte stream, write `frame` then `\n`;
+    /// over WebSocket, send it as one text message).
     Transmit {
         /// Where.
         conn: ConnId,
-        /// What: shared, not copied, when many connections get the same.
+        /// What: one frame's payload, shared, not copied, when many
+        /// connections get the same.
         frame: Bytes,
     },
     /// Send what is queued for `conn`, then close it. The core has already

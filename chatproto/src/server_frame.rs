@@ -1,8 +1,10 @@
-//! Server-to-client frames: one JSON object per line, told apart by `type`.
+//! Server-to-client frames: one JSON object each, told apart by `type`.
 //!
 //! These types are the wire contract. The server builds and encodes them;
 //! clients decode them. Encoding is deterministic (fields in declaration
-//! order), which the test vectors rely on.
+//! order), which the test vectors rely on. An encoded frame is the payload
+//! only: the transport frames it (a line ends it with `\n`; a WebSocket
+//! text message carries it as is).
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
@@ -24,7 +26,7 @@ pub const PROTOCOL_VERSION: u32 = 1;
 /// use chatproto::{ServerFrame, ByeReason};
 ///
 /// let bye = ServerFrame::Bye { reason: ByeReason::IdleTimeout };
-/// assert_eq!(&bye.encode()[..], b"{\"type\":\"bye\",\"reason\":\"idle_timeout\"}\n");
+/// assert_eq!(&bye.encode()[..], b"{\"type\":\"bye\",\"reason\":\"idle_timeout\"}");
 /// assert_eq!(ServerFrame::decode(br#"{"type":"bye","reason":"idle_timeout"}"#).unwrap(), bye);
 /// ```
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -261,8 +263,9 @@ impl std::fmt::Display for ByeReason {
 pub struct InvalidFrame(#[from] serde_json::Error);
 
 impl ServerFrame {
-    /// The frame as bytes, newline included, ready to send. Encode a frame
-    /// once and clone the `Bytes` for every recipient.
+    /// The frame's payload: its JSON, without a line ending (a line
+    /// transport writes `\n` after it; see [`crate::Output::Transmit`]).
+    /// Encode a frame once and clone the `Bytes` for every recipient.
     pub fn encode(&self) -> Bytes {
         // Written straight into the buffer that becomes the shared frame:
         // one allocation, no copy.
@@ -270,7 +273,6 @@ impl ServerFrame {
         // Serializing these types cannot fail: every map key is a string
         // and no Serialize impl here returns an error.
         serde_json::to_writer((&mut buf).writer(), self).expect("server frames always serialize");
-        buf.put_u8(b'\n');
         buf.freeze()
     }
 

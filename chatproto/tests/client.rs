@@ -12,8 +12,10 @@ fn exchange(sim: &mut Sim, conn: ConnId, client: &mut Client) {
     while let Some(frame) = client.poll_transmit() {
         sim.send_bytes(conn, &frame);
     }
+    // As a line transport carries them: each frame, then `\n`.
     for frame in sim.take_raw(conn) {
         client.handle_input(&frame);
+        client.handle_input(b"\n");
     }
 }
 

@@ -65,7 +65,7 @@ impl Driver {
                         .handle_persisted(batch, Persisted::Committed, self.now);
                 }
                 Output::Transmit { conn, frame } => {
-                    let frame = ServerFrame::decode(frame.strip_suffix(b"\n").unwrap()).unwrap();
+                    let frame = ServerFrame::decode(&frame).unwrap();
                     self.unsent.entry(conn).or_default().push_back(frame);
                 }
                 Output::Close { conn, .. } => self.closed.push(conn),
@@ -192,7 +192,8 @@ impl Driver {
             .get(&conn)
             .into_iter()
             .flatten()
-            .map(|f| f.encode().len())
+            // As written on a line transport: each frame and its `\n`.
+            .map(|f| f.encode().len() + 1)
             .sum()
     }
 }

@@ -259,7 +259,8 @@ proptest! {
                 match output {
                     Output::Transmit { conn, frame } => {
                         prop_assert!(!closed.contains(&conn), "frame for closed {}", conn);
-                        let line = frame.strip_suffix(b"\n").expect("newline-terminated");
+                        // One frame's payload: no terminator, no line break.
+                        let line = &frame[..];
                         prop_assert!(!line.contains(&b'\n'));
                         let decoded = ServerFrame::decode(line);
                         prop_assert!(decoded.is_ok(), "{:?}", String::from_utf8_lossy(line));

@@ -89,7 +89,7 @@ fn server_frames_decode_and_encode_to_the_same_bytes() {
         let frame = frame.as_str().unwrap();
         let decoded =
             ServerFrame::decode(frame.as_bytes()).unwrap_or_else(|e| panic!("{frame}: {e}"));
-        assert_eq!(decoded.encode(), format!("{frame}\n").as_bytes(), "{frame}");
+        assert_eq!(decoded.encode(), frame.as_bytes(), "{frame}");
     }
 }
 
@@ -152,7 +152,7 @@ fn the_transcript_plays_back_exactly() {
             match output {
                 Output::Transmit { conn, frame } => actual.push(json!({
                     "to": names[&conn],
-                    "frame": std::str::from_utf8(frame.strip_suffix(b"\n").unwrap()).unwrap(),
+                    "frame": std::str::from_utf8(&frame).unwrap(),
                 })),
                 Output::Close { conn, reason } => {
                     actual.push(json!({ "close": names[&conn], "reason": reason.as_str() }))

@@ -1,27 +1,107 @@
-//! One connection's outgoing frames, written with vectored writes.
+//! One connection's outgoing bytes, written with vectored writes.
 //!
-//! Frames are queued as the core produced them (shared `Bytes`, never
-//! copied) and written many per syscall. A partial write leaves the rest of
-//! its frame at the front, so frames are never interleaved or cut.
+//! The queue holds atomic units: a core frame with its transport's framing
+//! around it (`head`, the shared payload, `tail`), or bytes of the
+//! transport's own (an HTTP response, a WebSocket control frame). The core
+//! emits each frame as a payload without a terminator, encoded once and
+//! shared (`Bytes`) by every recipient; the framing is added here without
+//! copying it: for lines the tail is a static `\n`, for WebSocket the head
+//! is a header of a few bytes kept inline. Units are written many per
+//! syscall, each part its own slice. A partial write leaves the rest of
+//! its unit at the front, so units are never interleaved or cut.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 
-/// Frames per `write_vectored` call: enough to batch a burst, small enough
-/// to build the slice array on the stack.
-const MAX_SLICES: usize = 64;
+/// Slices per `write_vectored` call: a framed frame takes two or three, so
+/// this batches a burst of about 64 frames, and the slice array still fits
+/// on the stack.
+const MAX_SLICES: usize = 128;
 
 /// Queue slots an empty queue may keep (an idle connection keeps none).
 const SHRINK_ABOVE: usize = 0;
 
+/// The end of a frame on line transports (TCP and TLS).
+pub const LINE_END: &[u8] = b"\n";
+
+/// Bytes a transport puts before a frame's payload, kept inline so a
+/// header built per recipient costs no allocation.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+pub struct Head {
+    bytes: [u8; Head::MAX],
+    len: u8,
+}
+
+impl Head {
+    /// The longest head: a WebSocket header of a server frame (2 bytes,
+    /// then a 64-bit length; no mask).
+    pub const MAX: usize = 10;
+    /// No head (line transports).
+    pub const EMPTY: Head = Head {
+        bytes: [0; Head::MAX],
+        len: 0,
+    };
+
+    /// A head of `bytes`, or `None` if they are longer than [`Head::MAX`].
+    pub fn new(bytes: &[u8]) -> Option<Head> {
+        let mut head = Head::EMPTY;
+        head.bytes.get_mut(..bytes.len())?.copy_from_slice(bytes);
+        // At most Head::MAX (10), so it fits.
+        head.len = bytes.len() as u8;
+        Some(head)
+    }
+
+    /// The head's bytes.
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for Head {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Head({:02x?})", self.as_slice())
+    }
+}
+
+/// One atomic unit of output.
+#[derive(Debug)]
+struct Unit {
+    head: Head,
+    payload: Bytes,
+    tail: &'static [u8],
+    /// A core frame: counted in [`OutputQueue::frames`].
+    core: bool,
+}
+
+impl Unit {
+    fn len(&self) -> usize {
+        self.head.as_slice().len() + self.payload.len() + self.tail.len()
+    }
+
+    /// Its parts, in order, after the first `skip` bytes.
+    fn parts(&self, mut skip: usize) -> impl Iterator<Item = &[u8]> {
+        [self.head.as_slice(), &self.payload[..], self.tail]
+            .into_iter()
+            .filter_map(move |part| {
+                let rest = part.get(skip.min(part.len())..).unwrap_or_default();
+                skip = skip.saturating_sub(part.len());
+                (!rest.is_empty()).then_some(rest)
+            })
+    }
+}
+
+/// A connection's queued output.
 #[derive(Debug, Default)]
 pub struct OutputQueue {
-    frames: VecDeque<Bytes>,
+    units: VecDeque<Unit>,
+    /// Bytes not yet written.
     bytes: usize,
-    /// The front frame is partly written.
-    front_started: bool,
+    /// Core frames not yet wholly written.
+    frames: usize,
+    /// Bytes of the front unit already written.
+    front_written: usize,
 }
 
 /// How far a write got.
@@ -34,9 +114,32 @@ pub enum Flushed {
 }
 
 impl OutputQueue {
-    pub fn push(&mut self, frame: Bytes) {
-        self.bytes += frame.len();
-        self.frames.push_back(frame);
+    /// Queues one core frame (a payload without terminator) with its
+    /// transport's framing around it; counted in [`OutputQueue::frames`].
+    pub fn push_frame(&mut self, head: Head, payload: Bytes, tail: &'static [u8]) {
+        self.push(Unit {
+            head,
+            payload,
+            tail,
+            core: true,
+        });
+    }
+
+    /// Queues bytes of the transport's own (an HTTP response, a WebSocket
+    /// pong or close), which are no core frame.
+    pub fn push_raw(&mut self, bytes: Bytes) {
+        self.push(Unit {
+            head: Head::EMPTY,
+            payload: bytes,
+            tail: b"",
+            core: false,
+        });
+    }
+
+    fn push(&mut self, unit: Unit) {
+        self.bytes += unit.len();
+        self.frames += usize::from(unit.core);
+        self.units.push_back(unit);
     }
 
     /// Bytes queued and not yet written.
@@ -44,31 +147,49 @@ impl OutputQueue {
         self.bytes
     }
 
+    /// Whether nothing is left to write.
     pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
+        self.units.is_empty()
     }
 
-    /// Frames queued (a partly written one included).
+    /// Core frames queued (a partly written one included): what the core
+    /// hears as a connection's unsent frames.
     pub fn frames(&self) -> usize {
-        self.frames.len()
+        self.frames
     }
 
-    /// Drops every frame not yet started, keeping a partly written one so
-    /// the peer never sees half a line followed by another frame.
+    /// Drops every unit not yet started, keeping a partly written one so
+    /// the peer never sees half a frame followed by another.
     pub fn drop_unstarted(&mut self) {
-        let keep = usize::from(self.front_started);
-        for frame in self.frames.drain(keep..) {
-            self.bytes -= frame.len();
+        self.drop_from(usize::from(self.front_written > 0));
+    }
+
+    fn drop_from(&mut self, keep: usize) {
+        let keep = keep.min(self.units.len());
+        for unit in self.units.drain(keep..) {
+            self.bytes -= unit.len();
+            self.frames -= usize::from(unit.core);
+        }
+        if self.units.is_empty() {
+            self.front_written = 0;
         }
     }
 
     /// Writes until the queue is empty or the writer would block.
     pub fn write_to(&mut self, writer: &mut impl Write) -> io::Result<Flushed> {
-        while !self.frames.is_empty() {
+        while !self.units.is_empty() {
             let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let count = self.frames.len().min(MAX_SLICES);
-            for (slice, frame) in slices.iter_mut().zip(self.frames.iter()) {
-                *slice = IoSlice::new(frame);
+            let mut count = 0;
+            let mut skip = self.front_written;
+            'fill: for unit in &self.units {
+                for part in unit.parts(skip) {
+                    if count == MAX_SLICES {
+                        break 'fill;
+                    }
+                    slices[count] = IoSlice::new(part);
+                    count += 1;
+                }
+                skip = 0;
             }
             match writer.write_vectored(&slices[..count]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -80,27 +201,31 @@ impl OutputQueue {
         }
         // A burst (a presence storm, a long whoelse) can grow the queue;
         // an idle connection should not keep that memory.
-        if self.frames.capacity() > SHRINK_ABOVE {
-            self.frames = VecDeque::new();
+        if self.units.capacity() > SHRINK_ABOVE {
+            self.units = VecDeque::new();
         }
         Ok(Flushed::All)
     }
 
-    fn consume(&mut self, mut written: usize) {
+    /// Takes `written` bytes off the front.
+    fn consume(&mut self, written: usize) {
+        // A writer never reports more than it was given; if one did, the
+        // queue is merely emptied.
+        let mut written = written.min(self.bytes);
         self.bytes -= written;
         while written > 0 {
-            let front = self
-                .frames
-                .front_mut()
-                .expect("wrote no more than was queued");
-            if written < front.len() {
-                front.advance(written);
-                self.front_started = true;
+            let Some(front) = self.units.front() else {
+                break;
+            };
+            let left = front.len() - self.front_written;
+            if written < left {
+                self.front_written += written;
                 return;
             }
-            written -= front.len();
-            self.frames.pop_front();
-            self.front_started = false;
+            written -= left;
+            self.frames -= usize::from(front.core);
+            self.units.pop_front();
+            self.front_written = 0;
         }
     }
 }
@@ -115,6 +240,23 @@ mod tests {
         limit: usize,
         budget: usize,
         calls: usize,
+        /// The most slices one call was given.
+        widest: usize,
+        /// Where each slice given pointed.
+        pointers: Vec<*const u8>,
+    }
+
+    impl Trickle {
+        fn new(limit: usize, budget: usize) -> Trickle {
+            Trickle {
+                taken: vec![],
+                limit,
+                budget,
+                calls: 0,
+                widest: 0,
+                pointers: vec![],
+            }
+        }
     }
 
     impl Write for Trickle {
@@ -124,6 +266,8 @@ mod tests {
 
         fn write_vectored(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
             self.calls += 1;
+            self.widest = self.widest.max(bufs.len());
+            self.pointers.extend(bufs.iter().map(|b| b.as_ptr()));
             if self.budget == 0 {
                 return Err(io::ErrorKind::WouldBlock.into());
             }
@@ -145,53 +289,115 @@ mod tests {
         }
     }
 
-    fn queue(frames: &[&str]) -> OutputQueue {
+    /// Frames as lines: each payload, then the static newline.
+    fn lines(frames: &[&str]) -> OutputQueue {
         let mut q = OutputQueue::default();
         for f in frames {
-            q.push(Bytes::copy_from_slice(f.as_bytes()));
+            q.push_frame(Head::EMPTY, Bytes::copy_from_slice(f.as_bytes()), LINE_END);
         }
         q
     }
 
     #[test]
-    fn many_frames_go_in_one_call() {
-        let mut q = queue(&["a\n", "bb\n", "ccc\n"]);
-        let mut w = Trickle {
-            taken: vec![],
-            limit: 100,
-            budget: 100,
-            calls: 0,
-        };
+    fn many_frames_go_in_one_call_with_their_framing_and_nothing_copied() {
+        let shared = Bytes::from_static(b"bb");
+        let mut q = lines(&["a"]);
+        q.push_frame(Head::EMPTY, shared.clone(), LINE_END);
+        q.push_frame(
+            Head::new(&[0x81, 3]).unwrap(),
+            Bytes::from_static(b"ccc"),
+            b"",
+        );
+        q.push_raw(Bytes::from_static(b"raw"));
+        assert_eq!((q.frames(), q.len()), (3, 2 + 3 + 5 + 3));
+        let mut w = Trickle::new(100, 100);
         assert_eq!(q.write_to(&mut w).unwrap(), Flushed::All);
-        assert_eq!(w.taken, b"a\nbb\nccc\n");
-        assert_eq!(w.calls, 1);
-        assert_eq!(q.len(), 0);
+        assert_eq!(w.taken, b"a\nbb\n\x81\x03cccraw");
+        assert_eq!((w.calls, w.widest), (1, 7), "one slice per part");
+        assert_eq!((q.len(), q.frames()), (0, 0));
+        // The payload went to the writer from where it is shared, not
+        // from a copy.
+        assert!(w.pointers.contains(&shared.as_ptr()));
     }
 
     #[test]
-    fn partial_writes_resume_where_they_stopped() {
-        let mut q = queue(&["hello\n", "world\n"]);
-        let mut w = Trickle {
-            taken: vec![],
-            limit: 4,
-            budget: 7,
-            calls: 0,
-        };
+    fn partial_writes_resume_where_they_stopped_even_inside_the_framing() {
+        let mut q = lines(&["hello", "world"]);
+        let mut w = Trickle::new(4, 11);
         assert_eq!(q.write_to(&mut w).unwrap(), Flushed::Blocked);
-        assert_eq!(q.len(), 5);
-        // Unstarted frames may be dropped; the started one stays whole.
-        q.push(Bytes::from_static(b"later\n"));
+        // "hello\n" and "world" are out; the newline of "world" is not.
+        assert_eq!((q.len(), q.frames()), (1, 1));
+        // Unstarted units may be dropped; the started one stays whole.
+        q.push_frame(Head::EMPTY, Bytes::from_static(b"later"), LINE_END);
         q.drop_unstarted();
+        assert_eq!(q.frames(), 1);
         w.budget = 100;
         assert_eq!(q.write_to(&mut w).unwrap(), Flushed::All);
         assert_eq!(w.taken, b"hello\nworld\n");
+        // A head written in pieces.
+        let mut q = OutputQueue::default();
+        q.push_frame(
+            Head::new(&[1, 2, 3]).unwrap(),
+            Bytes::from_static(b"xy"),
+            b"!",
+        );
+        let mut w = Trickle::new(1, 100);
+        assert_eq!(q.write_to(&mut w).unwrap(), Flushed::All);
+        assert_eq!(
+            (w.taken.as_slice(), w.calls),
+            (&[1, 2, 3, b'x', b'y', b'!'][..], 6)
+        );
+    }
+
+    #[test]
+    fn a_burst_wider_than_one_call_goes_out_whole_and_in_order() {
+        let frames: Vec<String> = (0..300).map(|i| format!("f{i}")).collect();
+        let mut q = lines(&frames.iter().map(String::as_str).collect::<Vec<_>>());
+        let mut w = Trickle::new(usize::MAX, usize::MAX);
+        assert_eq!(q.write_to(&mut w).unwrap(), Flushed::All);
+        assert_eq!(w.widest, MAX_SLICES);
+        let expected: String = frames.iter().map(|f| format!("{f}\n")).collect();
+        assert_eq!(w.taken, expected.as_bytes());
+    }
+
+    #[test]
+    fn only_core_frames_count_as_frames() {
+        let mut q = OutputQueue::default();
+        q.push_raw(Bytes::from_static(
+            b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+        ));
+        q.push_frame(
+            Head::new(&[0x81, 2]).unwrap(),
+            Bytes::from_static(b"{}"),
+            b"",
+        );
+        q.push_raw(Bytes::from_static(&[0x8a, 0])); // a pong
+        assert_eq!(q.frames(), 1);
+        let mut w = Trickle::new(usize::MAX, 38);
+        assert_eq!(q.write_to(&mut w).unwrap(), Flushed::Blocked);
+        assert_eq!(q.frames(), 1, "the frame is started, not written");
     }
 
     #[test]
     fn drop_unstarted_empties_a_queue_with_nothing_in_flight() {
-        let mut q = queue(&["a\n", "b\n"]);
+        let mut q = lines(&["a", "b"]);
         q.drop_unstarted();
         assert!(q.is_empty());
-        assert_eq!(q.len(), 0);
+        assert_eq!((q.len(), q.frames()), (0, 0));
+    }
+
+    #[test]
+    fn a_drained_queue_keeps_no_memory() {
+        let mut q = lines(&["a"; 100]);
+        q.write_to(&mut Trickle::new(usize::MAX, usize::MAX))
+            .unwrap();
+        assert_eq!(q.units.capacity(), 0);
+    }
+
+    #[test]
+    fn heads_hold_at_most_ten_bytes() {
+        assert_eq!(Head::new(&[7; 10]).unwrap().as_slice(), &[7; 10]);
+        assert!(Head::new(&[7; 11]).is_none());
+        assert_eq!(Head::EMPTY.as_slice(), b"");
     }
 }

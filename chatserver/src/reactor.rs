@@ -29,7 +29,7 @@ use tungstenite::protocol::frame::coding::CloseCode;
 use crate::cli::Limits;
 use crate::clock::Clock;
 use crate::http::{self, HttpConfig, Routed};
-use crate::output_queue::{Flushed, OutputQueue};
+use crate::output_queue::{Flushed, Head, OutputQueue, LINE_END};
 use crate::registration::Registered;
 use crate::storage::{Done, Storage};
 use crate::verifier::Verifier;
@@ -669,14 +669,14 @@ impl Reactor {
         match http::route(&request.head, &request.config) {
             Routed::Partial => {}
             Routed::Respond(response) => {
-                socket.output.push(response);
+                socket.output.push_raw(response);
                 socket.app = App::Lines;
                 self.close_deadlines.remove(&(deadline, key));
                 self.start_closing(key, None);
             }
             Routed::Upgrade { response, consumed } => {
                 let rest = request.head.split_off(consumed);
-                socket.output.push(response);
+                socket.output.push_raw(response);
                 let limit = self.core.config().max_frame_bytes;
                 socket.app = App::WebSocket(Box::new(WebSocket::new(limit)));
                 self.close_deadlines.remove(&(deadline, key));
@@ -695,7 +695,7 @@ impl Reactor {
         let mut frames = received.frames;
         if let Some(reply) = received.reply {
             let socket = self.sockets[key].as_mut().expect("keys point at sockets");
-            socket.output.push(reply);
+            socket.output.push_raw(reply);
             self.mark_dirty(key);
             // Pongs count toward the backlog like any output: a peer that
             // pings and never reads is a slow consumer.
@@ -717,7 +717,7 @@ impl Reactor {
                     if let App::WebSocket(ws) = &mut socket.app {
                         let reason = "one frame per message: no line breaks";
                         if let Some(close) = ws.refuse_invalid(reason) {
-                            socket.output.push(close);
+                            socket.output.push_raw(close);
                         }
                     }
                     ended = Some("WebSocket: a message with a line break".to_owned());
@@ -729,7 +729,7 @@ impl Reactor {
         if let Some(close) = received.close {
             // After the answers to the frames that came before it.
             if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
-                socket.output.push(close);
+                socket.output.push_raw(close);
             }
         }
         if let Some(why) = ended {
@@ -833,7 +833,7 @@ impl Reactor {
             if let App::Refused { reason, http, .. } = socket.app {
                 if !tls.is_handshaking() {
                     // The handshake the budget allowed is done: now say why.
-                    socket.output.push(refusal(http, reason));
+                    push_refusal(&mut socket.output, http, reason);
                     self.start_closing(key, None);
                     break None;
                 }
@@ -979,9 +979,15 @@ impl Reactor {
                         continue;
                     };
                     let socket = self.sockets[key].as_mut().expect("keys point at sockets");
+                    // The core's frames are bare payloads: each transport
+                    // frames them, without copying them.
                     match &socket.app {
-                        App::WebSocket(_) => websocket::encode(&frame, |m| socket.output.push(m)),
-                        _ => socket.output.push(frame),
+                        App::WebSocket(_) => socket.output.push_frame(
+                            websocket::text_header(frame.len()),
+                            frame,
+                            b"",
+                        ),
+                        _ => socket.output.push_frame(Head::EMPTY, frame, LINE_END),
                     }
                     self.mark_dirty(key);
                     if self.backlog_due(key) && !cut.contains(&key) {
@@ -1115,7 +1121,7 @@ impl Reactor {
         if let App::WebSocket(ws) = &mut socket.app {
             // After the `bye`, the WebSocket's own goodbye.
             if let Some(close) = ws.close_frame(websocket_close_code(reason), "") {
-                socket.output.push(close);
+                socket.output.push_raw(close);
             }
         }
         let deadline = self.instant + CLOSE_GRACE;
@@ -1394,9 +1400,10 @@ impl Reactor {
 /// HTTP client) and hang up. The answer is tiny and the socket's send
 /// buffer empty, so one non-blocking write suffices.
 fn refuse(stream: TcpStream, http: bool, reason: ByeReason) {
-    use std::io::Write;
     let _ = stream.set_nonblocking(true);
-    let _ = (&stream).write_all(&refusal(http, reason));
+    let mut output = OutputQueue::default();
+    push_refusal(&mut output, http, reason);
+    let _ = output.write_to(&mut &stream);
     let _ = stream.shutdown(Shutdown::Write);
 }
 
@@ -1423,12 +1430,13 @@ fn configure_socket(stream: &TcpStream, limits: &Limits) -> io::Result<()> {
     Ok(())
 }
 
-/// What a refused connection is told: a `bye`, or a 503 to an HTTP client.
-fn refusal(http: bool, reason: ByeReason) -> bytes::Bytes {
+/// Queues what a refused connection is told: a `bye` line, or a 503 to an
+/// HTTP client.
+fn push_refusal(output: &mut OutputQueue, http: bool, reason: ByeReason) {
     if http {
-        http::unavailable(&format!("{reason}"))
+        output.push_raw(http::unavailable(&format!("{reason}")));
     } else {
-        ServerFrame::Bye { reason }.encode()
+        output.push_frame(Head::EMPTY, ServerFrame::Bye { reason }.encode(), LINE_END);
     }
 }
 

@@ -5,17 +5,21 @@
 //! tungstenite's `WebSocketContext` does the reading: unmasking,
 //! fragments, control frames (a ping is answered, a close echoed), UTF-8
 //! and size checks. Each text message is one protocol frame for the core.
-//! Outgoing frames are written here, one text message per frame, so each
-//! stays a separate entry in the connection's output queue (a failed commit
-//! or a slow consumer drops whole frames, never half of one).
+//! Each outgoing frame is one text message: [`text_header`] makes its
+//! header, which the connection's output queue writes before the frame's
+//! payload, so a frame the core encoded once for many recipients is never
+//! copied per WebSocket (and a failed commit or a slow consumer drops whole
+//! messages, never half of one).
 
 use std::io::{self, Read, Write};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use tungstenite::error::CapacityError;
-use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
-use tungstenite::protocol::frame::{CloseFrame, FrameHeader};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::frame::CloseFrame;
 use tungstenite::protocol::{Message, Role, WebSocketConfig, WebSocketContext};
+
+use crate::output_queue::Head;
 
 /// A message up to this many times the core's frame limit is handed to the
 /// core, which answers `frame_too_large` as it would for a long line; a
@@ -166,21 +170,27 @@ fn reserved_length(size: usize) -> bool {
     (size as u64) >> 63 != 0
 }
 
-/// Encodes one core output (one or more `\n`-ended frames) as text
-/// messages, one per frame.
-pub fn encode(frames: &Bytes, mut push: impl FnMut(Bytes)) {
-    let header = FrameHeader {
-        opcode: OpCode::Data(Data::Text),
-        ..FrameHeader::default()
+/// The header of a text message of `payload_len` bytes from the server
+/// (RFC 6455 5.2: final, unmasked, opcode 1, the shortest length form),
+/// built per recipient in a few bytes so the payload can stay shared.
+pub fn text_header(payload_len: usize) -> Head {
+    /// FIN set, opcode 1 (text).
+    const FINAL_TEXT: u8 = 0x81;
+    let len = payload_len as u64;
+    let head = match len {
+        0..=125 => Head::new(&[FINAL_TEXT, len as u8]),
+        126..=0xffff => {
+            let [a, b] = (len as u16).to_be_bytes();
+            Head::new(&[FINAL_TEXT, 126, a, b])
+        }
+        _ => {
+            let mut bytes = [FINAL_TEXT, 127, 0, 0, 0, 0, 0, 0, 0, 0];
+            bytes[2..].copy_from_slice(&len.to_be_bytes());
+            Head::new(&bytes)
+        }
     };
-    for line in frames.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
-        let mut message = BytesMut::with_capacity(header.len(line.len() as u64) + line.len());
-        let mut writer = (&mut message).writer();
-        // Writing into memory cannot fail.
-        let _ = header.format(line.len() as u64, &mut writer);
-        message.extend_from_slice(line);
-        push(message.freeze());
-    }
+    // Every form above is at most 10 bytes, which a head holds.
+    head.unwrap_or_default()
 }
 
 /// tungstenite's view of the socket: what has been read, and where its
@@ -213,7 +223,8 @@ impl Write for Pipe<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tungstenite::protocol::frame::Frame;
+    use tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tungstenite::protocol::frame::{Frame, FrameHeader};
 
     /// A client frame: masked, as RFC 6455 requires of clients.
     fn client_frame(opcode: OpCode, payload: &[u8], is_final: bool) -> Vec<u8> {
@@ -316,16 +327,21 @@ mod tests {
     }
 
     #[test]
-    fn each_outgoing_frame_is_its_own_text_message() {
-        let mut out = Vec::new();
-        encode(&Bytes::from_static(b"{\"a\":1}\n{\"b\":2}\n"), |m| {
-            out.push(m)
-        });
-        assert_eq!(out, [&b"\x81\x07{\"a\":1}"[..], b"\x81\x07{\"b\":2}"]);
-        let long = "y".repeat(300);
-        let mut out = Vec::new();
-        encode(&Bytes::from(format!("{long}\n")), |m| out.push(m));
-        assert_eq!(&out[0][..4], &[0x81, 126, 1, 44], "16-bit length");
-        assert_eq!(&out[0][4..], long.as_bytes());
+    fn text_headers_are_the_ones_tungstenite_writes() {
+        let header = FrameHeader {
+            opcode: OpCode::Data(Data::Text),
+            ..FrameHeader::default()
+        };
+        for len in [0, 1, 7, 125, 126, 300, 0xffff, 0x1_0000, 16 << 20] {
+            let mut expected = Vec::new();
+            header.format(len as u64, &mut expected).unwrap();
+            assert_eq!(text_header(len).as_slice(), expected, "{len}");
+        }
+        assert_eq!(text_header(7).as_slice(), b"\x81\x07");
+        assert_eq!(
+            text_header(300).as_slice(),
+            [0x81, 126, 1, 44],
+            "16-bit length"
+        );
     }
 }
