@@ -627,13 +627,13 @@ impl Run {
 
 /// The value of a JSON string field, found by its key (the texts here have
 /// nothing to escape).
-fn field<'a>(line: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
+pub(crate) fn field<'a>(line: &'a [u8], key: &[u8]) -> Option<&'a [u8]> {
     let start = line.windows(key.len()).position(|w| w == key)? + key.len();
     let len = line[start..].iter().position(|&b| b == b'"')?;
     Some(&line[start..start + len])
 }
 
-fn parse<T: std::str::FromStr>(bytes: &[u8]) -> Result<T, String> {
+pub(crate) fn parse<T: std::str::FromStr>(bytes: &[u8]) -> Result<T, String> {
     std::str::from_utf8(bytes)
         .ok()
         .and_then(|s| s.parse().ok())
@@ -645,7 +645,7 @@ fn storm_login(j: usize) -> Vec<u8> {
     format!("login s{j} wrong\n").into_bytes()
 }
 
-fn next_random(state: &mut u64) -> u64 {
+pub(crate) fn next_random(state: &mut u64) -> u64 {
     *state ^= *state << 13;
     *state ^= *state >> 7;
     *state ^= *state << 17;

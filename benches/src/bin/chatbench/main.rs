@@ -29,6 +29,13 @@
 //!   connections: wrong passwords for plaintext accounts and names without
 //!   an account, taking turns. With `--spawn` the credentials file also
 //!   has hashed accounts unless `--all-plaintext`.
+//! - `chatbench mixed` runs two open-loop loads at once on disjoint users:
+//!   messages to users who never log in (stored; 20,000/s by default) and
+//!   messages between online users (5,000/s), and reports stored messages
+//!   acknowledged a second and the online messages' latency. It starts the
+//!   server it measures (`--spawn`, alias `--server-bin`) with a new SQLite
+//!   database, or `--no-db`, so that two builds, and each build with and
+//!   without a database, can be compared (`benches/scripts/mixed-ab.sh`).
 //!
 //! With `--spawn PATH` it starts the server itself, on a free loopback
 //! port, with a credentials file it writes and no database (`--no-db`), or
@@ -37,6 +44,7 @@
 
 mod load;
 mod login_timing;
+mod mixed;
 mod offline_memory;
 mod outbox;
 mod process;
@@ -157,6 +165,14 @@ enum Mode {
         #[arg(long)]
         all_plaintext: bool,
     },
+    /// Two open-loop loads at once on disjoint users: direct messages to
+    /// users who never log in (stored, with a database on disk before the
+    /// ok), and direct messages between online users; reports stored
+    /// messages acknowledged a second and the online messages' latency.
+    Mixed {
+        #[command(flatten)]
+        args: MixedArgs,
+    },
 }
 
 #[derive(Debug, clap::Args)]
@@ -245,6 +261,64 @@ struct TlsFloodArgs {
     /// With --spawn: seconds of warm-up before each run is measured.
     #[arg(long, default_value_t = 2)]
     warmup_secs: u64,
+}
+
+#[derive(Debug, clap::Args)]
+struct MixedArgs {
+    /// The chatserver binary to start and measure, on a free loopback
+    /// port with the per-address limits and the rate limit off (an old and
+    /// a new build can be run in turn).
+    #[arg(long, visible_alias = "server-bin", value_name = "PATH")]
+    spawn: PathBuf,
+    /// Run the server with `--no-db` (everything in memory) instead of a
+    /// new SQLite database (WAL, `synchronous = FULL`: each stored message
+    /// is fsync'd before its ok).
+    #[arg(long, conflicts_with = "server_db")]
+    no_db: bool,
+    /// The database file for the server (it must not exist; it is deleted
+    /// afterwards, with its -wal and -shm files). Default: a new file in
+    /// the temporary directory (check that it is on a disk, not tmpfs).
+    #[arg(long, value_name = "PATH")]
+    server_db: Option<PathBuf>,
+    /// Stored messages a second offered, all store senders together.
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    store_rate: u64,
+    /// Clients that send the stored messages (users after the online ones).
+    /// The default keeps each under the server's default rate limit (100
+    /// frames/s), though chatbench turns that limit off.
+    #[arg(long, value_name = "N", default_value_t = 250)]
+    store_senders: usize,
+    /// Users who never log in, messaged in turn by the store senders: the
+    /// last users. Enough that no offline queue reaches its cap.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
+    recipients: usize,
+    /// Online messages a second offered, all online clients together.
+    #[arg(long, value_name = "N", default_value_t = 5_000)]
+    online_rate: u64,
+    /// Logged-in users who message each other (u0, u1, ...).
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    online_clients: usize,
+    /// Bytes of text per message (at least what the send-time stamp
+    /// takes, about 20).
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    text_bytes: usize,
+    /// Seconds both loads run before the measurement window.
+    #[arg(long, value_name = "S", default_value_t = 2)]
+    warmup_secs: u64,
+    /// Seconds measured.
+    #[arg(long, value_name = "S", default_value_t = 10)]
+    secs: u64,
+    /// Print one JSON line on stdout (the readable report goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// One more argument for the server (repeatable), e.g.
+    /// `--server-arg=--verify-threads=1`.
+    #[arg(long = "server-arg", value_name = "ARG", allow_hyphen_values = true)]
+    server_args: Vec<OsString>,
+    /// Run the load generator on CPU N only (Linux), from after the server
+    /// started (the server keeps every CPU).
+    #[arg(long, value_name = "N")]
+    pin_cpu: Option<usize>,
 }
 
 /// Which server to measure.
@@ -374,6 +448,7 @@ fn main() -> ExitCode {
             warmup,
             if all_plaintext { 0 } else { hashed },
         ),
+        Mode::Mixed { args } => mixed(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -720,6 +795,295 @@ impl Drop for RemoveOnDrop {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// The server's default `--offline-queue-bytes`.
+const DEFAULT_OFFLINE_QUEUE_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The `--offline-queue-cap` chatbench gives a spawned server (unless
+/// `--server-arg` sets one): high enough never to be what is measured.
+const OFFLINE_QUEUE_CAP_LIFTED: &str = "1000000000";
+
+/// The most a rate may be: beyond what one load generator can send.
+const MAX_RATE: u64 = 1_000_000;
+
+impl MixedArgs {
+    /// The load's settings against a server at `addr`.
+    fn config(&self, addr: SocketAddr, server_pid: Option<u32>) -> mixed::MixedConfig {
+        mixed::MixedConfig {
+            addr,
+            online_clients: self.online_clients,
+            online_rate: self.online_rate,
+            store_senders: self.store_senders,
+            store_rate: self.store_rate,
+            recipients: self.recipients,
+            text_bytes: self.text_bytes,
+            warmup: Duration::from_secs(self.warmup_secs),
+            measure: Duration::from_secs(self.secs),
+            server_pid,
+        }
+    }
+
+    /// Refuses settings that cannot run, or that would hit one of the
+    /// server's caps (which would measure the cap, not the server), before
+    /// anything starts.
+    fn check(&self) -> Result<(), String> {
+        for (flag, rate) in [
+            ("--store-rate", self.store_rate),
+            ("--online-rate", self.online_rate),
+        ] {
+            if !(1..=MAX_RATE).contains(&rate) {
+                return Err(format!(
+                    "{flag} {rate}: give 1 to {MAX_RATE} messages a second"
+                ));
+            }
+        }
+        if self.online_clients < 2 {
+            return Err("--online-clients must be at least 2 (they message each other)".to_owned());
+        }
+        if self.store_senders < 1 || self.recipients < 1 {
+            return Err("--store-senders and --recipients must be at least 1".to_owned());
+        }
+        if !(1..=3600).contains(&self.secs) || self.warmup_secs > 600 {
+            return Err("--secs must be 1 to 3600, --warmup-secs at most 600".to_owned());
+        }
+        // The frame is `message u<N> ` and the text: keep it well within
+        // the server's default frame limit.
+        if !(1..=MAX_FRAME_BYTES - 64).contains(&self.text_bytes) {
+            return Err(format!(
+                "--text-bytes {}: give 1 to {} (a message must fit the server's frame limit, {MAX_FRAME_BYTES} bytes)",
+                self.text_bytes,
+                MAX_FRAME_BYTES - 64
+            ));
+        }
+        let config = self.config(SocketAddr::from(([127, 0, 0, 1], 0)), None);
+        // The text is the padding, or the stamp when that is longer.
+        let text = self.text_bytes.max(32) as u64;
+        let per_recipient = config.stored_per_recipient();
+        let server_limit = |flag: &str, default: u64| {
+            server_value(&self.server_args, flag)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(default)
+        };
+        let too_few = |what: String| {
+            Err(format!(
+                "{what}: use more --recipients, or a lower --store-rate or shorter run"
+            ))
+        };
+        let queue_bytes = server_limit("--offline-queue-bytes", DEFAULT_OFFLINE_QUEUE_BYTES);
+        if per_recipient * text > queue_bytes {
+            return too_few(format!(
+                "each of {} recipients would be sent up to {per_recipient} messages, {} bytes of text, over the server's --offline-queue-bytes ({queue_bytes})",
+                self.recipients,
+                per_recipient * text
+            ));
+        }
+        let queue_cap = server_limit(
+            "--offline-queue-cap",
+            OFFLINE_QUEUE_CAP_LIFTED.parse().unwrap_or(u64::MAX),
+        );
+        if per_recipient > queue_cap {
+            return too_few(format!(
+                "each of {} recipients would be sent up to {per_recipient} messages, over the server's --offline-queue-cap ({queue_cap})",
+                self.recipients
+            ));
+        }
+        if self.no_db {
+            let total = per_recipient * self.recipients as u64 * text;
+            let memory = server_limit("--offline-memory-bytes", DEFAULT_OFFLINE_MEMORY_BYTES);
+            if total > memory {
+                return Err(format!(
+                    "--no-db: up to {total} bytes of offline text would be stored, over the server's --offline-memory-bytes ({memory}): use a lower --store-rate or a shorter run"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// `chatbench mixed`.
+fn mixed(args: &MixedArgs) -> Result<(), String> {
+    args.check()?;
+    let db = (!args.no_db).then(|| {
+        args.server_db.clone().unwrap_or_else(|| {
+            std::env::temp_dir().join(format!("chatbench-{}-mixed.db", std::process::id()))
+        })
+    });
+    if let Some(path) = &db {
+        // A link to nothing counts as existing too: SQLite would create
+        // its target.
+        if std::fs::symlink_metadata(path).is_ok() {
+            return Err(format!(
+                "{} exists; give a new path (chatbench does not reuse old data)",
+                path.display()
+            ));
+        }
+    }
+    // Declared before the server, so dropped after it: the server is
+    // killed before its database files are removed.
+    let _db_files = db.as_deref().map(RemoveOnDrop::database);
+    let db_args: Vec<OsString> = match &db {
+        Some(path) => vec!["--db".into(), path.into()],
+        None => vec!["--no-db".into()],
+    };
+    // The address and process id are the spawned server's, set below.
+    let mut config = args.config(SocketAddr::from(([127, 0, 0, 1], 0)), None);
+    let credentials = TempFile::write("credentials.txt", &credentials_text(config.users(), 0)?)?;
+    let command = ServerCommand::new(
+        &args.spawn,
+        &args.server_args,
+        &credentials.0,
+        db_args,
+        0,
+        &[],
+        &[&ADDRESS_LIMITS[..], &TLS_BUDGETS[..]].concat(),
+    );
+    let server = command.start()?;
+    pin(args.pin_cpu)?;
+    config.addr = server.addr;
+    config.server_pid = Some(server.pid());
+    let report = mixed::run(&config)?;
+    drop(server);
+
+    let storage = match &db {
+        Some(path) => format!(
+            "SQLite database {} (WAL, synchronous = FULL)",
+            path.display()
+        ),
+        None => "no database (--no-db)".to_owned(),
+    };
+    let us = mixed::MixedReport::us;
+    let max_us = mixed::MixedReport::max_us;
+    let (stored, online) = (&report.stored_latency, &report.online_latency);
+    let summary = format!(
+        "summary: mixed {}: {:.0} stored/s acknowledged (of {} offered), online p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs; errors {}",
+        if db.is_some() { "sqlite" } else { "no-db" },
+        report.stored_per_sec(),
+        args.store_rate,
+        us(online, 0.5),
+        us(online, 0.99),
+        max_us(online),
+        report.error_count(),
+    );
+    let mut lines = vec![
+        format!(
+            "mixed: server {}, {storage}; {} s warm-up, {} s measured",
+            args.spawn.display(),
+            args.warmup_secs,
+            args.secs
+        ),
+        format!(
+            "store load: {} messages/s offered by {} senders to {} offline recipients: {} due in the window, {:.0} stored/s acknowledged; due to ok p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+            args.store_rate,
+            args.store_senders,
+            args.recipients,
+            report.stored_sent,
+            report.stored_per_sec(),
+            us(stored, 0.5),
+            us(stored, 0.99),
+            max_us(stored),
+        ),
+        format!(
+            "online load: {} messages/s among {} users: {} due in the window, {} delivered; latency p50 {:.0} µs, p99 {:.0} µs, p99.9 {:.0} µs, max {:.0} µs",
+            args.online_rate,
+            args.online_clients,
+            report.online_sent,
+            report.online_delivered,
+            us(online, 0.5),
+            us(online, 0.99),
+            us(online, 0.999),
+            max_us(online),
+        ),
+    ];
+    if let Some(cpu) = report.server_cpu_secs {
+        lines.push(format!(
+            "server CPU: {:.0}% of one core",
+            cpu / report.seconds * 100.0
+        ));
+    }
+    if args.json {
+        for line in &lines {
+            eprintln!("{line}");
+        }
+        eprintln!("{summary}");
+        println!("{}", mixed_json(args, db.is_some(), &report));
+    } else {
+        for line in &lines {
+            println!("{line}");
+        }
+        println!("{summary}");
+    }
+    let errors = report.error_count();
+    if errors > 0 {
+        // Loudly, on stderr whatever --json says, and as a failed exit.
+        eprintln!(
+            "ERRORS: {errors} requests were not answered as expected ({}); this run's figures do not count",
+            report.error_kinds()
+        );
+        for error in &report.first_errors {
+            eprintln!("  {error}");
+        }
+        if report.errors.contains_key("mailbox_full") {
+            eprintln!("  (mailbox_full: the offline queues filled up: use more --recipients)");
+        }
+        return Err(format!("the mixed run had {errors} errors"));
+    }
+    Ok(())
+}
+
+/// `chatbench mixed --json`: one line.
+fn mixed_json(args: &MixedArgs, database: bool, report: &mixed::MixedReport) -> String {
+    let us = mixed::MixedReport::us;
+    let max_us = mixed::MixedReport::max_us;
+    let (stored, online) = (&report.stored_latency, &report.online_latency);
+    let kinds = report
+        .errors
+        .iter()
+        .map(|(kind, n)| format!("{}:{n}", json_string(kind)))
+        .collect::<Vec<_>>()
+        .join(",");
+    format!(
+        "{{\"mode\":\"mixed\",\"server\":{},\"database\":{database},\"seconds\":{:.1},\"warmup_secs\":{},\"store_rate\":{},\"store_senders\":{},\"recipients\":{},\"stored_sent\":{},\"stored_per_sec\":{:.0},\"stored_ack_p50_us\":{:.1},\"stored_ack_p99_us\":{:.1},\"stored_ack_max_us\":{:.1},\"online_rate\":{},\"online_clients\":{},\"online_sent\":{},\"online_delivered\":{},\"online_p50_us\":{:.1},\"online_p99_us\":{:.1},\"online_p999_us\":{:.1},\"online_max_us\":{:.1},\"server_cpu_percent\":{},\"errors\":{},\"error_kinds\":{{{kinds}}}}}",
+        json_string(&args.spawn.to_string_lossy()),
+        report.seconds,
+        args.warmup_secs,
+        args.store_rate,
+        args.store_senders,
+        args.recipients,
+        report.stored_sent,
+        report.stored_per_sec(),
+        us(stored, 0.5),
+        us(stored, 0.99),
+        max_us(stored),
+        args.online_rate,
+        args.online_clients,
+        report.online_sent,
+        report.online_delivered,
+        us(online, 0.5),
+        us(online, 0.99),
+        us(online, 0.999),
+        max_us(online),
+        report
+            .server_cpu_secs
+            .map_or("null".to_owned(), |cpu| format!("{:.1}", cpu / report.seconds * 100.0)),
+        report.error_count(),
+    )
+}
+
+/// `text` as a JSON string, quoted and escaped.
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if u32::from(c) < 0x20 => out.push_str(&format!("\\u{:04x}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
 }
 
 /// How long a flood may go on past its run's measurement, at most: the
@@ -1078,7 +1442,7 @@ impl ServerCommand {
             ("--listen", Some("127.0.0.1:0".into())),
             ("--no-rate-limit", None),
             ("--max-output-bytes", Some("268435456".into())),
-            ("--offline-queue-cap", Some("1000000000".into())),
+            ("--offline-queue-cap", Some(OFFLINE_QUEUE_CAP_LIFTED.into())),
         ];
         if hashed > 0 {
             // Wrong passwords for hashed accounts must keep costing a hash
@@ -1695,6 +2059,142 @@ mod tests {
             panic!("not the login-timing mode");
         };
         assert_eq!((count, warmup, hashed, all_plaintext), (200, 10, 10, true));
+    }
+
+    fn mixed_args(args: &[&str]) -> Result<MixedArgs, String> {
+        let mut all = vec!["mixed"];
+        all.extend_from_slice(args);
+        match parse(&all)?.command {
+            Mode::Mixed { args } => Ok(args),
+            other => panic!("not the mixed mode: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn mixed_mode_defaults_and_flags() {
+        let args = mixed_args(&["--server-bin", "/tmp/chatserver-old"]).unwrap();
+        assert_eq!(args.spawn, PathBuf::from("/tmp/chatserver-old"));
+        assert_eq!((args.store_rate, args.online_rate), (20_000, 5_000));
+        assert_eq!(
+            (args.store_senders, args.online_clients, args.recipients),
+            (250, 100, 1000)
+        );
+        assert_eq!((args.warmup_secs, args.secs, args.text_bytes), (2, 10, 64));
+        assert!(!args.no_db && !args.json && args.server_db.is_none());
+        args.check().unwrap();
+        // Each store sender stays within the server's default rate limit
+        // (100 frames/s), should it be on.
+        assert!(args.store_rate / args.store_senders as u64 <= 100);
+
+        let args = mixed_args(&[
+            "--spawn",
+            "new",
+            "--no-db",
+            "--json",
+            "--secs",
+            "5",
+            "--store-rate",
+            "1000",
+            "--online-rate=500",
+            "--server-arg=--verify-threads=1",
+        ])
+        .unwrap();
+        assert!(args.no_db && args.json);
+        assert_eq!(
+            (args.secs, args.store_rate, args.online_rate),
+            (5, 1000, 500)
+        );
+        assert_eq!(args.server_args, [OsString::from("--verify-threads=1")]);
+        args.check().unwrap();
+
+        // The server is required, and a database path contradicts --no-db.
+        assert!(mixed_args(&[]).is_err());
+        let err = mixed_args(&["--spawn", "s", "--no-db", "--server-db", "x.db"]).unwrap_err();
+        assert!(err.contains("cannot be used with"), "{err}");
+        assert!(mixed_args(&["--spawn", "s", "--store-rate", "-5"]).is_err());
+    }
+
+    #[test]
+    fn mixed_mode_refuses_what_cannot_be_measured() {
+        let check = |extra: &[&str]| {
+            let mut args = vec!["--spawn", "s"];
+            args.extend_from_slice(extra);
+            mixed_args(&args).unwrap().check()
+        };
+        let refused = |extra: &[&str], wanted: &str| {
+            let err = check(extra).unwrap_err();
+            assert!(err.contains(wanted), "{extra:?}: {err}");
+        };
+        refused(&["--store-rate", "0"], "--store-rate 0");
+        refused(&["--online-rate", "2000000"], "--online-rate 2000000");
+        refused(&["--online-clients", "1"], "--online-clients");
+        refused(&["--store-senders", "0"], "--store-senders");
+        refused(&["--recipients", "0"], "--recipients");
+        refused(&["--secs", "0"], "--secs");
+        refused(&["--text-bytes", "0"], "--text-bytes 0");
+        refused(&["--text-bytes", "16384"], "frame limit");
+        // 20,000/s for 12 s over 10 recipients, 1,000 bytes each: 24 MB a
+        // queue, over the 4 MiB default.
+        refused(
+            &["--recipients", "10", "--text-bytes", "1000"],
+            "--offline-queue-bytes (4194304)",
+        );
+        // A cap set for the server counts.
+        refused(
+            &["--server-arg=--offline-queue-cap=100"],
+            "--offline-queue-cap (100)",
+        );
+        refused(
+            &[
+                "--server-arg",
+                "--offline-queue-bytes",
+                "--server-arg",
+                "1000",
+            ],
+            "--offline-queue-bytes (1000)",
+        );
+        refused(
+            &["--no-db", "--server-arg=--offline-memory-bytes=1000000"],
+            "--offline-memory-bytes (1000000)",
+        );
+        // The same load with a database keeps texts on disk.
+        check(&["--server-arg=--offline-memory-bytes=1000000"]).unwrap();
+        // Enough recipients make room.
+        check(&["--recipients", "100", "--text-bytes", "1000"]).unwrap();
+    }
+
+    #[test]
+    fn mixed_json_is_one_parsable_line() {
+        let args = mixed_args(&["--spawn", "/tmp/a \"quoted\" path"]).unwrap();
+        let mut latency =
+            hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).unwrap();
+        latency.record(150_000).unwrap();
+        let report = mixed::MixedReport {
+            seconds: 10.0,
+            stored_sent: 200_000,
+            stored_acked: 199_000,
+            stored_latency: latency.clone(),
+            online_sent: 50_000,
+            online_delivered: 50_000,
+            online_latency: latency,
+            server_cpu_secs: Some(5.0),
+            errors: [("mailbox_full".to_owned(), 3)].into_iter().collect(),
+            first_errors: Vec::new(),
+        };
+        let line = mixed_json(&args, true, &report);
+        assert!(!line.contains('\n'));
+        let json: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(json["mode"], "mixed");
+        assert_eq!(json["server"], "/tmp/a \"quoted\" path");
+        assert_eq!(json["database"], true);
+        assert_eq!(json["stored_per_sec"], 19_900);
+        assert_eq!(json["online_delivered"], 50_000);
+        assert_eq!(json["online_p99_us"].as_f64().map(f64::round), Some(150.0));
+        assert_eq!(json["server_cpu_percent"], 50.0);
+        assert_eq!(json["errors"], 3);
+        assert_eq!(json["error_kinds"]["mailbox_full"], 3);
+        assert_eq!(report.error_kinds(), "mailbox_full 3");
+        assert_eq!(json_string("a\\b\u{1}"), "\"a\\\\b\\u0001\"");
     }
 
     #[test]
