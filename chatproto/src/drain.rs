@@ -39,6 +39,9 @@ pub(crate) struct Drain {
     in_flight_size: QueueSize,
 }
 
+/// The frame number of a message handed over but not yet out.
+const UNNUMBERED: u64 = u64::MAX;
+
 #[derive(Debug)]
 struct InFlight {
     /// The frame number it went out as.
@@ -60,15 +63,31 @@ impl Drain {
     /// The queued message `seq` of `bytes` went to the connection as the
     /// next frame.
     pub(crate) fn hand_over(&mut self, seq: u64, bytes: usize) {
+        self.hand_over_held(seq, bytes);
+        self.number_held_frame();
+    }
+
+    /// The queued message `seq` of `bytes` was handed over, but waits
+    /// behind held output: it gets its frame number when it goes out
+    /// ([`Drain::number_held_frame`]).
+    pub(crate) fn hand_over_held(&mut self, seq: u64, bytes: usize) {
         self.in_flight.push_back(InFlight {
-            frame: self.frames,
+            frame: UNNUMBERED,
             bytes,
         });
-        self.frames += 1;
         self.started = true;
         self.after_seq = seq;
         self.in_flight_size.messages += 1;
         self.in_flight_size.bytes += bytes;
+    }
+
+    /// The oldest message handed over without a number went out as the
+    /// next frame.
+    pub(crate) fn number_held_frame(&mut self) {
+        if let Some(m) = self.in_flight.iter_mut().find(|m| m.frame == UNNUMBERED) {
+            m.frame = self.frames;
+        }
+        self.frames += 1;
     }
 
     /// The driver has `unsent` of the connection's frames left to write:

@@ -117,7 +117,15 @@ pub(crate) enum Kind {
     Fact,
     /// Anything else a request caused (a message, a notice): dropped.
     Caused,
+    /// A queued message handed over behind held output: numbered in its
+    /// connection's drain when it goes out.
+    Page,
 }
+
+/// What a login's answer waits for, besides its batch, when the login
+/// starts an offline drain: the drain's first page, so that the answer and
+/// the first page go out together ([`Ledger::lift`]).
+pub(crate) const FIRST_PAGE: u64 = u64::MAX;
 
 /// An output waiting for a batch.
 #[derive(Debug)]
@@ -306,7 +314,7 @@ impl Ledger {
     /// The batch in flight is durable: what waited only for it may go.
     /// Calls `release` with each output now free, per connection in
     /// order. False for a batch not in flight (ignored).
-    pub(crate) fn committed(&mut self, batch: BatchId, release: impl FnMut(Output)) -> bool {
+    pub(crate) fn committed(&mut self, batch: BatchId, release: impl FnMut(Output, Kind)) -> bool {
         if self.in_flight.as_ref().map(|b| b.id) != Some(batch.0) {
             return false;
         }
@@ -332,7 +340,7 @@ impl Ledger {
         &mut self,
         batch: BatchId,
         unavailable: impl Fn(ConnId, Option<RequestId>) -> Output,
-        release: impl FnMut(Output),
+        release: impl FnMut(Output, Kind),
     ) -> Option<Failure> {
         if self.in_flight.as_ref().map(|b| b.id) != Some(batch.0) {
             return None;
@@ -369,7 +377,7 @@ impl Ledger {
                         kind: Kind::Answer(id),
                     }),
                     Kind::Fact => kept.push_back(Held { after: 0, ..held }),
-                    Kind::Caused => {}
+                    Kind::Caused | Kind::Page => {}
                 }
             }
             *queue = kept;
@@ -380,15 +388,25 @@ impl Ledger {
 
     /// Hands every held output that no longer waits to `release`, per
     /// connection in order.
-    fn release(&mut self, mut release: impl FnMut(Output)) {
+    pub(crate) fn release(&mut self, mut release: impl FnMut(Output, Kind)) {
         let answered = self.answered;
         self.held.retain(|_, queue| {
             while queue.front().is_some_and(|h| h.after <= answered) {
                 let held = queue.pop_front().expect("checked above");
-                release(held.output);
+                release(held.output, held.kind);
             }
             !queue.is_empty()
         });
+    }
+
+    /// `conn`'s first offline page is handed over (or there is none): what
+    /// waited for it no longer does.
+    pub(crate) fn lift(&mut self, conn: ConnId) {
+        if let Some(queue) = self.held.get_mut(&conn) {
+            for held in queue.iter_mut().filter(|h| h.after == FIRST_PAGE) {
+                held.after = 0;
+            }
+        }
     }
 }
 

@@ -22,7 +22,7 @@ use crate::blocking::BlockList;
 use crate::command::{Command, CommandName, DebugTarget};
 use crate::connection::{ConnId, Connection, Connections};
 use crate::drain::Drain;
-use crate::durability::{BatchId, Held, Key, Kind, Ledger, Persisted, Undo};
+use crate::durability::{BatchId, Held, Key, Kind, Ledger, Persisted, Undo, FIRST_PAGE};
 use crate::error::{ErrorCode, RequestError};
 use crate::framing::{self, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES};
 use crate::lockout::{Lockout, LockoutPolicy};
@@ -515,6 +515,9 @@ pub struct Server {
     page_gated: Vec<ConnId>,
     /// Connections whose held input may go on: their first page went out.
     input_due: Vec<ConnId>,
+    /// The connection whose login, in the unit being served, started an
+    /// offline drain: its answer waits for the first page too.
+    first_page_for: Option<ConnId>,
     /// Logins waiting for a password check, by ticket.
     verifications: HashMap<VerifyTicket, PendingLogin>,
     next_ticket: u64,
@@ -578,6 +581,7 @@ impl Server {
             page_due: Vec::new(),
             page_gated: Vec::new(),
             input_due: Vec::new(),
+            first_page_for: None,
             verifications: HashMap::new(),
             next_ticket: 0,
             draining: 0,
@@ -1030,13 +1034,13 @@ impl Server {
         let connections = &mut self.connections;
         let closing = &mut self.closing_drains;
         let draining = self.draining;
-        let release = |output: Output| {
+        let release = |output: Output, kind: Kind| {
             let drains = Drains {
                 connections: &mut *connections,
                 closing: &mut *closing,
                 draining,
             };
-            release_into(outputs, drains, output)
+            release_into(outputs, drains, output, kind)
         };
         match outcome {
             Persisted::Committed => {
@@ -1687,6 +1691,10 @@ impl Server {
             format!("welcome, {name}"),
         );
         self.start_drain(conn, user);
+        if self.ledger.enabled() && self.is_draining(conn) {
+            // The answer goes out with the first page, as one write.
+            self.first_page_for = Some(conn);
+        }
         self.announce(user, true);
         self.event(Event::LoggedIn { conn, user: name });
         Ok(())
@@ -1742,7 +1750,14 @@ impl Server {
             else {
                 continue;
             };
-            if self.ledger.holds(conn) || self.ledger.user_dirty(user) {
+            // A first page goes behind the login's held answer, which
+            // waits for it; a later one waits until nothing is held.
+            let started = self
+                .connections
+                .get(conn)
+                .and_then(|c| c.drain.as_ref())
+                .is_some_and(|d| d.started);
+            if (started && self.ledger.holds(conn)) || self.ledger.user_dirty(user) {
                 if !self.page_gated.contains(&conn) {
                     self.page_gated.push(conn);
                 }
@@ -1843,6 +1858,36 @@ impl Server {
         if first {
             self.input_due.push(conn);
         }
+        if self.ledger.holds(conn) {
+            // Behind the login's answer: held, numbered as they go out.
+            for QueuedMessage { seq, message } in page {
+                let bytes = message.size();
+                let frame = ServerFrame::Message(MessageFrame {
+                    from: message.from,
+                    text: message.text,
+                    sent_at: message.sent_at,
+                    offline: true,
+                })
+                .encode();
+                if let Some(drain) = self
+                    .connections
+                    .get_mut(conn)
+                    .and_then(|c| c.drain.as_mut())
+                {
+                    drain.hand_over_held(seq, bytes);
+                }
+                let output = Output::Transmit { conn, frame };
+                let held = Held {
+                    after: 0,
+                    output,
+                    kind: Kind::Page,
+                };
+                self.ledger.hold(conn, held);
+            }
+            self.ledger.lift(conn);
+            self.release_held();
+            return;
+        }
         for QueuedMessage { seq, message } in page {
             let bytes = message.size();
             let frame = ServerFrame::Message(MessageFrame {
@@ -1881,10 +1926,29 @@ impl Server {
         let drain = self.connections.get_mut(conn)?.drain.take()?;
         self.draining -= 1;
         if !drain.started {
-            // Its later input waited for the first page: it goes on.
+            // Its later input, and its login's answer, waited for the
+            // first page: they go on.
             self.input_due.push(conn);
+            self.ledger.lift(conn);
+            self.release_held();
         }
         Some(drain)
+    }
+
+    /// Hands the driver every held output that no longer waits.
+    fn release_held(&mut self) {
+        let outputs = &mut self.outputs;
+        let connections = &mut self.connections;
+        let closing = &mut self.closing_drains;
+        let draining = self.draining;
+        self.ledger.release(|output, kind| {
+            let drains = Drains {
+                connections: &mut *connections,
+                closing: &mut *closing,
+                draining,
+            };
+            release_into(outputs, drains, output, kind);
+        });
     }
 
     /// Serves the input `conn` held back, once it no longer waits (for a
@@ -2319,7 +2383,7 @@ impl Server {
                 closing: &mut self.closing_drains,
                 draining: self.draining,
             };
-            release_into(&mut self.outputs, drains, output);
+            release_into(&mut self.outputs, drains, output, Kind::Caused);
         } else {
             self.outputs.push_back(output);
         }
@@ -2342,7 +2406,9 @@ impl Server {
             return;
         }
         let after = self.ledger.take_reads();
+        let first_page_for = self.first_page_for.take();
         let fast = after == 0
+            && first_page_for.is_none()
             && (!self.ledger.holds_any()
                 || !self.outputs.range(mark..).any(|o| match o {
                     Output::Transmit { conn, .. } | Output::Close { conn, .. } => {
@@ -2381,6 +2447,10 @@ impl Server {
                     continue;
                 }
             };
+            let after = match kind {
+                Kind::Answer(_) if first_page_for == Some(conn) => FIRST_PAGE,
+                _ => after,
+            };
             if self.ledger.must_hold(conn, after) {
                 self.ledger.hold(
                     conn,
@@ -2396,7 +2466,7 @@ impl Server {
                     closing: &mut self.closing_drains,
                     draining: self.draining,
                 };
-                release_into(&mut self.outputs, drains, output);
+                release_into(&mut self.outputs, drains, output, Kind::Caused);
             }
         }
     }
@@ -2466,15 +2536,25 @@ fn queue_in_unit(
     if ledger.enabled() {
         outputs.push_back(output);
     } else {
-        release_into(outputs, drains, output);
+        release_into(outputs, drains, output, Kind::Caused);
     }
 }
 
 /// Puts a settled output in the queue the driver polls, numbering it in
 /// its connection's drain if one is in progress.
-fn release_into(outputs: &mut VecDeque<Output>, drains: Drains<'_>, output: Output) {
+fn release_into(outputs: &mut VecDeque<Output>, drains: Drains<'_>, output: Output, kind: Kind) {
     if let Output::Transmit { conn, .. } = &output {
-        count_frame(drains, *conn);
+        if kind == Kind::Page {
+            if let Some(drain) = drains
+                .connections
+                .get_mut(*conn)
+                .and_then(|c| c.drain.as_mut())
+            {
+                drain.number_held_frame();
+            }
+        } else {
+            count_frame(drains, *conn);
+        }
     }
     outputs.push_back(output);
 }

@@ -209,3 +209,30 @@ fn a_bye_and_close_in_the_same_wake_up_as_a_failed_batch_still_go_out() {
         chatproto::LastSeen::Offline { .. }
     ));
 }
+
+#[test]
+fn a_logins_answer_waits_for_its_first_offline_page_and_goes_out_with_it() {
+    let (mut sim, alice, _) = slow_storage();
+    sim.auto_commit = true;
+    sim.ok(alice, "message bob queued");
+    sim.auto_commit = false;
+    let bob = sim.connect();
+    sim.take(bob);
+    sim.send(bob, "login bob pw-bob");
+    // Input after the login waits for the first page, as it would for a
+    // password check: its answer comes after the queue.
+    sim.send(bob, "whoami");
+    assert!(sim.take(bob).is_empty());
+    sim.answer_batch(Persisted::Committed);
+    let frames = sim.take(bob);
+    assert!(
+        matches!(
+            &frames[..],
+            [ServerFrame::Ok(login), ServerFrame::Message(m), ServerFrame::Ok(who)]
+                if matches!(login.reply, Reply::Login { .. })
+                    && m.offline
+                    && matches!(who.reply, Reply::Whoami { .. })
+        ),
+        "{frames:?}"
+    );
+}
