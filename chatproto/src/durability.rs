@@ -4,7 +4,7 @@
 //!
 //! Every change the core makes to lasting state goes into the open batch.
 //! When no batch is being written, the open batch leaves as
-//! [`Output::Persist`](crate::Output::Persist); changes made while it is
+//! [`Output::Persist`]; changes made while it is
 //! written form the next one, so there is one batch in flight at a time and
 //! a slow disk makes batches bigger, not more numerous.
 //!
@@ -27,39 +27,16 @@
 use std::collections::{HashMap, VecDeque};
 
 use crate::accounts::UserId;
-use crate::connection::ConnId;
+pub use crate::ids::BatchId;
+use crate::ids::ConnId;
 use crate::lockout::LockoutState;
+use crate::output::Output;
 use crate::request::RequestId;
-use crate::server::Output;
 use crate::store::Change;
 use crate::time::Timestamp;
 use crate::username::Username;
 
-/// Names one [`Output::Persist`](crate::Output::Persist) batch; hand it
-/// back with [`Server::handle_persisted`](crate::Server::handle_persisted).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BatchId(u64);
-
-impl BatchId {
-    /// The batch as a number, for a driver that sends it elsewhere.
-    pub fn into_raw(self) -> u64 {
-        self.0
-    }
-
-    /// A batch back from [`BatchId::into_raw`]. A number the core never
-    /// issued, or a batch already answered, is ignored.
-    pub fn from_raw(raw: u64) -> Self {
-        BatchId(raw)
-    }
-}
-
-impl std::fmt::Display for BatchId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "batch#{}", self.0)
-    }
-}
-
-/// What became of an [`Output::Persist`](crate::Output::Persist) batch.
+/// What became of an [`Output::Persist`] batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Persisted {
     /// Every change of the batch is durable.

@@ -67,14 +67,19 @@
 //! | [`request`] | a client frame (JSON or inline) into a [`Request`] |
 //! | [`server_frame`] | every server-to-client frame ([`ServerFrame`]) |
 //! | [`error`] | wire error codes and [`RequestError`] |
-//! | [`server`] | the server state machine ([`Server`]) |
+//! | [`server`] | the server state machine: the [`Server`] façade (`server/mod.rs`: every entry point), its state (`state.rs`), the service it serves (`hub.rs`: accounts, presence, blocks, queues, lockouts), one session per connection (`session.rs`: decoder, rate limits, held frames, timers), the rules of each request (`requests.rs`), offline delivery (`drains.rs`), and units of work and their output (`outbox.rs`) |
+//! | `output` | what the core asks of its driver: [`Output`], [`Event`], [`Timer`] (re-exported) |
+//! | [`ids`] | the names a driver hands back: [`ConnId`], [`VerifyTicket`], [`BatchId`] |
 //! | [`client`] | the client state machine ([`Client`]) |
 //! | [`store`] | lasting state: [`Change`] and [`Snapshot`] |
 //! | [`durability`] | changes in batches ([`Output::Persist`]), what waits for them, undoing a failed one |
 //! | [`accounts`], [`lockout`], [`offline`], [`rate_limit`] | accounts, failed-login locks, offline queues, flood control |
-//! | `presence`, `blocking`, `connection` | who is online, block lists, the connection table (internal) |
+//! | `presence`, `blocking` | who is online, block lists (internal) |
 //! | [`peer`] | client addresses as [`PeerKey`]s, and the limits kept per address |
-//! | `drain` | handing an offline queue to a connection a page at a time, paced by the reader (internal) |
+//! | `drain` | one connection's offline delivery in progress: frame numbers, what is known written (internal) |
+//!
+//! The modules form no import cycle: `ids` and the value types are at the
+//! bottom, `output` and `durability` above them, `server` on top.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -83,13 +88,14 @@ pub mod accounts;
 mod blocking;
 pub mod client;
 pub mod command;
-mod connection;
 mod drain;
 pub mod durability;
 pub mod error;
 pub mod framing;
+pub mod ids;
 pub mod lockout;
 pub mod offline;
+mod output;
 mod password;
 pub mod peer;
 mod presence;
@@ -107,10 +113,10 @@ pub use client::{
     Client, ClientEvent, ClientState, PendingRequest, SendError, DEFAULT_CLIENT_MAX_FRAME_BYTES,
 };
 pub use command::{Command, CommandName, DebugTarget};
-pub use connection::ConnId;
 pub use durability::{BatchId, Persisted};
 pub use error::{ErrorCode, RequestError};
 pub use framing::{encode_frame, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES};
+pub use ids::ConnId;
 pub use lockout::{LockoutPolicy, LockoutState};
 pub use offline::{MailboxLimit, OfflineMessage, OfflineTexts, QueueSize, QueuedMessage};
 pub use password::{HashedPassword, InvalidHash, InvalidPassword, Password};

@@ -2,7 +2,7 @@
 //! last seen, which is what `whoelse` and `whoelsesince` ask.
 
 use crate::accounts::{Accounts, PerUser, UserId};
-use crate::connection::ConnId;
+use crate::ids::ConnId;
 use crate::time::Timestamp;
 
 /// Who is online, and who was.

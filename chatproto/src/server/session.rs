@@ -1,50 +1,26 @@
-//! Connections: the server core's table of open connections, addressed by
-//! [`ConnId`].
+//! Sessions: what the core keeps about each open connection (its frame
+//! decoder, rate limits, login wait, held input, offline delivery,
+//! timers), in a slot table addressed by [`ConnId`].
 //!
 //! Slots are reused, and each reuse bumps the slot's generation, so an id
 //! kept after its connection closed is recognised as stale instead of
 //! reaching whoever holds the slot now.
 
+use std::collections::VecDeque;
+
 use uuid::Uuid;
 
 use crate::accounts::UserId;
 use crate::drain::Drain;
-use crate::framing::FrameDecoder;
+use crate::framing::{FrameDecoder, FrameError};
+use crate::ids::{ConnId, VerifyTicket};
 use crate::peer::PeerKey;
 use crate::rate_limit::TokenBucket;
 use crate::time::Timestamp;
 
-/// A connection, as named by the server core.
-///
-/// Drivers may use [`ConnId::index`] to key their own per-socket table:
-/// at most one open connection has a given index at a time.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct ConnId {
-    index: u32,
-    generation: u32,
-}
-
-impl ConnId {
-    /// The slot number, small and dense: fit for indexing a `Vec`.
-    pub fn index(self) -> usize {
-        self.index as usize
-    }
-
-    /// How many times the slot had been used before.
-    pub fn generation(self) -> u32 {
-        self.generation
-    }
-}
-
-impl std::fmt::Display for ConnId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "conn#{}.{}", self.index, self.generation)
-    }
-}
-
 /// What the core knows about one open connection.
 #[derive(Debug)]
-pub(crate) struct Connection {
+pub(crate) struct Session {
     pub(crate) session: Uuid,
     /// Where it comes from.
     pub(crate) peer: PeerKey,
@@ -64,16 +40,19 @@ pub(crate) struct Connection {
     /// Frames refused by the rate limit since the last one let through.
     pub(crate) refused_in_row: u32,
     /// Its login's password is being checked.
-    pub(crate) awaiting: Option<crate::server::VerifyTicket>,
-    /// Input that arrived meanwhile, served after the verdict.
-    pub(crate) held_input: Vec<u8>,
+    pub(crate) awaiting: Option<VerifyTicket>,
+    /// Frames (or framing errors) that arrived while it waited for a
+    /// password check or a first offline page, served in order after.
+    pub(crate) held_frames: VecDeque<Result<Vec<u8>, FrameError>>,
+    /// What `held_frames` holds, in bytes (an error counts a frame limit).
+    pub(crate) held_bytes: usize,
     /// Its user's offline queue being handed over.
     pub(crate) drain: Option<Drain>,
 }
 
 /// The open connections.
 #[derive(Debug, Default)]
-pub(crate) struct Connections {
+pub(crate) struct Sessions {
     slots: Vec<Slot>,
     free: Vec<u32>,
     len: usize,
@@ -82,49 +61,43 @@ pub(crate) struct Connections {
 #[derive(Debug)]
 struct Slot {
     generation: u32,
-    conn: Option<Connection>,
+    conn: Option<Session>,
 }
 
-impl Connections {
-    pub(crate) fn insert(&mut self, conn: Connection) -> ConnId {
+impl Sessions {
+    pub(crate) fn insert(&mut self, conn: Session) -> ConnId {
         self.len += 1;
         if let Some(index) = self.free.pop() {
             let slot = &mut self.slots[index as usize];
             slot.conn = Some(conn);
-            return ConnId {
-                index,
-                generation: slot.generation,
-            };
+            return ConnId::new(index, slot.generation);
         }
-        let index = u32::try_from(self.slots.len()).expect("fewer than 2^32 connections");
+        let index = u32::try_from(self.slots.len()).expect("fewer than 2^32 sessions");
         self.slots.push(Slot {
             generation: 0,
             conn: Some(conn),
         });
-        ConnId {
-            index,
-            generation: 0,
-        }
+        ConnId::new(index, 0)
     }
 
-    pub(crate) fn get(&self, id: ConnId) -> Option<&Connection> {
+    pub(crate) fn get(&self, id: ConnId) -> Option<&Session> {
         let slot = self.slots.get(id.index())?;
-        (slot.generation == id.generation).then_some(slot.conn.as_ref())?
+        (slot.generation == id.generation()).then_some(slot.conn.as_ref())?
     }
 
-    pub(crate) fn get_mut(&mut self, id: ConnId) -> Option<&mut Connection> {
+    pub(crate) fn get_mut(&mut self, id: ConnId) -> Option<&mut Session> {
         let slot = self.slots.get_mut(id.index())?;
-        (slot.generation == id.generation).then_some(slot.conn.as_mut())?
+        (slot.generation == id.generation()).then_some(slot.conn.as_mut())?
     }
 
-    pub(crate) fn remove(&mut self, id: ConnId) -> Option<Connection> {
+    pub(crate) fn remove(&mut self, id: ConnId) -> Option<Session> {
         let slot = self.slots.get_mut(id.index())?;
-        if slot.generation != id.generation {
+        if slot.generation != id.generation() {
             return None;
         }
         let conn = slot.conn.take()?;
         slot.generation = slot.generation.wrapping_add(1);
-        self.free.push(id.index);
+        self.free.push(id.index() as u32);
         self.len -= 1;
         Some(conn)
     }
@@ -135,10 +108,9 @@ impl Connections {
 
     pub(crate) fn ids(&self) -> impl Iterator<Item = ConnId> + '_ {
         self.slots.iter().enumerate().filter_map(|(index, slot)| {
-            slot.conn.as_ref().map(|_| ConnId {
-                index: index as u32,
-                generation: slot.generation,
-            })
+            slot.conn
+                .as_ref()
+                .map(|_| ConnId::new(index as u32, slot.generation))
         })
     }
 }
@@ -147,8 +119,8 @@ impl Connections {
 mod tests {
     use super::*;
 
-    fn conn() -> Connection {
-        Connection {
+    fn conn() -> Session {
+        Session {
             session: Uuid::nil(),
             peer: PeerKey::UNSPECIFIED,
             decoder: FrameDecoder::new(64),
@@ -160,14 +132,15 @@ mod tests {
             byte_bucket: None,
             refused_in_row: 0,
             awaiting: None,
-            held_input: Vec::new(),
+            held_frames: VecDeque::new(),
+            held_bytes: 0,
             drain: None,
         }
     }
 
     #[test]
     fn a_stale_id_does_not_reach_the_slots_new_owner() {
-        let mut c = Connections::default();
+        let mut c = Sessions::default();
         let a = c.insert(conn());
         assert!(c.remove(a).is_some());
         let b = c.insert(conn());

@@ -1,0 +1,75 @@
+//! The chat service's state: accounts, who is online, blocks, offline
+//! queues, failed-login records, per-address limits and the logins being
+//! checked. One [`Hub`] serves every session; the rules that change it
+//! are in `requests.rs` (a request from one session) and `drains.rs`
+//! (offline delivery).
+
+use std::collections::HashMap;
+
+use crate::accounts::{Accounts, UserId};
+use crate::blocking::BlockList;
+use crate::ids::{ConnId, VerifyTicket};
+use crate::lockout::Lockout;
+use crate::offline::OfflineQueues;
+use crate::password::Password;
+use crate::peer::{PeerKey, Peers};
+use crate::presence::Presence;
+use crate::request::RequestId;
+use crate::username::Username;
+
+use super::config::{queue_limits, ServerConfig};
+
+/// The service, apart from any one connection.
+#[derive(Debug)]
+pub(crate) struct Hub {
+    pub(crate) accounts: Accounts,
+    pub(crate) presence: Presence,
+    pub(crate) blocks: BlockList,
+    pub(crate) offline: OfflineQueues,
+    pub(crate) lockout: Lockout,
+    /// Per-address limits.
+    pub(crate) peers: Peers,
+    /// Logins waiting for a password check, by ticket.
+    pub(crate) verifications: HashMap<VerifyTicket, PendingLogin>,
+    pub(crate) next_ticket: u64,
+}
+
+impl Hub {
+    /// An empty service for `accounts`.
+    pub(crate) fn new(config: &ServerConfig, accounts: Accounts) -> Self {
+        Hub {
+            presence: Presence::new(&accounts),
+            blocks: BlockList::new(&accounts),
+            offline: OfflineQueues::new(&accounts, queue_limits(config), config.offline_texts),
+            lockout: Lockout::new(config.lockout.clone()),
+            peers: Peers::new(),
+            verifications: HashMap::new(),
+            next_ticket: 0,
+            accounts,
+        }
+    }
+}
+
+/// A login waiting for its password check.
+#[derive(Debug)]
+pub(crate) struct PendingLogin {
+    pub(crate) conn: ConnId,
+    pub(crate) peer: PeerKey,
+    pub(crate) id: Option<RequestId>,
+    pub(crate) name: Username,
+    /// `None` for a name without an account (checked against a decoy).
+    pub(crate) account: Option<UserId>,
+    /// The verdict on a plaintext password, known already (wrong): the
+    /// check against a decoy hash only makes it cost what a hashed one
+    /// costs.
+    pub(crate) plain_verdict: Option<bool>,
+}
+
+/// Input a connection may send while its login is being checked, beyond
+/// which it is cut off as a flood (in frame limits).
+pub(crate) const HELD_INPUT_FRAMES: usize = 4;
+
+/// Compared with the password of a login for an unknown name when no
+/// account is hashed, so it costs what a wrong password costs.
+pub(crate) static DECOY_PASSWORD: std::sync::LazyLock<Password> =
+    std::sync::LazyLock::new(|| Password::new("decoy-password-never-matches").expect("valid"));

@@ -1,0 +1,309 @@
+//! Output: units of work, whose outputs go out at once or wait for the
+//! batches they read ([`Ledger`]); frames numbered for offline drains; a
+//! failed batch's changes undone.
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+
+use crate::accounts::UserId;
+use crate::drain::Drain;
+use crate::durability::{Held, Kind, Ledger, Undo, FIRST_PAGE};
+use crate::error::RequestError;
+use crate::ids::ConnId;
+use crate::output::{Event, Output};
+use crate::request::RequestId;
+use crate::server_frame::{ErrorFrame, OkFrame, Reply, ServerFrame, PROTOCOL_VERSION};
+use crate::time::Timestamp;
+
+use super::session::Sessions;
+use super::state::Server;
+
+impl Server {
+    pub(super) fn reply(
+        &mut self,
+        conn: ConnId,
+        id: Option<RequestId>,
+        reply: Reply,
+        text: String,
+    ) {
+        self.answered(conn, id);
+        self.send(conn, &ServerFrame::Ok(OkFrame { id, reply, text }));
+    }
+
+    pub(super) fn send_error(&mut self, conn: ConnId, id: Option<RequestId>, error: &RequestError) {
+        self.answered(conn, id);
+        self.send_error_frame(conn, id, error);
+    }
+
+    /// Notes an answer, which a failed batch it waits for turns into
+    /// `unavailable`.
+    pub(super) fn answered(&mut self, _conn: ConnId, id: Option<RequestId>) {
+        self.note_kind(Kind::Answer(id));
+    }
+
+    /// Notes what the next output is, for a failed batch to decide its
+    /// fate (anything not noted is dropped with the batch).
+    pub(super) fn note_kind(&mut self, kind: Kind) {
+        if self.ledger.enabled() {
+            self.unit_kinds.push((self.outputs.len(), kind));
+        }
+    }
+
+    pub(super) fn send_hello(&mut self, conn: ConnId, session: uuid::Uuid) {
+        self.send(
+            conn,
+            &ServerFrame::Hello {
+                session,
+                version: PROTOCOL_VERSION,
+            },
+        );
+    }
+
+    pub(super) fn send_error_frame(
+        &mut self,
+        conn: ConnId,
+        id: Option<RequestId>,
+        error: &RequestError,
+    ) {
+        self.transmit(conn, error_frame(id, error));
+    }
+
+    pub(super) fn send(&mut self, conn: ConnId, frame: &ServerFrame) {
+        self.transmit(conn, frame.encode());
+    }
+
+    /// Queues `frame` for `conn`. Inside a unit of work it is settled
+    /// (sent or held) with the unit; outside, it goes out at once.
+    pub(super) fn transmit(&mut self, conn: ConnId, frame: Bytes) {
+        let output = Output::Transmit { conn, frame };
+        // Without durability nothing is ever held: it goes out now.
+        if self.unit_depth == 0 || !self.ledger.enabled() {
+            let drains = Drains {
+                sessions: &mut self.sessions,
+                closing: &mut self.closing_drains,
+                draining: self.draining,
+            };
+            release_into(&mut self.outputs, drains, output, Kind::Caused);
+        } else {
+            self.outputs.push_back(output);
+        }
+    }
+
+    /// Starts a unit of work (a frame served, a timer fired): its outputs
+    /// are sent or held together, by what it read. Units nest; the
+    /// outermost settles.
+    pub(super) fn begin(&mut self) -> usize {
+        self.unit_depth += 1;
+        self.outputs.len()
+    }
+
+    /// Ends the unit of work begun at `mark`: its outputs go out, or wait
+    /// for the newest unanswered batch it read or changed, behind what
+    /// their connections already hold.
+    pub(super) fn settle(&mut self, mark: usize) {
+        self.unit_depth -= 1;
+        if self.unit_depth > 0 {
+            return;
+        }
+        let after = self.ledger.take_reads();
+        let first_page_for = self.first_page_for.take();
+        let fast = after == 0
+            && first_page_for.is_none()
+            && (!self.ledger.holds_any()
+                || !self.outputs.range(mark..).any(|o| match o {
+                    Output::Transmit { conn, .. } | Output::Close { conn, .. } => {
+                        self.ledger.holds(*conn)
+                    }
+                    _ => false,
+                }));
+        if fast {
+            self.unit_kinds.clear();
+            // (Without durability, frames were counted as they were queued.)
+            let counted = !self.ledger.enabled();
+            if !counted && (self.draining > 0 || !self.closing_drains.is_empty()) {
+                for output in self.outputs.range(mark..) {
+                    if let Output::Transmit { conn, .. } = output {
+                        let drains = Drains {
+                            sessions: &mut self.sessions,
+                            closing: &mut self.closing_drains,
+                            draining: self.draining,
+                        };
+                        count_frame(drains, *conn);
+                    }
+                }
+            }
+            return;
+        }
+        let tail: Vec<Output> = self.outputs.drain(mark..).collect();
+        let mut kinds = std::mem::take(&mut self.unit_kinds).into_iter().peekable();
+        for (at, output) in (mark..).zip(tail) {
+            let noted = kinds.next_if(|&(i, _)| i == at).map(|(_, kind)| kind);
+            let (conn, kind) = match &output {
+                Output::Transmit { conn, .. } => (*conn, noted.unwrap_or(Kind::Caused)),
+                Output::Close { conn, .. } => (*conn, Kind::Fact),
+                // Events, password checks and page reads wait for nothing.
+                _ => {
+                    self.outputs.push_back(output);
+                    continue;
+                }
+            };
+            let after = match kind {
+                Kind::Answer(_) if first_page_for == Some(conn) => FIRST_PAGE,
+                _ => after,
+            };
+            if self.ledger.must_hold(conn, after) {
+                self.ledger.hold(
+                    conn,
+                    Held {
+                        after,
+                        output,
+                        kind,
+                    },
+                );
+            } else {
+                let drains = Drains {
+                    sessions: &mut self.sessions,
+                    closing: &mut self.closing_drains,
+                    draining: self.draining,
+                };
+                release_into(&mut self.outputs, drains, output, Kind::Caused);
+            }
+        }
+    }
+
+    /// Takes back one change of a failed batch; for a login, returns the
+    /// connection whose session it was.
+    pub(super) fn undo(&mut self, undo: Undo, now: Timestamp) -> Option<ConnId> {
+        match undo {
+            Undo::Queued { to, bytes } => self.hub.offline.pop_back(to, bytes),
+            Undo::Blocked { blocker, target } => {
+                self.hub.blocks.unblock(blocker, target);
+            }
+            Undo::Unblocked { blocker, target } => {
+                self.hub.blocks.block(blocker, target);
+            }
+            Undo::LoggedIn {
+                user,
+                conn,
+                last_seen,
+            } => {
+                let still_on = self
+                    .sessions
+                    .get(conn)
+                    .is_some_and(|c| c.user == Some(user));
+                if still_on {
+                    self.end_drain(conn);
+                    if let Some(c) = self.sessions.get_mut(conn) {
+                        c.user = None;
+                    }
+                    self.hub.presence.log_out(user, now);
+                    // Logged out again: the login timeout applies again.
+                    self.reschedule(conn);
+                }
+                self.hub.presence.set_last_seen(user, last_seen);
+                return Some(conn);
+            }
+            Undo::Lockout { name, before } => {
+                let known = self.hub.accounts.contains(name.as_str());
+                self.hub.lockout.put_back(&name, known, before, now);
+            }
+        }
+        None
+    }
+
+    pub(super) fn event(&mut self, event: Event) {
+        self.outputs.push_back(Output::Event(event));
+    }
+
+    /// Hands the driver every held output that no longer waits.
+    pub(super) fn release_held(&mut self) {
+        let outputs = &mut self.outputs;
+        let sessions = &mut self.sessions;
+        let closing = &mut self.closing_drains;
+        let draining = self.draining;
+        self.ledger.release(|output, kind| {
+            let drains = Drains {
+                sessions: &mut *sessions,
+                closing: &mut *closing,
+                draining,
+            };
+            release_into(outputs, drains, output, kind);
+        });
+    }
+}
+
+/// Queues an output of the unit of work being served: settled with the
+/// unit, or (without durability, where nothing waits) out at once.
+pub(super) fn queue_in_unit(
+    outputs: &mut VecDeque<Output>,
+    drains: Drains<'_>,
+    ledger: &Ledger,
+    output: Output,
+) {
+    if ledger.enabled() {
+        outputs.push_back(output);
+    } else {
+        release_into(outputs, drains, output, Kind::Caused);
+    }
+}
+
+/// Puts a settled output in the queue the driver polls, numbering it in
+/// its connection's drain if one is in progress.
+pub(super) fn release_into(
+    outputs: &mut VecDeque<Output>,
+    drains: Drains<'_>,
+    output: Output,
+    kind: Kind,
+) {
+    if let Output::Transmit { conn, .. } = &output {
+        if kind == Kind::Page {
+            if let Some(drain) = drains
+                .sessions
+                .get_mut(*conn)
+                .and_then(|c| c.drain.as_mut())
+            {
+                drain.number_held_frame();
+            }
+        } else {
+            count_frame(drains, *conn);
+        }
+    }
+    outputs.push_back(output);
+}
+
+/// The encoded `error` frame for request `id`.
+pub(super) fn error_frame(id: Option<RequestId>, error: &RequestError) -> Bytes {
+    ServerFrame::Error(ErrorFrame {
+        id,
+        code: error.code(),
+        text: error.to_string(),
+        retry_after: error.retry_after(),
+    })
+    .encode()
+}
+
+/// Counts a frame handed over for `conn`, if its offline queue is being
+/// drained, or was when it closed (the drain needs every frame's number);
+/// free when none is.
+pub(super) fn count_frame(drains: Drains<'_>, conn: ConnId) {
+    if drains.draining > 0 {
+        if let Some(drain) = drains.sessions.get_mut(conn).and_then(|c| c.drain.as_mut()) {
+            drain.count_frame();
+            return;
+        }
+    }
+    if !drains.closing.is_empty() {
+        if let Some((_, drain)) = drains.closing.get_mut(&conn) {
+            drain.count_frame();
+        }
+    }
+}
+
+/// Where frames handed over are counted: the open connections' drains and
+/// those of connections that closed mid-drain.
+pub(super) struct Drains<'a> {
+    pub(super) sessions: &'a mut Sessions,
+    pub(super) closing: &'a mut HashMap<ConnId, (UserId, Drain)>,
+    pub(super) draining: usize,
+}
