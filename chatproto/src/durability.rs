@@ -99,16 +99,18 @@ pub(crate) enum Kind {
     Page,
 }
 
-/// What a login's answer waits for, besides its batch, when the login
-/// starts an offline drain: the drain's first page, so that the answer and
-/// the first page go out together ([`Ledger::lift`]).
-pub(crate) const FIRST_PAGE: u64 = u64::MAX;
-
 /// An output waiting for a batch.
 #[derive(Debug)]
 pub(crate) struct Held {
     /// The newest batch it waits for.
     pub(crate) after: u64,
+    /// A login's answer, when the login starts an offline drain: it waits
+    /// for the drain's first page too, besides its batch, so that the
+    /// answer and the first page go out together ([`Ledger::lift`]). Kept
+    /// apart from `after` (it used to replace it) so that a failed batch
+    /// turns the answer into `unavailable` only if the login's own batch,
+    /// or an earlier one it read, is undone, not any later batch.
+    pub(crate) first_page: bool,
     pub(crate) output: Output,
     pub(crate) kind: Kind,
 }
@@ -242,8 +244,10 @@ impl Ledger {
 
     /// Whether an output for `conn` has to wait: it waits for batch
     /// `after`, or `conn` has outputs waiting before it.
-    pub(crate) fn must_hold(&self, conn: ConnId, after: u64) -> bool {
-        after > self.answered || (!self.held.is_empty() && self.held.contains_key(&conn))
+    pub(crate) fn must_hold(&self, conn: ConnId, after: u64, first_page: bool) -> bool {
+        first_page
+            || after > self.answered
+            || (!self.held.is_empty() && self.held.contains_key(&conn))
     }
 
     /// Whether anything at all is held.
@@ -259,12 +263,6 @@ impl Ledger {
     /// Holds `output` for `conn` behind what it already holds.
     pub(crate) fn hold(&mut self, conn: ConnId, held: Held) {
         self.held.entry(conn).or_default().push_back(held);
-    }
-
-    /// Drops every output held for `conn` but its close: the transport is
-    /// gone, so nothing can be written to it.
-    pub(crate) fn forget_held(&mut self, conn: ConnId) -> Option<VecDeque<Held>> {
-        self.held.remove(&conn)
     }
 
     /// The open batch, to send, if it has changes and none is in flight.
@@ -350,10 +348,15 @@ impl Ledger {
                 match held.kind {
                     Kind::Answer(id) => kept.push_back(Held {
                         after: 0,
+                        first_page: false,
                         output: unavailable(conn, id),
                         kind: Kind::Answer(id),
                     }),
-                    Kind::Fact => kept.push_back(Held { after: 0, ..held }),
+                    Kind::Fact => kept.push_back(Held {
+                        after: 0,
+                        first_page: false,
+                        ..held
+                    }),
                     Kind::Caused | Kind::Page => {}
                 }
             }
@@ -368,7 +371,10 @@ impl Ledger {
     pub(crate) fn release(&mut self, mut release: impl FnMut(Output, Kind)) {
         let answered = self.answered;
         self.held.retain(|_, queue| {
-            while queue.front().is_some_and(|h| h.after <= answered) {
+            while queue
+                .front()
+                .is_some_and(|h| h.after <= answered && !h.first_page)
+            {
                 let held = queue.pop_front().expect("checked above");
                 release(held.output, held.kind);
             }
@@ -380,8 +386,8 @@ impl Ledger {
     /// waited for it no longer does.
     pub(crate) fn lift(&mut self, conn: ConnId) {
         if let Some(queue) = self.held.get_mut(&conn) {
-            for held in queue.iter_mut().filter(|h| h.after == FIRST_PAGE) {
-                held.after = 0;
+            for held in queue.iter_mut() {
+                held.first_page = false;
             }
         }
     }

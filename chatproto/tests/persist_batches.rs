@@ -169,7 +169,6 @@ fn a_failed_batch_and_every_later_one_are_undone_newest_first() {
     // Undone newest first: the unblock, then the block. Oldest first would
     // have left bob blocked.
     assert_eq!(sim.code(alice, "unblock bob"), ErrorCode::NotBlocked);
-    assert_eq!(sim.server.debug_state(sim.now).queued_offline_messages, 0);
     let carol = sim.login("carol");
     assert!(!sim
         .take(carol)
@@ -235,4 +234,111 @@ fn a_logins_answer_waits_for_its_first_offline_page_and_goes_out_with_it() {
         ),
         "{frames:?}"
     );
+}
+
+#[test]
+fn a_committed_login_waiting_for_its_first_page_is_not_refused_by_a_later_failed_batch() {
+    let (mut sim, alice, _) = slow_storage();
+    sim.auto_commit = true;
+    sim.ok(alice, "message bob queued");
+    sim.auto_commit = false;
+    let bob = sim.connect();
+    sim.take(bob);
+    sim.send(bob, "login bob pw-bob");
+    assert_eq!(sim.batches.len(), 1, "the login is in flight");
+    // While the login is written, a message joins bob's queue: the next
+    // batch, and bob's first page waits for it.
+    assert!(sim.ask(alice, "message bob more").is_empty());
+    sim.answer_batch(Persisted::Committed);
+    assert!(sim.take(bob).is_empty(), "the page waits for the queue");
+    // The second batch fails: the login is durable, only the message is
+    // undone.
+    sim.answer_batch(Persisted::Failed);
+    assert_eq!(codes(&sim.take(alice)), [ErrorCode::Unavailable]);
+    let frames = sim.take(bob);
+    assert!(
+        matches!(
+            &frames[..],
+            [ServerFrame::Ok(login), ServerFrame::Message(m)]
+                if matches!(login.reply, Reply::Login { .. }) && m.offline
+        ),
+        "{frames:?}"
+    );
+    sim.auto_commit = true;
+    assert!(matches!(sim.ask(bob, "whoami")[..], [ServerFrame::Ok(_)]));
+}
+
+#[test]
+fn a_first_page_held_behind_a_notice_is_delivered_once_when_the_connection_closes_first() {
+    let (mut sim, alice, _) = slow_storage();
+    sim.auto_commit = true;
+    sim.ok(alice, "message bob queued");
+    sim.auto_commit = false;
+    let bob = sim.connect();
+    sim.take(bob);
+    sim.send(bob, "login bob pw-bob");
+    // While bob's login is written, carol logs in: her presence notice to
+    // bob waits for the next batch, behind bob's login answer.
+    let carol = sim.connect();
+    sim.send(carol, "login carol pw-carol");
+    sim.answer_batch(Persisted::Committed);
+    // Bob's first page is handed over behind carol's notice; the login
+    // answer goes out. Bob logs out before the notice is released.
+    let frames = sim.take(bob);
+    assert!(
+        matches!(&frames[..], [ServerFrame::Ok(ok)] if matches!(ok.reply, Reply::Login { .. })),
+        "{frames:?}"
+    );
+    sim.send(bob, "logout");
+    sim.answer_batch(Persisted::Committed);
+    let frames = sim.take(bob);
+    let offline = frames
+        .iter()
+        .filter(|f| matches!(f, ServerFrame::Message(m) if m.offline))
+        .count();
+    assert_eq!(offline, 1, "{frames:?}");
+    // Written to bob's connection (the driver reported everything
+    // written): delivered, so the next login does not get it again.
+    sim.auto_commit = true;
+    while !sim.batches.is_empty() {
+        sim.answer_batch(Persisted::Committed);
+    }
+    let bob = sim.connect();
+    sim.take(bob);
+    let again: Vec<_> = sim
+        .ask(bob, "login bob pw-bob")
+        .into_iter()
+        .filter(|f| matches!(f, ServerFrame::Message(_)))
+        .collect();
+    assert!(again.is_empty(), "delivered twice: {again:?}");
+}
+
+#[test]
+fn a_connection_closed_while_its_login_waits_for_the_first_page_still_gets_its_bye_and_close() {
+    let (mut sim, alice, _) = slow_storage();
+    sim.auto_commit = true;
+    sim.ok(alice, "message bob queued");
+    sim.auto_commit = false;
+    let bob = sim.connect();
+    sim.take(bob);
+    sim.send(bob, "login bob pw-bob");
+    // Input after the login waits for the first page; past the bound on
+    // held input, the connection is cut off as a flood.
+    let flood = "whoami\n".repeat(12_000);
+    sim.send_bytes(bob, flood.as_bytes());
+    sim.answer_batch(Persisted::Committed);
+    while !sim.batches.is_empty() {
+        sim.answer_batch(Persisted::Committed);
+    }
+    let frames = sim.take(bob);
+    assert!(
+        matches!(
+            &frames[..],
+            [ServerFrame::Ok(ok), ServerFrame::Bye { reason: ByeReason::Flood }]
+                if matches!(ok.reply, Reply::Login { .. })
+        ),
+        "{frames:?}"
+    );
+    assert_eq!(sim.closed.get(&bob), Some(&ByeReason::Flood));
+    assert!(!sim.server.holds_output(bob));
 }

@@ -925,7 +925,12 @@ impl Reactor {
         let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
             return;
         };
-        if socket.output.is_empty() {
+        // Answers waiting in the core for a commit (and a `bye` behind
+        // them) still go out to a peer that closed only its sending half.
+        let held = socket
+            .closed_conn
+            .is_some_and(|conn| self.core.holds_output(conn));
+        if socket.output.is_empty() && !held {
             self.remove(key);
         } else {
             self.start_closing(key, None);
@@ -942,7 +947,8 @@ impl Reactor {
             socket.conn = None;
             socket.closed_conn = Some(conn);
         }
-        self.forget_conn(conn);
+        // Still mapped (until `remove`): output the core held for a batch
+        // reaches the closing socket once the batch is answered.
         let now = self.now();
         if self.core.handle_disconnect(conn, now).is_ok() {
             self.drain_core();
@@ -1193,7 +1199,10 @@ impl Reactor {
             };
             match result {
                 Ok(Flushed::All) => {
-                    if let Phase::Flushing { deadline } = socket.phase {
+                    let held = socket
+                        .closed_conn
+                        .is_some_and(|conn| self.core.holds_output(conn));
+                    if let (Phase::Flushing { deadline }, false) = (socket.phase, held) {
                         // Our side is done; hear the peer out, briefly.
                         let _ = socket.stream.get().shutdown(Shutdown::Write);
                         socket.phase = Phase::Draining { deadline };
@@ -1345,10 +1354,16 @@ impl Reactor {
         self.report_written(key);
         if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
             // That report settled the closed connection's drain: none follows.
-            if socket.conn.is_none() {
-                socket.closed_conn = None;
-            }
+            let closed = if socket.conn.is_none() {
+                socket.closed_conn.take()
+            } else {
+                None
+            };
             socket.output = OutputQueue::default();
+            if let Some(conn) = closed {
+                // Nor does any output: nothing more is written.
+                self.forget_conn(conn);
+            }
         }
     }
 
@@ -1363,6 +1378,15 @@ impl Reactor {
             // Dropped without the core closing it: it ends here, while the
             // socket can still take what the core hands it meanwhile.
             self.end_session(key, conn);
+        }
+        if let Some(conn) = self
+            .sockets
+            .get(key)
+            .and_then(Option::as_ref)
+            .and_then(|s| s.closed_conn)
+        {
+            // Whatever the core still hands over for it goes nowhere now.
+            self.forget_conn(conn);
         }
         let Some(socket) = self.sockets.get_mut(key).and_then(Option::take) else {
             return;

@@ -463,3 +463,27 @@ fn a_damaged_database_is_refused_not_reset() {
     );
     assert_eq!(std::fs::read(&path).unwrap(), bytes, "the file was changed");
 }
+
+/// A client that sends its requests and closes its sending half at once
+/// (`printf ... | nc -N`) still reads every answer, including those that
+/// wait for a commit, and its `bye`.
+#[test]
+fn a_half_closed_client_gets_the_answers_that_waited_for_a_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    for round in 0..10 {
+        let mut alice = server.login("alice");
+        alice.send_bytes(format!("message bob note {round}\nlogout\n").as_bytes());
+        alice.shutdown_write();
+        let frames = alice.recv_to_end();
+        let kinds: Vec<String> = frames
+            .iter()
+            .map(|v| format!("{}:{}", v["type"], v["cmd"]))
+            .collect();
+        assert_eq!(
+            kinds,
+            [r#""ok":"message""#, r#""ok":"logout""#, r#""bye":null"#],
+            "round {round}: {frames:?}"
+        );
+    }
+}

@@ -165,6 +165,7 @@ impl Server {
                 let output = Output::Transmit { conn, frame };
                 let held = Held {
                     after: 0,
+                    first_page: false,
                     output,
                     kind: Kind::Page,
                 };

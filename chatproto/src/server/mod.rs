@@ -107,6 +107,7 @@ impl Server {
             page_gated: Vec::new(),
             input_due: Vec::new(),
             first_page_for: None,
+            lifted: false,
             draining: 0,
             latest: now,
             closing_drains: HashMap::new(),
@@ -253,8 +254,12 @@ impl Server {
         now: Timestamp,
     ) -> Result<(), UnknownConnection> {
         let now = self.clock(now);
-        // Nothing more can be written to it: what waits for it goes.
-        self.ledger.forget_held(conn);
+        // What waits for a batch stays held: only the peer's sending half
+        // may be closed (a client that sends its requests and shuts its
+        // side), and the driver can still write the answers, and the
+        // `bye`, once their batch is answered ([`Server::holds_output`]).
+        // They go in bounded time, with their batch; a driver drops what
+        // comes for a socket that is gone.
         let mark = self.begin();
         let known = self.forget(conn, now, true);
         self.settle(mark);
@@ -587,6 +592,14 @@ impl Server {
         self.pump_drains();
     }
 
+    /// Whether output for `conn` waits in the core for a batch to be
+    /// answered, even after `conn` closed ([`Server::handle_disconnect`],
+    /// or an [`Output::Close`] still held): a driver keeps a closing
+    /// socket until it has written that output too.
+    pub fn holds_output(&self, conn: ConnId) -> bool {
+        self.ledger.holds(conn)
+    }
+
     /// Whether changes are waiting to be made durable: a batch in flight,
     /// or changes made since. A driver that stops waits until this is false
     /// (answering each [`Output::Persist`]), so nothing acknowledged is
@@ -913,6 +926,17 @@ impl Server {
             .disconnected(c.peer, self.config.login_rate_per_peer);
         if let Some(drain) = c.drain {
             self.draining -= 1;
+            if !drain.started {
+                // Its login's answer waited for the first page, which will
+                // never come now: without this the answer, and the `bye`
+                // and close held behind it, would wait for ever.
+                self.ledger.lift(conn);
+                if self.unit_depth == 0 {
+                    self.release_held();
+                } else {
+                    self.lifted = true;
+                }
+            }
             if let Some(user) = c.user.filter(|_| drain.in_flight().messages > 0) {
                 // Its last frames may still be written: the driver's final
                 // report says which.

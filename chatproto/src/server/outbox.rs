@@ -8,7 +8,7 @@ use bytes::Bytes;
 
 use crate::accounts::UserId;
 use crate::drain::Drain;
-use crate::durability::{Held, Kind, Ledger, Undo, FIRST_PAGE};
+use crate::durability::{Held, Kind, Ledger, Undo};
 use crate::error::RequestError;
 use crate::ids::ConnId;
 use crate::output::{Event, Output};
@@ -106,6 +106,17 @@ impl Server {
         if self.unit_depth > 0 {
             return;
         }
+        self.settle_outputs(mark);
+        if std::mem::take(&mut self.lifted) {
+            // A first-page wait was lifted in the unit (its connection
+            // closed): what waited behind it goes, after the unit's own
+            // outputs were held behind it.
+            self.release_held();
+        }
+    }
+
+    /// Sends or holds the outputs of the outermost unit begun at `mark`.
+    fn settle_outputs(&mut self, mark: usize) {
         let after = self.ledger.take_reads();
         let first_page_for = self.first_page_for.take();
         let fast = after == 0
@@ -148,15 +159,13 @@ impl Server {
                     continue;
                 }
             };
-            let after = match kind {
-                Kind::Answer(_) if first_page_for == Some(conn) => FIRST_PAGE,
-                _ => after,
-            };
-            if self.ledger.must_hold(conn, after) {
+            let first_page = matches!(kind, Kind::Answer(_)) && first_page_for == Some(conn);
+            if self.ledger.must_hold(conn, after, first_page) {
                 self.ledger.hold(
                     conn,
                     Held {
                         after,
+                        first_page,
                         output,
                         kind,
                     },
@@ -258,12 +267,18 @@ pub(super) fn release_into(
 ) {
     if let Output::Transmit { conn, .. } = &output {
         if kind == Kind::Page {
-            if let Some(drain) = drains
-                .sessions
-                .get_mut(*conn)
-                .and_then(|c| c.drain.as_mut())
-            {
-                drain.number_held_frame();
+            // The connection may have closed while the page was held (its
+            // drain is then a closing one): the frame is numbered there, or
+            // it would never count as written and come again at the next
+            // login. With no drain at all (ended: what it had in flight
+            // stays queued), the message must not go out.
+            let drain = match drains.sessions.get_mut(*conn) {
+                Some(c) => c.drain.as_mut(),
+                None => drains.closing.get_mut(conn).map(|(_, drain)| drain),
+            };
+            match drain {
+                Some(drain) => drain.number_held_frame(),
+                None => return,
             }
         } else {
             count_frame(drains, *conn);

@@ -49,6 +49,9 @@ pub struct Server {
     /// The connection whose login, in the unit being served, started an
     /// offline drain: its answer waits for the first page too.
     pub(super) first_page_for: Option<ConnId>,
+    /// A first-page wait was lifted inside the unit being served: what
+    /// waited behind it is released when the unit settles.
+    pub(super) lifted: bool,
     /// Connections with an offline drain in progress.
     pub(super) draining: usize,
     /// The latest time any call brought: an earlier one counts as this, so

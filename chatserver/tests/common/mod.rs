@@ -431,6 +431,11 @@ impl Client {
     pub fn shutdown(&self) {
         let _ = self.writer.shutdown(std::net::Shutdown::Both);
     }
+
+    /// Closes the sending half only: the client still reads.
+    pub fn shutdown_write(&self) {
+        let _ = self.writer.shutdown(std::net::Shutdown::Write);
+    }
 }
 
 pub fn free_port() -> u16 {
