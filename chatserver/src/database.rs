@@ -95,6 +95,8 @@ pub enum DatabaseError {
     },
     #[error("{path}: {what}")]
     BadRow { path: PathBuf, what: String },
+    #[error("the storage thread stopped: nothing more can be written or read")]
+    Stopped,
 }
 
 /// What a commit wrote.

@@ -12,13 +12,15 @@
 //! Without a database (`--no-db`) there is no storage thread: the core
 //! makes no batches and keeps offline texts itself.
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
 use std::sync::Arc;
 use std::thread;
 
 use chatproto::{BatchId, Change, ConnId, QueuedMessage, Username};
 use polling::Poller;
+use tracing::error;
 
 use crate::database::{Committed, Database, DatabaseError};
 
@@ -52,14 +54,42 @@ enum Job {
     },
 }
 
+/// What a job handed over was, to answer it if the thread is gone.
+#[derive(Debug, Clone, Copy)]
+enum Asked {
+    Persist(BatchId),
+    Page(ConnId),
+}
+
+impl Asked {
+    /// The answer when the storage thread can no longer give one: the
+    /// batch failed (the core takes it back), the page cannot be read.
+    fn failed(self) -> Done {
+        match self {
+            Asked::Persist(batch) => Done::Persisted {
+                batch,
+                result: Err(DatabaseError::Stopped),
+            },
+            Asked::Page(conn) => Done::Page {
+                conn,
+                result: Err(DatabaseError::Stopped),
+            },
+        }
+    }
+}
+
 /// The storage thread and the channels to it.
 #[derive(Debug)]
 pub struct Storage {
     jobs: Option<Sender<Job>>,
     done: Receiver<Done>,
-    /// Jobs handed over and not yet answered.
-    outstanding: usize,
+    /// Jobs handed over and not yet answered, oldest first (answers come
+    /// in the same order).
+    outstanding: VecDeque<Asked>,
     thread: Option<thread::JoinHandle<()>>,
+    /// Woken when a job cannot be handed over, so the failure is answered
+    /// on the next turn.
+    poller: Arc<Poller>,
 }
 
 impl Storage {
@@ -67,14 +97,22 @@ impl Storage {
     pub fn start(db: Database, poller: Arc<Poller>) -> io::Result<Storage> {
         let (jobs, inbox) = mpsc::channel();
         let (outbox, done) = mpsc::channel();
+        let wake = poller.clone();
         let thread = thread::Builder::new()
             .name("storage".into())
-            .spawn(move || work(db, &inbox, &outbox, &poller))?;
+            .spawn(move || {
+                // Should the thread die (a panic), the reactor wakes and
+                // finds the channel closed: it answers what was pending
+                // itself rather than wait for ever.
+                let _wake = WakeOnExit(&poller);
+                work(db, &inbox, &outbox, &poller);
+            })?;
         Ok(Storage {
             jobs: Some(jobs),
             done,
-            outstanding: 0,
+            outstanding: VecDeque::new(),
             thread: Some(thread),
+            poller: wake,
         })
     }
 
@@ -94,24 +132,51 @@ impl Storage {
     }
 
     /// What the thread finished since the last call.
+    /// If the thread has stopped, every job still pending is answered as
+    /// failed: `Err(DatabaseError::Stopped)`.
     pub fn finished(&mut self) -> Vec<Done> {
-        let done: Vec<Done> = self.done.try_iter().collect();
-        self.outstanding -= done.len().min(self.outstanding);
+        let mut done = Vec::new();
+        loop {
+            match self.done.try_recv() {
+                Ok(answer) => {
+                    self.outstanding.pop_front();
+                    done.push(answer);
+                }
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    if !self.outstanding.is_empty() {
+                        error!("the storage thread stopped: failing every pending batch and read");
+                    }
+                    done.extend(self.outstanding.drain(..).map(Asked::failed));
+                    // Nothing more goes to it: later jobs fail at once.
+                    self.jobs = None;
+                    break;
+                }
+            }
+        }
         done
     }
 
     /// Whether every job handed over has been answered.
     pub fn idle(&self) -> bool {
-        self.outstanding == 0
+        self.outstanding.is_empty()
     }
 
     fn send(&mut self, job: Job) {
+        let asked = match &job {
+            Job::Persist { batch, .. } => Asked::Persist(*batch),
+            Job::LoadPage { conn, .. } => Asked::Page(*conn),
+        };
+        self.outstanding.push_back(asked);
         let sent = self
             .jobs
             .as_ref()
             .is_some_and(|jobs| jobs.send(job).is_ok());
-        if sent {
-            self.outstanding += 1;
+        if !sent {
+            // The thread is gone: `finished` answers it as failed (the
+            // channel is closed, so the next look finds it).
+            self.jobs = None;
+            let _ = self.poller.notify();
         }
     }
 }
@@ -123,6 +188,15 @@ impl Drop for Storage {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+/// Wakes the reactor when the storage thread ends, however it ends.
+struct WakeOnExit<'a>(&'a Poller);
+
+impl Drop for WakeOnExit<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.notify();
     }
 }
 
@@ -153,5 +227,54 @@ fn work(mut db: Database, inbox: &Receiver<Job>, outbox: &Sender<Done>, poller: 
             return;
         }
         let _ = poller.notify();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_pending_when_the_thread_stops_are_answered_as_failed() {
+        let poller = Arc::new(Poller::new().unwrap());
+        let (jobs, inbox) = mpsc::channel();
+        let (outbox, done) = mpsc::channel::<Done>();
+        let mut storage = Storage {
+            jobs: Some(jobs),
+            done,
+            outstanding: VecDeque::new(),
+            thread: None,
+            poller,
+        };
+        storage.persist(BatchId::from_raw(7), Vec::new());
+        assert!(storage.finished().is_empty(), "still pending");
+        // The thread dies with the job in hand.
+        drop((inbox, outbox));
+        let answers = storage.finished();
+        assert!(matches!(
+            answers[..],
+            [Done::Persisted {
+                batch,
+                result: Err(DatabaseError::Stopped)
+            }] if batch == BatchId::from_raw(7)
+        ));
+        // Later jobs fail at once.
+        let now = chatproto::Timestamp::from_unix_millis(0);
+        let mut core = chatproto::Server::new(
+            chatproto::ServerConfig::default(),
+            chatproto::Accounts::new(),
+            now,
+        )
+        .unwrap();
+        let conn = core.accept(chatproto::PeerKey::UNSPECIFIED, [0; 16], now);
+        storage.load_page(conn, "bob".parse().unwrap(), 0, 1);
+        assert!(matches!(
+            storage.finished()[..],
+            [Done::Page {
+                result: Err(DatabaseError::Stopped),
+                ..
+            }]
+        ));
+        assert!(storage.idle());
     }
 }
