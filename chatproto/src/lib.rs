@@ -70,6 +70,7 @@
 //! | [`server`] | the server state machine: the [`Server`] façade (`server/mod.rs`: every entry point), its state (`state.rs`), the service it serves (`hub.rs`: accounts, presence, blocks, queues, lockouts), one session per connection (`session.rs`: decoder, rate limits, held frames, timers), the rules of each request (`requests.rs`), offline delivery (`drains.rs`), and units of work and their output (`outbox.rs`) |
 //! | `output` | what the core asks of its driver: [`Output`], [`Event`], [`Timer`] (re-exported) |
 //! | [`ids`] | the names a driver hands back: [`ConnId`], [`VerifyTicket`], [`BatchId`] |
+//! | `refusal` | what a connection refused before its session is told ([`Server::refusal`]) |
 //! | [`client`] | the client state machine ([`Client`]) |
 //! | [`store`] | lasting state: [`Change`] and [`Snapshot`] |
 //! | [`durability`] | changes in batches ([`Output::Persist`]), what waits for them, undoing a failed one |
@@ -100,6 +101,7 @@ mod password;
 pub mod peer;
 mod presence;
 pub mod rate_limit;
+mod refusal;
 pub mod request;
 pub mod server;
 pub mod server_frame;

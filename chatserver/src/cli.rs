@@ -9,6 +9,7 @@ use chatproto::{OfflineTexts, Rate, RateLimit, ServerConfig, Username};
 use clap::Parser;
 
 use crate::origin::{Origin, PublicHost};
+use crate::reactor::Limits;
 
 /// Serves the chatproto instant-messaging protocol over TCP.
 ///
@@ -250,17 +251,29 @@ credentials.txt. Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more.
 /// Everything the server needs to start.
 #[derive(Debug)]
 pub struct Settings {
+    /// Where lines (and TLS, without `tls_listen`) are served.
     pub listen: SocketAddr,
+    /// The accounts file.
     pub credentials: PathBuf,
     /// The database, unless state is kept in memory only.
     pub database: Option<PathBuf>,
+    /// A cap on the database's pages (a hidden flag, for tests of a full
+    /// disk).
     pub db_max_pages: Option<u64>,
+    /// The core's configuration.
     pub core: ServerConfig,
+    /// The most connections at once; `None`: what the open-file limit
+    /// allows.
     pub max_connections: Option<usize>,
+    /// Unsent output past which a connection is a slow consumer.
     pub max_output_bytes: usize,
+    /// Per-socket and per-address limits.
     pub limits: Limits,
+    /// Threads that check password hashes.
     pub verify_threads: usize,
+    /// The share of a CPU each check thread may use, in percent.
     pub verify_cpu_percent: u8,
+    /// The CPU to pin the event loop to.
     pub reactor_cpu: Option<usize>,
     /// Certificate chain and key files, when serving TLS.
     pub tls: Option<(PathBuf, PathBuf)>,
@@ -272,48 +285,34 @@ pub struct Settings {
     pub public_hosts: Vec<PublicHost>,
     /// Origins allowed to open a WebSocket besides the page's own.
     pub allowed_origins: Vec<Origin>,
+    /// How long a stop waits for the last `bye` frames to go out.
     pub shutdown_grace: Duration,
-}
-
-/// The limits the reactor enforces per socket and per client address;
-/// `None` is no limit.
-#[derive(Debug, Clone)]
-pub struct Limits {
-    pub max_connections_per_ip: Option<u32>,
-    pub max_unauthenticated_percent: Option<u8>,
-    pub slow_consumer_after: Duration,
-    pub tcp_keepalive: Option<Duration>,
-    pub tcp_user_timeout: Option<Duration>,
-    pub tls_handshakes_per_ip: Option<Rate>,
-    pub tls_handshakes: Option<Rate>,
-}
-
-impl Default for Limits {
-    /// The defaults of the flags.
-    fn default() -> Self {
-        Args::parse_from(["chatserver"])
-            .limits()
-            .expect("the default flags make sense")
-    }
 }
 
 /// A command line that parses but does not make sense.
 #[derive(Debug, thiserror::Error)]
 pub enum UsageError {
+    /// The positional form with other than three values.
     #[error(
         "the positional form takes exactly three numbers: PORT BLOCK_DURATION TIMEOUT (got {0})"
     )]
     PositionalCount(usize),
+    /// A positional value out of range.
     #[error("{what} must be a whole number{range} (got {value:?})")]
     PositionalValue {
+        /// Which value.
         what: &'static str,
+        /// Its range, as words.
         range: &'static str,
+        /// What was given.
         value: String,
     },
+    /// The positional form and the flags it stands for, together.
     #[error(
         "use either the positional form or --listen/--lockout-secs/--idle-timeout-secs, not both"
     )]
     Mixed,
+    /// The core refuses the configuration.
     #[error("{0}")]
     Config(#[from] chatproto::ConfigError),
 }
@@ -321,10 +320,12 @@ pub enum UsageError {
 /// The default cap on offline texts kept in memory (without a database).
 pub const DEFAULT_OFFLINE_MEMORY_BYTES: usize = 256 * 1024 * 1024;
 
+/// Where the server listens without `--listen`.
 pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 4000);
 
 impl Args {
+    /// The settings these flags make, checked.
     pub fn into_settings(self) -> Result<Settings, UsageError> {
         let mut listen = self.listen.unwrap_or(DEFAULT_LISTEN);
         let mut lockout_secs = self.lockout_secs.unwrap_or(60);
@@ -512,6 +513,11 @@ mod tests {
         assert_eq!(s.limits.tcp_keepalive, Some(Duration::from_secs(30)));
         assert_eq!(s.limits.tcp_user_timeout, Some(Duration::from_secs(60)));
         assert!(s.limits.tls_handshakes_per_ip.is_some() && s.limits.tls_handshakes.is_some());
+        assert_eq!(
+            s.limits,
+            Limits::default(),
+            "the library's defaults are the flags'"
+        );
         // Without a database, queued texts are in memory, capped overall.
         let s = settings(&["--no-db"]).unwrap();
         assert_eq!(
@@ -526,29 +532,21 @@ mod tests {
 
     #[test]
     fn zero_turns_a_per_address_limit_off() {
-        let s = settings(&[
-            "--max-connections-per-ip",
-            "0",
-            "--max-unauthenticated-percent",
-            "0",
-            "--max-pending-checks-per-ip",
-            "0",
-            "--login-rate-per-ip",
-            "0",
-            "--login-rate-per-name",
-            "0",
-            "--tls-handshakes-per-ip",
-            "0",
-            "--tls-handshakes",
-            "0",
+        // Every per-address limit the shared lists name, which the test
+        // harnesses turn off this way, and the other limits 0 turns off.
+        use crate::admission::{ADDRESS_LIMIT_FLAGS, TLS_BUDGET_FLAGS};
+        let others = [
             "--rate-limit-bytes-per-sec",
-            "0",
             "--tcp-keepalive-secs",
-            "0",
             "--tcp-user-timeout-secs",
-            "0",
-        ])
-        .unwrap();
+        ];
+        let args: Vec<&str> = ADDRESS_LIMIT_FLAGS
+            .iter()
+            .chain(&TLS_BUDGET_FLAGS)
+            .chain(&others)
+            .flat_map(|flag| [*flag, "0"])
+            .collect();
+        let s = settings(&args).unwrap();
         assert_eq!(s.limits.max_connections_per_ip, None);
         assert_eq!(s.limits.max_unauthenticated_percent, None);
         assert_eq!(s.core.max_pending_checks_per_peer, None);

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use chatproto::Timestamp;
 
+/// Monotonic time as the core's timestamps.
 #[derive(Debug, Clone, Copy)]
 pub struct Clock {
     started: Instant,
@@ -17,6 +18,7 @@ pub struct Clock {
 }
 
 impl Clock {
+    /// A clock that starts now, at the wall-clock time.
     pub fn start() -> Clock {
         let unix = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -27,10 +29,12 @@ impl Clock {
         }
     }
 
+    /// The time now.
     pub fn now(&self) -> Timestamp {
         self.at(Instant::now())
     }
 
+    /// The time at `instant`.
     pub fn at(&self, instant: Instant) -> Timestamp {
         let since = instant.saturating_duration_since(self.started);
         Timestamp::from_unix_millis(self.started_unix_ms) + since

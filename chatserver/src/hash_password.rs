@@ -11,6 +11,7 @@ use argon2::password_hash::{PasswordHasher, SaltString};
 use argon2::Argon2;
 use chatproto::Password;
 
+/// Runs `chatserver hash-password` with the arguments after it.
 pub fn run(args: Vec<String>) -> ExitCode {
     match args.first().map(String::as_str) {
         None => {}

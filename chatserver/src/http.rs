@@ -36,7 +36,12 @@ pub enum Routed {
     Respond(Bytes),
     /// Send this `101` response and speak WebSocket from here; the request
     /// took the first `consumed` bytes (a client may send frames at once).
-    Upgrade { response: Bytes, consumed: usize },
+    Upgrade {
+        /// The `101 Switching Protocols`.
+        response: Bytes,
+        /// The request's length.
+        consumed: usize,
+    },
 }
 
 /// Routes the request at the start of `buf`.

@@ -45,7 +45,9 @@ impl fmt::Display for Host {
 /// the port, when it is not the `--http` one (behind a port forward).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublicHost {
+    /// The host name or address.
     pub host: Host,
+    /// The port, if not the listener's.
     pub port: Option<u16>,
 }
 
@@ -54,6 +56,7 @@ pub struct PublicHost {
 pub struct Origin {
     /// `https`, rather than `http`.
     pub secure: bool,
+    /// The host name or address.
     pub host: Host,
     /// As written, or the scheme's default.
     pub port: u16,

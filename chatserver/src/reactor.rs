@@ -1,47 +1,54 @@
 //! The reactor: one thread, one poller, every socket non-blocking.
 //!
 //! Each turn it waits for socket readiness or the next deadline (the core's
-//! `poll_timeout`, a closing socket's grace period), feeds what it read to
-//! the core, drains the core's outputs into per-socket queues, and writes
-//! each socket that has output once, with vectored writes. It holds no chat
-//! logic: that is all in `chatproto::Server`.
+//! `poll_timeout`, a link's), feeds what it read to the core through each
+//! socket's [`Link`], drains the core's outputs into the links (and its
+//! batches to the storage thread), and writes each socket that has output
+//! once, with vectored writes. It holds no chat logic (that is all in
+//! `chatproto::Server`), no transport logic (the links) and no admission
+//! policy ([`Admission`]): it owns poll, accept, read, write, the storage
+//! hand-off and deadline dispatch.
 //!
-//! A socket carries the protocol as lines (TCP, or TLS), or, on the
-//! `--http` listener, one HTTP request that either gets the chat page or
-//! becomes a WebSocket carrying one frame per message: see [`App`].
+//! [`Reactor::new`] takes listeners already bound, so a test can run a
+//! reactor in process on loopback sockets, a turn at a time
+//! ([`Reactor::turn`]) or until stopped ([`Reactor::run`],
+//! [`StopHandle`]).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chatproto::rate_limit::TokenBucket;
+use bytes::{Bytes, BytesMut};
 use chatproto::{
     ByeReason, ConnId, Event as CoreEvent, MessageError, Output, PeerKey, Persisted, Rate, Server,
-    ServerFrame, Timestamp,
+    Timestamp,
 };
 use polling::{Event, Events, PollMode, Poller};
 use tracing::{debug, error, info, warn};
-use tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::cli::Limits;
+use crate::admission::{Admission, Refusal, Verdict};
 use crate::clock::Clock;
-use crate::http::{self, HttpConfig, Routed};
-use crate::output_queue::{Flushed, Head, OutputQueue, LINE_END};
+use crate::http::HttpConfig;
+use crate::link::{Backlog, Expired, Link, LinkConfig, LinkEvent, Phase, Transport, Written};
+use crate::output_queue::OutputQueue;
 use crate::registration::Registered;
 use crate::storage::{Done, Storage};
+use crate::tls::TlsConfig;
 use crate::verifier::Verifier;
-use crate::websocket::{self, WebSocket};
 
 /// What the reactor needs besides the core.
 #[derive(Debug, Clone)]
 pub struct ReactorConfig {
+    /// The most sockets open at once.
     pub max_connections: usize,
+    /// Unsent output past which a connection is a slow consumer.
     pub max_output_bytes: usize,
     /// Per-socket and per-address limits.
     pub limits: Limits,
+    /// How long a stop waits for the last `bye` frames to go out.
     pub shutdown_grace: Duration,
     /// Worker threads for password checks.
     pub verify_threads: usize,
@@ -51,9 +58,55 @@ pub struct ReactorConfig {
     pub reactor_cpu: Option<usize>,
 }
 
+/// The limits the reactor enforces per socket and per client address;
+/// `None` is no limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Sockets open from one client address.
+    pub max_connections_per_ip: Option<u32>,
+    /// The share of `max_connections` that may be sockets without a
+    /// logged-in user, in percent.
+    pub max_unauthenticated_percent: Option<u8>,
+    /// How long a backlog may stay over `max_output_bytes`.
+    pub slow_consumer_after: Duration,
+    /// TCP keepalive: idle time before the first probe.
+    pub tcp_keepalive: Option<Duration>,
+    /// `TCP_USER_TIMEOUT`: how long data may stay unacknowledged (Linux).
+    pub tcp_user_timeout: Option<Duration>,
+    /// TLS handshakes one client address may start.
+    pub tls_handshakes_per_ip: Option<Rate>,
+    /// TLS handshakes all addresses together may start.
+    pub tls_handshakes: Option<Rate>,
+}
+
+impl Default for Limits {
+    /// The defaults of the flags (`chatserver --help`).
+    fn default() -> Self {
+        Limits {
+            max_connections_per_ip: Some(256),
+            max_unauthenticated_percent: Some(50),
+            slow_consumer_after: Duration::from_secs(10),
+            tcp_keepalive: Some(Duration::from_secs(30)),
+            tcp_user_timeout: Some(Duration::from_secs(60)),
+            tls_handshakes_per_ip: Some(Rate {
+                burst: 10,
+                per_second: 5,
+            }),
+            tls_handshakes: Some(Rate {
+                burst: 200,
+                per_second: 100,
+            }),
+        }
+    }
+}
+
 /// Bytes read from one socket per wake-up, so one fast sender cannot
 /// starve the others.
 const READ_BUDGET: usize = 256 * 1024;
+/// The read buffer: reads land in it and go on as shared `Bytes`.
+const READ_CHUNK: usize = 64 * 1024;
+/// Room left in the read buffer below which it is refilled.
+const MIN_READ: usize = 16 * 1024;
 /// Connections accepted per wake-up, for the same reason.
 const ACCEPT_BUDGET: usize = 256;
 /// The kernel send buffer of every accepted socket (`SO_SNDBUF`).
@@ -61,10 +114,6 @@ pub const SEND_BUFFER_BYTES: usize = 256 * 1024;
 /// Write-and-refill rounds per wake-up before the reactor polls again, so
 /// a fast reader draining a long queue cannot hold the loop.
 const MAX_FLUSH_ROUNDS: usize = 16;
-/// How long a closed connection may take to drain its output and hang up.
-const CLOSE_GRACE: Duration = Duration::from_secs(5);
-/// How long an HTTP connection may take to send its request.
-const HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to stop accepting after running out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// The listeners' poller keys count down from here; sockets use their
@@ -75,53 +124,91 @@ const MAX_LISTENERS: usize = 4;
 
 /// A listening socket, the TLS its connections speak, if any, and whether
 /// it serves HTTP (the chat page and WebSocket) rather than lines.
+#[derive(Debug)]
 pub struct Listener {
+    /// The bound socket.
     pub socket: TcpListener,
-    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS on its connections.
+    pub tls: Option<TlsConfig>,
+    /// HTTP (the chat page, WebSocket) instead of lines.
     pub http: Option<Arc<HttpConfig>>,
 }
 
+#[derive(Debug)]
 struct Listening {
     socket: Registered<TcpListener>,
-    tls: Option<Arc<rustls::ServerConfig>>,
+    tls: Option<TlsConfig>,
     http: Option<Arc<HttpConfig>>,
 }
 
+/// Asks a running reactor to stop (from a signal handler, or a test): it
+/// says `bye` to everyone, flushes, and returns from [`Reactor::run`].
+#[derive(Debug, Clone)]
+pub struct StopHandle {
+    stop: Arc<AtomicBool>,
+    poller: Arc<Poller>,
+}
+
+impl StopHandle {
+    /// Requests the stop and wakes the reactor.
+    pub fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // A failed wake-up only delays the stop to the next event.
+        let _ = self.poller.notify();
+    }
+}
+
+/// Whether the reactor goes on after a turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Turn {
+    /// It serves on.
+    Running,
+    /// It stopped: everyone was said goodbye to (or the grace ran out).
+    Stopped,
+}
+
+/// The event loop: sockets, their links, and the core.
 pub struct Reactor {
     poller: Arc<Poller>,
+    /// What the last wait found (taken while it is served).
+    events: Option<Events>,
     listeners: Vec<Listening>,
     socket_mode: PollMode,
     core: Server,
-    /// The storage thread, with a database (`None` with `--no-db`).
+    /// The storage thread, with a database (`None` without one).
     storage: Option<Storage>,
     clock: Clock,
     config: ReactorConfig,
+    link_config: Arc<LinkConfig>,
+    admission: Admission,
     sockets: Vec<Option<Socket>>,
     free_keys: Vec<usize>,
-    open: usize,
-    /// Open sockets per client address (with `max_connections_per_ip`).
-    per_ip: HashMap<PeerKey, u32>,
-    /// TLS handshake budgets: overall, and per client address.
-    handshakes: Option<TokenBucket>,
-    handshakes_per_ip: HashMap<PeerKey, TokenBucket>,
-    /// When sockets whose backlog went over `max_output_bytes` are cut off
-    /// if it is still over then.
-    slow_deadlines: BTreeSet<(Instant, usize)>,
     /// Socket key for each open core connection, by `ConnId::index`.
     by_conn: Vec<Option<(ConnId, usize)>>,
     /// Sockets with output or interest to update this turn.
     dirty: Vec<usize>,
-    /// Closing sockets' deadlines.
-    close_deadlines: BTreeSet<(Instant, usize)>,
+    /// The links' deadlines (`Link::deadline`), as registered.
+    deadlines: BTreeSet<(Instant, usize)>,
     accept_paused_until: Option<Instant>,
     stop: Arc<AtomicBool>,
     shutdown_deadline: Option<Instant>,
-    read_buf: Vec<u8>,
+    stopped: bool,
+    read_buf: ReadBuffer,
     /// When this wake-up began: the clock is read once per wake-up, and
     /// everything in it happens at that time.
     instant: Instant,
     /// Runs password checks off this thread.
     verifier: Verifier,
+}
+
+impl std::fmt::Debug for Reactor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reactor")
+            .field("open", &self.admission.open())
+            .field("listeners", &self.listeners.len())
+            .field("stopped", &self.stopped)
+            .finish_non_exhaustive()
+    }
 }
 
 struct Socket {
@@ -132,79 +219,90 @@ struct Socket {
     /// The core's connection after it closed, while the socket writes its
     /// last frames: the core hears how many were written when it is gone.
     closed_conn: Option<ConnId>,
-    output: OutputQueue,
-    phase: Phase,
+    /// The transport: what the bytes are, TLS, output, closing.
+    link: Link,
     /// What the poller is armed for; `None` once an event disarmed it
     /// (oneshot mode only).
     armed: Option<(bool, bool)>,
     dirty: bool,
-    /// The TLS session, on a TLS listener's connections.
-    tls: Option<Box<rustls::ServerConnection>>,
-    /// `close_notify` is queued (TLS, while closing).
-    close_notified: bool,
-    /// What the bytes on the stream are.
-    app: App,
-    /// Since when its backlog has been over `max_output_bytes`.
-    over_since: Option<Instant>,
+    /// The link's deadline as listed in `Reactor::deadlines`.
+    deadline: Option<Instant>,
 }
 
-/// What a socket's (decrypted) bytes carry.
-enum App {
-    /// Protocol frames as lines.
-    Lines,
-    /// An HTTP request, read until it is whole.
-    Http(Box<HttpRequest>),
-    /// Protocol frames as WebSocket text messages.
-    WebSocket(Box<WebSocket>),
-    /// Over a limit, on a TLS listener: once the handshake is done it gets
-    /// the refusal (a `bye`, or a 503 over HTTPS), then is closed; given up
-    /// at `deadline`.
-    Refused {
-        reason: ByeReason,
-        http: bool,
-        deadline: Instant,
-    },
-}
+/// The read buffer. A read is handed on as `Bytes` split off it, without a
+/// copy; its memory is reused once every piece handed on is dropped.
+#[derive(Debug)]
+struct ReadBuffer(BytesMut);
 
-struct HttpRequest {
-    head: Vec<u8>,
-    /// When an unfinished request is given up (in `close_deadlines`).
-    deadline: Instant,
-    config: Arc<HttpConfig>,
-}
+impl ReadBuffer {
+    fn new() -> ReadBuffer {
+        ReadBuffer(BytesMut::new())
+    }
 
-impl Socket {
-    /// Whether its input still goes anywhere.
-    fn takes_input(&self) -> bool {
-        self.phase == Phase::Open && (self.conn.is_some() || matches!(self.app, App::Http(_)))
+    /// One read from `stream`: empty at the end of the stream.
+    fn read_from(&mut self, stream: &TcpStream) -> io::Result<Bytes> {
+        if self.0.len() < MIN_READ {
+            // Reclaims the allocation when nothing handed on is alive (the
+            // usual case: the core does not keep input), else a new one.
+            self.0.clear();
+            self.0.reserve(READ_CHUNK);
+            self.0.resize(READ_CHUNK, 0);
+        }
+        let n = (&*stream).read(&mut self.0[..])?;
+        Ok(self.0.split_to(n).freeze())
+    }
+
+    /// Room for the next read: a read that fills it may not have drained
+    /// the socket.
+    fn room(&self) -> usize {
+        if self.0.len() < MIN_READ {
+            READ_CHUNK
+        } else {
+            self.0.len()
+        }
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
-    Open,
-    /// The core closed it: write what is queued, then hang up.
-    Flushing {
-        deadline: Instant,
-    },
-    /// Output is written and our side shut down: read and discard until
-    /// the peer hangs up too, so unread input does not turn the close into
-    /// a reset that destroys the last frames in flight.
-    Draining {
-        deadline: Instant,
-    },
-}
-
 impl Reactor {
+    /// A reactor serving `listeners` with `core`, on `clock`'s time,
+    /// without a database (the core is not durable). It starts the
+    /// password-check threads; nothing is served before [`Reactor::run`]
+    /// or [`Reactor::turn`].
     pub fn new(
         listeners: Vec<Listener>,
         core: Server,
-        storage: Option<Storage>,
         clock: Clock,
         config: ReactorConfig,
-        stop: Arc<AtomicBool>,
-        poller: Arc<Poller>,
     ) -> io::Result<Reactor> {
+        Reactor::build(listeners, core, clock, config, |_| Ok(None))
+    }
+
+    /// A reactor whose core's batches go to `database`, on a storage
+    /// thread of its own.
+    #[cfg(feature = "sqlite")]
+    pub(crate) fn with_database(
+        listeners: Vec<Listener>,
+        core: Server,
+        database: crate::database::Database,
+        clock: Clock,
+        config: ReactorConfig,
+    ) -> io::Result<Reactor> {
+        Reactor::build(listeners, core, clock, config, |poller| {
+            Storage::start(database, poller.clone()).map(Some)
+        })
+    }
+
+    /// A reactor with the storage `storage` starts, which wakes the poller
+    /// it is given.
+    fn build(
+        listeners: Vec<Listener>,
+        core: Server,
+        clock: Clock,
+        config: ReactorConfig,
+        storage: impl FnOnce(&Arc<Poller>) -> io::Result<Option<Storage>>,
+    ) -> io::Result<Reactor> {
+        let poller = Arc::new(Poller::new()?);
+        let storage = storage(&poller)?;
         let verifier = Verifier::start(
             config.verify_threads,
             config.verify_cpu_percent,
@@ -232,83 +330,128 @@ impl Reactor {
         } else {
             PollMode::Oneshot
         };
+        let link_config = Arc::new(LinkConfig {
+            max_frame_bytes: core.config().max_frame_bytes,
+            max_output_bytes: config.max_output_bytes,
+            slow_consumer_after: config.limits.slow_consumer_after,
+        });
         Ok(Reactor {
             poller,
+            events: Some(Events::new()),
             listeners: listening,
             socket_mode,
             core,
             storage,
             clock,
+            admission: Admission::new(config.max_connections, config.limits.clone()),
             config,
+            link_config,
             sockets: Vec::new(),
             free_keys: Vec::new(),
-            open: 0,
-            per_ip: HashMap::new(),
-            handshakes: None,
-            handshakes_per_ip: HashMap::new(),
-            slow_deadlines: BTreeSet::new(),
             by_conn: Vec::new(),
             dirty: Vec::new(),
-            close_deadlines: BTreeSet::new(),
+            deadlines: BTreeSet::new(),
             accept_paused_until: None,
-            stop,
+            stop: Arc::new(AtomicBool::new(false)),
             shutdown_deadline: None,
-            read_buf: vec![0; 64 * 1024],
+            stopped: false,
+            read_buf: ReadBuffer::new(),
             instant: Instant::now(),
             verifier,
         })
     }
 
+    /// A handle that stops this reactor, from any thread.
+    pub fn stop_handle(&self) -> StopHandle {
+        StopHandle {
+            stop: self.stop.clone(),
+            poller: self.poller.clone(),
+        }
+    }
+
+    /// The core, to look at between turns.
+    pub fn core(&self) -> &Server {
+        &self.core
+    }
+
+    /// Sockets open.
+    pub fn open_sockets(&self) -> usize {
+        self.admission.open()
+    }
+
     /// Serves until a stop is requested and every connection has been said
     /// goodbye to (or the grace period ran out).
     pub fn run(&mut self) -> io::Result<()> {
-        let mut events = Events::new();
-        loop {
-            self.instant = Instant::now();
-            if self.stop.load(Ordering::SeqCst) && self.shutdown_deadline.is_none() {
-                self.begin_shutdown()?;
-            }
-            if let Some(deadline) = self.shutdown_deadline {
-                // Done once every socket is closed and every change the core
-                // made (the logouts of the shutdown included) is durable.
-                let persisted = !self.core.persist_pending()
-                    && self.storage.as_ref().map_or(true, Storage::idle);
-                if (self.open == 0 && persisted) || self.instant >= deadline {
-                    if !persisted {
-                        error!("shutdown grace period over with changes not yet durable");
-                    }
-                    if self.open > 0 {
-                        warn!(
-                            connections = self.open,
-                            "shutdown grace period over: closing the rest"
-                        );
-                    }
-                    return Ok(());
-                }
-            }
-            let timeout = self
-                .next_wakeup()
-                .map(|at| at.saturating_duration_since(self.instant));
-            events.clear();
-            match self.poller.wait(&mut events, timeout) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            }
-            self.instant = Instant::now();
-            self.take_verdicts();
-            self.take_storage();
-            for event in events.iter() {
-                if event.key > LISTENER_KEY - MAX_LISTENERS {
-                    self.accept_ready(LISTENER_KEY - event.key);
-                } else {
-                    self.socket_ready(event.key, event.readable);
-                }
-            }
-            self.handle_deadlines();
-            self.flush()?;
-        }
+        while self.turn(None)? == Turn::Running {}
+        Ok(())
     }
+
+    /// One wake-up: waits for a socket, a password check, a stop or the
+    /// next deadline (but at most `max_wait`), then serves what is ready.
+    pub fn turn(&mut self, max_wait: Option<Duration>) -> io::Result<Turn> {
+        if self.stopped {
+            return Ok(Turn::Stopped);
+        }
+        self.instant = Instant::now();
+        if self.stop.load(Ordering::SeqCst) && self.shutdown_deadline.is_none() {
+            self.begin_shutdown()?;
+        }
+        if let Some(deadline) = self.shutdown_deadline {
+            // Done once every socket is closed and every change the core
+            // made (the logouts of the shutdown included) is durable.
+            let persisted =
+                !self.core.persist_pending() && self.storage.as_ref().map_or(true, Storage::idle);
+            if (self.admission.open() == 0 && persisted) || self.instant >= deadline {
+                if !persisted {
+                    error!("shutdown grace period over with changes not yet durable");
+                }
+                if self.admission.open() > 0 {
+                    warn!(
+                        connections = self.admission.open(),
+                        "shutdown grace period over: closing the rest"
+                    );
+                }
+                self.stopped = true;
+                return Ok(Turn::Stopped);
+            }
+        }
+        let timeout = self
+            .next_wakeup()
+            .map(|at| at.saturating_duration_since(self.instant));
+        let timeout = match (timeout, max_wait) {
+            (Some(t), Some(max)) => Some(t.min(max)),
+            (t, max) => t.or(max),
+        };
+        let mut events = self.events.take().unwrap_or_default();
+        events.clear();
+        let waited = self.poller.wait(&mut events, timeout);
+        self.instant = Instant::now();
+        if let Err(e) = waited {
+            self.events = Some(events);
+            return match e.kind() {
+                io::ErrorKind::Interrupted => Ok(Turn::Running),
+                _ => Err(e),
+            };
+        }
+        self.take_verdicts();
+        self.take_storage();
+        for event in events.iter() {
+            if event.key > LISTENER_KEY - MAX_LISTENERS {
+                self.accept_ready(LISTENER_KEY - event.key);
+            } else {
+                self.socket_ready(event.key, event.readable);
+            }
+        }
+        self.events = Some(events);
+        self.handle_deadlines();
+        self.flush()?;
+        Ok(Turn::Running)
+    }
+
+    // ------------------------------------------------------------------
+    // The storage hand-off: batches and page reads go to the storage
+    // thread (`drain_core_outputs`); what it finished comes back here.
+    // ------------------------------------------------------------------
 
     /// Writes what the wake-up queued. A flush can make more output (a
     /// write error logs a user out; a drained connection gets its next
@@ -364,6 +507,10 @@ impl Reactor {
         }
     }
 
+    // ------------------------------------------------------------------
+    // The core and the password checks.
+    // ------------------------------------------------------------------
+
     /// Hands the core the password checks the workers finished.
     fn take_verdicts(&mut self) {
         let verdicts: Vec<_> = self.verifier.verdicts().collect();
@@ -383,10 +530,9 @@ impl Reactor {
     fn next_wakeup(&self) -> Option<Instant> {
         [
             self.core.poll_timeout().map(|t| self.clock.instant(t)),
-            self.close_deadlines.first().map(|(at, _)| *at),
-            // A backlog over the limit is judged at its deadline, even if
-            // nothing else happens by then.
-            self.slow_deadlines.first().map(|(at, _)| *at),
+            // A link's deadline: an HTTP request, a close's grace, a
+            // backlog judged even if nothing else happens by then.
+            self.deadlines.first().map(|(at, _)| *at),
             self.accept_paused_until,
             self.shutdown_deadline,
             // Flush rounds ran out with sockets still to write: go on at
@@ -396,563 +542,6 @@ impl Reactor {
         .into_iter()
         .flatten()
         .min()
-    }
-
-    fn accept_ready(&mut self, index: usize) {
-        for _ in 0..ACCEPT_BUDGET {
-            let Some(listener) = self.listeners.get(index) else {
-                return;
-            };
-            let tls = listener.tls.clone();
-            let http = listener.http.clone();
-            match listener.socket.get().accept() {
-                Ok((stream, peer)) => self.admit(stream, peer, tls, http),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) if is_out_of_descriptors(&e) => {
-                    warn!("cannot accept: {e}; pausing accepts for {ACCEPT_PAUSE:?}");
-                    self.accept_paused_until = Some(self.instant + ACCEPT_PAUSE);
-                    return;
-                }
-                // A connection that failed between the handshake and accept
-                // (ECONNABORTED and the like) concerns only that peer.
-                Err(e) => debug!("accept failed: {e}"),
-            }
-        }
-        self.rearm_listener(index);
-    }
-
-    fn rearm_listener(&self, index: usize) {
-        if let Some(listener) = self.listeners.get(index) {
-            if let Err(e) = listener.socket.rearm(Event::readable(LISTENER_KEY - index)) {
-                warn!("cannot re-arm a listener: {e}");
-            }
-        }
-    }
-
-    fn admit(
-        &mut self,
-        stream: TcpStream,
-        peer: SocketAddr,
-        tls: Option<Arc<rustls::ServerConfig>>,
-        http: Option<Arc<HttpConfig>>,
-    ) {
-        let key_of_peer = PeerKey::from_ip(peer.ip());
-        let refusal = self.admission(key_of_peer).map(|(reason, why)| {
-            info!(%peer, open = self.open, "refused: {why}");
-            reason
-        });
-        if tls.is_some() && !self.handshake_budget(key_of_peer) {
-            // Handshakes cost the reactor CPU: past the budget, not even a
-            // refusal is worth one.
-            debug!(%peer, "TLS handshake budget spent: closing at once");
-            return;
-        }
-        if let (Some(reason), None) = (refusal, &tls) {
-            refuse(stream, http.is_some(), reason);
-            return;
-        }
-        if refusal.is_some() && self.open >= self.config.max_connections {
-            // No descriptor to spare for a handshake that only refuses.
-            return;
-        }
-        if let Err(e) = stream
-            .set_nonblocking(true)
-            .and_then(|()| configure_socket(&stream, &self.config.limits))
-        {
-            warn!(%peer, "cannot set up the socket: {e}");
-            return;
-        }
-        let tls = match tls.map(rustls::ServerConnection::new).transpose() {
-            Ok(tls) => tls.map(Box::new),
-            Err(e) => {
-                warn!(%peer, "cannot start TLS: {e}");
-                return;
-            }
-        };
-        let key = self.free_keys.pop().unwrap_or(self.sockets.len());
-        let stream = match Registered::new(
-            self.poller.clone(),
-            stream,
-            Event::readable(key),
-            self.socket_mode,
-        ) {
-            Ok(stream) => stream,
-            Err(e) => {
-                warn!(%peer, "cannot register the socket: {e}");
-                self.free_keys.push(key);
-                return;
-            }
-        };
-        if self.config.limits.max_connections_per_ip.is_some() {
-            // Counted from here on; `remove` uncounts it.
-            *self.per_ip.entry(key_of_peer).or_default() += 1;
-        }
-        let app = match http {
-            _ if refusal.is_some() => {
-                let deadline = self.instant + CLOSE_GRACE;
-                self.close_deadlines.insert((deadline, key));
-                App::Refused {
-                    reason: refusal.unwrap_or(ByeReason::ServerFull),
-                    http: http.is_some(),
-                    deadline,
-                }
-            }
-            Some(config) => {
-                let deadline = self.instant + HTTP_REQUEST_TIMEOUT;
-                self.close_deadlines.insert((deadline, key));
-                App::Http(Box::new(HttpRequest {
-                    head: Vec::new(),
-                    deadline,
-                    config,
-                }))
-            }
-            None => App::Lines,
-        };
-        let lines = matches!(app, App::Lines);
-        let socket = Socket {
-            stream,
-            peer,
-            conn: None,
-            closed_conn: None,
-            output: OutputQueue::default(),
-            phase: Phase::Open,
-            armed: Some((true, false)),
-            dirty: false,
-            tls,
-            close_notified: false,
-            app,
-            over_since: None,
-        };
-        if key == self.sockets.len() {
-            self.sockets.push(Some(socket));
-        } else {
-            self.sockets[key] = Some(socket);
-        }
-        self.open += 1;
-        if lines {
-            self.start_session(key);
-        } else {
-            debug!(%peer, "HTTP connection");
-        }
-    }
-
-    /// Whether a new connection from `peer` may come in, or the reason it
-    /// is refused (and why, for the log). The admission policy, in one
-    /// place.
-    fn admission(&self, peer: PeerKey) -> Option<(ByeReason, &'static str)> {
-        let limits = &self.config.limits;
-        if self.open >= self.config.max_connections {
-            return Some((ByeReason::ServerFull, "server full"));
-        }
-        let from_peer = self.per_ip.get(&peer).copied().unwrap_or(0);
-        if limits
-            .max_connections_per_ip
-            .is_some_and(|limit| from_peer >= limit)
-        {
-            return Some((
-                ByeReason::TooManyConnections,
-                "too many connections from this address",
-            ));
-        }
-        if let Some(percent) = limits.max_unauthenticated_percent {
-            // Sockets without a logged-in user: new ones, HTTP requests,
-            // closing ones. Logged-in users can always be let in again.
-            let unauthenticated = self.open.saturating_sub(self.core.users_online());
-            let cap = self.config.max_connections * usize::from(percent) / 100;
-            if unauthenticated >= cap.max(1) {
-                return Some((
-                    ByeReason::ServerFull,
-                    "server full of connections not logged in",
-                ));
-            }
-        }
-        None
-    }
-
-    /// Takes a TLS handshake from the budgets (overall and `peer`'s):
-    /// whether one may start now.
-    fn handshake_budget(&mut self, peer: PeerKey) -> bool {
-        let now = self.now();
-        let limits = &self.config.limits;
-        if let Some(rate) = limits.tls_handshakes_per_ip {
-            if self.handshakes_per_ip.len() > 4096 {
-                // Forget addresses whose budget is whole again.
-                self.handshakes_per_ip
-                    .retain(|_, bucket| bucket.full_at(rate.burst, rate.per_second) > now);
-            }
-            let bucket = self
-                .handshakes_per_ip
-                .entry(peer)
-                .or_insert_with(|| TokenBucket::full(rate.burst, now));
-            if !bucket.take(rate.burst, rate.per_second, now) {
-                return false;
-            }
-        }
-        match limits.tls_handshakes {
-            Some(Rate { burst, per_second }) => self
-                .handshakes
-                .get_or_insert_with(|| TokenBucket::full(burst, now))
-                .take(burst, per_second, now),
-            None => true,
-        }
-    }
-
-    /// Opens the core's connection for the socket at `key`.
-    fn start_session(&mut self, key: usize) {
-        let now = self.now();
-        let socket = self.sockets[key].as_ref().expect("keys point at sockets");
-        let peer = PeerKey::from_ip(socket.peer.ip());
-        let conn = self
-            .core
-            .accept(peer, *uuid::Uuid::new_v4().as_bytes(), now);
-        if self.by_conn.len() <= conn.index() {
-            self.by_conn.resize(conn.index() + 1, None);
-        }
-        self.by_conn[conn.index()] = Some((conn, key));
-        let socket = self.sockets[key].as_mut().expect("keys point at sockets");
-        socket.conn = Some(conn);
-        let kind = if matches!(socket.app, App::WebSocket(_)) {
-            " (WebSocket)"
-        } else {
-            ""
-        };
-        info!(peer = %socket.peer, %conn, "connected{kind}");
-        self.drain_core();
-    }
-
-    /// Hands bytes read from the socket at `key` to whatever they are for.
-    fn deliver(&mut self, key: usize, data: &[u8]) {
-        let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
-            return;
-        };
-        match &mut socket.app {
-            App::Lines => {
-                if let Some(conn) = socket.conn {
-                    let now = self.now();
-                    if self.core.handle_input(conn, data, now).is_ok() {
-                        self.drain_core();
-                    }
-                }
-            }
-            App::Http(request) => {
-                request.head.extend_from_slice(data);
-                self.serve_request(key, data.len());
-            }
-            App::WebSocket(ws) => {
-                let received = ws.receive(data);
-                self.serve_messages(key, received);
-            }
-            // Refused: what it says before its refusal goes nowhere.
-            App::Refused { .. } => {}
-        }
-    }
-
-    /// Answers the HTTP request on `key` once it is whole (or too long):
-    /// with a response and a close, or an upgrade to a WebSocket session.
-    /// `new` is how many bytes of the head just arrived.
-    fn serve_request(&mut self, key: usize, new: usize) {
-        let socket = self.sockets[key].as_mut().expect("keys point at sockets");
-        let App::Http(request) = &mut socket.app else {
-            return;
-        };
-        // Parse only once the head may be whole (a blank line came) or is
-        // too long, not once per byte of a slow sender.
-        let scanned = request.head.len().saturating_sub(new + 2);
-        let ended = request.head[scanned..]
-            .windows(2)
-            .any(|w| w == b"\n\n" || w == b"\n\r");
-        if !ended && request.head.len() < http::MAX_REQUEST_BYTES {
-            return;
-        }
-        let deadline = request.deadline;
-        match http::route(&request.head, &request.config) {
-            Routed::Partial => {}
-            Routed::Respond(response) => {
-                socket.output.push_raw(response);
-                socket.app = App::Lines;
-                self.close_deadlines.remove(&(deadline, key));
-                self.start_closing(key, None);
-            }
-            Routed::Upgrade { response, consumed } => {
-                let rest = request.head.split_off(consumed);
-                socket.output.push_raw(response);
-                let limit = self.core.config().max_frame_bytes;
-                socket.app = App::WebSocket(Box::new(WebSocket::new(limit)));
-                self.close_deadlines.remove(&(deadline, key));
-                self.mark_dirty(key);
-                self.start_session(key);
-                if !rest.is_empty() {
-                    self.deliver(key, &rest);
-                }
-            }
-        }
-    }
-
-    /// Serves what a WebSocket read made: pongs, then the frames in order,
-    /// then the close that ends the session, if any.
-    fn serve_messages(&mut self, key: usize, received: websocket::Received) {
-        let mut frames = received.frames;
-        if let Some(reply) = received.reply {
-            let socket = self.sockets[key].as_mut().expect("keys point at sockets");
-            socket.output.push_raw(reply);
-            self.mark_dirty(key);
-            // Pongs count toward the backlog like any output: a peer that
-            // pings and never reads is a slow consumer.
-            if self.enforce_backlog(key) {
-                frames.clear();
-                self.drain_core();
-            }
-        }
-        let mut ended = received.ended;
-        for frame in frames {
-            let Some(conn) = self.sockets[key].as_ref().and_then(|s| s.conn) else {
-                break;
-            };
-            let now = self.now();
-            match self.core.handle_message(conn, &frame, now) {
-                Ok(()) => self.drain_core(),
-                Err(MessageError::LineBreak) => {
-                    let socket = self.sockets[key].as_mut().expect("keys point at sockets");
-                    if let App::WebSocket(ws) = &mut socket.app {
-                        let reason = "one frame per message: no line breaks";
-                        if let Some(close) = ws.refuse_invalid(reason) {
-                            socket.output.push_raw(close);
-                        }
-                    }
-                    ended = Some("WebSocket: a message with a line break".to_owned());
-                    break;
-                }
-                Err(_) => break,
-            }
-        }
-        if let Some(close) = received.close {
-            // After the answers to the frames that came before it.
-            if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
-                socket.output.push_raw(close);
-            }
-        }
-        if let Some(why) = ended {
-            self.transport_closed(key, &why);
-        }
-    }
-
-    fn socket_ready(&mut self, key: usize, readable: bool) {
-        let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
-            return;
-        };
-        if self.socket_mode == PollMode::Oneshot {
-            socket.armed = None;
-        }
-        let phase = socket.phase;
-        // Whatever the event, the socket is flushed (if writable, that is
-        // the point) and its interest updated at the end of the turn.
-        self.mark_dirty(key);
-        if !readable {
-            return;
-        }
-        match phase {
-            Phase::Open => self.read_input(key),
-            Phase::Draining { .. } => self.discard_input(key),
-            Phase::Flushing { .. } => {}
-        }
-    }
-
-    /// Reads up to the budget and feeds the core.
-    fn read_input(&mut self, key: usize) {
-        if self
-            .sockets
-            .get(key)
-            .and_then(Option::as_ref)
-            .is_some_and(|s| s.tls.is_some())
-        {
-            return self.read_tls_input(key);
-        }
-        let mut buf = std::mem::take(&mut self.read_buf);
-        let mut total = 0;
-        while total < READ_BUDGET {
-            let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
-                break;
-            };
-            if !socket.takes_input() {
-                break;
-            }
-            match socket.stream.get().read(&mut buf) {
-                Ok(0) => {
-                    self.transport_closed(key, "the peer closed the connection");
-                    break;
-                }
-                Ok(n) => {
-                    total += n;
-                    self.deliver(key, &buf[..n]);
-                    if n < buf.len() && self.socket_mode == PollMode::Level {
-                        // Drained for now; a level-triggered poller reports
-                        // anything more, so skip the read that would only
-                        // say "would block".
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    self.transport_closed(key, &e.to_string());
-                    break;
-                }
-            }
-        }
-        self.read_buf = buf;
-    }
-
-    /// Reads TLS records up to the budget, and feeds the core what they
-    /// decrypt to.
-    fn read_tls_input(&mut self, key: usize) {
-        let mut plain = std::mem::take(&mut self.read_buf);
-        let mut total = 0;
-        let mut tls_failed = false;
-        let ended = loop {
-            let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
-                break None;
-            };
-            let Some(tls) = socket.tls.as_mut() else {
-                break None;
-            };
-            match tls.read_tls(&mut socket.stream.get()) {
-                Ok(0) => break Some("the peer closed the connection".to_owned()),
-                Ok(n) => total += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break None,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => break Some(e.to_string()),
-            }
-            if let Err(e) = tls.process_new_packets() {
-                // The alert that says why goes out before the close; the
-                // session can carry nothing else now.
-                let _ = tls.write_tls(&mut socket.stream.get());
-                tls_failed = true;
-                break Some(format!("TLS: {e}"));
-            }
-            if let App::Refused { reason, http, .. } = socket.app {
-                if !tls.is_handshaking() {
-                    // The handshake the budget allowed is done: now say why.
-                    push_refusal(&mut socket.output, http, reason);
-                    self.start_closing(key, None);
-                    break None;
-                }
-            }
-            // Everything decrypted so far goes to the core.
-            let closed = loop {
-                let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
-                    break true;
-                };
-                if !socket.takes_input() {
-                    // Closing (an HTTP answer, a WebSocket close): the
-                    // rest of its input goes nowhere.
-                    break false;
-                }
-                let Some(tls) = socket.tls.as_mut() else {
-                    break true;
-                };
-                match tls.reader().read(&mut plain) {
-                    Ok(0) => break true, // close_notify
-                    Ok(n) => self.deliver(key, &plain[..n]),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break false,
-                    Err(_) => break true, // the transport ended without close_notify
-                }
-            };
-            if closed {
-                break Some("the peer closed the TLS session".to_owned());
-            }
-            let taking = self
-                .sockets
-                .get(key)
-                .and_then(Option::as_ref)
-                .is_some_and(Socket::takes_input);
-            if !taking || total >= READ_BUDGET {
-                break None;
-            }
-        };
-        self.read_buf = plain;
-        if let Some(why) = ended {
-            let handshaking = self
-                .sockets
-                .get(key)
-                .and_then(Option::as_ref)
-                .and_then(|s| s.tls.as_ref())
-                .is_some_and(|t| t.is_handshaking());
-            self.transport_closed(key, &why);
-            if tls_failed || handshaking {
-                // Nothing queued can go out: not after a broken record,
-                // nor before a handshake that will not finish.
-                self.discard_output(key);
-            }
-        }
-    }
-
-    /// Reads and throws away input of a connection being closed.
-    fn discard_input(&mut self, key: usize) {
-        let mut buf = std::mem::take(&mut self.read_buf);
-        let mut total = 0;
-        let mut finished = false;
-        while let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
-            match socket.stream.get().read(&mut buf) {
-                Ok(0) => finished = true,
-                Ok(n) if total + n < READ_BUDGET => {
-                    total += n;
-                    continue;
-                }
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(_) => finished = true,
-            }
-            break;
-        }
-        self.read_buf = buf;
-        if finished {
-            self.remove(key);
-        }
-    }
-
-    /// The transport failed or ended: tell the core, keep flushing what is
-    /// queued in case only the peer's sending half closed.
-    fn transport_closed(&mut self, key: usize, why: &str) {
-        let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
-            return;
-        };
-        if let Some(conn) = socket.conn {
-            info!(peer = %socket.peer, %conn, "disconnected: {why}");
-            self.end_session(key, conn);
-        }
-        let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
-            return;
-        };
-        // Answers waiting in the core for a commit (and a `bye` behind
-        // them) still go out to a peer that closed only its sending half.
-        let held = socket
-            .closed_conn
-            .is_some_and(|conn| self.core.holds_output(conn));
-        if socket.output.is_empty() && !held {
-            self.remove(key);
-        } else {
-            self.start_closing(key, None);
-        }
-    }
-
-    /// Tells the core the session on `key` is gone: what is written so far
-    /// counts as delivered; the rest may still go out (only the peer's
-    /// sending half may be closed), and the socket's last report settles
-    /// it (`remove`).
-    fn end_session(&mut self, key: usize, conn: ConnId) {
-        self.report_written(key);
-        if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
-            socket.conn = None;
-            socket.closed_conn = Some(conn);
-        }
-        // Still mapped (until `remove`): output the core held for a batch
-        // reaches the closing socket once the batch is answered.
-        let now = self.now();
-        if self.core.handle_disconnect(conn, now).is_ok() {
-            self.drain_core();
-        }
     }
 
     /// Moves every core output to where it goes.
@@ -968,9 +557,8 @@ impl Reactor {
             let Some(key) = cut.pop() else {
                 return;
             };
-            let socket = self.sockets.get(key).and_then(Option::as_ref);
-            if let Some((conn, backlog)) = socket.and_then(|s| Some((s.conn?, s.output.len()))) {
-                self.cut_off_slow_consumer(key, conn, backlog);
+            if let Some(conn) = self.conn_of(key) {
+                self.cut_off_slow_consumer(key, conn);
             }
         }
     }
@@ -985,16 +573,9 @@ impl Reactor {
                         continue;
                     };
                     let socket = self.sockets[key].as_mut().expect("keys point at sockets");
-                    // The core's frames are bare payloads: each transport
-                    // frames them, without copying them.
-                    match &socket.app {
-                        App::WebSocket(_) => socket.output.push_frame(
-                            websocket::text_header(frame.len()),
-                            frame,
-                            b"",
-                        ),
-                        _ => socket.output.push_frame(Head::EMPTY, frame, LINE_END),
-                    }
+                    // The core's frames are bare payloads: the link frames
+                    // them for its transport, without copying them.
+                    socket.link.push_frame(frame);
                     self.mark_dirty(key);
                     if self.backlog_due(key) && !cut.contains(&key) {
                         cut.push(key);
@@ -1042,6 +623,451 @@ impl Reactor {
         }
     }
 
+    // ------------------------------------------------------------------
+    // Accepting.
+    // ------------------------------------------------------------------
+
+    fn accept_ready(&mut self, index: usize) {
+        for _ in 0..ACCEPT_BUDGET {
+            let Some(listener) = self.listeners.get(index) else {
+                return;
+            };
+            let tls = listener.tls.clone();
+            let http = listener.http.clone();
+            match listener.socket.get().accept() {
+                Ok((stream, peer)) => self.admit(stream, peer, tls, http),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if is_out_of_descriptors(&e) => {
+                    warn!("cannot accept: {e}; pausing accepts for {ACCEPT_PAUSE:?}");
+                    self.accept_paused_until = Some(self.instant + ACCEPT_PAUSE);
+                    return;
+                }
+                // A connection that failed between the handshake and accept
+                // (ECONNABORTED and the like) concerns only that peer.
+                Err(e) => debug!("accept failed: {e}"),
+            }
+        }
+        self.rearm_listener(index);
+    }
+
+    fn rearm_listener(&self, index: usize) {
+        if let Some(listener) = self.listeners.get(index) {
+            if let Err(e) = listener.socket.rearm(Event::readable(LISTENER_KEY - index)) {
+                warn!("cannot re-arm a listener: {e}");
+            }
+        }
+    }
+
+    /// Lets a new connection in, as [`Admission`] judges it: with a link
+    /// of its listener's kind, or refused.
+    fn admit(
+        &mut self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        tls: Option<TlsConfig>,
+        http: Option<Arc<HttpConfig>>,
+    ) {
+        let now = self.now();
+        let verdict = self
+            .admission
+            .judge(peer, tls.is_some(), self.core.users_online(), now);
+        let transport = match verdict {
+            Verdict::Close => return,
+            Verdict::Refuse(reason) => {
+                let refusal = Refusal::new(reason, self.core.refusal(reason), http.is_some());
+                if tls.is_none() {
+                    refuse(stream, &refusal);
+                    return;
+                }
+                Transport::Refused(refusal)
+            }
+            Verdict::Accept => match http {
+                Some(config) => Transport::Http(config),
+                None => Transport::Lines,
+            },
+        };
+        let lines = matches!(transport, Transport::Lines);
+        if let Err(e) = stream
+            .set_nonblocking(true)
+            .and_then(|()| configure_socket(&stream, &self.config.limits))
+        {
+            warn!(%peer, "cannot set up the socket: {e}");
+            return;
+        }
+        let link = match Link::new(
+            self.link_config.clone(),
+            transport,
+            tls.as_ref(),
+            self.instant,
+        ) {
+            Ok(link) => link,
+            Err(e) => {
+                warn!(%peer, "{e}");
+                return;
+            }
+        };
+        let key = self.free_keys.pop().unwrap_or(self.sockets.len());
+        let stream = match Registered::new(
+            self.poller.clone(),
+            stream,
+            Event::readable(key),
+            self.socket_mode,
+        ) {
+            Ok(stream) => stream,
+            Err(e) => {
+                warn!(%peer, "cannot register the socket: {e}");
+                self.free_keys.push(key);
+                return;
+            }
+        };
+        // Counted from here on; `remove` uncounts it.
+        self.admission.opened(peer);
+        let socket = Socket {
+            stream,
+            peer,
+            conn: None,
+            closed_conn: None,
+            link,
+            armed: Some((true, false)),
+            dirty: false,
+            deadline: None,
+        };
+        if key == self.sockets.len() {
+            self.sockets.push(Some(socket));
+        } else {
+            self.sockets[key] = Some(socket);
+        }
+        // A refusal without a handshake to wait for is queued already.
+        self.mark_dirty(key);
+        self.sync_deadline(key);
+        if lines {
+            self.start_session(key);
+        } else {
+            debug!(%peer, "HTTP connection");
+        }
+    }
+
+    /// Opens the core's connection for the socket at `key`.
+    fn start_session(&mut self, key: usize) {
+        let now = self.now();
+        let socket = self.sockets[key].as_ref().expect("keys point at sockets");
+        let peer = PeerKey::from_ip(socket.peer.ip());
+        let conn = self
+            .core
+            .accept(peer, *uuid::Uuid::new_v4().as_bytes(), now);
+        if self.by_conn.len() <= conn.index() {
+            self.by_conn.resize(conn.index() + 1, None);
+        }
+        self.by_conn[conn.index()] = Some((conn, key));
+        let socket = self.sockets[key].as_mut().expect("keys point at sockets");
+        socket.conn = Some(conn);
+        let kind = if socket.link.is_websocket() {
+            " (WebSocket)"
+        } else {
+            ""
+        };
+        info!(peer = %socket.peer, %conn, "connected{kind}");
+        self.drain_core();
+    }
+
+    // ------------------------------------------------------------------
+    // Reading.
+    // ------------------------------------------------------------------
+
+    fn socket_ready(&mut self, key: usize, readable: bool) {
+        let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+            return;
+        };
+        if self.socket_mode == PollMode::Oneshot {
+            socket.armed = None;
+        }
+        let phase = socket.link.phase();
+        // Whatever the event, the socket is flushed (if writable, that is
+        // the point) and its interest updated at the end of the turn.
+        self.mark_dirty(key);
+        if !readable {
+            return;
+        }
+        match phase {
+            Phase::Open => self.read_input(key),
+            Phase::Draining => self.discard_input(key),
+            Phase::Flushing => {}
+        }
+        self.sync_deadline(key);
+    }
+
+    /// Reads up to the budget and hands what arrives to the socket's link.
+    fn read_input(&mut self, key: usize) {
+        let mut total = 0;
+        while total < READ_BUDGET {
+            let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+                break;
+            };
+            if !socket.link.takes_input() {
+                break;
+            }
+            let room = self.read_buf.room();
+            match self.read_buf.read_from(socket.stream.get()) {
+                Ok(data) if data.is_empty() => {
+                    let ended = socket.link.eof();
+                    self.link_event(key, ended);
+                    break;
+                }
+                Ok(data) => {
+                    let short = data.len() < room;
+                    total += data.len();
+                    self.deliver(key, data);
+                    if short && self.socket_mode == PollMode::Level {
+                        // Drained for now; a level-triggered poller reports
+                        // anything more, so skip the read that would only
+                        // say "would block".
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    let output_lost = socket.link.output_lost();
+                    self.link_event(
+                        key,
+                        LinkEvent::Ended {
+                            why: e.to_string(),
+                            output_lost,
+                        },
+                    );
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Hands bytes read from the socket at `key` to its link, and what they
+    /// carry to the core, one event at a time.
+    fn deliver(&mut self, key: usize, data: Bytes) {
+        let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+            return;
+        };
+        socket.link.received(data);
+        let now = self.instant;
+        while let Some(event) = self
+            .sockets
+            .get_mut(key)
+            .and_then(Option::as_mut)
+            .and_then(|s| s.link.poll_event(now))
+        {
+            if !self.link_event(key, event) {
+                break;
+            }
+        }
+    }
+
+    /// Acts on what a link made; whether its input still goes on.
+    fn link_event(&mut self, key: usize, event: LinkEvent) -> bool {
+        let conn = self.conn_of(key);
+        let now = self.now();
+        match event {
+            LinkEvent::Lines(bytes) => {
+                if let Some(conn) = conn {
+                    if self.core.handle_input(conn, &bytes, now).is_ok() {
+                        self.drain_core();
+                    }
+                }
+            }
+            LinkEvent::Message(message) => {
+                let Some(conn) = conn else {
+                    return true;
+                };
+                match self.core.handle_message(conn, &message, now) {
+                    Ok(()) => self.drain_core(),
+                    Err(MessageError::LineBreak) => {
+                        let socket = self.sockets[key].as_mut().expect("keys point at sockets");
+                        let ended = socket.link.refuse_message();
+                        return self.link_event(key, ended);
+                    }
+                    Err(_) => {}
+                }
+            }
+            LinkEvent::Upgraded => {
+                self.mark_dirty(key);
+                self.start_session(key);
+            }
+            LinkEvent::Replied => {
+                self.mark_dirty(key);
+                // Pongs count toward the backlog like any output: a peer
+                // that pings and never reads is a slow consumer.
+                if self.enforce_backlog(key) {
+                    self.drain_core();
+                }
+            }
+            LinkEvent::Ended { why, output_lost } => {
+                if output_lost {
+                    // The alert that says why goes out before the close;
+                    // nothing else can.
+                    if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+                        let _ = socket.link.write_to(&mut socket.stream.get());
+                    }
+                }
+                self.transport_closed(key, &why);
+                if output_lost {
+                    self.discard_output(key);
+                }
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Reads and throws away input of a connection being closed.
+    fn discard_input(&mut self, key: usize) {
+        let mut total = 0;
+        let mut finished = false;
+        while let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+            match self.read_buf.read_from(socket.stream.get()) {
+                Ok(data) if data.is_empty() => finished = true,
+                Ok(data) if total + data.len() < READ_BUDGET => {
+                    total += data.len();
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => finished = true,
+            }
+            break;
+        }
+        if finished {
+            self.remove(key);
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Ends of sessions and of sockets.
+    // ------------------------------------------------------------------
+
+    /// The transport failed or ended: tell the core, keep flushing what is
+    /// queued in case only the peer's sending half closed.
+    fn transport_closed(&mut self, key: usize, why: &str) {
+        let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+            return;
+        };
+        if let Some(conn) = socket.conn {
+            info!(peer = %socket.peer, %conn, "disconnected: {why}");
+            self.end_session(key, conn);
+        }
+        let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+            return;
+        };
+        // Answers waiting in the core for a commit (and a `bye` behind
+        // them) still go out to a peer that closed only its sending half.
+        let held = socket
+            .closed_conn
+            .is_some_and(|conn| self.core.holds_output(conn));
+        if socket.link.is_empty() && !held {
+            self.remove(key);
+        } else {
+            self.start_closing(key, None);
+        }
+    }
+
+    /// Tells the core the session on `key` is gone: what is written so far
+    /// counts as delivered; the rest may still go out (only the peer's
+    /// sending half may be closed), and the socket's last report settles
+    /// it (`remove`).
+    fn end_session(&mut self, key: usize, conn: ConnId) {
+        self.report_written(key);
+        if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+            socket.conn = None;
+            socket.closed_conn = Some(conn);
+        }
+        // Still mapped (until `remove`): output the core held for a batch
+        // reaches the closing socket once the batch is answered.
+        let now = self.now();
+        if self.core.handle_disconnect(conn, now).is_ok() {
+            self.drain_core();
+        }
+    }
+
+    /// Flushes what is queued on `key`, then hangs up; a WebSocket says
+    /// goodbye with the close status for `reason` (the `bye`'s).
+    fn start_closing(&mut self, key: usize, reason: Option<ByeReason>) {
+        let socket = self.sockets[key].as_mut().expect("keys point at sockets");
+        socket.link.start_closing(reason, self.instant);
+        self.mark_dirty(key);
+    }
+
+    /// Tells the core how much of the output of the socket at `key` is
+    /// written, before any of the rest is dropped.
+    fn report_written(&mut self, key: usize) {
+        let Some(socket) = self.sockets.get(key).and_then(Option::as_ref) else {
+            return;
+        };
+        let Some(conn) = socket.conn.or(socket.closed_conn) else {
+            return;
+        };
+        let unsent = socket.link.unsent_frames();
+        let now = self.now();
+        if self.core.handle_drained(conn, unsent, now).is_ok() {
+            self.drain_core();
+        }
+    }
+
+    /// Drops the output queued on `key`, unwritten, after telling the core
+    /// (for the last time) how much of it was written before.
+    fn discard_output(&mut self, key: usize) {
+        self.report_written(key);
+        if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+            // That report settled the closed connection's drain: none follows.
+            let closed = if socket.conn.is_none() {
+                socket.closed_conn.take()
+            } else {
+                None
+            };
+            socket.link.discard_output();
+            if let Some(conn) = closed {
+                // Nor does any output: nothing more is written.
+                self.forget_conn(conn);
+            }
+        }
+    }
+
+    /// Drops a socket: the poller forgets it and the descriptor closes.
+    fn remove(&mut self, key: usize) {
+        if let Some(conn) = self.conn_of(key) {
+            // Dropped without the core closing it: it ends here, while the
+            // socket can still take what the core hands it meanwhile.
+            self.end_session(key, conn);
+        }
+        let Some(socket) = self.sockets.get_mut(key).and_then(Option::take) else {
+            return;
+        };
+        if let Some(conn) = socket.closed_conn {
+            // The socket is gone: whatever the core still sends its closed
+            // session is dropped.
+            self.forget_conn(conn);
+        }
+        if let Some(at) = socket.deadline {
+            self.deadlines.remove(&(at, key));
+        }
+        let now = self.now();
+        let unsent = socket.link.unsent_frames();
+        if let Some(conn) = socket.closed_conn {
+            // Its last frames are written, or never will be: that settles
+            // which of its offline messages were delivered.
+            if self.core.handle_drained(conn, unsent, now).is_ok() {
+                self.drain_core();
+            }
+        }
+        debug!(peer = %socket.peer, "socket closed");
+        self.admission.closed(socket.peer);
+        self.free_keys.push(key);
+    }
+
+    // ------------------------------------------------------------------
+    // Backlogs: the slow-consumer policy is the link's; cutting off is the
+    // core's.
+    // ------------------------------------------------------------------
+
     /// Cuts the connection on `key` off as a slow consumer if its unsent
     /// output is over the limit; whether it did.
     fn enforce_backlog(&mut self, key: usize) -> bool {
@@ -1050,91 +1076,50 @@ impl Reactor {
         }
         let socket = self.sockets[key].as_ref().expect("keys point at sockets");
         if let Some(conn) = socket.conn {
-            let backlog = socket.output.len();
-            self.cut_off_slow_consumer(key, conn, backlog);
+            self.cut_off_slow_consumer(key, conn);
         }
         true
     }
 
-    /// Whether the backlog on `key` calls for a cut-off now (the backlog
-    /// policy); starts its clock when it first goes over the limit.
+    /// Whether the backlog on `key` calls for a cut-off now; starts its
+    /// clock when it first goes over the limit.
     fn backlog_due(&mut self, key: usize) -> bool {
         let socket = self.sockets[key].as_mut().expect("keys point at sockets");
-        let backlog = socket.output.len();
         if socket.conn.is_none() {
             return false;
         }
-        match backlog_verdict(
-            backlog,
-            self.config.max_output_bytes,
-            socket.over_since,
-            self.config.limits.slow_consumer_after,
-            self.instant,
-        ) {
-            Backlog::Fine => false,
-            Backlog::Over => {
-                if socket.over_since.is_none() {
-                    let now = self.instant;
-                    socket.over_since = Some(now);
-                    let deadline = now + self.config.limits.slow_consumer_after;
-                    self.slow_deadlines.insert((deadline, key));
-                }
-                false
-            }
-            Backlog::CutOff => true,
-        }
+        socket.link.backlog_check(self.instant) == Backlog::CutOff
     }
 
     /// After a write: a backlog back under the limit starts its clock
     /// afresh.
     fn backlog_written(&mut self, key: usize) {
-        let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
-            return;
-        };
-        if let Some(since) = socket.over_since {
-            if socket.output.len() <= self.config.max_output_bytes {
-                socket.over_since = None;
-                self.slow_deadlines
-                    .remove(&(since + self.config.limits.slow_consumer_after, key));
-            }
+        if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+            socket.link.backlog_written();
         }
     }
 
     /// Cuts `conn` on `key` off as a slow consumer. Only while the core
     /// has no output queued (see `drain_core`); the caller drains the core
     /// after.
-    fn cut_off_slow_consumer(&mut self, key: usize, conn: ConnId, backlog: usize) {
+    fn cut_off_slow_consumer(&mut self, key: usize, conn: ConnId) {
         let socket = self.sockets[key].as_mut().expect("keys point at sockets");
+        let backlog = socket.link.backlog();
         warn!(peer = %socket.peer, %conn, backlog, "slow consumer: cutting it off");
         // What was written counts as delivered; what it has not started
         // reading is dropped (its offline messages stay queued, as the core
         // ends the drain), so the bye goes out next rather than after a
         // megabyte it will never read.
-        let unsent = socket.output.frames();
-        socket.output.drop_unstarted();
+        let unsent = socket.link.unsent_frames();
+        socket.link.drop_unstarted();
         let now = self.now();
         // The bye and the close come out of the core with the next outputs.
         let _ = self.core.cut_off_slow_consumer(conn, unsent, now);
     }
 
-    /// Flushes what is queued on `key`, then hangs up; a WebSocket says
-    /// goodbye with the close status for `reason` (the `bye`'s).
-    fn start_closing(&mut self, key: usize, reason: Option<ByeReason>) {
-        let socket = self.sockets[key].as_mut().expect("keys point at sockets");
-        if socket.phase != Phase::Open {
-            return;
-        }
-        if let App::WebSocket(ws) = &mut socket.app {
-            // After the `bye`, the WebSocket's own goodbye.
-            if let Some(close) = ws.close_frame(websocket_close_code(reason), "") {
-                socket.output.push_raw(close);
-            }
-        }
-        let deadline = self.instant + CLOSE_GRACE;
-        socket.phase = Phase::Flushing { deadline };
-        self.close_deadlines.insert((deadline, key));
-        self.mark_dirty(key);
-    }
+    // ------------------------------------------------------------------
+    // Deadlines.
+    // ------------------------------------------------------------------
 
     fn handle_deadlines(&mut self) {
         let now = self.instant;
@@ -1147,29 +1132,33 @@ impl Reactor {
             self.core.handle_timeout(self.clock.at(now));
             self.drain_core();
         }
-        while let Some(&(deadline, key)) = self.slow_deadlines.first() {
-            if deadline > now {
+        while let Some(&(at, key)) = self.deadlines.first() {
+            if at > now {
                 break;
             }
-            self.slow_deadlines.pop_first();
-            // Still over since then (a write under the limit removes it;
-            // a backlog found under it starts its clock afresh).
-            self.backlog_written(key);
-            if self.sockets.get(key).and_then(Option::as_ref).is_some() && self.enforce_backlog(key)
-            {
-                // The bye, the close and the presence wait in the core.
-                self.drain_core();
+            self.deadlines.pop_first();
+            let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+                continue;
+            };
+            socket.deadline = None;
+            match socket.link.timeout(now) {
+                Some(Expired::GiveUp) => {
+                    debug!(peer = %socket.peer, "close grace period over");
+                    self.remove(key);
+                    continue;
+                }
+                Some(Expired::Backlog) => {
+                    // Still over since then (a write under the limit stops
+                    // the clock; a backlog found under it starts it afresh).
+                    self.backlog_written(key);
+                    if self.enforce_backlog(key) {
+                        // The bye, the close and the presence wait in the core.
+                        self.drain_core();
+                    }
+                }
+                None => {}
             }
-        }
-        while let Some(&(deadline, key)) = self.close_deadlines.first() {
-            if deadline > now {
-                break;
-            }
-            self.close_deadlines.pop_first();
-            if let Some(socket) = self.sockets.get(key).and_then(Option::as_ref) {
-                debug!(peer = %socket.peer, "close grace period over");
-                self.remove(key);
-            }
+            self.sync_deadline(key);
         }
         if self.accept_paused_until.is_some_and(|until| until <= now) {
             self.accept_paused_until = None;
@@ -1179,6 +1168,27 @@ impl Reactor {
         }
     }
 
+    /// Lists the link's deadline on `key` in `deadlines`, as it is now.
+    fn sync_deadline(&mut self, key: usize) {
+        let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
+            return;
+        };
+        let due = socket.link.deadline();
+        if socket.deadline != due {
+            if let Some(at) = socket.deadline {
+                self.deadlines.remove(&(at, key));
+            }
+            if let Some(at) = due {
+                self.deadlines.insert((at, key));
+            }
+            socket.deadline = due;
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Writing.
+    // ------------------------------------------------------------------
+
     /// Writes every socket with new output once, and re-arms interest.
     fn flush_dirty(&mut self) -> io::Result<()> {
         let dirty = std::mem::take(&mut self.dirty);
@@ -1187,28 +1197,16 @@ impl Reactor {
                 continue;
             };
             socket.dirty = false;
-            let result = match socket.tls.as_mut() {
-                Some(tls) => flush_tls(
-                    tls,
-                    &mut socket.output,
-                    socket.stream.get(),
-                    matches!(socket.phase, Phase::Flushing { .. }),
-                    &mut socket.close_notified,
-                ),
-                None => socket.output.write_to(&mut socket.stream.get()),
-            };
-            match result {
-                Ok(Flushed::All) => {
-                    let held = socket
-                        .closed_conn
-                        .is_some_and(|conn| self.core.holds_output(conn));
-                    if let (Phase::Flushing { deadline }, false) = (socket.phase, held) {
-                        // Our side is done; hear the peer out, briefly.
-                        let _ = socket.stream.get().shutdown(Shutdown::Write);
-                        socket.phase = Phase::Draining { deadline };
-                    }
+            let held = socket
+                .closed_conn
+                .is_some_and(|conn| self.core.holds_output(conn));
+            socket.link.expect_more(held);
+            match socket.link.write_to(&mut socket.stream.get()) {
+                Ok(Written::ShutDown) => {
+                    // Our side is done; the link hears the peer out.
+                    let _ = socket.stream.get().shutdown(Shutdown::Write);
                 }
-                Ok(Flushed::Blocked) => {}
+                Ok(Written::All | Written::Blocked) => {}
                 Err(e) => {
                     // Nothing more can be written: what is queued is
                     // dropped with the socket (and not counted as written).
@@ -1225,13 +1223,14 @@ impl Reactor {
             // What is written is delivered; the core hands over the next
             // offline page once at most half a page is unwritten.
             if let Some(conn) = socket.conn {
-                let unsent = socket.output.frames();
+                let unsent = socket.link.unsent_frames();
                 let now = self.now();
                 if self.core.handle_drained(conn, unsent, now).is_ok() {
                     self.drain_core();
                 }
             }
             self.rearm(key);
+            self.sync_deadline(key);
         }
         // Keep the allocation for the next turn.
         let mut dirty = dirty;
@@ -1246,13 +1245,7 @@ impl Reactor {
         let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) else {
             return;
         };
-        let read = matches!(socket.phase, Phase::Open | Phase::Draining { .. });
-        let write = match &socket.tls {
-            // Output waits while the handshake is under way; the
-            // handshake's own records are `wants_write`.
-            Some(tls) => tls.wants_write() || (!socket.output.is_empty() && !tls.is_handshaking()),
-            None => !socket.output.is_empty(),
-        };
+        let (read, write) = socket.link.interest();
         if socket.armed == Some((read, write)) {
             return;
         }
@@ -1272,10 +1265,23 @@ impl Reactor {
         }
     }
 
+    fn mark_dirty(&mut self, key: usize) {
+        if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
+            if !socket.dirty {
+                socket.dirty = true;
+                self.dirty.push(key);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------------
+    // Stopping, and the connection table.
+    // ------------------------------------------------------------------
+
     fn begin_shutdown(&mut self) -> io::Result<()> {
         let deadline = self.instant + self.config.shutdown_grace;
         info!(
-            connections = self.open,
+            connections = self.admission.open(),
             "shutting down: saying bye to every connection"
         );
         self.shutdown_deadline = Some(deadline);
@@ -1285,7 +1291,7 @@ impl Reactor {
             .filter(|&key| {
                 self.sockets[key]
                     .as_ref()
-                    .is_some_and(|s| matches!(s.app, App::Http(_)))
+                    .is_some_and(|s| s.link.is_http_request())
             })
             .collect();
         for key in requests {
@@ -1298,23 +1304,12 @@ impl Reactor {
         self.flush_dirty()
     }
 
-    /// A socket from `ip` is gone.
-    fn uncount(&mut self, peer: PeerKey) {
-        if let Some(count) = self.per_ip.get_mut(&peer) {
-            *count -= 1;
-            if *count == 0 {
-                self.per_ip.remove(&peer);
-            }
-        }
-    }
-
-    fn mark_dirty(&mut self, key: usize) {
-        if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
-            if !socket.dirty {
-                socket.dirty = true;
-                self.dirty.push(key);
-            }
-        }
+    /// The core connection of the socket at `key`, while it has one.
+    fn conn_of(&self, key: usize) -> Option<ConnId> {
+        self.sockets
+            .get(key)
+            .and_then(Option::as_ref)
+            .and_then(|s| s.conn)
     }
 
     fn key_of(&self, conn: ConnId) -> Option<usize> {
@@ -1331,102 +1326,15 @@ impl Reactor {
             }
         }
     }
-
-    /// Tells the core how much of the output of the socket at `key` is
-    /// written, before any of the rest is dropped.
-    fn report_written(&mut self, key: usize) {
-        let Some(socket) = self.sockets.get(key).and_then(Option::as_ref) else {
-            return;
-        };
-        let Some(conn) = socket.conn.or(socket.closed_conn) else {
-            return;
-        };
-        let unsent = socket.output.frames();
-        let now = self.now();
-        if self.core.handle_drained(conn, unsent, now).is_ok() {
-            self.drain_core();
-        }
-    }
-
-    /// Drops the output queued on `key`, unwritten, after telling the core
-    /// (for the last time) how much of it was written before.
-    fn discard_output(&mut self, key: usize) {
-        self.report_written(key);
-        if let Some(socket) = self.sockets.get_mut(key).and_then(Option::as_mut) {
-            // That report settled the closed connection's drain: none follows.
-            let closed = if socket.conn.is_none() {
-                socket.closed_conn.take()
-            } else {
-                None
-            };
-            socket.output = OutputQueue::default();
-            if let Some(conn) = closed {
-                // Nor does any output: nothing more is written.
-                self.forget_conn(conn);
-            }
-        }
-    }
-
-    /// Drops a socket: the poller forgets it and the descriptor closes.
-    fn remove(&mut self, key: usize) {
-        if let Some(conn) = self
-            .sockets
-            .get(key)
-            .and_then(Option::as_ref)
-            .and_then(|s| s.conn)
-        {
-            // Dropped without the core closing it: it ends here, while the
-            // socket can still take what the core hands it meanwhile.
-            self.end_session(key, conn);
-        }
-        if let Some(conn) = self
-            .sockets
-            .get(key)
-            .and_then(Option::as_ref)
-            .and_then(|s| s.closed_conn)
-        {
-            // Whatever the core still hands over for it goes nowhere now.
-            self.forget_conn(conn);
-        }
-        let Some(socket) = self.sockets.get_mut(key).and_then(Option::take) else {
-            return;
-        };
-        if let Phase::Flushing { deadline } | Phase::Draining { deadline } = socket.phase {
-            self.close_deadlines.remove(&(deadline, key));
-        }
-        if let App::Http(request) = &socket.app {
-            self.close_deadlines.remove(&(request.deadline, key));
-        }
-        if let App::Refused { deadline, .. } = &socket.app {
-            self.close_deadlines.remove(&(*deadline, key));
-        }
-        if let Some(since) = socket.over_since {
-            self.slow_deadlines
-                .remove(&(since + self.config.limits.slow_consumer_after, key));
-        }
-        let now = self.now();
-        let unsent = socket.output.frames();
-        if let Some(conn) = socket.closed_conn {
-            // Its last frames are written, or never will be: that settles
-            // which of its offline messages were delivered.
-            if self.core.handle_drained(conn, unsent, now).is_ok() {
-                self.drain_core();
-            }
-        }
-        debug!(peer = %socket.peer, "socket closed");
-        self.uncount(PeerKey::from_ip(socket.peer.ip()));
-        self.free_keys.push(key);
-        self.open -= 1;
-    }
 }
 
-/// Accepted beyond a connection limit: say why (a `bye`, or a 503 to an
-/// HTTP client) and hang up. The answer is tiny and the socket's send
-/// buffer empty, so one non-blocking write suffices.
-fn refuse(stream: TcpStream, http: bool, reason: ByeReason) {
+/// Refused at once (no TLS to wait for): say why and hang up. The answer
+/// is tiny and the socket's send buffer empty, so one non-blocking write
+/// suffices.
+fn refuse(stream: TcpStream, refusal: &Refusal) {
     let _ = stream.set_nonblocking(true);
     let mut output = OutputQueue::default();
-    push_refusal(&mut output, http, reason);
+    refusal.queue(&mut output);
     let _ = output.write_to(&mut &stream);
     let _ = stream.shutdown(Shutdown::Write);
 }
@@ -1452,119 +1360,6 @@ fn configure_socket(stream: &TcpStream, limits: &Limits) -> io::Result<()> {
         socket.set_tcp_user_timeout(Some(timeout))?;
     }
     Ok(())
-}
-
-/// Queues what a refused connection is told: a `bye` line, or a 503 to an
-/// HTTP client.
-fn push_refusal(output: &mut OutputQueue, http: bool, reason: ByeReason) {
-    if http {
-        output.push_raw(http::unavailable(&format!("{reason}")));
-    } else {
-        output.push_frame(Head::EMPTY, ServerFrame::Bye { reason }.encode(), LINE_END);
-    }
-}
-
-/// What a socket's backlog calls for.
-#[derive(Debug, PartialEq, Eq)]
-enum Backlog {
-    Fine,
-    /// Over the limit, for less than the grace time so far.
-    Over,
-    CutOff,
-}
-
-/// The slow-consumer policy: a backlog over `limit` is cut off once it has
-/// been over for `grace` (it was over since `over_since`), or at once past
-/// 4 times `limit`, so a burst does not cut off a reader that keeps up.
-fn backlog_verdict(
-    backlog: usize,
-    limit: usize,
-    over_since: Option<Instant>,
-    grace: Duration,
-    now: Instant,
-) -> Backlog {
-    if backlog > limit.saturating_mul(4) {
-        Backlog::CutOff
-    } else if backlog <= limit {
-        Backlog::Fine
-    } else if over_since.is_some_and(|since| now >= since + grace) {
-        Backlog::CutOff
-    } else {
-        Backlog::Over
-    }
-}
-
-/// The WebSocket close status that goes with a `bye` reason: 1001 (going
-/// away) at shutdown, 1008 (policy) for a flood or a slow consumer, 1000
-/// otherwise.
-fn websocket_close_code(reason: Option<ByeReason>) -> CloseCode {
-    match reason {
-        Some(ByeReason::ServerShutdown) => CloseCode::Away,
-        Some(ByeReason::Flood | ByeReason::SlowConsumer) => CloseCode::Policy,
-        _ => CloseCode::Normal,
-    }
-}
-
-/// Moves queued frames through the TLS session onto the socket: as much
-/// plaintext as rustls buffers, then its records, until the socket would
-/// block or everything is out. While `closing`, `close_notify` follows the
-/// last frame.
-fn flush_tls(
-    tls: &mut rustls::ServerConnection,
-    output: &mut OutputQueue,
-    stream: &TcpStream,
-    closing: bool,
-    close_notified: &mut bool,
-) -> io::Result<Flushed> {
-    loop {
-        if !tls.is_handshaking() {
-            output.write_to(&mut TlsPlaintext(tls))?;
-        }
-        if closing && output.is_empty() && !*close_notified {
-            tls.send_close_notify();
-            *close_notified = true;
-        }
-        while tls.wants_write() {
-            match tls.write_tls(&mut &*stream) {
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Flushed::Blocked),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if output.is_empty() && (*close_notified || !closing) {
-            return Ok(Flushed::All);
-        }
-        if tls.is_handshaking() {
-            // The rest waits for the peer's handshake messages.
-            return Ok(Flushed::Blocked);
-        }
-    }
-}
-
-/// rustls' plaintext buffer as a writer that says "would block" when full,
-/// so `OutputQueue` keeps what does not fit.
-struct TlsPlaintext<'a>(&'a mut rustls::ServerConnection);
-
-impl io::Write for TlsPlaintext<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        match self.0.writer().write(buf)? {
-            0 if !buf.is_empty() => Err(io::ErrorKind::WouldBlock.into()),
-            n => Ok(n),
-        }
-    }
-
-    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
-        let total: usize = bufs.iter().map(|b| b.len()).sum();
-        match self.0.writer().write_vectored(bufs)? {
-            0 if total > 0 => Err(io::ErrorKind::WouldBlock.into()),
-            n => Ok(n),
-        }
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
 }
 
 fn is_out_of_descriptors(e: &io::Error) -> bool {
@@ -1596,23 +1391,6 @@ fn log_event(event: &CoreEvent, accounts: &chatproto::Accounts) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_backlog_over_the_limit_is_cut_off_only_if_it_stays_over() {
-        let t0 = Instant::now();
-        let grace = Duration::from_secs(10);
-        let verdict = |backlog, since, now| backlog_verdict(backlog, 1000, since, grace, now);
-        assert_eq!(verdict(1000, None, t0), Backlog::Fine);
-        assert_eq!(verdict(1001, None, t0), Backlog::Over);
-        assert_eq!(
-            verdict(1001, Some(t0), t0 + Duration::from_secs(9)),
-            Backlog::Over
-        );
-        assert_eq!(verdict(1001, Some(t0), t0 + grace), Backlog::CutOff);
-        // Past 4 times the limit, at once.
-        assert_eq!(verdict(4001, None, t0), Backlog::CutOff);
-        assert_eq!(verdict(4000, None, t0), Backlog::Over);
-    }
 
     #[test]
     fn accepted_sockets_get_keepalive_a_user_timeout_and_a_small_send_buffer() {
@@ -1648,13 +1426,30 @@ mod tests {
     }
 
     #[test]
-    fn each_bye_reason_has_its_websocket_close_status() {
-        let code = |r| u16::from(websocket_close_code(r));
-        assert_eq!(code(Some(ByeReason::ServerShutdown)), 1001);
-        assert_eq!(code(Some(ByeReason::Flood)), 1008);
-        assert_eq!(code(Some(ByeReason::SlowConsumer)), 1008);
-        assert_eq!(code(Some(ByeReason::Logout)), 1000);
-        assert_eq!(code(Some(ByeReason::IdleTimeout)), 1000);
-        assert_eq!(code(None), 1000);
+    fn reads_are_handed_on_without_a_copy_and_the_buffer_is_reused() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let mut buf = ReadBuffer::new();
+        io::Write::write_all(&mut client, &[7; 100]).unwrap();
+        let first = buf.read_from(&accepted).unwrap();
+        assert_eq!(&first[..], &[7; 100]);
+        let base = first.as_ptr();
+        drop(first);
+        // Filled past the refill point, with nothing kept: the same memory.
+        let mut pieces = 0;
+        while buf.0.len() >= MIN_READ {
+            io::Write::write_all(&mut client, &[8; 4096]).unwrap();
+            let mut got = 0;
+            while got < 4096 {
+                got += buf.read_from(&accepted).unwrap().len();
+            }
+            pieces += 1;
+        }
+        assert!(pieces > 1);
+        io::Write::write_all(&mut client, b"x").unwrap();
+        assert_eq!(buf.read_from(&accepted).unwrap().as_ptr(), base);
+        drop(client);
+        assert!(buf.read_from(&accepted).unwrap().is_empty(), "the end");
     }
 }

@@ -1,4 +1,4 @@
-//! Where the reactor keeps the core's lasting state: a SQLite [`Database`]
+//! Where the reactor keeps the core's lasting state: a SQLite database
 //! on a thread of its own.
 //!
 //! A commit ends in an fsync, which takes milliseconds; on the event loop
@@ -10,271 +10,343 @@
 //! Jobs run in order, so a page read asked for after a commit sees it.
 //!
 //! Without a database (`--no-db`) there is no storage thread: the core
-//! makes no batches and keeps offline texts itself.
+//! makes no batches and keeps offline texts itself. Nor is there one in a
+//! build without the `sqlite` feature: its types are still here,
+//! uninhabited, so the reactor's code needs no feature gates.
 
-use std::collections::VecDeque;
-use std::io;
-use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
-use std::sync::Arc;
-use std::thread;
+#[cfg(feature = "sqlite")]
+pub use with_database::*;
+#[cfg(not(feature = "sqlite"))]
+pub use without_database::*;
 
-use chatproto::{BatchId, Change, ConnId, QueuedMessage, Username};
-use polling::Poller;
-use tracing::error;
+#[cfg(feature = "sqlite")]
+mod with_database {
+    use std::collections::VecDeque;
+    use std::io;
+    use std::sync::mpsc::{self, Receiver, Sender, TryRecvError};
+    use std::sync::Arc;
+    use std::thread;
 
-use crate::database::{Committed, Database, DatabaseError};
+    use chatproto::{BatchId, Change, ConnId, QueuedMessage, Username};
+    use polling::Poller;
+    use tracing::error;
 
-/// What the storage thread finished.
-#[derive(Debug)]
-pub enum Done {
-    /// A batch was committed, or failed (nothing of it was written).
-    Persisted {
-        batch: BatchId,
-        result: Result<Committed, DatabaseError>,
-    },
-    /// A page of `conn`'s user's offline queue was read.
-    Page {
-        conn: ConnId,
-        result: Result<Vec<QueuedMessage>, DatabaseError>,
-    },
-}
+    use crate::database::{Committed, Database, DatabaseError};
 
-/// Work for the storage thread, done in order.
-#[derive(Debug)]
-enum Job {
-    Persist {
-        batch: BatchId,
-        changes: Vec<Change>,
-    },
-    LoadPage {
-        conn: ConnId,
-        user: Username,
-        after_seq: u64,
-        max_bytes: usize,
-    },
-}
-
-/// What a job handed over was, to answer it if the thread is gone.
-#[derive(Debug, Clone, Copy)]
-enum Asked {
-    Persist(BatchId),
-    Page(ConnId),
-}
-
-impl Asked {
-    /// The answer when the storage thread can no longer give one: the
-    /// batch failed (the core takes it back), the page cannot be read.
-    fn failed(self) -> Done {
-        match self {
-            Asked::Persist(batch) => Done::Persisted {
-                batch,
-                result: Err(DatabaseError::Stopped),
-            },
-            Asked::Page(conn) => Done::Page {
-                conn,
-                result: Err(DatabaseError::Stopped),
-            },
-        }
-    }
-}
-
-/// The storage thread and the channels to it.
-#[derive(Debug)]
-pub struct Storage {
-    jobs: Option<Sender<Job>>,
-    done: Receiver<Done>,
-    /// Jobs handed over and not yet answered, oldest first (answers come
-    /// in the same order).
-    outstanding: VecDeque<Asked>,
-    thread: Option<thread::JoinHandle<()>>,
-    /// Woken when a job cannot be handed over, so the failure is answered
-    /// on the next turn.
-    poller: Arc<Poller>,
-}
-
-impl Storage {
-    /// Starts the storage thread on `db`; each answer wakes `poller`.
-    pub fn start(db: Database, poller: Arc<Poller>) -> io::Result<Storage> {
-        let (jobs, inbox) = mpsc::channel();
-        let (outbox, done) = mpsc::channel();
-        let wake = poller.clone();
-        let thread = thread::Builder::new()
-            .name("storage".into())
-            .spawn(move || {
-                // Should the thread die (a panic), the reactor wakes and
-                // finds the channel closed: it answers what was pending
-                // itself rather than wait for ever.
-                let _wake = WakeOnExit(&poller);
-                work(db, &inbox, &outbox, &poller);
-            })?;
-        Ok(Storage {
-            jobs: Some(jobs),
-            done,
-            outstanding: VecDeque::new(),
-            thread: Some(thread),
-            poller: wake,
-        })
+    /// What the storage thread finished.
+    #[derive(Debug)]
+    pub enum Done {
+        /// A batch was committed, or failed (nothing of it was written).
+        Persisted {
+            /// Which batch.
+            batch: BatchId,
+            /// What became of it.
+            result: Result<Committed, DatabaseError>,
+        },
+        /// A page of `conn`'s user's offline queue was read.
+        Page {
+            /// Whose page.
+            conn: ConnId,
+            /// The page, oldest first.
+            result: Result<Vec<QueuedMessage>, DatabaseError>,
+        },
     }
 
-    /// Queues `changes` to be committed as one transaction.
-    pub fn persist(&mut self, batch: BatchId, changes: Vec<Change>) {
-        self.send(Job::Persist { batch, changes });
+    /// Work for the storage thread, done in order.
+    #[derive(Debug)]
+    enum Job {
+        Persist {
+            batch: BatchId,
+            changes: Vec<Change>,
+        },
+        LoadPage {
+            conn: ConnId,
+            user: Username,
+            after_seq: u64,
+            max_bytes: usize,
+        },
     }
 
-    /// Queues a read of `user`'s offline messages after `after_seq`.
-    pub fn load_page(&mut self, conn: ConnId, user: Username, after_seq: u64, max_bytes: usize) {
-        self.send(Job::LoadPage {
-            conn,
-            user,
-            after_seq,
-            max_bytes,
-        });
+    /// What a job handed over was, to answer it if the thread is gone.
+    #[derive(Debug, Clone, Copy)]
+    enum Asked {
+        Persist(BatchId),
+        Page(ConnId),
     }
 
-    /// What the thread finished since the last call.
-    /// If the thread has stopped, every job still pending is answered as
-    /// failed: `Err(DatabaseError::Stopped)`.
-    pub fn finished(&mut self) -> Vec<Done> {
-        let mut done = Vec::new();
-        loop {
-            match self.done.try_recv() {
-                Ok(answer) => {
-                    self.outstanding.pop_front();
-                    done.push(answer);
-                }
-                Err(TryRecvError::Empty) => break,
-                Err(TryRecvError::Disconnected) => {
-                    if !self.outstanding.is_empty() {
-                        error!("the storage thread stopped: failing every pending batch and read");
-                    }
-                    done.extend(self.outstanding.drain(..).map(Asked::failed));
-                    // Nothing more goes to it: later jobs fail at once.
-                    self.jobs = None;
-                    break;
-                }
-            }
-        }
-        done
-    }
-
-    /// Whether every job handed over has been answered.
-    pub fn idle(&self) -> bool {
-        self.outstanding.is_empty()
-    }
-
-    fn send(&mut self, job: Job) {
-        let asked = match &job {
-            Job::Persist { batch, .. } => Asked::Persist(*batch),
-            Job::LoadPage { conn, .. } => Asked::Page(*conn),
-        };
-        self.outstanding.push_back(asked);
-        let sent = self
-            .jobs
-            .as_ref()
-            .is_some_and(|jobs| jobs.send(job).is_ok());
-        if !sent {
-            // The thread is gone: `finished` answers it as failed (the
-            // channel is closed, so the next look finds it).
-            self.jobs = None;
-            let _ = self.poller.notify();
-        }
-    }
-}
-
-impl Drop for Storage {
-    fn drop(&mut self) {
-        // The thread finishes the jobs queued, then sees the channel closed.
-        self.jobs.take();
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
-}
-
-/// Wakes the reactor when the storage thread ends, however it ends.
-struct WakeOnExit<'a>(&'a Poller);
-
-impl Drop for WakeOnExit<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.notify();
-    }
-}
-
-/// The storage thread: runs jobs in order until the reactor hangs up.
-fn work(mut db: Database, inbox: &Receiver<Job>, outbox: &Sender<Done>, poller: &Poller) {
-    for job in inbox {
-        let done = match job {
-            Job::Persist { batch, changes } => {
-                for change in changes {
-                    db.record(change);
-                }
-                Done::Persisted {
+    impl Asked {
+        /// The answer when the storage thread can no longer give one: the
+        /// batch failed (the core takes it back), the page cannot be read.
+        fn failed(self) -> Done {
+            match self {
+                Asked::Persist(batch) => Done::Persisted {
                     batch,
-                    result: db.commit(),
-                }
+                    result: Err(DatabaseError::Stopped),
+                },
+                Asked::Page(conn) => Done::Page {
+                    conn,
+                    result: Err(DatabaseError::Stopped),
+                },
             }
-            Job::LoadPage {
+        }
+    }
+
+    /// The storage thread and the channels to it.
+    #[derive(Debug)]
+    pub struct Storage {
+        jobs: Option<Sender<Job>>,
+        done: Receiver<Done>,
+        /// Jobs handed over and not yet answered, oldest first (answers come
+        /// in the same order).
+        outstanding: VecDeque<Asked>,
+        thread: Option<thread::JoinHandle<()>>,
+        /// Woken when a job cannot be handed over, so the failure is answered
+        /// on the next turn.
+        poller: Arc<Poller>,
+    }
+
+    impl Storage {
+        /// Starts the storage thread on `db`; each answer wakes `poller`.
+        pub fn start(db: Database, poller: Arc<Poller>) -> io::Result<Storage> {
+            let (jobs, inbox) = mpsc::channel();
+            let (outbox, done) = mpsc::channel();
+            let wake = poller.clone();
+            let thread = thread::Builder::new()
+                .name("storage".into())
+                .spawn(move || {
+                    // Should the thread die (a panic), the reactor wakes and
+                    // finds the channel closed: it answers what was pending
+                    // itself rather than wait for ever.
+                    let _wake = WakeOnExit(&poller);
+                    work(db, &inbox, &outbox, &poller);
+                })?;
+            Ok(Storage {
+                jobs: Some(jobs),
+                done,
+                outstanding: VecDeque::new(),
+                thread: Some(thread),
+                poller: wake,
+            })
+        }
+
+        /// Queues `changes` to be committed as one transaction.
+        pub fn persist(&mut self, batch: BatchId, changes: Vec<Change>) {
+            self.send(Job::Persist { batch, changes });
+        }
+
+        /// Queues a read of `user`'s offline messages after `after_seq`.
+        pub fn load_page(
+            &mut self,
+            conn: ConnId,
+            user: Username,
+            after_seq: u64,
+            max_bytes: usize,
+        ) {
+            self.send(Job::LoadPage {
                 conn,
                 user,
                 after_seq,
                 max_bytes,
-            } => Done::Page {
-                conn,
-                result: db.offline_page(&user, after_seq, max_bytes),
-            },
-        };
-        if outbox.send(done).is_err() {
-            return;
+            });
         }
-        let _ = poller.notify();
+
+        /// What the thread finished since the last call.
+        /// If the thread has stopped, every job still pending is answered as
+        /// failed: `Err(DatabaseError::Stopped)`.
+        pub fn finished(&mut self) -> Vec<Done> {
+            let mut done = Vec::new();
+            loop {
+                match self.done.try_recv() {
+                    Ok(answer) => {
+                        self.outstanding.pop_front();
+                        done.push(answer);
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => {
+                        if !self.outstanding.is_empty() {
+                            error!(
+                                "the storage thread stopped: failing every pending batch and read"
+                            );
+                        }
+                        done.extend(self.outstanding.drain(..).map(Asked::failed));
+                        // Nothing more goes to it: later jobs fail at once.
+                        self.jobs = None;
+                        break;
+                    }
+                }
+            }
+            done
+        }
+
+        /// Whether every job handed over has been answered.
+        pub fn idle(&self) -> bool {
+            self.outstanding.is_empty()
+        }
+
+        fn send(&mut self, job: Job) {
+            let asked = match &job {
+                Job::Persist { batch, .. } => Asked::Persist(*batch),
+                Job::LoadPage { conn, .. } => Asked::Page(*conn),
+            };
+            self.outstanding.push_back(asked);
+            let sent = self
+                .jobs
+                .as_ref()
+                .is_some_and(|jobs| jobs.send(job).is_ok());
+            if !sent {
+                // The thread is gone: `finished` answers it as failed (the
+                // channel is closed, so the next look finds it).
+                self.jobs = None;
+                let _ = self.poller.notify();
+            }
+        }
+    }
+
+    impl Drop for Storage {
+        fn drop(&mut self) {
+            // The thread finishes the jobs queued, then sees the channel closed.
+            self.jobs.take();
+            if let Some(thread) = self.thread.take() {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    /// Wakes the reactor when the storage thread ends, however it ends.
+    struct WakeOnExit<'a>(&'a Poller);
+
+    impl Drop for WakeOnExit<'_> {
+        fn drop(&mut self) {
+            let _ = self.0.notify();
+        }
+    }
+
+    /// The storage thread: runs jobs in order until the reactor hangs up.
+    fn work(mut db: Database, inbox: &Receiver<Job>, outbox: &Sender<Done>, poller: &Poller) {
+        for job in inbox {
+            let done = match job {
+                Job::Persist { batch, changes } => {
+                    for change in changes {
+                        db.record(change);
+                    }
+                    Done::Persisted {
+                        batch,
+                        result: db.commit(),
+                    }
+                }
+                Job::LoadPage {
+                    conn,
+                    user,
+                    after_seq,
+                    max_bytes,
+                } => Done::Page {
+                    conn,
+                    result: db.offline_page(&user, after_seq, max_bytes),
+                },
+            };
+            if outbox.send(done).is_err() {
+                return;
+            }
+            let _ = poller.notify();
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn jobs_pending_when_the_thread_stops_are_answered_as_failed() {
+            let poller = Arc::new(Poller::new().unwrap());
+            let (jobs, inbox) = mpsc::channel();
+            let (outbox, done) = mpsc::channel::<Done>();
+            let mut storage = Storage {
+                jobs: Some(jobs),
+                done,
+                outstanding: VecDeque::new(),
+                thread: None,
+                poller,
+            };
+            storage.persist(BatchId::from_raw(7), Vec::new());
+            assert!(storage.finished().is_empty(), "still pending");
+            // The thread dies with the job in hand.
+            drop((inbox, outbox));
+            let answers = storage.finished();
+            assert!(matches!(
+                answers[..],
+                [Done::Persisted {
+                    batch,
+                    result: Err(DatabaseError::Stopped)
+                }] if batch == BatchId::from_raw(7)
+            ));
+            // Later jobs fail at once.
+            let now = chatproto::Timestamp::from_unix_millis(0);
+            let mut core = chatproto::Server::new(
+                chatproto::ServerConfig::default(),
+                chatproto::Accounts::new(),
+                now,
+            )
+            .unwrap();
+            let conn = core.accept(chatproto::PeerKey::UNSPECIFIED, [0; 16], now);
+            storage.load_page(conn, "bob".parse().unwrap(), 0, 1);
+            assert!(matches!(
+                storage.finished()[..],
+                [Done::Page {
+                    result: Err(DatabaseError::Stopped),
+                    ..
+                }]
+            ));
+            assert!(storage.idle());
+        }
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+#[cfg(not(feature = "sqlite"))]
+mod without_database {
+    use chatproto::{BatchId, Change, ConnId, QueuedMessage, Username};
 
-    #[test]
-    fn jobs_pending_when_the_thread_stops_are_answered_as_failed() {
-        let poller = Arc::new(Poller::new().unwrap());
-        let (jobs, inbox) = mpsc::channel();
-        let (outbox, done) = mpsc::channel::<Done>();
-        let mut storage = Storage {
-            jobs: Some(jobs),
-            done,
-            outstanding: VecDeque::new(),
-            thread: None,
-            poller,
-        };
-        storage.persist(BatchId::from_raw(7), Vec::new());
-        assert!(storage.finished().is_empty(), "still pending");
-        // The thread dies with the job in hand.
-        drop((inbox, outbox));
-        let answers = storage.finished();
-        assert!(matches!(
-            answers[..],
-            [Done::Persisted {
-                batch,
-                result: Err(DatabaseError::Stopped)
-            }] if batch == BatchId::from_raw(7)
-        ));
-        // Later jobs fail at once.
-        let now = chatproto::Timestamp::from_unix_millis(0);
-        let mut core = chatproto::Server::new(
-            chatproto::ServerConfig::default(),
-            chatproto::Accounts::new(),
-            now,
-        )
-        .unwrap();
-        let conn = core.accept(chatproto::PeerKey::UNSPECIFIED, [0; 16], now);
-        storage.load_page(conn, "bob".parse().unwrap(), 0, 1);
-        assert!(matches!(
-            storage.finished()[..],
-            [Done::Page {
-                result: Err(DatabaseError::Stopped),
-                ..
-            }]
-        ));
-        assert!(storage.idle());
+    /// No database in this build: no storage thread exists.
+    #[derive(Debug)]
+    pub enum Storage {}
+
+    /// Why storage failed (never, in this build).
+    #[derive(Debug, thiserror::Error)]
+    #[error("no database in this build")]
+    pub enum NoDatabase {}
+
+    /// What the storage thread finished (nothing, in this build).
+    #[derive(Debug)]
+    pub enum Done {
+        /// A batch was committed, or failed.
+        Persisted {
+            /// Which batch.
+            batch: BatchId,
+            /// What became of it.
+            result: Result<(), NoDatabase>,
+        },
+        /// A page of an offline queue was read.
+        Page {
+            /// Whose page.
+            conn: ConnId,
+            /// The page.
+            result: Result<Vec<QueuedMessage>, NoDatabase>,
+        },
+    }
+
+    // Each method matches on the uninhabited storage: none is ever called.
+    #[allow(missing_docs)]
+    impl Storage {
+        pub fn persist(&mut self, _: BatchId, _: Vec<Change>) {
+            match *self {}
+        }
+        pub fn load_page(&mut self, _: ConnId, _: Username, _: u64, _: usize) {
+            match *self {}
+        }
+        pub fn finished(&mut self) -> Vec<Done> {
+            match *self {}
+        }
+        pub fn idle(&self) -> bool {
+            match *self {}
+        }
     }
 }

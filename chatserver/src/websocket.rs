@@ -34,18 +34,25 @@ pub struct WebSocket {
     close_sent: bool,
 }
 
-/// What one batch of received bytes made.
-#[derive(Debug, Default)]
-pub struct Received {
-    /// Protocol frames, in order: each a text message's payload.
-    pub frames: Vec<Bytes>,
-    /// Pongs to send back, whole frames.
-    pub reply: Option<Bytes>,
-    /// The close frame that ends the session (the echo of the peer's, or
-    /// ours refusing bad input): it goes out after the answers to `frames`.
-    pub close: Option<Bytes>,
-    /// The session is over, and why.
-    pub ended: Option<String>,
+/// What one step of reading made.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Received {
+    /// A text message's payload: one protocol frame.
+    Message(Bytes),
+    /// A pong to send back, a whole frame (the answer to a ping).
+    Reply(Bytes),
+    /// The session is over, and why; with the close frame that ends it
+    /// (the echo of the peer's, or ours refusing bad input), to go out
+    /// after the answers to the messages before it.
+    Ended {
+        /// Why, for the log.
+        why: String,
+        /// The close frame to send, unless one went out already.
+        close: Option<Bytes>,
+    },
+    /// The bytes so far hold nothing more (tungstenite keeps a partial
+    /// frame itself).
+    NeedMore,
 }
 
 impl std::fmt::Debug for WebSocket {
@@ -72,41 +79,44 @@ impl WebSocket {
         }
     }
 
-    /// Takes bytes read from the socket. tungstenite reads until the bytes
-    /// run out (it keeps a partial frame itself), so none are left over
-    /// unless the session ended.
-    pub fn receive(&mut self, mut data: &[u8]) -> Received {
-        let mut received = Received::default();
-        let mut reply = Vec::new();
-        let mut close = Vec::new();
+    /// Reads from the front of `input` (bytes received, advanced past what
+    /// tungstenite took) until one thing happens: a message, a pong to
+    /// send, the end, or the bytes run out. One at a time, so each
+    /// message's answer is queued before whatever follows it.
+    pub fn read_one(&mut self, input: &mut &[u8]) -> Received {
+        let mut out = Vec::new();
         loop {
             let mut io = Pipe {
-                input: &mut data,
-                output: &mut reply,
+                input: &mut *input,
+                output: &mut out,
             };
             match self.context.read(&mut io) {
-                Ok(Message::Text(text)) => received.frames.push(Bytes::from(text)),
+                Ok(Message::Text(text)) => return Received::Message(Bytes::from(text)),
                 Ok(Message::Binary(_)) => {
-                    self.close(&mut close, CloseCode::Unsupported, "send text messages");
-                    received.ended = Some("WebSocket: a binary message".to_owned());
-                    break;
+                    self.close(&mut out, CloseCode::Unsupported, "send text messages");
+                    return ended("WebSocket: a binary message".to_owned(), out);
+                }
+                Ok(Message::Ping(_)) => {
+                    // tungstenite queued the pong: out with it now, so every
+                    // ping gets its answer in order.
+                    let _ = self.context.flush(&mut io);
+                    if !out.is_empty() {
+                        return Received::Reply(Bytes::from(out));
+                    }
                 }
                 Ok(Message::Close(frame)) => {
                     // tungstenite queued the echo (in place of any pong).
-                    let _ = self.context.flush(&mut Pipe {
-                        input: &mut data,
-                        output: &mut close,
-                    });
+                    let _ = self.context.flush(&mut io);
                     self.close_sent = true;
                     let why = frame.map_or_else(String::new, |f| format!(" ({})", f.code));
-                    received.ended = Some(format!("the peer closed the WebSocket{why}"));
-                    break;
+                    return ended(format!("the peer closed the WebSocket{why}"), out);
                 }
-                Ok(_) => {} // ping (answered), pong
-                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Ok(_) => {} // a pong, or a raw frame tungstenite never yields here
+                Err(tungstenite::Error::Io(e)) if e.kind() == io::ErrorKind::WouldBlock => {
+                    return Received::NeedMore;
+                }
                 Err(tungstenite::Error::ConnectionClosed | tungstenite::Error::AlreadyClosed) => {
-                    received.ended = Some("the WebSocket is closed".to_owned());
-                    break;
+                    return ended("the WebSocket is closed".to_owned(), out);
                 }
                 Err(e) => {
                     let code = match e {
@@ -118,19 +128,11 @@ impl WebSocket {
                         tungstenite::Error::Utf8(_) => CloseCode::Invalid,
                         _ => CloseCode::Protocol,
                     };
-                    self.close(&mut close, code, "");
-                    received.ended = Some(format!("WebSocket: {e}"));
-                    break;
+                    self.close(&mut out, code, "");
+                    return ended(format!("WebSocket: {e}"), out);
                 }
             }
         }
-        if !reply.is_empty() {
-            received.reply = Some(Bytes::from(reply));
-        }
-        if !close.is_empty() {
-            received.close = Some(Bytes::from(close));
-        }
-        received
     }
 
     /// The close frame that ends the session from our side, unless one
@@ -168,6 +170,14 @@ impl WebSocket {
 /// the 64-bit targets the server is built for.
 fn reserved_length(size: usize) -> bool {
     (size as u64) >> 63 != 0
+}
+
+/// The end of a session, with the close frame in `out`, if any.
+fn ended(why: String, out: Vec<u8>) -> Received {
+    Received::Ended {
+        why,
+        close: (!out.is_empty()).then(|| Bytes::from(out)),
+    }
 }
 
 /// The header of a text message of `payload_len` bytes from the server
@@ -221,22 +231,60 @@ impl Write for Pipe<'_, '_> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use tungstenite::protocol::frame::coding::{Data, OpCode};
     use tungstenite::protocol::frame::{Frame, FrameHeader};
 
-    /// A client frame: masked, as RFC 6455 requires of clients.
-    fn client_frame(opcode: OpCode, payload: &[u8], is_final: bool) -> Vec<u8> {
-        let mut frame = Frame::message(payload.to_vec(), opcode, is_final);
+    /// `frame` as a client sends it: masked, as RFC 6455 requires of
+    /// clients.
+    pub(crate) fn masked(mut frame: Frame) -> Vec<u8> {
         frame.header_mut().mask = Some([1, 2, 3, 4]);
         let mut out = Vec::new();
         frame.format(&mut out).unwrap();
         out
     }
 
-    fn text(payload: &str) -> Vec<u8> {
+    fn client_frame(opcode: OpCode, payload: &[u8], is_final: bool) -> Vec<u8> {
+        masked(Frame::message(payload.to_vec(), opcode, is_final))
+    }
+
+    /// A client's text message.
+    pub(crate) fn text(payload: &str) -> Vec<u8> {
         client_frame(OpCode::Data(Data::Text), payload.as_bytes(), true)
+    }
+
+    /// Everything one batch of bytes makes, read a step at a time.
+    #[derive(Debug, Default)]
+    struct Batch {
+        frames: Vec<Bytes>,
+        reply: Option<Bytes>,
+        close: Option<Bytes>,
+        ended: Option<String>,
+    }
+
+    impl WebSocket {
+        fn receive(&mut self, mut data: &[u8]) -> Batch {
+            let mut received = Batch::default();
+            loop {
+                match self.read_one(&mut data) {
+                    super::Received::Message(frame) => received.frames.push(frame),
+                    super::Received::Reply(pong) => {
+                        let before = received.reply.take().unwrap_or_default();
+                        received.reply = Some([&before[..], &pong[..]].concat().into());
+                    }
+                    super::Received::Ended { why, close } => {
+                        received.ended = Some(why);
+                        received.close = close;
+                        return received;
+                    }
+                    super::Received::NeedMore => {
+                        assert!(data.is_empty(), "tungstenite takes every byte");
+                        return received;
+                    }
+                }
+            }
+        }
     }
 
     #[test]
@@ -257,13 +305,7 @@ mod tests {
         let mut ws = WebSocket::new(64);
         let bytes = [
             client_frame(OpCode::Data(Data::Text), b"who", false),
-            {
-                let mut ping = Frame::ping(&b"p"[..]);
-                ping.header_mut().mask = Some([5, 6, 7, 8]);
-                let mut out = Vec::new();
-                ping.format(&mut out).unwrap();
-                out
-            },
+            masked(Frame::ping(&b"p"[..])),
             client_frame(OpCode::Data(Data::Continue), b"ami", true),
         ]
         .concat();
@@ -275,13 +317,10 @@ mod tests {
     #[test]
     fn a_close_is_echoed_and_ends_the_session() {
         let mut ws = WebSocket::new(64);
-        let mut close = Frame::close(Some(CloseFrame {
+        let bytes = masked(Frame::close(Some(CloseFrame {
             code: CloseCode::Normal,
             reason: "bye".into(),
-        }));
-        close.header_mut().mask = Some([9, 9, 9, 9]);
-        let mut bytes = Vec::new();
-        close.format(&mut bytes).unwrap();
+        })));
         let r = ws.receive(&bytes);
         assert!(r.ended.unwrap().contains("closed"));
         assert!(r.reply.is_none());

@@ -9,6 +9,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use chatserver::admission::{ADDRESS_LIMIT_FLAGS, TLS_BUDGET_FLAGS};
 use serde_json::Value;
 
 pub const TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,22 +30,14 @@ pub struct TestServer {
     _owned_dir: Option<tempfile::TempDir>,
 }
 
-/// The per-address limits, each turned off unless `args` sets it: every
+/// The per-address limits and TLS handshake budgets (the server library's
+/// own lists of their flags), each turned off unless `args` sets it: every
 /// test client comes from 127.0.0.1, and only the tests about a limit want
 /// it.
-pub const ADDRESS_LIMITS: [&str; 7] = [
-    "--max-connections-per-ip",
-    "--max-unauthenticated-percent",
-    "--max-pending-checks-per-ip",
-    "--login-rate-per-ip",
-    "--login-rate-per-name",
-    "--tls-handshakes-per-ip",
-    "--tls-handshakes",
-];
-
 pub fn address_limits_off(args: &[&str]) -> Vec<String> {
-    ADDRESS_LIMITS
+    ADDRESS_LIMIT_FLAGS
         .iter()
+        .chain(&TLS_BUDGET_FLAGS)
         .filter(|flag| !args.contains(flag))
         .flat_map(|flag| [flag.to_string(), "0".to_owned()])
         .collect()

@@ -59,6 +59,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+// The server's per-address connection and login limits (a load's clients
+// all come from one loopback address), and its TLS handshake budgets: the
+// server library's own lists of their flags.
+use chatserver::admission::{
+    ADDRESS_LIMIT_FLAGS as ADDRESS_LIMITS, TLS_BUDGET_FLAGS as TLS_BUDGETS,
+};
 use clap::{Parser, Subcommand};
 use polling::{Event, Events, Poller};
 
@@ -1340,19 +1346,6 @@ fn storm_hash() -> Result<String, String> {
         .map(|h| h.to_string())
         .map_err(|e| e.to_string())
 }
-
-/// The server's per-address connection and login limits: a load's clients
-/// all come from one loopback address.
-const ADDRESS_LIMITS: [&str; 5] = [
-    "--max-connections-per-ip",
-    "--max-unauthenticated-percent",
-    "--max-pending-checks-per-ip",
-    "--login-rate-per-ip",
-    "--login-rate-per-name",
-];
-
-/// The server's TLS handshake budgets (per address and overall).
-const TLS_BUDGETS: [&str; 2] = ["--tls-handshakes-per-ip", "--tls-handshakes"];
 
 /// Whether `server_args` sets `flag`, as `--flag VALUE` or `--flag=VALUE`.
 fn sets(server_args: &[OsString], flag: &str) -> bool {

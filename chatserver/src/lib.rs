@@ -1,0 +1,55 @@
+//! `chatserver`: serves the chatproto protocol over TCP, TLS and
+//! WebSocket, as a library with a thin binary (`main.rs`) on top.
+//!
+//! The library owns what the sans-IO core (`chatproto`) leaves out:
+//! sockets, time, storage, password checks, configuration and logs.
+//!
+//! | module | owns |
+//! |---|---|
+//! | [`reactor`] | the event loop: poll, accept, read, write, the commit hand-off, deadlines |
+//! | [`link`] | one socket's transport, sans-IO: lines, HTTP, WebSocket, TLS, output, closing, its deadlines |
+//! | [`admission`] | who comes in: connection limits, per-address caps, TLS handshake budgets, refusals |
+//! | [`output_queue`] | a socket's output: framed core frames and transport bytes, written vectored |
+//! | [`http`], [`websocket`], [`origin`] | the `--http` listener: requests, WebSocket messages, allowed origins |
+//! | [`tls`] | certificates and keys, and the TLS session a link holds |
+//! | [`storage`] | where the core's lasting state goes: SQLite (`database`) or nowhere |
+//! | [`clock`] | the core's time from a monotonic clock |
+//! | `verifier`, `cpu` | password checks on worker threads, kept off the reactor's CPU |
+//! | `cli`, `serve`, [`logging`], [`hash_password`] | the binary: flags, start-up, logs, `hash-password` |
+//!
+//! Features: `sqlite` (the database), `tls` (rustls) and `cli` (the
+//! binary's needs, and [`serve`]) are on by default. Without them the
+//! library still has the reactor, the links and the HTTP and WebSocket
+//! code, which is what the fuzz crate builds.
+
+#![warn(missing_docs)]
+
+pub mod admission;
+#[cfg(feature = "cli")]
+pub mod cli;
+pub mod clock;
+mod cpu;
+#[cfg(feature = "cli")]
+mod credentials;
+#[cfg(feature = "sqlite")]
+mod database;
+#[cfg(feature = "cli")]
+pub mod hash_password;
+pub mod http;
+pub mod link;
+#[cfg(feature = "cli")]
+pub mod logging;
+pub mod origin;
+pub mod output_queue;
+pub mod reactor;
+mod registration;
+#[cfg(feature = "cli")]
+mod serve;
+pub mod storage;
+pub mod tls;
+mod verifier;
+pub mod websocket;
+
+pub use reactor::{Limits, Listener, Reactor, ReactorConfig, StopHandle, Turn};
+#[cfg(feature = "cli")]
+pub use serve::{serve, ServeError};

@@ -1,0 +1,302 @@
+//! Start-up: from [`Settings`] to a running reactor. Reads the accounts,
+//! sizes the connection limit to the open-file limit, binds the listeners,
+//! opens the database, builds the core, installs the signal handler, and
+//! serves until a signal stops it.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+use std::sync::Arc;
+
+use chatproto::{Output, Persisted, Server, Snapshot};
+use tracing::{info, warn};
+
+use crate::cli::Settings;
+use crate::clock::Clock;
+use crate::credentials::{self, CredentialsError};
+use crate::database::{Database, DatabaseError};
+use crate::reactor::{Listener, Reactor, ReactorConfig};
+use crate::tls::{self, TlsError};
+use crate::{cpu, http, origin};
+
+/// Descriptors kept free of connections: the listener, the poller, logs.
+const RESERVED_DESCRIPTORS: u64 = 32;
+
+/// Why the server could not start, or stopped on an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The credentials file.
+    #[error("{0}")]
+    Credentials(#[from] CredentialsError),
+    /// `--max-connections` past what the open-file limit allows: accepts
+    /// would fail with EMFILE and the server would stall instead of saying
+    /// `server_full`.
+    #[error("--max-connections {requested} is more than the open-file limit allows ({allowed}: {descriptors} descriptors, less {RESERVED_DESCRIPTORS} for the server itself); raise the limit (ulimit -n) or lower --max-connections")]
+    TooManyConnections {
+        /// What was asked for.
+        requested: usize,
+        /// What the limit allows.
+        allowed: usize,
+        /// The open-file limit.
+        descriptors: u64,
+    },
+    /// The TLS certificate or key.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
+    /// A listener cannot be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// A bound listener's address cannot be read.
+    #[error("{0}")]
+    LocalAddr(io::Error),
+    /// The database cannot be opened or used.
+    #[error("{0}")]
+    Database(#[from] DatabaseError),
+    /// The first commit (users online when the last run stopped, now
+    /// recorded offline) failed.
+    #[error("cannot write to the database: {0}")]
+    FirstCommit(DatabaseError),
+    /// The core refuses its configuration.
+    #[error("{0}")]
+    Config(#[from] chatproto::ConfigError),
+    /// `--reactor-cpu` names a CPU this process may not use.
+    #[error("--reactor-cpu {cpu}: not a CPU this process may run on (it may use {allowed:?})")]
+    ReactorCpu {
+        /// The CPU asked for.
+        cpu: usize,
+        /// The CPUs allowed.
+        allowed: Vec<usize>,
+    },
+    /// The event loop cannot be pinned to its CPU.
+    #[error("--reactor-cpu {cpu}: {source}")]
+    Pin {
+        /// The CPU asked for.
+        cpu: usize,
+        /// Why.
+        source: io::Error,
+    },
+    /// The reactor (its poller, its listeners, its check and storage
+    /// threads) cannot start.
+    #[error("cannot start the event loop: {0}")]
+    Start(io::Error),
+    /// SIGINT and SIGTERM cannot be caught.
+    #[error("cannot install the signal handler: {0}")]
+    Signals(#[from] ctrlc::Error),
+    /// The event loop failed.
+    #[error("the event loop failed: {0}")]
+    EventLoop(io::Error),
+}
+
+/// Serves with `settings` until SIGINT or SIGTERM (then says `bye` to
+/// every connection, flushes, and returns `Ok`).
+pub fn serve(settings: Settings) -> Result<(), ServeError> {
+    let accounts = credentials::load(&settings.credentials)?;
+    let demo = credentials::demo_accounts_in(&accounts);
+    if !demo.is_empty() {
+        warn!(
+            "serving demo accounts with published passwords ({}): use your own credentials file for anything but a demo",
+            demo.join(", ")
+        );
+    }
+    let plaintext = accounts.plaintext_count();
+    if plaintext > 0 {
+        warn!(
+            "{plaintext} of {} accounts in {} have plaintext passwords: replace them with hashes from `chatserver hash-password`",
+            accounts.len(),
+            settings.credentials.display()
+        );
+    }
+    for admin in &settings.core.admins {
+        if !accounts.contains(admin.as_str()) {
+            warn!(
+                "--admin {admin}: no such account in {}",
+                settings.credentials.display()
+            );
+        }
+    }
+
+    let descriptors = raise_descriptor_limit();
+    let allowed = usize::try_from(descriptors.saturating_sub(RESERVED_DESCRIPTORS).max(1))
+        .unwrap_or(usize::MAX);
+    let max_connections = match settings.max_connections {
+        Some(requested) if requested > allowed => {
+            return Err(ServeError::TooManyConnections {
+                requested,
+                allowed,
+                descriptors,
+            })
+        }
+        Some(n) => n,
+        None => allowed,
+    };
+
+    let tls = match &settings.tls {
+        Some((cert, key)) => Some(tls::server_config(cert, key)?),
+        None => None,
+    };
+    let listener = bind(settings.listen)?;
+    let local = listener.local_addr().map_err(ServeError::LocalAddr)?;
+    let mut listeners = vec![Listener {
+        socket: listener,
+        // TLS on --listen itself, unless it has an address of its own.
+        tls: tls.clone().filter(|_| settings.tls_listen.is_none()),
+        http: None,
+    }];
+    let mut tls_local = None;
+    if let (Some(addr), Some(tls)) = (settings.tls_listen, &tls) {
+        let socket = bind(addr)?;
+        tls_local = Some(socket.local_addr().map_err(ServeError::LocalAddr)?);
+        listeners.push(Listener {
+            socket,
+            tls: Some(tls.clone()),
+            http: None,
+        });
+    }
+    let mut http_url = None;
+    if let Some(addr) = settings.http {
+        let socket = bind(addr)?;
+        let bound = socket.local_addr().map_err(ServeError::LocalAddr)?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        http_url = Some(format!("{scheme}://{bound}/"));
+        let origins = origin::Origins::new(
+            tls.is_some(),
+            bound,
+            &settings.public_hosts,
+            settings.allowed_origins.clone(),
+        );
+        if !origins.knows_the_pages_own() {
+            warn!(
+                "--http {bound} listens on every address, so which name browsers reach the page at is unknown: their WebSocket sessions will be refused (403) unless --public-host names it (or --allow-origin its origin)"
+            );
+        }
+        listeners.push(Listener {
+            socket,
+            // With TLS configured, the page and its WebSocket are HTTPS/WSS.
+            tls: tls.clone(),
+            http: Some(Arc::new(http::HttpConfig { origins })),
+        });
+    }
+
+    let (database, snapshot) = match &settings.database {
+        Some(path) => {
+            let (db, snapshot) = Database::open(path)?;
+            if let Some(pages) = settings.db_max_pages {
+                db.set_max_pages(pages)?;
+            }
+            (Some(db), snapshot)
+        }
+        None => {
+            info!("no database: state lasts until the server stops");
+            (None, Snapshot::default())
+        }
+    };
+
+    let clock = Clock::start();
+    let account_count = accounts.len();
+    let mut core_config = settings.core;
+    // Changes leave the core in batches for the storage thread; output
+    // waits for the batches it depends on, and a failed one is taken back.
+    core_config.durable = database.is_some();
+    let (mut core, restored) =
+        Server::with_snapshot(core_config, accounts, &snapshot, clock.now())?;
+    if let Some(path) = &settings.database {
+        info!(
+            offline_messages = restored.offline_messages,
+            blocks = restored.blocks,
+            last_seen = restored.last_seen,
+            lockouts = restored.lockouts,
+            skipped = restored.skipped,
+            "loaded {}",
+            path.display()
+        );
+        if restored.skipped > 0 {
+            warn!(
+                skipped = restored.skipped,
+                "the database names users the credentials file does not have; their entries are kept in the file but not used"
+            );
+        }
+    }
+    // Users online when the last run stopped are now recorded offline,
+    // before serving: a database that cannot be written to is a start-up
+    // error, not a first batch that fails.
+    let mut database = database;
+    if let Some(db) = database.as_mut() {
+        while let Some(output) = core.poll_output() {
+            if let Output::Persist { batch, changes } = output {
+                for change in changes {
+                    db.record(change);
+                }
+                db.commit().map_err(ServeError::FirstCommit)?;
+                core.handle_persisted(batch, Persisted::Committed, clock.now());
+            }
+        }
+    }
+
+    let config = ReactorConfig {
+        max_connections,
+        max_output_bytes: settings.max_output_bytes,
+        limits: settings.limits,
+        verify_threads: settings.verify_threads,
+        verify_cpu_percent: settings.verify_cpu_percent,
+        reactor_cpu: settings.reactor_cpu,
+        shutdown_grace: settings.shutdown_grace,
+    };
+    if let Some(cpu) = settings.reactor_cpu {
+        let allowed = cpu::allowed().unwrap_or_default();
+        if !allowed.contains(&cpu) {
+            return Err(ServeError::ReactorCpu { cpu, allowed });
+        }
+    }
+    let mut reactor = match database {
+        Some(db) => Reactor::with_database(listeners, core, db, clock, config),
+        None => Reactor::new(listeners, core, clock, config),
+    }
+    .map_err(ServeError::Start)?;
+    let stop = reactor.stop_handle();
+    ctrlc::set_handler(move || stop.stop())?;
+    // After the check threads started (they must not inherit it).
+    if let Some(cpu) = settings.reactor_cpu {
+        cpu::pin_current_thread(&[cpu]).map_err(|source| ServeError::Pin { cpu, source })?;
+    }
+    match (tls.is_some(), tls_local) {
+        (true, None) => info!(
+            accounts = account_count,
+            max_connections, "listening on {local} with TLS (connect with: chatcli --tls {local})"
+        ),
+        (_, Some(tls_local)) => info!(
+            accounts = account_count,
+            max_connections,
+            "listening on {local} (connect with: chatcli {local}, or nc); TLS on {tls_local}"
+        ),
+        _ => info!(
+            accounts = account_count,
+            max_connections, "listening on {local} (connect with: chatcli {local}, or nc)"
+        ),
+    }
+    if let Some(url) = http_url {
+        info!("serving the chat page on {url} (WebSocket at {url}ws)");
+    }
+    reactor.run().map_err(ServeError::EventLoop)?;
+    info!("stopped");
+    Ok(())
+}
+
+fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr).map_err(|source| ServeError::Listen { addr, source })
+}
+
+/// Raises the soft open-file limit to the hard limit; returns the limit in
+/// force.
+fn raise_descriptor_limit() -> u64 {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            warn!("cannot raise the open-file limit: {e}");
+            1024
+        }
+    }
+}
