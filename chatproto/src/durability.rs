@@ -208,6 +208,9 @@ impl Ledger {
 
     /// The unit being served reads the state of `key`.
     pub(crate) fn read(&mut self, key: Key<'_>) {
+        if !self.enabled {
+            return;
+        }
         let batch = match key {
             Key::User(user) if !self.users.is_empty() => self.users.get(&user).copied(),
             Key::Name(name) if !self.names.is_empty() => self.names.get(name).copied(),

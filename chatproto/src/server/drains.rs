@@ -39,6 +39,9 @@ impl Server {
     /// queue has changes not yet durable, waits for the next batch's
     /// answer.
     pub(super) fn pump_drains(&mut self) {
+        if self.page_due.is_empty() && self.input_due.is_empty() {
+            return;
+        }
         for conn in std::mem::take(&mut self.page_due) {
             let Some(user) = self
                 .sessions
