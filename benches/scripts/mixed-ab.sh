@@ -13,6 +13,8 @@
 #   --secs S        seconds measured per run (default 10, after a 2 s warm-up)
 #   --no-db         each round also runs the new build with --no-db (the
 #                   goal "new p99 <= 2 x the same run with --no-db" needs it)
+#   --wait S        before each run, wait up to S seconds (default 300) for
+#                   other chatbench processes on the machine to end (0: no wait)
 #   --chatbench P   the chatbench binary (default:
 #                   ${CARGO_TARGET_DIR:-target}/release/chatbench)
 # MIXED_ARGS go to every `chatbench mixed` run (e.g. --store-rate 10000).
@@ -44,6 +46,7 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 rounds=3
 secs=10
 no_db=0
+wait_secs=300
 chatbench="${CARGO_TARGET_DIR:-$repo/target}/release/chatbench"
 positional=()
 extra=()
@@ -52,6 +55,7 @@ while [ $# -gt 0 ]; do
         --rounds) [ $# -ge 2 ] || die "--rounds needs a value"; rounds=$2; shift 2 ;;
         --secs) [ $# -ge 2 ] || die "--secs needs a value"; secs=$2; shift 2 ;;
         --no-db) no_db=1; shift ;;
+        --wait) [ $# -ge 2 ] || die "--wait needs a value"; wait_secs=$2; shift 2 ;;
         --chatbench) [ $# -ge 2 ] || die "--chatbench needs a value"; chatbench=$2; shift 2 ;;
         -h|--help) usage 0 ;;
         --) shift; extra=("$@"); break ;;
@@ -65,6 +69,7 @@ new=${positional[1]}
 for n in "$rounds" "$secs"; do
     [[ "$n" =~ ^[1-9][0-9]*$ ]] || die "--rounds and --secs take a positive whole number, not '$n'"
 done
+[[ "$wait_secs" =~ ^[0-9]+$ ]] || die "--wait takes a whole number of seconds, not '$wait_secs'"
 for bin in "$old" "$new"; do
     [ -x "$bin" ] && [ -f "$bin" ] || die "$bin: not an executable file"
 done
@@ -82,10 +87,11 @@ fi
 count=${#labels[@]}
 
 # Figures per variant: space-separated lists, one value per good run.
-declare -a stored p99
+declare -a stored p99 lag
 for ((v = 0; v < count; v++)); do
     stored[v]=""
     p99[v]=""
+    lag[v]=""
 done
 failed=0
 offered=""
@@ -100,6 +106,21 @@ median() { # median VALUES...
               else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
 }
 
+# On a shared machine another benchmark's load would pass for the server's
+# latency: wait (a while) for other chatbench processes to end first.
+wait_for_others() {
+    local waited=0 others
+    while others=$(pgrep -x 'chatbench.*' | tr '\n' ' ') && [ -n "$others" ]; do
+        if [ "$waited" -ge "$wait_secs" ]; then
+            echo "mixed-ab: WARNING: other chatbench processes ($others) still run after ${waited} s; going on, but their load disturbs this run" >&2
+            return
+        fi
+        [ "$waited" -eq 0 ] && echo "mixed-ab: waiting for other chatbench processes ($others) to end" >&2
+        sleep 5
+        waited=$((waited + 5))
+    done
+}
+
 echo "mixed-ab: old $old, new $new; $rounds rounds of ${secs} s runs; chatbench $chatbench ${extra[*]:-}"
 for ((round = 1; round <= rounds; round++)); do
     for ((k = 0; k < count; k++)); do
@@ -107,7 +128,8 @@ for ((round = 1; round <= rounds; round++)); do
         args=(mixed --spawn "${servers[v]}" --secs "$secs" --json)
         [ "${nodb[v]}" -eq 1 ] && args+=(--no-db)
         args+=("${extra[@]}")
-        echo "round $round, ${labels[v]}: $chatbench ${args[*]}"
+        wait_for_others
+        echo "round $round, ${labels[v]}: $chatbench ${args[*]} (load average $(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || echo n/a))"
         status=0
         # The readable report (stderr) is shown indented; the JSON line
         # (stdout) is kept.
@@ -124,11 +146,14 @@ for ((round = 1; round <= rounds; round++)); do
         offered=$(field "$line" store_rate)
         stored[v]+=" $(field "$line" stored_per_sec)"
         p99[v]+=" $(field "$line" online_p99_us)"
+        lag[v]+=" $(field "$line" send_lag_p99_us)"
     done
 done
 
 echo
-printf '%-12s %-32s %s\n' variant "stored/s: median (runs)" "online p99 µs: median (runs)"
+# The load generator's lateness (p99) says whether the machine let it keep
+# its schedule: when it is high, the latencies are the machine's.
+printf '%-12s %-30s %-38s %s\n' variant "stored/s: median (runs)" "online p99 µs: median (runs)" "generator late p99 µs (runs)"
 declare -a med_stored med_p99
 for ((v = 0; v < count; v++)); do
     # Word splitting of the lists is wanted here.
@@ -136,7 +161,7 @@ for ((v = 0; v < count; v++)); do
     med_stored[v]=$(median ${stored[v]})
     # shellcheck disable=SC2086
     med_p99[v]=$(median ${p99[v]})
-    printf '%-12s %-32s %s\n' "${labels[v]}" "${med_stored[v]} (${stored[v]# })" "${med_p99[v]} (${p99[v]# })"
+    printf '%-12s %-30s %-38s %s\n' "${labels[v]}" "${med_stored[v]} (${stored[v]# })" "${med_p99[v]} (${p99[v]# })" "${lag[v]# }"
 done
 
 echo
