@@ -1007,6 +1007,18 @@ fn mixed(args: &MixedArgs) -> Result<(), String> {
             cpu / report.seconds * 100.0
         ));
     }
+    let lag = &report.send_lag;
+    lines.push(format!(
+        "load generator: messages queued late by p50 {:.0} µs, p99 {:.0} µs, max {:.0} µs{}",
+        us(lag, 0.5),
+        us(lag, 0.99),
+        max_us(lag),
+        if us(lag, 0.99) > MIXED_LAG_WARNING_US {
+            " (WARNING: it fell behind its schedule, so the latencies include its own delay: is the machine busy?)"
+        } else {
+            ""
+        }
+    ));
     if args.json {
         for line in &lines {
             eprintln!("{line}");
@@ -1037,6 +1049,10 @@ fn mixed(args: &MixedArgs) -> Result<(), String> {
     Ok(())
 }
 
+/// A load generator late by more than this (p99) is said to have fallen
+/// behind: its delay then shows in the latencies it reports.
+const MIXED_LAG_WARNING_US: f64 = 1000.0;
+
 /// `chatbench mixed --json`: one line.
 fn mixed_json(args: &MixedArgs, database: bool, report: &mixed::MixedReport) -> String {
     let us = mixed::MixedReport::us;
@@ -1049,7 +1065,7 @@ fn mixed_json(args: &MixedArgs, database: bool, report: &mixed::MixedReport) -> 
         .collect::<Vec<_>>()
         .join(",");
     format!(
-        "{{\"mode\":\"mixed\",\"server\":{},\"database\":{database},\"seconds\":{:.1},\"warmup_secs\":{},\"store_rate\":{},\"store_senders\":{},\"recipients\":{},\"stored_sent\":{},\"stored_per_sec\":{:.0},\"stored_ack_p50_us\":{:.1},\"stored_ack_p99_us\":{:.1},\"stored_ack_max_us\":{:.1},\"online_rate\":{},\"online_clients\":{},\"online_sent\":{},\"online_delivered\":{},\"online_p50_us\":{:.1},\"online_p99_us\":{:.1},\"online_p999_us\":{:.1},\"online_max_us\":{:.1},\"server_cpu_percent\":{},\"errors\":{},\"error_kinds\":{{{kinds}}}}}",
+        "{{\"mode\":\"mixed\",\"server\":{},\"database\":{database},\"seconds\":{:.1},\"warmup_secs\":{},\"store_rate\":{},\"store_senders\":{},\"recipients\":{},\"stored_sent\":{},\"stored_per_sec\":{:.0},\"stored_ack_p50_us\":{:.1},\"stored_ack_p99_us\":{:.1},\"stored_ack_max_us\":{:.1},\"online_rate\":{},\"online_clients\":{},\"online_sent\":{},\"online_delivered\":{},\"online_p50_us\":{:.1},\"online_p99_us\":{:.1},\"online_p999_us\":{:.1},\"online_max_us\":{:.1},\"send_lag_p99_us\":{:.1},\"send_lag_max_us\":{:.1},\"server_cpu_percent\":{},\"errors\":{},\"error_kinds\":{{{kinds}}}}}",
         json_string(&args.spawn.to_string_lossy()),
         report.seconds,
         args.warmup_secs,
@@ -1069,6 +1085,8 @@ fn mixed_json(args: &MixedArgs, database: bool, report: &mixed::MixedReport) -> 
         us(online, 0.99),
         us(online, 0.999),
         max_us(online),
+        us(&report.send_lag, 0.99),
+        max_us(&report.send_lag),
         report
             .server_cpu_secs
             .map_or("null".to_owned(), |cpu| format!("{:.1}", cpu / report.seconds * 100.0)),
@@ -2169,7 +2187,8 @@ mod tests {
             stored_latency: latency.clone(),
             online_sent: 50_000,
             online_delivered: 50_000,
-            online_latency: latency,
+            online_latency: latency.clone(),
+            send_lag: latency,
             server_cpu_secs: Some(5.0),
             errors: [("mailbox_full".to_owned(), 3)].into_iter().collect(),
             first_errors: Vec::new(),
@@ -2184,6 +2203,10 @@ mod tests {
         assert_eq!(json["online_delivered"], 50_000);
         assert_eq!(json["online_p99_us"].as_f64().map(f64::round), Some(150.0));
         assert_eq!(json["server_cpu_percent"], 50.0);
+        assert_eq!(
+            json["send_lag_p99_us"].as_f64().map(f64::round),
+            Some(150.0)
+        );
         assert_eq!(json["errors"], 3);
         assert_eq!(json["error_kinds"]["mailbox_full"], 3);
         assert_eq!(report.error_kinds(), "mailbox_full 3");

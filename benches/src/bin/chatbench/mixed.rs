@@ -119,6 +119,11 @@ pub struct MixedReport {
     /// From due to the recipient reading it, for online messages due in
     /// the window.
     pub online_latency: Histogram<u64>,
+    /// How late the load generator queued each message due in the window
+    /// (both loads): when it is late, the latencies above include its
+    /// delay, which is the machine's (another process on the CPUs), not
+    /// the server's.
+    pub send_lag: Histogram<u64>,
     /// The server's CPU time over the window.
     pub server_cpu_secs: Option<f64>,
     /// Errors by kind: an `error` frame's code, or one of the kinds named
@@ -201,6 +206,7 @@ struct Tally {
     online_sent: u64,
     online_delivered: u64,
     online_latency: Histogram<u64>,
+    send_lag: Histogram<u64>,
     /// Every online message sent and read, warm-up included: the
     /// difference after the drain is what was lost.
     online_sent_all: u64,
@@ -267,6 +273,7 @@ pub fn run(config: &MixedConfig) -> Result<MixedReport, String> {
             online_sent: 0,
             online_delivered: 0,
             online_latency: histogram()?,
+            send_lag: histogram()?,
             online_sent_all: 0,
             online_read_all: 0,
             errors: BTreeMap::new(),
@@ -378,7 +385,7 @@ impl Run<'_> {
                     break;
                 }
                 self.schedule.pop();
-                self.send(i, due);
+                self.send(i, due, now);
                 let interval = if i < online {
                     online_interval
                 } else {
@@ -443,6 +450,7 @@ impl Run<'_> {
             online_sent: tally.online_sent,
             online_delivered: tally.online_delivered,
             online_latency: tally.online_latency.clone(),
+            send_lag: tally.send_lag.clone(),
             server_cpu_secs: match (cpu_start, cpu_end) {
                 (Some(a), Some(b)) => Some(b - a),
                 _ => None,
@@ -481,9 +489,12 @@ impl Run<'_> {
             .map(|s| s.cpu_secs))
     }
 
-    /// Queues client `i`'s next message, due at `due`.
-    fn send(&mut self, i: usize, due: Instant) {
+    /// Queues client `i`'s next message, due at `due`, at `now`.
+    fn send(&mut self, i: usize, due: Instant, now: Instant) {
         let marked = due >= self.measure_from && due < self.measure_until;
+        if marked {
+            self.tally.send_lag.saturating_record(latency_ns(now, due));
+        }
         let online = self.config.online_clients;
         let client = &mut self.clients[i];
         let to = match client.role {
