@@ -633,7 +633,16 @@ impl Server {
     /// be early (a connection was active since the deadline was set);
     /// calling then is harmless.
     pub fn poll_timeout(&self) -> Option<Timestamp> {
-        self.next_timer().map(|(at, _)| at)
+        // Checked before every input: the times alone, without working
+        // out which timer each is (`next_timer` looks the session up).
+        [
+            self.idle_timers.first().map(|&(at, _)| at),
+            self.hub.lockout.next_expiry(),
+            self.closing_deadlines.first().map(|&(at, _)| at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     /// The next deadline, as [`Server::poll_timeout`] gives it, and which
