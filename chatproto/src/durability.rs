@@ -142,8 +142,12 @@ pub(crate) struct Ledger {
     any: u64,
     /// The newest batch the unit of work being served has read.
     reads: u64,
-    /// Outputs that wait, per connection, in order.
-    held: HashMap<ConnId, VecDeque<Held>>,
+    /// Outputs that wait, per connection, in order, each numbered in the
+    /// order it was held: what a batch frees goes out in that order across
+    /// connections too (not in the map's order, which varies run to run).
+    held: HashMap<ConnId, VecDeque<(u64, Held)>>,
+    /// The number of the next output held.
+    next_held: u64,
 }
 
 impl Ledger {
@@ -163,6 +167,7 @@ impl Ledger {
             any: 0,
             reads: 0,
             held: HashMap::new(),
+            next_held: 0,
         }
     }
 
@@ -265,7 +270,11 @@ impl Ledger {
 
     /// Holds `output` for `conn` behind what it already holds.
     pub(crate) fn hold(&mut self, conn: ConnId, held: Held) {
-        self.held.entry(conn).or_default().push_back(held);
+        self.held
+            .entry(conn)
+            .or_default()
+            .push_back((self.next_held, held));
+        self.next_held += 1;
     }
 
     /// The open batch, to send, if it has changes and none is in flight.
@@ -343,23 +352,29 @@ impl Ledger {
         let from = in_flight.id;
         for (&conn, queue) in &mut self.held {
             let mut kept = VecDeque::with_capacity(queue.len());
-            for held in queue.drain(..) {
+            for (number, held) in queue.drain(..) {
                 if held.after < from {
-                    kept.push_back(held);
+                    kept.push_back((number, held));
                     continue;
                 }
                 match held.kind {
-                    Kind::Answer(id) => kept.push_back(Held {
-                        after: 0,
-                        first_page: false,
-                        output: unavailable(conn, id),
-                        kind: Kind::Answer(id),
-                    }),
-                    Kind::Fact => kept.push_back(Held {
-                        after: 0,
-                        first_page: false,
-                        ..held
-                    }),
+                    Kind::Answer(id) => kept.push_back((
+                        number,
+                        Held {
+                            after: 0,
+                            first_page: false,
+                            output: unavailable(conn, id),
+                            kind: Kind::Answer(id),
+                        },
+                    )),
+                    Kind::Fact => kept.push_back((
+                        number,
+                        Held {
+                            after: 0,
+                            first_page: false,
+                            ..held
+                        },
+                    )),
                     Kind::Caused | Kind::Page => {}
                 }
             }
@@ -369,27 +384,31 @@ impl Ledger {
         Some(Failure { undo, facts })
     }
 
-    /// Hands every held output that no longer waits to `release`, per
-    /// connection in order.
+    /// Hands every held output that no longer waits to `release`, in the
+    /// order they were held (so per connection in order).
     pub(crate) fn release(&mut self, mut release: impl FnMut(Output, Kind)) {
         let answered = self.answered;
+        let mut free = Vec::new();
         self.held.retain(|_, queue| {
             while queue
                 .front()
-                .is_some_and(|h| h.after <= answered && !h.first_page)
+                .is_some_and(|(_, h)| h.after <= answered && !h.first_page)
             {
-                let held = queue.pop_front().expect("checked above");
-                release(held.output, held.kind);
+                free.push(queue.pop_front().expect("checked above"));
             }
             !queue.is_empty()
         });
+        free.sort_unstable_by_key(|&(number, _)| number);
+        for (_, held) in free {
+            release(held.output, held.kind);
+        }
     }
 
     /// `conn`'s first offline page is handed over (or there is none): what
     /// waited for it no longer does.
     pub(crate) fn lift(&mut self, conn: ConnId) {
         if let Some(queue) = self.held.get_mut(&conn) {
-            for held in queue.iter_mut() {
+            for (_, held) in queue.iter_mut() {
                 held.first_page = false;
             }
         }

@@ -342,3 +342,39 @@ fn a_connection_closed_while_its_login_waits_for_the_first_page_still_gets_its_b
     assert_eq!(sim.closed.get(&bob), Some(&ByeReason::Flood));
     assert!(!sim.server.holds_output(bob));
 }
+
+#[test]
+fn what_a_batch_frees_goes_out_in_the_order_it_was_made_across_connections() {
+    let (mut sim, alice, dave) = slow_storage();
+    let bob = sim.connect();
+    sim.send(bob, "login bob pw-bob");
+    sim.take(bob);
+    // Both answers read bob's session, changed by the login in flight:
+    // held. Dave asked first (and alice's connection is the older one, so
+    // an order by connection would put her first).
+    sim.send(dave, "message bob from dave");
+    sim.send(alice, "message bob from alice");
+    assert!(sim.take(dave).is_empty() && sim.take(alice).is_empty());
+    let (batch, _) = sim.batches.remove(0);
+    sim.server
+        .handle_persisted(batch, Persisted::Committed, sim.now);
+    let mut order = Vec::new();
+    while let Some(output) = sim.server.poll_output() {
+        if let chatproto::Output::Transmit { conn, frame } = output {
+            order.push((conn, String::from_utf8_lossy(&frame).into_owned()));
+        }
+    }
+    let position = |conn, needle: &str| {
+        order
+            .iter()
+            .position(|(c, f)| *c == conn && f.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle} for {conn} in {order:?}"))
+    };
+    // Made in this order: bob's presence to the others, dave's answer,
+    // alice's answer.
+    assert!(position(dave, r#""type":"presence""#) < position(dave, r#""cmd":"message""#));
+    assert!(
+        position(dave, r#""cmd":"message""#) < position(alice, r#""cmd":"message""#),
+        "{order:?}"
+    );
+}
