@@ -267,6 +267,11 @@ struct Model {
     user_of: HashMap<ConnId, String>,
     /// `blocks[a]` holds whom `a` has blocked, from the `ok` frames.
     blocks: HashMap<String, HashSet<String>>,
+    /// `(conn, blocker)`: frames from `blocker` that `conn` may still get
+    /// although `blocker` blocked its user, because they were made before
+    /// the block and wait in the core behind `conn`'s earlier output (a
+    /// batch, a first offline page). Kept while `conn` holds output.
+    made_before_block: HashSet<(ConnId, String)>,
     max_frame: usize,
     steps: u32,
 }
@@ -307,6 +312,7 @@ impl Model {
             disconnected: HashSet::new(),
             user_of: HashMap::new(),
             blocks: HashMap::new(),
+            made_before_block: HashSet::new(),
             steps: 0,
         }
     }
@@ -326,12 +332,18 @@ impl Model {
             Op::Connect => {}
             Op::Send { conn, line } => {
                 if let Some(c) = self.pick(conn) {
+                    if matches!(line, Line::Block { .. }) {
+                        self.note_held_before_block(c);
+                    }
                     let bytes = format!("{}\n", line.render());
                     self.input(c, bytes.as_bytes());
                 }
             }
             Op::Raw { conn, bytes } => {
                 if let Some(c) = self.pick(conn) {
+                    if bytes.windows(5).any(|w| w.eq_ignore_ascii_case(b"block")) {
+                        self.note_held_before_block(c);
+                    }
                     self.input(c, &bytes);
                 }
             }
@@ -404,6 +416,20 @@ impl Model {
         self.check_known(c, known, open);
     }
 
+    /// `c` may be about to block someone: what the core holds for other
+    /// connections now was made before that block, and may come after
+    /// its answer (see `made_before_block`).
+    fn note_held_before_block(&mut self, c: ConnId) {
+        let Some(blocker) = self.server.user(c).map(|u| u.to_string()) else {
+            return;
+        };
+        for &other in &self.conns {
+            if other != c && self.server.holds_output(other) {
+                self.made_before_block.insert((other, blocker.clone()));
+            }
+        }
+    }
+
     /// A call on `c` found it `known` to the core, the model thinking it
     /// `open`. A connection the core closed behind held output (its
     /// `Close` not out yet) is already unknown to the core, though the
@@ -424,6 +450,9 @@ impl Model {
         loop {
             let written = self.collect_once();
             if written.is_empty() {
+                let server = &self.server;
+                self.made_before_block
+                    .retain(|(conn, _)| server.holds_output(*conn));
                 return;
             }
             for conn in written {
@@ -488,10 +517,16 @@ impl Model {
     /// Learns from a frame, and checks it against the blocks in force.
     fn observe(&mut self, conn: ConnId, frame: ServerFrame) {
         let me = self.user_of.get(&conn).cloned();
+        // Whether `target` (this connection's user) is blocked by
+        // `blocker` for a frame that `blocker` made.
         let blocked = |blocker: &str, target: &str| {
             self.blocks
                 .get(blocker)
                 .is_some_and(|set| set.contains(target))
+        };
+        let from_blocker = |blocker: &str, target: &str| {
+            blocked(blocker, target)
+                && !self.made_before_block.contains(&(conn, blocker.to_owned()))
         };
         match frame {
             ServerFrame::Ok(ok) => match ok.reply {
@@ -515,7 +550,10 @@ impl Model {
                     let me = me.expect("listing answered on a logged-in connection");
                     for u in &users {
                         assert_ne!(u.as_str(), me, "listed oneself");
-                        assert!(!blocked(u.as_str(), &me), "{u} blocked {me} but is listed");
+                        assert!(
+                            !from_blocker(u.as_str(), &me),
+                            "{u} blocked {me} but is listed"
+                        );
                     }
                     assert!(users.windows(2).all(|w| w[0] < w[1]), "not sorted");
                 }
@@ -541,7 +579,7 @@ impl Model {
             ServerFrame::Presence(p) => {
                 let me = me.expect("presence goes to logged-in users");
                 assert!(
-                    !blocked(p.user.as_str(), &me),
+                    !from_blocker(p.user.as_str(), &me),
                     "{me} got presence of {} who blocked them",
                     p.user
                 );
