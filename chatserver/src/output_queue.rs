@@ -20,8 +20,11 @@ use bytes::Bytes;
 /// on the stack.
 const MAX_SLICES: usize = 128;
 
-/// Queue slots an empty queue may keep (an idle connection keeps none).
-const SHRINK_ABOVE: usize = 0;
+/// Queue slots an empty queue keeps (about 64 bytes each): enough for
+/// the usual few frames per write, so a busy connection does not free and
+/// allocate its queue on every message, while an idle one keeps a few
+/// hundred bytes at most.
+const KEEP_SLOTS: usize = 4;
 
 /// The end of a frame on line transports (TCP and TLS).
 pub const LINE_END: &[u8] = b"\n";
@@ -201,8 +204,8 @@ impl OutputQueue {
         }
         // A burst (a presence storm, a long whoelse) can grow the queue;
         // an idle connection should not keep that memory.
-        if self.units.capacity() > SHRINK_ABOVE {
-            self.units = VecDeque::new();
+        if self.units.capacity() > KEEP_SLOTS {
+            self.units = VecDeque::with_capacity(KEEP_SLOTS);
         }
         Ok(Flushed::All)
     }
@@ -387,11 +390,20 @@ mod tests {
     }
 
     #[test]
-    fn a_drained_queue_keeps_no_memory() {
+    fn a_drained_queue_keeps_only_a_few_slots() {
         let mut q = lines(&["a"; 100]);
         q.write_to(&mut Trickle::new(usize::MAX, usize::MAX))
             .unwrap();
-        assert_eq!(q.units.capacity(), 0);
+        assert!(q.units.capacity() <= KEEP_SLOTS);
+        // A queue that never grew past them keeps its slots: the next
+        // frames need no allocation.
+        let mut q = lines(&["a", "b"]);
+        let slots = q.units.capacity();
+        q.write_to(&mut Trickle::new(usize::MAX, usize::MAX))
+            .unwrap();
+        assert!(q.is_empty());
+        assert_eq!(q.units.capacity(), slots);
+        assert!(slots > 0);
     }
 
     #[test]
