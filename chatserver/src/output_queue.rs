@@ -20,6 +20,29 @@ use bytes::Bytes;
 /// on the stack.
 const MAX_SLICES: usize = 128;
 
+/// Parts shorter than this are copied into one gathered buffer rather
+/// than given a slice of their own (see [`OutputQueue::write_to`]).
+pub const COPY_BELOW: usize = 1024;
+
+/// The most bytes gathered for one write call.
+const GATHER_MAX: usize = 64 * 1024;
+
+thread_local! {
+    /// The gathering buffer, shared by every queue a thread writes (a
+    /// reactor writes one socket at a time), so an idle connection keeps
+    /// none.
+    static GATHER: std::cell::Cell<Vec<u8>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// Where one slice of a write comes from.
+#[derive(Clone, Copy)]
+enum Piece<'a> {
+    /// `gathered[start..end]`.
+    Gathered(usize, usize),
+    /// A part as it is.
+    Direct(&'a [u8]),
+}
+
 /// Queue slots an empty queue keeps (about 64 bytes each): enough for
 /// the usual few frames per write, so a busy connection does not free and
 /// allocate its queue on every message, while an idle one keeps a few
@@ -179,20 +202,71 @@ impl OutputQueue {
     }
 
     /// Writes until the queue is empty or the writer would block.
+    ///
+    /// Parts shorter than [`COPY_BELOW`] (framing, and typical chat frames)
+    /// are gathered into one buffer, and longer payloads go as slices of
+    /// their own, uncopied: each slice costs the kernel more than copying
+    /// a short part does (measured in the README: about 5 % of a direct
+    /// message's CPU when every frame and its `\n` were slices).
     pub fn write_to(&mut self, writer: &mut impl Write) -> io::Result<Flushed> {
+        let mut gathered = GATHER.take();
+        let result = self.write_gathering(writer, &mut gathered);
+        gathered.clear();
+        if gathered.capacity() > GATHER_MAX {
+            gathered = Vec::new();
+        }
+        GATHER.set(gathered);
+        result
+    }
+
+    fn write_gathering(
+        &mut self,
+        writer: &mut impl Write,
+        gathered: &mut Vec<u8>,
+    ) -> io::Result<Flushed> {
         while !self.units.is_empty() {
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            gathered.clear();
+            // Where each slice's bytes are: a range of `gathered`, or a
+            // part as it is. Ranges are made slices once `gathered` is
+            // complete (it may move while it grows).
+            let mut plan = [Piece::Gathered(0, 0); MAX_SLICES];
             let mut count = 0;
             let mut skip = self.front_written;
             'fill: for unit in &self.units {
                 for part in unit.parts(skip) {
-                    if count == MAX_SLICES {
+                    if part.len() < COPY_BELOW && gathered.len() + part.len() <= GATHER_MAX {
+                        let start = gathered.len();
+                        gathered.extend_from_slice(part);
+                        match plan[..count].last_mut() {
+                            Some(Piece::Gathered(_, end)) if *end == start => *end += part.len(),
+                            _ if count == MAX_SLICES => {
+                                gathered.truncate(start);
+                                break 'fill;
+                            }
+                            _ => {
+                                plan[count] = Piece::Gathered(start, start + part.len());
+                                count += 1;
+                            }
+                        }
+                    } else if count == MAX_SLICES
+                        || (part.len() < COPY_BELOW && !gathered.is_empty())
+                    {
+                        // Out of slices, or of room to gather: the rest
+                        // goes in the next call.
                         break 'fill;
+                    } else {
+                        plan[count] = Piece::Direct(part);
+                        count += 1;
                     }
-                    slices[count] = IoSlice::new(part);
-                    count += 1;
                 }
                 skip = 0;
+            }
+            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+            for (slice, piece) in slices.iter_mut().zip(&plan[..count]) {
+                *slice = IoSlice::new(match *piece {
+                    Piece::Gathered(start, end) => &gathered[start..end],
+                    Piece::Direct(part) => part,
+                });
             }
             match writer.write_vectored(&slices[..count]) {
                 Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
@@ -302,25 +376,30 @@ mod tests {
     }
 
     #[test]
-    fn many_frames_go_in_one_call_with_their_framing_and_nothing_copied() {
-        let shared = Bytes::from_static(b"bb");
-        let mut q = lines(&["a"]);
-        q.push_frame(Head::EMPTY, shared.clone(), LINE_END);
+    fn many_frames_go_in_one_call_short_parts_gathered_long_ones_uncopied() {
+        let long = Bytes::from(vec![b'L'; COPY_BELOW]);
+        let mut q = lines(&["a", "bb"]);
+        q.push_frame(Head::EMPTY, long.clone(), LINE_END);
         q.push_frame(
             Head::new(&[0x81, 3]).unwrap(),
             Bytes::from_static(b"ccc"),
             b"",
         );
         q.push_raw(Bytes::from_static(b"raw"));
-        assert_eq!((q.frames(), q.len()), (3, 2 + 3 + 5 + 3));
-        let mut w = Trickle::new(100, 100);
+        assert_eq!((q.frames(), q.len()), (4, 2 + 3 + COPY_BELOW + 1 + 5 + 3));
+        let mut w = Trickle::new(usize::MAX, usize::MAX);
         assert_eq!(q.write_to(&mut w).unwrap(), Flushed::All);
-        assert_eq!(w.taken, b"a\nbb\n\x81\x03cccraw");
-        assert_eq!((w.calls, w.widest), (1, 7), "one slice per part");
+        let mut expected = b"a\nbb\n".to_vec();
+        expected.extend_from_slice(&long);
+        expected.extend_from_slice(b"\n\x81\x03cccraw");
+        assert_eq!(w.taken, expected);
+        // "a\nbb\n" gathered, the long payload as it is, then the rest
+        // gathered: three slices in one call.
+        assert_eq!((w.calls, w.widest), (1, 3));
         assert_eq!((q.len(), q.frames()), (0, 0));
-        // The payload went to the writer from where it is shared, not
+        // The long payload went to the writer from where it is shared, not
         // from a copy.
-        assert!(w.pointers.contains(&shared.as_ptr()));
+        assert!(w.pointers.contains(&long.as_ptr()));
     }
 
     #[test]
@@ -354,11 +433,23 @@ mod tests {
 
     #[test]
     fn a_burst_wider_than_one_call_goes_out_whole_and_in_order() {
-        let frames: Vec<String> = (0..300).map(|i| format!("f{i}")).collect();
+        // Long frames: a slice each, and one for each gathered newline.
+        let frames: Vec<String> = (0..300)
+            .map(|i| format!("f{i:04}{}", "x".repeat(COPY_BELOW)))
+            .collect();
         let mut q = lines(&frames.iter().map(String::as_str).collect::<Vec<_>>());
         let mut w = Trickle::new(usize::MAX, usize::MAX);
         assert_eq!(q.write_to(&mut w).unwrap(), Flushed::All);
         assert_eq!(w.widest, MAX_SLICES);
+        let expected: String = frames.iter().map(|f| format!("{f}\n")).collect();
+        assert_eq!(w.taken, expected.as_bytes());
+        // Short ones are gathered, up to GATHER_MAX bytes a call.
+        let frames: Vec<String> = (0..30_000).map(|i| format!("f{i}")).collect();
+        let mut q = lines(&frames.iter().map(String::as_str).collect::<Vec<_>>());
+        let mut w = Trickle::new(usize::MAX, usize::MAX);
+        assert_eq!(q.write_to(&mut w).unwrap(), Flushed::All);
+        assert_eq!(w.widest, 1);
+        assert!(w.calls > 1);
         let expected: String = frames.iter().map(|f| format!("{f}\n")).collect();
         assert_eq!(w.taken, expected.as_bytes());
     }
