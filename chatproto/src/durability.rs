@@ -172,6 +172,7 @@ impl Ledger {
     }
 
     /// Whether changes are recorded at all.
+    #[inline]
     pub(crate) fn enabled(&self) -> bool {
         self.enabled
     }
@@ -212,6 +213,7 @@ impl Ledger {
     }
 
     /// The unit being served reads the state of `key`.
+    #[inline]
     pub(crate) fn read(&mut self, key: Key<'_>) {
         if !self.enabled {
             return;

@@ -38,6 +38,7 @@ impl Server {
     /// given. A drain whose connection has held output, or whose user's
     /// queue has changes not yet durable, waits for the next batch's
     /// answer.
+    #[inline]
     pub(super) fn pump_drains(&mut self) {
         if self.page_due.is_empty() && self.input_due.is_empty() {
             return;

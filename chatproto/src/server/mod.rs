@@ -610,6 +610,7 @@ impl Server {
 
     /// The next thing to do, if any. Drain it until `None` after every
     /// `handle_*`, `accept`, `close` or `shutdown` call.
+    #[inline]
     pub fn poll_output(&mut self) -> Option<Output> {
         let mut output = self.outputs.pop_front();
         if output.is_none() {
@@ -632,6 +633,7 @@ impl Server {
     /// When to call [`Server::handle_timeout`] next, at the latest. It may
     /// be early (a connection was active since the deadline was set);
     /// calling then is harmless.
+    #[inline]
     pub fn poll_timeout(&self) -> Option<Timestamp> {
         // Checked before every input: the times alone, without working
         // out which timer each is (`next_timer` looks the session up).
@@ -799,6 +801,7 @@ impl Server {
     /// after a connection's idle timeout does not revive it. Then whether
     /// the connection waits for a password check, or `None` if it just
     /// timed out.
+    #[inline]
     fn catch_up(
         &mut self,
         conn: ConnId,
@@ -904,6 +907,7 @@ impl Server {
 
     /// `now`, or the latest time seen if `now` is earlier: time never runs
     /// backwards for the core.
+    #[inline]
     fn clock(&mut self, now: Timestamp) -> Timestamp {
         self.latest = self.latest.max(now);
         self.latest

@@ -38,12 +38,14 @@ impl Server {
 
     /// Notes an answer, which a failed batch it waits for turns into
     /// `unavailable`.
+    #[inline]
     pub(super) fn answered(&mut self, _conn: ConnId, id: Option<RequestId>) {
         self.note_kind(Kind::Answer(id));
     }
 
     /// Notes what the next output is, for a failed batch to decide its
     /// fate (anything not noted is dropped with the batch).
+    #[inline]
     pub(super) fn note_kind(&mut self, kind: Kind) {
         if self.ledger.enabled() {
             self.unit_kinds.push((self.outputs.len(), kind));
@@ -75,6 +77,7 @@ impl Server {
 
     /// Queues `frame` for `conn`. Inside a unit of work it is settled
     /// (sent or held) with the unit; outside, it goes out at once.
+    #[inline]
     pub(super) fn transmit(&mut self, conn: ConnId, frame: Bytes) {
         let output = Output::Transmit { conn, frame };
         // Without durability nothing is ever held: it goes out now.
@@ -93,6 +96,7 @@ impl Server {
     /// Starts a unit of work (a frame served, a timer fired): its outputs
     /// are sent or held together, by what it read. Units nest; the
     /// outermost settles.
+    #[inline]
     pub(super) fn begin(&mut self) -> usize {
         self.unit_depth += 1;
         self.outputs.len()
@@ -101,6 +105,7 @@ impl Server {
     /// Ends the unit of work begun at `mark`: its outputs go out, or wait
     /// for the newest unanswered batch it read or changed, behind what
     /// their connections already hold.
+    #[inline]
     pub(super) fn settle(&mut self, mark: usize) {
         self.unit_depth -= 1;
         if self.unit_depth > 0 || !self.ledger.enabled() {
@@ -261,6 +266,7 @@ pub(super) fn queue_in_unit(
 
 /// Puts a settled output in the queue the driver polls, numbering it in
 /// its connection's drain if one is in progress.
+#[inline]
 pub(super) fn release_into(
     outputs: &mut VecDeque<Output>,
     drains: Drains<'_>,
@@ -303,6 +309,7 @@ pub(super) fn error_frame(id: Option<RequestId>, error: &RequestError) -> Bytes 
 /// Counts a frame handed over for `conn`, if its offline queue is being
 /// drained, or was when it closed (the drain needs every frame's number);
 /// free when none is.
+#[inline]
 pub(super) fn count_frame(drains: Drains<'_>, conn: ConnId) {
     if drains.draining > 0 {
         if let Some(drain) = drains.sessions.get_mut(conn).and_then(|c| c.drain.as_mut()) {
