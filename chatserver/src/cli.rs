@@ -8,6 +8,7 @@ use std::time::Duration;
 use chatproto::{OfflineTexts, Rate, RateLimit, ServerConfig, Username};
 use clap::Parser;
 
+use crate::database::Location;
 use crate::origin::{Origin, PublicHost};
 use crate::reactor::Limits;
 
@@ -167,10 +168,13 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 100)]
     tls_handshakes: u32,
 
-    /// SQLite database that keeps offline messages, blocks, last-seen times
-    /// and locks across restarts; created if missing. `:memory:` keeps
-    /// nothing, like --no-db.
-    #[arg(long, value_name = "PATH", default_value = "chatserver.db")]
+    /// The database that keeps offline messages, blocks, last-seen times
+    /// and locks across restarts: a SQLite file (created if missing), or a
+    /// PostgreSQL database, given as a libpq connection string (a value
+    /// starting with postgres:// or postgresql://, or holding dbname= or
+    /// host=). The schema is created or updated at start-up. `:memory:`
+    /// keeps nothing, like --no-db.
+    #[arg(long, value_name = "PATH|URL", default_value = "chatserver.db")]
     db: PathBuf,
 
     /// Keep all state in memory only: a restart forgets it (tests, demos).
@@ -256,7 +260,7 @@ pub struct Settings {
     /// The accounts file.
     pub credentials: PathBuf,
     /// The database, unless state is kept in memory only.
-    pub database: Option<PathBuf>,
+    pub database: Option<Location>,
     /// A cap on the database's pages (a hidden flag, for tests of a full
     /// disk).
     pub db_max_pages: Option<u64>,
@@ -315,6 +319,9 @@ pub enum UsageError {
     /// The core refuses the configuration.
     #[error("{0}")]
     Config(#[from] chatproto::ConfigError),
+    /// `--db-max-pages` with a PostgreSQL `--db`.
+    #[error("--db-max-pages applies to a SQLite --db only")]
+    PagesWithoutSqlite,
 }
 
 /// The default cap on offline texts kept in memory (without a database).
@@ -368,7 +375,16 @@ impl Args {
         core.lockout.lock_duration = Duration::from_secs(lockout_secs);
         core.offline_queue_capacity = self.offline_queue_cap;
         core.offline_queue_bytes = self.offline_queue_bytes;
-        let database = (!self.no_db && self.db.as_os_str() != ":memory:").then_some(self.db);
+        let database = (!self.no_db && self.db.as_os_str() != ":memory:").then(|| {
+            match self.db.to_str() {
+                Some(value) => Location::parse(value),
+                // Not UTF-8: no connection string, so a file name.
+                None => Location::Sqlite(self.db),
+            }
+        });
+        if self.db_max_pages.is_some() && database.as_ref().is_some_and(Location::is_postgres) {
+            return Err(UsageError::PagesWithoutSqlite);
+        }
         if database.is_some() {
             // Texts stay on disk and are read a page at a time at login.
             core.offline_texts = OfflineTexts::External;
@@ -498,7 +514,7 @@ mod tests {
         assert_eq!(s.core.lockout.lock_duration, Duration::from_secs(60));
         assert_eq!(s.core.lockout.max_failures, 3);
         assert_eq!(s.max_output_bytes, 1024 * 1024);
-        assert_eq!(s.database, Some(PathBuf::from("chatserver.db")));
+        assert_eq!(s.database, Some(Location::Sqlite("chatserver.db".into())));
         assert_eq!(s.core.login_timeout, Some(Duration::from_secs(30)));
         assert_eq!(s.core.rate_limit.unwrap().flood_after, 100);
         // The per-address limits, and what they turn into.
@@ -585,8 +601,22 @@ mod tests {
         let db = |args: &[&str]| settings(args).unwrap().database;
         assert_eq!(
             db(&["--db", "/var/lib/chat.db"]),
-            Some("/var/lib/chat.db".into())
+            Some(Location::Sqlite("/var/lib/chat.db".into()))
         );
+        assert_eq!(
+            db(&["--db", "postgres://chat:pw@db.example/chat"]),
+            Some(Location::Postgres(
+                "postgres://chat:pw@db.example/chat".into()
+            ))
+        );
+        assert_eq!(
+            db(&["--db", "host=/run/postgresql dbname=chat"]),
+            Some(Location::Postgres(
+                "host=/run/postgresql dbname=chat".into()
+            ))
+        );
+        let pages = settings(&["--db", "dbname=chat", "--db-max-pages", "9"]).unwrap_err();
+        assert!(pages.contains("SQLite --db only"), "{pages}");
         assert_eq!(db(&["--db", ":memory:"]), None);
         assert_eq!(db(&["--no-db"]), None);
         let both = settings(&["--no-db", "--db", "x.db"]).unwrap_err();

@@ -12,12 +12,12 @@
 //! | [`output_queue`] | a socket's output: framed core frames and transport bytes, written vectored |
 //! | [`http`], [`websocket`], [`origin`] | the `--http` listener: requests, WebSocket messages, allowed origins |
 //! | [`tls`] | certificates and keys, and the TLS session a link holds |
-//! | [`storage`] | where the core's lasting state goes: SQLite (`database`) or nowhere |
+//! | [`storage`], [`database`] | where the core's lasting state goes: a storage thread, and SQLite or PostgreSQL behind it; or nowhere |
 //! | [`clock`] | the core's time from a monotonic clock |
 //! | `verifier`, `cpu` | password checks on worker threads, kept off the reactor's CPU |
 //! | `cli`, `serve`, [`logging`], [`hash_password`] | the binary: flags, start-up, logs, `hash-password` |
 //!
-//! Features: `sqlite` (the database), `tls` (rustls) and `cli` (the
+//! Features: `sqlite` and `postgres` (the databases), `tls` (rustls) and `cli` (the
 //! binary's needs, and [`serve`]) are on by default. Without them the
 //! library still has the reactor, the links and the HTTP and WebSocket
 //! code, which is what the fuzz crate builds.
@@ -31,8 +31,8 @@ pub mod clock;
 mod cpu;
 #[cfg(feature = "cli")]
 mod credentials;
-#[cfg(feature = "sqlite")]
-mod database;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub mod database;
 #[cfg(feature = "cli")]
 pub mod hash_password;
 pub mod http;

@@ -279,7 +279,7 @@ impl Reactor {
 
     /// A reactor whose core's batches go to `database`, on a storage
     /// thread of its own.
-    #[cfg(feature = "sqlite")]
+    #[cfg(any(feature = "sqlite", feature = "postgres"))]
     pub(crate) fn with_database(
         listeners: Vec<Listener>,
         core: Server,

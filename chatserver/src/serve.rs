@@ -182,8 +182,8 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
     }
 
     let (database, snapshot) = match &settings.database {
-        Some(path) => {
-            let (db, snapshot) = Database::open(path)?;
+        Some(location) => {
+            let (db, snapshot) = Database::open(location)?;
             if let Some(pages) = settings.db_max_pages {
                 db.set_max_pages(pages)?;
             }
@@ -203,7 +203,7 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
     core_config.durable = database.is_some();
     let (mut core, restored) =
         Server::with_snapshot(core_config, accounts, &snapshot, clock.now())?;
-    if let Some(path) = &settings.database {
+    if let Some(location) = &settings.database {
         info!(
             offline_messages = restored.offline_messages,
             blocks = restored.blocks,
@@ -211,7 +211,7 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
             lockouts = restored.lockouts,
             skipped = restored.skipped,
             "loaded {}",
-            path.display()
+            location
         );
         if restored.skipped > 0 {
             warn!(

@@ -1,5 +1,5 @@
-//! Where the reactor keeps the core's lasting state: a SQLite database
-//! on a thread of its own.
+//! Where the reactor keeps the core's lasting state: a database (SQLite
+//! or PostgreSQL) on a thread of its own.
 //!
 //! A commit ends in an fsync, which takes milliseconds; on the event loop
 //! it would stall every connection for each batch. So the database lives
@@ -11,15 +11,15 @@
 //!
 //! Without a database (`--no-db`) there is no storage thread: the core
 //! makes no batches and keeps offline texts itself. Nor is there one in a
-//! build without the `sqlite` feature: its types are still here,
+//! build without the `sqlite` and `postgres` features: its types are still here,
 //! uninhabited, so the reactor's code needs no feature gates.
 
-#[cfg(feature = "sqlite")]
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use with_database::*;
-#[cfg(not(feature = "sqlite"))]
+#[cfg(not(any(feature = "sqlite", feature = "postgres")))]
 pub use without_database::*;
 
-#[cfg(feature = "sqlite")]
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod with_database {
     use std::collections::VecDeque;
     use std::io;
@@ -301,7 +301,7 @@ mod with_database {
     }
 }
 
-#[cfg(not(feature = "sqlite"))]
+#[cfg(not(any(feature = "sqlite", feature = "postgres")))]
 mod without_database {
     use chatproto::{BatchId, Change, ConnId, QueuedMessage, Username};
 

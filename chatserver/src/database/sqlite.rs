@@ -1,14 +1,9 @@
-//! The SQLite database that makes the core's lasting state durable.
-//!
-//! The core reports every change to lasting state as a [`Change`]; the
-//! [`Database`] buffers the changes of one reactor wake-up and writes them
-//! in one transaction ([`Database::commit`]), which the reactor runs before
-//! it writes any of that wake-up's output. At start-up [`Database::open`]
-//! reads the state back as a [`Snapshot`]: everything but the texts of
-//! offline messages, of which it reads only each queue's size. Texts are
-//! read a page at a time when their recipient logs in
-//! ([`Database::offline_page`]), so memory does not grow with what is
-//! queued.
+//! The SQLite file behind `--db PATH`: one writer (an exclusive lock),
+//! WAL with `synchronous = FULL`, so a commit is on disk before the server
+//! answers. [`SqliteDatabase::commit`] writes a batch's changes in one
+//! transaction; [`SqliteDatabase::open`] reads the state back as a
+//! [`Snapshot`], with offline queues as their sizes only; texts are read a
+//! page at a time ([`SqliteDatabase::offline_page`]).
 //!
 //! The file is ours when its `application_id` says so; its `user_version`
 //! is the schema version, and [`MIGRATIONS`] brings an older file up to
@@ -22,6 +17,8 @@ use chatproto::{
     Username,
 };
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, Transaction};
+
+use super::{Committed, DatabaseError, SCHEMA_VERSION};
 
 /// `PRAGMA application_id` of a chatserver database: "chtp".
 pub const APPLICATION_ID: i32 = 0x6368_7470;
@@ -64,60 +61,22 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE lockout ADD COLUMN last_failure INTEGER;",
 ];
 
-/// The schema version this build reads and writes.
-pub const SCHEMA_VERSION: i32 = MIGRATIONS.len() as i32;
+// One migration per schema version, in step with PostgreSQL's.
+const _: () = assert!(MIGRATIONS.len() as i32 == SCHEMA_VERSION);
 
-/// Why the database cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum DatabaseError {
-    #[error("cannot open the database {path}: {source}")]
-    Open {
-        path: PathBuf,
-        source: rusqlite::Error,
-    },
-    #[error("{path} is not a SQLite database (or is encrypted or damaged)")]
-    NotADatabase { path: PathBuf },
-    #[error("{path} is empty (0 bytes): a chatserver database never is, so it was truncated or is not ours; refusing to start on it, which would lose what it held (delete it to start a new database)")]
-    Empty { path: PathBuf },
-    #[error("{path} is a SQLite database of another application (application_id {found:#x}); refusing to touch it")]
-    Foreign { path: PathBuf, found: i32 },
-    #[error("{path} has schema version {found}, newer than this build understands ({SCHEMA_VERSION}); use a newer chatserver")]
-    Newer { path: PathBuf, found: i32 },
-    #[error("{path} is damaged: {report}")]
-    Corrupt { path: PathBuf, report: String },
-    #[error("{path} is in use by another process")]
-    Locked { path: PathBuf },
-    #[error("{path}: cannot {doing}: {source}")]
-    Sql {
-        path: PathBuf,
-        doing: &'static str,
-        source: rusqlite::Error,
-    },
-    #[error("{path}: {what}")]
-    BadRow { path: PathBuf, what: String },
-    #[error("the storage thread stopped: nothing more can be written or read")]
-    Stopped,
-}
-
-/// What a commit wrote.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Committed {
-    pub changes: usize,
-}
-
-/// An open chatserver database.
+/// An open chatserver SQLite database.
 #[derive(Debug)]
-pub struct Database {
+pub struct SqliteDatabase {
     path: PathBuf,
     conn: Connection,
     /// Changes recorded since the last commit, in order.
     pending: Vec<Change>,
 }
 
-impl Database {
+impl SqliteDatabase {
     /// Opens (creating if needed) the database at `path`, brings its schema
     /// up to date, and reads the lasting state back.
-    pub fn open(path: &Path) -> Result<(Database, Snapshot), DatabaseError> {
+    pub fn open(path: &Path) -> Result<(SqliteDatabase, Snapshot), DatabaseError> {
         // SQLite takes an empty file for a new database; here it is far more
         // likely a database truncated by accident, and starting on it would
         // silently drop everything queued. Only a file this call creates is
@@ -142,7 +101,7 @@ impl Database {
             path: path.to_owned(),
             source,
         })?;
-        let mut db = Database {
+        let mut db = SqliteDatabase {
             path: path.to_owned(),
             conn,
             pending: Vec::new(),
@@ -153,7 +112,7 @@ impl Database {
         Ok((db, snapshot))
     }
 
-    /// Takes one change, to be written by the next [`Database::commit`].
+    /// Takes one change, to be written by the next [`SqliteDatabase::commit`].
     pub fn record(&mut self, change: Change) {
         self.pending.push(change);
     }
@@ -677,7 +636,7 @@ mod tests {
         ];
         let mut expected = Snapshot::default();
         {
-            let (mut db, empty) = Database::open(&path).unwrap();
+            let (mut db, empty) = SqliteDatabase::open(&path).unwrap();
             assert_eq!(empty, Snapshot::default());
             // In two commits, to cover changes spread over wake-ups.
             for (i, change) in changes.iter().enumerate() {
@@ -692,7 +651,7 @@ mod tests {
             assert!(!db.has_pending());
             assert_eq!(db.load().unwrap(), as_loaded(expected.clone()));
         }
-        let (db, loaded) = Database::open(&path).unwrap();
+        let (db, loaded) = SqliteDatabase::open(&path).unwrap();
         assert_eq!(loaded, as_loaded(expected.clone()));
         assert_eq!(
             loaded.offline_sizes[&user("bob")],
@@ -739,7 +698,7 @@ mod tests {
                 .unwrap();
             conn.pragma_update(None, "user_version", 1).unwrap();
         }
-        let (db, loaded) = Database::open(&path).unwrap();
+        let (db, loaded) = SqliteDatabase::open(&path).unwrap();
         assert_eq!(
             loaded.offline_sizes[&user("bob")],
             QueueSize {
@@ -756,7 +715,7 @@ mod tests {
     fn a_new_database_gets_the_current_schema_and_our_id() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chat.db");
-        drop(Database::open(&path).unwrap());
+        drop(SqliteDatabase::open(&path).unwrap());
         let conn = Connection::open(&path).unwrap();
         let id: i32 = conn
             .pragma_query_value(None, "application_id", |r| r.get(0))
@@ -775,7 +734,7 @@ mod tests {
     fn a_failed_commit_writes_nothing_and_keeps_what_was_committed() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("chat.db");
-        let (mut db, _) = Database::open(&path).unwrap();
+        let (mut db, _) = SqliteDatabase::open(&path).unwrap();
         db.record(Change::MessageQueued {
             to: user("bob"),
             message: message("alice", "kept", 1),

@@ -1,0 +1,539 @@
+//! The PostgreSQL database behind `--db postgres://…`: the same lasting
+//! state as the SQLite file, in tables of the connection's schema.
+//!
+//! A batch is one transaction, committed before its outputs go out (with
+//! the server's `synchronous_commit`, on by default: on disk, or on a
+//! synchronous standby). The schema is created or brought up to date at
+//! start-up inside a transaction that holds an advisory lock, so nodes
+//! starting together migrate once; a schema newer than this build is a
+//! start-up error, and nothing else in the database is touched.
+//!
+//! A lost connection fails the batch in hand (the core answers
+//! `unavailable` and takes the batch back) and is made again for the next
+//! job: the server never stops for it. A commit whose connection broke
+//! while the `COMMIT` was in flight may in fact have been written; the
+//! core, told it failed, takes it back, so such a change can be lost or
+//! (an offline message) kept twice. PostgreSQL cannot tell a client which.
+
+use std::time::Duration;
+
+use chatproto::{
+    Change, LastSeen, LockoutState, OfflineMessage, QueueSize, QueuedMessage, Snapshot, Timestamp,
+    Username,
+};
+use postgres::{Client, Config, NoTls, Statement, Transaction};
+use tracing::{info, warn};
+
+use super::{Committed, DatabaseError, Location, SCHEMA_VERSION};
+
+/// `pg_advisory_xact_lock` key of the schema migration: "chtp".
+const MIGRATION_LOCK: i64 = 0x6368_7470;
+
+/// How long a connection attempt may take, unless the connection string
+/// says (`connect_timeout`).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long an unanswered socket may stay so before the kernel gives up on
+/// it, so a commit to a server that vanished fails instead of hanging.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Schema migrations: entry `i` takes the schema from version `i` to
+/// `i + 1`, as SQLite's list does (the same tables and columns).
+const MIGRATIONS: &[&str] = &[
+    // 0 -> 1: the first schema.
+    "CREATE TABLE offline_message (
+         seq BIGSERIAL PRIMARY KEY,
+         recipient TEXT NOT NULL,
+         sender TEXT NOT NULL,
+         text TEXT NOT NULL,
+         sent_at BIGINT NOT NULL
+     );
+     CREATE INDEX offline_message_by_recipient ON offline_message (recipient, seq);
+     CREATE TABLE block (
+         blocker TEXT NOT NULL,
+         target TEXT NOT NULL,
+         PRIMARY KEY (blocker, target)
+     );
+     CREATE TABLE last_seen (
+         username TEXT PRIMARY KEY,
+         online BOOLEAN NOT NULL,
+         at BIGINT NOT NULL
+     );
+     CREATE TABLE lockout (
+         username TEXT PRIMARY KEY,
+         failures INTEGER NOT NULL,
+         locked_until BIGINT
+     );",
+    // 1 -> 2: each message's size in bytes, in an index that covers the
+    // start-up count.
+    "ALTER TABLE offline_message ADD COLUMN size BIGINT NOT NULL DEFAULT 0;
+     UPDATE offline_message SET size = octet_length(text);
+     DROP INDEX offline_message_by_recipient;
+     CREATE INDEX offline_message_by_recipient ON offline_message (recipient, seq, size);",
+    // 2 -> 3: when a name's last failure was, so its count can expire.
+    "ALTER TABLE lockout ADD COLUMN last_failure BIGINT;",
+];
+
+const _: () = assert!(MIGRATIONS.len() as i32 == SCHEMA_VERSION);
+
+/// An open chatserver PostgreSQL database.
+#[derive(Debug)]
+pub struct PostgresDatabase {
+    config: Config,
+    /// The connection string without its password, for messages.
+    location: String,
+    /// The connection and its prepared statements; `None` after it broke,
+    /// until the next job makes it again.
+    session: Option<Session>,
+    /// Changes recorded since the last commit, in order.
+    pending: Vec<Change>,
+}
+
+/// A connection with the statements prepared on it.
+struct Session {
+    client: Client,
+    statements: Statements,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("closed", &self.client.is_closed())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Every statement a commit or a page read runs, prepared once per
+/// connection.
+struct Statements {
+    queue: Statement,
+    deliver: Statement,
+    block: Statement,
+    unblock: Statement,
+    seen: Statement,
+    lockout: Statement,
+    clear_lockout: Statement,
+    page: Statement,
+}
+
+impl PostgresDatabase {
+    /// Connects to the database `conn` names (a libpq connection string),
+    /// creates or updates the schema, and reads the lasting state back.
+    pub fn open(conn: &str) -> Result<(PostgresDatabase, Snapshot), DatabaseError> {
+        let location = Location::Postgres(conn.to_owned()).to_string();
+        let mut config: Config = conn
+            .parse()
+            .map_err(|source| DatabaseError::PostgresConfig {
+                location: location.clone(),
+                source,
+            })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_tcp_user_timeout().is_none() {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
+        config.application_name("chatserver");
+        let mut db = PostgresDatabase {
+            config,
+            location,
+            session: None,
+            pending: Vec::new(),
+        };
+        db.migrate()?;
+        let snapshot = db.load()?;
+        Ok((db, snapshot))
+    }
+
+    /// The connection string without its password.
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// Takes one change, to be written by the next commit.
+    pub fn record(&mut self, change: Change) {
+        self.pending.push(change);
+    }
+
+    /// Writes every pending change in one transaction. On failure nothing
+    /// of it is written (short of a connection lost during `COMMIT`, see
+    /// the module doc) and the pending changes are dropped.
+    pub fn commit(&mut self) -> Result<Committed, DatabaseError> {
+        if self.pending.is_empty() {
+            return Ok(Committed::default());
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let unknown = self.with_session("commit a batch", |session| {
+            let mut tx = session.client.transaction()?;
+            for change in &pending {
+                if !write_change(&mut tx, &session.statements, change)? {
+                    // Dropping the transaction rolls it back.
+                    return Ok(Some(format!("{change:?}")));
+                }
+            }
+            tx.commit().map(|()| None)
+        })?;
+        match unknown {
+            // A change kind added to the core after this build: nothing
+            // here knows how to keep it, so the batch fails rather than
+            // lose it.
+            Some(change) => Err(DatabaseError::Unsupported {
+                location: self.location.clone(),
+                what: format!("cannot store an unknown change {change}"),
+            }),
+            None => Ok(Committed {
+                changes: pending.len(),
+            }),
+        }
+    }
+
+    /// `to`'s queued messages after `after_seq`, oldest first: up to
+    /// `max_bytes` of text, but at least one message if any is left.
+    pub fn offline_page(
+        &mut self,
+        to: &Username,
+        after_seq: u64,
+        max_bytes: usize,
+    ) -> Result<Vec<QueuedMessage>, DatabaseError> {
+        let after = i64::try_from(after_seq).unwrap_or(i64::MAX);
+        // Rows are taken in slices, so a long queue is not read whole for
+        // one page.
+        let limit = i64::try_from(max_bytes / 16 + 1)
+            .unwrap_or(i64::MAX)
+            .min(1000);
+        let rows = self.with_session("read offline messages", |session| {
+            session
+                .client
+                .query(&session.statements.page, &[&to.as_str(), &after, &limit])
+        })?;
+        let mut page = Vec::new();
+        let mut bytes = 0;
+        for row in rows {
+            let seq: i64 = row.get(0);
+            let size = usize::try_from(row.get::<_, i64>(4)).unwrap_or(0);
+            if !page.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            let message = (|| {
+                Ok::<_, DatabaseError>(QueuedMessage {
+                    seq: u64::try_from(seq)
+                        .map_err(|_| self.bad(format!("offline message seq {seq}")))?,
+                    message: OfflineMessage {
+                        from: self.name(row.get(1), "offline message sender")?,
+                        text: row
+                            .get::<_, String>(2)
+                            .parse()
+                            .map_err(|e| self.bad(format!("offline message text: {e}")))?,
+                        sent_at: self.time(row.get(3), "sent_at")?,
+                    },
+                })
+            })();
+            match message {
+                Ok(message) => page.push(message),
+                // As with SQLite: one damaged row is said and passed over,
+                // not allowed to block the queue at every login.
+                Err(e) => tracing::error!("{e} (offline message {seq} for {to}, skipped)"),
+            }
+        }
+        Ok(page)
+    }
+
+    /// Reads the lasting state: offline queues as their sizes only.
+    fn load(&mut self) -> Result<Snapshot, DatabaseError> {
+        let (sizes, blocks, seen, lockouts) = self.with_session("read the state", |session| {
+            let client = &mut session.client;
+            Ok((
+                client.query(
+                    "SELECT recipient, count(*), sum(size)::BIGINT FROM offline_message GROUP BY recipient",
+                    &[],
+                )?,
+                client.query("SELECT blocker, target FROM block", &[])?,
+                client.query("SELECT username, online, at FROM last_seen", &[])?,
+                client.query(
+                    "SELECT username, failures, locked_until, last_failure FROM lockout",
+                    &[],
+                )?,
+            ))
+        })?;
+        let mut snapshot = Snapshot::default();
+        for row in sizes {
+            let size = QueueSize {
+                messages: usize::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+                bytes: usize::try_from(row.get::<_, Option<i64>>(2).unwrap_or(0)).unwrap_or(0),
+            };
+            let to = self.name(row.get(0), "offline message recipient")?;
+            snapshot.offline_sizes.insert(to, size);
+        }
+        for row in blocks {
+            let blocker = self.name(row.get(0), "blocker")?;
+            let target = self.name(row.get(1), "blocked user")?;
+            snapshot.blocks.entry(blocker).or_default().insert(target);
+        }
+        for row in seen {
+            let at = self.time(row.get(2), "last seen at")?;
+            let seen = if row.get(1) {
+                LastSeen::Online { since: at }
+            } else {
+                LastSeen::Offline { at }
+            };
+            snapshot
+                .last_seen
+                .insert(self.name(row.get(0), "last-seen user")?, seen);
+        }
+        for row in lockouts {
+            let state = LockoutState {
+                failures: u32::try_from(row.get::<_, i32>(1))
+                    .map_err(|_| self.bad("negative lockout failure count".to_owned()))?,
+                locked_until: self.optional_time(row.get(2), "locked until")?,
+                last_failure: self.optional_time(row.get(3), "last failure")?,
+            };
+            snapshot
+                .lockouts
+                .insert(self.name(row.get(0), "lockout user")?, state);
+        }
+        Ok(snapshot)
+    }
+
+    /// Creates or updates the schema, once however many nodes start
+    /// together: the version is read and changed under an advisory lock
+    /// held by the transaction.
+    fn migrate(&mut self) -> Result<(), DatabaseError> {
+        let location = self.location.clone();
+        let doing = "create or update the schema";
+        let error = |source| DatabaseError::Postgres {
+            location: location.clone(),
+            doing,
+            source,
+        };
+        // A connection of its own: the statements a session prepares name
+        // tables this may be about to create.
+        let mut client = self.config.connect(NoTls).map_err(error)?;
+        let found = (|| {
+            let mut tx = client.transaction()?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS chatserver_schema (
+                     version INTEGER NOT NULL,
+                     only_row BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (only_row)
+                 )",
+            )?;
+            let version: i32 = tx
+                .query_opt("SELECT version FROM chatserver_schema", &[])?
+                .map_or(0, |row| row.get(0));
+            if version > SCHEMA_VERSION {
+                return Ok(version);
+            }
+            for migration in MIGRATIONS.iter().skip(version.max(0) as usize) {
+                tx.batch_execute(migration)?;
+            }
+            if version < SCHEMA_VERSION {
+                tx.execute(
+                    "INSERT INTO chatserver_schema (version) VALUES ($1)
+                     ON CONFLICT (only_row) DO UPDATE SET version = EXCLUDED.version",
+                    &[&SCHEMA_VERSION],
+                )?;
+            }
+            tx.commit()?;
+            if version < SCHEMA_VERSION {
+                info!(
+                    from = version,
+                    to = SCHEMA_VERSION,
+                    "PostgreSQL {location}: schema created or updated"
+                );
+            }
+            Ok(version)
+        })()
+        .map_err(error)?;
+        if found > SCHEMA_VERSION {
+            return Err(DatabaseError::PostgresNewer {
+                location: self.location.clone(),
+                found,
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `work` on the connection, making it first if there is none.
+    /// An error that broke the connection drops it, so the next call makes
+    /// a new one.
+    fn with_session<T>(
+        &mut self,
+        doing: &'static str,
+        work: impl FnOnce(&mut Session) -> Result<T, postgres::Error>,
+    ) -> Result<T, DatabaseError> {
+        let location = &self.location;
+        let error = |source| DatabaseError::Postgres {
+            location: location.clone(),
+            doing,
+            source,
+        };
+        if self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
+            self.session = None;
+        }
+        let session = match &mut self.session {
+            Some(session) => session,
+            None => {
+                let session = connect(&self.config).map_err(error)?;
+                info!("PostgreSQL {location}: connected");
+                self.session.insert(session)
+            }
+        };
+        match work(session) {
+            Ok(value) => Ok(value),
+            Err(source) => {
+                if session.client.is_closed() || source.is_closed() {
+                    warn!(
+                        "PostgreSQL {location}: the connection broke ({}); it is made again for the next request",
+                        describe(&source)
+                    );
+                    self.session = None;
+                }
+                Err(error(source))
+            }
+        }
+    }
+
+    fn name(&self, name: String, what: &str) -> Result<Username, DatabaseError> {
+        name.parse()
+            .map_err(|e| self.bad(format!("{what} {name:?}: {e}")))
+    }
+
+    fn optional_time(
+        &self,
+        millis: Option<i64>,
+        what: &str,
+    ) -> Result<Option<Timestamp>, DatabaseError> {
+        millis.map(|t| self.time(t, what)).transpose()
+    }
+
+    fn time(&self, millis: i64, what: &str) -> Result<Timestamp, DatabaseError> {
+        u64::try_from(millis)
+            .map(Timestamp::from_unix_millis)
+            .map_err(|_| self.bad(format!("{what} {millis}")))
+    }
+
+    fn bad(&self, what: String) -> DatabaseError {
+        DatabaseError::PostgresBadRow {
+            location: self.location.clone(),
+            what,
+        }
+    }
+}
+
+/// A PostgreSQL error as one line: the server's message (with its detail)
+/// when there is one, else the client's.
+pub fn describe(error: &postgres::Error) -> String {
+    match error.as_db_error() {
+        Some(db) => match db.detail() {
+            Some(detail) => format!("{} ({detail})", db.message()),
+            None => db.message().to_owned(),
+        },
+        None => {
+            // The client's own errors name their cause in the source.
+            let mut text = error.to_string();
+            let mut source = std::error::Error::source(error);
+            while let Some(cause) = source {
+                text.push_str(": ");
+                text.push_str(&cause.to_string());
+                source = cause.source();
+            }
+            text
+        }
+    }
+}
+
+/// Connects and prepares the statements. TLS to PostgreSQL is not built
+/// in: `sslmode=require` (or stricter) fails here with the client's error.
+fn connect(config: &Config) -> Result<Session, postgres::Error> {
+    let mut client = config.connect(NoTls)?;
+    let statements = Statements {
+        queue: client.prepare(
+            "INSERT INTO offline_message (recipient, sender, text, sent_at, size) VALUES ($1, $2, $3, $4, $5)",
+        )?,
+        deliver: client.prepare(
+            "DELETE FROM offline_message WHERE seq IN
+                 (SELECT seq FROM offline_message WHERE recipient = $1 ORDER BY seq LIMIT $2)",
+        )?,
+        block: client.prepare(
+            "INSERT INTO block (blocker, target) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+        )?,
+        unblock: client.prepare("DELETE FROM block WHERE blocker = $1 AND target = $2")?,
+        seen: client.prepare(
+            "INSERT INTO last_seen (username, online, at) VALUES ($1, $2, $3)
+             ON CONFLICT (username) DO UPDATE SET online = EXCLUDED.online, at = EXCLUDED.at",
+        )?,
+        lockout: client.prepare(
+            "INSERT INTO lockout (username, failures, locked_until, last_failure) VALUES ($1, $2, $3, $4)
+             ON CONFLICT (username) DO UPDATE SET failures = EXCLUDED.failures,
+                 locked_until = EXCLUDED.locked_until, last_failure = EXCLUDED.last_failure",
+        )?,
+        clear_lockout: client.prepare("DELETE FROM lockout WHERE username = $1")?,
+        page: client.prepare(
+            "SELECT seq, sender, text, sent_at, size FROM offline_message
+             WHERE recipient = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+        )?,
+    };
+    Ok(Session { client, statements })
+}
+
+/// Applies one change inside `tx`; false for a change kind this build
+/// does not know.
+fn write_change(
+    tx: &mut Transaction<'_>,
+    statements: &Statements,
+    change: &Change,
+) -> Result<bool, postgres::Error> {
+    match change {
+        Change::MessageQueued { to, message } => {
+            tx.execute(
+                &statements.queue,
+                &[
+                    &to.as_str(),
+                    &message.from.as_str(),
+                    &message.text.as_str(),
+                    &millis(message.sent_at),
+                    &i64::try_from(message.size()).unwrap_or(i64::MAX),
+                ],
+            )?;
+        }
+        Change::MessagesDelivered { to, count } => {
+            tx.execute(
+                &statements.deliver,
+                &[&to.as_str(), &i64::try_from(*count).unwrap_or(i64::MAX)],
+            )?;
+        }
+        Change::Blocked { blocker, target } => {
+            tx.execute(&statements.block, &[&blocker.as_str(), &target.as_str()])?;
+        }
+        Change::Unblocked { blocker, target } => {
+            tx.execute(&statements.unblock, &[&blocker.as_str(), &target.as_str()])?;
+        }
+        Change::LoggedIn { user, at } => {
+            tx.execute(&statements.seen, &[&user.as_str(), &true, &millis(*at)])?;
+        }
+        Change::LoggedOut { user, at } => {
+            tx.execute(&statements.seen, &[&user.as_str(), &false, &millis(*at)])?;
+        }
+        Change::LockoutChanged { user, state } => {
+            tx.execute(
+                &statements.lockout,
+                &[
+                    &user.as_str(),
+                    &i32::try_from(state.failures).unwrap_or(i32::MAX),
+                    &state.locked_until.map(millis),
+                    &state.last_failure.map(millis),
+                ],
+            )?;
+        }
+        Change::LockoutCleared { user } => {
+            tx.execute(&statements.clear_lockout, &[&user.as_str()])?;
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
+}
+
+fn millis(t: Timestamp) -> i64 {
+    i64::try_from(t.as_unix_millis()).unwrap_or(i64::MAX)
+}

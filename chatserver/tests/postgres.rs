@@ -1,0 +1,235 @@
+//! `--db` with a PostgreSQL connection string: the same durability as with
+//! SQLite (what the server acknowledged survives a restart, graceful or
+//! `SIGKILL`), the schema created once however many servers start
+//! together, a newer schema refused, a lost connection made again without
+//! a restart, and no password in the log.
+//!
+//! Each test gets a database of its own on the server `CHATSERVER_TEST_PG`
+//! names (`.ci/test` starts a private one).
+
+mod common;
+// Not in `common`: chatcli's tests include that too, without the
+// PostgreSQL client.
+#[path = "common/postgres.rs"]
+mod test_database;
+
+use std::path::Path;
+
+use common::{run, TestServer, CREDENTIALS};
+use test_database::TestDatabase;
+
+const LISTEN: &[&str] = &["--listen", "127.0.0.1:0"];
+
+fn start(dir: &Path, db: &TestDatabase) -> TestServer {
+    TestServer::start_in(dir, CREDENTIALS, LISTEN, &["--db", &db.url])
+}
+
+/// bob's offline messages, read up to the `ok` of a `whoami` after login.
+fn bobs_messages(server: &TestServer) -> Vec<String> {
+    let mut bob = server.login("bob");
+    bob.send("whoami");
+    let mut texts = Vec::new();
+    loop {
+        let v = bob.recv();
+        if v["type"] == "ok" && v["cmd"] == "whoami" {
+            return texts;
+        }
+        if v["type"] == "message" {
+            assert_eq!(v["offline"], true, "{v}");
+            texts.push(v["text"].as_str().unwrap().to_owned());
+        }
+    }
+}
+
+fn restart_keeps_state(kill: bool) {
+    let db = TestDatabase::create();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(dir.path(), &db);
+    let mut alice = server.login("alice");
+    for i in 0..5 {
+        let ok = alice.ask(&format!("message bob note {i}"));
+        assert_eq!(ok["stored"], true, "{ok}");
+    }
+    assert_eq!(alice.ask("block carol")["type"], "ok");
+    // Two wrong passwords for dave: the count is kept.
+    let mut c = server.connect();
+    for _ in 0..2 {
+        assert_eq!(c.ask("login dave wrong")["code"], "invalid_credentials");
+    }
+    if kill {
+        server.signal("KILL");
+    } else {
+        server.signal("TERM");
+    }
+    server.wait_exit();
+
+    let server = start(dir.path(), &db);
+    assert_eq!(
+        bobs_messages(&server),
+        (0..5).map(|i| format!("note {i}")).collect::<Vec<_>>()
+    );
+    // The block survived: carol's message to alice is refused.
+    let alice = server.login("alice");
+    let mut carol = server.login("carol");
+    assert_eq!(carol.ask("message alice hi")["code"], "blocked");
+    // Delivered messages are gone from the database.
+    let left: i64 = db
+        .client()
+        .query_one("SELECT count(*) FROM offline_message", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 0);
+    let failures: i32 = db
+        .client()
+        .query_one("SELECT failures FROM lockout WHERE username = 'dave'", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(failures, 2);
+    alice.shutdown();
+}
+
+#[test]
+fn what_was_acknowledged_survives_a_clean_restart() {
+    restart_keeps_state(false);
+}
+
+#[test]
+fn what_was_acknowledged_survives_sigkill() {
+    restart_keeps_state(true);
+}
+
+#[test]
+fn servers_starting_together_create_the_schema_once() {
+    let db = TestDatabase::create();
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let starts: Vec<_> = dirs
+        .iter()
+        .map(|dir| {
+            let path = dir.path().to_owned();
+            let url = db.url.clone();
+            std::thread::spawn(move || {
+                TestServer::start_in(&path, CREDENTIALS, LISTEN, &["--db", &url])
+            })
+        })
+        .collect();
+    let servers: Vec<TestServer> = starts.into_iter().map(|t| t.join().unwrap()).collect();
+    let created = servers
+        .iter()
+        .flat_map(|s| s.log())
+        .filter(|line| line.contains("schema created or updated"))
+        .count();
+    assert_eq!(created, 1, "exactly one server creates the schema");
+    let version: i32 = db
+        .client()
+        .query_one("SELECT version FROM chatserver_schema", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 3);
+}
+
+#[test]
+fn a_newer_schema_is_a_clear_start_up_error() {
+    let db = TestDatabase::create();
+    let dir = tempfile::tempdir().unwrap();
+    drop(start(dir.path(), &db));
+    db.client()
+        .batch_execute("UPDATE chatserver_schema SET version = 99")
+        .unwrap();
+    let credentials = dir.path().join("credentials.txt");
+    let (code, stderr) = run(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--credentials",
+        credentials.to_str().unwrap(),
+        "--db",
+        &db.url,
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("schema version 99, newer than this build understands"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_unreachable_database_is_a_clear_start_up_error_without_the_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let credentials = dir.path().join("credentials.txt");
+    std::fs::write(&credentials, CREDENTIALS).unwrap();
+    // Port 1 on loopback: nothing listens there.
+    let (code, stderr) = run(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--credentials",
+        credentials.to_str().unwrap(),
+        "--db",
+        "postgres://chat:hunter2@127.0.0.1:1/chat?connect_timeout=2",
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("PostgreSQL postgres://chat:***@127.0.0.1:1/chat"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("cannot"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+#[test]
+fn a_lost_connection_is_made_again_and_nothing_acknowledged_is_lost() {
+    let db = TestDatabase::create();
+    let dir = tempfile::tempdir().unwrap();
+    let mut server = start(dir.path(), &db);
+    let mut alice = server.login("alice");
+    assert_eq!(alice.ask("message bob before")["stored"], true);
+    assert!(db.terminate_server_connections() >= 1);
+    // The next batch finds the connection gone: it is answered
+    // `unavailable` (rule 15) or, if the server saw the connection close
+    // first, written on a new one. Either way the server serves on.
+    let mut acknowledged = vec!["before".to_owned()];
+    for i in 0..3 {
+        let answer = alice.ask(&format!("message bob after {i}"));
+        match answer["type"].as_str() {
+            Some("ok") => acknowledged.push(format!("after {i}")),
+            Some("error") => assert_eq!(answer["code"], "unavailable", "{answer}"),
+            _ => panic!("{answer}"),
+        }
+    }
+    // By now the connection was made again.
+    assert_eq!(alice.ask("message bob last")["stored"], true);
+    acknowledged.push("last".to_owned());
+    server.wait_for_log("connected");
+    assert!(
+        server
+            .log()
+            .iter()
+            .any(|l| l.contains("connection broke") || l.contains("cannot commit a batch")),
+        "{:#?}",
+        server.log()
+    );
+    server.signal("KILL");
+    server.wait_exit();
+    let server = start(dir.path(), &db);
+    assert_eq!(bobs_messages(&server), acknowledged);
+}
+
+#[test]
+fn the_password_of_the_database_never_reaches_the_log() {
+    let db = TestDatabase::create();
+    // The test server trusts every local connection: a password is
+    // accepted and ignored, which is enough to see where it would show.
+    let url = if db.url.contains("://") {
+        db.url.replacen("://", "://postgres:hunter2@", 1)
+    } else {
+        format!("{} password=hunter2", db.url)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let server = TestServer::start_in(dir.path(), CREDENTIALS, LISTEN, &["--db", &url]);
+    let mut alice = server.login("alice");
+    assert_eq!(alice.ask("message bob hi")["stored"], true);
+    let mut root = server.login("root");
+    let debug = root.ask("debug server");
+    assert!(!debug.to_string().contains("hunter2"), "{debug}");
+    let log = server.log().join("\n");
+    assert!(log.contains("***"), "{log}");
+    assert!(!log.contains("hunter2"), "{log}");
+}
