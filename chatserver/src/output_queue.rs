@@ -7,8 +7,9 @@
 //! shared (`Bytes`) by every recipient; the framing is added here without
 //! copying it: for lines the tail is a static `\n`, for WebSocket the head
 //! is a header of a few bytes kept inline. Units are written many per
-//! syscall, each part its own slice. A partial write leaves the rest of
-//! its unit at the front, so units are never interleaved or cut.
+//! syscall: parts under [`COPY_BELOW`] gathered into one buffer, longer
+//! payloads as slices of their own, uncopied. A partial write leaves the
+//! rest of its unit at the front, so units are never interleaved or cut.
 
 use std::collections::VecDeque;
 use std::io::{self, IoSlice, Write};
