@@ -1,11 +1,13 @@
 //! Offline delivery: handing a user's queue to their connection a page at
 //! a time, paced by the reader, behind whatever that connection waits for.
 
+use bytes::Bytes;
+
 use crate::accounts::UserId;
 use crate::drain::Drain;
 use crate::durability::{Held, Kind};
 use crate::ids::ConnId;
-use crate::offline::{QueueSize, QueuedMessage};
+use crate::offline::{OfflineMessage, QueueSize, QueuedMessage};
 use crate::output::Output;
 use crate::server_frame::{MessageFrame, ServerFrame};
 use crate::store::Change;
@@ -156,13 +158,7 @@ impl Server {
             // Behind the login's answer: held, numbered as they go out.
             for QueuedMessage { seq, message } in page {
                 let bytes = message.size();
-                let frame = ServerFrame::Message(MessageFrame {
-                    from: message.from,
-                    text: message.text,
-                    sent_at: message.sent_at,
-                    offline: true,
-                })
-                .encode();
+                let frame = offline_frame(message);
                 if let Some(drain) = self.sessions.get_mut(conn).and_then(|c| c.drain.as_mut()) {
                     drain.hand_over_held(seq, bytes);
                 }
@@ -181,13 +177,7 @@ impl Server {
         }
         for QueuedMessage { seq, message } in page {
             let bytes = message.size();
-            let frame = ServerFrame::Message(MessageFrame {
-                from: message.from,
-                text: message.text,
-                sent_at: message.sent_at,
-                offline: true,
-            })
-            .encode();
+            let frame = offline_frame(message);
             self.outputs.push_back(Output::Transmit { conn, frame });
             if let Some(drain) = self.sessions.get_mut(conn).and_then(|c| c.drain.as_mut()) {
                 drain.hand_over(seq, bytes);
@@ -253,4 +243,15 @@ impl Server {
     pub(super) fn is_draining(&self, conn: ConnId) -> bool {
         self.draining > 0 && self.sessions.get(conn).is_some_and(|c| c.drain.is_some())
     }
+}
+
+/// The frame that hands over a queued message.
+fn offline_frame(message: OfflineMessage) -> Bytes {
+    ServerFrame::Message(MessageFrame {
+        from: message.from,
+        text: message.text,
+        sent_at: message.sent_at,
+        offline: true,
+    })
+    .encode()
 }
