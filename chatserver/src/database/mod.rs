@@ -16,7 +16,7 @@
 use std::fmt;
 use std::path::PathBuf;
 
-use chatproto::{Change, QueuedMessage, Snapshot, Username};
+use chatproto::{Change, QueuedMessage, Snapshot, Timestamp, Username};
 
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -252,10 +252,21 @@ impl Database {
             #[cfg(feature = "postgres")]
             Database::Postgres(db) => Err(DatabaseError::Unsupported {
                 location: db.location().to_owned(),
-                what: "a page limit applies to SQLite files only".to_owned(),
+                what: format!("a page limit ({pages}) applies to SQLite files only"),
             }),
         }
     }
+}
+
+/// A time as both databases store it: Unix milliseconds in a 64-bit
+/// signed integer.
+fn millis(t: Timestamp) -> i64 {
+    i64::try_from(t.as_unix_millis()).unwrap_or(i64::MAX)
+}
+
+/// A stored time back; `None` for one before 1970 (not ours).
+fn timestamp(millis: i64) -> Option<Timestamp> {
+    u64::try_from(millis).ok().map(Timestamp::from_unix_millis)
 }
 
 /// `conn` (a libpq connection string, URL or `key=value` form) with the

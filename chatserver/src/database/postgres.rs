@@ -24,7 +24,7 @@ use chatproto::{
 use postgres::{Client, Config, NoTls, Statement, Transaction};
 use tracing::{info, warn};
 
-use super::{Committed, DatabaseError, Location, SCHEMA_VERSION};
+use super::{millis, timestamp, Committed, DatabaseError, Location, SCHEMA_VERSION};
 
 /// `pg_advisory_xact_lock` key of the schema migration: "chtp".
 const MIGRATION_LOCK: i64 = 0x6368_7470;
@@ -408,9 +408,7 @@ impl PostgresDatabase {
     }
 
     fn time(&self, millis: i64, what: &str) -> Result<Timestamp, DatabaseError> {
-        u64::try_from(millis)
-            .map(Timestamp::from_unix_millis)
-            .map_err(|_| self.bad(format!("{what} {millis}")))
+        timestamp(millis).ok_or_else(|| self.bad(format!("{what} {millis}")))
     }
 
     fn bad(&self, what: String) -> DatabaseError {
@@ -532,8 +530,4 @@ fn write_change(
         _ => return Ok(false),
     }
     Ok(true)
-}
-
-fn millis(t: Timestamp) -> i64 {
-    i64::try_from(t.as_unix_millis()).unwrap_or(i64::MAX)
 }

@@ -18,7 +18,7 @@ use chatproto::{
 };
 use rusqlite::{params, Connection, ErrorCode, OpenFlags, Transaction};
 
-use super::{Committed, DatabaseError, SCHEMA_VERSION};
+use super::{millis, timestamp, Committed, DatabaseError, SCHEMA_VERSION};
 
 /// `PRAGMA application_id` of a chatserver database: "chtp".
 pub const APPLICATION_ID: i32 = 0x6368_7470;
@@ -526,14 +526,6 @@ fn sql_error<'a>(
         doing,
         source,
     }
-}
-
-fn millis(t: Timestamp) -> i64 {
-    i64::try_from(t.as_unix_millis()).unwrap_or(i64::MAX)
-}
-
-fn timestamp(millis: i64) -> Option<Timestamp> {
-    u64::try_from(millis).ok().map(Timestamp::from_unix_millis)
 }
 
 #[cfg(test)]
