@@ -27,9 +27,15 @@ fn accounts(n: usize) -> Accounts {
     accounts
 }
 
+/// The default configuration without rate limits: the clock stands still
+/// in these benchmarks, so a limit would never refill and, once its burst
+/// was spent, they would time refusals (see [`check`]). All connections
+/// come from one address, so its login limit goes too.
 fn config() -> ServerConfig {
     let mut config = ServerConfig::default();
     config.rate_limit = None;
+    config.byte_rate = None;
+    config.login_rate_per_peer = None;
     config
 }
 
@@ -44,10 +50,38 @@ fn server_with_sessions(n: usize) -> (Server, Vec<chatproto::ConnId>) {
                 .handle_input(c, format!("login u{i} p{i}\n").as_bytes(), now)
                 .unwrap();
             while server.poll_output().is_some() {}
+            assert!(server.user(c).is_some(), "u{i} could not log in");
             c
         })
         .collect();
     (server, conns)
+}
+
+/// Serves `input` on `conn` once and checks that it makes `frames` frames
+/// (answers included), none of them an error. Run before and after each
+/// benchmark, so that one which ends up timing refusals (a limit spent, a
+/// session gone) fails instead of reporting a flattering figure.
+fn check(server: &mut Server, conn: chatproto::ConnId, input: &[u8], frames: usize) {
+    let now = Timestamp::from_unix_millis(T0);
+    server.handle_input(conn, input, now).unwrap();
+    let mut made = 0;
+    while let Some(output) = server.poll_output() {
+        if let Output::Transmit { frame, .. } = output {
+            assert!(
+                !frame.starts_with(br#"{"type":"error""#),
+                "{} was answered {}",
+                String::from_utf8_lossy(input).trim_end(),
+                String::from_utf8_lossy(&frame)
+            );
+            made += 1;
+        }
+    }
+    assert_eq!(
+        made,
+        frames,
+        "frames made by {}",
+        String::from_utf8_lossy(input).trim_end()
+    );
 }
 
 /// Drains the outputs; returns how many frames were transmitted.
@@ -115,40 +149,35 @@ fn direct(c: &mut Criterion) {
     let now = Timestamp::from_unix_millis(T0);
     let mut group = c.benchmark_group("core");
     group.throughput(Throughput::Elements(1));
+    let inline = b"message u1 hello there, how are you today?\n";
+    check(&mut server, conns[0], inline, 2);
     group.bench_function("direct_message_inline", |b| {
         b.iter(|| {
-            server
-                .handle_input(
-                    conns[0],
-                    b"message u1 hello there, how are you today?\n",
-                    now,
-                )
-                .unwrap();
+            server.handle_input(conns[0], inline, now).unwrap();
             drain(&mut server)
         })
     });
+    check(&mut server, conns[0], inline, 2);
     let json = b"{\"cmd\":\"message\",\"to\":\"u1\",\"text\":\"hello there, how are you today?\",\"id\":7}\n";
+    check(&mut server, conns[0], json, 2);
     group.bench_function("direct_message_json", |b| {
         b.iter(|| {
             server.handle_input(conns[0], json, now).unwrap();
             drain(&mut server)
         })
     });
+    check(&mut server, conns[0], json, 2);
     // Many messages per read, as a busy socket delivers them.
-    let batch: Vec<u8> = (0..64)
-        .flat_map(|_| {
-            b"message u1 hello there, how are you today?\n"
-                .iter()
-                .copied()
-        })
-        .collect();
+    let batch = inline.repeat(64);
     group.throughput(Throughput::Elements(64));
+    check(&mut server, conns[0], &batch, 128);
     group.bench_function("direct_message_batch64", |b| {
         b.iter(|| {
             server.handle_input(conns[0], &batch, now).unwrap();
             drain(&mut server)
         })
     });
+    check(&mut server, conns[0], &batch, 128);
     group.finish();
 }
 
@@ -161,15 +190,18 @@ fn fanout(c: &mut Criterion) {
         // does not pay for 10,000 logins.
         let mut setup = None;
         group.throughput(Throughput::Elements(n as u64 - 1));
+        let broadcast = b"broadcast hello everyone\n";
         group.bench_function(format!("broadcast_to_{n}"), |b| {
             let (server, conns) = setup.get_or_insert_with(|| server_with_sessions(n));
+            check(server, conns[0], broadcast, n);
             b.iter(|| {
-                server
-                    .handle_input(conns[0], b"broadcast hello everyone\n", now)
-                    .unwrap();
+                server.handle_input(conns[0], broadcast, now).unwrap();
                 drain(server)
             })
         });
+        if let Some((server, conns)) = &mut setup {
+            check(server, conns[0], broadcast, n);
+        }
     }
     group.finish();
 }

@@ -21,7 +21,7 @@ use crate::time::{seconds_until, Timestamp};
 use crate::username::Username;
 
 use super::hub::{PendingLogin, DECOY_PASSWORD};
-use super::outbox::{queue_in_unit, Drains};
+use super::outbox::{queue_frame, Drains};
 use super::state::Server;
 use crate::output::{Event, Output};
 
@@ -492,16 +492,20 @@ impl Server {
                 continue;
             }
             if let Some(their_conn) = self.hub.presence.session(user) {
-                let output = Output::Transmit {
-                    conn: their_conn,
-                    frame: frame.clone(),
-                };
                 let drains = Drains {
                     sessions: &mut self.sessions,
                     closing: &mut self.closing_drains,
                     draining: self.draining,
                 };
-                queue_in_unit(&mut self.outputs, drains, &self.ledger, output);
+                let frame = frame.clone();
+                queue_frame(
+                    &mut self.outputs,
+                    drains,
+                    &self.ledger,
+                    true,
+                    their_conn,
+                    frame,
+                );
                 delivered += 1;
             }
         }
@@ -619,16 +623,13 @@ impl Server {
                 continue;
             }
             if let Some(conn) = self.hub.presence.session(other) {
-                let output = Output::Transmit {
-                    conn,
-                    frame: frame.clone(),
-                };
                 let drains = Drains {
                     sessions: &mut self.sessions,
                     closing: &mut self.closing_drains,
                     draining: self.draining,
                 };
-                queue_in_unit(&mut self.outputs, drains, &self.ledger, output);
+                let frame = frame.clone();
+                queue_frame(&mut self.outputs, drains, &self.ledger, true, conn, frame);
             }
         }
     }
