@@ -13,11 +13,13 @@
 //! | [`http`], [`websocket`], [`origin`] | the `--http` listener: requests, WebSocket messages, allowed origins |
 //! | [`tls`] | certificates and keys, and the TLS session a link holds |
 //! | [`storage`], [`database`] | where the core's lasting state goes: a storage thread, and SQLite or PostgreSQL behind it; or nowhere |
+//! | [`bus`] | the cluster bus: NATS on a thread of its own, bridged to the reactor |
 //! | [`clock`] | the core's time from a monotonic clock |
 //! | `verifier`, `cpu` | password checks on worker threads, kept off the reactor's CPU |
 //! | `cli`, `serve`, [`logging`], [`hash_password`] | the binary: flags, start-up, logs, `hash-password` |
 //!
-//! Features: `sqlite` and `postgres` (the databases), `tls` (rustls) and `cli` (the
+//! Features: `sqlite` and `postgres` (the databases), `nats` (the cluster
+//! bus), `tls` (rustls) and `cli` (the
 //! binary's needs, and [`serve`]) are on by default. Without them the
 //! library still has the reactor, the links and the HTTP and WebSocket
 //! code, which is what the fuzz crate builds.
@@ -25,6 +27,7 @@
 #![warn(missing_docs)]
 
 pub mod admission;
+pub mod bus;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
