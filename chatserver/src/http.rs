@@ -1,16 +1,19 @@
 //! The HTTP side of `--http`: one request per connection, answered with
-//! the embedded chat page or upgraded to a WebSocket, and nothing else.
+//! the embedded chat page, a health check, or upgraded to a WebSocket, and
+//! nothing else.
 //!
 //! Requests are parsed with `httparse` from a bounded buffer: at most
 //! [`MAX_REQUEST_BYTES`] and [`MAX_HEADERS`] headers, or the answer is a
-//! 431. Only `GET` (and `HEAD`) of the page's files and of `/ws` are served;
-//! anything else gets the matching 4xx. A WebSocket upgrade from a browser
+//! 431. Only `GET` (and `HEAD`) of the page's files, of `/healthz` and
+//! `/readyz` ([`crate::health`]) and of `/ws` are served; anything else
+//! gets the matching 4xx. A WebSocket upgrade from a browser
 //! must come from an origin the [`Origins`] rule allows: the page's own, as
 //! configured (not as the request's `Host` says), or one allowed with
 //! `--allow-origin`.
 
 use bytes::Bytes;
 
+use crate::health::{Health, Readiness};
 use crate::origin::Origins;
 
 /// The largest request head accepted, in bytes.
@@ -19,12 +22,18 @@ pub const MAX_REQUEST_BYTES: usize = 8 * 1024;
 pub const MAX_HEADERS: usize = 32;
 /// Where the WebSocket is served.
 pub const WEBSOCKET_PATH: &str = "/ws";
+/// The liveness check: 200 while the process answers.
+pub const HEALTHZ_PATH: &str = "/healthz";
+/// The readiness check: 200 while the server can serve clients, else 503.
+pub const READYZ_PATH: &str = "/readyz";
 
 /// What the HTTP listener needs to know.
 #[derive(Debug, Clone)]
 pub struct HttpConfig {
     /// Whose pages may open a WebSocket.
     pub origins: Origins,
+    /// What `/readyz` reports.
+    pub health: Health,
 }
 
 /// What to do with the bytes read so far.
@@ -86,6 +95,20 @@ pub fn route(buf: &[u8], config: &HttpConfig) -> Routed {
     }
     if path == WEBSOCKET_PATH {
         return upgrade(headers, config, consumed, head);
+    }
+    if path == HEALTHZ_PATH {
+        return Routed::Respond(healthy("ok", head));
+    }
+    if path == READYZ_PATH {
+        return Routed::Respond(match config.health.readiness() {
+            Readiness::Ready => healthy("ready", head),
+            Readiness::NotReady(why) => respond(
+                503,
+                "Cache-Control: no-store\r\n",
+                &format!("not ready: {why}"),
+                head,
+            ),
+        });
     }
     match asset(path) {
         Some((content_type, body)) => Routed::Respond(page(content_type, body, head)),
@@ -210,6 +233,21 @@ fn page(content_type: &str, body: &str, head: bool) -> Bytes {
     Bytes::from(response)
 }
 
+/// A health check passed: 200 and `text` as a plain-text line, never
+/// cached (a load balancer must see the state of now).
+fn healthy(text: &str, head: bool) -> Bytes {
+    let mut response = format!(
+        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n\
+         Content-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
+        text.len() + 1
+    );
+    if !head {
+        response.push_str(text);
+        response.push('\n');
+    }
+    Bytes::from(response)
+}
+
 /// A status line, and the reason as a plain-text body (headers only, for
 /// a HEAD request).
 fn error(status: u16, reason: &str, head: bool) -> Bytes {
@@ -267,6 +305,7 @@ mod tests {
     fn config_with(secure: bool) -> HttpConfig {
         let allowed = vec![crate::origin::parse_origin("https://chat.example.com").unwrap()];
         HttpConfig {
+            health: Health::default(),
             origins: Origins::new(secure, "127.0.0.1:8080".parse().unwrap(), &[], allowed),
         }
     }
@@ -293,6 +332,53 @@ mod tests {
             "GET /ws HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: keep-alive, Upgrade\r\n\
              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n{extra}\r\n"
         )
+    }
+
+    #[test]
+    fn health_checks_say_alive_and_ready_and_why_not() {
+        let config = config();
+        let get = |path: &str| {
+            route(
+                format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+                &config,
+            )
+        };
+        let text = |routed: &Routed| match routed {
+            Routed::Respond(r) => String::from_utf8(r.to_vec()).unwrap(),
+            other => panic!("{other:?}"),
+        };
+        for path in ["/healthz", "/readyz", "/readyz?probe=lb"] {
+            let answer = get(path);
+            assert_eq!(status(&answer), 200, "{path}");
+            assert!(text(&answer).contains("Cache-Control: no-store"), "{path}");
+        }
+        assert!(text(&get("/healthz")).ends_with("\r\n\r\nok\n"));
+        assert!(text(&get("/readyz")).ends_with("\r\n\r\nready\n"));
+
+        config.health.set_database_reachable(false);
+        let answer = get("/readyz");
+        assert_eq!(status(&answer), 503);
+        assert!(text(&answer).contains("Cache-Control: no-store"));
+        assert!(text(&answer).ends_with("not ready: the database cannot be reached\n"));
+        // Alive all the same.
+        assert_eq!(status(&get("/healthz")), 200);
+        config.health.set_database_reachable(true);
+        assert_eq!(status(&get("/readyz")), 200);
+
+        config.health.set_stopping();
+        assert!(text(&get("/readyz")).ends_with("not ready: the server is shutting down\n"));
+
+        let head = route(b"HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n", &config);
+        assert_eq!(status(&head), 503);
+        assert!(
+            text(&head).ends_with("\r\n\r\n"),
+            "a HEAD answer has no body"
+        );
+        let post = route(
+            b"POST /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
+            &config,
+        );
+        assert_eq!(status(&post), 405);
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! | [`admission`] | who comes in: connection limits, per-address caps, TLS handshake budgets, refusals |
 //! | [`output_queue`] | a socket's output: framed core frames and transport bytes, written vectored |
 //! | [`http`], [`websocket`], [`origin`] | the `--http` listener: requests, WebSocket messages, allowed origins |
+//! | [`health`] | what `/healthz` and `/readyz` answer |
 //! | [`tls`] | certificates and keys, and the TLS session a link holds |
 //! | [`storage`], [`database`] | where the core's lasting state goes: a storage thread, and SQLite or PostgreSQL behind it; or nowhere |
 //! | [`bus`] | the cluster bus: NATS on a thread of its own, bridged to the reactor |
@@ -38,6 +39,7 @@ mod credentials;
 pub mod database;
 #[cfg(feature = "cli")]
 pub mod hash_password;
+pub mod health;
 pub mod http;
 pub mod link;
 #[cfg(feature = "cli")]

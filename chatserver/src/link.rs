@@ -767,6 +767,7 @@ mod tests {
     fn http_config() -> Arc<HttpConfig> {
         let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 8080));
         Arc::new(HttpConfig {
+            health: crate::health::Health::default(),
             origins: Origins::new(false, listen, &[], Vec::new()),
         })
     }

@@ -31,6 +31,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::admission::{Admission, Refusal, Verdict};
 use crate::clock::Clock;
+use crate::health::Health;
 use crate::http::HttpConfig;
 use crate::link::{Backlog, Expired, Link, LinkConfig, LinkEvent, Phase, Transport, Written};
 use crate::output_queue::OutputQueue;
@@ -56,6 +57,9 @@ pub struct ReactorConfig {
     pub verify_cpu_percent: u8,
     /// The CPU the reactor is pinned to, which the checks keep off.
     pub reactor_cpu: Option<usize>,
+    /// Where the reactor says whether it can serve (`/readyz`): the same
+    /// `Health` as the HTTP listeners'.
+    pub health: Health,
 }
 
 /// The limits the reactor enforces per socket and per client address;
@@ -114,6 +118,8 @@ pub const SEND_BUFFER_BYTES: usize = 256 * 1024;
 /// Write-and-refill rounds per wake-up before the reactor polls again, so
 /// a fast reader draining a long queue cannot hold the loop.
 const MAX_FLUSH_ROUNDS: usize = 16;
+/// How often an unreachable database is checked again.
+const DATABASE_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// How long to stop accepting after running out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// The listeners' poller keys count down from here; sockets use their
@@ -190,6 +196,9 @@ pub struct Reactor {
     /// The links' deadlines (`Link::deadline`), as registered.
     deadlines: BTreeSet<(Instant, usize)>,
     accept_paused_until: Option<Instant>,
+    /// When to ask the storage thread whether the database is back, while
+    /// a failure says it may not be.
+    database_check_at: Option<Instant>,
     stop: Arc<AtomicBool>,
     shutdown_deadline: Option<Instant>,
     stopped: bool,
@@ -352,6 +361,7 @@ impl Reactor {
             dirty: Vec::new(),
             deadlines: BTreeSet::new(),
             accept_paused_until: None,
+            database_check_at: None,
             stop: Arc::new(AtomicBool::new(false)),
             shutdown_deadline: None,
             stopped: false,
@@ -435,6 +445,7 @@ impl Reactor {
         }
         self.take_verdicts();
         self.take_storage();
+        self.check_database();
         for event in events.iter() {
             if event.key > LISTENER_KEY - MAX_LISTENERS {
                 self.accept_ready(LISTENER_KEY - event.key);
@@ -507,6 +518,31 @@ impl Reactor {
         }
     }
 
+    /// While the database may be unreachable (a commit or read failed),
+    /// asks the storage thread every [`DATABASE_CHECK_EVERY`] whether it is
+    /// back, so `/readyz` recovers without waiting for a client's request
+    /// (which a load balancer would not send while it says 503).
+    fn check_database(&mut self) {
+        let Some(storage) = self.storage.as_mut() else {
+            return;
+        };
+        self.config
+            .health
+            .set_database_reachable(storage.reachable());
+        if storage.reachable() || storage.checking() {
+            self.database_check_at = None;
+            return;
+        }
+        match self.database_check_at {
+            Some(at) if self.instant >= at => {
+                storage.check();
+                self.database_check_at = None;
+            }
+            Some(_) => {}
+            None => self.database_check_at = Some(self.instant + DATABASE_CHECK_EVERY),
+        }
+    }
+
     // ------------------------------------------------------------------
     // The core and the password checks.
     // ------------------------------------------------------------------
@@ -534,6 +570,7 @@ impl Reactor {
             // backlog judged even if nothing else happens by then.
             self.deadlines.first().map(|(at, _)| *at),
             self.accept_paused_until,
+            self.database_check_at,
             self.shutdown_deadline,
             // Flush rounds ran out with sockets still to write: go on at
             // once, after a look at the others.
@@ -1279,6 +1316,7 @@ impl Reactor {
     // ------------------------------------------------------------------
 
     fn begin_shutdown(&mut self) -> io::Result<()> {
+        self.config.health.set_stopping();
         let deadline = self.instant + self.config.shutdown_grace;
         info!(
             connections = self.admission.open(),

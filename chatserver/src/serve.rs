@@ -14,6 +14,7 @@ use crate::cli::Settings;
 use crate::clock::Clock;
 use crate::credentials::{self, CredentialsError};
 use crate::database::{Database, DatabaseError};
+use crate::health::Health;
 use crate::reactor::{Listener, Reactor, ReactorConfig};
 use crate::tls::{self, TlsError};
 use crate::{cpu, http, origin};
@@ -157,6 +158,8 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
         });
     }
     let mut http_url = None;
+    // What `/readyz` reports: the reactor writes it, the listener reads it.
+    let health = Health::default();
     if let Some(addr) = settings.http {
         let socket = bind(addr)?;
         let bound = socket.local_addr().map_err(ServeError::LocalAddr)?;
@@ -177,7 +180,10 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
             socket,
             // With TLS configured, the page and its WebSocket are HTTPS/WSS.
             tls: tls.clone(),
-            http: Some(Arc::new(http::HttpConfig { origins })),
+            http: Some(Arc::new(http::HttpConfig {
+                origins,
+                health: health.clone(),
+            })),
         });
     }
 
@@ -244,6 +250,7 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
         verify_cpu_percent: settings.verify_cpu_percent,
         reactor_cpu: settings.reactor_cpu,
         shutdown_grace: settings.shutdown_grace,
+        health,
     };
     if let Some(cpu) = settings.reactor_cpu {
         let allowed = cpu::allowed().unwrap_or_default();

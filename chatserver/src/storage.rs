@@ -29,7 +29,7 @@ mod with_database {
 
     use chatproto::{BatchId, Change, ConnId, QueuedMessage, Username};
     use polling::Poller;
-    use tracing::error;
+    use tracing::{error, info, warn};
 
     use crate::database::{Committed, Database, DatabaseError};
 
@@ -52,9 +52,21 @@ mod with_database {
         },
     }
 
+    impl Done {
+        /// Whether the database did what was asked.
+        fn succeeded(&self) -> bool {
+            match self {
+                Done::Persisted { result, .. } => result.is_ok(),
+                Done::Page { result, .. } => result.is_ok(),
+            }
+        }
+    }
+
     /// Work for the storage thread, done in order.
     #[derive(Debug)]
     enum Job {
+        /// Is the database there? (Asked while it is thought not to be.)
+        Check,
         Persist {
             batch: BatchId,
             changes: Vec<Change>,
@@ -67,9 +79,18 @@ mod with_database {
         },
     }
 
+    /// What the storage thread sends back: the answer to a job for the
+    /// core, or to a check.
+    #[derive(Debug)]
+    enum Answer {
+        Done(Done),
+        Checked(Result<(), DatabaseError>),
+    }
+
     /// What a job handed over was, to answer it if the thread is gone.
-    #[derive(Debug, Clone, Copy)]
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     enum Asked {
+        Check,
         Persist(BatchId),
         Page(ConnId),
     }
@@ -77,16 +98,17 @@ mod with_database {
     impl Asked {
         /// The answer when the storage thread can no longer give one: the
         /// batch failed (the core takes it back), the page cannot be read.
-        fn failed(self) -> Done {
+        fn failed(self) -> Option<Done> {
             match self {
-                Asked::Persist(batch) => Done::Persisted {
+                Asked::Check => None,
+                Asked::Persist(batch) => Some(Done::Persisted {
                     batch,
                     result: Err(DatabaseError::Stopped),
-                },
-                Asked::Page(conn) => Done::Page {
+                }),
+                Asked::Page(conn) => Some(Done::Page {
                     conn,
                     result: Err(DatabaseError::Stopped),
-                },
+                }),
             }
         }
     }
@@ -95,7 +117,7 @@ mod with_database {
     #[derive(Debug)]
     pub struct Storage {
         jobs: Option<Sender<Job>>,
-        done: Receiver<Done>,
+        done: Receiver<Answer>,
         /// Jobs handed over and not yet answered, oldest first (answers come
         /// in the same order).
         outstanding: VecDeque<Asked>,
@@ -103,6 +125,8 @@ mod with_database {
         /// Woken when a job cannot be handed over, so the failure is answered
         /// on the next turn.
         poller: Arc<Poller>,
+        /// Whether the database answered the last job or check.
+        reachable: bool,
     }
 
     impl Storage {
@@ -126,7 +150,25 @@ mod with_database {
                 outstanding: VecDeque::new(),
                 thread: Some(thread),
                 poller: wake,
+                reachable: true,
             })
+        }
+
+        /// Asks whether the database is there (the answer shows in
+        /// [`Storage::reachable`] once [`Storage::finished`] has seen it).
+        pub fn check(&mut self) {
+            self.send(Job::Check);
+        }
+
+        /// Whether the database answered the last job or check: false from
+        /// a failed commit or read until one succeeds again.
+        pub fn reachable(&self) -> bool {
+            self.reachable
+        }
+
+        /// Whether a check is under way.
+        pub fn checking(&self) -> bool {
+            self.outstanding.contains(&Asked::Check)
         }
 
         /// Queues `changes` to be committed as one transaction.
@@ -159,7 +201,13 @@ mod with_database {
                 match self.done.try_recv() {
                     Ok(answer) => {
                         self.outstanding.pop_front();
-                        done.push(answer);
+                        match answer {
+                            Answer::Done(answer) => {
+                                self.set_reachable(answer.succeeded());
+                                done.push(answer);
+                            }
+                            Answer::Checked(result) => self.set_reachable(result.is_ok()),
+                        }
                     }
                     Err(TryRecvError::Empty) => break,
                     Err(TryRecvError::Disconnected) => {
@@ -168,14 +216,26 @@ mod with_database {
                                 "the storage thread stopped: failing every pending batch and read"
                             );
                         }
-                        done.extend(self.outstanding.drain(..).map(Asked::failed));
+                        done.extend(self.outstanding.drain(..).filter_map(Asked::failed));
                         // Nothing more goes to it: later jobs fail at once.
                         self.jobs = None;
+                        self.set_reachable(false);
                         break;
                     }
                 }
             }
             done
+        }
+
+        fn set_reachable(&mut self, reachable: bool) {
+            if reachable != self.reachable {
+                if reachable {
+                    info!("the database answers again: ready (/readyz 200)");
+                } else {
+                    warn!("the database cannot be reached: not ready (/readyz 503) until it answers; checking every second");
+                }
+            }
+            self.reachable = reachable;
         }
 
         /// Whether every job handed over has been answered.
@@ -185,6 +245,7 @@ mod with_database {
 
         fn send(&mut self, job: Job) {
             let asked = match &job {
+                Job::Check => Asked::Check,
                 Job::Persist { batch, .. } => Asked::Persist(*batch),
                 Job::LoadPage { conn, .. } => Asked::Page(*conn),
             };
@@ -222,27 +283,28 @@ mod with_database {
     }
 
     /// The storage thread: runs jobs in order until the reactor hangs up.
-    fn work(mut db: Database, inbox: &Receiver<Job>, outbox: &Sender<Done>, poller: &Poller) {
+    fn work(mut db: Database, inbox: &Receiver<Job>, outbox: &Sender<Answer>, poller: &Poller) {
         for job in inbox {
             let done = match job {
+                Job::Check => Answer::Checked(db.check()),
                 Job::Persist { batch, changes } => {
                     for change in changes {
                         db.record(change);
                     }
-                    Done::Persisted {
+                    Answer::Done(Done::Persisted {
                         batch,
                         result: db.commit(),
-                    }
+                    })
                 }
                 Job::LoadPage {
                     conn,
                     user,
                     after_seq,
                     max_bytes,
-                } => Done::Page {
+                } => Answer::Done(Done::Page {
                     conn,
                     result: db.offline_page(&user, after_seq, max_bytes),
-                },
+                }),
             };
             if outbox.send(done).is_err() {
                 return;
@@ -259,19 +321,25 @@ mod with_database {
         fn jobs_pending_when_the_thread_stops_are_answered_as_failed() {
             let poller = Arc::new(Poller::new().unwrap());
             let (jobs, inbox) = mpsc::channel();
-            let (outbox, done) = mpsc::channel::<Done>();
+            let (outbox, done) = mpsc::channel::<Answer>();
             let mut storage = Storage {
                 jobs: Some(jobs),
                 done,
                 outstanding: VecDeque::new(),
                 thread: None,
                 poller,
+                reachable: true,
             };
             storage.persist(BatchId::from_raw(7), Vec::new());
+            storage.check();
             assert!(storage.finished().is_empty(), "still pending");
-            // The thread dies with the job in hand.
+            assert!(storage.reachable() && storage.checking());
+            // The thread dies with the jobs in hand: the batch is answered
+            // failed, the check is not for the core, and the database counts
+            // as unreachable.
             drop((inbox, outbox));
             let answers = storage.finished();
+            assert!(!storage.reachable() && !storage.checking());
             assert!(matches!(
                 answers[..],
                 [Done::Persisted {
@@ -346,6 +414,15 @@ mod without_database {
             match *self {}
         }
         pub fn idle(&self) -> bool {
+            match *self {}
+        }
+        pub fn check(&mut self) {
+            match *self {}
+        }
+        pub fn reachable(&self) -> bool {
+            match *self {}
+        }
+        pub fn checking(&self) -> bool {
             match *self {}
         }
     }

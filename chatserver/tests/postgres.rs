@@ -2,7 +2,8 @@
 //! SQLite (what the server acknowledged survives a restart, graceful or
 //! `SIGKILL`), the schema created once however many servers start
 //! together, a newer schema refused, a lost connection made again without
-//! a restart, and no password in the log.
+//! a restart, `/readyz` following the database down and back, and no
+//! password in the log.
 //!
 //! Each test gets a database of its own on the server `CHATSERVER_TEST_PG`
 //! names (`.ci/test` starts a private one).
@@ -15,7 +16,7 @@ mod test_database;
 
 use std::path::Path;
 
-use common::{run, TestServer, CREDENTIALS};
+use common::{http_exchange, run, TestServer, CREDENTIALS};
 use test_database::TestDatabase;
 
 const LISTEN: &[&str] = &["--listen", "127.0.0.1:0"];
@@ -232,4 +233,67 @@ fn the_password_of_the_database_never_reaches_the_log() {
     let log = server.log().join("\n");
     assert!(log.contains("***"), "{log}");
     assert!(!log.contains("hunter2"), "{log}");
+}
+
+/// The status `/readyz` answers, and the response.
+fn readyz(server: &TestServer) -> (u16, String) {
+    let response = http_exchange(
+        server.http_addr(),
+        b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    (response[9..12].parse().unwrap(), response)
+}
+
+#[test]
+fn readyz_follows_the_database_down_and_back() {
+    let db = TestDatabase::create();
+    let dir = tempfile::tempdir().unwrap();
+    let http = ["--http", "127.0.0.1:0"];
+    let server = TestServer::start_in(
+        dir.path(),
+        CREDENTIALS,
+        LISTEN,
+        &[&["--db", &db.url][..], &http].concat(),
+    );
+    assert_eq!(readyz(&server).0, 200);
+    let healthz = http_exchange(
+        server.http_addr(),
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(healthz.starts_with("HTTP/1.1 200 OK"), "{healthz}");
+
+    let mut alice = server.login("alice");
+    // The database goes away: new connections are refused, the open one
+    // is ended. The next batch fails, so the server is not ready.
+    db.allow_connections(false);
+    assert!(db.terminate_server_connections() >= 1);
+    let answer = alice.ask("message bob while down");
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+    let (status, response) = readyz(&server);
+    assert_eq!(status, 503, "{response}");
+    assert!(
+        response.ends_with("not ready: the database cannot be reached\n"),
+        "{response}"
+    );
+    // Alive all the same, and still answering what needs no database.
+    let healthz = http_exchange(
+        server.http_addr(),
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    assert!(healthz.starts_with("HTTP/1.1 200 OK"), "{healthz}");
+    assert_eq!(alice.ask("whoami")["type"], "ok");
+
+    // Back: the server notices by itself (it checks every second), with
+    // no request needing the database meanwhile.
+    db.allow_connections(true);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while readyz(&server).0 != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not ready 10 s after the database came back"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    server.wait_for_log("the database answers again");
+    assert_eq!(alice.ask("message bob when back")["stored"], true);
 }

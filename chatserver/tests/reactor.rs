@@ -45,6 +45,7 @@ fn reactor(max_connections: usize) -> (Reactor, SocketAddr) {
         verify_threads: 1,
         verify_cpu_percent: 100,
         reactor_cpu: None,
+        health: chatserver::health::Health::default(),
     };
     let listener = Listener {
         socket: listener,

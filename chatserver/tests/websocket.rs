@@ -6,7 +6,7 @@ mod common;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 
-use common::{Frames, TestServer, TIMEOUT};
+use common::{http_exchange, Frames, TestServer, TIMEOUT};
 use serde_json::Value;
 use tungstenite::client::IntoClientRequest;
 use tungstenite::protocol::frame::coding::{CloseCode, Data, OpCode};
@@ -89,16 +89,6 @@ fn start(args: &[&str]) -> (TestServer, SocketAddr) {
     let server = TestServer::start(&all);
     let http = server.http_addr();
     (server, http)
-}
-
-/// Sends `request` as is and returns the whole response.
-fn http_exchange(addr: SocketAddr, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
-    stream.write_all(request).unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    String::from_utf8_lossy(&response).into_owned()
 }
 
 #[test]
@@ -185,6 +175,9 @@ fn the_chat_page_is_served_and_everything_else_refused() {
     assert!(page.to_ascii_lowercase().contains("<!doctype html>"));
     for (request, status) in [
         (&b"GET /chat.js HTTP/1.1\r\nHost: x\r\n\r\n"[..], "200"),
+        // Health checks, for a load balancer (no database: always ready).
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", "200"),
+        (b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n", "200"),
         (b"GET /secret HTTP/1.1\r\nHost: x\r\n\r\n", "404"),
         (b"DELETE / HTTP/1.1\r\nHost: x\r\n\r\n", "405"),
         (b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n", "426"),

@@ -33,6 +33,7 @@ pub fn check_http_websocket(data: &[u8]) {
     let allowed = vec![origin::parse_origin("https://chat.example.com").expect("a valid origin")];
     let listen = std::net::SocketAddr::from(([127, 0, 0, 1], 8080));
     let config = Arc::new(HttpConfig {
+        health: chatserver::health::Health::default(),
         origins: Origins::new(secure, listen, &[], allowed),
     });
     let upgrade = check_parsers(data, &config, chunk);

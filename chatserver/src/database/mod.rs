@@ -205,6 +205,17 @@ impl Database {
         }
     }
 
+    /// Whether the database answers (for `/readyz`, while a failed
+    /// commit or read says it may not).
+    pub fn check(&mut self) -> Result<(), DatabaseError> {
+        match self {
+            #[cfg(feature = "sqlite")]
+            Database::Sqlite(db) => db.check(),
+            #[cfg(feature = "postgres")]
+            Database::Postgres(db) => db.check(),
+        }
+    }
+
     /// Takes one change, to be written by the next [`Database::commit`].
     pub fn record(&mut self, change: Change) {
         match self {

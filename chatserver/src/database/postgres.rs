@@ -155,6 +155,14 @@ impl PostgresDatabase {
         self.pending.push(change);
     }
 
+    /// Whether the server answers, connecting first if the connection is
+    /// gone.
+    pub fn check(&mut self) -> Result<(), DatabaseError> {
+        self.with_session("check the connection", |session| {
+            session.client.simple_query("SELECT 1").map(|_| ())
+        })
+    }
+
     /// Writes every pending change in one transaction. On failure nothing
     /// of it is written (short of a connection lost during `COMMIT`, see
     /// the module doc) and the pending changes are dropped.

@@ -123,6 +123,14 @@ impl SqliteDatabase {
         !self.pending.is_empty()
     }
 
+    /// Whether the database file can be read.
+    pub fn check(&self) -> Result<(), DatabaseError> {
+        self.conn
+            .pragma_query_value(None, "user_version", |r| r.get::<_, i64>(0))
+            .map(|_| ())
+            .map_err(sql_error(&self.path, "check the database"))
+    }
+
     /// Writes every pending change in one transaction. On failure nothing
     /// of it is written and the pending changes are dropped: the caller
     /// tells the core they were not made durable.

@@ -2,7 +2,7 @@
 //! line-based clients with short timeouts.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -429,6 +429,17 @@ impl Client {
     pub fn shutdown_write(&self) {
         let _ = self.writer.shutdown(std::net::Shutdown::Write);
     }
+}
+
+/// Sends one HTTP request to `addr` and reads the whole response (the
+/// server closes after it).
+pub fn http_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(TIMEOUT)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    String::from_utf8_lossy(&response).into_owned()
 }
 
 pub fn free_port() -> u16 {

@@ -63,6 +63,20 @@ impl TestDatabase {
     }
 }
 
+impl TestDatabase {
+    /// Lets new connections to this database in, or keeps them out (those
+    /// open stay: see [`TestDatabase::terminate_server_connections`]), as
+    /// a database that is down or in maintenance would.
+    pub fn allow_connections(&self, allowed: bool) {
+        admin_client(&self.admin)
+            .batch_execute(&format!(
+                "ALTER DATABASE {} ALLOW_CONNECTIONS {allowed}",
+                self.name
+            ))
+            .unwrap();
+    }
+}
+
 impl Drop for TestDatabase {
     fn drop(&mut self) {
         // FORCE ends the connections a killed server left behind.
