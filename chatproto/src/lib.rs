@@ -78,6 +78,7 @@
 //! | `presence`, `blocking` | who is online, block lists (internal) |
 //! | [`peer`] | client addresses as [`PeerKey`]s, and the limits kept per address |
 //! | `drain` | one connection's offline delivery in progress: frame numbers, what is known written (internal) |
+//! | [`cluster`], `directory` | cluster mode (being built): [`NodeId`], [`BusMessage`] and how a driver carries them ([`Output::Publish`], [`Server::handle_bus`]); who is online on the other nodes (internal) |
 //!
 //! The modules form no import cycle: `ids` and the value types are at the
 //! bottom, `output` and `durability` above them, `server` on top.
@@ -88,7 +89,9 @@
 pub mod accounts;
 mod blocking;
 pub mod client;
+pub mod cluster;
 pub mod command;
+mod directory;
 mod drain;
 pub mod durability;
 pub mod error;
@@ -114,6 +117,7 @@ pub use accounts::{Account, Accounts, Credential, DuplicateAccount};
 pub use client::{
     Client, ClientEvent, ClientState, PendingRequest, SendError, DEFAULT_CLIENT_MAX_FRAME_BYTES,
 };
+pub use cluster::{BusDecodeError, BusMessage, BusTarget, ClusterConfig, NodeId, BUS_VERSION};
 pub use command::{Command, CommandName, DebugTarget};
 pub use durability::{BatchId, Persisted};
 pub use error::{ErrorCode, RequestError};

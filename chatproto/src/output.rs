@@ -3,6 +3,7 @@
 
 use bytes::Bytes;
 
+use crate::cluster::{BusMessage, BusTarget};
 use crate::error::ErrorCode;
 use crate::ids::{BatchId, ConnId, VerifyTicket};
 use crate::password::{HashedPassword, Password};
@@ -79,6 +80,18 @@ pub enum Output {
         /// The changes, oldest first. [`Snapshot::apply`](crate::Snapshot::apply) says what each
         /// means.
         changes: Vec<Change>,
+    },
+    /// Publish `message` to the other nodes (cluster mode): encode it with
+    /// [`BusMessage::encode`] and send it, in the order polled, over one
+    /// connection so that the others get this node's messages in order.
+    /// Nothing waits for it; a message lost on the way is repaired by the
+    /// rosters exchanged when the bus comes back
+    /// ([`Server::handle_bus_restored`](crate::Server::handle_bus_restored)).
+    Publish {
+        /// Who it is for.
+        to: BusTarget,
+        /// What.
+        message: BusMessage,
     },
 }
 

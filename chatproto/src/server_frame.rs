@@ -158,6 +158,14 @@ pub struct DebugState {
     pub locked_accounts: usize,
     /// Seconds since the server core started.
     pub uptime_secs: u64,
+    /// Cluster mode: the other nodes with users online, as this node
+    /// knows them (absent on a server alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_nodes: Option<usize>,
+    /// Cluster mode: users online on every node together (absent on a
+    /// server alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_users_online: Option<usize>,
 }
 
 /// A refused request or frame.

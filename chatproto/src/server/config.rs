@@ -1,6 +1,7 @@
 //! How a server core behaves: [`ServerConfig`], and the checks that keep
 //! it in range.
 
+use crate::cluster::ClusterConfig;
 use std::collections::HashSet;
 use std::time::Duration;
 
@@ -81,6 +82,10 @@ pub struct ServerConfig {
     /// it with [`Server::handle_persisted`](crate::Server::handle_persisted) (PROTOCOL.md rule 15). Default
     /// `false`: nothing lasts past the process, and nothing waits.
     pub durable: bool,
+    /// Cluster mode: this server is one node of several that act as one
+    /// service ([`crate::cluster`]; being built). Default `None`: one
+    /// server alone.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl Default for ServerConfig {
@@ -103,6 +108,7 @@ impl Default for ServerConfig {
             login_rate_per_peer: Some(Rate::LOGINS_PER_PEER),
             login_rate_per_name: Some(Rate::LOGINS_PER_NAME),
             durable: false,
+            cluster: None,
         }
     }
 }

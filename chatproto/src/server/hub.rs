@@ -8,6 +8,7 @@ use std::collections::HashMap;
 
 use crate::accounts::{Accounts, UserId};
 use crate::blocking::BlockList;
+use crate::directory::Directory;
 use crate::ids::{ConnId, VerifyTicket};
 use crate::lockout::Lockout;
 use crate::offline::OfflineQueues;
@@ -27,6 +28,8 @@ pub(crate) struct Hub {
     pub(crate) blocks: BlockList,
     pub(crate) offline: OfflineQueues,
     pub(crate) lockout: Lockout,
+    /// Cluster mode: who is online on the other nodes.
+    pub(crate) directory: Directory,
     /// Per-address limits.
     pub(crate) peers: Peers,
     /// Logins waiting for a password check, by ticket.
@@ -42,6 +45,7 @@ impl Hub {
             blocks: BlockList::new(&accounts),
             offline: OfflineQueues::new(&accounts, queue_limits(config), config.offline_texts),
             lockout: Lockout::new(config.lockout.clone()),
+            directory: Directory::default(),
             peers: Peers::new(),
             verifications: HashMap::new(),
             next_ticket: 0,

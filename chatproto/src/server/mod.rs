@@ -16,6 +16,7 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use crate::accounts::Accounts;
+use crate::cluster::{BusMessage, NodeId};
 use crate::durability::{Key, Kind, Ledger, Persisted};
 use crate::error::RequestError;
 use crate::framing::{self, FrameDecoder, FrameError};
@@ -29,6 +30,7 @@ use crate::store::{Change, LastSeen, Snapshot};
 use crate::time::Timestamp;
 use crate::username::Username;
 
+mod cluster;
 mod config;
 mod drains;
 mod hub;
@@ -383,6 +385,47 @@ impl Server {
         self.pump_drains();
     }
 
+    /// What another node published ([`crate::cluster`]; cluster mode,
+    /// else ignored): its users coming and going, its roster, a
+    /// broadcast, a block. This node's own messages, which the bus hands
+    /// back, are ignored, as are names this node has no account for.
+    pub fn handle_bus(&mut self, message: BusMessage, now: Timestamp) {
+        let now = self.clock(now);
+        self.catch_up_timers(now);
+        if self.node().map_or(true, |me| message.node() == me) {
+            return;
+        }
+        let mark = self.begin();
+        self.serve_bus(message, now);
+        self.settle(mark);
+        self.pump_drains();
+    }
+
+    /// The driver's bus connection is up: the first time, or again after a
+    /// loss (cluster mode, else ignored). This node publishes who is
+    /// online here and asks the others for theirs; what the rosters say
+    /// repairs presence that was lost while the bus was away.
+    pub fn handle_bus_restored(&mut self, now: Timestamp) {
+        let now = self.clock(now);
+        self.catch_up_timers(now);
+        self.publish_roster(true);
+    }
+
+    /// Node `node` is gone, last known alive at `at`: shut down, or given
+    /// up for dead by the driver (cluster mode, else ignored). Its users
+    /// are offline from `at`, and this node's users are told.
+    pub fn handle_node_gone(&mut self, node: NodeId, at: Timestamp, now: Timestamp) {
+        let now = self.clock(now);
+        self.catch_up_timers(now);
+        if self.node().map_or(true, |me| node == me) {
+            return;
+        }
+        let mark = self.begin();
+        self.remove_node(node, at.min(now));
+        self.settle(mark);
+        self.pump_drains();
+    }
+
     /// The verdict on an [`Output::VerifyPassword`]: whether the password
     /// matched the hash. The login goes on from there, and the
     /// connection's frames that waited behind it are served. A failure
@@ -690,6 +733,10 @@ impl Server {
             queued_offline_messages: self.hub.offline.total().messages,
             locked_accounts: self.hub.lockout.locked_accounts(),
             uptime_secs: (now - self.started_at).as_secs(),
+            cluster_nodes: self.node().map(|_| self.hub.directory.nodes()),
+            cluster_users_online: self
+                .node()
+                .map(|_| self.hub.presence.online().len() + self.hub.directory.len()),
         }
     }
 
@@ -974,6 +1021,14 @@ impl Server {
             if announce {
                 self.announce(user, false);
             }
+            // The other nodes' users are told even at this node's
+            // shutdown (its own are not: rule 4).
+            let offline = name.clone();
+            self.publish(|node| BusMessage::Offline {
+                node,
+                user: offline,
+                at: now,
+            });
             self.event(Event::LoggedOut { conn, user: name });
         }
         Some(())

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::accounts::{Credential, UserId};
+use crate::cluster::BusMessage;
 use crate::command::{Command, CommandName, DebugTarget};
 use crate::durability::{Key, Undo};
 use crate::error::RequestError;
@@ -79,7 +80,8 @@ impl Server {
             }
             (Command::Whoelse, Some(me)) => {
                 self.ledger.read(Key::Online);
-                let users = self.visible_users(me, self.hub.presence.online().iter().copied());
+                let online = self.hub.presence.online().iter().copied();
+                let users = self.visible_users(me, online.chain(self.hub.directory.users()));
                 let text = list_text("online now", &users);
                 self.reply(conn, id, Reply::Whoelse { users }, text);
                 Ok(())
@@ -87,11 +89,10 @@ impl Server {
             (Command::Whoelsesince { seconds }, Some(me)) => {
                 self.ledger.read(Key::Online);
                 let since = now.saturating_sub(Duration::from_secs(seconds));
-                let candidates = self
-                    .hub
-                    .accounts
-                    .ids()
-                    .filter(|&u| self.hub.presence.seen_since(u, since));
+                let candidates = self.hub.accounts.ids().filter(|&u| {
+                    self.hub.presence.seen_since(u, since)
+                        || self.hub.directory.node_of(u).is_some()
+                });
                 let users = self.visible_users(me, candidates);
                 let text = list_text(&format!("online in the last {seconds} s"), &users);
                 self.reply(conn, id, Reply::Whoelsesince { users }, text);
@@ -344,6 +345,7 @@ impl Server {
         }
         let last_seen = self.hub.presence.last_seen(user);
         self.hub.presence.log_in(user, conn);
+        self.hub.directory.forget(user);
         self.ledger.record(
             Change::LoggedIn {
                 user: name.clone(),
@@ -368,6 +370,11 @@ impl Server {
             self.first_page_for = Some(conn);
         }
         self.announce(user, true);
+        let user_name = name.clone();
+        self.publish(|node| BusMessage::Online {
+            node,
+            user: user_name,
+        });
         self.event(Event::LoggedIn { conn, user: name });
         Ok(())
     }
@@ -474,40 +481,31 @@ impl Server {
         now: Timestamp,
     ) {
         self.ledger.read(Key::Online);
-        // One encoding, shared by every recipient.
+        let from = self.hub.accounts.name(me).clone();
         let frame = ServerFrame::Broadcast(BroadcastFrame {
-            from: self.hub.accounts.name(me).clone(),
-            text,
+            from: from.clone(),
+            text: text.clone(),
             sent_at: now,
-        })
-        .encode();
-        let blockers = self.hub.blocks.blockers_of(me);
-        let (mut delivered, mut skipped) = (0, 0);
-        for &user in self.hub.presence.online() {
-            if user == me {
-                continue;
+        });
+        let (mut delivered, mut skipped) = self.deliver_broadcast(me, &frame);
+        if self.node().is_some() {
+            // The other nodes' users: counted here from the directory, as
+            // their nodes will deliver (the same block rule, the same
+            // blocks: every node knows every block).
+            let blockers = self.hub.blocks.blockers_of(me);
+            for user in self.hub.directory.users() {
+                if blockers.contains(&user) {
+                    skipped += 1;
+                } else {
+                    delivered += 1;
+                }
             }
-            if blockers.contains(&user) {
-                skipped += 1;
-                continue;
-            }
-            if let Some(their_conn) = self.hub.presence.session(user) {
-                let drains = Drains {
-                    sessions: &mut self.sessions,
-                    closing: &mut self.closing_drains,
-                    draining: self.draining,
-                };
-                let frame = frame.clone();
-                queue_frame(
-                    &mut self.outputs,
-                    drains,
-                    &self.ledger,
-                    true,
-                    their_conn,
-                    frame,
-                );
-                delivered += 1;
-            }
+            self.publish(|node| BusMessage::Broadcast {
+                node,
+                from,
+                text,
+                sent_at: now,
+            });
         }
         let mut text = format!("broadcast delivered to {}", count(delivered, "user"));
         if skipped > 0 {
@@ -539,6 +537,12 @@ impl Server {
                 },
                 &[Key::User(me), Key::User(target)],
             );
+            let (blocker, target) = (self.hub.accounts.name(me).clone(), user.clone());
+            self.publish(|node| BusMessage::Blocked {
+                node,
+                blocker,
+                target,
+            });
         }
         let text = format!("{user} is blocked");
         self.reply(conn, id, Reply::Block { user }, text);
@@ -567,6 +571,12 @@ impl Server {
             },
             &[Key::User(me), Key::User(target)],
         );
+        let (blocker, target) = (self.hub.accounts.name(me).clone(), user.clone());
+        self.publish(|node| BusMessage::Unblocked {
+            node,
+            blocker,
+            target,
+        });
         let text = format!("{user} is unblocked");
         self.reply(conn, id, Reply::Unblock { user }, text);
         Ok(())

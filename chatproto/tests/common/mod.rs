@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chatproto::{
-    Accounts, BatchId, ByeReason, Change, ConnId, ErrorCode, ErrorFrame, Event, HashedPassword,
-    OkFrame, Output, Password, PeerKey, Persisted, Server, ServerConfig, ServerFrame, Snapshot,
-    Timestamp, VerifyTicket,
+    Accounts, BatchId, BusMessage, ByeReason, Change, ConnId, ErrorCode, ErrorFrame, Event,
+    HashedPassword, OkFrame, Output, Password, PeerKey, Persisted, Server, ServerConfig,
+    ServerFrame, Snapshot, Timestamp, VerifyTicket,
 };
 
 /// The accounts every simulation has: name and password.
@@ -68,6 +68,9 @@ pub struct Sim {
     pub events: Vec<Event>,
     /// Password checks asked for, not yet answered.
     pub verifications: Vec<(VerifyTicket, HashedPassword, Password)>,
+    /// What the core published to the other nodes (cluster mode), oldest
+    /// first, until a test takes it.
+    pub published: Vec<BusMessage>,
     next_random: u8,
 }
 
@@ -115,6 +118,7 @@ impl Sim {
             closed: HashMap::new(),
             events: Vec::new(),
             verifications: Vec::new(),
+            published: Vec::new(),
             next_random: 0,
         }
     }
@@ -290,6 +294,7 @@ impl Sim {
                     committed.push(batch);
                 }
                 Output::Persist { batch, changes } => self.batches.push((batch, changes)),
+                Output::Publish { message, .. } => self.published.push(message),
                 other => panic!("unexpected output {other:?}"),
             }
         }

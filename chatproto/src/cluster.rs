@@ -1,0 +1,229 @@
+//! Cluster mode: the nodes of one service and what they tell each other
+//! over the bus ([`BusMessage`]), versioned so that nodes of two releases
+//! can run side by side during a rolling restart.
+//!
+//! **Being built (issue 15).** What works so far: presence (who is online
+//! on which node, presence frames for users on other nodes, `whoelse` and
+//! `whoelsesince` counted over every node), broadcast to every node with
+//! cluster-wide counts, and blocks made on one node known on all. What does
+//! not yet: one session per user across nodes, direct messages to a user
+//! on another node, offline queues and lockouts shared through the
+//! database, node leases. `chatserver` does not offer cluster mode yet.
+//!
+//! A node is a [`Server`](crate::Server) with
+//! [`ServerConfig::cluster`](crate::ServerConfig::cluster) set. It asks its
+//! driver to publish with [`Output::Publish`](crate::Output::Publish), and
+//! the driver hands it what the other nodes published with
+//! [`Server::handle_bus`](crate::Server::handle_bus). The bus may lose
+//! messages (core NATS delivers at most once); when the driver's bus
+//! connection comes back it calls
+//! [`Server::handle_bus_restored`](crate::Server::handle_bus_restored), and
+//! the nodes exchange rosters, which repairs what was lost. A node that is
+//! known to be gone is removed with
+//! [`Server::handle_node_gone`](crate::Server::handle_node_gone).
+//!
+//! ```
+//! use chatproto::{BusMessage, ClusterConfig, NodeId, Output, Server, ServerConfig, Timestamp};
+//! let now = Timestamp::from_unix_millis(0);
+//! let mut config = ServerConfig::default();
+//! config.cluster = Some(ClusterConfig::new(NodeId::from_u128(1)));
+//! let mut node = Server::new(config, chatproto::Accounts::default(), now).unwrap();
+//! node.handle_bus_restored(now);
+//! match node.poll_output() {
+//!     Some(Output::Publish { message, .. }) => {
+//!         let bytes = message.encode();
+//!         assert_eq!(BusMessage::decode(&bytes).unwrap(), message);
+//!     }
+//!     other => panic!("{other:?}"),
+//! }
+//! ```
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::text::MessageText;
+use crate::time::Timestamp;
+use crate::username::Username;
+
+/// The version of [`BusMessage`]s this release writes and reads. A
+/// message of another version is refused by [`BusMessage::decode`]
+/// ([`BusDecodeError::UnknownVersion`]): the driver logs it and drops it.
+pub const BUS_VERSION: u32 = 1;
+
+/// One node of a cluster, as long as its process runs: a new one at every
+/// start, so a node that was given up for dead and comes back is a new
+/// node. Made by the caller (randomness comes from outside the core).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct NodeId(uuid::Uuid);
+
+impl NodeId {
+    /// A node id from a random (or any unique) UUID.
+    pub fn new(id: uuid::Uuid) -> NodeId {
+        NodeId(id)
+    }
+
+    /// A node id from a number, for tests and examples.
+    pub fn from_u128(n: u128) -> NodeId {
+        NodeId(uuid::Uuid::from_u128(n))
+    }
+
+    /// The UUID.
+    pub fn as_uuid(&self) -> uuid::Uuid {
+        self.0
+    }
+}
+
+impl std::fmt::Display for NodeId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "node {}", self.0)
+    }
+}
+
+/// Cluster mode's settings ([`ServerConfig::cluster`](crate::ServerConfig::cluster)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClusterConfig {
+    /// This node.
+    pub node: NodeId,
+}
+
+impl ClusterConfig {
+    /// This node is `node`.
+    pub fn new(node: NodeId) -> ClusterConfig {
+        ClusterConfig { node }
+    }
+}
+
+/// Who a [`BusMessage`] is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum BusTarget {
+    /// Every node of the cluster (the sender gets it back too, and ignores
+    /// it).
+    All,
+}
+
+/// What one node tells the others. Every message names its sender.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum BusMessage {
+    /// `user` logged in on `node`.
+    Online {
+        /// Where.
+        node: NodeId,
+        /// Who.
+        user: Username,
+    },
+    /// `user` went offline on `node` at `at`.
+    Offline {
+        /// Where.
+        node: NodeId,
+        /// Who.
+        user: Username,
+        /// When (for `whoelsesince`).
+        at: Timestamp,
+    },
+    /// Everyone online on `node` now. Sent when the node's bus connection
+    /// comes up (the first time, or again after a loss), with `reply` set
+    /// so that every other node answers with its own roster.
+    Roster {
+        /// Whose.
+        node: NodeId,
+        /// Its users online.
+        users: Vec<Username>,
+        /// Whether the others should answer with theirs.
+        reply: bool,
+    },
+    /// `from` broadcast `text` at `sent_at`: every node hands it to its own
+    /// users, except those who blocked `from`.
+    Broadcast {
+        /// The sender's node.
+        node: NodeId,
+        /// Who.
+        from: Username,
+        /// What.
+        text: MessageText,
+        /// When.
+        sent_at: Timestamp,
+    },
+    /// `blocker` blocked `target` (on `node`, which made it durable).
+    Blocked {
+        /// Where.
+        node: NodeId,
+        /// Who blocks.
+        blocker: Username,
+        /// Who is blocked.
+        target: Username,
+    },
+    /// `blocker` unblocked `target`.
+    Unblocked {
+        /// Where.
+        node: NodeId,
+        /// Who unblocks.
+        blocker: Username,
+        /// Who is unblocked.
+        target: Username,
+    },
+}
+
+/// Why bytes from the bus are not a [`BusMessage`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BusDecodeError {
+    /// Another release's message ([`BUS_VERSION`] is this one's): dropped.
+    #[error("bus message of version {0} (this node speaks version {BUS_VERSION})")]
+    UnknownVersion(u64),
+    /// Not a bus message at all.
+    #[error("malformed bus message: {0}")]
+    Malformed(String),
+}
+
+/// The envelope on the wire: the version beside the message's fields.
+#[derive(Serialize)]
+struct Envelope<'a> {
+    v: u32,
+    #[serde(flatten)]
+    message: &'a BusMessage,
+}
+
+impl BusMessage {
+    /// The node that sent it.
+    pub fn node(&self) -> NodeId {
+        match self {
+            BusMessage::Online { node, .. }
+            | BusMessage::Offline { node, .. }
+            | BusMessage::Roster { node, .. }
+            | BusMessage::Broadcast { node, .. }
+            | BusMessage::Blocked { node, .. }
+            | BusMessage::Unblocked { node, .. } => *node,
+        }
+    }
+
+    /// The message as it goes on the bus: JSON with its version, `"v"`.
+    pub fn encode(&self) -> Bytes {
+        let envelope = Envelope {
+            v: BUS_VERSION,
+            message: self,
+        };
+        // Every field serializes: string keys, no fallible Serialize impl.
+        Bytes::from(serde_json::to_vec(&envelope).expect("bus messages always serialize"))
+    }
+
+    /// A message from the bus, if it is one of this release's version.
+    pub fn decode(bytes: &[u8]) -> Result<BusMessage, BusDecodeError> {
+        let malformed = |e: serde_json::Error| BusDecodeError::Malformed(e.to_string());
+        let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(malformed)?;
+        let version = value
+            .as_object_mut()
+            .and_then(|fields| fields.remove("v"))
+            .ok_or_else(|| BusDecodeError::Malformed("no version (\"v\")".to_owned()))?;
+        match version.as_u64() {
+            Some(v) if v == u64::from(BUS_VERSION) => {}
+            Some(v) => return Err(BusDecodeError::UnknownVersion(v)),
+            None => return Err(BusDecodeError::Malformed(format!("version {version}"))),
+        }
+        serde_json::from_value(value).map_err(malformed)
+    }
+}

@@ -1,0 +1,185 @@
+//! Cluster mode ([`crate::cluster`]): what this node tells the others,
+//! and what it does with what they tell it. The entry points are in
+//! `mod.rs`; the directory of users on other nodes is in the `Hub`.
+
+use crate::accounts::UserId;
+use crate::cluster::{BusMessage, BusTarget, NodeId};
+use crate::output::Output;
+use crate::server_frame::{BroadcastFrame, ServerFrame};
+use crate::time::Timestamp;
+use crate::username::Username;
+
+use super::outbox::{queue_frame, Drains};
+use super::state::Server;
+
+impl Server {
+    /// This node, in cluster mode.
+    #[inline]
+    pub(super) fn node(&self) -> Option<NodeId> {
+        self.config.cluster.as_ref().map(|c| c.node)
+    }
+
+    /// Publishes what `message` makes of this node's id, in cluster mode;
+    /// nothing otherwise.
+    pub(super) fn publish(&mut self, message: impl FnOnce(NodeId) -> BusMessage) {
+        if let Some(node) = self.node() {
+            self.outputs.push_back(Output::Publish {
+                to: BusTarget::All,
+                message: message(node),
+            });
+        }
+    }
+
+    /// Tells the other nodes who is online here, asking for theirs if
+    /// `reply`.
+    pub(super) fn publish_roster(&mut self, reply: bool) {
+        let mut users: Vec<Username> = self
+            .hub
+            .presence
+            .online()
+            .iter()
+            .map(|&u| self.hub.accounts.name(u).clone())
+            .collect();
+        users.sort_unstable();
+        self.publish(|node| BusMessage::Roster { node, users, reply });
+    }
+
+    /// Serves another node's message (one of this node's own, echoed by
+    /// the bus, was dropped before).
+    pub(super) fn serve_bus(&mut self, message: BusMessage, now: Timestamp) {
+        match message {
+            BusMessage::Online { node, user } => {
+                if let Some(user) = self.remote_user(&user) {
+                    if self.hub.directory.came(user, node) {
+                        self.announce(user, true);
+                    }
+                }
+            }
+            BusMessage::Offline { node, user, at } => {
+                if let Some(user) = self.remote_user(&user) {
+                    if self.hub.directory.went(user, node) {
+                        self.went_offline_elsewhere(user, at);
+                    }
+                }
+            }
+            BusMessage::Roster { node, users, reply } => {
+                let users: Vec<UserId> = users.iter().filter_map(|u| self.remote_user(u)).collect();
+                let (came, went) = self.hub.directory.replace(node, users);
+                for user in came {
+                    self.announce(user, true);
+                }
+                for user in went {
+                    // Its logout was lost on the way: it happened by now.
+                    self.went_offline_elsewhere(user, now);
+                }
+                if reply {
+                    self.publish_roster(false);
+                }
+            }
+            BusMessage::Broadcast {
+                from,
+                text,
+                sent_at,
+                ..
+            } => {
+                if let Some(sender) = self.hub.accounts.id(from.as_str()) {
+                    let frame = ServerFrame::Broadcast(BroadcastFrame {
+                        from,
+                        text,
+                        sent_at,
+                    });
+                    self.deliver_broadcast(sender, &frame);
+                }
+            }
+            BusMessage::Blocked {
+                blocker, target, ..
+            } => {
+                if let Some((blocker, target)) = self.pair(&blocker, &target) {
+                    self.hub.blocks.block(blocker, target);
+                }
+            }
+            BusMessage::Unblocked {
+                blocker, target, ..
+            } => {
+                if let Some((blocker, target)) = self.pair(&blocker, &target) {
+                    self.hub.blocks.unblock(blocker, target);
+                }
+            }
+        }
+    }
+
+    /// `node` is gone (shut down, or given up for dead): its users went
+    /// offline at `at`.
+    pub(super) fn remove_node(&mut self, node: NodeId, at: Timestamp) {
+        for user in self.hub.directory.remove_node(node) {
+            self.went_offline_elsewhere(user, at);
+        }
+    }
+
+    /// Hands a broadcast from `sender` (of this node or another) to this
+    /// node's users, except the sender and whoever blocked them. Returns
+    /// how many got it, and how many did not because they blocked the
+    /// sender.
+    pub(super) fn deliver_broadcast(
+        &mut self,
+        sender: UserId,
+        frame: &ServerFrame,
+    ) -> (usize, usize) {
+        // One encoding, shared by every recipient.
+        let frame = frame.encode();
+        let blockers = self.hub.blocks.blockers_of(sender);
+        let (mut delivered, mut skipped) = (0, 0);
+        for &user in self.hub.presence.online() {
+            if user == sender {
+                continue;
+            }
+            if blockers.contains(&user) {
+                skipped += 1;
+                continue;
+            }
+            if let Some(their_conn) = self.hub.presence.session(user) {
+                let drains = Drains {
+                    sessions: &mut self.sessions,
+                    closing: &mut self.closing_drains,
+                    draining: self.draining,
+                };
+                let frame = frame.clone();
+                queue_frame(
+                    &mut self.outputs,
+                    drains,
+                    &self.ledger,
+                    true,
+                    their_conn,
+                    frame,
+                );
+                delivered += 1;
+            }
+        }
+        (delivered, skipped)
+    }
+
+    /// A user of another node went offline at `at`: this node's users are
+    /// told, and `whoelsesince` counts them until then.
+    fn went_offline_elsewhere(&mut self, user: UserId, at: Timestamp) {
+        self.hub.presence.restore_last_seen(user, at);
+        self.announce(user, false);
+    }
+
+    /// The account a name from another node is, unless its user is online
+    /// here (one session per user: this node's own is the one it knows).
+    fn remote_user(&self, name: &Username) -> Option<UserId> {
+        self.hub
+            .accounts
+            .id(name.as_str())
+            .filter(|&u| self.hub.presence.session(u).is_none())
+    }
+
+    /// Both accounts, if this node has them (every node should serve the
+    /// same accounts; one that does not ignores what it cannot place).
+    fn pair(&self, a: &Username, b: &Username) -> Option<(UserId, UserId)> {
+        Some((
+            self.hub.accounts.id(a.as_str())?,
+            self.hub.accounts.id(b.as_str())?,
+        ))
+    }
+}
