@@ -5,10 +5,12 @@
 //! **Being built (issue 15).** What works so far: presence (who is online
 //! on which node, presence frames for users on other nodes, `whoelse` and
 //! `whoelsesince` counted over every node), broadcast to every node with
-//! cluster-wide counts, and blocks made on one node known on all. What does
-//! not yet: one session per user across nodes, direct messages to a user
-//! on another node, offline queues and lockouts shared through the
-//! database, node leases. `chatserver` does not offer cluster mode yet.
+//! cluster-wide counts, blocks made on one node known on all, and node
+//! liveness (heartbeats; a node not heard from for a lease is given up,
+//! its users offline from when it was last heard from; a node that shuts
+//! down says so). What does not yet: one session per user across nodes,
+//! direct messages to a user on another node, offline queues and lockouts
+//! shared through the database, fencing a node that was given up.
 //!
 //! A node is a [`Server`](crate::Server) with
 //! [`ServerConfig::cluster`](crate::ServerConfig::cluster) set. It asks its
@@ -18,9 +20,14 @@
 //! messages (core NATS delivers at most once); when the driver's bus
 //! connection comes back it calls
 //! [`Server::handle_bus_restored`](crate::Server::handle_bus_restored), and
-//! the nodes exchange rosters, which repairs what was lost. A node that is
-//! known to be gone is removed with
-//! [`Server::handle_node_gone`](crate::Server::handle_node_gone).
+//! the nodes exchange rosters, which repairs what was lost; when it is
+//! lost, [`Server::handle_bus_lost`](crate::Server::handle_bus_lost). A
+//! heartbeat that counts other users than a node knows of makes it ask for
+//! the sender's roster, which repairs a message lost while the bus stayed
+//! up. A node that the driver knows is gone sooner than its lease says is
+//! removed with [`Server::handle_node_gone`](crate::Server::handle_node_gone).
+//! Every deadline (the next heartbeat, the first lease to run out) is in
+//! [`Server::poll_timeout`](crate::Server::poll_timeout).
 //!
 //! ```
 //! use chatproto::{BusMessage, ClusterConfig, NodeId, Output, Server, ServerConfig, Timestamp};
@@ -37,6 +44,8 @@
 //!     other => panic!("{other:?}"),
 //! }
 //! ```
+
+use std::time::Duration;
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -86,12 +95,27 @@ impl std::fmt::Display for NodeId {
 pub struct ClusterConfig {
     /// This node.
     pub node: NodeId,
+    /// This node's name, for people (`debug server`). Default: the id.
+    pub name: String,
+    /// How often this node says it is alive ([`BusMessage::Heartbeat`])
+    /// while the bus is up. Default 1 s.
+    pub heartbeat_every: Duration,
+    /// How long a node not heard from is still taken for alive; past it,
+    /// its users are offline from when it was last heard from. Several
+    /// heartbeats long, so that a lost one or two change nothing. Default
+    /// 10 s.
+    pub lease: Duration,
 }
 
 impl ClusterConfig {
-    /// This node is `node`.
+    /// This node is `node`, with the default heartbeat and lease.
     pub fn new(node: NodeId) -> ClusterConfig {
-        ClusterConfig { node }
+        ClusterConfig {
+            node,
+            name: node.as_uuid().to_string(),
+            heartbeat_every: Duration::from_secs(1),
+            lease: Duration::from_secs(10),
+        }
     }
 }
 
@@ -102,6 +126,8 @@ pub enum BusTarget {
     /// Every node of the cluster (the sender gets it back too, and ignores
     /// it).
     All,
+    /// One node.
+    Node(NodeId),
 }
 
 /// What one node tells the others. Every message names its sender.
@@ -135,6 +161,31 @@ pub enum BusMessage {
         users: Vec<Username>,
         /// Whether the others should answer with theirs.
         reply: bool,
+    },
+    /// `node` is alive, with `online` users: sent every
+    /// [`ClusterConfig::heartbeat_every`]. A node whose directory counts
+    /// another number of users there asks for its roster
+    /// ([`BusMessage::RosterWanted`]): a message was lost.
+    Heartbeat {
+        /// Who.
+        node: NodeId,
+        /// How many users are online there.
+        online: u32,
+    },
+    /// `node` asks the node it is sent to for its roster, which comes
+    /// back to `node` alone.
+    RosterWanted {
+        /// Who asks.
+        node: NodeId,
+    },
+    /// `node` is shutting down at `at`: its users went offline (each
+    /// announced before this), and it should be forgotten now rather than
+    /// when its lease runs out.
+    Leaving {
+        /// Who.
+        node: NodeId,
+        /// When.
+        at: Timestamp,
     },
     /// `from` broadcast `text` at `sent_at`: every node hands it to its own
     /// users, except those who blocked `from`.
@@ -195,6 +246,9 @@ impl BusMessage {
             BusMessage::Online { node, .. }
             | BusMessage::Offline { node, .. }
             | BusMessage::Roster { node, .. }
+            | BusMessage::Heartbeat { node, .. }
+            | BusMessage::RosterWanted { node }
+            | BusMessage::Leaving { node, .. }
             | BusMessage::Broadcast { node, .. }
             | BusMessage::Blocked { node, .. }
             | BusMessage::Unblocked { node, .. } => *node,

@@ -31,9 +31,9 @@ impl Directory {
         self.node_of.len()
     }
 
-    /// The other nodes known to have users online.
-    pub(crate) fn nodes(&self) -> usize {
-        self.users_of.len()
+    /// How many users are online on `node`.
+    pub(crate) fn count_on(&self, node: NodeId) -> usize {
+        self.users_of.get(&node).map_or(0, BTreeSet::len)
     }
 
     /// `user` is online on `node`. False if that was known already.

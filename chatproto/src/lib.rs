@@ -78,7 +78,7 @@
 //! | `presence`, `blocking` | who is online, block lists (internal) |
 //! | [`peer`] | client addresses as [`PeerKey`]s, and the limits kept per address |
 //! | `drain` | one connection's offline delivery in progress: frame numbers, what is known written (internal) |
-//! | [`cluster`], `directory` | cluster mode (being built): [`NodeId`], [`BusMessage`] and how a driver carries them ([`Output::Publish`], [`Server::handle_bus`]); who is online on the other nodes (internal) |
+//! | [`cluster`], `directory`, `liveness` | cluster mode (being built): [`NodeId`], [`BusMessage`] and how a driver carries them ([`Output::Publish`], [`Server::handle_bus`]); who is online on the other nodes, and which nodes are alive by their heartbeats (internal) |
 //!
 //! The modules form no import cycle: `ids` and the value types are at the
 //! bottom, `output` and `durability` above them, `server` on top.
@@ -97,6 +97,7 @@ pub mod durability;
 pub mod error;
 pub mod framing;
 pub mod ids;
+mod liveness;
 pub mod lockout;
 pub mod offline;
 mod output;

@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use crate::cluster::{BusMessage, BusTarget};
+use crate::cluster::{BusMessage, BusTarget, NodeId};
 use crate::error::ErrorCode;
 use crate::ids::{BatchId, ConnId, VerifyTicket};
 use crate::password::{HashedPassword, Password};
@@ -135,6 +135,14 @@ pub enum Event {
         /// Which.
         conn: ConnId,
     },
+    /// Cluster mode: another node was not heard from for a lease and is
+    /// taken for dead; its users are offline from `last_heard`.
+    NodeLost {
+        /// Which.
+        node: NodeId,
+        /// When it was last heard from.
+        last_heard: Timestamp,
+    },
 }
 
 /// One of the core's timers, as [`Server::next_timer`](crate::Server::next_timer) names it.
@@ -151,6 +159,11 @@ pub enum Timer {
     /// The core stops waiting for a closed connection's last
     /// [`Server::handle_drained`](crate::Server::handle_drained) report.
     ClosingDrain,
+    /// Cluster mode: this node's heartbeat is due.
+    Heartbeat,
+    /// Cluster mode: another node's lease runs out, unless it is heard
+    /// from before.
+    NodeLease,
 }
 
 impl std::fmt::Display for Timer {
@@ -160,6 +173,8 @@ impl std::fmt::Display for Timer {
             Timer::Login => "login timeout",
             Timer::LoginRecord => "login record expiry",
             Timer::ClosingDrain => "closing drain timeout",
+            Timer::Heartbeat => "heartbeat",
+            Timer::NodeLease => "node lease expiry",
         })
     }
 }

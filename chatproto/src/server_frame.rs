@@ -158,7 +158,10 @@ pub struct DebugState {
     pub locked_accounts: usize,
     /// Seconds since the server core started.
     pub uptime_secs: u64,
-    /// Cluster mode: the other nodes with users online, as this node
+    /// Cluster mode: this node's name (absent on a server alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_node: Option<String>,
+    /// Cluster mode: the nodes alive, this one included, as this node
     /// knows them (absent on a server alone).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_nodes: Option<usize>,

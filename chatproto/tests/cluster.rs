@@ -1,16 +1,20 @@
-//! Cluster mode, simulated: several cores, one virtual clock, a bus that
-//! carries each node's messages (encoded and decoded, as on the wire) to
-//! every node, in order, or loses them while it is down. What is built so
-//! far: presence, `whoelse`/`whoelsesince`, broadcast and blocks across
-//! nodes, repaired by rosters when the bus comes back.
+//! Cluster mode, simulated: several cores whose clocks move together, a
+//! bus that carries each node's messages (encoded and decoded, as on the
+//! wire) to every node or the one named, in order, or loses them while it
+//! is down, and nodes that can stop (frozen or killed) and resume. What is
+//! built so far: presence, `whoelse`/`whoelsesince`, broadcast and blocks
+//! across nodes, repaired by rosters when the bus comes back and by
+//! heartbeats when a message is lost; nodes given up after their lease.
 
 mod common;
 
 use std::collections::{BTreeSet, VecDeque};
+use std::time::Duration;
 
 use bytes::Bytes;
 use chatproto::{
-    BusDecodeError, BusMessage, ClusterConfig, ConnId, NodeId, Reply, ServerFrame, BUS_VERSION,
+    BusDecodeError, BusMessage, BusTarget, ClusterConfig, ConnId, Event, NodeId, Reply,
+    ServerFrame, Timer, BUS_VERSION,
 };
 use common::{config, names, presences, secs, Sim};
 use proptest::prelude::*;
@@ -18,11 +22,19 @@ use proptest::prelude::*;
 /// Nodes and the bus between them.
 struct Cluster {
     nodes: Vec<Sim>,
-    /// Published and not yet handed out: the publishing node, the bytes.
-    bus: VecDeque<(usize, Bytes)>,
+    /// Published and not yet handed out: the publishing node, to whom,
+    /// the bytes.
+    bus: VecDeque<(usize, BusTarget, Bytes)>,
     /// While false, what is published is lost (NATS away).
     up: bool,
+    /// Nodes that are frozen or dead: their clocks stand still, and
+    /// nothing reaches them or leaves them.
+    stopped: BTreeSet<usize>,
 }
+
+/// How far apart the nodes' clocks may get while time passes: each step,
+/// every node moves on, then the bus settles.
+const STEP: Duration = Duration::from_millis(250);
 
 impl Cluster {
     /// `n` nodes whose bus connections have just come up.
@@ -38,33 +50,52 @@ impl Cluster {
             nodes,
             bus: VecDeque::new(),
             up: true,
+            stopped: BTreeSet::new(),
         };
         cluster.restore_bus();
         cluster
     }
 
+    /// The bus is lost: every node is told, and what is published is lost
+    /// until it is back.
+    fn lose_bus(&mut self) {
+        self.up = false;
+        for node in &mut self.nodes {
+            node.server.handle_bus_lost(node.now);
+            node.pump();
+        }
+    }
+
     /// The bus is back: every node is told, and what they say is carried.
     fn restore_bus(&mut self) {
         self.up = true;
-        for node in &mut self.nodes {
-            node.server.handle_bus_restored(node.now);
-            node.pump();
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            if !self.stopped.contains(&i) {
+                node.server.handle_bus_restored(node.now);
+                node.pump();
+            }
         }
         self.settle();
     }
 
-    /// Carries every message published until none is left, each to every
-    /// node (its sender too, as NATS does).
+    /// Carries every message published until none is left: to every
+    /// running node (its sender too, as NATS does), or to the one named.
     fn settle(&mut self) {
-        for _ in 0..10_000 {
+        for _ in 0..100_000 {
             self.collect();
-            let Some((_, bytes)) = self.bus.pop_front() else {
+            let Some((_, to, bytes)) = self.bus.pop_front() else {
                 return;
             };
             let message = BusMessage::decode(&bytes).unwrap();
-            for node in &mut self.nodes {
-                node.server.handle_bus(message.clone(), node.now);
-                node.pump();
+            for (i, node) in self.nodes.iter_mut().enumerate() {
+                let addressed = match to {
+                    BusTarget::Node(id) => id == node_id(i),
+                    _ => true,
+                };
+                if addressed && !self.stopped.contains(&i) {
+                    node.server.handle_bus(message.clone(), node.now);
+                    node.pump();
+                }
             }
         }
         panic!("the bus never went quiet");
@@ -72,9 +103,9 @@ impl Cluster {
 
     fn collect(&mut self) {
         for (i, node) in self.nodes.iter_mut().enumerate() {
-            for message in node.published.drain(..) {
-                if self.up {
-                    self.bus.push_back((i, message.encode()));
+            for (to, message) in node.published.drain(..) {
+                if self.up && !self.stopped.contains(&i) {
+                    self.bus.push_back((i, to, message.encode()));
                 }
             }
         }
@@ -92,10 +123,34 @@ impl Cluster {
         self.settle();
     }
 
-    fn advance(&mut self, d: std::time::Duration) {
-        for node in &mut self.nodes {
-            node.advance(d);
+    /// Time passes on every running node, in small steps, the bus
+    /// carrying what they say (heartbeats among it) as it goes.
+    fn advance(&mut self, d: Duration) {
+        let mut left = d;
+        while !left.is_zero() {
+            let step = left.min(STEP);
+            left -= step;
+            for (i, node) in self.nodes.iter_mut().enumerate() {
+                if !self.stopped.contains(&i) {
+                    node.advance(step);
+                }
+            }
+            self.settle();
         }
+    }
+
+    /// Node `i` stops (frozen, or killed): it neither hears nor is heard.
+    fn stop(&mut self, i: usize) {
+        self.settle();
+        self.stopped.insert(i);
+    }
+
+    /// Node `i` runs again after a stop: its clock jumps to the others'.
+    fn resume(&mut self, i: usize) {
+        self.stopped.remove(&i);
+        let now = self.nodes[(i + 1) % self.nodes.len()].now;
+        let behind = now.saturating_since(self.nodes[i].now);
+        self.nodes[i].advance(behind);
         self.settle();
     }
 
@@ -146,7 +201,7 @@ fn users_on_other_nodes_come_and_go_as_on_one_server() {
     let state = c.nodes[2].server.debug_state(c.nodes[2].now);
     assert_eq!(state.users_online, 1);
     assert_eq!(state.cluster_users_online, Some(2));
-    assert_eq!(state.cluster_nodes, Some(1));
+    assert_eq!(state.cluster_nodes, Some(3));
 }
 
 #[test]
@@ -224,7 +279,7 @@ fn presence_lost_while_the_bus_was_down_is_repaired_by_rosters() {
     let carol = c.login(2, "carol");
     c.nodes[0].take(alice);
 
-    c.up = false;
+    c.lose_bus();
     c.logout(1, bob);
     let dave = c.login(2, "dave");
     // Nobody on other nodes heard.
@@ -272,6 +327,131 @@ fn a_node_given_up_takes_its_users_offline_from_when_it_was_last_alive() {
     c.nodes[0].server.handle_node_gone(node_id(9), now, now);
     c.nodes[0].pump();
     assert_eq!(c.nodes[0].take(alice), []);
+}
+
+#[test]
+fn a_node_not_heard_from_for_a_lease_is_given_up() {
+    let mut c = Cluster::new(3);
+    let alice = c.login(0, "alice");
+    c.login(1, "bob");
+    c.login(2, "carol");
+    c.nodes[0].take(alice);
+    c.advance(secs(3));
+    // Node 1 is killed: nobody hears from it again.
+    c.stop(1);
+    c.advance(secs(9));
+    assert_eq!(presences(&c.nodes[0].take(alice)), []);
+    assert_eq!(c.whoelse(0, alice), ["bob", "carol"]);
+    c.advance(secs(2));
+    assert_eq!(presences(&c.nodes[0].take(alice)), [("bob".into(), false)]);
+    assert_eq!(c.whoelse(0, alice), ["carol"]);
+    assert!(c.nodes[0].events.iter().any(|e| matches!(
+        e,
+        Event::NodeLost { node, .. } if *node == node_id(1)
+    )));
+    let state = c.nodes[0].server.debug_state(c.nodes[0].now);
+    assert_eq!(state.cluster_nodes, Some(2));
+    assert_eq!(state.cluster_users_online, Some(2));
+    // whoelsesince counts bob until the node was last heard from, within
+    // a heartbeat: 11 s ago, give or take one.
+    let since = c.nodes[0].ok(alice, "whoelsesince 12");
+    assert!(
+        matches!(&since.reply, Reply::Whoelsesince { users } if names(users) == ["bob", "carol"]),
+        "{since:?}"
+    );
+    let since = c.nodes[0].ok(alice, "whoelsesince 9");
+    assert!(
+        matches!(&since.reply, Reply::Whoelsesince { users } if names(users) == ["carol"]),
+        "{since:?}"
+    );
+}
+
+#[test]
+fn a_node_heard_again_after_being_given_up_is_asked_who_is_on_it() {
+    let mut c = Cluster::new(2);
+    let alice = c.login(0, "alice");
+    c.login(1, "bob");
+    c.nodes[0].take(alice);
+    // Node 1 freezes past its lease, then runs again.
+    c.stop(1);
+    c.advance(secs(12));
+    assert_eq!(presences(&c.nodes[0].take(alice)), [("bob".into(), false)]);
+    c.resume(1);
+    c.advance(secs(2));
+    assert_eq!(presences(&c.nodes[0].take(alice)), [("bob".into(), true)]);
+    assert_eq!(c.whoelse(0, alice), ["bob"]);
+}
+
+#[test]
+fn a_presence_message_lost_on_the_way_is_repaired_by_the_next_heartbeat() {
+    let mut c = Cluster::new(2);
+    let alice = c.login(0, "alice");
+    c.nodes[0].take(alice);
+    // bob's login on node 1 is published, and lost (a slow consumer
+    // dropped it, say), while the bus stays up.
+    c.nodes[1].login("bob");
+    c.nodes[1].published.clear();
+    assert_eq!(c.whoelse(0, alice), Vec::<String>::new());
+    // Node 1's next heartbeat counts one user; node 0 knows none there,
+    // asks for the roster, and learns of bob.
+    c.advance(secs(2));
+    assert_eq!(presences(&c.nodes[0].take(alice)), [("bob".into(), true)]);
+    assert_eq!(c.whoelse(0, alice), ["bob"]);
+}
+
+#[test]
+fn a_node_that_shuts_down_is_forgotten_at_once() {
+    let mut c = Cluster::new(3);
+    let alice = c.login(0, "alice");
+    c.login(1, "bob");
+    c.login(1, "carol");
+    c.nodes[0].take(alice);
+    let now = c.nodes[1].now;
+    c.nodes[1].server.shutdown(now);
+    c.nodes[1].pump();
+    c.settle();
+    let mut told = presences(&c.nodes[0].take(alice));
+    told.sort();
+    assert_eq!(told, [("bob".into(), false), ("carol".into(), false)]);
+    let state = c.nodes[0].server.debug_state(c.nodes[0].now);
+    assert_eq!(state.cluster_nodes, Some(2), "forgotten, not waited for");
+    // It says nothing more (a heartbeat would make it alive again), and
+    // no lease runs out later for it.
+    c.advance(secs(15));
+    assert_eq!(c.nodes[1].published, []);
+    assert_eq!(
+        c.nodes[0].server.debug_state(c.nodes[0].now).cluster_nodes,
+        Some(2)
+    );
+    assert!(!c.nodes[0]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::NodeLost { .. })));
+}
+
+#[test]
+fn heartbeats_stop_while_the_bus_is_down_and_start_again_with_it() {
+    let mut c = Cluster::new(2);
+    let heartbeats = |c: &Cluster| -> Vec<Timer> {
+        c.nodes[0]
+            .server
+            .next_timer()
+            .into_iter()
+            .map(|(_, timer)| timer)
+            .collect()
+    };
+    assert!(c.nodes[0].server.poll_timeout().is_some());
+    c.lose_bus();
+    c.advance(secs(3));
+    assert!(c.nodes[0]
+        .published
+        .iter()
+        .all(|(_, m)| !matches!(m, BusMessage::Heartbeat { .. })));
+    // Without the bus only the other node's lease is left to wait for.
+    assert_eq!(heartbeats(&c), [Timer::NodeLease]);
+    c.restore_bus();
+    c.advance(secs(1));
+    assert!(c.nodes[1].server.debug_state(c.nodes[1].now).cluster_nodes == Some(2));
 }
 
 #[test]
@@ -385,7 +565,7 @@ proptest! {
                         c.logout(node, conn);
                     }
                 }
-                Op::BusDown => c.up = false,
+                Op::BusDown => c.lose_bus(),
                 Op::BusUp => c.restore_bus(),
                 Op::Advance { secs: s } => c.advance(secs(s)),
                 Op::Login { .. } => {}

@@ -110,6 +110,55 @@ impl std::fmt::Debug for BusUrl {
     }
 }
 
+/// The NATS subjects of one cluster: `NAME.all` for what every node
+/// hears, `NAME.node.ID` for what one node does.
+///
+/// ```
+/// use chatproto::{BusTarget, NodeId};
+/// use chatserver::bus::Subjects;
+/// let me = NodeId::from_u128(1);
+/// let subjects = Subjects::new("chat", me);
+/// assert_eq!(subjects.of(BusTarget::All), "chat.all");
+/// assert_eq!(
+///     subjects.subscriptions(),
+///     ["chat.all", "chat.node.00000000-0000-0000-0000-000000000001"]
+/// );
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+    node: chatproto::NodeId,
+}
+
+impl Subjects {
+    /// The subjects of cluster `name` (a single subject token, as
+    /// `--cluster-name` checks), for node `node`.
+    pub fn new(name: &str, node: chatproto::NodeId) -> Subjects {
+        Subjects {
+            prefix: name.to_owned(),
+            node,
+        }
+    }
+
+    /// Where a message for `target` is published.
+    pub fn of(&self, target: chatproto::BusTarget) -> String {
+        match target {
+            chatproto::BusTarget::Node(node) => {
+                format!("{}.node.{}", self.prefix, node.as_uuid())
+            }
+            _ => format!("{}.all", self.prefix),
+        }
+    }
+
+    /// What this node subscribes to: everyone's subject and its own.
+    pub fn subscriptions(&self) -> Vec<String> {
+        vec![
+            self.of(chatproto::BusTarget::All),
+            self.of(chatproto::BusTarget::Node(self.node)),
+        ]
+    }
+}
+
 /// What came from the bus.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -378,8 +427,22 @@ mod with_nats {
         let Some(client) = connect(servers, name, &shared).await else {
             return;
         };
-        let work = serve(client.clone(), subjects, shared, commands, unsent);
+        let mut commands = commands;
+        let work = serve(client.clone(), subjects, shared, &mut commands, unsent);
         futures_util::future::select(pin!(work), pin!(stop.notified())).await;
+        // What the reactor published last (a shutdown's goodbyes) may still
+        // be in the channel: hand it to the client, if the connection lets
+        // it within the flush time.
+        let last = async {
+            while let Ok(Command::Publish { subject, payload }) = commands.try_recv() {
+                if client.publish(subject, payload).await.is_err() {
+                    break;
+                }
+            }
+        };
+        if tokio::time::timeout(STOP_FLUSH, last).await.is_err() {
+            warn!("NATS did not take the last publishes within {STOP_FLUSH:?}");
+        }
         if tokio::time::timeout(STOP_FLUSH, client.flush())
             .await
             .is_err()
@@ -440,7 +503,7 @@ mod with_nats {
         client: async_nats::Client,
         subjects: Vec<String>,
         shared: Shared,
-        mut commands: mpsc::UnboundedReceiver<Command>,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
         unsent: Arc<AtomicUsize>,
     ) {
         for subject in subjects {

@@ -8,6 +8,7 @@ use std::time::Duration;
 use chatproto::{OfflineTexts, Rate, RateLimit, ServerConfig, Username};
 use clap::Parser;
 
+use crate::bus::BusUrl;
 use crate::database::Location;
 use crate::origin::{Origin, PublicHost};
 use crate::reactor::Limits;
@@ -181,6 +182,35 @@ pub struct Args {
     #[arg(long, conflicts_with = "db")]
     no_db: bool,
 
+    /// Join a cluster: this node and every other started with the same
+    /// PostgreSQL --db and --nats act as one server (being built: presence,
+    /// whoelse, whoelsesince, broadcast and blocks span the nodes; one
+    /// session per user, direct messages and offline queues across nodes
+    /// do not yet). One NATS URL or several separated by commas
+    /// (nats://, tls://, ws://, wss://), with credentials if needed
+    /// (nats://user:password@host:4222). Needs a PostgreSQL --db.
+    // A string, parsed in `into_settings`: clap's own error would echo
+    // the value, password and all.
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+
+    /// The cluster's name, which prefixes every NATS subject it uses, so
+    /// that several clusters can share one NATS server.
+    #[arg(long, value_name = "NAME", default_value = "chat", requires = "nats", value_parser = parse_cluster_name)]
+    cluster_name: String,
+
+    /// This node's name, in logs and `debug server` only (default: the
+    /// host name and the --listen port).
+    #[arg(long, value_name = "NAME", requires = "nats")]
+    node_name: Option<String>,
+
+    /// How long a node not heard from is still taken for alive, in
+    /// seconds: when one is killed, its users show offline on the others
+    /// after this long. Nodes say they are alive ten times a lease (at
+    /// most once a second).
+    #[arg(long, value_name = "SECS", default_value_t = 10, requires = "nats", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    node_lease_secs: u64,
+
     /// Cap the database file at N pages of 4 KiB, so that commits fail as
     /// on a full disk (for testing the failure path).
     #[arg(long, value_name = "N", hide = true)]
@@ -266,6 +296,8 @@ pub struct Settings {
     pub db_max_pages: Option<u64>,
     /// The core's configuration.
     pub core: ServerConfig,
+    /// Cluster mode: how to reach the others (`--nats`).
+    pub cluster: Option<ClusterSettings>,
     /// The most connections at once; `None`: what the open-file limit
     /// allows.
     pub max_connections: Option<usize>,
@@ -291,6 +323,21 @@ pub struct Settings {
     pub allowed_origins: Vec<Origin>,
     /// How long a stop waits for the last `bye` frames to go out.
     pub shutdown_grace: Duration,
+}
+
+/// How this node joins its cluster (`--nats` and the flags beside it).
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    /// The NATS servers.
+    pub nats: BusUrl,
+    /// The prefix of every subject.
+    pub name: String,
+    /// This node's name, for people.
+    pub node_name: String,
+    /// How long a node not heard from is taken for alive.
+    pub lease: Duration,
+    /// How often this node says it is alive.
+    pub heartbeat_every: Duration,
 }
 
 /// A command line that parses but does not make sense.
@@ -322,6 +369,13 @@ pub enum UsageError {
     /// `--db-max-pages` with a PostgreSQL `--db`.
     #[error("--db-max-pages applies to a SQLite --db only")]
     PagesWithoutSqlite,
+    /// A `--nats` value that is no NATS address (shown without its
+    /// password).
+    #[error("--nats: {0}")]
+    Nats(crate::bus::BusUrlError),
+    /// `--nats` without a PostgreSQL `--db`.
+    #[error("--nats needs a PostgreSQL --db (postgres://... or host=... dbname=...) shared by every node of the cluster, not {0}, which would keep this node's state to itself")]
+    NatsWithoutPostgres(String),
 }
 
 /// The default cap on offline texts kept in memory (without a database).
@@ -385,6 +439,28 @@ impl Args {
         if self.db_max_pages.is_some() && database.as_ref().is_some_and(Location::is_postgres) {
             return Err(UsageError::PagesWithoutSqlite);
         }
+        let cluster = match self.nats {
+            None => None,
+            Some(nats) => {
+                let nats: BusUrl = nats.parse().map_err(UsageError::Nats)?;
+                if !database.as_ref().is_some_and(Location::is_postgres) {
+                    let given = match &database {
+                        Some(location) => format!("--db {location}"),
+                        None if self.no_db => "--no-db".to_owned(),
+                        None => "--db :memory:".to_owned(),
+                    };
+                    return Err(UsageError::NatsWithoutPostgres(given));
+                }
+                let lease = Duration::from_secs(self.node_lease_secs);
+                Some(ClusterSettings {
+                    nats,
+                    name: self.cluster_name,
+                    node_name: self.node_name.unwrap_or_else(|| default_node_name(listen)),
+                    lease,
+                    heartbeat_every: (lease / 10).min(Duration::from_secs(1)),
+                })
+            }
+        };
         if database.is_some() {
             // Texts stay on disk and are read a page at a time at login.
             core.offline_texts = OfflineTexts::External;
@@ -426,6 +502,7 @@ impl Args {
             database,
             db_max_pages: self.db_max_pages,
             core,
+            cluster,
             max_connections: self
                 .max_connections
                 .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
@@ -474,6 +551,33 @@ impl Args {
 }
 
 /// `n`, where 0 means "no limit".
+/// A cluster name: one NATS subject token of letters, digits, `-` and `_`
+/// (no dots, spaces or wildcards, which would change what a subject
+/// matches).
+fn parse_cluster_name(value: &str) -> Result<String, String> {
+    let fits = !value.is_empty()
+        && value.len() <= 64
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if fits {
+        Ok(value.to_owned())
+    } else {
+        Err("1 to 64 letters, digits, '-' or '_'".to_owned())
+    }
+}
+
+/// This host's name and the listening port, for a node's name.
+fn default_node_name(listen: SocketAddr) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_owned());
+    format!("{host}:{}", listen.port())
+}
+
 fn nonzero(n: u32) -> Option<u32> {
     (n > 0).then_some(n)
 }

@@ -6,7 +6,8 @@
 //! server can serve a login end to end, 503 with the reason otherwise:
 //! its database cannot be reached (the last commit or read failed, and no
 //! check since has succeeded; the reactor checks again every second until
-//! one does), or it is shutting down.
+//! one does), in cluster mode its NATS connection is down, or it is
+//! shutting down.
 //!
 //! The reactor writes the state as it learns it; HTTP requests read it.
 //! A [`Health`] is cheap to clone, and every clone shows the same state.
@@ -29,6 +30,7 @@ pub struct Health(Arc<State>);
 #[derive(Debug, Default)]
 struct State {
     database_unreachable: AtomicBool,
+    bus_unreachable: AtomicBool,
     stopping: AtomicBool,
 }
 
@@ -55,6 +57,16 @@ impl Health {
         !self.0.database_unreachable.load(Ordering::Relaxed)
     }
 
+    /// Records whether the cluster's bus (NATS) is connected.
+    pub fn set_bus_reachable(&self, reachable: bool) {
+        self.0.bus_unreachable.store(!reachable, Ordering::Relaxed);
+    }
+
+    /// Whether the bus is connected (true outside cluster mode).
+    pub fn bus_reachable(&self) -> bool {
+        !self.0.bus_unreachable.load(Ordering::Relaxed)
+    }
+
     /// Records that the server is shutting down: not ready from now on.
     pub fn set_stopping(&self) {
         self.0.stopping.store(true, Ordering::Relaxed);
@@ -66,6 +78,8 @@ impl Health {
             Readiness::NotReady("the server is shutting down")
         } else if !self.database_reachable() {
             Readiness::NotReady("the database cannot be reached")
+        } else if !self.bus_reachable() {
+            Readiness::NotReady("NATS cannot be reached")
         } else {
             Readiness::Ready
         }

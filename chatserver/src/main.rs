@@ -26,7 +26,7 @@ fn main() -> ExitCode {
             }
             eprintln!(
                 "chatserver: {}; try 'chatserver --help'",
-                first_line(&e.to_string())
+                summary(&e.to_string())
             );
             return ExitCode::from(2);
         }
@@ -48,7 +48,14 @@ fn main() -> ExitCode {
     }
 }
 
-fn first_line(s: &str) -> &str {
-    let line = s.lines().next().unwrap_or(s);
-    line.strip_prefix("error: ").unwrap_or(line)
+/// clap's message on one line: its first paragraph (which may list what
+/// is missing on the lines below "…not provided:"), without the usage.
+fn summary(s: &str) -> String {
+    let paragraph: Vec<&str> = s
+        .lines()
+        .take_while(|line| !line.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let text = paragraph.join(" ");
+    text.strip_prefix("error: ").unwrap_or(&text).to_owned()
 }

@@ -30,6 +30,9 @@ use polling::{Event, Events, PollMode, Poller};
 use tracing::{debug, error, info, warn};
 
 use crate::admission::{Admission, Refusal, Verdict};
+#[cfg(feature = "nats")]
+use crate::bus::{Bus, BusEvent};
+use crate::bus::{BusUrl, Subjects};
 use crate::clock::Clock;
 use crate::health::Health;
 use crate::http::HttpConfig;
@@ -60,6 +63,20 @@ pub struct ReactorConfig {
     /// Where the reactor says whether it can serve (`/readyz`): the same
     /// `Health` as the HTTP listeners'.
     pub health: Health,
+    /// Cluster mode: the bus to the other nodes (the core's
+    /// `ServerConfig::cluster` says which node this is).
+    pub bus: Option<BusConfig>,
+}
+
+/// How the reactor reaches the other nodes of its cluster.
+#[derive(Debug, Clone)]
+pub struct BusConfig {
+    /// The NATS servers.
+    pub url: BusUrl,
+    /// The cluster's subjects, as this node sees them.
+    pub subjects: Subjects,
+    /// The name NATS shows for this connection.
+    pub client_name: String,
 }
 
 /// The limits the reactor enforces per socket and per client address;
@@ -120,6 +137,9 @@ pub const SEND_BUFFER_BYTES: usize = 256 * 1024;
 const MAX_FLUSH_ROUNDS: usize = 16;
 /// How often an unreachable database is checked again.
 const DATABASE_CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Bus events served per turn at most, before the sockets get a look.
+#[cfg(feature = "nats")]
+const BUS_EVENTS_PER_TURN: usize = 1024;
 /// How long to stop accepting after running out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// The listeners' poller keys count down from here; sockets use their
@@ -183,6 +203,13 @@ pub struct Reactor {
     core: Server,
     /// The storage thread, with a database (`None` without one).
     storage: Option<Storage>,
+    /// The bus thread, in cluster mode.
+    #[cfg(feature = "nats")]
+    bus: Option<Bus>,
+    /// Whether the bus refused the last publish (logged once per run of
+    /// refusals, not once per message).
+    #[cfg(feature = "nats")]
+    publish_refused: bool,
     clock: Clock,
     config: ReactorConfig,
     link_config: Arc<LinkConfig>,
@@ -312,6 +339,27 @@ impl Reactor {
     ) -> io::Result<Reactor> {
         let poller = Arc::new(Poller::new()?);
         let storage = storage(&poller)?;
+        #[cfg(feature = "nats")]
+        let bus = match &config.bus {
+            Some(bus) => {
+                // Not ready until the first connection is made.
+                config.health.set_bus_reachable(false);
+                Some(Bus::start(
+                    &bus.url,
+                    &bus.client_name,
+                    bus.subjects.subscriptions(),
+                    poller.clone(),
+                )?)
+            }
+            None => None,
+        };
+        #[cfg(not(feature = "nats"))]
+        if config.bus.is_some() {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "cluster mode needs the `nats` feature, which this build lacks",
+            ));
+        }
         let verifier = Verifier::start(
             config.verify_threads,
             config.verify_cpu_percent,
@@ -351,6 +399,10 @@ impl Reactor {
             socket_mode,
             core,
             storage,
+            #[cfg(feature = "nats")]
+            bus,
+            #[cfg(feature = "nats")]
+            publish_refused: false,
             clock,
             admission: Admission::new(config.max_connections, config.limits.clone()),
             config,
@@ -446,6 +498,7 @@ impl Reactor {
         self.take_verdicts();
         self.take_storage();
         self.check_database();
+        self.take_bus();
         for event in events.iter() {
             if event.key > LISTENER_KEY - MAX_LISTENERS {
                 self.accept_ready(LISTENER_KEY - event.key);
@@ -541,6 +594,77 @@ impl Reactor {
             Some(_) => {}
             None => self.database_check_at = Some(self.instant + DATABASE_CHECK_EVERY),
         }
+    }
+
+    // ------------------------------------------------------------------
+    // The bus (cluster mode): what the core publishes goes to the bus
+    // thread; what the other nodes publish, and the connection's ups and
+    // downs, come back here.
+    // ------------------------------------------------------------------
+
+    /// Hands the core what came from the bus since the last turn.
+    #[cfg(feature = "nats")]
+    fn take_bus(&mut self) {
+        let Some(bus) = self.bus.as_mut() else {
+            return;
+        };
+        // Bounded, so a flood from the bus cannot starve the sockets; the
+        // rest waits for the next turn, which comes at once.
+        let mut events = Vec::new();
+        while events.len() < BUS_EVENTS_PER_TURN {
+            match bus.next_event() {
+                Some(event) => events.push(event),
+                None => break,
+            }
+        }
+        if events.len() == BUS_EVENTS_PER_TURN {
+            let _ = self.poller.notify();
+        }
+        for event in events {
+            let now = self.now();
+            match event {
+                BusEvent::Connected => {
+                    info!("connected to NATS: announcing this node's users");
+                    self.config.health.set_bus_reachable(true);
+                    self.core.handle_bus_restored(now);
+                }
+                BusEvent::Disconnected => {
+                    warn!("lost the NATS connection: reconnecting; this node serves its own clients meanwhile");
+                    self.config.health.set_bus_reachable(false);
+                    self.core.handle_bus_lost(now);
+                }
+                BusEvent::Message { subject, payload } => {
+                    match chatproto::BusMessage::decode(&payload) {
+                        Ok(message) => self.core.handle_bus(message, now),
+                        Err(e) => warn!(%subject, "dropped a bus message: {e}"),
+                    }
+                }
+                BusEvent::Warning(warning) => warn!("NATS: {warning}"),
+            }
+            self.drain_core();
+        }
+    }
+
+    #[cfg(not(feature = "nats"))]
+    fn take_bus(&mut self) {}
+
+    /// Publishes what the core asked for. A refusal (NATS away for long
+    /// enough that the bus holds its limit) is logged once per run of
+    /// refusals: the core repairs what is lost when the bus is back.
+    fn publish(&mut self, to: chatproto::BusTarget, message: &chatproto::BusMessage) {
+        #[cfg(feature = "nats")]
+        if let (Some(bus), Some(bus_config)) = (self.bus.as_ref(), self.config.bus.as_ref()) {
+            match bus.publish(bus_config.subjects.of(to), message.encode()) {
+                Ok(()) => self.publish_refused = false,
+                Err(e) if !self.publish_refused => {
+                    self.publish_refused = true;
+                    warn!("not published to the other nodes: {e}");
+                }
+                Err(_) => {}
+            }
+            return;
+        }
+        debug!(?to, "no bus to publish {message:?} on");
     }
 
     // ------------------------------------------------------------------
@@ -655,6 +779,7 @@ impl Reactor {
                         self.core.handle_persisted(batch, Persisted::Committed, now);
                     }
                 },
+                Output::Publish { to, message } => self.publish(to, &message),
                 other => debug!("unhandled core output {other:?}"),
             }
         }
@@ -1422,6 +1547,11 @@ fn log_event(event: &CoreEvent, accounts: &chatproto::Accounts) {
         CoreEvent::Locked { user, until } => warn!(%user, %until, "locked after failed logins"),
         CoreEvent::LoggedOut { conn, user } => info!(%conn, %user, "logged out"),
         CoreEvent::Flooding { conn } => warn!(%conn, "flooding past its rate limit: closing"),
+        CoreEvent::NodeLost { node, last_heard } => warn!(
+            node = %node.as_uuid(),
+            %last_heard,
+            "a node was not heard from for its lease: its users are offline"
+        ),
         other => debug!("{other:?}"),
     }
 }

@@ -7,15 +7,16 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::sync::Arc;
 
-use chatproto::{Output, Persisted, Server, Snapshot};
+use chatproto::{ClusterConfig, NodeId, Output, Persisted, Server, Snapshot};
 use tracing::{info, warn};
 
+use crate::bus::Subjects;
 use crate::cli::Settings;
 use crate::clock::Clock;
 use crate::credentials::{self, CredentialsError};
 use crate::database::{Database, DatabaseError};
 use crate::health::Health;
-use crate::reactor::{Listener, Reactor, ReactorConfig};
+use crate::reactor::{BusConfig, Listener, Reactor, ReactorConfig};
 use crate::tls::{self, TlsError};
 use crate::{cpu, http, origin};
 
@@ -204,6 +205,29 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
     let clock = Clock::start();
     let account_count = accounts.len();
     let mut core_config = settings.core;
+    // A new node id at every start: a node given up for dead that comes
+    // back is a new node to the others.
+    let bus = settings.cluster.as_ref().map(|cluster| {
+        let node = NodeId::new(uuid::Uuid::new_v4());
+        let mut config = ClusterConfig::new(node);
+        config.lease = cluster.lease;
+        config.heartbeat_every = cluster.heartbeat_every;
+        config.name = cluster.node_name.clone();
+        core_config.cluster = Some(config);
+        info!(
+            node = %node.as_uuid(),
+            name = %cluster.node_name,
+            cluster = %cluster.name,
+            nats = %cluster.nats,
+            lease_secs = cluster.lease.as_secs(),
+            "cluster mode: joining"
+        );
+        BusConfig {
+            url: cluster.nats.clone(),
+            subjects: Subjects::new(&cluster.name, node),
+            client_name: format!("chatserver {} ({})", cluster.node_name, node.as_uuid()),
+        }
+    });
     // Changes leave the core in batches for the storage thread; output
     // waits for the batches it depends on, and a failed one is taken back.
     core_config.durable = database.is_some();
@@ -251,6 +275,7 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
         reactor_cpu: settings.reactor_cpu,
         shutdown_grace: settings.shutdown_grace,
         health,
+        bus,
     };
     if let Some(cpu) = settings.reactor_cpu {
         let allowed = cpu::allowed().unwrap_or_default();

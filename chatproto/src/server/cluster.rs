@@ -4,7 +4,7 @@
 
 use crate::accounts::UserId;
 use crate::cluster::{BusMessage, BusTarget, NodeId};
-use crate::output::Output;
+use crate::output::{Event, Output};
 use crate::server_frame::{BroadcastFrame, ServerFrame};
 use crate::time::Timestamp;
 use crate::username::Username;
@@ -19,20 +19,29 @@ impl Server {
         self.config.cluster.as_ref().map(|c| c.node)
     }
 
-    /// Publishes what `message` makes of this node's id, in cluster mode;
-    /// nothing otherwise.
+    /// Publishes to every node what `message` makes of this node's id, in
+    /// cluster mode; nothing otherwise.
     pub(super) fn publish(&mut self, message: impl FnOnce(NodeId) -> BusMessage) {
+        self.publish_to(BusTarget::All, message);
+    }
+
+    /// Publishes to `to` what `message` makes of this node's id, in
+    /// cluster mode, until the node has said it is leaving; nothing
+    /// otherwise.
+    pub(super) fn publish_to(&mut self, to: BusTarget, message: impl FnOnce(NodeId) -> BusMessage) {
+        if self.hub.liveness.has_left() {
+            return;
+        }
         if let Some(node) = self.node() {
             self.outputs.push_back(Output::Publish {
-                to: BusTarget::All,
+                to,
                 message: message(node),
             });
         }
     }
 
-    /// Tells the other nodes who is online here, asking for theirs if
-    /// `reply`.
-    pub(super) fn publish_roster(&mut self, reply: bool) {
+    /// Tells `to` who is online here, asking for theirs if `reply`.
+    pub(super) fn publish_roster(&mut self, to: BusTarget, reply: bool) {
         let mut users: Vec<Username> = self
             .hub
             .presence
@@ -41,12 +50,41 @@ impl Server {
             .map(|&u| self.hub.accounts.name(u).clone())
             .collect();
         users.sort_unstable();
-        self.publish(|node| BusMessage::Roster { node, users, reply });
+        self.publish_to(to, |node| BusMessage::Roster { node, users, reply });
+    }
+
+    /// Cluster mode's deadlines due by `now`: this node's heartbeat, and
+    /// the leases of nodes not heard from.
+    pub(super) fn cluster_timers(&mut self, now: Timestamp) {
+        if self.hub.liveness.heartbeat_due(now) {
+            let online = u32::try_from(self.hub.presence.online().len()).unwrap_or(u32::MAX);
+            self.publish(|node| BusMessage::Heartbeat { node, online });
+        }
+        for (node, last_heard) in self.hub.liveness.expire(now) {
+            self.outputs
+                .push_back(Output::Event(Event::NodeLost { node, last_heard }));
+            self.remove_node(node, last_heard);
+        }
     }
 
     /// Serves another node's message (one of this node's own, echoed by
     /// the bus, was dropped before).
     pub(super) fn serve_bus(&mut self, message: BusMessage, now: Timestamp) {
+        let sender = message.node();
+        let new_node = self.hub.liveness.heard(sender, now);
+        if new_node
+            && !matches!(
+                message,
+                BusMessage::Roster { .. } | BusMessage::Leaving { .. }
+            )
+        {
+            // A node this one did not know (it started while the bus was
+            // away here, or was given up and is back): who is on it?
+            self.publish_to(BusTarget::Node(sender), |node| BusMessage::RosterWanted {
+                node,
+            });
+            self.hub.liveness.should_ask_roster(sender, now);
+        }
         match message {
             BusMessage::Online { node, user } => {
                 if let Some(user) = self.remote_user(&user) {
@@ -73,9 +111,24 @@ impl Server {
                     self.went_offline_elsewhere(user, now);
                 }
                 if reply {
-                    self.publish_roster(false);
+                    self.publish_roster(BusTarget::Node(node), false);
                 }
             }
+            BusMessage::Heartbeat { node, online } => {
+                let known = self.hub.directory.count_on(node);
+                if u32::try_from(known).ok() != Some(online)
+                    && self.hub.liveness.should_ask_roster(node, now)
+                {
+                    // A presence message was lost on the way.
+                    self.publish_to(BusTarget::Node(node), |me| BusMessage::RosterWanted {
+                        node: me,
+                    });
+                }
+            }
+            BusMessage::RosterWanted { node } => {
+                self.publish_roster(BusTarget::Node(node), false);
+            }
+            BusMessage::Leaving { node, at } => self.remove_node(node, at.min(now)),
             BusMessage::Broadcast {
                 from,
                 text,
@@ -111,6 +164,7 @@ impl Server {
     /// `node` is gone (shut down, or given up for dead): its users went
     /// offline at `at`.
     pub(super) fn remove_node(&mut self, node: NodeId, at: Timestamp) {
+        self.hub.liveness.forget(node);
         for user in self.hub.directory.remove_node(node) {
             self.went_offline_elsewhere(user, at);
         }

@@ -5,11 +5,13 @@
 //! (offline delivery).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use crate::accounts::{Accounts, UserId};
 use crate::blocking::BlockList;
 use crate::directory::Directory;
 use crate::ids::{ConnId, VerifyTicket};
+use crate::liveness::Liveness;
 use crate::lockout::Lockout;
 use crate::offline::OfflineQueues;
 use crate::password::Password;
@@ -30,6 +32,9 @@ pub(crate) struct Hub {
     pub(crate) lockout: Lockout,
     /// Cluster mode: who is online on the other nodes.
     pub(crate) directory: Directory,
+    /// Cluster mode: which other nodes are alive, and this node's
+    /// heartbeat.
+    pub(crate) liveness: Liveness,
     /// Per-address limits.
     pub(crate) peers: Peers,
     /// Logins waiting for a password check, by ticket.
@@ -46,6 +51,10 @@ impl Hub {
             offline: OfflineQueues::new(&accounts, queue_limits(config), config.offline_texts),
             lockout: Lockout::new(config.lockout.clone()),
             directory: Directory::default(),
+            liveness: match &config.cluster {
+                Some(cluster) => Liveness::new(cluster.heartbeat_every, cluster.lease),
+                None => Liveness::new(Duration::MAX, Duration::MAX),
+            },
             peers: Peers::new(),
             verifications: HashMap::new(),
             next_ticket: 0,

@@ -16,7 +16,7 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use crate::accounts::Accounts;
-use crate::cluster::{BusMessage, NodeId};
+use crate::cluster::{BusMessage, BusTarget, NodeId};
 use crate::durability::{Key, Kind, Ledger, Persisted};
 use crate::error::RequestError;
 use crate::framing::{self, FrameDecoder, FrameError};
@@ -323,7 +323,9 @@ impl Server {
     }
 
     /// Ends every connection with `bye` reason `server_shutdown`. Users go
-    /// offline (the store is told) without presence notices, since everyone
+    /// offline (the store is told) without presence notices to this node's
+    /// users, since everyone is leaving; in cluster mode the other nodes
+    /// are told of each (their users get presence), then that this node
     /// is leaving.
     pub fn shutdown(&mut self, now: Timestamp) {
         let now = self.clock(now);
@@ -342,6 +344,10 @@ impl Server {
             });
             self.forget(conn, now, false);
         }
+        // After each user's `Offline`: the others forget this node now,
+        // not when its lease runs out.
+        self.publish(|node| BusMessage::Leaving { node, at: now });
+        self.hub.liveness.leave();
         self.settle(mark);
     }
 
@@ -382,13 +388,19 @@ impl Server {
                     .record_fact(Change::LockoutCleared { user: ended.name }, None);
             }
         }
+        if self.node().is_some() {
+            let mark = self.begin();
+            self.cluster_timers(now);
+            self.settle(mark);
+        }
         self.pump_drains();
     }
 
     /// What another node published ([`crate::cluster`]; cluster mode,
     /// else ignored): its users coming and going, its roster, a
-    /// broadcast, a block. This node's own messages, which the bus hands
-    /// back, are ignored, as are names this node has no account for.
+    /// broadcast, a block, a heartbeat. Every message shows its sender
+    /// alive. This node's own messages, which the bus hands back, are
+    /// ignored, as are names this node has no account for.
     pub fn handle_bus(&mut self, message: BusMessage, now: Timestamp) {
         let now = self.clock(now);
         self.catch_up_timers(now);
@@ -403,17 +415,32 @@ impl Server {
 
     /// The driver's bus connection is up: the first time, or again after a
     /// loss (cluster mode, else ignored). This node publishes who is
-    /// online here and asks the others for theirs; what the rosters say
-    /// repairs presence that was lost while the bus was away.
+    /// online here and asks the others for theirs, which repairs presence
+    /// lost while the bus was away, and starts its heartbeats.
     pub fn handle_bus_restored(&mut self, now: Timestamp) {
         let now = self.clock(now);
         self.catch_up_timers(now);
-        self.publish_roster(true);
+        if self.node().is_none() {
+            return;
+        }
+        self.publish_roster(BusTarget::All, true);
+        self.hub.liveness.bus_up(now);
+        self.handle_timeout(now);
     }
 
-    /// Node `node` is gone, last known alive at `at`: shut down, or given
-    /// up for dead by the driver (cluster mode, else ignored). Its users
-    /// are offline from `at`, and this node's users are told.
+    /// The driver's bus connection was lost (cluster mode, else ignored):
+    /// heartbeats stop until [`Server::handle_bus_restored`]. The other
+    /// nodes' users stay in the directory until their nodes' leases run
+    /// out unheard.
+    pub fn handle_bus_lost(&mut self, now: Timestamp) {
+        let now = self.clock(now);
+        self.catch_up_timers(now);
+        self.hub.liveness.bus_down();
+    }
+
+    /// Node `node` is gone, last known alive at `at`: the driver knows it
+    /// (cluster mode, else ignored) sooner than its lease would tell. Its
+    /// users are offline from `at`, and this node's users are told.
     pub fn handle_node_gone(&mut self, node: NodeId, at: Timestamp, now: Timestamp) {
         let now = self.clock(now);
         self.catch_up_timers(now);
@@ -684,6 +711,8 @@ impl Server {
             self.idle_timers.first().map(|&(at, _)| at),
             self.hub.lockout.next_expiry(),
             self.closing_deadlines.first().map(|&(at, _)| at),
+            self.hub.liveness.next_heartbeat(),
+            self.hub.liveness.next_expiry(),
         ]
         .into_iter()
         .flatten()
@@ -718,6 +747,14 @@ impl Server {
             self.closing_deadlines
                 .first()
                 .map(|&(at, _)| (at, Timer::ClosingDrain)),
+            self.hub
+                .liveness
+                .next_heartbeat()
+                .map(|at| (at, Timer::Heartbeat)),
+            self.hub
+                .liveness
+                .next_expiry()
+                .map(|at| (at, Timer::NodeLease)),
         ]
         .into_iter()
         .flatten()
@@ -733,7 +770,8 @@ impl Server {
             queued_offline_messages: self.hub.offline.total().messages,
             locked_accounts: self.hub.lockout.locked_accounts(),
             uptime_secs: (now - self.started_at).as_secs(),
-            cluster_nodes: self.node().map(|_| self.hub.directory.nodes()),
+            cluster_node: self.config.cluster.as_ref().map(|c| c.name.clone()),
+            cluster_nodes: self.node().map(|_| self.hub.liveness.nodes_alive() + 1),
             cluster_users_online: self
                 .node()
                 .map(|_| self.hub.presence.online().len() + self.hub.directory.len()),

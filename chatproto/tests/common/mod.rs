@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chatproto::{
-    Accounts, BatchId, BusMessage, ByeReason, Change, ConnId, ErrorCode, ErrorFrame, Event,
-    HashedPassword, OkFrame, Output, Password, PeerKey, Persisted, Server, ServerConfig,
+    Accounts, BatchId, BusMessage, BusTarget, ByeReason, Change, ConnId, ErrorCode, ErrorFrame,
+    Event, HashedPassword, OkFrame, Output, Password, PeerKey, Persisted, Server, ServerConfig,
     ServerFrame, Snapshot, Timestamp, VerifyTicket,
 };
 
@@ -70,7 +70,7 @@ pub struct Sim {
     pub verifications: Vec<(VerifyTicket, HashedPassword, Password)>,
     /// What the core published to the other nodes (cluster mode), oldest
     /// first, until a test takes it.
-    pub published: Vec<BusMessage>,
+    pub published: Vec<(BusTarget, BusMessage)>,
     next_random: u8,
 }
 
@@ -294,7 +294,7 @@ impl Sim {
                     committed.push(batch);
                 }
                 Output::Persist { batch, changes } => self.batches.push((batch, changes)),
-                Output::Publish { message, .. } => self.published.push(message),
+                Output::Publish { to, message } => self.published.push((to, message)),
                 other => panic!("unexpected output {other:?}"),
             }
         }

@@ -2,6 +2,8 @@
 //! (`.ci/test` starts a private one when it is not set), with a subject
 //! prefix of the test's own; or, for tests that stop and restart it, a
 //! private `nats-server` of the test's own on a free loopback port.
+// Each test binary that includes this uses only part of it.
+#![allow(dead_code)]
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};

@@ -3,6 +3,8 @@
 //! to create databases). `.ci/test` starts a private server and sets it
 //! when it is not set. The database is dropped when the test ends, however
 //! it ends; nothing else on that server is touched.
+// Each test binary that includes this uses only part of it.
+#![allow(dead_code)]
 
 use std::sync::atomic::{AtomicU32, Ordering};
 

@@ -1,0 +1,217 @@
+//! Cluster mode: which other nodes are alive, judged by when each was last
+//! heard from on the bus, and when this node's own heartbeat is due.
+//!
+//! Every message a node publishes shows it alive; a node with nothing to
+//! say sends a heartbeat every [`ClusterConfig::heartbeat_every`]. One not
+//! heard from for a [`ClusterConfig::lease`] is given up for dead: its
+//! users are offline from the moment it was last heard from.
+//!
+//! [`ClusterConfig::heartbeat_every`]: crate::ClusterConfig::heartbeat_every
+//! [`ClusterConfig::lease`]: crate::ClusterConfig::lease
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::cluster::NodeId;
+use crate::time::Timestamp;
+
+/// The other nodes this one has heard from, and its own heartbeat.
+#[derive(Debug)]
+pub(crate) struct Liveness {
+    lease: Duration,
+    heartbeat_every: Duration,
+    /// When each other node was last heard from. Ordered, so that nodes
+    /// given up at one moment go in one order on every run.
+    heard: BTreeMap<NodeId, Heard>,
+    /// When this node's next heartbeat is due; `None` while the bus is
+    /// down (a heartbeat could not leave, and would arrive stale).
+    next_heartbeat: Option<Timestamp>,
+    /// This node said it is leaving: it says nothing more, so that no
+    /// node takes it for alive again.
+    left: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Heard {
+    at: Timestamp,
+    /// When this node last asked it for its roster (a count in its
+    /// heartbeat did not match): asked at most once a lease.
+    roster_asked: Option<Timestamp>,
+}
+
+impl Liveness {
+    /// Nobody heard from yet; the first heartbeat is due when the bus is
+    /// up ([`Liveness::bus_up`]).
+    pub(crate) fn new(heartbeat_every: Duration, lease: Duration) -> Liveness {
+        Liveness {
+            lease,
+            heartbeat_every,
+            heard: BTreeMap::new(),
+            next_heartbeat: None,
+            left: false,
+        }
+    }
+
+    /// `node` was heard from at `now`. True if it was not known alive.
+    pub(crate) fn heard(&mut self, node: NodeId, now: Timestamp) -> bool {
+        match self.heard.get_mut(&node) {
+            Some(heard) => {
+                heard.at = heard.at.max(now);
+                false
+            }
+            None => {
+                self.heard.insert(
+                    node,
+                    Heard {
+                        at: now,
+                        roster_asked: None,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// Whether to ask `node` for its roster now, because its heartbeat's
+    /// count disagrees with the directory: at most once a lease, so a
+    /// disagreement that persists does not make a request every beat.
+    pub(crate) fn should_ask_roster(&mut self, node: NodeId, now: Timestamp) -> bool {
+        let lease = self.lease;
+        match self.heard.get_mut(&node) {
+            Some(heard) if heard.roster_asked.map_or(true, |at| now >= at + lease) => {
+                heard.roster_asked = Some(now);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// `node` left, or was given up: forgotten.
+    pub(crate) fn forget(&mut self, node: NodeId) {
+        self.heard.remove(&node);
+    }
+
+    /// The nodes not heard from for a lease by `now`, each with when it was
+    /// last heard from; they are forgotten.
+    pub(crate) fn expire(&mut self, now: Timestamp) -> Vec<(NodeId, Timestamp)> {
+        let lease = self.lease;
+        let expired: Vec<(NodeId, Timestamp)> = self
+            .heard
+            .iter()
+            .filter(|(_, heard)| heard.at + lease <= now)
+            .map(|(&node, heard)| (node, heard.at))
+            .collect();
+        for (node, _) in &expired {
+            self.heard.remove(node);
+        }
+        expired
+    }
+
+    /// When the first node alive now runs out of lease, if nothing is heard
+    /// from it before.
+    pub(crate) fn next_expiry(&self) -> Option<Timestamp> {
+        self.heard.values().map(|heard| heard.at + self.lease).min()
+    }
+
+    /// How many other nodes are alive, as far as this one knows.
+    pub(crate) fn nodes_alive(&self) -> usize {
+        self.heard.len()
+    }
+
+    /// The bus is up at `now`: a heartbeat is due at once (unless this
+    /// node has left).
+    pub(crate) fn bus_up(&mut self, now: Timestamp) {
+        if !self.left {
+            self.next_heartbeat = Some(now);
+        }
+    }
+
+    /// This node is leaving the cluster: no more heartbeats, or anything
+    /// else ([`Liveness::has_left`]).
+    pub(crate) fn leave(&mut self) {
+        self.left = true;
+        self.next_heartbeat = None;
+    }
+
+    /// Whether this node has left.
+    pub(crate) fn has_left(&self) -> bool {
+        self.left
+    }
+
+    /// The bus is down: no heartbeats until it is up again.
+    pub(crate) fn bus_down(&mut self) {
+        self.next_heartbeat = None;
+    }
+
+    /// When this node's next heartbeat is due.
+    pub(crate) fn next_heartbeat(&self) -> Option<Timestamp> {
+        self.next_heartbeat
+    }
+
+    /// Whether a heartbeat is due by `now`; if so, the next one is
+    /// scheduled a period later.
+    pub(crate) fn heartbeat_due(&mut self, now: Timestamp) -> bool {
+        match self.next_heartbeat {
+            Some(due) if due <= now => {
+                self.next_heartbeat = Some(now + self.heartbeat_every);
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: u64) -> Timestamp {
+        Timestamp::from_unix_millis(secs * 1000)
+    }
+
+    #[test]
+    fn a_node_not_heard_from_for_a_lease_expires_from_when_it_was_last_heard() {
+        let mut liveness = Liveness::new(Duration::from_secs(1), Duration::from_secs(10));
+        let (a, b) = (NodeId::from_u128(1), NodeId::from_u128(2));
+        assert!(liveness.heard(a, at(0)));
+        assert!(liveness.heard(b, at(3)));
+        assert!(!liveness.heard(a, at(5)));
+        assert_eq!(liveness.next_expiry(), Some(at(13)));
+        assert_eq!(liveness.expire(at(12)), vec![]);
+        assert_eq!(liveness.expire(at(13)), vec![(b, at(3))]);
+        assert_eq!(liveness.nodes_alive(), 1);
+        assert_eq!(liveness.next_expiry(), Some(at(15)));
+    }
+
+    #[test]
+    fn heartbeats_run_only_while_the_bus_is_up() {
+        let mut liveness = Liveness::new(Duration::from_secs(1), Duration::from_secs(10));
+        assert!(!liveness.heartbeat_due(at(0)));
+        liveness.bus_up(at(0));
+        assert!(liveness.heartbeat_due(at(0)));
+        assert!(!liveness.heartbeat_due(at(0)));
+        assert_eq!(liveness.next_heartbeat(), Some(at(1)));
+        liveness.bus_down();
+        assert!(!liveness.heartbeat_due(at(5)));
+        assert_eq!(liveness.next_heartbeat(), None);
+        liveness.bus_up(at(6));
+        liveness.leave();
+        assert_eq!(liveness.next_heartbeat(), None);
+        liveness.bus_up(at(7));
+        assert!(
+            !liveness.heartbeat_due(at(8)),
+            "a node that left stays quiet"
+        );
+    }
+
+    #[test]
+    fn a_roster_is_asked_for_at_most_once_a_lease() {
+        let mut liveness = Liveness::new(Duration::from_secs(1), Duration::from_secs(10));
+        let a = NodeId::from_u128(1);
+        assert!(!liveness.should_ask_roster(a, at(0)), "unknown node");
+        liveness.heard(a, at(0));
+        assert!(liveness.should_ask_roster(a, at(0)));
+        assert!(!liveness.should_ask_roster(a, at(9)));
+        assert!(liveness.should_ask_roster(a, at(10)));
+    }
+}

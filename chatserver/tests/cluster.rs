@@ -1,0 +1,298 @@
+//! Cluster mode end to end: several `chatserver` processes on one
+//! PostgreSQL database (a fresh one per test, on `CHATSERVER_TEST_PG`) and
+//! one NATS (`CHATSERVER_TEST_NATS` with a cluster name of the test's own,
+//! or a private nats-server for the tests that stop it), clients on
+//! different nodes. What is built so far: presence, `whoelse`, broadcast
+//! and blocks across nodes; a killed node's users going offline after its
+//! lease, a stopped node's at once; presence repaired after NATS restarts;
+//! `/readyz` following NATS.
+
+mod common;
+#[path = "common/nats.rs"]
+mod nats;
+#[path = "common/postgres.rs"]
+mod test_database;
+
+use std::time::{Duration, Instant};
+
+use common::{frame_kinds, http_exchange, run, Client, TestServer, CREDENTIALS};
+use nats::PrivateNats;
+use test_database::TestDatabase;
+
+const LISTEN: &[&str] = &["--listen", "127.0.0.1:0"];
+
+/// A cluster name no other test (or test run) uses: subjects of the
+/// shared NATS server are not crossed.
+fn cluster_name() -> String {
+    nats::unique_prefix().replace('.', "-")
+}
+
+/// Starts `n` nodes of one cluster, each with `args` besides, and waits
+/// until each has joined the bus (so nothing said at a login is missed:
+/// a node that joins later learns it from the rosters anyway).
+fn start_nodes(n: usize, db: &TestDatabase, nats_url: &str, args: &[&str]) -> Vec<TestServer> {
+    let name = cluster_name();
+    (0..n)
+        .map(|i| {
+            let node_name = format!("node-{i}");
+            let mut all = vec![
+                "--db",
+                &db.url,
+                "--nats",
+                nats_url,
+                "--cluster-name",
+                &name,
+                "--node-name",
+                &node_name,
+                "--admin",
+                "root",
+                "--http",
+                "127.0.0.1:0",
+            ];
+            all.extend_from_slice(args);
+            let node = TestServer::start_with(CREDENTIALS, LISTEN, &all);
+            node.wait_for_log("connected to NATS");
+            node
+        })
+        .collect()
+}
+
+/// The next presence frame about `user` within `within`, skipping others.
+fn presence_of(client: &mut Client, user: &str, within: Duration) -> Option<bool> {
+    let until = Instant::now() + within;
+    while let Some(left) = until.checked_duration_since(Instant::now()) {
+        let frame = client.recv_within(left)?;
+        if frame["type"] == "presence" && frame["user"] == user {
+            return frame["online"].as_bool();
+        }
+    }
+    None
+}
+
+/// Who `client` is told went offline, until no presence frame comes for
+/// `quiet`.
+fn offline_told(client: &mut Client, quiet: Duration) -> Vec<String> {
+    let mut users = Vec::new();
+    while let Some(frame) = client.recv_within(quiet) {
+        if frame["type"] == "presence" && frame["online"] == false {
+            users.push(frame["user"].as_str().unwrap().to_owned());
+        }
+    }
+    users
+}
+
+/// `whoelse` as a sorted list of names.
+fn whoelse(client: &mut Client) -> Vec<String> {
+    let ok = client.ask("whoelse");
+    let mut users: Vec<String> = ok["users"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{ok}"))
+        .iter()
+        .map(|u| u.as_str().unwrap().to_owned())
+        .collect();
+    users.sort();
+    users
+}
+
+/// Asks `whoelse` until it is `want` (presence crosses the bus: a few
+/// milliseconds on loopback), for at most 5 s.
+fn whoelse_becomes(client: &mut Client, want: &[&str]) {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let users = whoelse(client);
+        if users == want {
+            return;
+        }
+        assert!(Instant::now() < until, "whoelse is {users:?}, not {want:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn readyz(node: &TestServer) -> String {
+    http_exchange(
+        node.http_addr(),
+        b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+}
+
+#[test]
+fn users_on_different_nodes_act_as_on_one_server() {
+    let db = TestDatabase::create();
+    let nodes = start_nodes(3, &db, &nats::shared_url(), &[]);
+    let mut alice = nodes[0].login("alice");
+    let mut bob = nodes[1].login("bob");
+    assert_eq!(
+        presence_of(&mut alice, "bob", Duration::from_secs(5)),
+        Some(true)
+    );
+    let mut carol = nodes[2].login("carol");
+    let mut dave = nodes[2].login("dave");
+    whoelse_becomes(&mut alice, &["bob", "carol", "dave"]);
+    whoelse_becomes(&mut bob, &["alice", "carol", "dave"]);
+
+    // carol (node 2) blocks alice (node 0): the broadcast skips her, and
+    // the counts are the cluster's.
+    assert_eq!(carol.ask("block alice")["type"], "ok");
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let ok = alice.ask("broadcast hello everyone");
+        if ok["skipped"] == 1 {
+            assert_eq!(ok["delivered"], 2, "{ok}");
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the block never reached node 0: {ok}"
+        );
+    }
+    for client in [&mut bob, &mut dave] {
+        let frame = client.recv_type("broadcast");
+        assert_eq!(frame["from"], "alice");
+    }
+
+    // debug server: this node's figures, and the cluster's.
+    let mut root = nodes[1].login("root");
+    let state = root.ask("debug server")["state"].clone();
+    assert_eq!(state["cluster_node"], "node-1", "{state}");
+    assert_eq!(state["cluster_nodes"], 3, "{state}");
+    assert_eq!(state["users_online"], 2, "{state}");
+    assert_eq!(state["cluster_users_online"], 5, "{state}");
+
+    // bob leaves: alice, on another node, is told.
+    bob.ask("logout");
+    assert_eq!(
+        presence_of(&mut alice, "bob", Duration::from_secs(5)),
+        Some(false)
+    );
+    // (carol, who blocked alice, is not shown to her.)
+    whoelse_becomes(&mut alice, &["dave", "root"]);
+    assert!(readyz(&nodes[0]).starts_with("HTTP/1.1 200"));
+}
+
+#[test]
+fn a_killed_nodes_users_go_offline_after_its_lease() {
+    let db = TestDatabase::create();
+    let nodes = start_nodes(2, &db, &nats::shared_url(), &["--node-lease-secs", "1"]);
+    let mut alice = nodes[0].login("alice");
+    let _bob = nodes[1].login("bob");
+    assert_eq!(
+        presence_of(&mut alice, "bob", Duration::from_secs(5)),
+        Some(true)
+    );
+    nodes[1].signal("KILL");
+    let killed = Instant::now();
+    assert_eq!(
+        presence_of(&mut alice, "bob", Duration::from_secs(5)),
+        Some(false)
+    );
+    // A 1 s lease, heard from every 100 ms: gone within about a second.
+    assert!(
+        killed.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        killed.elapsed()
+    );
+    assert_eq!(whoelse(&mut alice), Vec::<String>::new());
+    let since = alice.ask("whoelsesince 60");
+    assert_eq!(since["users"], serde_json::json!(["bob"]), "{since}");
+    nodes[0].wait_for_log("was not heard from for its lease");
+}
+
+#[test]
+fn a_stopped_nodes_users_go_offline_at_once() {
+    let db = TestDatabase::create();
+    // A long lease: what alice is told comes from the node's goodbye.
+    let mut nodes = start_nodes(2, &db, &nats::shared_url(), &["--node-lease-secs", "60"]);
+    let mut alice = nodes[0].login("alice");
+    let mut bob = nodes[1].login("bob");
+    let mut carol = nodes[1].login("carol");
+    whoelse_becomes(&mut alice, &["bob", "carol"]);
+    nodes[1].signal("TERM");
+    // Its own clients get bye, and no presence of each other leaving.
+    for client in [&mut bob, &mut carol] {
+        let frames = client.recv_to_end();
+        assert_eq!(
+            frame_kinds(&frames).last().map(String::as_str),
+            Some("bye server_shutdown"),
+            "{frames:?}"
+        );
+        assert!(frames.iter().all(|f| f["online"] != false), "{frames:?}");
+    }
+    assert!(nodes[1].wait_exit().success());
+    // alice hears of both at once, not a minute later.
+    let mut told = offline_told(&mut alice, Duration::from_secs(3));
+    told.sort();
+    assert_eq!(told, ["bob", "carol"]);
+    let state = nodes[0].login("root").ask("debug server")["state"].clone();
+    assert_eq!(state["cluster_nodes"], 1, "forgotten at once: {state}");
+}
+
+#[test]
+fn presence_missed_while_nats_was_down_is_repaired() {
+    let db = TestDatabase::create();
+    let mut bus = PrivateNats::start();
+    let nodes = start_nodes(2, &db, &bus.url(), &["--node-lease-secs", "30"]);
+    let mut alice = nodes[0].login("alice");
+    let mut bob = nodes[1].login("bob");
+    whoelse_becomes(&mut alice, &["bob"]);
+
+    bus.kill();
+    nodes[0].wait_for_log("lost the NATS connection");
+    nodes[1].wait_for_log("lost the NATS connection");
+    let down = readyz(&nodes[0]);
+    assert!(down.starts_with("HTTP/1.1 503"), "{down}");
+    assert!(
+        down.ends_with("not ready: NATS cannot be reached\n"),
+        "{down}"
+    );
+    // Each node goes on serving its own clients.
+    bob.ask("logout");
+    let mut carol = nodes[1].login("carol");
+    assert_eq!(whoelse(&mut carol), ["alice"], "node 1 still has alice");
+    assert_eq!(whoelse(&mut alice), ["bob"], "nobody could tell node 0");
+
+    bus.restart();
+    assert_eq!(
+        presence_of(&mut alice, "bob", Duration::from_secs(10)),
+        Some(false)
+    );
+    whoelse_becomes(&mut alice, &["carol"]);
+    whoelse_becomes(&mut carol, &["alice"]);
+    let until = Instant::now() + Duration::from_secs(5);
+    while !readyz(&nodes[0]).starts_with("HTTP/1.1 200") {
+        assert!(Instant::now() < until, "never ready again");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn cluster_flags_are_checked() {
+    let (code, err) = run(&["--nats", "nats://127.0.0.1:4222", "--no-db"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--nats needs a PostgreSQL --db"), "{err}");
+    assert!(err.contains("not --no-db"), "{err}");
+    let (code, err) = run(&["--nats", "nats://127.0.0.1:4222", "--db", "chat.db"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("not --db chat.db"), "{err}");
+    let (code, err) = run(&["--cluster-name", "a"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("--nats <URL>"), "{err}");
+    let (code, err) = run(&[
+        "--nats",
+        "nats://127.0.0.1:4222",
+        "--db",
+        "postgres://db/chat",
+        "--cluster-name",
+        "a.b",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("letters, digits"), "{err}");
+    let (code, err) = run(&[
+        "--nats",
+        "http://chat:s3cret@host",
+        "--db",
+        "postgres://db/chat",
+    ]);
+    assert_eq!(code, 2);
+    assert!(err.contains("use nats://"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+}
