@@ -114,6 +114,10 @@ pub fn closed(reason: Option<ByeReason>) -> (String, u8) {
         Some(ByeReason::ServerShutdown) => {
             ("Disconnected: the server is shutting down.".to_owned(), 4)
         }
+        Some(ByeReason::NodeExpired) => (
+            "Disconnected: the server lost touch with its cluster; connect again.".to_owned(),
+            4,
+        ),
         Some(ByeReason::LoginTimeout) => ("Disconnected: did not log in in time.".to_owned(), 3),
         Some(ByeReason::Flood) => ("Disconnected: too many requests, too fast.".to_owned(), 6),
         Some(ByeReason::TooManyConnections) => (

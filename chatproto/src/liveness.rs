@@ -26,6 +26,9 @@ pub(crate) struct Liveness {
     /// When this node's next heartbeat is due; `None` while the bus is
     /// down (a heartbeat could not leave, and would arrive stale).
     next_heartbeat: Option<Timestamp>,
+    /// When this node last said it was alive, while the bus is up: a
+    /// heartbeat overdue by a lease means the others have given it up.
+    last_beat: Option<Timestamp>,
     /// This node said it is leaving: it says nothing more, so that no
     /// node takes it for alive again.
     left: bool,
@@ -48,6 +51,7 @@ impl Liveness {
             heartbeat_every,
             heard: BTreeMap::new(),
             next_heartbeat: None,
+            last_beat: None,
             left: false,
         }
     }
@@ -141,6 +145,21 @@ impl Liveness {
     /// The bus is down: no heartbeats until it is up again.
     pub(crate) fn bus_down(&mut self) {
         self.next_heartbeat = None;
+        self.last_beat = None;
+    }
+
+    /// How long this node has said nothing while the bus was up, if that
+    /// is a lease or more by `now`: it was frozen (or its loop stalled),
+    /// and the others have given it up. Its heartbeats start again from
+    /// `now`.
+    pub(crate) fn silent_for_a_lease(&mut self, now: Timestamp) -> Option<Duration> {
+        let silent = now.saturating_since(self.last_beat?);
+        if silent < self.lease {
+            return None;
+        }
+        self.last_beat = Some(now);
+        self.next_heartbeat = Some(now);
+        Some(silent)
     }
 
     /// When this node's next heartbeat is due.
@@ -154,6 +173,7 @@ impl Liveness {
         match self.next_heartbeat {
             Some(due) if due <= now => {
                 self.next_heartbeat = Some(now + self.heartbeat_every);
+                self.last_beat = Some(now);
                 true
             }
             _ => false,
@@ -202,6 +222,23 @@ mod tests {
             !liveness.heartbeat_due(at(8)),
             "a node that left stays quiet"
         );
+    }
+
+    #[test]
+    fn a_node_silent_for_a_lease_while_the_bus_was_up_knows_it() {
+        let mut liveness = Liveness::new(Duration::from_secs(1), Duration::from_secs(10));
+        assert_eq!(liveness.silent_for_a_lease(at(100)), None, "never beat");
+        liveness.bus_up(at(0));
+        assert!(liveness.heartbeat_due(at(0)));
+        assert_eq!(liveness.silent_for_a_lease(at(9)), None);
+        assert_eq!(
+            liveness.silent_for_a_lease(at(12)),
+            Some(Duration::from_secs(12))
+        );
+        assert_eq!(liveness.silent_for_a_lease(at(13)), None, "once");
+        // Silence while the bus is down is the bus's, not this node's.
+        liveness.bus_down();
+        assert_eq!(liveness.silent_for_a_lease(at(60)), None);
     }
 
     #[test]

@@ -143,6 +143,14 @@ pub enum Event {
         /// When it was last heard from.
         last_heard: Timestamp,
     },
+    /// Cluster mode: this node said nothing for `silent_for`, a lease or
+    /// more, while the bus was up (it was frozen, or its loop stalled), so
+    /// the others gave it up: it closed every connection (`bye
+    /// node_expired`) and joined again with nobody on it.
+    NodeExpired {
+        /// How long it was silent.
+        silent_for: std::time::Duration,
+    },
 }
 
 /// One of the core's timers, as [`Server::next_timer`](crate::Server::next_timer) names it.

@@ -240,6 +240,10 @@ pub enum ByeReason {
     LoginTimeout,
     /// The connection kept sending past its rate limit.
     Flood,
+    /// Cluster mode: this node was out of touch with the others for longer
+    /// than its lease (frozen, or its event loop stalled), so the cluster
+    /// had given its sessions up. Connecting again (to any node) works.
+    NodeExpired,
     /// A reason this version does not know (sent by a newer server).
     #[serde(other)]
     Unrecognized,
@@ -257,6 +261,7 @@ impl ByeReason {
             ByeReason::TooManyConnections => "too_many_connections",
             ByeReason::LoginTimeout => "login_timeout",
             ByeReason::Flood => "flood",
+            ByeReason::NodeExpired => "node_expired",
             ByeReason::Unrecognized => "unrecognized",
         }
     }

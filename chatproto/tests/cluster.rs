@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chatproto::{
-    BusDecodeError, BusMessage, BusTarget, ClusterConfig, ConnId, Event, NodeId, Reply,
+    BusDecodeError, BusMessage, BusTarget, ByeReason, ClusterConfig, ConnId, Event, NodeId, Reply,
     ServerFrame, Timer, BUS_VERSION,
 };
 use common::{config, names, presences, secs, Sim};
@@ -145,12 +145,15 @@ impl Cluster {
         self.stopped.insert(i);
     }
 
-    /// Node `i` runs again after a stop: its clock jumps to the others'.
+    /// Node `i` runs again after a stop: its clock jumps to the others'
+    /// at once, as a frozen process's does when it is resumed.
     fn resume(&mut self, i: usize) {
         self.stopped.remove(&i);
         let now = self.nodes[(i + 1) % self.nodes.len()].now;
-        let behind = now.saturating_since(self.nodes[i].now);
-        self.nodes[i].advance(behind);
+        let node = &mut self.nodes[i];
+        node.now = now;
+        node.server.handle_timeout(now);
+        node.pump();
         self.settle();
     }
 
@@ -367,19 +370,60 @@ fn a_node_not_heard_from_for_a_lease_is_given_up() {
 }
 
 #[test]
-fn a_node_heard_again_after_being_given_up_is_asked_who_is_on_it() {
+fn a_node_frozen_past_its_lease_closes_its_clients_and_joins_again() {
     let mut c = Cluster::new(2);
     let alice = c.login(0, "alice");
-    c.login(1, "bob");
+    let bob = c.login(1, "bob");
+    let carol = c.login(1, "carol");
     c.nodes[0].take(alice);
-    // Node 1 freezes past its lease, then runs again.
+    // Node 1 freezes past its lease: node 0 gives it up.
     c.stop(1);
     c.advance(secs(12));
-    assert_eq!(presences(&c.nodes[0].take(alice)), [("bob".into(), false)]);
-    c.resume(1);
-    c.advance(secs(2));
+    let mut told = presences(&c.nodes[0].take(alice));
+    told.sort();
+    assert_eq!(told, [("bob".into(), false), ("carol".into(), false)]);
+    // bob logs in again on node 0 meanwhile: his session is there now.
+    let bob_again = c.login(0, "bob");
     assert_eq!(presences(&c.nodes[0].take(alice)), [("bob".into(), true)]);
+
+    // Node 1 runs again: it must not go on serving sessions the cluster
+    // gave up. Every client gets `bye node_expired`, nobody is told of
+    // anyone (its users were announced offline long ago), and it joins
+    // again with nobody on it.
+    c.resume(1);
+    for conn in [bob, carol] {
+        assert_eq!(c.nodes[1].closed.get(&conn), Some(&ByeReason::NodeExpired));
+    }
+    assert!(c.nodes[1]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::NodeExpired { silent_for } if *silent_for >= secs(10))));
+    c.advance(secs(2));
+    assert_eq!(presences(&c.nodes[0].take(alice)), []);
     assert_eq!(c.whoelse(0, alice), ["bob"]);
+    assert_eq!(c.whoelse(0, bob_again), ["alice"]);
+    // Back in the cluster: a login there is seen on node 0.
+    let carol = c.login(1, "carol");
+    assert_eq!(presences(&c.nodes[0].take(alice)), [("carol".into(), true)]);
+    assert_eq!(c.whoelse(1, carol), ["alice", "bob"]);
+    assert_eq!(
+        c.nodes[0].server.debug_state(c.nodes[0].now).cluster_nodes,
+        Some(2)
+    );
+}
+
+#[test]
+fn a_bus_outage_longer_than_a_lease_closes_nobody() {
+    let mut c = Cluster::new(2);
+    let alice = c.login(0, "alice");
+    let bob = c.login(1, "bob");
+    c.lose_bus();
+    c.advance(secs(30));
+    c.restore_bus();
+    c.advance(secs(2));
+    assert!(c.nodes[0].closed.is_empty() && c.nodes[1].closed.is_empty());
+    assert_eq!(c.whoelse(0, alice), ["bob"]);
+    assert_eq!(c.whoelse(1, bob), ["alice"]);
 }
 
 #[test]

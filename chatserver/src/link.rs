@@ -700,11 +700,11 @@ pub fn backlog_verdict(
 }
 
 /// The WebSocket close status that goes with a `bye` reason: 1001 (going
-/// away) at shutdown, 1008 (policy) for a flood or a slow consumer, 1000
-/// otherwise.
+/// away) at shutdown or when a cluster node expired, 1008 (policy) for a
+/// flood or a slow consumer, 1000 otherwise.
 pub fn websocket_close_code(reason: Option<ByeReason>) -> CloseCode {
     match reason {
-        Some(ByeReason::ServerShutdown) => CloseCode::Away,
+        Some(ByeReason::ServerShutdown | ByeReason::NodeExpired) => CloseCode::Away,
         Some(ByeReason::Flood | ByeReason::SlowConsumer) => CloseCode::Policy,
         _ => CloseCode::Normal,
     }
@@ -1026,6 +1026,7 @@ mod tests {
     fn each_bye_reason_has_its_websocket_close_status() {
         let code = |r| u16::from(websocket_close_code(r));
         assert_eq!(code(Some(ByeReason::ServerShutdown)), 1001);
+        assert_eq!(code(Some(ByeReason::NodeExpired)), 1001);
         assert_eq!(code(Some(ByeReason::Flood)), 1008);
         assert_eq!(code(Some(ByeReason::SlowConsumer)), 1008);
         assert_eq!(code(Some(ByeReason::Logout)), 1000);

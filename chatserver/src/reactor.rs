@@ -1552,6 +1552,10 @@ fn log_event(event: &CoreEvent, accounts: &chatproto::Accounts) {
             %last_heard,
             "a node was not heard from for its lease: its users are offline"
         ),
+        CoreEvent::NodeExpired { silent_for } => error!(
+            silent_ms = silent_for.as_millis(),
+            "this node was silent for longer than its lease (frozen, or its event loop stalled), so the cluster gave it up: closed every connection (bye node_expired) and joined again"
+        ),
         other => debug!("{other:?}"),
     }
 }

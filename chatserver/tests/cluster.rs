@@ -4,7 +4,8 @@
 //! or a private nats-server for the tests that stop it), clients on
 //! different nodes. What is built so far: presence, `whoelse`, broadcast
 //! and blocks across nodes; a killed node's users going offline after its
-//! lease, a stopped node's at once; presence repaired after NATS restarts;
+//! lease, a stopped node's at once; a node frozen past its lease closing
+//! its clients when it runs again; presence repaired after NATS restarts;
 //! `/readyz` following NATS.
 
 mod common;
@@ -195,6 +196,42 @@ fn a_killed_nodes_users_go_offline_after_its_lease() {
     let since = alice.ask("whoelsesince 60");
     assert_eq!(since["users"], serde_json::json!(["bob"]), "{since}");
     nodes[0].wait_for_log("was not heard from for its lease");
+}
+
+#[test]
+fn a_node_frozen_past_its_lease_closes_its_clients_when_it_runs_again() {
+    let db = TestDatabase::create();
+    let nodes = start_nodes(2, &db, &nats::shared_url(), &["--node-lease-secs", "1"]);
+    let mut alice = nodes[0].login("alice");
+    let mut bob = nodes[1].login("bob");
+    assert_eq!(
+        presence_of(&mut alice, "bob", Duration::from_secs(5)),
+        Some(true)
+    );
+    nodes[1].signal("STOP");
+    assert_eq!(
+        presence_of(&mut alice, "bob", Duration::from_secs(5)),
+        Some(false),
+        "given up after its lease"
+    );
+    // bob's session was given up: he may log in on node 0 now.
+    let mut bob_again = nodes[0].login("bob");
+    nodes[1].signal("CONT");
+    let frames = bob.recv_to_end();
+    assert_eq!(
+        frame_kinds(&frames).last().map(String::as_str),
+        Some("bye node_expired"),
+        "{frames:?}"
+    );
+    nodes[1].wait_for_log("silent for longer than its lease");
+    // Node 1 is back in the cluster, with nobody on it until a login.
+    let mut carol = nodes[1].login("carol");
+    assert_eq!(
+        presence_of(&mut alice, "carol", Duration::from_secs(5)),
+        Some(true)
+    );
+    whoelse_becomes(&mut carol, &["alice", "bob"]);
+    whoelse_becomes(&mut bob_again, &["alice", "carol"]);
 }
 
 #[test]

@@ -4,7 +4,10 @@
 
 use crate::accounts::UserId;
 use crate::cluster::{BusMessage, BusTarget, NodeId};
+use crate::durability::Kind;
+use crate::ids::ConnId;
 use crate::output::{Event, Output};
+use crate::server_frame::ByeReason;
 use crate::server_frame::{BroadcastFrame, ServerFrame};
 use crate::time::Timestamp;
 use crate::username::Username;
@@ -56,6 +59,9 @@ impl Server {
     /// Cluster mode's deadlines due by `now`: this node's heartbeat, and
     /// the leases of nodes not heard from.
     pub(super) fn cluster_timers(&mut self, now: Timestamp) {
+        if let Some(silent_for) = self.hub.liveness.silent_for_a_lease(now) {
+            self.rejoin(silent_for, now);
+        }
         if self.hub.liveness.heartbeat_due(now) {
             let online = u32::try_from(self.hub.presence.online().len()).unwrap_or(u32::MAX);
             self.publish(|node| BusMessage::Heartbeat { node, online });
@@ -159,6 +165,34 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// This node said nothing for `silent_for`, a lease or more, while the
+    /// bus was up: the others have given it up, and its users may have
+    /// logged in elsewhere since. It closes every connection (`bye
+    /// node_expired`), then joins again as a node with nobody on it,
+    /// asking the others who is on theirs.
+    fn rejoin(&mut self, silent_for: std::time::Duration, now: Timestamp) {
+        self.outputs
+            .push_back(Output::Event(Event::NodeExpired { silent_for }));
+        let ids: Vec<ConnId> = self.sessions.ids().collect();
+        for conn in ids {
+            self.note_kind(Kind::Fact);
+            self.send(
+                conn,
+                &ServerFrame::Bye {
+                    reason: ByeReason::NodeExpired,
+                },
+            );
+            self.outputs.push_back(Output::Close {
+                conn,
+                reason: ByeReason::NodeExpired,
+            });
+            // Its users were announced offline by the others when they
+            // gave this node up: nobody is left here to tell.
+            self.forget(conn, now, false);
+        }
+        self.publish_roster(BusTarget::All, true);
     }
 
     /// `node` is gone (shut down, or given up for dead): its users went
