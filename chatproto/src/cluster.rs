@@ -97,6 +97,13 @@ pub struct ClusterConfig {
     pub node: NodeId,
     /// This node's name, for people (`debug server`). Default: the id.
     pub name: String,
+    /// A digest of the accounts this node serves, made by the driver (any
+    /// string that two nodes share exactly when their accounts are the
+    /// same), sent with every heartbeat. A node whose digest differs from
+    /// most nodes' serves other accounts than the cluster:
+    /// [`Server::cluster_accounts_agree`](crate::Server::cluster_accounts_agree)
+    /// says so, for the driver to stop taking clients. Default: empty.
+    pub accounts_digest: String,
     /// How often this node says it is alive ([`BusMessage::Heartbeat`])
     /// while the bus is up. Default 1 s.
     pub heartbeat_every: Duration,
@@ -113,6 +120,7 @@ impl ClusterConfig {
         ClusterConfig {
             node,
             name: node.as_uuid().to_string(),
+            accounts_digest: String::new(),
             heartbeat_every: Duration::from_secs(1),
             lease: Duration::from_secs(10),
         }
@@ -171,6 +179,9 @@ pub enum BusMessage {
         node: NodeId,
         /// How many users are online there.
         online: u32,
+        /// Its [`ClusterConfig::accounts_digest`].
+        #[serde(default)]
+        accounts: String,
     },
     /// `node` asks the node it is sent to for its roster, which comes
     /// back to `node` alone.

@@ -34,9 +34,11 @@ pub(crate) struct Liveness {
     left: bool,
 }
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Heard {
     at: Timestamp,
+    /// The accounts digest of its last heartbeat (`None` before one).
+    accounts: Option<String>,
     /// When this node last asked it for its roster (a count in its
     /// heartbeat did not match): asked at most once a lease.
     roster_asked: Option<Timestamp>,
@@ -68,6 +70,7 @@ impl Liveness {
                     node,
                     Heard {
                         at: now,
+                        accounts: None,
                         roster_asked: None,
                     },
                 );
@@ -88,6 +91,32 @@ impl Liveness {
             }
             _ => false,
         }
+    }
+
+    /// `node`'s heartbeat gave its accounts digest. True if that differs
+    /// from `mine` and from what it gave before (so a difference is
+    /// reported once, not every beat).
+    pub(crate) fn accounts_of(&mut self, node: NodeId, digest: String, mine: &str) -> bool {
+        let Some(heard) = self.heard.get_mut(&node) else {
+            return false;
+        };
+        let changed = heard.accounts.as_deref() != Some(digest.as_str());
+        let differs = digest != mine;
+        heard.accounts = Some(digest);
+        changed && differs
+    }
+
+    /// Whether `mine` is the accounts digest of more than half the nodes
+    /// alive that have sent one, this node included. With two nodes that
+    /// disagree neither can tell which is right, and neither is.
+    pub(crate) fn accounts_agree(&self, mine: &str) -> bool {
+        let digests: Vec<&str> = self
+            .heard
+            .values()
+            .filter_map(|heard| heard.accounts.as_deref())
+            .collect();
+        let same = digests.iter().filter(|&&d| d == mine).count() + 1;
+        same * 2 > digests.len() + 1
     }
 
     /// `node` left, or was given up: forgotten.
@@ -239,6 +268,31 @@ mod tests {
         // Silence while the bus is down is the bus's, not this node's.
         liveness.bus_down();
         assert_eq!(liveness.silent_for_a_lease(at(60)), None);
+    }
+
+    #[test]
+    fn accounts_agree_with_most_nodes_or_not_at_all() {
+        let mut liveness = Liveness::new(Duration::from_secs(1), Duration::from_secs(10));
+        let (a, b, c) = (
+            NodeId::from_u128(1),
+            NodeId::from_u128(2),
+            NodeId::from_u128(3),
+        );
+        assert!(liveness.accounts_agree("x"), "alone");
+        liveness.heard(a, at(0));
+        assert!(liveness.accounts_agree("x"), "no digest heard yet");
+        assert!(liveness.accounts_of(a, "y".into(), "x"), "reported");
+        assert!(!liveness.accounts_of(a, "y".into(), "x"), "once");
+        assert!(!liveness.accounts_agree("x"), "one against one");
+        liveness.heard(b, at(0));
+        liveness.accounts_of(b, "x".into(), "x");
+        assert!(liveness.accounts_agree("x"), "two against one");
+        assert!(!liveness.accounts_agree("y"));
+        liveness.heard(c, at(0));
+        liveness.accounts_of(c, "y".into(), "x");
+        assert!(!liveness.accounts_agree("x"), "two against two");
+        liveness.forget(c);
+        assert!(liveness.accounts_agree("x"));
     }
 
     #[test]

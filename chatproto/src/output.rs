@@ -143,6 +143,12 @@ pub enum Event {
         /// When it was last heard from.
         last_heard: Timestamp,
     },
+    /// Cluster mode: `node`'s heartbeat says it serves other accounts than
+    /// this node (another accounts digest); reported once per digest.
+    AccountsDiffer {
+        /// Which.
+        node: NodeId,
+    },
     /// Cluster mode: this node said nothing for `silent_for`, a lease or
     /// more, while the bus was up (it was frozen, or its loop stalled), so
     /// the others gave it up: it closed every connection (`bye

@@ -39,10 +39,20 @@ const STEP: Duration = Duration::from_millis(250);
 impl Cluster {
     /// `n` nodes whose bus connections have just come up.
     fn new(n: usize) -> Cluster {
-        let nodes = (0..n)
-            .map(|i| {
+        Cluster::with_accounts_digests(&vec![""; n])
+    }
+
+    /// A node for each accounts digest, whose bus connections have just
+    /// come up.
+    fn with_accounts_digests(digests: &[&str]) -> Cluster {
+        let nodes = digests
+            .iter()
+            .enumerate()
+            .map(|(i, digest)| {
+                let mut cluster = ClusterConfig::new(node_id(i));
+                cluster.accounts_digest = digest.to_string();
                 let mut config = config();
-                config.cluster = Some(ClusterConfig::new(node_id(i)));
+                config.cluster = Some(cluster);
                 Sim::with_config(config)
             })
             .collect();
@@ -496,6 +506,35 @@ fn heartbeats_stop_while_the_bus_is_down_and_start_again_with_it() {
     c.restore_bus();
     c.advance(secs(1));
     assert!(c.nodes[1].server.debug_state(c.nodes[1].now).cluster_nodes == Some(2));
+}
+
+#[test]
+fn a_node_serving_other_accounts_than_most_knows_it() {
+    let mut c = Cluster::with_accounts_digests(&["same", "same", "other"]);
+    c.advance(secs(2));
+    let agree: Vec<bool> = c
+        .nodes
+        .iter()
+        .map(|node| node.server.cluster_accounts_agree())
+        .collect();
+    assert_eq!(agree, [true, true, false]);
+    // Each node reports the odd one once; the odd one reports both.
+    let differ = |node: &chatproto::Event| matches!(node, Event::AccountsDiffer { .. });
+    let counts: Vec<usize> = c
+        .nodes
+        .iter()
+        .map(|node| node.events.iter().filter(|e| differ(e)).count())
+        .collect();
+    assert_eq!(counts, [1, 1, 2]);
+    // With the odd node gone, all agree; two that disagree alone cannot
+    // tell which is right, so neither is.
+    c.stop(2);
+    c.advance(secs(11));
+    assert!(c.nodes[0].server.cluster_accounts_agree());
+    let mut pair = Cluster::with_accounts_digests(&["a", "b"]);
+    pair.advance(secs(2));
+    assert!(!pair.nodes[0].server.cluster_accounts_agree());
+    assert!(!pair.nodes[1].server.cluster_accounts_agree());
 }
 
 #[test]

@@ -99,6 +99,40 @@ fn parse_hash(phc: &str) -> Result<HashedPassword, String> {
     HashedPassword::new(phc).map_err(|e| e.to_string())
 }
 
+/// A digest of `accounts` that two nodes of a cluster share exactly when
+/// they serve the same accounts: BLAKE2b-256, in hex, over every name and
+/// its password entry (the Argon2 hash, or the plaintext), in name order.
+/// It goes out with each heartbeat on the bus, which carries chat texts in
+/// the clear anyway and must be private to the cluster.
+pub fn digest(accounts: &Accounts) -> String {
+    use blake2::digest::consts::U32;
+    use blake2::{Blake2b, Digest};
+    let mut entries: Vec<(&str, &str)> = accounts
+        .iter()
+        .map(|account| {
+            let secret = match account.credential() {
+                Credential::Plain(password) => password.expose(),
+                Credential::Hashed(hash) => hash.as_str(),
+            };
+            (account.name().as_str(), secret)
+        })
+        .collect();
+    entries.sort_unstable();
+    let mut hasher = Blake2b::<U32>::new();
+    for (name, secret) in entries {
+        // Lengths first: no two lists of entries feed the same bytes.
+        for part in [name, secret] {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part.as_bytes());
+        }
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
 /// The demo accounts that `accounts` serves with their published password.
 pub fn demo_accounts_in(accounts: &Accounts) -> Vec<&'static str> {
     DEMO_ACCOUNTS
@@ -116,6 +150,18 @@ pub fn demo_accounts_in(accounts: &Accounts) -> Vec<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_accounts_digest_depends_on_the_accounts_not_their_order() {
+        let a = parse("alice pw\nbob pw2\n").unwrap();
+        let b = parse("bob pw2\nalice pw\n").unwrap();
+        let c = parse("alice pw\nbob other\n").unwrap();
+        let d = parse("alice pwb\nob pw2\n").unwrap();
+        assert_eq!(digest(&a), digest(&b));
+        assert_ne!(digest(&a), digest(&c));
+        assert_ne!(digest(&a), digest(&d), "the same bytes, split otherwise");
+        assert_eq!(digest(&a).len(), 64);
+    }
 
     #[test]
     fn parses_accounts_comments_and_blank_lines() {

@@ -6,8 +6,8 @@
 //! server can serve a login end to end, 503 with the reason otherwise:
 //! its database cannot be reached (the last commit or read failed, and no
 //! check since has succeeded; the reactor checks again every second until
-//! one does), in cluster mode its NATS connection is down, or it is
-//! shutting down.
+//! one does), in cluster mode its NATS connection is down or it serves
+//! other accounts than most nodes, or it is shutting down.
 //!
 //! The reactor writes the state as it learns it; HTTP requests read it.
 //! A [`Health`] is cheap to clone, and every clone shows the same state.
@@ -31,6 +31,7 @@ pub struct Health(Arc<State>);
 struct State {
     database_unreachable: AtomicBool,
     bus_unreachable: AtomicBool,
+    accounts_differ: AtomicBool,
     stopping: AtomicBool,
 }
 
@@ -67,6 +68,12 @@ impl Health {
         !self.0.bus_unreachable.load(Ordering::Relaxed)
     }
 
+    /// Records whether this cluster node serves the accounts most nodes
+    /// serve.
+    pub fn set_accounts_agree(&self, agree: bool) {
+        self.0.accounts_differ.store(!agree, Ordering::Relaxed);
+    }
+
     /// Records that the server is shutting down: not ready from now on.
     pub fn set_stopping(&self) {
         self.0.stopping.store(true, Ordering::Relaxed);
@@ -80,6 +87,10 @@ impl Health {
             Readiness::NotReady("the database cannot be reached")
         } else if !self.bus_reachable() {
             Readiness::NotReady("NATS cannot be reached")
+        } else if self.0.accounts_differ.load(Ordering::Relaxed) {
+            Readiness::NotReady(
+                "this node serves other accounts than the cluster (compare the credentials files)",
+            )
         } else {
             Readiness::Ready
         }

@@ -509,6 +509,11 @@ impl Reactor {
         self.events = Some(events);
         self.handle_deadlines();
         self.flush()?;
+        if self.config.bus.is_some() {
+            self.config
+                .health
+                .set_accounts_agree(self.core.cluster_accounts_agree());
+        }
         Ok(Turn::Running)
     }
 
@@ -1551,6 +1556,10 @@ fn log_event(event: &CoreEvent, accounts: &chatproto::Accounts) {
             node = %node.as_uuid(),
             %last_heard,
             "a node was not heard from for its lease: its users are offline"
+        ),
+        CoreEvent::AccountsDiffer { node } => error!(
+            node = %node.as_uuid(),
+            "a node serves other accounts than this one: every node must load the same credentials; /readyz is 503 on whichever nodes differ from most"
         ),
         CoreEvent::NodeExpired { silent_for } => error!(
             silent_ms = silent_for.as_millis(),

@@ -213,6 +213,7 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
         config.lease = cluster.lease;
         config.heartbeat_every = cluster.heartbeat_every;
         config.name = cluster.node_name.clone();
+        config.accounts_digest = credentials::digest(&accounts);
         core_config.cluster = Some(config);
         info!(
             node = %node.as_uuid(),

@@ -34,28 +34,38 @@ fn cluster_name() -> String {
 fn start_nodes(n: usize, db: &TestDatabase, nats_url: &str, args: &[&str]) -> Vec<TestServer> {
     let name = cluster_name();
     (0..n)
-        .map(|i| {
-            let node_name = format!("node-{i}");
-            let mut all = vec![
-                "--db",
-                &db.url,
-                "--nats",
-                nats_url,
-                "--cluster-name",
-                &name,
-                "--node-name",
-                &node_name,
-                "--admin",
-                "root",
-                "--http",
-                "127.0.0.1:0",
-            ];
-            all.extend_from_slice(args);
-            let node = TestServer::start_with(CREDENTIALS, LISTEN, &all);
-            node.wait_for_log("connected to NATS");
-            node
-        })
+        .map(|i| start_node(&name, i, CREDENTIALS, db, nats_url, args))
         .collect()
+}
+
+/// Starts node `i` of cluster `name` with `credentials`.
+fn start_node(
+    name: &str,
+    i: usize,
+    credentials: &str,
+    db: &TestDatabase,
+    nats_url: &str,
+    args: &[&str],
+) -> TestServer {
+    let node_name = format!("node-{i}");
+    let mut all = vec![
+        "--db",
+        &db.url,
+        "--nats",
+        nats_url,
+        "--cluster-name",
+        name,
+        "--node-name",
+        &node_name,
+        "--admin",
+        "root",
+        "--http",
+        "127.0.0.1:0",
+    ];
+    all.extend_from_slice(args);
+    let node = TestServer::start_with(credentials, LISTEN, &all);
+    node.wait_for_log("connected to NATS");
+    node
 }
 
 /// The next presence frame about `user` within `within`, skipping others.
@@ -298,6 +308,35 @@ fn presence_missed_while_nats_was_down_is_repaired() {
     while !readyz(&nodes[0]).starts_with("HTTP/1.1 200") {
         assert!(Instant::now() < until, "never ready again");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_node_with_other_accounts_is_not_ready() {
+    let db = TestDatabase::create();
+    let name = cluster_name();
+    let url = nats::shared_url();
+    let nodes: Vec<TestServer> = [CREDENTIALS, CREDENTIALS, "alice another-password\n"]
+        .iter()
+        .enumerate()
+        .map(|(i, credentials)| start_node(&name, i, credentials, &db, &url, &[]))
+        .collect();
+    let until = Instant::now() + Duration::from_secs(5);
+    let odd = loop {
+        let odd = readyz(&nodes[2]);
+        if odd.starts_with("HTTP/1.1 503") || Instant::now() > until {
+            break odd;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        odd.ends_with("not ready: this node serves other accounts than the cluster (compare the credentials files)\n"),
+        "{odd}"
+    );
+    nodes[2].wait_for_log("a node serves other accounts than this one");
+    nodes[0].wait_for_log("a node serves other accounts than this one");
+    for node in &nodes[..2] {
+        assert!(readyz(node).starts_with("HTTP/1.1 200"));
     }
 }
 

@@ -22,6 +22,14 @@ impl Server {
         self.config.cluster.as_ref().map(|c| c.node)
     }
 
+    /// This node's accounts digest (empty outside cluster mode).
+    fn accounts_digest(&self) -> &str {
+        self.config
+            .cluster
+            .as_ref()
+            .map_or("", |c| c.accounts_digest.as_str())
+    }
+
     /// Publishes to every node what `message` makes of this node's id, in
     /// cluster mode; nothing otherwise.
     pub(super) fn publish(&mut self, message: impl FnOnce(NodeId) -> BusMessage) {
@@ -64,7 +72,12 @@ impl Server {
         }
         if self.hub.liveness.heartbeat_due(now) {
             let online = u32::try_from(self.hub.presence.online().len()).unwrap_or(u32::MAX);
-            self.publish(|node| BusMessage::Heartbeat { node, online });
+            let accounts = self.accounts_digest().to_owned();
+            self.publish(|node| BusMessage::Heartbeat {
+                node,
+                online,
+                accounts,
+            });
         }
         for (node, last_heard) in self.hub.liveness.expire(now) {
             self.outputs
@@ -120,7 +133,16 @@ impl Server {
                     self.publish_roster(BusTarget::Node(node), false);
                 }
             }
-            BusMessage::Heartbeat { node, online } => {
+            BusMessage::Heartbeat {
+                node,
+                online,
+                accounts,
+            } => {
+                let mine = self.accounts_digest().to_owned();
+                if self.hub.liveness.accounts_of(node, accounts, &mine) {
+                    self.outputs
+                        .push_back(Output::Event(Event::AccountsDiffer { node }));
+                }
                 let known = self.hub.directory.count_on(node);
                 if u32::try_from(known).ok() != Some(online)
                     && self.hub.liveness.should_ask_roster(node, now)

@@ -778,6 +778,19 @@ impl Server {
         }
     }
 
+    /// Cluster mode: whether this node serves the accounts most nodes
+    /// alive serve, by their heartbeats'
+    /// [`accounts_digest`](crate::ClusterConfig::accounts_digest)s (true
+    /// outside cluster mode, and until another node's heartbeat is heard).
+    /// A driver stops taking clients while it is false: their logins would
+    /// be judged by other accounts than the cluster's.
+    pub fn cluster_accounts_agree(&self) -> bool {
+        match &self.config.cluster {
+            Some(cluster) => self.hub.liveness.accounts_agree(&cluster.accounts_digest),
+            None => true,
+        }
+    }
+
     /// How many users are logged in now.
     pub fn users_online(&self) -> usize {
         self.hub.presence.online().len()
