@@ -8,9 +8,11 @@
 //! cluster-wide counts, blocks made on one node known on all, and node
 //! liveness (heartbeats; a node not heard from for a lease is given up,
 //! its users offline from when it was last heard from; a node that shuts
-//! down says so). What does not yet: one session per user across nodes,
-//! direct messages to a user on another node, offline queues and lockouts
-//! shared through the database, fencing a node that was given up.
+//! down says so; a node frozen past its lease closes its clients), and
+//! direct messages to a user on another node ([`BusMessage::Deliver`],
+//! answered with [`BusMessage::Routed`]; see `routes.rs`). What does not
+//! yet: one session per user across nodes, offline queues and lockouts
+//! shared through the database.
 //!
 //! A node is a [`Server`](crate::Server) with
 //! [`ServerConfig::cluster`](crate::ServerConfig::cluster) set. It asks its
@@ -107,6 +109,10 @@ pub struct ClusterConfig {
     /// How often this node says it is alive ([`BusMessage::Heartbeat`])
     /// while the bus is up. Default 1 s.
     pub heartbeat_every: Duration,
+    /// How long a node waits for the answer to a direct message it sent
+    /// to another node's user before it sends it again (once), then
+    /// stores it. Default 2 s.
+    pub route_timeout: Duration,
     /// How long a node not heard from is still taken for alive; past it,
     /// its users are offline from when it was last heard from. Several
     /// heartbeats long, so that a lost one or two change nothing. Default
@@ -122,6 +128,7 @@ impl ClusterConfig {
             name: node.as_uuid().to_string(),
             accounts_digest: String::new(),
             heartbeat_every: Duration::from_secs(1),
+            route_timeout: Duration::from_secs(2),
             lease: Duration::from_secs(10),
         }
     }
@@ -198,6 +205,34 @@ pub enum BusMessage {
         /// When.
         at: Timestamp,
     },
+    /// A direct message for `to`, whom the sender's node believes online
+    /// on the node it is sent to. Answered with [`BusMessage::Routed`].
+    /// Sent again under the same `route` if the answer does not come in
+    /// time: the recipient's node delivers one route once.
+    Deliver {
+        /// The sender's node.
+        node: NodeId,
+        /// Its number for this message, unique on that node.
+        route: u64,
+        /// Who sent it.
+        from: Username,
+        /// For whom.
+        to: Username,
+        /// What.
+        text: MessageText,
+        /// When it was sent.
+        sent_at: Timestamp,
+    },
+    /// What became of [`BusMessage::Deliver`] `route`, sent back to the
+    /// sender's node by `node`.
+    Routed {
+        /// The recipient's node (the one answering).
+        node: NodeId,
+        /// The sender's node's number for it.
+        route: u64,
+        /// What became of it.
+        outcome: RouteOutcome,
+    },
     /// `from` broadcast `text` at `sent_at`: every node hands it to its own
     /// users, except those who blocked `from`.
     Broadcast {
@@ -230,6 +265,23 @@ pub enum BusMessage {
     },
 }
 
+/// What became of a direct message sent to another node
+/// ([`BusMessage::Routed`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RouteOutcome {
+    /// Handed to the recipient's connection (or handed already, for a
+    /// message sent again): the sender gets `ok` with `stored: false`.
+    Delivered,
+    /// The recipient blocked the sender.
+    Blocked,
+    /// The recipient is not online there (any more), or not now able to
+    /// take a message live (their offline queue is being handed over):
+    /// the sender's node stores it.
+    NotHere,
+}
+
 /// Why bytes from the bus are not a [`BusMessage`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -260,6 +312,8 @@ impl BusMessage {
             | BusMessage::Heartbeat { node, .. }
             | BusMessage::RosterWanted { node }
             | BusMessage::Leaving { node, .. }
+            | BusMessage::Deliver { node, .. }
+            | BusMessage::Routed { node, .. }
             | BusMessage::Broadcast { node, .. }
             | BusMessage::Blocked { node, .. }
             | BusMessage::Unblocked { node, .. } => *node,

@@ -78,7 +78,7 @@
 //! | `presence`, `blocking` | who is online, block lists (internal) |
 //! | [`peer`] | client addresses as [`PeerKey`]s, and the limits kept per address |
 //! | `drain` | one connection's offline delivery in progress: frame numbers, what is known written (internal) |
-//! | [`cluster`], `directory`, `liveness` | cluster mode (being built): [`NodeId`], [`BusMessage`] and how a driver carries them ([`Output::Publish`], [`Server::handle_bus`]); who is online on the other nodes, and which nodes are alive by their heartbeats (internal) |
+//! | [`cluster`], `directory`, `liveness`, `routes` | cluster mode (being built): [`NodeId`], [`BusMessage`] and how a driver carries them ([`Output::Publish`], [`Server::handle_bus`]); who is online on the other nodes, which nodes are alive by their heartbeats, and direct messages on their way to another node (internal) |
 //!
 //! The modules form no import cycle: `ids` and the value types are at the
 //! bottom, `output` and `durability` above them, `server` on top.
@@ -107,6 +107,7 @@ mod presence;
 pub mod rate_limit;
 mod refusal;
 pub mod request;
+mod routes;
 pub mod server;
 pub mod server_frame;
 pub mod store;
@@ -118,7 +119,9 @@ pub use accounts::{Account, Accounts, Credential, DuplicateAccount};
 pub use client::{
     Client, ClientEvent, ClientState, PendingRequest, SendError, DEFAULT_CLIENT_MAX_FRAME_BYTES,
 };
-pub use cluster::{BusDecodeError, BusMessage, BusTarget, ClusterConfig, NodeId, BUS_VERSION};
+pub use cluster::{
+    BusDecodeError, BusMessage, BusTarget, ClusterConfig, NodeId, RouteOutcome, BUS_VERSION,
+};
 pub use command::{Command, CommandName, DebugTarget};
 pub use durability::{BatchId, Persisted};
 pub use error::{ErrorCode, RequestError};

@@ -191,6 +191,12 @@ impl Liveness {
         Some(silent)
     }
 
+    /// Whether the bus is up (as the driver last said) and this node has
+    /// not left: whether what it publishes may arrive.
+    pub(crate) fn can_publish(&self) -> bool {
+        self.next_heartbeat.is_some()
+    }
+
     /// When this node's next heartbeat is due.
     pub(crate) fn next_heartbeat(&self) -> Option<Timestamp> {
         self.next_heartbeat

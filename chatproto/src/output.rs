@@ -178,6 +178,9 @@ pub enum Timer {
     /// Cluster mode: another node's lease runs out, unless it is heard
     /// from before.
     NodeLease,
+    /// Cluster mode: a direct message sent to another node has had no
+    /// answer in time: it is sent again, or stored.
+    Route,
 }
 
 impl std::fmt::Display for Timer {
@@ -189,6 +192,7 @@ impl std::fmt::Display for Timer {
             Timer::ClosingDrain => "closing drain timeout",
             Timer::Heartbeat => "heartbeat",
             Timer::NodeLease => "node lease expiry",
+            Timer::Route => "direct message route timeout",
         })
     }
 }

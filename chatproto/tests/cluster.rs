@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use chatproto::{
-    BusDecodeError, BusMessage, BusTarget, ByeReason, ClusterConfig, ConnId, Event, NodeId, Reply,
-    ServerFrame, Timer, BUS_VERSION,
+    BusDecodeError, BusMessage, BusTarget, ByeReason, ClusterConfig, ConnId, ErrorCode, Event,
+    NodeId, Reply, ServerFrame, Timer, BUS_VERSION,
 };
-use common::{config, names, presences, secs, Sim};
+use common::{config, names, presences, secs, Sim, USERS};
 use proptest::prelude::*;
 
 /// Nodes and the bus between them.
@@ -93,22 +93,30 @@ impl Cluster {
     fn settle(&mut self) {
         for _ in 0..100_000 {
             self.collect();
-            let Some((_, to, bytes)) = self.bus.pop_front() else {
+            if !self.carry_one() {
                 return;
-            };
-            let message = BusMessage::decode(&bytes).unwrap();
-            for (i, node) in self.nodes.iter_mut().enumerate() {
-                let addressed = match to {
-                    BusTarget::Node(id) => id == node_id(i),
-                    _ => true,
-                };
-                if addressed && !self.stopped.contains(&i) {
-                    node.server.handle_bus(message.clone(), node.now);
-                    node.pump();
-                }
             }
         }
         panic!("the bus never went quiet");
+    }
+
+    /// Carries the oldest message on the bus, if there is one.
+    fn carry_one(&mut self) -> bool {
+        let Some((_, to, bytes)) = self.bus.pop_front() else {
+            return false;
+        };
+        let message = BusMessage::decode(&bytes).unwrap();
+        for (i, node) in self.nodes.iter_mut().enumerate() {
+            let addressed = match to {
+                BusTarget::Node(id) => id == node_id(i),
+                _ => true,
+            };
+            if addressed && !self.stopped.contains(&i) {
+                node.server.handle_bus(message.clone(), node.now);
+                node.pump();
+            }
+        }
+        true
     }
 
     fn collect(&mut self) {
@@ -165,6 +173,28 @@ impl Cluster {
         node.server.handle_timeout(now);
         node.pump();
         self.settle();
+    }
+
+    /// Sends `line` on node `i`'s `conn`, lets the bus settle, and returns
+    /// every frame `conn` got.
+    fn ask(&mut self, i: usize, conn: ConnId, line: &str) -> Vec<ServerFrame> {
+        self.nodes[i].take(conn);
+        self.nodes[i].send(conn, line);
+        self.settle();
+        self.nodes[i].take(conn)
+    }
+
+    /// The `message` answer: whether it was stored, or the error code.
+    fn message(&mut self, i: usize, conn: ConnId, line: &str) -> Result<bool, ErrorCode> {
+        let frames = self.ask(i, conn, line);
+        match frames.as_slice() {
+            [ServerFrame::Ok(ok)] => match &ok.reply {
+                Reply::Message { stored, .. } => Ok(*stored),
+                other => panic!("{other:?}"),
+            },
+            [ServerFrame::Error(e)] => Err(e.code),
+            other => panic!("{line:?}: {other:?}"),
+        }
     }
 
     /// `whoelse` for `conn` on node `i`.
@@ -535,6 +565,173 @@ fn a_node_serving_other_accounts_than_most_knows_it() {
     pair.advance(secs(2));
     assert!(!pair.nodes[0].server.cluster_accounts_agree());
     assert!(!pair.nodes[1].server.cluster_accounts_agree());
+}
+
+/// The texts of the direct messages among `frames`, each with whether it
+/// came from the offline queue.
+fn messages(frames: &[ServerFrame]) -> Vec<(String, bool)> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Message(m) => Some((m.text.as_str().to_owned(), m.offline)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_direct_message_reaches_a_user_on_another_node_at_once() {
+    let mut c = Cluster::new(3);
+    let alice = c.login(0, "alice");
+    let bob = c.login(2, "bob");
+    c.nodes[2].take(bob);
+    // The answer waits for bob's node; what alice sends meanwhile waits
+    // behind it (answers keep request order).
+    c.nodes[0].take(alice);
+    c.nodes[0].send(alice, "message bob one");
+    c.nodes[0].send(alice, "whoami");
+    assert_eq!(
+        c.nodes[0].take(alice),
+        [],
+        "nothing before bob's node answers"
+    );
+    c.settle();
+    let frames = c.nodes[0].take(alice);
+    let replies: Vec<&Reply> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Ok(ok) => Some(&ok.reply),
+            _ => None,
+        })
+        .collect();
+    assert!(
+        matches!(
+            replies.as_slice(),
+            [Reply::Message { stored: false, .. }, Reply::Whoami { .. }]
+        ),
+        "{frames:?}"
+    );
+    for i in 2..=4 {
+        assert_eq!(c.message(0, alice, &format!("message bob m{i}")), Ok(false));
+    }
+    let got = messages(&c.nodes[2].take(bob));
+    let want: Vec<(String, bool)> = ["one", "m2", "m3", "m4"]
+        .iter()
+        .map(|t| (t.to_string(), false))
+        .collect();
+    assert_eq!(got, want, "each once, in order");
+    // And back.
+    assert_eq!(c.message(2, bob, "message alice hi"), Ok(false));
+    assert_eq!(
+        messages(&c.nodes[0].take(alice)),
+        [("hi".to_owned(), false)]
+    );
+}
+
+#[test]
+fn a_block_on_the_recipients_node_is_honoured() {
+    let mut c = Cluster::new(2);
+    let alice = c.login(0, "alice");
+    let bob = c.login(1, "bob");
+    c.nodes[1].ok(bob, "block alice");
+    c.settle();
+    assert_eq!(
+        c.message(0, alice, "message bob hi"),
+        Err(ErrorCode::Blocked)
+    );
+    // Even when node 0 has not heard of the block yet (its message lost),
+    // bob's node refuses it.
+    c.nodes[1].ok(bob, "unblock alice");
+    c.settle();
+    c.nodes[1].ok(bob, "block alice");
+    c.nodes[1].published.clear();
+    assert_eq!(
+        c.message(0, alice, "message bob hi"),
+        Err(ErrorCode::Blocked)
+    );
+    assert_eq!(messages(&c.nodes[1].take(bob)), []);
+}
+
+#[test]
+fn a_recipient_who_left_meanwhile_gets_the_message_stored() {
+    let mut c = Cluster::new(2);
+    let alice = c.login(0, "alice");
+    let bob = c.login(1, "bob");
+    // bob logs out on node 1, and node 0 has not heard (the message is
+    // lost): node 1 answers that he is not there, and node 0 stores it.
+    c.nodes[1].ok(bob, "logout");
+    c.nodes[1].published.clear();
+    assert_eq!(c.message(0, alice, "message bob later"), Ok(true));
+    c.advance(secs(2));
+    // He gets it at his next login on node 0, from the queue.
+    let bob = c.nodes[0].connect();
+    let password = USERS.iter().find(|(n, _)| *n == "bob").unwrap().1;
+    c.nodes[0].send(bob, &format!("login bob {password}"));
+    let frames = c.nodes[0].take(bob);
+    assert_eq!(
+        messages(&frames),
+        [("later".to_owned(), true)],
+        "{frames:?}"
+    );
+}
+
+#[test]
+fn with_no_answer_the_message_is_sent_again_and_delivered_once() {
+    let mut c = Cluster::new(2);
+    let alice = c.login(0, "alice");
+    let bob = c.login(1, "bob");
+    c.nodes[1].take(bob);
+    c.nodes[0].take(alice);
+    // Node 1 delivers, but its answer is lost on the way.
+    c.nodes[0].send(alice, "message bob once");
+    c.collect();
+    c.carry_one();
+    assert_eq!(
+        messages(&c.nodes[1].take(bob)),
+        [("once".to_owned(), false)]
+    );
+    c.nodes[1].published.clear();
+    assert_eq!(c.nodes[0].take(alice), []);
+    // After the route timeout node 0 sends it again; node 1 knows the
+    // route, answers again, and does not deliver it twice.
+    c.advance(secs(2));
+    assert_eq!(messages(&c.nodes[1].take(bob)), []);
+    let frames = c.nodes[0].take(alice);
+    assert!(
+        matches!(frames.as_slice(), [ServerFrame::Ok(ok)] if ok.reply == Reply::Message { to: "bob".parse().unwrap(), stored: false }),
+        "{frames:?}"
+    );
+}
+
+#[test]
+fn with_no_answer_at_all_the_message_is_stored() {
+    let mut c = Cluster::new(2);
+    let alice = c.login(0, "alice");
+    c.login(1, "bob");
+    assert_eq!(c.message(0, alice, "message bob once"), Ok(false));
+    // Node 1 is gone without a word: no answer ever comes. After the
+    // route timeout the message is sent again, then stored.
+    c.stop(1);
+    c.nodes[0].take(alice);
+    c.nodes[0].send(alice, "message bob twice");
+    assert_eq!(c.nodes[0].take(alice), []);
+    c.advance(secs(2));
+    assert_eq!(c.nodes[0].take(alice), [], "sent again, still waiting");
+    c.advance(secs(2));
+    let frames = c.nodes[0].take(alice);
+    assert!(
+        matches!(frames.as_slice(), [ServerFrame::Ok(ok)] if ok.reply == Reply::Message { to: "bob".parse().unwrap(), stored: true }),
+        "{frames:?}"
+    );
+}
+
+#[test]
+fn while_the_bus_is_down_a_message_to_another_node_is_stored() {
+    let mut c = Cluster::new(2);
+    let alice = c.login(0, "alice");
+    c.login(1, "bob");
+    c.lose_bus();
+    assert_eq!(c.message(0, alice, "message bob hi"), Ok(true));
 }
 
 #[test]

@@ -2,8 +2,8 @@
 //! PostgreSQL database (a fresh one per test, on `CHATSERVER_TEST_PG`) and
 //! one NATS (`CHATSERVER_TEST_NATS` with a cluster name of the test's own,
 //! or a private nats-server for the tests that stop it), clients on
-//! different nodes. What is built so far: presence, `whoelse`, broadcast
-//! and blocks across nodes; a killed node's users going offline after its
+//! different nodes. What is built so far: presence, `whoelse`, broadcast,
+//! direct messages and blocks across nodes; a killed node's users going offline after its
 //! lease, a stopped node's at once; a node frozen past its lease closing
 //! its clients when it runs again; presence repaired after NATS restarts;
 //! `/readyz` following NATS.
@@ -178,6 +178,57 @@ fn users_on_different_nodes_act_as_on_one_server() {
     // (carol, who blocked alice, is not shown to her.)
     whoelse_becomes(&mut alice, &["dave", "root"]);
     assert!(readyz(&nodes[0]).starts_with("HTTP/1.1 200"));
+}
+
+#[test]
+fn a_direct_message_to_another_node_is_delivered_at_once() {
+    let db = TestDatabase::create();
+    let nodes = start_nodes(2, &db, &nats::shared_url(), &[]);
+    let mut alice = nodes[0].login("alice");
+    let mut bob = nodes[1].login("bob");
+    assert_eq!(
+        presence_of(&mut alice, "bob", Duration::from_secs(5)),
+        Some(true)
+    );
+    for i in 0..3 {
+        let ok = alice.ask(&format!("message bob hello {i}"));
+        assert_eq!(
+            (ok["type"].as_str(), ok["stored"].as_bool()),
+            (Some("ok"), Some(false)),
+            "{ok}"
+        );
+        let frame = bob.recv_type("message");
+        assert_eq!(
+            (frame["from"].as_str(), frame["text"].as_str()),
+            (Some("alice"), Some(format!("hello {i}").as_str()))
+        );
+        assert_eq!(frame["offline"], false);
+    }
+    // And back, the other way.
+    assert_eq!(bob.ask("message alice hi")["stored"], false);
+    assert_eq!(alice.recv_type("message")["text"], "hi");
+
+    // bob's block holds, decided on his node.
+    assert_eq!(bob.ask("block alice")["type"], "ok");
+    let error = alice.ask("message bob still there?");
+    assert_eq!(error["code"], "blocked", "{error}");
+    assert_eq!(bob.ask("unblock alice")["type"], "ok");
+
+    // bob leaves: the message is stored, and handed to him at his next
+    // login on alice's node.
+    bob.ask("logout");
+    assert_eq!(
+        presence_of(&mut alice, "bob", Duration::from_secs(5)),
+        Some(false)
+    );
+    let ok = alice.ask("message bob later");
+    assert_eq!(ok["stored"], true, "{ok}");
+    let mut bob = nodes[0].login("bob");
+    let frame = bob.recv_type("message");
+    assert_eq!(
+        (frame["text"].as_str(), frame["offline"].as_bool()),
+        (Some("later"), Some(true))
+    );
 }
 
 #[test]

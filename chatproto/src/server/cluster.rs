@@ -13,6 +13,7 @@ use crate::time::Timestamp;
 use crate::username::Username;
 
 use super::outbox::{queue_frame, Drains};
+use super::routing::Delivery;
 use super::state::Server;
 
 impl Server {
@@ -79,6 +80,7 @@ impl Server {
                 accounts,
             });
         }
+        self.expire_routes(now);
         for (node, last_heard) in self.hub.liveness.expire(now) {
             self.outputs
                 .push_back(Output::Event(Event::NodeLost { node, last_heard }));
@@ -157,6 +159,29 @@ impl Server {
                 self.publish_roster(BusTarget::Node(node), false);
             }
             BusMessage::Leaving { node, at } => self.remove_node(node, at.min(now)),
+            BusMessage::Deliver {
+                node,
+                route,
+                from,
+                to,
+                text,
+                sent_at,
+            } => {
+                let delivery = Delivery {
+                    sender_node: node,
+                    number: route,
+                    from,
+                    to,
+                    text,
+                    sent_at,
+                };
+                self.serve_delivery(delivery, now);
+            }
+            BusMessage::Routed {
+                node,
+                route,
+                outcome,
+            } => self.serve_route_answer(node, route, outcome, now),
             BusMessage::Broadcast {
                 from,
                 text,

@@ -18,6 +18,7 @@ use crate::password::Password;
 use crate::peer::{PeerKey, Peers};
 use crate::presence::Presence;
 use crate::request::RequestId;
+use crate::routes::{Delivered, Routes};
 use crate::username::Username;
 
 use super::config::{queue_limits, ServerConfig};
@@ -35,6 +36,11 @@ pub(crate) struct Hub {
     /// Cluster mode: which other nodes are alive, and this node's
     /// heartbeat.
     pub(crate) liveness: Liveness,
+    /// Cluster mode: direct messages sent to other nodes' users, waiting
+    /// for their answers.
+    pub(crate) routes: Routes,
+    /// Cluster mode: direct messages from other nodes delivered lately.
+    pub(crate) delivered: Delivered,
     /// Per-address limits.
     pub(crate) peers: Peers,
     /// Logins waiting for a password check, by ticket.
@@ -55,6 +61,8 @@ impl Hub {
                 Some(cluster) => Liveness::new(cluster.heartbeat_every, cluster.lease),
                 None => Liveness::new(Duration::MAX, Duration::MAX),
             },
+            routes: Routes::default(),
+            delivered: Delivered::default(),
             peers: Peers::new(),
             verifications: HashMap::new(),
             next_ticket: 0,

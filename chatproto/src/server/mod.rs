@@ -36,6 +36,7 @@ mod drains;
 mod hub;
 mod outbox;
 mod requests;
+mod routing;
 mod session;
 mod state;
 
@@ -145,6 +146,7 @@ impl Server {
                 .map(|rate| TokenBucket::full(rate.burst, now)),
             refused_in_row: 0,
             awaiting: None,
+            route: None,
             held_frames: VecDeque::new(),
             held_bytes: 0,
             drain: None,
@@ -713,6 +715,7 @@ impl Server {
             self.closing_deadlines.first().map(|&(at, _)| at),
             self.hub.liveness.next_heartbeat(),
             self.hub.liveness.next_expiry(),
+            self.hub.routes.next_deadline(),
         ]
         .into_iter()
         .flatten()
@@ -755,6 +758,7 @@ impl Server {
                 .liveness
                 .next_expiry()
                 .map(|at| (at, Timer::NodeLease)),
+            self.hub.routes.next_deadline().map(|at| (at, Timer::Route)),
         ]
         .into_iter()
         .flatten()
@@ -1147,9 +1151,10 @@ impl Server {
     }
 }
 
-/// Whether `c`'s input waits: for its login's password check, or for the
-/// first page of the offline queue its login started (so the queue comes
-/// before the answer to anything sent after the login).
+/// Whether `c`'s input waits: for its login's password check, for the
+/// answer to a direct message sent to another node, or for the first page
+/// of the offline queue its login started (so the queue comes before the
+/// answer to anything sent after the login).
 fn waits_for_input(c: &Session) -> bool {
-    c.awaiting.is_some() || c.drain.as_ref().is_some_and(|d| !d.started)
+    c.awaiting.is_some() || c.route.is_some() || c.drain.as_ref().is_some_and(|d| !d.started)
 }

@@ -13,6 +13,7 @@ use crate::offline::OfflineMessage;
 use crate::password::Password;
 use crate::peer::PeerKey;
 use crate::request::{Request, RequestId};
+use crate::routes::Route;
 use crate::server_frame::{
     BroadcastFrame, ByeReason, CommandUsage, MessageFrame, PresenceFrame, Reply, ServerFrame,
 };
@@ -433,33 +434,63 @@ impl Server {
                 false
             }
             None => {
+                if let Some(node) = self.route_for(recipient) {
+                    // Online on another node: sent there, and answered
+                    // when that node says what became of it.
+                    let route = Route::new(conn, id, me, recipient, to, text, now, node);
+                    self.start_route(route, now);
+                    return Ok(());
+                }
                 let message = OfflineMessage {
                     from,
                     text,
                     sent_at: now,
                 };
-                let bytes = message.size();
-                self.hub
-                    .offline
-                    .push(recipient, message.clone())
-                    .map_err(|limit| RequestError::MailboxFull {
-                        user: to.clone(),
-                        limit,
-                    })?;
-                self.ledger.record(
-                    Change::MessageQueued {
-                        to: to.clone(),
-                        message,
-                    },
-                    Undo::Queued {
-                        to: recipient,
-                        bytes,
-                    },
-                    &[Key::User(recipient)],
-                );
+                self.queue_offline(recipient, &to, message)?;
                 true
             }
         };
+        self.answer_message(conn, id, to, stored);
+        Ok(())
+    }
+
+    /// Queues `message` for `recipient` (named `to`), durably.
+    pub(super) fn queue_offline(
+        &mut self,
+        recipient: UserId,
+        to: &Username,
+        message: OfflineMessage,
+    ) -> Result<(), RequestError> {
+        let bytes = message.size();
+        self.hub
+            .offline
+            .push(recipient, message.clone())
+            .map_err(|limit| RequestError::MailboxFull {
+                user: to.clone(),
+                limit,
+            })?;
+        self.ledger.record(
+            Change::MessageQueued {
+                to: to.clone(),
+                message,
+            },
+            Undo::Queued {
+                to: recipient,
+                bytes,
+            },
+            &[Key::User(recipient)],
+        );
+        Ok(())
+    }
+
+    /// The `ok` for a direct message to `to`: delivered, or `stored`.
+    pub(super) fn answer_message(
+        &mut self,
+        conn: ConnId,
+        id: Option<RequestId>,
+        to: Username,
+        stored: bool,
+    ) {
         let text = if stored {
             format!("{to} is offline: the message will be delivered when they log in")
         } else {
@@ -469,7 +500,6 @@ impl Server {
             text
         };
         self.reply(conn, id, Reply::Message { to, stored }, text);
-        Ok(())
     }
 
     pub(super) fn broadcast(

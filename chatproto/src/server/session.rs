@@ -41,6 +41,9 @@ pub(crate) struct Session {
     pub(crate) refused_in_row: u32,
     /// Its login's password is being checked.
     pub(crate) awaiting: Option<VerifyTicket>,
+    /// Cluster mode: the direct message it sent to another node's user,
+    /// whose answer its input waits for (answers keep request order).
+    pub(crate) route: Option<u64>,
     /// Frames (or framing errors) that arrived while it waited for a
     /// password check or a first offline page, served in order after.
     pub(crate) held_frames: VecDeque<Result<Vec<u8>, FrameError>>,
@@ -132,6 +135,7 @@ mod tests {
             byte_bucket: None,
             refused_in_row: 0,
             awaiting: None,
+            route: None,
             held_frames: VecDeque::new(),
             held_bytes: 0,
             drain: None,

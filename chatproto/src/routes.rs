@@ -1,0 +1,195 @@
+//! Cluster mode: direct messages on their way to a user on another node.
+//! The sender's node keeps each one ([`Routes`]) until that node answers
+//! or a timeout runs out; the recipient's node remembers what it delivered
+//! ([`Delivered`]), so a message sent again after a lost answer is not
+//! delivered twice.
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::time::Duration;
+
+use crate::accounts::UserId;
+use crate::cluster::NodeId;
+use crate::ids::ConnId;
+use crate::request::RequestId;
+use crate::text::MessageText;
+use crate::time::Timestamp;
+use crate::username::Username;
+
+/// How many times a message is sent to a node before the sender's node
+/// gives up on the route and stores it.
+pub(crate) const MAX_ATTEMPTS: u32 = 2;
+
+/// How many delivered messages a node remembers at most, whatever their
+/// age: a bound on memory, far above what arrives in a route timeout.
+const MAX_REMEMBERED: usize = 1 << 16;
+
+/// A direct message sent to another node, waiting for its answer.
+#[derive(Debug, Clone)]
+pub(crate) struct Route {
+    /// The sender's connection, whose input waits for the answer.
+    pub(crate) conn: ConnId,
+    /// The request's id, for the answer.
+    pub(crate) id: Option<RequestId>,
+    pub(crate) from: UserId,
+    pub(crate) to: UserId,
+    pub(crate) to_name: Username,
+    pub(crate) text: MessageText,
+    pub(crate) sent_at: Timestamp,
+    /// The node it was sent to, the last time.
+    pub(crate) node: NodeId,
+    /// How many times it was sent.
+    pub(crate) attempts: u32,
+    deadline: Timestamp,
+}
+
+/// The direct messages this node sent to others, by route number.
+#[derive(Debug, Default)]
+pub(crate) struct Routes {
+    pending: HashMap<u64, Route>,
+    deadlines: BTreeSet<(Timestamp, u64)>,
+    next: u64,
+}
+
+impl Routes {
+    /// A number for a new route, never used before by this node.
+    pub(crate) fn next_number(&mut self) -> u64 {
+        self.next += 1;
+        self.next
+    }
+
+    /// Waits for the answer to `route`, sent to `route.node` at `now`,
+    /// until `now + timeout`.
+    pub(crate) fn insert(
+        &mut self,
+        number: u64,
+        mut route: Route,
+        now: Timestamp,
+        timeout: Duration,
+    ) {
+        route.deadline = now + timeout;
+        self.deadlines.insert((route.deadline, number));
+        self.pending.insert(number, route);
+    }
+
+    /// The route answered by `node`, taken out; `None` if there is none
+    /// (answered already, given up) or it was sent elsewhere last.
+    pub(crate) fn answered(&mut self, number: u64, node: NodeId) -> Option<Route> {
+        if self.pending.get(&number)?.node != node {
+            return None;
+        }
+        let route = self.pending.remove(&number)?;
+        self.deadlines.remove(&(route.deadline, number));
+        Some(route)
+    }
+
+    /// The routes whose time ran out by `now`, taken out.
+    pub(crate) fn expired(&mut self, now: Timestamp) -> Vec<(u64, Route)> {
+        let mut expired = Vec::new();
+        while let Some(&(at, number)) = self.deadlines.first() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            if let Some(route) = self.pending.remove(&number) {
+                expired.push((number, route));
+            }
+        }
+        expired
+    }
+
+    /// When the first route runs out of time.
+    pub(crate) fn next_deadline(&self) -> Option<Timestamp> {
+        self.deadlines.first().map(|&(at, _)| at)
+    }
+}
+
+impl Route {
+    /// A route for a message from `from` to `to` (named `to_name`), sent
+    /// by `conn` in request `id`, to `node`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        conn: ConnId,
+        id: Option<RequestId>,
+        from: UserId,
+        to: UserId,
+        to_name: Username,
+        text: MessageText,
+        sent_at: Timestamp,
+        node: NodeId,
+    ) -> Route {
+        Route {
+            conn,
+            id,
+            from,
+            to,
+            to_name,
+            text,
+            sent_at,
+            node,
+            attempts: 1,
+            deadline: sent_at,
+        }
+    }
+}
+
+/// The messages from other nodes this node delivered lately, by sender
+/// node and route number.
+#[derive(Debug, Default)]
+pub(crate) struct Delivered {
+    known: HashSet<(NodeId, u64)>,
+    /// Oldest first, with when each may be forgotten.
+    order: VecDeque<(Timestamp, (NodeId, u64))>,
+}
+
+impl Delivered {
+    /// Whether `key` was delivered (and not yet forgotten).
+    pub(crate) fn contains(&self, key: (NodeId, u64)) -> bool {
+        self.known.contains(&key)
+    }
+
+    /// `key` was delivered at `now`: remembered for `keep`, at least as
+    /// long as its sender may send it again.
+    pub(crate) fn insert(&mut self, key: (NodeId, u64), now: Timestamp, keep: Duration) {
+        self.forget_old(now);
+        if self.order.len() >= MAX_REMEMBERED {
+            if let Some((_, oldest)) = self.order.pop_front() {
+                self.known.remove(&oldest);
+            }
+        }
+        if self.known.insert(key) {
+            self.order.push_back((now + keep, key));
+        }
+    }
+
+    fn forget_old(&mut self, now: Timestamp) {
+        while let Some(&(until, key)) = self.order.front() {
+            if until > now {
+                break;
+            }
+            self.order.pop_front();
+            self.known.remove(&key);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(ms: u64) -> Timestamp {
+        Timestamp::from_unix_millis(ms)
+    }
+
+    #[test]
+    fn delivered_messages_are_remembered_for_a_while() {
+        let mut delivered = Delivered::default();
+        let key = (NodeId::from_u128(1), 7);
+        delivered.insert(key, at(0), Duration::from_secs(4));
+        assert!(delivered.contains(key));
+        delivered.insert((NodeId::from_u128(1), 8), at(3_999), Duration::from_secs(4));
+        assert!(delivered.contains(key));
+        delivered.insert((NodeId::from_u128(1), 9), at(4_000), Duration::from_secs(4));
+        assert!(!delivered.contains(key));
+        assert!(delivered.contains((NodeId::from_u128(1), 8)));
+    }
+}
