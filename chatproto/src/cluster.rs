@@ -10,8 +10,9 @@
 //! its users offline from when it was last heard from; a node that shuts
 //! down says so; a node frozen past its lease closes its clients), and
 //! direct messages to a user on another node ([`BusMessage::Deliver`],
-//! answered with [`BusMessage::Routed`]; see `routes.rs`). What does not
-//! yet: one session per user across nodes, offline queues and lockouts
+//! answered with [`BusMessage::Routed`]; see `routes.rs`), and one
+//! session per user in the whole cluster (claimed in the cluster's
+//! database; see below). What does not yet: offline queues and lockouts
 //! shared through the database.
 //!
 //! A node is a [`Server`](crate::Server) with
@@ -30,6 +31,39 @@
 //! removed with [`Server::handle_node_gone`](crate::Server::handle_node_gone).
 //! Every deadline (the next heartbeat, the first lease to run out) is in
 //! [`Server::poll_timeout`](crate::Server::poll_timeout).
+//!
+//! **One session per user** needs an atomic test-and-set that the bus
+//! cannot give, so it lives in the cluster's database. Once a login's
+//! password is right, the core asks for the session with
+//! [`Output::ClaimSession`](crate::Output::ClaimSession); the driver
+//! answers with [`Server::handle_claim`](crate::Server::handle_claim) and a
+//! [`ClaimOutcome`]. Each session ends with
+//! [`Output::ReleaseSession`](crate::Output::ReleaseSession), which names
+//! its claim. The database takes a session over from a node silent past
+//! its lease (by its own clock) and tells that node at its next heartbeat,
+//! for which the driver calls
+//! [`Server::handle_node_expired`](crate::Server::handle_node_expired).
+//!
+//! ```
+//! use chatproto::{ClaimOutcome, ClusterConfig, NodeId, Output, Server, ServerConfig, Timestamp};
+//! let now = Timestamp::from_unix_millis(0);
+//! let mut config = ServerConfig::default();
+//! config.cluster = Some(ClusterConfig::new(NodeId::from_u128(1)));
+//! let mut accounts = chatproto::Accounts::default();
+//! accounts.insert("alice".parse().unwrap(), "pw-alice".parse().unwrap()).unwrap();
+//! let mut node = Server::new(config, accounts, now).unwrap();
+//! let conn = node.accept(chatproto::PeerKey::UNSPECIFIED, [0; 16], now);
+//! node.handle_input(conn, b"login alice pw-alice\n", now).unwrap();
+//! let claim = std::iter::from_fn(|| node.poll_output())
+//!     .find_map(|output| match output {
+//!         Output::ClaimSession { claim, .. } => Some(claim),
+//!         _ => None,
+//!     })
+//!     .expect("a right password asks for the session");
+//! // The database says nobody alive holds alice's session.
+//! node.handle_claim(claim, ClaimOutcome::Claimed, now);
+//! assert_eq!(node.user(conn).map(|u| u.as_str()), Some("alice"));
+//! ```
 //!
 //! ```
 //! use chatproto::{BusMessage, ClusterConfig, NodeId, Output, Server, ServerConfig, Timestamp};
@@ -280,6 +314,20 @@ pub enum RouteOutcome {
     /// take a message live (their offline queue is being handed over):
     /// the sender's node stores it.
     NotHere,
+}
+
+/// What the cluster's database said to an
+/// [`Output::ClaimSession`](crate::Output::ClaimSession), handed back with
+/// [`Server::handle_claim`](crate::Server::handle_claim).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ClaimOutcome {
+    /// This node now holds the user's one session: the login goes on.
+    Claimed,
+    /// A node that is alive holds it: the login gets `session_elsewhere`.
+    Elsewhere,
+    /// The database could not be asked: the login gets `unavailable`.
+    Failed,
 }
 
 /// Why bytes from the bus are not a [`BusMessage`].

@@ -1,6 +1,6 @@
 //! The names the core gives things a driver hands back: connections
-//! ([`ConnId`]), password checks ([`VerifyTicket`]) and batches of changes
-//! ([`BatchId`]). Plain values at the bottom of the module graph: every
+//! ([`ConnId`]), password checks ([`VerifyTicket`]), batches of changes
+//! ([`BatchId`]) and, in cluster mode, session claims ([`ClaimId`]). Plain values at the bottom of the module graph: every
 //! other module may use them, and they use none.
 
 /// A connection, as named by the server core.
@@ -80,5 +80,32 @@ impl BatchId {
 impl std::fmt::Display for BatchId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "batch#{}", self.0)
+    }
+}
+
+/// Names one [`Output::ClaimSession`](crate::Output::ClaimSession) (cluster
+/// mode): hand it back with [`Server::handle_claim`](crate::Server::handle_claim).
+/// The session it makes carries it too, so that releasing it
+/// ([`Output::ReleaseSession`](crate::Output::ReleaseSession)) never
+/// removes a later claim of the same user on the same node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClaimId(pub(crate) u64);
+
+impl ClaimId {
+    /// The claim as a number, for a driver that stores it.
+    pub fn into_raw(self) -> u64 {
+        self.0
+    }
+
+    /// A claim back from [`ClaimId::into_raw`]. A number the core never
+    /// issued, or a claim already answered, is ignored.
+    pub fn from_raw(raw: u64) -> Self {
+        ClaimId(raw)
+    }
+}
+
+impl std::fmt::Display for ClaimId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "claim#{}", self.0)
     }
 }

@@ -78,7 +78,7 @@
 //! | `presence`, `blocking` | who is online, block lists (internal) |
 //! | [`peer`] | client addresses as [`PeerKey`]s, and the limits kept per address |
 //! | `drain` | one connection's offline delivery in progress: frame numbers, what is known written (internal) |
-//! | [`cluster`], `directory`, `liveness`, `routes` | cluster mode (being built): [`NodeId`], [`BusMessage`] and how a driver carries them ([`Output::Publish`], [`Server::handle_bus`]); who is online on the other nodes, which nodes are alive by their heartbeats, and direct messages on their way to another node (internal) |
+//! | [`cluster`], `directory`, `liveness`, `routes` | cluster mode (being built): [`NodeId`], [`BusMessage`] and how a driver carries them ([`Output::Publish`], [`Server::handle_bus`]); who is online on the other nodes, which nodes are alive by their heartbeats, and direct messages on their way to another node (internal); one session per user ([`Output::ClaimSession`], [`Server::handle_claim`], `server/claims.rs`) |
 //!
 //! The modules form no import cycle: `ids` and the value types are at the
 //! bottom, `output` and `durability` above them, `server` on top.
@@ -120,13 +120,14 @@ pub use client::{
     Client, ClientEvent, ClientState, PendingRequest, SendError, DEFAULT_CLIENT_MAX_FRAME_BYTES,
 };
 pub use cluster::{
-    BusDecodeError, BusMessage, BusTarget, ClusterConfig, NodeId, RouteOutcome, BUS_VERSION,
+    BusDecodeError, BusMessage, BusTarget, ClaimOutcome, ClusterConfig, NodeId, RouteOutcome,
+    BUS_VERSION,
 };
 pub use command::{Command, CommandName, DebugTarget};
 pub use durability::{BatchId, Persisted};
 pub use error::{ErrorCode, RequestError};
 pub use framing::{encode_frame, FrameDecoder, FrameError, DEFAULT_MAX_FRAME_BYTES};
-pub use ids::ConnId;
+pub use ids::{ClaimId, ConnId};
 pub use lockout::{LockoutPolicy, LockoutState};
 pub use offline::{MailboxLimit, OfflineMessage, OfflineTexts, QueueSize, QueuedMessage};
 pub use password::{HashedPassword, InvalidHash, InvalidPassword, Password};

@@ -32,6 +32,8 @@ pub(crate) struct Liveness {
     /// This node said it is leaving: it says nothing more, so that no
     /// node takes it for alive again.
     left: bool,
+    /// When this node last closed its clients and joined again.
+    rejoined_at: Option<Timestamp>,
 }
 
 #[derive(Debug, Clone)]
@@ -55,7 +57,19 @@ impl Liveness {
             next_heartbeat: None,
             last_beat: None,
             left: false,
+            rejoined_at: None,
         }
+    }
+
+    /// This node closed its clients and joined again at `now`.
+    pub(crate) fn rejoined(&mut self, now: Timestamp) {
+        self.rejoined_at = Some(now);
+    }
+
+    /// Whether this node closed its clients since `since`: a silence that
+    /// began then needs no second close.
+    pub(crate) fn rejoined_since(&self, since: Timestamp) -> bool {
+        self.rejoined_at.is_some_and(|at| at >= since)
     }
 
     /// `node` was heard from at `now`. True if it was not known alive.
@@ -293,7 +307,7 @@ mod tests {
         liveness.heard(b, at(0));
         liveness.accounts_of(b, "x".into(), "x");
         assert!(liveness.accounts_agree("x"), "two against one");
-        assert!(!liveness.accounts_agree("y"));
+        assert!(!liveness.accounts_agree("z"), "a third digest, alone");
         liveness.heard(c, at(0));
         liveness.accounts_of(c, "y".into(), "x");
         assert!(!liveness.accounts_agree("x"), "two against two");

@@ -5,7 +5,7 @@ use bytes::Bytes;
 
 use crate::cluster::{BusMessage, BusTarget, NodeId};
 use crate::error::ErrorCode;
-use crate::ids::{BatchId, ConnId, VerifyTicket};
+use crate::ids::{BatchId, ClaimId, ConnId, VerifyTicket};
 use crate::password::{HashedPassword, Password};
 use crate::peer::PeerKey;
 use crate::server_frame::ByeReason;
@@ -53,6 +53,35 @@ pub enum Output {
         hash: HashedPassword,
         /// The password the user sent.
         password: Password,
+    },
+    /// Cluster mode: make this node `user`'s one session in the cluster's
+    /// database, atomically, unless a node that is alive holds it (a
+    /// session held by a node whose lease ran out, or by this node under
+    /// an older claim, is taken over). Comes after the password check; the
+    /// connection's later frames wait for the answer. Answer with
+    /// [`Server::handle_claim`](crate::Server::handle_claim), after
+    /// committing every change polled before this output (a release of
+    /// the same user among them). The session is given back with
+    /// [`Output::ReleaseSession`].
+    ClaimSession {
+        /// What to hand back with the answer.
+        claim: ClaimId,
+        /// Whose session.
+        user: Username,
+    },
+    /// Cluster mode: this node no longer holds `user`'s session made by
+    /// `claim` (logout, disconnect, or a claim answered after its
+    /// connection closed). Remove it from the cluster's database only if
+    /// it is still that claim of this node's, so that a release that
+    /// arrives late never removes a newer session. Nothing answers it; a
+    /// driver whose database is away keeps it and tries again, since until
+    /// it is done the user cannot log in on another node while this one
+    /// is alive.
+    ReleaseSession {
+        /// Whose session.
+        user: Username,
+        /// The claim that made it.
+        claim: ClaimId,
     },
     /// Read the next page of `user`'s offline queue from storage (with
     /// [`OfflineTexts::External`](crate::OfflineTexts::External)): the messages after `after_seq` (all of

@@ -8,7 +8,7 @@
 
 mod common;
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -16,7 +16,7 @@ use chatproto::{
     BusDecodeError, BusMessage, BusTarget, ByeReason, ClusterConfig, ConnId, ErrorCode, Event,
     NodeId, Reply, ServerFrame, Timer, BUS_VERSION,
 };
-use common::{config, names, presences, secs, Sim, USERS};
+use common::{config, names, presences, secs, SessionTable, Sim, USERS};
 use proptest::prelude::*;
 
 /// Nodes and the bus between them.
@@ -28,8 +28,11 @@ struct Cluster {
     /// While false, what is published is lost (NATS away).
     up: bool,
     /// Nodes that are frozen or dead: their clocks stand still, and
-    /// nothing reaches them or leaves them.
-    stopped: BTreeSet<usize>,
+    /// nothing reaches them or leaves them. With each, how long it has
+    /// been stopped: past a lease, the database takes it for dead too.
+    stopped: BTreeMap<usize, Duration>,
+    /// The cluster's sessions, in its database.
+    sessions: SessionTable,
 }
 
 /// How far apart the nodes' clocks may get while time passes: each step,
@@ -45,6 +48,7 @@ impl Cluster {
     /// A node for each accounts digest, whose bus connections have just
     /// come up.
     fn with_accounts_digests(digests: &[&str]) -> Cluster {
+        let sessions = SessionTable::default();
         let nodes = digests
             .iter()
             .enumerate()
@@ -53,14 +57,17 @@ impl Cluster {
                 cluster.accounts_digest = digest.to_string();
                 let mut config = config();
                 config.cluster = Some(cluster);
-                Sim::with_config(config)
+                let mut node = Sim::with_config(config);
+                node.sessions = Some(sessions.clone());
+                node
             })
             .collect();
         let mut cluster = Cluster {
             nodes,
             bus: VecDeque::new(),
             up: true,
-            stopped: BTreeSet::new(),
+            stopped: BTreeMap::new(),
+            sessions,
         };
         cluster.restore_bus();
         cluster
@@ -80,7 +87,7 @@ impl Cluster {
     fn restore_bus(&mut self) {
         self.up = true;
         for (i, node) in self.nodes.iter_mut().enumerate() {
-            if !self.stopped.contains(&i) {
+            if !self.stopped.contains_key(&i) {
                 node.server.handle_bus_restored(node.now);
                 node.pump();
             }
@@ -111,7 +118,7 @@ impl Cluster {
                 BusTarget::Node(id) => id == node_id(i),
                 _ => true,
             };
-            if addressed && !self.stopped.contains(&i) {
+            if addressed && !self.stopped.contains_key(&i) {
                 node.server.handle_bus(message.clone(), node.now);
                 node.pump();
             }
@@ -122,7 +129,7 @@ impl Cluster {
     fn collect(&mut self) {
         for (i, node) in self.nodes.iter_mut().enumerate() {
             for (to, message) in node.published.drain(..) {
-                if self.up && !self.stopped.contains(&i) {
+                if self.up && !self.stopped.contains_key(&i) {
                     self.bus.push_back((i, to, message.encode()));
                 }
             }
@@ -149,8 +156,16 @@ impl Cluster {
             let step = left.min(STEP);
             left -= step;
             for (i, node) in self.nodes.iter_mut().enumerate() {
-                if !self.stopped.contains(&i) {
+                if !self.stopped.contains_key(&i) {
                     node.advance(step);
+                }
+            }
+            for (&i, stopped_for) in &mut self.stopped {
+                *stopped_for += step;
+                let cluster = self.nodes[i].server.config().cluster.as_ref().unwrap();
+                if *stopped_for >= cluster.lease {
+                    let node = cluster.node;
+                    self.sessions.with(|s| s.expired.insert(node));
                 }
             }
             self.settle();
@@ -160,7 +175,7 @@ impl Cluster {
     /// Node `i` stops (frozen, or killed): it neither hears nor is heard.
     fn stop(&mut self, i: usize) {
         self.settle();
-        self.stopped.insert(i);
+        self.stopped.insert(i, Duration::ZERO);
     }
 
     /// Node `i` runs again after a stop: its clock jumps to the others'
@@ -172,6 +187,10 @@ impl Cluster {
         node.now = now;
         node.server.handle_timeout(now);
         node.pump();
+        // It beats again in the database (its sessions given up, if the
+        // database had given it up, are closed by now).
+        let id = node.node();
+        self.sessions.with(|s| s.expired.remove(&id));
         self.settle();
     }
 
@@ -878,4 +897,293 @@ proptest! {
             }
         }
     }
+}
+
+/// A step of a schedule of logins racing for sessions.
+#[derive(Debug, Clone)]
+enum Race {
+    /// A connection on a node sends a user's login (its claim waits).
+    Try {
+        user: usize,
+        node: usize,
+    },
+    /// A node's waiting claims are answered, in the order asked.
+    Answer {
+        node: usize,
+    },
+    /// A node's connection logs out (or sends `logout` unanswered).
+    Leave {
+        node: usize,
+        pick: usize,
+    },
+    /// The database is away, or back.
+    DatabaseDown,
+    DatabaseUp,
+}
+
+fn race() -> impl Strategy<Value = Race> {
+    prop_oneof![
+        4 => (0..3usize, 0..3usize).prop_map(|(user, node)| Race::Try { user, node }),
+        3 => (0..3usize).prop_map(|node| Race::Answer { node }),
+        2 => (0..3usize, 0..8usize).prop_map(|(node, pick)| Race::Leave { node, pick }),
+        1 => Just(Race::DatabaseDown),
+        1 => Just(Race::DatabaseUp),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    /// However logins race across nodes, their claims are answered and
+    /// the database comes and goes, no user is ever logged in twice in the
+    /// cluster, and a user nobody holds can always log in.
+    #[test]
+    fn a_user_is_never_logged_in_twice(ops in prop::collection::vec(race(), 1..60)) {
+        const USERS3: [&str; 3] = ["alice", "bob", "carol"];
+        let mut c = Cluster::new(3);
+        for node in &mut c.nodes {
+            node.hold_claims = true;
+        }
+        let mut conns: Vec<Vec<ConnId>> = vec![Vec::new(); 3];
+        for op in ops {
+            match op {
+                Race::Try { user, node } => {
+                    let conn = c.nodes[node].connect();
+                    c.nodes[node].send(conn, &login_line(USERS3[user]));
+                    conns[node].push(conn);
+                }
+                Race::Answer { node } => c.nodes[node].answer_claims(),
+                Race::Leave { node, pick } if !conns[node].is_empty() => {
+                    let at = pick % conns[node].len();
+                    let conn = conns[node].remove(at);
+                    if c.nodes[node].server.is_open(conn) {
+                        c.nodes[node].disconnect(conn);
+                    }
+                }
+                Race::Leave { .. } => {}
+                Race::DatabaseDown => c.sessions.with(|s| s.down = true),
+                Race::DatabaseUp => c.sessions.restore(),
+            }
+            c.settle();
+            for user in USERS3 {
+                let holders: Vec<(usize, ConnId)> = (0..3)
+                    .flat_map(|i| conns[i].iter().map(move |&conn| (i, conn)))
+                    .filter(|&(i, conn)| {
+                        c.nodes[i].server.user(conn).map(|u| u.as_str()) == Some(user)
+                    })
+                    .collect();
+                prop_assert!(holders.len() <= 1, "{} on {:?}", user, holders);
+            }
+        }
+        // Everyone leaves and the database is back: each user logs in
+        // anywhere.
+        c.sessions.restore();
+        for (i, node) in c.nodes.iter_mut().enumerate() {
+            node.answer_claims();
+            for conn in conns[i].drain(..) {
+                if node.server.is_open(conn) {
+                    node.disconnect(conn);
+                }
+            }
+            node.hold_claims = false;
+        }
+        for (i, user) in USERS3.iter().enumerate() {
+            c.login(i, user);
+        }
+    }
+}
+
+/// The password line of `user`'s login.
+fn login_line(user: &str) -> String {
+    let password = USERS.iter().find(|(n, _)| *n == user).unwrap().1;
+    format!("login {user} {password}")
+}
+
+/// The error code among `frames`, if one is there.
+fn error_code(frames: &[ServerFrame]) -> Option<ErrorCode> {
+    frames.iter().find_map(|f| match f {
+        ServerFrame::Error(e) => Some(e.code),
+        _ => None,
+    })
+}
+
+/// Whether `frames` hold a login's `ok`.
+fn logged_in(frames: &[ServerFrame]) -> bool {
+    frames
+        .iter()
+        .any(|f| matches!(f, ServerFrame::Ok(ok) if matches!(ok.reply, Reply::Login { .. })))
+}
+
+#[test]
+fn a_user_has_one_session_in_the_whole_cluster() {
+    let mut c = Cluster::new(3);
+    let alice = c.login(0, "alice");
+    for i in [1, 2, 0] {
+        let conn = c.nodes[i].connect();
+        let frames = c.ask(i, conn, &login_line("alice"));
+        assert_eq!(
+            error_code(&frames),
+            Some(ErrorCode::SessionElsewhere),
+            "node {i}"
+        );
+    }
+    // Once she has left, any node takes her.
+    c.logout(0, alice);
+    let conn = c.nodes[2].connect();
+    assert!(logged_in(&c.ask(2, conn, &login_line("alice"))));
+    assert_eq!(c.sessions.with(|s| s.rows.len()), 1);
+    c.nodes[2].disconnect(conn);
+    assert_eq!(
+        c.sessions.with(|s| s.rows.len()),
+        0,
+        "given back at disconnect"
+    );
+}
+
+#[test]
+fn of_two_logins_at_once_on_two_nodes_exactly_one_gets_in() {
+    let mut c = Cluster::new(2);
+    for node in &mut c.nodes {
+        node.hold_claims = true;
+    }
+    let a = c.nodes[0].connect();
+    let b = c.nodes[1].connect();
+    c.nodes[0].send(a, &login_line("bob"));
+    c.nodes[1].send(b, &login_line("bob"));
+    // Both passwords are right; the claims race in the database, and the
+    // one it serves first wins, whatever the order of the answers.
+    assert_eq!(c.nodes[0].claims.len(), 1);
+    assert_eq!(c.nodes[1].claims.len(), 1);
+    // Later input waits behind the claim.
+    c.nodes[0].send(a, "whoami");
+    let early = c.nodes[0].take(a);
+    assert!(
+        early.iter().all(|f| matches!(f, ServerFrame::Hello { .. })),
+        "{early:?}"
+    );
+    c.nodes[1].answer_claims();
+    c.nodes[0].answer_claims();
+    c.settle();
+    let frames_a = c.nodes[0].take(a);
+    let frames_b = c.nodes[1].take(b);
+    assert!(logged_in(&frames_b), "{frames_b:?}");
+    assert_eq!(error_code(&frames_a), Some(ErrorCode::SessionElsewhere));
+    // The `whoami` sent behind the claim is answered after it.
+    assert!(
+        matches!(frames_a.last(), Some(ServerFrame::Error(e)) if e.code == ErrorCode::NotLoggedIn),
+        "{frames_a:?}"
+    );
+}
+
+#[test]
+fn a_second_login_on_the_same_node_while_the_first_is_claimed_is_refused() {
+    let mut c = Cluster::new(2);
+    c.nodes[0].hold_claims = true;
+    let a = c.nodes[0].connect();
+    let b = c.nodes[0].connect();
+    c.nodes[0].send(a, &login_line("carol"));
+    c.nodes[0].send(b, &login_line("carol"));
+    assert_eq!(
+        error_code(&c.nodes[0].take(b)),
+        Some(ErrorCode::SessionElsewhere)
+    );
+    c.nodes[0].answer_claims();
+    assert!(logged_in(&c.nodes[0].take(a)));
+}
+
+#[test]
+fn a_session_claimed_for_a_connection_gone_meanwhile_is_given_back() {
+    let mut c = Cluster::new(2);
+    c.nodes[0].hold_claims = true;
+    let a = c.nodes[0].connect();
+    c.nodes[0].send(a, &login_line("dave"));
+    c.nodes[0].disconnect(a);
+    c.nodes[0].answer_claims();
+    assert_eq!(c.sessions.with(|s| s.rows.len()), 0);
+    c.login(1, "dave");
+}
+
+#[test]
+fn a_dead_nodes_users_log_in_elsewhere_once_its_lease_runs_out() {
+    let mut c = Cluster::new(2);
+    c.login(1, "bob");
+    c.stop(1); // killed
+    let conn = c.nodes[0].connect();
+    assert_eq!(
+        error_code(&c.ask(0, conn, &login_line("bob"))),
+        Some(ErrorCode::SessionElsewhere),
+        "node 1 may still be alive"
+    );
+    c.advance(secs(10));
+    assert!(logged_in(&c.ask(0, conn, &login_line("bob"))));
+}
+
+#[test]
+fn while_the_database_is_away_a_login_is_unavailable_and_a_release_waits() {
+    let mut c = Cluster::new(2);
+    let alice = c.login(0, "alice");
+    c.sessions.with(|s| s.down = true);
+    let conn = c.nodes[1].connect();
+    assert_eq!(
+        error_code(&c.ask(1, conn, &login_line("bob"))),
+        Some(ErrorCode::Unavailable)
+    );
+    // alice leaves while it is away: her session is given back when it is
+    // back, and she can log in on the other node then.
+    c.logout(0, alice);
+    c.sessions.restore();
+    assert!(logged_in(&c.ask(1, conn, &login_line("alice"))));
+}
+
+#[test]
+fn a_release_that_comes_late_never_removes_a_newer_session() {
+    let mut c = Cluster::new(2);
+    let alice = c.login(0, "alice");
+    c.sessions.with(|s| s.down = true);
+    c.logout(0, alice); // its release waits for the database
+    c.sessions.with(|s| s.down = false);
+    // She logs in again on the same node: its new claim takes the row
+    // over from its old one.
+    let again = c.login(0, "alice");
+    c.sessions.restore(); // the old release, late: it names the old claim
+    let conn = c.nodes[1].connect();
+    assert_eq!(
+        error_code(&c.ask(1, conn, &login_line("alice"))),
+        Some(ErrorCode::SessionElsewhere)
+    );
+    assert!(c.nodes[0].server.is_open(again));
+}
+
+#[test]
+fn a_node_told_by_the_database_that_its_sessions_were_taken_closes_its_clients() {
+    let mut c = Cluster::new(2);
+    let bob = c.login(1, "bob");
+    // Node 1 lost the database past its lease while the bus stayed up (so
+    // it saw no silence of its own); node 0 took bob's session meanwhile.
+    c.sessions.with(|s| s.expired.insert(node_id(1)));
+    c.login(0, "bob");
+    let now = c.nodes[1].now;
+    c.nodes[1].server.handle_node_expired(secs(12), now);
+    c.nodes[1].pump();
+    assert_eq!(c.nodes[1].closed.get(&bob), Some(&ByeReason::NodeExpired));
+    assert!(c.nodes[1]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::NodeExpired { silent_for } if *silent_for == secs(12))));
+}
+
+#[test]
+fn after_closing_its_clients_itself_a_node_keeps_the_sessions_made_since() {
+    let mut c = Cluster::new(2);
+    c.login(1, "bob");
+    c.stop(1);
+    c.advance(secs(12));
+    c.resume(1); // finds its own silence: closes bob
+    let carol = c.login(1, "carol");
+    // The database's heartbeat answer comes after: the silence it speaks
+    // of was dealt with, and carol's session is newer than it.
+    let now = c.nodes[1].now;
+    c.nodes[1].server.handle_node_expired(secs(12), now);
+    c.nodes[1].pump();
+    assert!(c.nodes[1].server.is_open(carol));
 }

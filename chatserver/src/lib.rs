@@ -44,6 +44,7 @@ pub mod http;
 pub mod link;
 #[cfg(feature = "cli")]
 pub mod logging;
+pub mod node;
 pub mod origin;
 pub mod output_queue;
 pub mod reactor;

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use chatproto::{
-    ByeReason, ConnId, Event as CoreEvent, MessageError, Output, PeerKey, Persisted, Rate, Server,
-    Timestamp,
+    ByeReason, ClaimId, ClaimOutcome, ConnId, Event as CoreEvent, MessageError, Output, PeerKey,
+    Persisted, Rate, Server, Timestamp, Username,
 };
 use polling::{Event, Events, PollMode, Poller};
 use tracing::{debug, error, info, warn};
@@ -37,6 +37,9 @@ use crate::clock::Clock;
 use crate::health::Health;
 use crate::http::HttpConfig;
 use crate::link::{Backlog, Expired, Link, LinkConfig, LinkEvent, Phase, Transport, Written};
+use crate::node::Beat;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+use crate::node::ClusterNode;
 use crate::output_queue::OutputQueue;
 use crate::registration::Registered;
 use crate::storage::{Done, Storage};
@@ -226,6 +229,12 @@ pub struct Reactor {
     /// When to ask the storage thread whether the database is back, while
     /// a failure says it may not be.
     database_check_at: Option<Instant>,
+    /// Cluster mode: when this node's next heartbeat goes to the
+    /// database (the first, which registers it, at once).
+    node_beat_at: Option<Instant>,
+    /// Cluster mode: sessions whose release could not be written, tried
+    /// again with each heartbeat until they are.
+    unreleased: Vec<(Username, ClaimId)>,
     stop: Arc<AtomicBool>,
     shutdown_deadline: Option<Instant>,
     stopped: bool,
@@ -323,8 +332,13 @@ impl Reactor {
         clock: Clock,
         config: ReactorConfig,
     ) -> io::Result<Reactor> {
+        let cluster = core.config().cluster.as_ref().map(|c| ClusterNode {
+            id: c.node.as_uuid().to_string(),
+            name: c.name.clone(),
+            lease: c.lease,
+        });
         Reactor::build(listeners, core, clock, config, |poller| {
-            Storage::start(database, poller.clone()).map(Some)
+            Storage::start(database, cluster, poller.clone()).map(Some)
         })
     }
 
@@ -392,6 +406,7 @@ impl Reactor {
             max_output_bytes: config.max_output_bytes,
             slow_consumer_after: config.limits.slow_consumer_after,
         });
+        let node_beat_at = core.config().cluster.as_ref().map(|_| Instant::now());
         Ok(Reactor {
             poller,
             events: Some(Events::new()),
@@ -414,6 +429,8 @@ impl Reactor {
             deadlines: BTreeSet::new(),
             accept_paused_until: None,
             database_check_at: None,
+            node_beat_at,
+            unreleased: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
             shutdown_deadline: None,
             stopped: false,
@@ -498,6 +515,7 @@ impl Reactor {
         self.take_verdicts();
         self.take_storage();
         self.check_database();
+        self.beat_database();
         self.take_bus();
         for event in events.iter() {
             if event.key > LISTENER_KEY - MAX_LISTENERS {
@@ -556,6 +574,38 @@ impl Reactor {
                     };
                     self.core.handle_persisted(batch, outcome, now);
                 }
+                Done::Claimed { claim, result } => {
+                    let outcome = match result {
+                        Ok(true) => ClaimOutcome::Claimed,
+                        Ok(false) => ClaimOutcome::Elsewhere,
+                        Err(e) => {
+                            error!(%claim, "{e}: cannot claim the session; the login is answered `unavailable`");
+                            ClaimOutcome::Failed
+                        }
+                    };
+                    self.core.handle_claim(claim, outcome, now);
+                }
+                Done::Released {
+                    user,
+                    claim,
+                    result,
+                } => {
+                    if let Err(e) = result {
+                        warn!(%user, %claim, "{e}: cannot give the session back yet; trying again with the next heartbeat");
+                        self.unreleased.push((user, claim));
+                    }
+                }
+                Done::Beat(result) => match result {
+                    Ok(Beat::Alive) => {}
+                    Ok(Beat::Expired { silent_for }) => {
+                        error!(
+                            silent_for_ms = silent_for.as_millis() as u64,
+                            "the database says this node was silent past its lease and another node took over a session: closing every connection (bye node_expired)"
+                        );
+                        self.core.handle_node_expired(silent_for, now);
+                    }
+                    Err(e) => warn!("{e}: cannot write this node's heartbeat; trying again"),
+                },
                 Done::Page { conn, result } => match result {
                     Ok(page) => {
                         let _ = self.core.handle_offline_page(conn, page, now);
@@ -574,6 +624,30 @@ impl Reactor {
             }
             self.drain_core();
         }
+    }
+
+    /// Cluster mode: sends this node's heartbeat to the database every
+    /// heartbeat period (one at a time), with the releases that failed.
+    fn beat_database(&mut self) {
+        let (Some(at), Some(storage)) = (self.node_beat_at, self.storage.as_mut()) else {
+            return;
+        };
+        if self.instant < at || storage.beating() {
+            return;
+        }
+        storage.heartbeat();
+        if storage.reachable() {
+            for (user, claim) in self.unreleased.drain(..) {
+                storage.release(user, claim);
+            }
+        }
+        let every = self
+            .core
+            .config()
+            .cluster
+            .as_ref()
+            .map_or(DATABASE_CHECK_EVERY, |c| c.heartbeat_every);
+        self.node_beat_at = Some(self.instant + every);
     }
 
     /// While the database may be unreachable (a commit or read failed),
@@ -700,6 +774,7 @@ impl Reactor {
             self.deadlines.first().map(|(at, _)| *at),
             self.accept_paused_until,
             self.database_check_at,
+            self.node_beat_at,
             self.shutdown_deadline,
             // Flush rounds ran out with sockets still to write: go on at
             // once, after a look at the others.
@@ -785,6 +860,19 @@ impl Reactor {
                     }
                 },
                 Output::Publish { to, message } => self.publish(to, &message),
+                Output::ClaimSession { claim, user } => match self.storage.as_mut() {
+                    Some(storage) => storage.claim(claim, user),
+                    None => {
+                        // Cluster mode needs a database: never asked.
+                        error!(%claim, "a session claim was asked for without a database");
+                        let now = self.now();
+                        self.core.handle_claim(claim, ClaimOutcome::Failed, now);
+                    }
+                },
+                Output::ReleaseSession { user, claim } => match self.storage.as_mut() {
+                    Some(storage) => storage.release(user, claim),
+                    None => error!(%claim, "a session release was asked for without a database"),
+                },
                 other => debug!("unhandled core output {other:?}"),
             }
         }

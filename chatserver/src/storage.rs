@@ -27,11 +27,12 @@ mod with_database {
     use std::sync::Arc;
     use std::thread;
 
-    use chatproto::{BatchId, Change, ConnId, QueuedMessage, Username};
+    use chatproto::{BatchId, Change, ClaimId, ConnId, QueuedMessage, Username};
     use polling::Poller;
     use tracing::{error, info, warn};
 
     use crate::database::{Committed, Database, DatabaseError};
+    use crate::node::{Beat, ClusterNode};
 
     /// What the storage thread finished.
     #[derive(Debug)]
@@ -50,6 +51,24 @@ mod with_database {
             /// The page, oldest first.
             result: Result<Vec<QueuedMessage>, DatabaseError>,
         },
+        /// Cluster mode: a session claim was answered.
+        Claimed {
+            /// Which claim.
+            claim: ClaimId,
+            /// Whether this node holds the session now.
+            result: Result<bool, DatabaseError>,
+        },
+        /// Cluster mode: a session was given back (or could not be).
+        Released {
+            /// Whose.
+            user: Username,
+            /// Which claim.
+            claim: ClaimId,
+            /// Whether it was written.
+            result: Result<(), DatabaseError>,
+        },
+        /// Cluster mode: this node's heartbeat was written (or not).
+        Beat(Result<Beat, DatabaseError>),
     }
 
     impl Done {
@@ -58,6 +77,9 @@ mod with_database {
             match self {
                 Done::Persisted { result, .. } => result.is_ok(),
                 Done::Page { result, .. } => result.is_ok(),
+                Done::Claimed { result, .. } => result.is_ok(),
+                Done::Released { result, .. } => result.is_ok(),
+                Done::Beat(result) => result.is_ok(),
             }
         }
     }
@@ -77,6 +99,15 @@ mod with_database {
             after_seq: u64,
             max_bytes: usize,
         },
+        Claim {
+            claim: ClaimId,
+            user: Username,
+        },
+        Release {
+            user: Username,
+            claim: ClaimId,
+        },
+        Beat,
     }
 
     /// What the storage thread sends back: the answer to a job for the
@@ -93,6 +124,9 @@ mod with_database {
         Check,
         Persist(BatchId),
         Page(ConnId),
+        Claim(ClaimId),
+        Release,
+        Beat,
     }
 
     impl Asked {
@@ -109,6 +143,12 @@ mod with_database {
                     conn,
                     result: Err(DatabaseError::Stopped),
                 }),
+                Asked::Claim(claim) => Some(Done::Claimed {
+                    claim,
+                    result: Err(DatabaseError::Stopped),
+                }),
+                // Nothing more can be written: nothing to try again.
+                Asked::Release | Asked::Beat => None,
             }
         }
     }
@@ -131,7 +171,12 @@ mod with_database {
 
     impl Storage {
         /// Starts the storage thread on `db`; each answer wakes `poller`.
-        pub fn start(db: Database, poller: Arc<Poller>) -> io::Result<Storage> {
+        /// `cluster` is this node, in cluster mode.
+        pub fn start(
+            db: Database,
+            cluster: Option<ClusterNode>,
+            poller: Arc<Poller>,
+        ) -> io::Result<Storage> {
             let (jobs, inbox) = mpsc::channel();
             let (outbox, done) = mpsc::channel();
             let wake = poller.clone();
@@ -142,7 +187,7 @@ mod with_database {
                     // finds the channel closed: it answers what was pending
                     // itself rather than wait for ever.
                     let _wake = WakeOnExit(&poller);
-                    work(db, &inbox, &outbox, &poller);
+                    work(db, cluster.as_ref(), &inbox, &outbox, &poller);
                 })?;
             Ok(Storage {
                 jobs: Some(jobs),
@@ -190,6 +235,28 @@ mod with_database {
                 after_seq,
                 max_bytes,
             });
+        }
+
+        /// Cluster mode: queues a claim of `user`'s session.
+        pub fn claim(&mut self, claim: ClaimId, user: Username) {
+            self.send(Job::Claim { claim, user });
+        }
+
+        /// Cluster mode: queues the release of `user`'s session made by
+        /// `claim`.
+        pub fn release(&mut self, user: Username, claim: ClaimId) {
+            self.send(Job::Release { user, claim });
+        }
+
+        /// Cluster mode: queues this node's heartbeat (the first registers
+        /// it).
+        pub fn heartbeat(&mut self) {
+            self.send(Job::Beat);
+        }
+
+        /// Whether a heartbeat is under way.
+        pub fn beating(&self) -> bool {
+            self.outstanding.contains(&Asked::Beat)
         }
 
         /// What the thread finished since the last call.
@@ -248,6 +315,9 @@ mod with_database {
                 Job::Check => Asked::Check,
                 Job::Persist { batch, .. } => Asked::Persist(*batch),
                 Job::LoadPage { conn, .. } => Asked::Page(*conn),
+                Job::Claim { claim, .. } => Asked::Claim(*claim),
+                Job::Release { .. } => Asked::Release,
+                Job::Beat => Asked::Beat,
             };
             self.outstanding.push_back(asked);
             let sent = self
@@ -283,7 +353,17 @@ mod with_database {
     }
 
     /// The storage thread: runs jobs in order until the reactor hangs up.
-    fn work(mut db: Database, inbox: &Receiver<Job>, outbox: &Sender<Answer>, poller: &Poller) {
+    fn work(
+        mut db: Database,
+        cluster: Option<&ClusterNode>,
+        inbox: &Receiver<Job>,
+        outbox: &Sender<Answer>,
+        poller: &Poller,
+    ) {
+        let not_clustered = || DatabaseError::Unsupported {
+            location: "storage".to_owned(),
+            what: "a cluster job for a node not in a cluster".to_owned(),
+        };
         for job in inbox {
             let done = match job {
                 Job::Check => Answer::Checked(db.check()),
@@ -305,6 +385,27 @@ mod with_database {
                     conn,
                     result: db.offline_page(&user, after_seq, max_bytes),
                 }),
+                Job::Claim { claim, user } => Answer::Done(Done::Claimed {
+                    claim,
+                    result: cluster
+                        .ok_or_else(not_clustered)
+                        .and_then(|node| db.claim_session(node, &user, claim)),
+                }),
+                Job::Release { user, claim } => {
+                    let result = cluster
+                        .ok_or_else(not_clustered)
+                        .and_then(|node| db.release_session(node, &user, claim));
+                    Answer::Done(Done::Released {
+                        user,
+                        claim,
+                        result,
+                    })
+                }
+                Job::Beat => Answer::Done(Done::Beat(
+                    cluster
+                        .ok_or_else(not_clustered)
+                        .and_then(|node| db.node_heartbeat(node)),
+                )),
             };
             if outbox.send(done).is_err() {
                 return;
@@ -371,7 +472,9 @@ mod with_database {
 
 #[cfg(not(any(feature = "sqlite", feature = "postgres")))]
 mod without_database {
-    use chatproto::{BatchId, Change, ConnId, QueuedMessage, Username};
+    use chatproto::{BatchId, Change, ClaimId, ConnId, QueuedMessage, Username};
+
+    use crate::node::Beat;
 
     /// No database in this build: no storage thread exists.
     #[derive(Debug)]
@@ -399,6 +502,24 @@ mod without_database {
             /// The page.
             result: Result<Vec<QueuedMessage>, NoDatabase>,
         },
+        /// A session claim was answered.
+        Claimed {
+            /// Which claim.
+            claim: ClaimId,
+            /// Whether this node holds the session now.
+            result: Result<bool, NoDatabase>,
+        },
+        /// A session was given back (or could not be).
+        Released {
+            /// Whose.
+            user: Username,
+            /// Which claim.
+            claim: ClaimId,
+            /// Whether it was written.
+            result: Result<(), NoDatabase>,
+        },
+        /// This node's heartbeat was written (or not).
+        Beat(Result<Beat, NoDatabase>),
     }
 
     // Each method matches on the uninhabited storage: none is ever called.
@@ -423,6 +544,18 @@ mod without_database {
             match *self {}
         }
         pub fn checking(&self) -> bool {
+            match *self {}
+        }
+        pub fn claim(&mut self, _: ClaimId, _: Username) {
+            match *self {}
+        }
+        pub fn release(&mut self, _: Username, _: ClaimId) {
+            match *self {}
+        }
+        pub fn heartbeat(&mut self) {
+            match *self {}
+        }
+        pub fn beating(&self) -> bool {
             match *self {}
         }
     }

@@ -119,6 +119,23 @@ fn whoelse_becomes(client: &mut Client, want: &[&str]) {
     }
 }
 
+/// Logs `user` in on `node`, trying again while the answer is
+/// `session_elsewhere` (another node's lease has not run out yet), for at
+/// most 5 s.
+fn login_when_free(node: &TestServer, user: &str) -> Client {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut client = node.connect();
+        let answer = client.ask(&format!("login {user} pw-{user}"));
+        if answer["type"] == "ok" {
+            return client;
+        }
+        assert_eq!(answer["code"], "session_elsewhere", "{answer}");
+        assert!(Instant::now() < until, "{user} is still held elsewhere");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn readyz(node: &TestServer) -> String {
     http_exchange(
         node.http_addr(),
@@ -232,6 +249,51 @@ fn a_direct_message_to_another_node_is_delivered_at_once() {
 }
 
 #[test]
+fn a_user_has_one_session_in_the_whole_cluster() {
+    let db = TestDatabase::create();
+    let nodes = start_nodes(3, &db, &nats::shared_url(), &["--node-lease-secs", "1"]);
+    let mut alice = nodes[0].login("alice");
+    for node in &nodes {
+        let mut again = node.connect();
+        let answer = again.ask("login alice pw-alice");
+        assert_eq!(answer["code"], "session_elsewhere", "{answer}");
+    }
+    // Logins at once on two nodes: exactly one gets in, every round.
+    for round in 0..5 {
+        let (a, b) = (nodes[1].addr, nodes[2].addr);
+        let racers: Vec<_> = [a, b]
+            .into_iter()
+            .map(|addr| {
+                std::thread::spawn(move || {
+                    let mut client = Client::connect(addr);
+                    let answer = client.ask("login bob pw-bob");
+                    (answer["type"] == "ok", client)
+                })
+            })
+            .collect();
+        let mut results: Vec<(bool, Client)> =
+            racers.into_iter().map(|r| r.join().unwrap()).collect();
+        let winners = results.iter().filter(|(ok, _)| *ok).count();
+        assert_eq!(winners, 1, "round {round}");
+        let (_, winner) = results.iter_mut().find(|(ok, _)| *ok).unwrap();
+        assert_eq!(winner.ask("logout")["type"], "ok");
+    }
+    // Once alice logs out, another node takes her at once.
+    assert_eq!(alice.ask("logout")["type"], "ok");
+    let mut alice = login_when_free(&nodes[2], "alice");
+    // Her node is killed: within its lease (1 s) she logs in elsewhere.
+    nodes[2].signal("KILL");
+    let killed = Instant::now();
+    let _alice_again = login_when_free(&nodes[1], "alice");
+    assert!(
+        killed.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        killed.elapsed()
+    );
+    assert!(alice.recv_to_end().len() < 100);
+}
+
+#[test]
 fn a_killed_nodes_users_go_offline_after_its_lease() {
     let db = TestDatabase::create();
     let nodes = start_nodes(2, &db, &nats::shared_url(), &["--node-lease-secs", "1"]);
@@ -275,8 +337,9 @@ fn a_node_frozen_past_its_lease_closes_its_clients_when_it_runs_again() {
         Some(false),
         "given up after its lease"
     );
-    // bob's session was given up: he may log in on node 0 now.
-    let mut bob_again = nodes[0].login("bob");
+    // bob's session was given up: he may log in on node 0 now (once the
+    // database, too, has not heard from node 1 for a lease).
+    let mut bob_again = login_when_free(&nodes[0], "bob");
     nodes[1].signal("CONT");
     let frames = bob.recv_to_end();
     assert_eq!(

@@ -125,7 +125,7 @@ fn servers_starting_together_create_the_schema_once() {
         .query_one("SELECT version FROM chatserver_schema", &[])
         .unwrap()
         .get(0);
-    assert_eq!(version, 3);
+    assert_eq!(version, chatserver::database::SCHEMA_VERSION);
 }
 
 #[test]
@@ -296,4 +296,81 @@ fn readyz_follows_the_database_down_and_back() {
     }
     server.wait_for_log("the database answers again");
     assert_eq!(alice.ask("message bob when back")["stored"], true);
+}
+
+/// Cluster sessions in the database itself: one holder per user, taken
+/// over only from a node silent past its lease (which its next heartbeat
+/// learns), released only by the claim that made it, and of two claims
+/// at once exactly one wins.
+#[test]
+fn cluster_sessions_have_one_holder() {
+    use chatproto::ClaimId;
+    use chatserver::database::{Database, Location};
+    use chatserver::node::{Beat, ClusterNode};
+    use std::time::Duration;
+
+    let db = TestDatabase::create();
+    let location = Location::parse(&db.url);
+    let open = || Database::open(&location).unwrap().0;
+    let node = |id: &str| ClusterNode {
+        id: id.to_owned(),
+        name: id.to_owned(),
+        lease: Duration::from_millis(300),
+    };
+    let (a, b) = (node("a"), node("b"));
+    let (mut da, mut db_b) = (open(), open());
+    assert_eq!(da.node_heartbeat(&a).unwrap(), Beat::Alive);
+    assert_eq!(db_b.node_heartbeat(&b).unwrap(), Beat::Alive);
+    let alice: chatproto::Username = "alice".parse().unwrap();
+    let claim = ClaimId::from_raw;
+
+    assert!(da.claim_session(&a, &alice, claim(1)).unwrap());
+    assert!(!db_b.claim_session(&b, &alice, claim(1)).unwrap());
+    // Its own node takes it over (a release not yet written).
+    assert!(da.claim_session(&a, &alice, claim(2)).unwrap());
+    // A late release names the old claim: it removes nothing.
+    da.release_session(&a, &alice, claim(1)).unwrap();
+    assert!(!db_b.claim_session(&b, &alice, claim(7)).unwrap());
+
+    // a goes silent past its lease: b takes alice over, and a's next
+    // heartbeat says so, once.
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(db_b.node_heartbeat(&b).unwrap(), Beat::Alive);
+    assert!(db_b.claim_session(&b, &alice, claim(7)).unwrap());
+    match da.node_heartbeat(&a).unwrap() {
+        Beat::Expired { silent_for } => assert!(silent_for >= Duration::from_millis(300)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(da.node_heartbeat(&a).unwrap(), Beat::Alive);
+    // a's release of its old session leaves b's alone.
+    da.release_session(&a, &alice, claim(2)).unwrap();
+    assert!(!da.claim_session(&a, &alice, claim(3)).unwrap());
+    db_b.release_session(&b, &alice, claim(7)).unwrap();
+    assert!(da.claim_session(&a, &alice, claim(3)).unwrap());
+
+    // Claims at once from two connections of two live nodes: exactly one
+    // wins each round.
+    let live = |id: &str| ClusterNode {
+        lease: Duration::from_secs(60),
+        ..node(id)
+    };
+    let (a, b) = (live("c"), live("d"));
+    assert_eq!(open().node_heartbeat(&a).unwrap(), Beat::Alive);
+    assert_eq!(open().node_heartbeat(&b).unwrap(), Beat::Alive);
+    for round in 0..20u64 {
+        let user: chatproto::Username = format!("racer{round}").parse().unwrap();
+        let racers: Vec<_> = [(a.clone(), open()), (b.clone(), open())]
+            .into_iter()
+            .map(|(node, mut conn)| {
+                let user = user.clone();
+                std::thread::spawn(move || conn.claim_session(&node, &user, claim(round)).unwrap())
+            })
+            .collect();
+        let won: Vec<bool> = racers.into_iter().map(|r| r.join().unwrap()).collect();
+        assert_eq!(
+            won.iter().filter(|w| **w).count(),
+            1,
+            "round {round}: {won:?}"
+        );
+    }
 }

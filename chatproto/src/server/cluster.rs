@@ -219,7 +219,8 @@ impl Server {
     /// logged in elsewhere since. It closes every connection (`bye
     /// node_expired`), then joins again as a node with nobody on it,
     /// asking the others who is on theirs.
-    fn rejoin(&mut self, silent_for: std::time::Duration, now: Timestamp) {
+    pub(super) fn rejoin(&mut self, silent_for: std::time::Duration, now: Timestamp) {
+        self.hub.liveness.rejoined(now);
         self.outputs
             .push_back(Output::Event(Event::NodeExpired { silent_for }));
         let ids: Vec<ConnId> = self.sessions.ids().collect();

@@ -4,13 +4,13 @@
 //! are in `requests.rs` (a request from one session) and `drains.rs`
 //! (offline delivery).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use crate::accounts::{Accounts, UserId};
 use crate::blocking::BlockList;
 use crate::directory::Directory;
-use crate::ids::{ConnId, VerifyTicket};
+use crate::ids::{ClaimId, ConnId, VerifyTicket};
 use crate::liveness::Liveness;
 use crate::lockout::Lockout;
 use crate::offline::OfflineQueues;
@@ -41,6 +41,11 @@ pub(crate) struct Hub {
     pub(crate) routes: Routes,
     /// Cluster mode: direct messages from other nodes delivered lately.
     pub(crate) delivered: Delivered,
+    /// Cluster mode: logins waiting for their session claims, by claim.
+    pub(crate) claims: HashMap<ClaimId, PendingClaim>,
+    /// Cluster mode: the users of `claims`: one claim per user at a time.
+    pub(crate) claiming: HashSet<UserId>,
+    pub(crate) next_claim: u64,
     /// Per-address limits.
     pub(crate) peers: Peers,
     /// Logins waiting for a password check, by ticket.
@@ -63,6 +68,9 @@ impl Hub {
             },
             routes: Routes::default(),
             delivered: Delivered::default(),
+            claims: HashMap::new(),
+            claiming: HashSet::new(),
+            next_claim: 0,
             peers: Peers::new(),
             verifications: HashMap::new(),
             next_ticket: 0,
@@ -94,3 +102,13 @@ pub(crate) const HELD_INPUT_FRAMES: usize = 4;
 /// account is hashed, so it costs what a wrong password costs.
 pub(crate) static DECOY_PASSWORD: std::sync::LazyLock<Password> =
     std::sync::LazyLock::new(|| Password::new("decoy-password-never-matches").expect("valid"));
+
+/// A login waiting for its session claim (cluster mode): its password
+/// was right.
+#[derive(Debug)]
+pub(crate) struct PendingClaim {
+    pub(crate) conn: ConnId,
+    pub(crate) id: Option<RequestId>,
+    pub(crate) name: Username,
+    pub(crate) user: UserId,
+}

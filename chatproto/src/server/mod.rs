@@ -16,11 +16,11 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use crate::accounts::Accounts;
-use crate::cluster::{BusMessage, BusTarget, NodeId};
+use crate::cluster::{BusMessage, BusTarget, ClaimOutcome, NodeId};
 use crate::durability::{Key, Kind, Ledger, Persisted};
 use crate::error::RequestError;
 use crate::framing::{self, FrameDecoder, FrameError};
-use crate::ids::{BatchId, ConnId};
+use crate::ids::{BatchId, ClaimId, ConnId};
 use crate::offline::QueuedMessage;
 use crate::peer::PeerKey;
 use crate::rate_limit::TokenBucket;
@@ -30,6 +30,7 @@ use crate::store::{Change, LastSeen, Snapshot};
 use crate::time::Timestamp;
 use crate::username::Username;
 
+mod claims;
 mod cluster;
 mod config;
 mod drains;
@@ -147,6 +148,8 @@ impl Server {
             refused_in_row: 0,
             awaiting: None,
             route: None,
+            claiming: None,
+            claim: None,
             held_frames: VecDeque::new(),
             held_bytes: 0,
             drain: None,
@@ -455,6 +458,27 @@ impl Server {
         self.pump_drains();
     }
 
+    /// The cluster's database says another node took over one of this
+    /// node's sessions while this node was silent for `silent_for`, past
+    /// its lease (cluster mode, else ignored): as when the node finds its
+    /// own silence ([`Event::NodeExpired`]), it closes every connection
+    /// with `bye node_expired`, since its users may be logged in elsewhere,
+    /// and joins again with nobody on it.
+    pub fn handle_node_expired(&mut self, silent_for: std::time::Duration, now: Timestamp) {
+        let now = self.clock(now);
+        self.catch_up_timers(now);
+        let began = now.saturating_sub(silent_for);
+        if self.node().is_none() || self.hub.liveness.rejoined_since(began) {
+            // It found its silence itself, and closed its clients then:
+            // every session since was claimed after the silence.
+            return;
+        }
+        let mark = self.begin();
+        self.rejoin(silent_for, now);
+        self.settle(mark);
+        self.pump_drains();
+    }
+
     /// The verdict on an [`Output::VerifyPassword`]: whether the password
     /// matched the hash. The login goes on from there, and the
     /// connection's frames that waited behind it are served. A failure
@@ -506,6 +530,26 @@ impl Server {
         if let Err(error) = result {
             self.send_error(conn, id, &error);
         }
+        self.settle(mark);
+        self.resume_input(conn);
+        self.pump_drains();
+    }
+
+    /// The cluster's database's answer to an [`Output::ClaimSession`]
+    /// (cluster mode): the login goes on, or gets `session_elsewhere`
+    /// (another node holds the user's session) or `unavailable` (the
+    /// database could not be asked); then the connection's frames that
+    /// waited behind it are served. A session claimed for a connection
+    /// that closed meanwhile is given back ([`Output::ReleaseSession`]).
+    /// An unknown or already answered claim is ignored.
+    pub fn handle_claim(&mut self, claim: ClaimId, outcome: ClaimOutcome, now: Timestamp) {
+        let now = self.clock(now);
+        self.catch_up_timers(now);
+        let Some(conn) = self.hub.claims.get(&claim).map(|p| p.conn) else {
+            return;
+        };
+        let mark = self.begin();
+        self.serve_claim(claim, outcome, now);
         self.settle(mark);
         self.resume_input(conn);
         self.pump_drains();
@@ -1073,6 +1117,12 @@ impl Server {
                 at: now,
             };
             self.ledger.record_fact(change, Some(conn));
+            if let Some(claim) = c.claim {
+                self.outputs.push_back(Output::ReleaseSession {
+                    user: name.clone(),
+                    claim,
+                });
+            }
             if announce {
                 self.announce(user, false);
             }
@@ -1091,7 +1141,7 @@ impl Server {
 
     /// Puts `conn` in the timer queue at its current deadline, if that is
     /// earlier than where it sits (a later entry is moved when it fires).
-    fn reschedule(&mut self, conn: ConnId) {
+    pub(super) fn reschedule(&mut self, conn: ConnId) {
         let Some(c) = self.sessions.get(conn) else {
             return;
         };
@@ -1116,7 +1166,7 @@ impl Server {
         match self.config.login_timeout {
             // A login being checked is not held against the client: a
             // slow check must not turn a right password into a timeout.
-            Some(limit) if c.user.is_none() && c.awaiting.is_none() => {
+            Some(limit) if c.user.is_none() && c.awaiting.is_none() && c.claiming.is_none() => {
                 let login = (c.opened + limit, ByeReason::LoginTimeout);
                 if login.0 < idle.0 {
                     login
@@ -1151,10 +1201,13 @@ impl Server {
     }
 }
 
-/// Whether `c`'s input waits: for its login's password check, for the
-/// answer to a direct message sent to another node, or for the first page
+/// Whether `c`'s input waits: for its login's password check or session
+/// claim, for the answer to a direct message sent to another node, or for the first page
 /// of the offline queue its login started (so the queue comes before the
 /// answer to anything sent after the login).
 fn waits_for_input(c: &Session) -> bool {
-    c.awaiting.is_some() || c.route.is_some() || c.drain.as_ref().is_some_and(|d| !d.started)
+    c.awaiting.is_some()
+        || c.claiming.is_some()
+        || c.route.is_some()
+        || c.drain.as_ref().is_some_and(|d| !d.started)
 }

@@ -8,7 +8,7 @@ use crate::cluster::BusMessage;
 use crate::command::{Command, CommandName, DebugTarget};
 use crate::durability::{Key, Undo};
 use crate::error::RequestError;
-use crate::ids::{ConnId, VerifyTicket};
+use crate::ids::{ClaimId, ConnId, VerifyTicket};
 use crate::offline::OfflineMessage;
 use crate::password::Password;
 use crate::peer::PeerKey;
@@ -336,13 +336,34 @@ impl Server {
                 &[Key::Name(&name)],
             );
         }
-        if self.hub.presence.session(user).is_some() {
+        if self.hub.presence.session(user).is_some() || self.hub.claiming.contains(&user) {
             let error = RequestError::SessionElsewhere { user: name.clone() };
             return self.refuse_login(conn, &name, error);
         }
+        if self.node().is_some() {
+            // One session per user in the whole cluster: the cluster's
+            // database decides.
+            self.start_claim(conn, id, name, user);
+            return Ok(());
+        }
+        self.log_in(conn, id, name, user, None, now);
+        Ok(())
+    }
 
+    /// Makes `user` (`name`) online on `conn`, whose session `claim`
+    /// made in cluster mode, and answers the login.
+    pub(super) fn log_in(
+        &mut self,
+        conn: ConnId,
+        id: Option<RequestId>,
+        name: Username,
+        user: UserId,
+        claim: Option<ClaimId>,
+        now: Timestamp,
+    ) {
         if let Some(c) = self.sessions.get_mut(conn) {
             c.user = Some(user);
+            c.claim = claim;
         }
         let last_seen = self.hub.presence.last_seen(user);
         self.hub.presence.log_in(user, conn);
@@ -377,7 +398,6 @@ impl Server {
             user: user_name,
         });
         self.event(Event::LoggedIn { conn, user: name });
-        Ok(())
     }
 
     /// Logs a refused login and returns its error, to be answered.

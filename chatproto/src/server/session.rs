@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::accounts::UserId;
 use crate::drain::Drain;
 use crate::framing::{FrameDecoder, FrameError};
-use crate::ids::{ConnId, VerifyTicket};
+use crate::ids::{ClaimId, ConnId, VerifyTicket};
 use crate::peer::PeerKey;
 use crate::rate_limit::TokenBucket;
 use crate::time::Timestamp;
@@ -44,6 +44,12 @@ pub(crate) struct Session {
     /// Cluster mode: the direct message it sent to another node's user,
     /// whose answer its input waits for (answers keep request order).
     pub(crate) route: Option<u64>,
+    /// Cluster mode: its login waits for the cluster's database to make
+    /// this node its user's one session.
+    pub(crate) claiming: Option<ClaimId>,
+    /// Cluster mode: the claim that made its user's session, given back
+    /// when it ends.
+    pub(crate) claim: Option<ClaimId>,
     /// Frames (or framing errors) that arrived while it waited for a
     /// password check or a first offline page, served in order after.
     pub(crate) held_frames: VecDeque<Result<Vec<u8>, FrameError>>,
@@ -136,6 +142,8 @@ mod tests {
             refused_in_row: 0,
             awaiting: None,
             route: None,
+            claiming: None,
+            claim: None,
             held_frames: VecDeque::new(),
             held_bytes: 0,
             drain: None,

@@ -2,14 +2,16 @@
 //! that collect what the core sends them, and helpers to log users in.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use chatproto::{
-    Accounts, BatchId, BusMessage, BusTarget, ByeReason, Change, ConnId, ErrorCode, ErrorFrame,
-    Event, HashedPassword, OkFrame, Output, Password, PeerKey, Persisted, Server, ServerConfig,
-    ServerFrame, Snapshot, Timestamp, VerifyTicket,
+    Accounts, BatchId, BusMessage, BusTarget, ByeReason, Change, ClaimId, ClaimOutcome, ConnId,
+    ErrorCode, ErrorFrame, Event, HashedPassword, NodeId, OkFrame, Output, Password, PeerKey,
+    Persisted, Server, ServerConfig, ServerFrame, Snapshot, Timestamp, Username, VerifyTicket,
 };
 
 /// The accounts every simulation has: name and password.
@@ -71,7 +73,73 @@ pub struct Sim {
     /// What the core published to the other nodes (cluster mode), oldest
     /// first, until a test takes it.
     pub published: Vec<(BusTarget, BusMessage)>,
+    /// Cluster mode: the cluster's sessions, shared by its nodes; claims
+    /// are answered from it as they come unless `hold_claims`.
+    pub sessions: Option<SessionTable>,
+    /// Whether session claims wait in `claims` for the test to answer.
+    pub hold_claims: bool,
+    /// Session claims polled and not yet answered.
+    pub claims: Vec<(ClaimId, Username)>,
     next_random: u8,
+}
+
+/// The cluster's sessions, as its database keeps them: a user's session
+/// is held by one node under one claim; a claim takes it over from a node
+/// given up, or from the claiming node itself.
+#[derive(Clone, Default)]
+pub struct SessionTable(Rc<RefCell<Sessions>>);
+
+#[derive(Default)]
+pub struct Sessions {
+    pub rows: HashMap<Username, (NodeId, ClaimId)>,
+    /// Nodes whose lease ran out in the database.
+    pub expired: HashSet<NodeId>,
+    /// While true, every claim fails and releases are kept to retry.
+    pub down: bool,
+    /// Releases that came while `down`.
+    pub unreleased: Vec<(NodeId, Username, ClaimId)>,
+}
+
+impl SessionTable {
+    pub fn claim(&self, node: NodeId, user: &Username, claim: ClaimId) -> ClaimOutcome {
+        let mut s = self.0.borrow_mut();
+        if s.down {
+            return ClaimOutcome::Failed;
+        }
+        match s.rows.get(user) {
+            Some((holder, _)) if *holder != node && !s.expired.contains(holder) => {
+                ClaimOutcome::Elsewhere
+            }
+            _ => {
+                s.rows.insert(user.clone(), (node, claim));
+                ClaimOutcome::Claimed
+            }
+        }
+    }
+
+    pub fn release(&self, node: NodeId, user: &Username, claim: ClaimId) {
+        let mut s = self.0.borrow_mut();
+        if s.down {
+            s.unreleased.push((node, user.clone(), claim));
+        } else if s.rows.get(user) == Some(&(node, claim)) {
+            s.rows.remove(user);
+        }
+    }
+
+    pub fn with<T>(&self, f: impl FnOnce(&mut Sessions) -> T) -> T {
+        f(&mut self.0.borrow_mut())
+    }
+
+    /// The database is back: the releases kept are done.
+    pub fn restore(&self) {
+        let unreleased = self.with(|s| {
+            s.down = false;
+            std::mem::take(&mut s.unreleased)
+        });
+        for (node, user, claim) in unreleased {
+            self.release(node, &user, claim);
+        }
+    }
 }
 
 impl Sim {
@@ -86,6 +154,26 @@ impl Sim {
     pub fn with_accounts(config: ServerConfig, accounts: Accounts) -> Sim {
         let now = Timestamp::from_unix_millis(T0);
         Sim::from_server(Server::new(config, accounts, now).unwrap(), now)
+    }
+
+    /// This node's id (cluster mode).
+    pub fn node(&self) -> NodeId {
+        self.server
+            .config()
+            .cluster
+            .as_ref()
+            .expect("cluster mode")
+            .node
+    }
+
+    /// Answers every pending session claim from the session table.
+    pub fn answer_claims(&mut self) {
+        for (claim, user) in std::mem::take(&mut self.claims) {
+            let table = self.sessions.as_ref().expect("a session table");
+            let outcome = table.claim(self.node(), &user, claim);
+            self.server.handle_claim(claim, outcome, self.now);
+            self.pump();
+        }
     }
 
     /// Answers every pending password check, as a driver's workers would:
@@ -119,6 +207,9 @@ impl Sim {
             events: Vec::new(),
             verifications: Vec::new(),
             published: Vec::new(),
+            sessions: None,
+            hold_claims: false,
+            claims: Vec::new(),
             next_random: 0,
         }
     }
@@ -234,8 +325,18 @@ impl Sim {
         let mut committed = Vec::new();
         loop {
             self.pump_once(&mut written, &mut committed);
-            if written.is_empty() && committed.is_empty() {
+            let claims = match &self.sessions {
+                Some(table) if !self.hold_claims => std::mem::take(&mut self.claims)
+                    .into_iter()
+                    .map(|(claim, user)| (claim, table.claim(self.node(), &user, claim)))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            if written.is_empty() && committed.is_empty() && claims.is_empty() {
                 return;
+            }
+            for (claim, outcome) in claims {
+                self.server.handle_claim(claim, outcome, self.now);
             }
             for batch in committed.drain(..) {
                 self.server
@@ -295,6 +396,11 @@ impl Sim {
                 }
                 Output::Persist { batch, changes } => self.batches.push((batch, changes)),
                 Output::Publish { to, message } => self.published.push((to, message)),
+                Output::ClaimSession { claim, user } => self.claims.push((claim, user)),
+                Output::ReleaseSession { user, claim } => {
+                    let table = self.sessions.as_ref().expect("a session table");
+                    table.release(self.node(), &user, claim);
+                }
                 other => panic!("unexpected output {other:?}"),
             }
         }

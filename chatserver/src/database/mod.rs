@@ -14,9 +14,13 @@
 //! a newer one rather than touch it.
 
 use std::fmt;
+#[cfg(feature = "sqlite")]
+use std::path::Path;
 use std::path::PathBuf;
 
-use chatproto::{Change, QueuedMessage, Snapshot, Timestamp, Username};
+use chatproto::{Change, ClaimId, QueuedMessage, Snapshot, Timestamp, Username};
+
+use crate::node::{Beat, ClusterNode};
 
 #[cfg(feature = "postgres")]
 pub mod postgres;
@@ -164,7 +168,7 @@ pub enum DatabaseError {
 
 /// The schema version this build reads and writes (the same number for
 /// both databases: one migration list each, kept in step).
-pub const SCHEMA_VERSION: i32 = 3;
+pub const SCHEMA_VERSION: i32 = 4;
 
 /// What a commit wrote.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -254,6 +258,59 @@ impl Database {
         }
     }
 
+    /// Cluster mode: makes `node` `user`'s one session under `claim`
+    /// unless a node that is alive holds it; whether it did. PostgreSQL
+    /// only.
+    pub fn claim_session(
+        &mut self,
+        node: &ClusterNode,
+        user: &Username,
+        claim: ClaimId,
+    ) -> Result<bool, DatabaseError> {
+        match self {
+            #[cfg(feature = "sqlite")]
+            Database::Sqlite(db) => {
+                let _ = (node, user, claim);
+                Err(cluster_needs_postgres(db.path()))
+            }
+            #[cfg(feature = "postgres")]
+            Database::Postgres(db) => db.claim_session(node, user, claim),
+        }
+    }
+
+    /// Cluster mode: `node` gives back `user`'s session made by `claim`
+    /// (removed only if it is still that one). PostgreSQL only.
+    pub fn release_session(
+        &mut self,
+        node: &ClusterNode,
+        user: &Username,
+        claim: ClaimId,
+    ) -> Result<(), DatabaseError> {
+        match self {
+            #[cfg(feature = "sqlite")]
+            Database::Sqlite(db) => {
+                let _ = (node, user, claim);
+                Err(cluster_needs_postgres(db.path()))
+            }
+            #[cfg(feature = "postgres")]
+            Database::Postgres(db) => db.release_session(node, user, claim),
+        }
+    }
+
+    /// Cluster mode: `node` is alive; whether its sessions were taken
+    /// over while it was silent. PostgreSQL only.
+    pub fn node_heartbeat(&mut self, node: &ClusterNode) -> Result<Beat, DatabaseError> {
+        match self {
+            #[cfg(feature = "sqlite")]
+            Database::Sqlite(db) => {
+                let _ = node;
+                Err(cluster_needs_postgres(db.path()))
+            }
+            #[cfg(feature = "postgres")]
+            Database::Postgres(db) => db.node_heartbeat(node),
+        }
+    }
+
     /// Limits a SQLite file to `pages` pages, so tests can make commits
     /// fail as on a full disk (`--db-max-pages`).
     pub fn set_max_pages(&self, pages: u64) -> Result<(), DatabaseError> {
@@ -266,6 +323,16 @@ impl Database {
                 what: format!("a page limit ({pages}) applies to SQLite files only"),
             }),
         }
+    }
+}
+
+/// The error for cluster mode on a SQLite file (which the command line
+/// refuses before it comes to this).
+#[cfg(feature = "sqlite")]
+fn cluster_needs_postgres(path: &Path) -> DatabaseError {
+    DatabaseError::Unsupported {
+        location: path.display().to_string(),
+        what: "cluster mode keeps its sessions in PostgreSQL, not SQLite".to_owned(),
     }
 }
 

@@ -18,13 +18,14 @@
 use std::time::Duration;
 
 use chatproto::{
-    Change, LastSeen, LockoutState, OfflineMessage, QueueSize, QueuedMessage, Snapshot, Timestamp,
-    Username,
+    Change, ClaimId, LastSeen, LockoutState, OfflineMessage, QueueSize, QueuedMessage, Snapshot,
+    Timestamp, Username,
 };
 use postgres::{Client, Config, NoTls, Statement, Transaction};
 use tracing::{info, warn};
 
 use super::{millis, timestamp, Committed, DatabaseError, Location, SCHEMA_VERSION};
+use crate::node::{Beat, ClusterNode};
 
 /// `pg_advisory_xact_lock` key of the schema migration: "chtp".
 const MIGRATION_LOCK: i64 = 0x6368_7470;
@@ -72,6 +73,23 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX offline_message_by_recipient ON offline_message (recipient, seq, size);",
     // 2 -> 3: when a name's last failure was, so its count can expire.
     "ALTER TABLE lockout ADD COLUMN last_failure BIGINT;",
+    // 3 -> 4: cluster mode. Each node's heartbeat (by the database's
+    // clock, so nodes' clocks need not agree) and whether a claim took a
+    // session from it while it was silent; each user's one session, held
+    // by one node under one claim.
+    "CREATE TABLE cluster_node (
+         id TEXT PRIMARY KEY,
+         name TEXT NOT NULL,
+         heartbeat_at TIMESTAMPTZ NOT NULL,
+         expired BOOLEAN NOT NULL DEFAULT FALSE
+     );
+     CREATE TABLE cluster_session (
+         username TEXT PRIMARY KEY,
+         node TEXT NOT NULL REFERENCES cluster_node (id) ON DELETE CASCADE,
+         claim BIGINT NOT NULL,
+         since TIMESTAMPTZ NOT NULL
+     );
+     CREATE INDEX cluster_session_by_node ON cluster_session (node);",
 ];
 
 const _: () = assert!(MIGRATIONS.len() as i32 == SCHEMA_VERSION);
@@ -87,6 +105,9 @@ pub struct PostgresDatabase {
     session: Option<Session>,
     /// Changes recorded since the last commit, in order.
     pending: Vec<Change>,
+    /// Cluster mode: whether this node's row was written once, so a
+    /// heartbeat that finds none knows it was removed.
+    registered: bool,
 }
 
 /// A connection with the statements prepared on it.
@@ -114,6 +135,13 @@ struct Statements {
     lockout: Statement,
     clear_lockout: Statement,
     page: Statement,
+    claim_new: Statement,
+    claim_holder: Statement,
+    claim_take: Statement,
+    expire_node: Statement,
+    release: Statement,
+    node_before: Statement,
+    heartbeat: Statement,
 }
 
 impl PostgresDatabase {
@@ -139,6 +167,7 @@ impl PostgresDatabase {
             location,
             session: None,
             pending: Vec::new(),
+            registered: false,
         };
         db.migrate()?;
         let snapshot = db.load()?;
@@ -245,6 +274,110 @@ impl PostgresDatabase {
             }
         }
         Ok(page)
+    }
+
+    /// Cluster mode: makes `node` `user`'s one session under `claim`,
+    /// unless a node that is alive holds it. Alive means heard from within
+    /// its lease by the database's clock. A session held by a silent node
+    /// is taken over, and that node marked expired, so its next heartbeat
+    /// tells it to close its clients; one held by `node` itself (a release
+    /// not yet written) is taken over too.
+    pub fn claim_session(
+        &mut self,
+        node: &ClusterNode,
+        user: &Username,
+        claim: ClaimId,
+    ) -> Result<bool, DatabaseError> {
+        let claim = i64::try_from(claim.into_raw()).unwrap_or(i64::MAX);
+        let lease = lease_millis(node);
+        self.with_session("claim a session", |session| {
+            let mut tx = session.client.transaction()?;
+            let args: [&(dyn postgres::types::ToSql + Sync); 3] =
+                [&user.as_str(), &node.id.as_str(), &claim];
+            // A new row, unless one is there: two claims at once for the
+            // same user wait on the key, and the second finds the first's.
+            if tx.execute(&session.statements.claim_new, &args)? == 1 {
+                tx.commit()?;
+                return Ok(true);
+            }
+            let holder = tx.query_opt(
+                &session.statements.claim_holder,
+                &[&user.as_str(), &node.id.as_str(), &lease],
+            )?;
+            let taken = match holder {
+                Some(row) if row.get::<_, bool>(1) => {
+                    let old: String = row.get(0);
+                    if old != node.id {
+                        tx.execute(&session.statements.expire_node, &[&old])?;
+                    }
+                    tx.execute(&session.statements.claim_take, &args)?;
+                    true
+                }
+                Some(_) => false,
+                // Released between the two statements: claim it afresh.
+                None => tx.execute(&session.statements.claim_new, &args)? == 1,
+            };
+            tx.commit()?;
+            Ok(taken)
+        })
+    }
+
+    /// Cluster mode: `node` no longer holds `user`'s session made by
+    /// `claim`; removed only if it is still that one.
+    pub fn release_session(
+        &mut self,
+        node: &ClusterNode,
+        user: &Username,
+        claim: ClaimId,
+    ) -> Result<(), DatabaseError> {
+        let claim = i64::try_from(claim.into_raw()).unwrap_or(i64::MAX);
+        self.with_session("release a session", |session| {
+            session
+                .client
+                .execute(
+                    &session.statements.release,
+                    &[&user.as_str(), &node.id.as_str(), &claim],
+                )
+                .map(drop)
+        })
+    }
+
+    /// Cluster mode: `node` is alive, by the database's clock. The first
+    /// heartbeat registers it (and removes nodes silent for a day, with
+    /// their sessions). [`Beat::Expired`] if a claim took one of its
+    /// sessions while it was silent past its lease, or its row is gone:
+    /// it must close its clients; it is alive again from this heartbeat.
+    pub fn node_heartbeat(&mut self, node: &ClusterNode) -> Result<Beat, DatabaseError> {
+        let registered = self.registered;
+        let beat = self.with_session("write this node's heartbeat", |session| {
+            let mut tx = session.client.transaction()?;
+            if !registered {
+                tx.execute(
+                    "DELETE FROM cluster_node WHERE heartbeat_at < now() - interval '1 day'",
+                    &[],
+                )?;
+            }
+            let before = tx.query_opt(&session.statements.node_before, &[&node.id.as_str()])?;
+            tx.execute(
+                &session.statements.heartbeat,
+                &[&node.id.as_str(), &node.name.as_str()],
+            )?;
+            tx.commit()?;
+            Ok(match before {
+                Some(row) if row.get::<_, bool>(0) => Beat::Expired {
+                    silent_for: Duration::from_millis(
+                        u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+                    ),
+                },
+                Some(_) => Beat::Alive,
+                None if registered => Beat::Expired {
+                    silent_for: node.lease,
+                },
+                None => Beat::Alive,
+            })
+        })?;
+        self.registered = true;
+        Ok(beat)
     }
 
     /// Reads the lasting state: offline queues as their sizes only.
@@ -479,6 +612,32 @@ fn connect(config: &Config) -> Result<Session, postgres::Error> {
             "SELECT seq, sender, text, sent_at, size FROM offline_message
              WHERE recipient = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )?,
+        claim_new: client.prepare(
+            "INSERT INTO cluster_session (username, node, claim, since) VALUES ($1, $2, $3, now())
+             ON CONFLICT (username) DO NOTHING",
+        )?,
+        // Who holds the session, and whether it is free to take: held by
+        // the claiming node itself, or by one silent past the lease.
+        claim_holder: client.prepare(
+            "SELECT s.node, s.node = $2 OR n.heartbeat_at < now() - $3::BIGINT * interval '1 millisecond'
+             FROM cluster_session s JOIN cluster_node n ON n.id = s.node
+             WHERE s.username = $1 FOR UPDATE OF s",
+        )?,
+        claim_take: client.prepare(
+            "UPDATE cluster_session SET node = $2, claim = $3, since = now() WHERE username = $1",
+        )?,
+        expire_node: client.prepare("UPDATE cluster_node SET expired = TRUE WHERE id = $1")?,
+        release: client.prepare(
+            "DELETE FROM cluster_session WHERE username = $1 AND node = $2 AND claim = $3",
+        )?,
+        node_before: client.prepare(
+            "SELECT expired, (extract(epoch FROM now() - heartbeat_at) * 1000)::BIGINT
+             FROM cluster_node WHERE id = $1 FOR UPDATE",
+        )?,
+        heartbeat: client.prepare(
+            "INSERT INTO cluster_node (id, name, heartbeat_at) VALUES ($1, $2, now())
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), expired = FALSE, name = EXCLUDED.name",
+        )?,
     };
     Ok(Session { client, statements })
 }
@@ -538,4 +697,9 @@ fn write_change(
         _ => return Ok(false),
     }
     Ok(true)
+}
+
+/// `node`'s lease in milliseconds, as the statements take it.
+fn lease_millis(node: &ClusterNode) -> i64 {
+    i64::try_from(node.lease.as_millis()).unwrap_or(i64::MAX)
 }

@@ -59,6 +59,9 @@ const MIGRATIONS: &[&str] = &[
     // 2 -> 3: when a name's last failure was, so its count can expire. The
     // table now holds every name tried, account or not.
     "ALTER TABLE lockout ADD COLUMN last_failure INTEGER;",
+    // 3 -> 4: the cluster's nodes and sessions, which only PostgreSQL
+    // keeps (cluster mode needs it): nothing changes in a SQLite file.
+    "",
 ];
 
 // One migration per schema version, in step with PostgreSQL's.
@@ -110,6 +113,11 @@ impl SqliteDatabase {
         db.check_and_migrate(objects)?;
         let snapshot = db.load()?;
         Ok((db, snapshot))
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Takes one change, to be written by the next [`SqliteDatabase::commit`].

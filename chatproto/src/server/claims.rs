@@ -1,0 +1,91 @@
+//! Cluster mode: one session per user in the whole cluster. Once a
+//! login's password is right, the node asks the cluster's database to
+//! make it the user's one session ([`Output::ClaimSession`]); the answer
+//! ([`ClaimOutcome`]) logs the user in, or refuses the login with
+//! `session_elsewhere` or `unavailable`. A node claims for one user at a
+//! time, and gives each session back when it ends
+//! ([`Output::ReleaseSession`]), naming the claim, so a late release never
+//! removes a newer session.
+
+use crate::accounts::UserId;
+use crate::cluster::ClaimOutcome;
+use crate::error::RequestError;
+use crate::ids::{ClaimId, ConnId};
+use crate::output::Output;
+use crate::request::RequestId;
+use crate::time::Timestamp;
+use crate::username::Username;
+
+use super::hub::PendingClaim;
+use super::state::Server;
+
+impl Server {
+    /// Asks for `user`'s session for `conn`; its input waits meanwhile.
+    pub(super) fn start_claim(
+        &mut self,
+        conn: ConnId,
+        id: Option<RequestId>,
+        name: Username,
+        user: UserId,
+    ) {
+        let claim = ClaimId(self.hub.next_claim);
+        self.hub.next_claim += 1;
+        if let Some(c) = self.sessions.get_mut(conn) {
+            c.claiming = Some(claim);
+        }
+        self.hub.claiming.insert(user);
+        self.outputs.push_back(Output::ClaimSession {
+            claim,
+            user: name.clone(),
+        });
+        self.hub.claims.insert(
+            claim,
+            PendingClaim {
+                conn,
+                id,
+                name,
+                user,
+            },
+        );
+    }
+
+    /// The database's answer to `claim`: the login goes on, or is
+    /// refused. A session claimed for a connection that closed meanwhile
+    /// is given back at once.
+    pub(super) fn serve_claim(&mut self, claim: ClaimId, outcome: ClaimOutcome, now: Timestamp) {
+        let Some(PendingClaim {
+            conn,
+            id,
+            name,
+            user,
+        }) = self.hub.claims.remove(&claim)
+        else {
+            return;
+        };
+        self.hub.claiming.remove(&user);
+        let waiting = self
+            .sessions
+            .get_mut(conn)
+            .filter(|c| c.claiming == Some(claim));
+        let Some(c) = waiting else {
+            if outcome == ClaimOutcome::Claimed {
+                self.outputs
+                    .push_back(Output::ReleaseSession { user: name, claim });
+            }
+            return;
+        };
+        c.claiming = None;
+        self.reschedule(conn);
+        let refused = match outcome {
+            ClaimOutcome::Claimed => {
+                self.log_in(conn, id, name, user, Some(claim), now);
+                return;
+            }
+            ClaimOutcome::Elsewhere => RequestError::SessionElsewhere { user: name.clone() },
+            _ => RequestError::Unavailable,
+        };
+        if let Err(error) = self.refuse_login(conn, &name, refused) {
+            self.send_error(conn, id, &error);
+        }
+    }
+}
