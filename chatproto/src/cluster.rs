@@ -184,12 +184,25 @@ pub enum BusTarget {
 #[serde(tag = "kind", rename_all = "snake_case")]
 #[non_exhaustive]
 pub enum BusMessage {
-    /// `user` logged in on `node`.
+    /// `user` logged in on `node`. It also counts as a login attempt
+    /// that succeeded, on every node: it takes from the name's login
+    /// limit and clears its failure count.
     Online {
         /// Where.
         node: NodeId,
         /// Who.
         user: Username,
+    },
+    /// A login for the name `user` (an account's or not) failed its
+    /// password check on `node` at `at`: every node counts it toward the
+    /// name's lockout and login limit, so both hold cluster-wide.
+    LoginFailed {
+        /// Where.
+        node: NodeId,
+        /// The name tried.
+        user: Username,
+        /// When.
+        at: Timestamp,
     },
     /// `user` went offline on `node` at `at`.
     Offline {
@@ -360,6 +373,7 @@ impl BusMessage {
             | BusMessage::Heartbeat { node, .. }
             | BusMessage::RosterWanted { node }
             | BusMessage::Leaving { node, .. }
+            | BusMessage::LoginFailed { node, .. }
             | BusMessage::Deliver { node, .. }
             | BusMessage::Routed { node, .. }
             | BusMessage::Broadcast { node, .. }

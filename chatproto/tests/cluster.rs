@@ -48,6 +48,12 @@ impl Cluster {
     /// A node for each accounts digest, whose bus connections have just
     /// come up.
     fn with_accounts_digests(digests: &[&str]) -> Cluster {
+        Cluster::with_config(digests, |_| {})
+    }
+
+    /// A node for each accounts digest, each with `tweak` made to its
+    /// configuration, whose bus connections have just come up.
+    fn with_config(digests: &[&str], tweak: impl Fn(&mut chatproto::ServerConfig)) -> Cluster {
         let sessions = SessionTable::default();
         let nodes = digests
             .iter()
@@ -57,6 +63,7 @@ impl Cluster {
                 cluster.accounts_digest = digest.to_string();
                 let mut config = config();
                 config.cluster = Some(cluster);
+                tweak(&mut config);
                 let mut node = Sim::with_config(config);
                 node.sessions = Some(sessions.clone());
                 node
@@ -1186,4 +1193,83 @@ fn after_closing_its_clients_itself_a_node_keeps_the_sessions_made_since() {
     c.nodes[1].server.handle_node_expired(secs(12), now);
     c.nodes[1].pump();
     assert!(c.nodes[1].server.is_open(carol));
+}
+
+#[test]
+fn failed_logins_on_every_node_count_toward_one_lockout() {
+    let mut c = Cluster::new(3);
+    // Three wrong passwords, one on each node: the third locks the name
+    // everywhere, and a right password then gets `account_locked`.
+    for i in 0..3 {
+        let conn = c.nodes[i].connect();
+        let frames = c.ask(i, conn, "login alice wrong");
+        let want = if i < 2 {
+            ErrorCode::InvalidCredentials
+        } else {
+            ErrorCode::AccountLocked
+        };
+        assert_eq!(error_code(&frames), Some(want), "node {i}");
+    }
+    for i in 0..3 {
+        let conn = c.nodes[i].connect();
+        let frames = c.ask(i, conn, &login_line("alice"));
+        assert_eq!(
+            error_code(&frames),
+            Some(ErrorCode::AccountLocked),
+            "node {i}"
+        );
+    }
+    // The same for a name with no account: nothing tells them apart.
+    for i in 0..3 {
+        let conn = c.nodes[i].connect();
+        let want = if i < 2 {
+            ErrorCode::InvalidCredentials
+        } else {
+            ErrorCode::AccountLocked
+        };
+        assert_eq!(error_code(&c.ask(i, conn, "login nobody x")), Some(want));
+    }
+}
+
+#[test]
+fn a_login_on_one_node_clears_the_count_on_every_node() {
+    let mut c = Cluster::new(3);
+    for _ in 0..2 {
+        let conn = c.nodes[0].connect();
+        c.ask(0, conn, "login bob wrong");
+    }
+    let bob = c.login(1, "bob");
+    c.logout(1, bob);
+    for _ in 0..2 {
+        let conn = c.nodes[2].connect();
+        let frames = c.ask(2, conn, "login bob wrong");
+        assert_eq!(error_code(&frames), Some(ErrorCode::InvalidCredentials));
+    }
+    c.login(0, "bob");
+}
+
+#[test]
+fn the_login_limit_per_name_holds_across_nodes() {
+    let mut c = Cluster::with_config(&["", "", ""], |config| {
+        config.login_rate_per_name = Some(chatproto::Rate {
+            burst: 3,
+            per_second: 1,
+        });
+        config.lockout.max_failures = 100;
+    });
+    // Three attempts, one a node, spend the name's burst everywhere.
+    for i in 0..3 {
+        let conn = c.nodes[i].connect();
+        let frames = c.ask(i, conn, "login carol wrong");
+        assert_eq!(error_code(&frames), Some(ErrorCode::InvalidCredentials));
+    }
+    for i in 0..3 {
+        let conn = c.nodes[i].connect();
+        let frames = c.ask(i, conn, &login_line("carol"));
+        assert_eq!(
+            error_code(&frames),
+            Some(ErrorCode::RateLimited),
+            "node {i}"
+        );
+    }
 }

@@ -294,6 +294,29 @@ fn a_user_has_one_session_in_the_whole_cluster() {
 }
 
 #[test]
+fn wrong_passwords_on_three_nodes_lock_the_name_on_all() {
+    let db = TestDatabase::create();
+    let nodes = start_nodes(3, &db, &nats::shared_url(), &[]);
+    for (i, node) in nodes.iter().enumerate() {
+        let mut client = node.connect();
+        let answer = client.ask("login dave wrong");
+        let want = if i < 2 {
+            "invalid_credentials"
+        } else {
+            "account_locked"
+        };
+        assert_eq!(answer["code"], want, "node {i}: {answer}");
+        // The failure reaches the other nodes over the bus before the
+        // next attempt (a few milliseconds on loopback).
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for node in &nodes {
+        let answer = node.connect().ask("login dave pw-dave");
+        assert_eq!(answer["code"], "account_locked", "{answer}");
+    }
+}
+
+#[test]
 fn a_killed_nodes_users_go_offline_after_its_lease() {
     let db = TestDatabase::create();
     let nodes = start_nodes(2, &db, &nats::shared_url(), &["--node-lease-secs", "1"]);

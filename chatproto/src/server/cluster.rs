@@ -108,12 +108,14 @@ impl Server {
         }
         match message {
             BusMessage::Online { node, user } => {
+                self.count_remote_login(&user, true, now);
                 if let Some(user) = self.remote_user(&user) {
                     if self.hub.directory.came(user, node) {
                         self.announce(user, true);
                     }
                 }
             }
+            BusMessage::LoginFailed { user, .. } => self.count_remote_login(&user, false, now),
             BusMessage::Offline { node, user, at } => {
                 if let Some(user) = self.remote_user(&user) {
                     if self.hub.directory.went(user, node) {
@@ -241,6 +243,30 @@ impl Server {
             self.forget(conn, now, false);
         }
         self.publish_roster(BusTarget::All, true);
+    }
+
+    /// Counts a login attempt for `name` made on another node (`ok`: its
+    /// password was right) toward the name's login limit and lockout, as
+    /// if made here. What this node stores is its own attempts: the node
+    /// that made this one stores its record.
+    fn count_remote_login(&mut self, name: &Username, ok: bool, now: Timestamp) {
+        let known = self.hub.accounts.id(name.as_str()).is_some();
+        let rate = self.config.login_rate_per_name;
+        // A full table refuses new names here too: the attempt then
+        // counts where it was made only.
+        if self
+            .hub
+            .lockout
+            .take_attempt(name, known, rate, now)
+            .is_err()
+        {
+            return;
+        }
+        if ok {
+            self.hub.lockout.record_success(name, rate, now);
+        } else {
+            self.hub.lockout.record_failure(name, known, rate, now);
+        }
     }
 
     /// `node` is gone (shut down, or given up for dead): its users went

@@ -271,6 +271,12 @@ impl Server {
         let rate = self.config.login_rate_per_name;
         let before = self.hub.lockout.state(name.as_str());
         let state = self.hub.lockout.record_failure(name, known, rate, now);
+        let failed = name.clone();
+        self.publish(|node| BusMessage::LoginFailed {
+            node,
+            user: failed,
+            at: now,
+        });
         // Stored for every name, so a restart does not tell them apart.
         self.ledger.record(
             Change::LockoutChanged {
