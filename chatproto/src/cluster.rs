@@ -86,6 +86,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
+use crate::offline::QueueSize;
 use crate::text::MessageText;
 use crate::time::Timestamp;
 use crate::username::Username;
@@ -335,8 +336,15 @@ pub enum RouteOutcome {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum ClaimOutcome {
-    /// This node now holds the user's one session: the login goes on.
-    Claimed,
+    /// This node now holds the user's one session: the login goes on, and
+    /// hands over the user's offline queue, which holds `queued` in the
+    /// shared storage (read with the claim; with texts kept in memory,
+    /// [`OfflineTexts::InMemory`](crate::OfflineTexts::InMemory), the
+    /// node's own queue is handed over and this is not used).
+    Claimed {
+        /// What the user's offline queue holds.
+        queued: QueueSize,
+    },
     /// A node that is alive holds it: the login gets `session_elsewhere`.
     Elsewhere,
     /// The database could not be asked: the login gets `unavailable`.

@@ -46,7 +46,17 @@ const UNNUMBERED: u64 = u64::MAX;
 struct InFlight {
     /// The frame number it went out as.
     frame: u64,
+    /// Its number in storage.
+    seq: u64,
     bytes: usize,
+}
+
+/// Queued messages now known written ([`Drain::written`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Written {
+    pub(crate) size: QueueSize,
+    /// Their numbers in storage, oldest first.
+    pub(crate) seqs: Vec<u64>,
 }
 
 impl Drain {
@@ -73,6 +83,7 @@ impl Drain {
     pub(crate) fn hand_over_held(&mut self, seq: u64, bytes: usize) {
         self.in_flight.push_back(InFlight {
             frame: UNNUMBERED,
+            seq,
             bytes,
         });
         self.started = true;
@@ -92,18 +103,19 @@ impl Drain {
 
     /// The driver has `unsent` of the connection's frames left to write:
     /// the messages now known written, which leave the in-flight list.
-    pub(crate) fn written(&mut self, unsent: usize) -> QueueSize {
+    pub(crate) fn written(&mut self, unsent: usize) -> Written {
         let written = self
             .frames
             .saturating_sub(u64::try_from(unsent).unwrap_or(u64::MAX));
-        let mut done = QueueSize::default();
+        let mut done = Written::default();
         while let Some(m) = self.in_flight.front().filter(|m| m.frame < written) {
-            done.messages += 1;
-            done.bytes += m.bytes;
+            done.size.messages += 1;
+            done.size.bytes += m.bytes;
+            done.seqs.push(m.seq);
             self.in_flight.pop_front();
         }
-        self.in_flight_size.messages -= done.messages;
-        self.in_flight_size.bytes -= done.bytes;
+        self.in_flight_size.messages -= done.size.messages;
+        self.in_flight_size.bytes -= done.size.bytes;
         done
     }
 
@@ -129,13 +141,16 @@ mod tests {
         // 5 frames handed over, 3 unwritten: frames 0 and 1 are out.
         assert_eq!(
             d.written(3),
-            QueueSize {
-                messages: 1,
-                bytes: 5
+            Written {
+                size: QueueSize {
+                    messages: 1,
+                    bytes: 5
+                },
+                seqs: vec![10],
             }
         );
         // More unwritten than ever handed over: nothing more.
-        assert_eq!(d.written(100), QueueSize::default());
+        assert_eq!(d.written(100), Written::default());
         assert_eq!(
             d.in_flight(),
             QueueSize {
@@ -145,9 +160,12 @@ mod tests {
         );
         assert_eq!(
             d.written(0),
-            QueueSize {
-                messages: 2,
-                bytes: 8
+            Written {
+                size: QueueSize {
+                    messages: 2,
+                    bytes: 8
+                },
+                seqs: vec![11, 12],
             }
         );
         assert_eq!(d.in_flight(), QueueSize::default());

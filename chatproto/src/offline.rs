@@ -182,6 +182,14 @@ impl OfflineQueues {
         self.grow(to, size);
     }
 
+    /// Counts `to`'s queue, whose texts stay in storage, as `size`: what
+    /// the storage that other nodes share holds (cluster mode).
+    pub(crate) fn set_size(&mut self, to: UserId, size: QueueSize) {
+        let had = self.sizes[to];
+        self.shrink(to, had);
+        self.grow(to, size);
+    }
+
     /// How much `to`'s queue holds.
     pub(crate) fn size(&self, to: UserId) -> QueueSize {
         self.sizes[to]

@@ -53,6 +53,17 @@ pub enum Change {
         /// How many, from the front.
         count: usize,
     },
+    /// The queued messages of `to`'s numbered `seqs` (their
+    /// [`QueuedMessage::seq`](crate::QueuedMessage::seq)s, oldest first)
+    /// were handed to their connection. Recorded instead of
+    /// [`Change::MessagesDelivered`] in cluster mode, where other nodes may
+    /// add to the queue meanwhile: a store removes exactly these.
+    OfflineDelivered {
+        /// The recipient.
+        to: Username,
+        /// Which messages.
+        seqs: Vec<u64>,
+    },
     /// `blocker` blocked `target`.
     Blocked {
         /// Who blocks.
@@ -145,6 +156,16 @@ impl Snapshot {
             Change::MessagesDelivered { to, count } => {
                 if let Some(queue) = self.offline.get_mut(to) {
                     queue.drain(..(*count).min(queue.len()));
+                    if queue.is_empty() {
+                        self.offline.remove(to);
+                    }
+                }
+            }
+            Change::OfflineDelivered { to, seqs } => {
+                // A snapshot's queues hold no storage numbers: the oldest go,
+                // as many as were delivered.
+                if let Some(queue) = self.offline.get_mut(to) {
+                    queue.drain(..seqs.len().min(queue.len()));
                     if queue.is_empty() {
                         self.offline.remove(to);
                     }

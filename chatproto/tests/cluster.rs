@@ -63,6 +63,9 @@ impl Cluster {
                 cluster.accounts_digest = digest.to_string();
                 let mut config = config();
                 config.cluster = Some(cluster);
+                // As chatserver runs a cluster: the texts of offline
+                // queues are in the storage the nodes share.
+                config.offline_texts = chatproto::OfflineTexts::External;
                 tweak(&mut config);
                 let mut node = Sim::with_config(config);
                 node.sessions = Some(sessions.clone());
@@ -1272,4 +1275,134 @@ fn the_login_limit_per_name_holds_across_nodes() {
             "node {i}"
         );
     }
+}
+
+/// The texts of `conn`'s offline messages among `frames`.
+fn offline_texts(frames: &[ServerFrame]) -> Vec<String> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Message(m) if m.offline => Some(m.text.as_str().to_owned()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_message_stored_by_one_node_is_delivered_at_a_login_on_another() {
+    let mut c = Cluster::new(3);
+    let alice = c.login(0, "alice");
+    for i in 0..3 {
+        assert_eq!(c.message(0, alice, &format!("message bob m{i}")), Ok(true));
+    }
+    let bob = c.nodes[1].connect();
+    let frames = c.ask(1, bob, &login_line("bob"));
+    assert!(logged_in(&frames));
+    assert_eq!(offline_texts(&frames), ["m0", "m1", "m2"]);
+    assert!(c.sessions.with(|s| s.queues.values().all(Vec::is_empty)));
+    // Delivered once: a later login anywhere gets nothing more.
+    c.logout(1, bob);
+    let bob = c.nodes[2].connect();
+    let frames = c.ask(2, bob, &login_line("bob"));
+    assert!(logged_in(&frames));
+    assert_eq!(offline_texts(&frames), Vec::<String>::new());
+}
+
+#[test]
+fn a_message_queued_on_the_login_node_while_its_claim_waits_is_not_missed() {
+    let mut c = Cluster::new(2);
+    let carol = c.login(1, "carol");
+    c.nodes[1].hold_claims = true;
+    let bob = c.nodes[1].connect();
+    c.nodes[1].send(bob, &login_line("bob"));
+    // bob is not online yet: carol's message is stored, on his node.
+    assert_eq!(c.message(1, carol, "message bob early"), Ok(true));
+    c.nodes[1].hold_claims = false;
+    c.nodes[1].answer_claims();
+    c.settle();
+    let frames = c.nodes[1].take(bob);
+    assert!(logged_in(&frames), "{frames:?}");
+    assert_eq!(offline_texts(&frames), ["early"]);
+}
+
+#[test]
+fn a_login_undone_by_a_failed_batch_gives_its_session_back() {
+    let mut c = Cluster::new(2);
+    c.nodes[0].auto_commit = false;
+    let conn = c.nodes[0].connect();
+    c.nodes[0].send(conn, &login_line("alice"));
+    c.settle();
+    // The claim succeeded; the batch with the login fails.
+    while !c.nodes[0].batches.is_empty() {
+        let login = c.nodes[0].batches[0]
+            .1
+            .iter()
+            .any(|change| matches!(change, chatproto::Change::LoggedIn { .. }));
+        let outcome = if login {
+            chatproto::Persisted::Failed
+        } else {
+            chatproto::Persisted::Committed
+        };
+        c.nodes[0].answer_batch(outcome);
+    }
+    assert_eq!(
+        error_code(&c.nodes[0].take(conn)),
+        Some(ErrorCode::Unavailable)
+    );
+    assert_eq!(c.sessions.with(|s| s.rows.len()), 0, "given back");
+    c.nodes[0].auto_commit = true;
+    c.login(1, "alice");
+}
+
+#[test]
+fn a_failed_claim_is_given_back_in_case_it_was_written() {
+    let mut c = Cluster::new(2);
+    c.nodes[0].hold_claims = true;
+    let conn = c.nodes[0].connect();
+    c.nodes[0].send(conn, &login_line("bob"));
+    // The database wrote the claim but the answer was lost with the
+    // connection: the node hears "failed".
+    let (claim, user) = c.nodes[0].claims.pop().unwrap();
+    let node = c.nodes[0].node();
+    c.sessions.claim(node, &user, claim);
+    let now = c.nodes[0].now;
+    c.nodes[0]
+        .server
+        .handle_claim(claim, chatproto::ClaimOutcome::Failed, now);
+    c.nodes[0].pump();
+    assert_eq!(
+        error_code(&c.nodes[0].take(conn)),
+        Some(ErrorCode::Unavailable)
+    );
+    assert_eq!(c.sessions.with(|s| s.rows.len()), 0);
+    c.login(1, "bob");
+}
+
+#[test]
+fn a_node_the_database_gave_up_claims_nothing_until_told() {
+    let mut c = Cluster::new(2);
+    c.login(1, "bob");
+    c.stop(1);
+    c.advance(secs(12));
+    c.resume(1); // closes bob itself
+                 // Its row is still marked expired (its heartbeat has not got through
+                 // yet): a login there is refused, rather than claimed on a node the
+                 // others may take it from.
+    c.sessions.with(|s| s.expired.insert(node_id(1)));
+    let carol = c.nodes[1].connect();
+    assert_eq!(
+        error_code(&c.ask(1, carol, &login_line("carol"))),
+        Some(ErrorCode::Unavailable)
+    );
+    // The heartbeat gets through: told, it has nobody to close, and its
+    // logins work again.
+    let now = c.nodes[1].now;
+    c.nodes[1].server.handle_node_expired(secs(13), now);
+    c.sessions.with(|s| s.expired.remove(&node_id(1)));
+    assert!(logged_in(&c.ask(1, carol, &login_line("carol"))));
+    let elsewhere = c.nodes[0].connect();
+    assert_eq!(
+        error_code(&c.ask(0, elsewhere, &login_line("carol"))),
+        Some(ErrorCode::SessionElsewhere)
+    );
 }

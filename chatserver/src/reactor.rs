@@ -561,7 +561,18 @@ impl Reactor {
         let Some(storage) = self.storage.as_mut() else {
             return;
         };
-        for done in storage.finished() {
+        let finished = storage.finished();
+        if storage.stopped() && self.node_beat_at.is_some() && !self.stop.load(Ordering::SeqCst) {
+            // Without its storage a node can neither claim sessions nor
+            // say it is alive: the others will take its sessions over, so
+            // its clients must not stay.
+            error!(
+                "the storage thread stopped: a cluster node cannot go on without it; shutting down"
+            );
+            self.stop.store(true, Ordering::SeqCst);
+            let _ = self.poller.notify();
+        }
+        for done in finished {
             let now = self.now();
             match done {
                 Done::Persisted { batch, result } => {
@@ -576,8 +587,8 @@ impl Reactor {
                 }
                 Done::Claimed { claim, result } => {
                     let outcome = match result {
-                        Ok(true) => ClaimOutcome::Claimed,
-                        Ok(false) => ClaimOutcome::Elsewhere,
+                        Ok(Some(queued)) => ClaimOutcome::Claimed { queued },
+                        Ok(None) => ClaimOutcome::Elsewhere,
                         Err(e) => {
                             error!(%claim, "{e}: cannot claim the session; the login is answered `unavailable`");
                             ClaimOutcome::Failed
@@ -1557,6 +1568,12 @@ impl Reactor {
         let now = self.now();
         self.core.shutdown(now);
         self.drain_core();
+        if self.node_beat_at.take().is_some() {
+            // After the shutdown's releases, in order: no heartbeat after.
+            if let Some(storage) = self.storage.as_mut() {
+                storage.leave();
+            }
+        }
         self.flush_dirty()
     }
 

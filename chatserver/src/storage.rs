@@ -27,7 +27,7 @@ mod with_database {
     use std::sync::Arc;
     use std::thread;
 
-    use chatproto::{BatchId, Change, ClaimId, ConnId, QueuedMessage, Username};
+    use chatproto::{BatchId, Change, ClaimId, ConnId, QueueSize, QueuedMessage, Username};
     use polling::Poller;
     use tracing::{error, info, warn};
 
@@ -55,8 +55,9 @@ mod with_database {
         Claimed {
             /// Which claim.
             claim: ClaimId,
-            /// Whether this node holds the session now.
-            result: Result<bool, DatabaseError>,
+            /// What the user's offline queue holds, if this node holds the
+            /// session now.
+            result: Result<Option<QueueSize>, DatabaseError>,
         },
         /// Cluster mode: a session was given back (or could not be).
         Released {
@@ -108,6 +109,7 @@ mod with_database {
             claim: ClaimId,
         },
         Beat,
+        Leave,
     }
 
     /// What the storage thread sends back: the answer to a job for the
@@ -127,6 +129,7 @@ mod with_database {
         Claim(ClaimId),
         Release,
         Beat,
+        Leave,
     }
 
     impl Asked {
@@ -148,7 +151,7 @@ mod with_database {
                     result: Err(DatabaseError::Stopped),
                 }),
                 // Nothing more can be written: nothing to try again.
-                Asked::Release | Asked::Beat => None,
+                Asked::Release | Asked::Beat | Asked::Leave => None,
             }
         }
     }
@@ -259,6 +262,17 @@ mod with_database {
             self.outstanding.contains(&Asked::Beat)
         }
 
+        /// Cluster mode: queues this node's leaving (at a clean shutdown,
+        /// after its releases): its row and any session left under it go.
+        pub fn leave(&mut self) {
+            self.send(Job::Leave);
+        }
+
+        /// Whether the thread is gone: nothing more can be written.
+        pub fn stopped(&self) -> bool {
+            self.jobs.is_none()
+        }
+
         /// What the thread finished since the last call.
         /// If the thread has stopped, every job still pending is answered as
         /// failed: `Err(DatabaseError::Stopped)`.
@@ -318,6 +332,7 @@ mod with_database {
                 Job::Claim { claim, .. } => Asked::Claim(*claim),
                 Job::Release { .. } => Asked::Release,
                 Job::Beat => Asked::Beat,
+                Job::Leave => Asked::Leave,
             };
             self.outstanding.push_back(asked);
             let sent = self
@@ -406,6 +421,16 @@ mod with_database {
                         .ok_or_else(not_clustered)
                         .and_then(|node| db.node_heartbeat(node)),
                 )),
+                Job::Leave => {
+                    let left = cluster
+                        .ok_or_else(not_clustered)
+                        .and_then(|node| db.leave_cluster(node));
+                    match &left {
+                        Ok(()) => info!("left the cluster: this node's sessions are free for the others at once"),
+                        Err(e) => warn!("{e}: the other nodes take this node's sessions over after its lease"),
+                    }
+                    Answer::Checked(left)
+                }
             };
             if outbox.send(done).is_err() {
                 return;
@@ -472,7 +497,7 @@ mod with_database {
 
 #[cfg(not(any(feature = "sqlite", feature = "postgres")))]
 mod without_database {
-    use chatproto::{BatchId, Change, ClaimId, ConnId, QueuedMessage, Username};
+    use chatproto::{BatchId, Change, ClaimId, ConnId, QueueSize, QueuedMessage, Username};
 
     use crate::node::Beat;
 
@@ -506,8 +531,9 @@ mod without_database {
         Claimed {
             /// Which claim.
             claim: ClaimId,
-            /// Whether this node holds the session now.
-            result: Result<bool, NoDatabase>,
+            /// What the user's offline queue holds, if this node holds the
+            /// session now.
+            result: Result<Option<QueueSize>, NoDatabase>,
         },
         /// A session was given back (or could not be).
         Released {
@@ -556,6 +582,12 @@ mod without_database {
             match *self {}
         }
         pub fn beating(&self) -> bool {
+            match *self {}
+        }
+        pub fn leave(&mut self) {
+            match *self {}
+        }
+        pub fn stopped(&self) -> bool {
             match *self {}
         }
     }

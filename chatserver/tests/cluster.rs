@@ -246,6 +246,34 @@ fn a_direct_message_to_another_node_is_delivered_at_once() {
         (frame["text"].as_str(), frame["offline"].as_bool()),
         (Some("later"), Some(true))
     );
+    // Stored by one node, delivered at a login on another: the queue is
+    // in PostgreSQL, and the login's claim counts it.
+    bob.ask("logout");
+    for i in 0..3 {
+        let ok = alice.ask(&format!("message bob queued {i}"));
+        assert_eq!(ok["stored"], true, "{ok}");
+    }
+    let mut bob = nodes[1].connect();
+    bob.login("bob");
+    bob.send("whoami");
+    let mut texts = Vec::new();
+    loop {
+        let frame = bob.recv();
+        if frame["type"] == "ok" {
+            break;
+        }
+        if frame["type"] == "message" {
+            assert_eq!(frame["offline"], true, "{frame}");
+            texts.push(frame["text"].as_str().unwrap().to_owned());
+        }
+    }
+    assert_eq!(texts, ["queued 0", "queued 1", "queued 2"]);
+    // Once: a login on the other node again gets none of them.
+    bob.ask("logout");
+    let mut bob = nodes[0].connect();
+    bob.login("bob");
+    assert_eq!(bob.ask("whoami")["type"], "ok");
+    assert!(bob.recv_within(Duration::from_millis(300)).is_none());
 }
 
 #[test]

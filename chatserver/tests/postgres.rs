@@ -324,19 +324,44 @@ fn cluster_sessions_have_one_holder() {
     let alice: chatproto::Username = "alice".parse().unwrap();
     let claim = ClaimId::from_raw;
 
-    assert!(da.claim_session(&a, &alice, claim(1)).unwrap());
-    assert!(!db_b.claim_session(&b, &alice, claim(1)).unwrap());
+    let claimed = |db: &mut Database, node: &ClusterNode, id: u64| {
+        db.claim_session(node, &alice, claim(id)).unwrap().is_some()
+    };
+    // What alice's queue holds comes with her session.
+    let message: chatproto::OfflineMessage = chatproto::OfflineMessage {
+        from: "bob".parse().unwrap(),
+        text: "hello".parse().unwrap(),
+        sent_at: chatproto::Timestamp::from_unix_millis(1),
+    };
+    db_b.record(chatproto::Change::MessageQueued {
+        to: alice.clone(),
+        message,
+    });
+    db_b.commit().unwrap();
+    let queued = da.claim_session(&a, &alice, claim(1)).unwrap();
+    assert_eq!(
+        queued,
+        Some(chatproto::QueueSize {
+            messages: 1,
+            bytes: 5
+        })
+    );
+    assert!(!claimed(&mut db_b, &b, 1));
     // Its own node takes it over (a release not yet written).
-    assert!(da.claim_session(&a, &alice, claim(2)).unwrap());
+    assert!(claimed(&mut da, &a, 2));
     // A late release names the old claim: it removes nothing.
     da.release_session(&a, &alice, claim(1)).unwrap();
-    assert!(!db_b.claim_session(&b, &alice, claim(7)).unwrap());
+    assert!(!claimed(&mut db_b, &b, 7));
 
-    // a goes silent past its lease: b takes alice over, and a's next
-    // heartbeat says so, once.
+    // a goes silent past its lease: b takes alice over; a claims nothing
+    // until its next heartbeat has said so, once.
     std::thread::sleep(Duration::from_millis(400));
     assert_eq!(db_b.node_heartbeat(&b).unwrap(), Beat::Alive);
-    assert!(db_b.claim_session(&b, &alice, claim(7)).unwrap());
+    assert!(claimed(&mut db_b, &b, 7));
+    assert!(matches!(
+        da.claim_session(&a, &"bob".parse().unwrap(), claim(4)),
+        Err(chatserver::database::DatabaseError::NodeExpired { .. })
+    ));
     match da.node_heartbeat(&a).unwrap() {
         Beat::Expired { silent_for } => assert!(silent_for >= Duration::from_millis(300)),
         other => panic!("{other:?}"),
@@ -344,9 +369,14 @@ fn cluster_sessions_have_one_holder() {
     assert_eq!(da.node_heartbeat(&a).unwrap(), Beat::Alive);
     // a's release of its old session leaves b's alone.
     da.release_session(&a, &alice, claim(2)).unwrap();
-    assert!(!da.claim_session(&a, &alice, claim(3)).unwrap());
+    assert!(!claimed(&mut da, &a, 3));
     db_b.release_session(&b, &alice, claim(7)).unwrap();
-    assert!(da.claim_session(&a, &alice, claim(3)).unwrap());
+    assert!(claimed(&mut da, &a, 3));
+
+    // A node that leaves takes its sessions with it.
+    da.leave_cluster(&a).unwrap();
+    assert_eq!(db_b.node_heartbeat(&b).unwrap(), Beat::Alive);
+    assert!(claimed(&mut db_b, &b, 8));
 
     // Claims at once from two connections of two live nodes: exactly one
     // wins each round.
@@ -363,7 +393,11 @@ fn cluster_sessions_have_one_holder() {
             .into_iter()
             .map(|(node, mut conn)| {
                 let user = user.clone();
-                std::thread::spawn(move || conn.claim_session(&node, &user, claim(round)).unwrap())
+                std::thread::spawn(move || {
+                    conn.claim_session(&node, &user, claim(round))
+                        .unwrap()
+                        .is_some()
+                })
             })
             .collect();
         let won: Vec<bool> = racers.into_iter().map(|r| r.join().unwrap()).collect();

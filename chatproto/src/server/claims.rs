@@ -9,8 +9,10 @@
 
 use crate::accounts::UserId;
 use crate::cluster::ClaimOutcome;
+use crate::durability::Kind;
 use crate::error::RequestError;
 use crate::ids::{ClaimId, ConnId};
+use crate::offline::QueueSize;
 use crate::output::Output;
 use crate::request::RequestId;
 use crate::time::Timestamp;
@@ -33,20 +35,22 @@ impl Server {
         if let Some(c) = self.sessions.get_mut(conn) {
             c.claiming = Some(claim);
         }
-        self.hub.claiming.insert(user);
-        self.outputs.push_back(Output::ClaimSession {
-            claim,
-            user: name.clone(),
-        });
+        self.hub.claiming.insert(user, QueueSize::default());
         self.hub.claims.insert(
             claim,
             PendingClaim {
                 conn,
                 id,
-                name,
+                name: name.clone(),
                 user,
             },
         );
+        // Held, like the login's answer, behind any batch not yet durable
+        // that changed the user's queue: the claim counts what storage
+        // holds.
+        self.note_kind(Kind::Fact);
+        self.outputs
+            .push_back(Output::ClaimSession { claim, user: name });
     }
 
     /// The database's answer to `claim`: the login goes on, or is
@@ -62,13 +66,17 @@ impl Server {
         else {
             return;
         };
-        self.hub.claiming.remove(&user);
+        let meanwhile = self.hub.claiming.remove(&user).unwrap_or_default();
         let waiting = self
             .sessions
             .get_mut(conn)
             .filter(|c| c.claiming == Some(claim));
+        // A failed claim may have been written all the same (a connection
+        // lost during its commit): given back too, which removes nothing if
+        // it was not.
+        let release = matches!(outcome, ClaimOutcome::Claimed { .. } | ClaimOutcome::Failed);
         let Some(c) = waiting else {
-            if outcome == ClaimOutcome::Claimed {
+            if release {
                 self.outputs
                     .push_back(Output::ReleaseSession { user: name, claim });
             }
@@ -77,12 +85,30 @@ impl Server {
         c.claiming = None;
         self.reschedule(conn);
         let refused = match outcome {
-            ClaimOutcome::Claimed => {
+            ClaimOutcome::Claimed { queued } => {
+                if self.hub.offline.external() {
+                    // The queue as every node left it, and what this node
+                    // queued since the claim went out (counted twice if the
+                    // claim saw it too: a drain finds the end either way).
+                    let size = QueueSize {
+                        messages: queued.messages + meanwhile.messages,
+                        bytes: queued.bytes + meanwhile.bytes,
+                    };
+                    self.hub.offline.set_size(user, size);
+                }
                 self.log_in(conn, id, name, user, Some(claim), now);
                 return;
             }
             ClaimOutcome::Elsewhere => RequestError::SessionElsewhere { user: name.clone() },
-            _ => RequestError::Unavailable,
+            _ => {
+                if release {
+                    self.outputs.push_back(Output::ReleaseSession {
+                        user: name.clone(),
+                        claim,
+                    });
+                }
+                RequestError::Unavailable
+            }
         };
         if let Err(error) = self.refuse_login(conn, &name, refused) {
             self.send_error(conn, id, &error);

@@ -4,10 +4,10 @@
 use bytes::Bytes;
 
 use crate::accounts::UserId;
-use crate::drain::Drain;
+use crate::drain::{Drain, Written};
 use crate::durability::{Held, Kind};
 use crate::ids::ConnId;
-use crate::offline::{OfflineMessage, QueueSize, QueuedMessage};
+use crate::offline::{OfflineMessage, QueuedMessage};
 use crate::output::Output;
 use crate::server_frame::{MessageFrame, ServerFrame};
 use crate::store::Change;
@@ -226,15 +226,25 @@ impl Server {
 
     /// Offline messages of `user`'s are now written to their connection:
     /// they leave the queue.
-    pub(super) fn delivered(&mut self, user: UserId, written: QueueSize) {
-        if written.messages == 0 {
+    pub(super) fn delivered(&mut self, user: UserId, written: Written) {
+        if written.size.messages == 0 {
             return;
         }
-        self.hub.offline.remove_front(user, written);
+        self.hub.offline.remove_front(user, written.size);
         // Written to the connection: delivered, whatever storage says.
-        let change = Change::MessagesDelivered {
-            to: self.hub.accounts.name(user).clone(),
-            count: written.messages,
+        let to = self.hub.accounts.name(user).clone();
+        let change = if self.node().is_some() && self.hub.offline.external() {
+            // Other nodes may add to the queue while it is handed over:
+            // exactly these leave it.
+            Change::OfflineDelivered {
+                to,
+                seqs: written.seqs,
+            }
+        } else {
+            Change::MessagesDelivered {
+                to,
+                count: written.size.messages,
+            }
         };
         self.ledger.record_fact(change, None);
     }

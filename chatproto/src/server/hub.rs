@@ -4,7 +4,7 @@
 //! are in `requests.rs` (a request from one session) and `drains.rs`
 //! (offline delivery).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use crate::accounts::{Accounts, UserId};
@@ -13,7 +13,7 @@ use crate::directory::Directory;
 use crate::ids::{ClaimId, ConnId, VerifyTicket};
 use crate::liveness::Liveness;
 use crate::lockout::Lockout;
-use crate::offline::OfflineQueues;
+use crate::offline::{OfflineQueues, QueueSize};
 use crate::password::Password;
 use crate::peer::{PeerKey, Peers};
 use crate::presence::Presence;
@@ -43,8 +43,10 @@ pub(crate) struct Hub {
     pub(crate) delivered: Delivered,
     /// Cluster mode: logins waiting for their session claims, by claim.
     pub(crate) claims: HashMap<ClaimId, PendingClaim>,
-    /// Cluster mode: the users of `claims`: one claim per user at a time.
-    pub(crate) claiming: HashSet<UserId>,
+    /// Cluster mode: the users of `claims`, with what was queued for each
+    /// here since its claim went out (which the claim's count may miss):
+    /// one claim per user at a time.
+    pub(crate) claiming: HashMap<UserId, QueueSize>,
     pub(crate) next_claim: u64,
     /// Per-address limits.
     pub(crate) peers: Peers,
@@ -69,7 +71,7 @@ impl Hub {
             routes: Routes::default(),
             delivered: Delivered::default(),
             claims: HashMap::new(),
-            claiming: HashSet::new(),
+            claiming: HashMap::new(),
             next_claim: 0,
             peers: Peers::new(),
             verifications: HashMap::new(),

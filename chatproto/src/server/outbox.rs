@@ -135,6 +135,11 @@ impl Server {
                     Output::Transmit { conn, .. } | Output::Close { conn, .. } => {
                         self.ledger.holds(*conn)
                     }
+                    Output::ClaimSession { claim, .. } => self
+                        .hub
+                        .claims
+                        .get(claim)
+                        .is_some_and(|p| self.ledger.holds(p.conn)),
                     _ => false,
                 }));
         if fast {
@@ -159,9 +164,18 @@ impl Server {
         let mut kinds = std::mem::take(&mut self.unit_kinds).into_iter().peekable();
         for (at, output) in (mark..).zip(tail) {
             let noted = kinds.next_if(|&(i, _)| i == at).map(|(_, kind)| kind);
+            let claimant = match &output {
+                Output::ClaimSession { claim, .. } => self.hub.claims.get(claim).map(|p| p.conn),
+                _ => None,
+            };
             let (conn, kind) = match &output {
                 Output::Transmit { conn, .. } => (*conn, noted.unwrap_or(Kind::Caused)),
                 Output::Close { conn, .. } => (*conn, Kind::Fact),
+                // A claim counts the queue in storage: it waits, behind
+                // its connection's output, for what the login read.
+                Output::ClaimSession { .. } if claimant.is_some() => {
+                    (claimant.expect("checked"), Kind::Fact)
+                }
                 // Events, password checks and page reads wait for nothing.
                 _ => {
                     self.outputs.push_back(output);
@@ -212,8 +226,17 @@ impl Server {
                     .is_some_and(|c| c.user == Some(user));
                 if still_on {
                     self.end_drain(conn);
-                    if let Some(c) = self.sessions.get_mut(conn) {
+                    let claim = self.sessions.get_mut(conn).and_then(|c| {
                         c.user = None;
+                        c.claim.take()
+                    });
+                    if let Some(claim) = claim {
+                        // Not logged in after all: the cluster's session
+                        // goes back, or no other node could take it.
+                        self.outputs.push_back(Output::ReleaseSession {
+                            user: self.hub.accounts.name(user).clone(),
+                            claim,
+                        });
                     }
                     self.hub.presence.log_out(user, now);
                     // Logged out again: the login timeout applies again.

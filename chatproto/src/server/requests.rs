@@ -342,7 +342,7 @@ impl Server {
                 &[Key::Name(&name)],
             );
         }
-        if self.hub.presence.session(user).is_some() || self.hub.claiming.contains(&user) {
+        if self.hub.presence.session(user).is_some() || self.hub.claiming.contains_key(&user) {
             let error = RequestError::SessionElsewhere { user: name.clone() };
             return self.refuse_login(conn, &name, error);
         }
@@ -495,6 +495,11 @@ impl Server {
                 user: to.clone(),
                 limit,
             })?;
+        if let Some(meanwhile) = self.hub.claiming.get_mut(&recipient) {
+            // Its login's claim may not count it: the login adds it.
+            meanwhile.messages += 1;
+            meanwhile.bytes += bytes;
+        }
         self.ledger.record(
             Change::MessageQueued {
                 to: to.clone(),

@@ -11,7 +11,8 @@ use bytes::Bytes;
 use chatproto::{
     Accounts, BatchId, BusMessage, BusTarget, ByeReason, Change, ClaimId, ClaimOutcome, ConnId,
     ErrorCode, ErrorFrame, Event, HashedPassword, NodeId, OkFrame, Output, Password, PeerKey,
-    Persisted, Server, ServerConfig, ServerFrame, Snapshot, Timestamp, Username, VerifyTicket,
+    Persisted, QueueSize, QueuedMessage, Server, ServerConfig, ServerFrame, Snapshot, Timestamp,
+    Username, VerifyTicket,
 };
 
 /// The accounts every simulation has: name and password.
@@ -98,12 +99,18 @@ pub struct Sessions {
     pub down: bool,
     /// Releases that came while `down`.
     pub unreleased: Vec<(NodeId, Username, ClaimId)>,
+    /// The offline queues every node shares (nodes that keep texts in
+    /// storage), each message with its storage number.
+    pub queues: HashMap<Username, Vec<QueuedMessage>>,
+    pub next_seq: u64,
 }
 
 impl SessionTable {
     pub fn claim(&self, node: NodeId, user: &Username, claim: ClaimId) -> ClaimOutcome {
         let mut s = self.0.borrow_mut();
-        if s.down {
+        if s.down || s.expired.contains(&node) {
+            // An expired node claims nothing until its heartbeat has told
+            // it (and it has closed its clients).
             return ClaimOutcome::Failed;
         }
         match s.rows.get(user) {
@@ -112,9 +119,60 @@ impl SessionTable {
             }
             _ => {
                 s.rows.insert(user.clone(), (node, claim));
-                ClaimOutcome::Claimed
+                let queue = s.queues.get(user).map(Vec::as_slice).unwrap_or_default();
+                ClaimOutcome::Claimed {
+                    queued: QueueSize {
+                        messages: queue.len(),
+                        bytes: queue.iter().map(|m| m.message.size()).sum(),
+                    },
+                }
             }
         }
+    }
+
+    /// Writes what a committed batch changed in the shared queues.
+    pub fn commit(&self, changes: &[Change]) {
+        let mut s = self.0.borrow_mut();
+        for change in changes {
+            match change {
+                Change::MessageQueued { to, message } => {
+                    s.next_seq += 1;
+                    let seq = s.next_seq;
+                    s.queues.entry(to.clone()).or_default().push(QueuedMessage {
+                        seq,
+                        message: message.clone(),
+                    });
+                }
+                Change::OfflineDelivered { to, seqs } => {
+                    if let Some(queue) = s.queues.get_mut(to) {
+                        queue.retain(|m| !seqs.contains(&m.seq));
+                    }
+                }
+                Change::MessagesDelivered { .. } => {
+                    panic!("a cluster node must name what it delivered: {change:?}")
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// `user`'s queued messages after `after_seq`, up to `max_bytes` but
+    /// at least one.
+    pub fn page(&self, user: &Username, after_seq: u64, max_bytes: usize) -> Vec<QueuedMessage> {
+        let s = self.0.borrow();
+        let mut page = Vec::new();
+        let mut bytes = 0;
+        for m in s.queues.get(user).into_iter().flatten() {
+            if m.seq <= after_seq {
+                continue;
+            }
+            if !page.is_empty() && bytes + m.message.size() > max_bytes {
+                break;
+            }
+            bytes += m.message.size();
+            page.push(m.clone());
+        }
+        page
     }
 
     pub fn release(&self, node: NodeId, user: &Username, claim: ClaimId) {
@@ -323,8 +381,9 @@ impl Sim {
     pub fn pump(&mut self) {
         let mut written = Vec::new();
         let mut committed = Vec::new();
+        let mut pages = Vec::new();
         loop {
-            self.pump_once(&mut written, &mut committed);
+            self.pump_once(&mut written, &mut committed, &mut pages);
             let claims = match &self.sessions {
                 Some(table) if !self.hold_claims => std::mem::take(&mut self.claims)
                     .into_iter()
@@ -332,8 +391,11 @@ impl Sim {
                     .collect(),
                 _ => Vec::new(),
             };
-            if written.is_empty() && committed.is_empty() && claims.is_empty() {
+            if written.is_empty() && committed.is_empty() && claims.is_empty() && pages.is_empty() {
                 return;
+            }
+            for (conn, page) in pages.drain(..) {
+                let _ = self.server.handle_offline_page(conn, page, self.now);
             }
             for (claim, outcome) in claims {
                 self.server.handle_claim(claim, outcome, self.now);
@@ -362,7 +424,12 @@ impl Sim {
         self.pump();
     }
 
-    fn pump_once(&mut self, written: &mut Vec<ConnId>, committed: &mut Vec<BatchId>) {
+    fn pump_once(
+        &mut self,
+        written: &mut Vec<ConnId>,
+        committed: &mut Vec<BatchId>,
+        pages: &mut Vec<(ConnId, Vec<QueuedMessage>)>,
+    ) {
         while let Some(output) = self.server.poll_output() {
             match output {
                 Output::Transmit { conn, frame } => {
@@ -392,7 +459,19 @@ impl Sim {
                     for change in &changes {
                         self.store.apply(change);
                     }
+                    if let Some(table) = &self.sessions {
+                        table.commit(&changes);
+                    }
                     committed.push(batch);
+                }
+                Output::LoadOffline {
+                    conn,
+                    user,
+                    after_seq,
+                    max_bytes,
+                } => {
+                    let table = self.sessions.as_ref().expect("a shared store");
+                    pages.push((conn, table.page(&user, after_seq, max_bytes)));
                 }
                 Output::Persist { batch, changes } => self.batches.push((batch, changes)),
                 Output::Publish { to, message } => self.published.push((to, message)),

@@ -18,7 +18,7 @@ use std::fmt;
 use std::path::Path;
 use std::path::PathBuf;
 
-use chatproto::{Change, ClaimId, QueuedMessage, Snapshot, Timestamp, Username};
+use chatproto::{Change, ClaimId, QueueSize, QueuedMessage, Snapshot, Timestamp, Username};
 
 use crate::node::{Beat, ClusterNode};
 
@@ -158,6 +158,10 @@ pub enum DatabaseError {
     #[cfg(feature = "postgres")]
     #[error("PostgreSQL {location}: {what}")]
     PostgresBadRow { location: String, what: String },
+    /// Cluster mode: the database gave this node up (silent past its
+    /// lease, or a session of its was taken over); its heartbeat tells it.
+    #[error("PostgreSQL {location}: this node was given up by the cluster (silent past its lease); it claims no session until its heartbeat has closed its clients")]
+    NodeExpired { location: String },
     /// What this build or this database cannot do.
     #[error("{location}: {what}")]
     Unsupported { location: String, what: String },
@@ -259,14 +263,14 @@ impl Database {
     }
 
     /// Cluster mode: makes `node` `user`'s one session under `claim`
-    /// unless a node that is alive holds it; whether it did. PostgreSQL
-    /// only.
+    /// unless a node that is alive holds it; if it did, what the user's
+    /// offline queue holds. PostgreSQL only.
     pub fn claim_session(
         &mut self,
         node: &ClusterNode,
         user: &Username,
         claim: ClaimId,
-    ) -> Result<bool, DatabaseError> {
+    ) -> Result<Option<QueueSize>, DatabaseError> {
         match self {
             #[cfg(feature = "sqlite")]
             Database::Sqlite(db) => {
@@ -308,6 +312,20 @@ impl Database {
             }
             #[cfg(feature = "postgres")]
             Database::Postgres(db) => db.node_heartbeat(node),
+        }
+    }
+
+    /// Cluster mode: `node` leaves the cluster cleanly; its remaining
+    /// sessions go with it. PostgreSQL only.
+    pub fn leave_cluster(&mut self, node: &ClusterNode) -> Result<(), DatabaseError> {
+        match self {
+            #[cfg(feature = "sqlite")]
+            Database::Sqlite(db) => {
+                let _ = node;
+                Err(cluster_needs_postgres(db.path()))
+            }
+            #[cfg(feature = "postgres")]
+            Database::Postgres(db) => db.leave_cluster(node),
         }
     }
 

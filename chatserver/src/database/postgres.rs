@@ -38,6 +38,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// it, so a commit to a server that vanished fails instead of hanging.
 const TCP_USER_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Server settings for every connection unless the connection string sets
+/// `options`: how long a statement may wait for a lock, run at all, and a
+/// transaction stay open doing nothing.
+const SESSION_TIMEOUTS: &str =
+    "-c lock_timeout=2000 -c statement_timeout=30000 -c idle_in_transaction_session_timeout=10000";
+
 /// Schema migrations: entry `i` takes the schema from version `i` to
 /// `i + 1`, as SQLite's list does (the same tables and columns).
 const MIGRATIONS: &[&str] = &[
@@ -81,6 +87,7 @@ const MIGRATIONS: &[&str] = &[
          id TEXT PRIMARY KEY,
          name TEXT NOT NULL,
          heartbeat_at TIMESTAMPTZ NOT NULL,
+         lease_ms BIGINT NOT NULL,
          expired BOOLEAN NOT NULL DEFAULT FALSE
      );
      CREATE TABLE cluster_session (
@@ -129,6 +136,7 @@ impl std::fmt::Debug for Session {
 struct Statements {
     queue: Statement,
     deliver: Statement,
+    deliver_exactly: Statement,
     block: Statement,
     unblock: Statement,
     seen: Statement,
@@ -136,9 +144,11 @@ struct Statements {
     clear_lockout: Statement,
     page: Statement,
     claim_new: Statement,
+    queue_size: Statement,
     claim_holder: Statement,
     claim_take: Statement,
     expire_node: Statement,
+    claimant_alive: Statement,
     release: Statement,
     node_before: Statement,
     heartbeat: Statement,
@@ -162,6 +172,14 @@ impl PostgresDatabase {
             config.tcp_user_timeout(TCP_USER_TIMEOUT);
         }
         config.application_name("chatserver");
+        if config.get_options().is_none() {
+            // No statement may wait for ever: a lock held by a node that
+            // froze mid-transaction would otherwise stall this one's
+            // storage thread (its commits, claims and heartbeats) behind
+            // it, and a transaction left open by a stalled node would hold
+            // its locks for ever. Shorter than the default lease.
+            config.options(SESSION_TIMEOUTS);
+        }
         let mut db = PostgresDatabase {
             config,
             location,
@@ -281,28 +299,43 @@ impl PostgresDatabase {
     /// its lease by the database's clock. A session held by a silent node
     /// is taken over, and that node marked expired, so its next heartbeat
     /// tells it to close its clients; one held by `node` itself (a release
-    /// not yet written) is taken over too.
+    /// not yet written) is taken over too. With the session, what the
+    /// user's offline queue holds; `None` if another node holds it.
     pub fn claim_session(
         &mut self,
         node: &ClusterNode,
         user: &Username,
         claim: ClaimId,
-    ) -> Result<bool, DatabaseError> {
+    ) -> Result<Option<QueueSize>, DatabaseError> {
         let claim = i64::try_from(claim.into_raw()).unwrap_or(i64::MAX);
-        let lease = lease_millis(node);
-        self.with_session("claim a session", |session| {
+        let claimed = self.with_session("claim a session", |session| {
             let mut tx = session.client.transaction()?;
+            // The claiming node must itself be alive by the database's
+            // clock and not given up: a node whose sessions may have been
+            // taken over claims nothing until its heartbeat has told it.
+            // Claiming counts as a heartbeat.
+            if tx.execute(&session.statements.claimant_alive, &[&node.id.as_str()])? == 0 {
+                return Ok(None);
+            }
             let args: [&(dyn postgres::types::ToSql + Sync); 3] =
                 [&user.as_str(), &node.id.as_str(), &claim];
             // A new row, unless one is there: two claims at once for the
             // same user wait on the key, and the second finds the first's.
+            let queued = |tx: &mut Transaction<'_>| {
+                let row = tx.query_one(&session.statements.queue_size, &[&user.as_str()])?;
+                Ok::<_, postgres::Error>(QueueSize {
+                    messages: usize::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+                    bytes: usize::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+                })
+            };
             if tx.execute(&session.statements.claim_new, &args)? == 1 {
+                let size = queued(&mut tx)?;
                 tx.commit()?;
-                return Ok(true);
+                return Ok(Some(Some(size)));
             }
             let holder = tx.query_opt(
                 &session.statements.claim_holder,
-                &[&user.as_str(), &node.id.as_str(), &lease],
+                &[&user.as_str(), &node.id.as_str()],
             )?;
             let taken = match holder {
                 Some(row) if row.get::<_, bool>(1) => {
@@ -317,8 +350,12 @@ impl PostgresDatabase {
                 // Released between the two statements: claim it afresh.
                 None => tx.execute(&session.statements.claim_new, &args)? == 1,
             };
+            let size = if taken { Some(queued(&mut tx)?) } else { None };
             tx.commit()?;
-            Ok(taken)
+            Ok(Some(size))
+        })?;
+        claimed.ok_or_else(|| DatabaseError::NodeExpired {
+            location: self.location.clone(),
         })
     }
 
@@ -349,18 +386,21 @@ impl PostgresDatabase {
     /// it must close its clients; it is alive again from this heartbeat.
     pub fn node_heartbeat(&mut self, node: &ClusterNode) -> Result<Beat, DatabaseError> {
         let registered = self.registered;
+        let lease = lease_millis(node);
         let beat = self.with_session("write this node's heartbeat", |session| {
             let mut tx = session.client.transaction()?;
             if !registered {
-                tx.execute(
-                    "DELETE FROM cluster_node WHERE heartbeat_at < now() - interval '1 day'",
-                    &[],
+                // Sessions first, then nodes: the order a claim locks them.
+                tx.batch_execute(
+                    "DELETE FROM cluster_session WHERE node IN
+                         (SELECT id FROM cluster_node WHERE heartbeat_at < now() - interval '1 day');
+                     DELETE FROM cluster_node WHERE heartbeat_at < now() - interval '1 day';",
                 )?;
             }
             let before = tx.query_opt(&session.statements.node_before, &[&node.id.as_str()])?;
             tx.execute(
                 &session.statements.heartbeat,
-                &[&node.id.as_str(), &node.name.as_str()],
+                &[&node.id.as_str(), &node.name.as_str(), &lease],
             )?;
             tx.commit()?;
             Ok(match before {
@@ -378,6 +418,24 @@ impl PostgresDatabase {
         })?;
         self.registered = true;
         Ok(beat)
+    }
+
+    /// Cluster mode: `node` leaves the cluster (a clean shutdown, after its
+    /// releases): its row goes, and with it any session still under it,
+    /// so other nodes need not wait out its lease.
+    pub fn leave_cluster(&mut self, node: &ClusterNode) -> Result<(), DatabaseError> {
+        self.with_session("remove this node from the cluster", |session| {
+            let mut tx = session.client.transaction()?;
+            tx.execute(
+                "DELETE FROM cluster_session WHERE node = $1",
+                &[&node.id.as_str()],
+            )?;
+            tx.execute(
+                "DELETE FROM cluster_node WHERE id = $1",
+                &[&node.id.as_str()],
+            )?;
+            tx.commit()
+        })
     }
 
     /// Reads the lasting state: offline queues as their sizes only.
@@ -452,6 +510,8 @@ impl PostgresDatabase {
         let mut client = self.config.connect(NoTls).map_err(error)?;
         let found = (|| {
             let mut tx = client.transaction()?;
+            // However long another node's migration takes, or this one.
+            tx.batch_execute("SET LOCAL lock_timeout = 0; SET LOCAL statement_timeout = 0")?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
             tx.batch_execute(
                 "CREATE TABLE IF NOT EXISTS chatserver_schema (
@@ -594,13 +654,17 @@ fn connect(config: &Config) -> Result<Session, postgres::Error> {
             "DELETE FROM offline_message WHERE seq IN
                  (SELECT seq FROM offline_message WHERE recipient = $1 ORDER BY seq LIMIT $2)",
         )?,
+        deliver_exactly: client.prepare(
+            "DELETE FROM offline_message WHERE recipient = $1 AND seq = ANY($2)",
+        )?,
         block: client.prepare(
             "INSERT INTO block (blocker, target) VALUES ($1, $2) ON CONFLICT DO NOTHING",
         )?,
         unblock: client.prepare("DELETE FROM block WHERE blocker = $1 AND target = $2")?,
         seen: client.prepare(
             "INSERT INTO last_seen (username, online, at) VALUES ($1, $2, $3)
-             ON CONFLICT (username) DO UPDATE SET online = EXCLUDED.online, at = EXCLUDED.at",
+             ON CONFLICT (username) DO UPDATE SET online = EXCLUDED.online, at = EXCLUDED.at
+             WHERE last_seen.at <= EXCLUDED.at",
         )?,
         lockout: client.prepare(
             "INSERT INTO lockout (username, failures, locked_until, last_failure) VALUES ($1, $2, $3, $4)
@@ -612,6 +676,9 @@ fn connect(config: &Config) -> Result<Session, postgres::Error> {
             "SELECT seq, sender, text, sent_at, size FROM offline_message
              WHERE recipient = $1 AND seq > $2 ORDER BY seq LIMIT $3",
         )?,
+        queue_size: client.prepare(
+            "SELECT count(*), coalesce(sum(size), 0)::BIGINT FROM offline_message WHERE recipient = $1",
+        )?,
         claim_new: client.prepare(
             "INSERT INTO cluster_session (username, node, claim, since) VALUES ($1, $2, $3, now())
              ON CONFLICT (username) DO NOTHING",
@@ -619,7 +686,8 @@ fn connect(config: &Config) -> Result<Session, postgres::Error> {
         // Who holds the session, and whether it is free to take: held by
         // the claiming node itself, or by one silent past the lease.
         claim_holder: client.prepare(
-            "SELECT s.node, s.node = $2 OR n.heartbeat_at < now() - $3::BIGINT * interval '1 millisecond'
+            "SELECT s.node, s.node = $2 OR n.expired
+                 OR n.heartbeat_at < now() - n.lease_ms * interval '1 millisecond'
              FROM cluster_session s JOIN cluster_node n ON n.id = s.node
              WHERE s.username = $1 FOR UPDATE OF s",
         )?,
@@ -627,6 +695,11 @@ fn connect(config: &Config) -> Result<Session, postgres::Error> {
             "UPDATE cluster_session SET node = $2, claim = $3, since = now() WHERE username = $1",
         )?,
         expire_node: client.prepare("UPDATE cluster_node SET expired = TRUE WHERE id = $1")?,
+        claimant_alive: client.prepare(
+            "UPDATE cluster_node SET heartbeat_at = now()
+             WHERE id = $1 AND NOT expired
+                 AND heartbeat_at >= now() - lease_ms * interval '1 millisecond'",
+        )?,
         release: client.prepare(
             "DELETE FROM cluster_session WHERE username = $1 AND node = $2 AND claim = $3",
         )?,
@@ -635,8 +708,9 @@ fn connect(config: &Config) -> Result<Session, postgres::Error> {
              FROM cluster_node WHERE id = $1 FOR UPDATE",
         )?,
         heartbeat: client.prepare(
-            "INSERT INTO cluster_node (id, name, heartbeat_at) VALUES ($1, $2, now())
-             ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), expired = FALSE, name = EXCLUDED.name",
+            "INSERT INTO cluster_node (id, name, heartbeat_at, lease_ms) VALUES ($1, $2, now(), $3)
+             ON CONFLICT (id) DO UPDATE SET heartbeat_at = now(), expired = FALSE,
+                 name = EXCLUDED.name, lease_ms = EXCLUDED.lease_ms",
         )?,
     };
     Ok(Session { client, statements })
@@ -667,6 +741,13 @@ fn write_change(
                 &statements.deliver,
                 &[&to.as_str(), &i64::try_from(*count).unwrap_or(i64::MAX)],
             )?;
+        }
+        Change::OfflineDelivered { to, seqs } => {
+            let seqs: Vec<i64> = seqs
+                .iter()
+                .map(|&seq| i64::try_from(seq).unwrap_or(i64::MAX))
+                .collect();
+            tx.execute(&statements.deliver_exactly, &[&to.as_str(), &seqs])?;
         }
         Change::Blocked { blocker, target } => {
             tx.execute(&statements.block, &[&blocker.as_str(), &target.as_str()])?;

@@ -474,6 +474,13 @@ fn write_change(tx: &Transaction<'_>, change: &Change) -> rusqlite::Result<()> {
                 i64::try_from(message.size()).unwrap_or(i64::MAX)
             ])?;
         }
+        Change::OfflineDelivered { to, seqs } => {
+            let mut delete =
+                tx.prepare_cached("DELETE FROM offline_message WHERE recipient = ?1 AND seq = ?2")?;
+            for &seq in seqs {
+                delete.execute(params![to.as_str(), i64::try_from(seq).unwrap_or(i64::MAX)])?;
+            }
+        }
         Change::MessagesDelivered { to, count } => {
             tx.prepare_cached(
                 "DELETE FROM offline_message WHERE seq IN
