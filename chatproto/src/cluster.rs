@@ -60,8 +60,10 @@
 //!         _ => None,
 //!     })
 //!     .expect("a right password asks for the session");
-//! // The database says nobody alive holds alice's session.
-//! node.handle_claim(claim, ClaimOutcome::Claimed, now);
+//! // The database says nobody alive holds alice's session, and her
+//! // offline queue is empty.
+//! let queued = chatproto::QueueSize::default();
+//! node.handle_claim(claim, ClaimOutcome::Claimed { queued }, now);
 //! assert_eq!(node.user(conn).map(|u| u.as_str()), Some("alice"));
 //! ```
 //!
