@@ -269,8 +269,15 @@ mod with_nats {
     pub struct Bus {
         commands: mpsc::UnboundedSender<Command>,
         events: mpsc::Receiver<BusEvent>,
+        /// Published since the last [`Bus::flush`]: handed to the thread
+        /// together, so a wake-up's publishes wake it once.
+        batch: Vec<(String, Bytes)>,
         unsent: Arc<AtomicUsize>,
         connected: Arc<AtomicBool>,
+        /// Set by the thread when it wakes the reactor, cleared by the
+        /// reactor before it takes events: one wake-up for all the events
+        /// that come while it is busy.
+        woken: Arc<AtomicBool>,
         /// Stops the thread even while a publish waits for a connection
         /// that does not come.
         stop: Arc<tokio::sync::Notify>,
@@ -280,7 +287,8 @@ mod with_nats {
     /// Work for the bus thread.
     #[derive(Debug)]
     enum Command {
-        Publish { subject: String, payload: Bytes },
+        /// Payloads to publish, each on its subject, in order.
+        Publish(Vec<(String, Bytes)>),
     }
 
     /// Everything the bus thread's tasks share.
@@ -289,6 +297,7 @@ mod with_nats {
         events: mpsc::Sender<BusEvent>,
         poller: Arc<Poller>,
         connected: Arc<AtomicBool>,
+        woken: Arc<AtomicBool>,
     }
 
     impl Shared {
@@ -297,8 +306,9 @@ mod with_nats {
         /// reactor's side is gone.
         async fn send(&self, event: BusEvent) -> bool {
             let sent = self.events.send(event).await.is_ok();
-            if sent {
-                // A failed wake-up leaves the event for the next turn.
+            // Not woken yet since the reactor last looked: wake it. (A
+            // failed wake-up leaves the event for the next turn.)
+            if sent && !self.woken.swap(true, Ordering::AcqRel) {
                 let _ = self.poller.notify();
             }
             sent
@@ -322,10 +332,12 @@ mod with_nats {
             let (event_tx, event_rx) = mpsc::channel(EVENT_CAPACITY);
             let unsent = Arc::new(AtomicUsize::new(0));
             let connected = Arc::new(AtomicBool::new(false));
+            let woken = Arc::new(AtomicBool::new(false));
             let shared = Shared {
                 events: event_tx,
                 poller,
                 connected: connected.clone(),
+                woken: woken.clone(),
             };
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
@@ -349,32 +361,50 @@ mod with_nats {
             Ok(Bus {
                 commands: command_tx,
                 events: event_rx,
+                batch: Vec::new(),
                 unsent,
                 connected,
+                woken,
                 stop,
                 thread: Some(thread),
             })
         }
 
         /// Publishes `payload` on `subject`, without waiting: the bus
-        /// thread hands it to NATS in the order published. Core NATS
-        /// delivers at most once, so whoever needs it to arrive must wait
-        /// for an answer.
-        pub fn publish(&self, subject: String, payload: Bytes) -> Result<(), PublishError> {
+        /// thread hands it to NATS in the order published, once
+        /// [`Bus::flush`] hands it over (the reactor does at the end of
+        /// each wake-up). Core NATS delivers at most once, so whoever
+        /// needs it to arrive must wait for an answer.
+        pub fn publish(&mut self, subject: String, payload: Bytes) -> Result<(), PublishError> {
+            if self.commands.is_closed() {
+                return Err(PublishError::Stopped);
+            }
             if self.unsent.load(Ordering::Relaxed) >= MAX_UNSENT_PUBLISHES {
                 return Err(PublishError::Backlog);
             }
             self.unsent.fetch_add(1, Ordering::Relaxed);
-            self.commands
-                .send(Command::Publish { subject, payload })
-                .map_err(|_| {
-                    self.unsent.fetch_sub(1, Ordering::Relaxed);
-                    PublishError::Stopped
-                })
+            self.batch.push((subject, payload));
+            Ok(())
         }
 
-        /// The next event, if one has come; never waits.
+        /// Hands the thread what was published since the last flush, in
+        /// one go.
+        pub fn flush(&mut self) {
+            if self.batch.is_empty() {
+                return;
+            }
+            let batch = std::mem::take(&mut self.batch);
+            let count = batch.len();
+            if self.commands.send(Command::Publish(batch)).is_err() {
+                self.unsent.fetch_sub(count, Ordering::Relaxed);
+            }
+        }
+
+        /// The next event, if one has come; never waits. The first call of
+        /// a wake-up lets the thread wake the reactor again for what comes
+        /// after.
         pub fn next_event(&mut self) -> Option<BusEvent> {
+            self.woken.store(false, Ordering::Release);
             self.events.try_recv().ok()
         }
 
@@ -396,6 +426,7 @@ mod with_nats {
         }
 
         fn shut_down(&mut self) {
+            self.flush();
             if let Some(thread) = self.thread.take() {
                 // A permit: the thread sees it even if it is not waiting
                 // yet. It then ends within twice STOP_FLUSH.
@@ -434,9 +465,11 @@ mod with_nats {
         // be in the channel: hand it to the client, if the connection lets
         // it within the flush time.
         let last = async {
-            while let Ok(Command::Publish { subject, payload }) = commands.try_recv() {
-                if client.publish(subject, payload).await.is_err() {
-                    break;
+            while let Ok(Command::Publish(batch)) = commands.try_recv() {
+                for (subject, payload) in batch {
+                    if client.publish(subject, payload).await.is_err() {
+                        return;
+                    }
                 }
             }
         };
@@ -528,13 +561,16 @@ mod with_nats {
                 }
             }
         }
-        while let Some(Command::Publish { subject, payload }) = commands.recv().await {
-            // Waits while the client's own buffer is full (the connection
-            // is down): publishes queue behind, up to MAX_UNSENT_PUBLISHES.
-            if let Err(e) = client.publish(subject, payload).await {
-                warn!("NATS publish failed: {e}");
+        while let Some(Command::Publish(batch)) = commands.recv().await {
+            for (subject, payload) in batch {
+                // Waits while the client's own buffer is full (the
+                // connection is down): publishes queue behind, up to
+                // MAX_UNSENT_PUBLISHES.
+                if let Err(e) = client.publish(subject, payload).await {
+                    warn!("NATS publish failed: {e}");
+                }
+                unsent.fetch_sub(1, Ordering::Relaxed);
             }
-            unsent.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }

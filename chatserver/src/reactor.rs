@@ -527,6 +527,11 @@ impl Reactor {
         self.events = Some(events);
         self.handle_deadlines();
         self.flush()?;
+        // What the wake-up published goes to the bus thread in one hand-over.
+        #[cfg(feature = "nats")]
+        if let Some(bus) = self.bus.as_mut() {
+            bus.flush();
+        }
         if self.config.bus.is_some() {
             self.config
                 .health
@@ -743,7 +748,7 @@ impl Reactor {
     /// refusals: the core repairs what is lost when the bus is back.
     fn publish(&mut self, to: chatproto::BusTarget, message: &chatproto::BusMessage) {
         #[cfg(feature = "nats")]
-        if let (Some(bus), Some(bus_config)) = (self.bus.as_ref(), self.config.bus.as_ref()) {
+        if let (Some(bus), Some(bus_config)) = (self.bus.as_mut(), self.config.bus.as_ref()) {
             match bus.publish(bus_config.subjects.of(to), message.encode()) {
                 Ok(()) => self.publish_refused = false,
                 Err(e) if !self.publish_refused => {
@@ -1568,6 +1573,10 @@ impl Reactor {
         let now = self.now();
         self.core.shutdown(now);
         self.drain_core();
+        #[cfg(feature = "nats")]
+        if let Some(bus) = self.bus.as_mut() {
+            bus.flush();
+        }
         if self.node_beat_at.take().is_some() {
             // After the shutdown's releases, in order: no heartbeat after.
             if let Some(storage) = self.storage.as_mut() {

@@ -81,12 +81,13 @@ impl Node {
 /// Publishes probes from `from` on `subject` until `to` gets one: its
 /// subscription is then in place at the server (a publish that comes
 /// before it is lost, as core NATS promises no more).
-fn until_subscribed(from: &Node, to: &mut Node, subject: &str) {
+fn until_subscribed(from: &mut Node, to: &mut Node, subject: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         from.bus
             .publish(subject.to_owned(), Bytes::from_static(b"probe"))
             .unwrap();
+        from.bus.flush();
         if !to
             .messages_for(subject, Duration::from_millis(100))
             .is_empty()
@@ -109,13 +110,17 @@ fn messages_arrive_in_the_order_published_on_the_subscribed_subject_only() {
     a.wait_connected();
     b.wait_connected();
     assert!(a.bus.is_connected() && b.bus.is_connected());
-    until_subscribed(&b, &mut a, &to_a);
+    until_subscribed(&mut b, &mut a, &to_a);
     // Probes may still be on their way: the sequence is told apart by its
     // payloads.
     for i in 0..1000 {
         b.bus
             .publish(to_a.clone(), Bytes::from(format!("m{i}")))
             .unwrap();
+        if i % 100 == 99 {
+            // Handed over in batches, as the reactor does each wake-up.
+            b.bus.flush();
+        }
     }
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -137,7 +142,7 @@ fn the_connection_comes_back_after_nats_restarts() {
     let mut b = Node::start(&nats.url(), &[]);
     a.wait_connected();
     b.wait_connected();
-    until_subscribed(&b, &mut a, &to_a);
+    until_subscribed(&mut b, &mut a, &to_a);
 
     nats.kill();
     a.wait_until(Duration::from_secs(10), |e| *e == BusEvent::Disconnected);
@@ -148,7 +153,7 @@ fn the_connection_comes_back_after_nats_restarts() {
     a.wait_connected();
     b.wait_connected();
     // The subscription was made again by the client.
-    until_subscribed(&b, &mut a, &to_a);
+    until_subscribed(&mut b, &mut a, &to_a);
 }
 
 #[test]
@@ -176,12 +181,15 @@ fn a_long_outage_makes_publishes_refuse_instead_of_piling_up() {
         .local_addr()
         .unwrap()
         .port();
-    let a = Node::start(&format!("nats://127.0.0.1:{port}"), &[]);
+    let mut a = Node::start(&format!("nats://127.0.0.1:{port}"), &[]);
     let mut refused = None;
     for i in 0..MAX_UNSENT_PUBLISHES * 2 {
         if let Err(e) = a.bus.publish("x".to_owned(), Bytes::from_static(b"m")) {
             refused = Some((i, e));
             break;
+        }
+        if i % 64 == 63 {
+            a.bus.flush();
         }
     }
     let (at, error) = refused.expect("publishes were never refused");

@@ -39,7 +39,15 @@ pub enum Workload {
 
 #[derive(Debug, Clone)]
 pub struct LoadConfig {
-    pub addr: SocketAddr,
+    /// Where clients connect: client i to the (i mod n)th (the nodes of a
+    /// cluster; one for a server alone).
+    pub addrs: Vec<SocketAddr>,
+    /// Direct load: each message to a user on another address than its
+    /// sender's.
+    pub cross_node: bool,
+    /// Command names whose processes' CPU time counts too (a cluster's
+    /// nodes, its NATS and PostgreSQL servers).
+    pub cpu_of: Vec<String>,
     pub clients: usize,
     pub workload: Workload,
     pub window: usize,
@@ -212,7 +220,8 @@ pub fn run(config: LoadConfig) -> Result<Report, String> {
     let poller = Poller::new().map_err(|e| e.to_string())?;
     for i in 0..config.clients + config.login_storm {
         let storm = i >= config.clients;
-        let stream = TcpStream::connect(config.addr).map_err(|e| format!("client {i}: {e}"))?;
+        let addr = config.addrs[i % config.addrs.len()];
+        let stream = TcpStream::connect(addr).map_err(|e| format!("client {i} ({addr}): {e}"))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
         stream.set_nonblocking(true).map_err(|e| e.to_string())?;
         // Level-triggered: no re-arming syscall after every event.
@@ -321,11 +330,7 @@ impl Run {
                 measuring = true;
                 self.latency.reset();
                 self.deliveries = 0;
-                cpu_start = self
-                    .config
-                    .server_pid
-                    .map(ProcessSample::read)
-                    .transpose()?;
+                cpu_start = self.cpu_secs()?;
             }
             if let Some(interval) = per_sender_interval {
                 for s in 0..senders {
@@ -352,11 +357,7 @@ impl Run {
             .as_secs_f64();
         let deliveries = self.deliveries;
         let latency = self.latency.clone();
-        let cpu_end = self
-            .config
-            .server_pid
-            .map(ProcessSample::read)
-            .transpose()?;
+        let cpu_end = self.cpu_secs()?;
         // Stop sending; wait for what is in flight, to count losses.
         for c in &mut self.clients {
             c.next_due = None;
@@ -373,7 +374,7 @@ impl Run {
             lost: expected.saturating_sub(self.received_marked),
             latency,
             server_cpu_secs: match (cpu_start, cpu_end) {
-                (Some(a), Some(b)) => Some(b.cpu_secs - a.cpu_secs),
+                (Some(a), Some(b)) => Some(b - a),
                 _ => None,
             },
             storm_checks: self.storm_checks,
@@ -381,6 +382,25 @@ impl Run {
     }
 
     /// Queues one message from sender `s`, stamped `at`.
+    /// The CPU time of the server, and of every process named in
+    /// `cpu_of`, so far; `None` if nothing is measured.
+    fn cpu_secs(&self) -> Result<Option<f64>, String> {
+        let server = self
+            .config
+            .server_pid
+            .map(ProcessSample::read)
+            .transpose()?
+            .map(|s| s.cpu_secs);
+        if self.config.cpu_of.is_empty() {
+            return Ok(server);
+        }
+        let mut total = server.unwrap_or(0.0);
+        for name in &self.config.cpu_of {
+            total += crate::process::cpu_secs_of_command(name)?;
+        }
+        Ok(Some(total))
+    }
+
     fn send(&mut self, s: usize, at: Instant) {
         let marked = at >= self.measure_from && at < self.measure_until;
         if marked {
@@ -391,7 +411,18 @@ impl Run {
         let recipients = self.recipients_per_message as usize;
         let client = &mut self.clients[s];
         client.in_flight += recipients;
+        let nodes = self.config.addrs.len();
+        let cross_node = self.config.cross_node;
         let to = match self.config.workload {
+            Workload::Direct if cross_node => {
+                // Users on another node than the sender's: every user whose
+                // index differs from the sender's modulo the node count.
+                let others_per_node = n / nodes;
+                let pick = next_random(&mut client.rng) as usize;
+                let node = (s % nodes + 1 + pick % (nodes - 1)) % nodes;
+                let slot = (pick / nodes) % others_per_node.max(1);
+                Some((slot * nodes + node).min(n - 1))
+            }
             Workload::Direct => {
                 Some((s + 1 + (next_random(&mut client.rng) as usize % (n - 1))) % n)
             }

@@ -39,7 +39,10 @@
 //!
 //! With `--spawn PATH` it starts the server itself, on a free loopback
 //! port, with a credentials file it writes and no database (`--no-db`), or
-//! a new database file with `--server-db`; otherwise it uses `--addr`.
+//! a new database file with `--server-db`; otherwise it uses `--addr`
+//! (several for the nodes of a cluster, with `--cross-node` for direct
+//! messages that cross nodes and `--cpu-of NAME` to count the CPU of every
+//! process of that name; see `benches/scripts/cluster-bench.sh`).
 //! Traffic goes to loopback (or the address given) and nowhere else.
 
 mod load;
@@ -330,9 +333,11 @@ struct MixedArgs {
 /// Which server to measure.
 #[derive(Debug, clap::Args)]
 struct Target {
-    /// The server's address (unless --spawn).
-    #[arg(long, default_value = "127.0.0.1:4000")]
-    addr: SocketAddr,
+    /// The server's address (unless --spawn). Several, comma-separated or
+    /// repeated, for the nodes of a cluster: client i connects to the
+    /// (i mod n)th (direct and fanout loads; the others use the first).
+    #[arg(long, default_value = "127.0.0.1:4000", value_delimiter = ',')]
+    addr: Vec<SocketAddr>,
     /// Start this chatserver binary on a free loopback port, with a
     /// credentials file for the clients, and measure it.
     #[arg(long, value_name = "PATH")]
@@ -341,6 +346,11 @@ struct Target {
     /// (known already with --spawn).
     #[arg(long)]
     server_pid: Option<u32>,
+    /// Also count the CPU time of every process with this command name
+    /// (`/proc/PID/comm`; repeatable), e.g. `--cpu-of chatserver --cpu-of
+    /// nats-server --cpu-of postgres` for a whole cluster on one machine.
+    #[arg(long = "cpu-of", value_name = "NAME")]
+    cpu_of: Vec<String>,
     /// With --spawn: give the server this SQLite database (`--db PATH`),
     /// which must not exist yet, instead of none (`--no-db`).
     #[arg(long, value_name = "PATH")]
@@ -356,6 +366,16 @@ struct Target {
 }
 
 impl Target {
+    /// The addresses a load spreads its clients over: the spawned server's
+    /// (`spawned`), or every --addr.
+    fn nodes(&self, spawned: SocketAddr) -> Vec<SocketAddr> {
+        if self.spawn.is_some() {
+            vec![spawned]
+        } else {
+            self.addr.clone()
+        }
+    }
+
     /// The database arguments of a spawned server; checks --server-db.
     fn server_db_args(&self) -> Result<Vec<OsString>, String> {
         let Some(path) = &self.server_db else {
@@ -405,6 +425,10 @@ struct LoadArgs {
     /// --spawn the server gets those accounts and no lockout.
     #[arg(long, value_name = "N", default_value_t = 0)]
     login_storm: usize,
+    /// Direct load on several addresses: every message goes to a user on
+    /// another node than its sender's.
+    #[arg(long)]
+    cross_node: bool,
 }
 
 fn main() -> ExitCode {
@@ -420,7 +444,7 @@ fn main() -> ExitCode {
         }),
         Mode::Direct { target, load } => {
             with_server(&target, load.clients, load.login_storm, |addr, pid| {
-                load_run(addr, pid, &load, Workload::Direct)
+                load_run(&target.nodes(addr), pid, &target, &load, Workload::Direct)
             })
         }
         Mode::Fanout {
@@ -428,7 +452,8 @@ fn main() -> ExitCode {
             load,
             senders,
         } => with_server(&target, load.clients, load.login_storm, |addr, pid| {
-            load_run(addr, pid, &load, Workload::Fanout { senders })
+            let workload = Workload::Fanout { senders };
+            load_run(&target.nodes(addr), pid, &target, &load, workload)
         }),
         Mode::Offline {
             target,
@@ -438,7 +463,10 @@ fn main() -> ExitCode {
             &target,
             load.clients + recipients,
             load.login_storm,
-            |addr, pid| load_run(addr, pid, &load, Workload::Offline { recipients }),
+            |addr, pid| {
+                let workload = Workload::Offline { recipients };
+                load_run(&target.nodes(addr), pid, &target, &load, workload)
+            },
         ),
         Mode::OfflineMemory { target, args } => offline_memory(&target, &args),
         Mode::TlsFlood { args } => tls_flood(&args),
@@ -466,11 +494,15 @@ fn main() -> ExitCode {
 }
 
 fn load_run(
-    addr: SocketAddr,
+    addrs: &[SocketAddr],
     server_pid: Option<u32>,
+    target: &Target,
     args: &LoadArgs,
     workload: Workload,
 ) -> Result<(), String> {
+    if args.cross_node && (addrs.len() < 2 || !matches!(workload, Workload::Direct)) {
+        return Err("--cross-node needs a direct load and two --addr or more".to_owned());
+    }
     match workload {
         Workload::Offline { recipients } => {
             if args.clients < 1 || recipients < 1 {
@@ -484,7 +516,9 @@ fn load_run(
         }
     }
     let config = LoadConfig {
-        addr,
+        addrs: addrs.to_vec(),
+        cross_node: args.cross_node,
+        cpu_of: target.cpu_of.clone(),
         clients: args.clients,
         workload,
         window: args.window.max(1),
@@ -1205,7 +1239,9 @@ fn tls_flood(args: &TlsFloodArgs) -> Result<(), String> {
         budget("--tls-handshakes"),
     );
     let load_config = LoadConfig {
-        addr: server.addr,
+        addrs: vec![server.addr],
+        cross_node: false,
+        cpu_of: Vec::new(),
         clients: args.clients,
         workload: Workload::Direct,
         window: 4,
@@ -1656,7 +1692,7 @@ fn with_server(
     let db_args = target.server_db_args()?;
     let Some(binary) = &target.spawn else {
         pin(target.pin_cpu)?;
-        return f(target.addr, target.server_pid);
+        return f(target.addr[0], target.server_pid);
     };
     let credentials = TempFile::write("credentials.txt", &credentials_text(users, storm)?)?;
     let command = ServerCommand::new(

@@ -35,6 +35,30 @@ impl ProcessSample {
     }
 }
 
+/// The CPU time, user and system, of every running process whose command
+/// name (`/proc/PID/comm`) is `name`, together: a cluster's nodes, or a
+/// database server and all its backends. A process that ends between the
+/// listing and the read is passed over.
+pub fn cpu_secs_of_command(name: &str) -> Result<f64, String> {
+    let entries = std::fs::read_dir("/proc").map_err(|e| format!("cannot list /proc: {e}"))?;
+    let mut total = 0.0;
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(pid) = file_name.to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else {
+            continue;
+        };
+        if comm.trim_end() == name {
+            if let Ok(sample) = ProcessSample::read(pid) {
+                total += sample.cpu_secs;
+            }
+        }
+    }
+    Ok(total)
+}
+
 /// Asked of `getconf` once: running it takes milliseconds, which a sample
 /// taken mid-run (at the start of a measurement window) would otherwise
 /// add to the load generator's latency.
