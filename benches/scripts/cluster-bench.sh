@@ -24,6 +24,10 @@
 #                   private nats-server on a free port)
 #   --only W        one workload only: direct100 or fanout1000
 #
+# During each cluster direct run, `chatbench presence` also times a login
+# on the first node reaching a user on the second as a presence notice
+# (100 logins, starting 3 s into the run): its p99 is printed too.
+#
 # CPU is counted over every process named chatserver, nats-server and
 # postgres: run it on a machine where nothing else uses them.
 set -euo pipefail
@@ -171,9 +175,28 @@ for ((r = 1; r <= rounds; r++)); do
                 out=$("$chatbench" ${load[$w]} --secs "$secs" --spawn "$server" 2>&1) || true
             else
                 start_cluster "$r"
+                probe=""
+                if [ "$w" = direct100 ]; then
+                    (sleep 3 && "$chatbench" presence --count 100 --addr "$addrs" \
+                        >"$work/presence.out" 2>&1) &
+                    probe=$!
+                fi
                 # shellcheck disable=SC2086
                 out=$("$chatbench" ${load[$w]} ${cross[$w]} --secs "$secs" --addr "$addrs" \
                     --cpu-of chatserver --cpu-of nats-server --cpu-of postgres 2>&1) || true
+                if [ -n "$probe" ]; then
+                    wait "$probe" || true
+                    p=$(grep '^{' "$work/presence.out" | tail -1 || true)
+                    if [ -n "$p" ]; then
+                        p99=$(field "$p" p99_ms)
+                        echo "round $r presence during direct100: p50 $(field "$p" p50_ms) ms, p99 $p99 ms"
+                        presence_p99="${presence_p99:-} $p99"
+                    else
+                        echo "round $r presence: FAILED" >&2
+                        tail -3 "$work/presence.out" >&2
+                        failed=1
+                    fi
+                fi
                 stop_cluster
             fi
             json=$(grep '^{' <<<"$out" | tail -1 || true)
@@ -195,6 +218,10 @@ for ((r = 1; r <= rounds; r++)); do
     done
 done
 echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)"
+if [ -n "${presence_p99:-}" ]; then
+    # shellcheck disable=SC2086 # the list splits on purpose
+    echo "presence propagation p99 during the cross-node direct load, median of rounds: $(median $presence_p99) ms"
+fi
 
 echo
 printf '%-10s %14s %14s %9s %12s %12s %9s\n' workload "alone deliv/s" "cluster" "cl/alone" "alone µs CPU" "cluster" "cl/alone"

@@ -1,10 +1,12 @@
 //! Cluster mode: direct messages on their way to a user on another node.
 //! The sender's node keeps each one ([`Routes`]) until that node answers
 //! or a timeout runs out; the recipient's node remembers what it delivered
-//! ([`Delivered`]), so a message sent again after a lost answer is not
-//! delivered twice.
+//! ([`Recent`]), so a message sent again after a lost answer is not
+//! delivered twice, and which senders' messages it turned away, so a later
+//! one already on its way is turned away too rather than overtake them.
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::hash::Hash;
 use std::time::Duration;
 
 use crate::accounts::UserId;
@@ -18,6 +20,10 @@ use crate::username::Username;
 /// How many times a message is sent to a node before the sender's node
 /// gives up on the route and stores it.
 pub(crate) const MAX_ATTEMPTS: u32 = 2;
+
+/// How many direct messages one connection may have on their way to other
+/// nodes at once; its next line waits past that.
+pub(crate) const MAX_IN_FLIGHT: usize = 16;
 
 /// How many delivered messages a node remembers at most, whatever their
 /// age: a bound on memory, far above what arrives in a route timeout.
@@ -132,44 +138,73 @@ impl Route {
     }
 }
 
-/// The messages from other nodes this node delivered lately, by sender
-/// node and route number.
-#[derive(Debug, Default)]
-pub(crate) struct Delivered {
-    known: HashSet<(NodeId, u64)>,
+/// Keys remembered for a while, at most [`MAX_REMEMBERED`] of them: the
+/// messages from other nodes delivered lately (by sender node and route
+/// number), or the senders whose messages were turned away lately.
+#[derive(Debug)]
+pub(crate) struct Recent<K> {
+    known: HashSet<K>,
     /// Oldest first, with when each may be forgotten.
-    order: VecDeque<(Timestamp, (NodeId, u64))>,
+    order: VecDeque<(Timestamp, K)>,
 }
 
-impl Delivered {
-    /// Whether `key` was delivered (and not yet forgotten).
-    pub(crate) fn contains(&self, key: (NodeId, u64)) -> bool {
-        self.known.contains(&key)
+impl<K> Default for Recent<K> {
+    fn default() -> Self {
+        Recent {
+            known: HashSet::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> Recent<K> {
+    /// Whether `key` is remembered (and not yet forgotten by `now`).
+    pub(crate) fn contains(&mut self, key: &K, now: Timestamp) -> bool {
+        self.forget_old(now);
+        self.known.contains(key)
     }
 
-    /// `key` was delivered at `now`: remembered for `keep`, at least as
-    /// long as its sender may send it again.
-    pub(crate) fn insert(&mut self, key: (NodeId, u64), now: Timestamp, keep: Duration) {
+    /// `key` happened at `now`: remembered for `keep` (for a delivery, at
+    /// least as long as its sender may send it again).
+    pub(crate) fn insert(&mut self, key: K, now: Timestamp, keep: Duration) {
         self.forget_old(now);
         if self.order.len() >= MAX_REMEMBERED {
             if let Some((_, oldest)) = self.order.pop_front() {
                 self.known.remove(&oldest);
             }
         }
-        if self.known.insert(key) {
+        if self.known.insert(key.clone()) {
             self.order.push_back((now + keep, key));
         }
     }
 
     fn forget_old(&mut self, now: Timestamp) {
-        while let Some(&(until, key)) = self.order.front() {
-            if until > now {
-                break;
+        while self.order.front().is_some_and(|(until, _)| *until <= now) {
+            if let Some((_, key)) = self.order.pop_front() {
+                self.known.remove(&key);
             }
-            self.order.pop_front();
-            self.known.remove(&key);
         }
     }
+}
+
+/// A message a connection sent to another node's user, in the order sent:
+/// its answer, once known, goes out only after those of the ones before.
+#[derive(Debug)]
+pub(crate) struct InFlight {
+    pub(crate) number: u64,
+    /// Its recipient: one message at a time goes across to each, so that
+    /// a message sent again after a loss cannot fall behind a later one.
+    pub(crate) to: UserId,
+    pub(crate) answer: Option<RouteAnswer>,
+}
+
+/// What a connection is to be answered for a direct message sent across.
+#[derive(Debug)]
+pub(crate) struct RouteAnswer {
+    pub(crate) id: Option<RequestId>,
+    pub(crate) to: Username,
+    /// Stored or not, or the error.
+    pub(crate) result: Result<bool, crate::error::RequestError>,
 }
 
 #[cfg(test)]
@@ -182,14 +217,13 @@ mod tests {
 
     #[test]
     fn delivered_messages_are_remembered_for_a_while() {
-        let mut delivered = Delivered::default();
+        let mut delivered = Recent::default();
         let key = (NodeId::from_u128(1), 7);
         delivered.insert(key, at(0), Duration::from_secs(4));
-        assert!(delivered.contains(key));
+        assert!(delivered.contains(&key, at(0)));
         delivered.insert((NodeId::from_u128(1), 8), at(3_999), Duration::from_secs(4));
-        assert!(delivered.contains(key));
-        delivered.insert((NodeId::from_u128(1), 9), at(4_000), Duration::from_secs(4));
-        assert!(!delivered.contains(key));
-        assert!(delivered.contains((NodeId::from_u128(1), 8)));
+        assert!(delivered.contains(&key, at(3_999)));
+        assert!(!delivered.contains(&key, at(4_000)));
+        assert!(delivered.contains(&(NodeId::from_u128(1), 8), at(4_000)));
     }
 }

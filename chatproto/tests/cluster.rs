@@ -1406,3 +1406,129 @@ fn a_node_the_database_gave_up_claims_nothing_until_told() {
         Some(ErrorCode::SessionElsewhere)
     );
 }
+
+#[test]
+fn a_block_or_login_undone_by_a_failed_batch_is_undone_on_every_node() {
+    let mut c = Cluster::new(2);
+    let alice = c.login(0, "alice");
+    let bob = c.login(1, "bob");
+    c.nodes[0].auto_commit = false;
+    c.nodes[0].send(alice, "block bob");
+    c.settle(); // the other node heard of the block at once
+    c.nodes[0].answer_batch(chatproto::Persisted::Failed);
+    c.settle();
+    assert_eq!(
+        error_code(&c.nodes[0].take(alice)),
+        Some(ErrorCode::Unavailable)
+    );
+    // Not blocked after all, on either node.
+    c.nodes[1].take(bob);
+    assert_eq!(c.message(1, bob, "message alice hi"), Ok(false));
+
+    // A login whose batch fails: the other node is told it went offline.
+    let carol = c.nodes[0].connect();
+    c.nodes[0].send(carol, &login_line("carol"));
+    c.settle();
+    while !c.nodes[0].batches.is_empty() {
+        c.nodes[0].answer_batch(chatproto::Persisted::Failed);
+    }
+    c.settle();
+    assert_eq!(c.whoelse(1, bob), ["alice"]);
+}
+
+/// Whether `frames` hold a `message` answer, and whether it was stored,
+/// in the order they came.
+fn message_answers(frames: &[ServerFrame]) -> Vec<Result<bool, ErrorCode>> {
+    frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Ok(ok) => match &ok.reply {
+                Reply::Message { stored, .. } => Some(Ok(*stored)),
+                _ => None,
+            },
+            ServerFrame::Error(e) => Some(Err(e.code)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn several_messages_go_across_at_once_and_are_answered_in_order() {
+    let mut c = Cluster::new(3);
+    let alice = c.login(0, "alice");
+    let bob = c.login(1, "bob");
+    let carol = c.login(2, "carol");
+    c.nodes[0].take(alice);
+    c.nodes[1].take(bob);
+    // Node 1 is slow (frozen for a moment): carol's answer comes first,
+    // but is given after bob's.
+    c.stop(1);
+    c.nodes[0].send(
+        alice,
+        "message bob one\nmessage carol two\nwhoami\nmessage bob three",
+    );
+    // Both messages before the `whoami` left at once; the `whoami` and
+    // what follows it wait for their answers.
+    let sent = c.nodes[0]
+        .published
+        .iter()
+        .filter(|(_, m)| matches!(m, BusMessage::Deliver { .. }))
+        .count();
+    assert_eq!(sent, 2);
+    c.settle();
+    let early = c.nodes[0].take(alice);
+    assert_eq!(message_answers(&early), []);
+    c.resume(1);
+    c.advance(secs(3)); // bob's was lost to the stop: sent again
+    let frames = c.nodes[0].take(alice);
+    let kinds: Vec<&str> = frames
+        .iter()
+        .filter_map(|f| match f {
+            ServerFrame::Ok(ok) => Some(match ok.reply {
+                Reply::Message { .. } => "message",
+                Reply::Whoami { .. } => "whoami",
+                _ => "other",
+            }),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, ["message", "message", "whoami", "message"]);
+    assert_eq!(message_answers(&frames), [Ok(false), Ok(false), Ok(false)]);
+    let texts = |frames: Vec<ServerFrame>| -> Vec<String> {
+        frames
+            .iter()
+            .filter_map(|f| match f {
+                ServerFrame::Message(m) => Some(m.text.as_str().to_owned()),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(texts(c.nodes[1].take(bob)), ["one", "three"]);
+    assert_eq!(texts(c.nodes[2].take(carol)), ["two"]);
+}
+
+#[test]
+fn a_message_turned_away_turns_away_the_next_one_already_on_its_way() {
+    let mut c = Cluster::new(2);
+    let alice = c.login(0, "alice");
+    let bob = c.login(1, "bob");
+    // bob leaves, but node 0 does not hear of it (the notice is lost).
+    c.nodes[1].ok(bob, "logout");
+    c.nodes[1].published.clear();
+    c.nodes[0].take(alice);
+    // Node 1 turns the first message away (twice): node 0 stores it.
+    assert_eq!(c.message(0, alice, "message bob first"), Ok(true));
+    // bob logs in there again at once; the next message, sent before
+    // node 0 could know, is turned away too rather than overtake the
+    // first, which waits in his queue.
+    let bob = c.nodes[1].connect();
+    c.nodes[1].send(bob, &login_line("bob"));
+    assert_eq!(c.message(0, alice, "message bob second"), Ok(true));
+    // He got the first at that login; the second comes at his next one.
+    assert_eq!(offline_texts(&c.nodes[1].take(bob)), ["first"]);
+    c.nodes[1].ok(bob, "logout");
+    c.settle();
+    let again = c.nodes[1].connect();
+    let frames = c.ask(1, again, &login_line("bob"));
+    assert_eq!(offline_texts(&frames), ["second"]);
+}

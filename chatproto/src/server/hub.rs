@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use crate::accounts::{Accounts, UserId};
 use crate::blocking::BlockList;
+use crate::cluster::NodeId;
 use crate::directory::Directory;
 use crate::ids::{ClaimId, ConnId, VerifyTicket};
 use crate::liveness::Liveness;
@@ -18,7 +19,7 @@ use crate::password::Password;
 use crate::peer::{PeerKey, Peers};
 use crate::presence::Presence;
 use crate::request::RequestId;
-use crate::routes::{Delivered, Routes};
+use crate::routes::{Recent, Routes};
 use crate::username::Username;
 
 use super::config::{queue_limits, ServerConfig};
@@ -40,7 +41,12 @@ pub(crate) struct Hub {
     /// for their answers.
     pub(crate) routes: Routes,
     /// Cluster mode: direct messages from other nodes delivered lately.
-    pub(crate) delivered: Delivered,
+    pub(crate) delivered: Recent<(NodeId, u64)>,
+    /// Cluster mode: the senders (node, sender, recipient) whose direct
+    /// messages this node turned away lately (`NotHere`): the next ones,
+    /// already on their way, are turned away too, so that none overtakes
+    /// the ones their node stores.
+    pub(crate) refused: Recent<(NodeId, Username, Username)>,
     /// Cluster mode: logins waiting for their session claims, by claim.
     pub(crate) claims: HashMap<ClaimId, PendingClaim>,
     /// Cluster mode: the users of `claims`, with what was queued for each
@@ -69,7 +75,8 @@ impl Hub {
                 None => Liveness::new(Duration::MAX, Duration::MAX),
             },
             routes: Routes::default(),
-            delivered: Delivered::default(),
+            delivered: Recent::default(),
+            refused: Recent::default(),
             claims: HashMap::new(),
             claiming: HashMap::new(),
             next_claim: 0,

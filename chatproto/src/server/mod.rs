@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use crate::accounts::Accounts;
 use crate::cluster::{BusMessage, BusTarget, ClaimOutcome, NodeId};
+use crate::command::Command;
 use crate::durability::{Key, Kind, Ledger, Persisted};
 use crate::error::RequestError;
 use crate::framing::{self, FrameDecoder, FrameError};
@@ -25,6 +26,7 @@ use crate::offline::QueuedMessage;
 use crate::peer::PeerKey;
 use crate::rate_limit::TokenBucket;
 use crate::request::Request;
+use crate::routes::MAX_IN_FLIGHT;
 use crate::server_frame::{ByeReason, DebugState, ServerFrame};
 use crate::store::{Change, LastSeen, Snapshot};
 use crate::time::Timestamp;
@@ -147,7 +149,7 @@ impl Server {
                 .map(|rate| TokenBucket::full(rate.burst, now)),
             refused_in_row: 0,
             awaiting: None,
-            route: None,
+            routes: VecDeque::new(),
             claiming: None,
             claim: None,
             held_frames: VecDeque::new(),
@@ -193,7 +195,7 @@ impl Server {
         // frames that follow wait, as frames, to be served in order.
         let mut waiting = awaiting;
         while let Some(frame) = decoder.decode(&mut input) {
-            if waiting {
+            if waiting && !self.sends_across(conn, frame, now) {
                 if !self.hold_frame(conn, frame, now) {
                     break; // flooding: closed, the rest is ignored
                 }
@@ -242,7 +244,7 @@ impl Server {
             return Ok(());
         };
         if let Some(frame) = framing::message_frame(message, self.config.max_frame_bytes) {
-            if awaiting {
+            if awaiting && !self.sends_across(conn, frame, now) {
                 // Held as the frame it is, to be served in order.
                 self.hold_frame(conn, frame, now);
             } else {
@@ -1183,12 +1185,23 @@ impl Server {
     fn resume_input(&mut self, conn: ConnId) {
         let now = self.latest;
         loop {
-            let Some(c) = self.sessions.get_mut(conn) else {
+            let Some(c) = self.sessions.get(conn) else {
+                return;
+            };
+            let Some(front) = c.held_frames.front() else {
                 return;
             };
             if waits_for_input(c) {
-                return;
+                // Behind answers from other nodes, a message that goes
+                // across too is served; anything else waits for them.
+                let front = front.as_ref().map(Vec::as_slice).map_err(|e| *e);
+                if !self.may_send_across(conn, front, now) {
+                    return;
+                }
             }
+            let Some(c) = self.sessions.get_mut(conn) else {
+                return;
+            };
             let Some(frame) = c.held_frames.pop_front() else {
                 return;
             };
@@ -1201,6 +1214,74 @@ impl Server {
     }
 }
 
+impl Server {
+    /// Whether `frame`, which arrived on `conn` while its input waits, can
+    /// be served at once rather than held: see [`Server::may_send_across`].
+    /// Only while nothing is held before it, which keeps input in order.
+    fn sends_across(&self, conn: ConnId, frame: Result<&[u8], FrameError>, now: Timestamp) -> bool {
+        self.sessions
+            .get(conn)
+            .is_some_and(|c| c.held_frames.is_empty())
+            && self.may_send_across(conn, frame, now)
+    }
+
+    /// Whether `frame` may be served on `conn` while only answers from
+    /// other nodes are awaited: a direct message that will go to another
+    /// node too, answered in its turn when that node answers, so that a
+    /// sender can have several on their way (up to [`MAX_IN_FLIGHT`]), one
+    /// per recipient (a second to the same one waits, so that each
+    /// recipient gets a sender's messages in order even if one is lost
+    /// and sent again).
+    /// Anything that would be answered at once (refused by a limit, an
+    /// error, a local recipient) waits, so answers keep request order.
+    fn may_send_across(
+        &self,
+        conn: ConnId,
+        frame: Result<&[u8], FrameError>,
+        now: Timestamp,
+    ) -> bool {
+        let Some(c) = self.sessions.get(conn) else {
+            return false;
+        };
+        let only_routes = c.awaiting.is_none()
+            && c.claiming.is_none()
+            && c.drain.as_ref().map_or(true, |d| d.started)
+            && !c.routes.is_empty()
+            && c.routes.len() < MAX_IN_FLIGHT;
+        let (Ok(frame), true, Some(me)) = (frame, only_routes, c.user) else {
+            return false;
+        };
+        // The limits would let it through (checked on copies: serving it
+        // takes the tokens).
+        if let (Some(mut bucket), Some(rate)) = (c.byte_bucket.clone(), self.config.byte_rate) {
+            let cost = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+            if !bucket.take_n(cost, rate.burst, rate.per_second, now) {
+                return false;
+            }
+        }
+        if let (Some(mut bucket), Some(limit)) = (c.bucket.clone(), self.config.rate_limit) {
+            if !bucket.take(limit.burst, limit.per_second, now) {
+                return false;
+            }
+        }
+        let Ok(Request {
+            command: Command::Message { to, .. },
+            ..
+        }) = Request::parse_frame(frame)
+        else {
+            return false;
+        };
+        let Some(recipient) = self.hub.accounts.id(to.as_str()) else {
+            return false;
+        };
+        recipient != me
+            && c.routes.iter().all(|r| r.to != recipient)
+            && !self.hub.blocks.has_blocked(recipient, me)
+            && self.hub.presence.session(recipient).is_none()
+            && self.route_for(recipient).is_some()
+    }
+}
+
 /// Whether `c`'s input waits: for its login's password check or session
 /// claim, for the answer to a direct message sent to another node, or for the first page
 /// of the offline queue its login started (so the queue comes before the
@@ -1208,6 +1289,6 @@ impl Server {
 fn waits_for_input(c: &Session) -> bool {
     c.awaiting.is_some()
         || c.claiming.is_some()
-        || c.route.is_some()
+        || !c.routes.is_empty()
         || c.drain.as_ref().is_some_and(|d| !d.started)
 }

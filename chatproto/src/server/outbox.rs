@@ -7,6 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use bytes::Bytes;
 
 use crate::accounts::UserId;
+use crate::cluster::BusMessage;
 use crate::drain::Drain;
 use crate::durability::{Held, Kind, Ledger, Undo};
 use crate::error::RequestError;
@@ -15,6 +16,7 @@ use crate::output::{Event, Output};
 use crate::request::RequestId;
 use crate::server_frame::{ErrorFrame, OkFrame, Reply, ServerFrame, PROTOCOL_VERSION};
 use crate::time::Timestamp;
+use crate::username::Username;
 
 use super::session::Sessions;
 use super::state::Server;
@@ -211,9 +213,22 @@ impl Server {
             Undo::Queued { to, bytes } => self.hub.offline.pop_back(to, bytes),
             Undo::Blocked { blocker, target } => {
                 self.hub.blocks.unblock(blocker, target);
+                // The other nodes were told at once: they are told again.
+                let (blocker, target) = self.names(blocker, target);
+                self.publish(|node| BusMessage::Unblocked {
+                    node,
+                    blocker,
+                    target,
+                });
             }
             Undo::Unblocked { blocker, target } => {
                 self.hub.blocks.block(blocker, target);
+                let (blocker, target) = self.names(blocker, target);
+                self.publish(|node| BusMessage::Blocked {
+                    node,
+                    blocker,
+                    target,
+                });
             }
             Undo::LoggedIn {
                 user,
@@ -229,6 +244,13 @@ impl Server {
                     let claim = self.sessions.get_mut(conn).and_then(|c| {
                         c.user = None;
                         c.claim.take()
+                    });
+                    // The other nodes were told of the login at once.
+                    let name = self.hub.accounts.name(user).clone();
+                    self.publish(|node| BusMessage::Offline {
+                        node,
+                        user: name,
+                        at: now,
                     });
                     if let Some(claim) = claim {
                         // Not logged in after all: the cluster's session
@@ -251,6 +273,12 @@ impl Server {
             }
         }
         None
+    }
+
+    /// The names of two users.
+    fn names(&self, a: UserId, b: UserId) -> (Username, Username) {
+        let accounts = &self.hub.accounts;
+        (accounts.name(a).clone(), accounts.name(b).clone())
     }
 
     pub(super) fn event(&mut self, event: Event) {

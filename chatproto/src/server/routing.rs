@@ -1,7 +1,9 @@
 //! Cluster mode: direct messages to a user on another node. The sender's
-//! node sends the message to the node its directory names and holds the
-//! sender's input until that node answers ([`RouteOutcome`]); the answer
-//! is the sender's `ok` (`stored: false`) or error. With no answer in
+//! node sends the message to the node its directory names; the sender may
+//! send more such messages meanwhile (one per recipient, up to
+//! `MAX_IN_FLIGHT`), but its other input waits until that node answers
+//! ([`RouteOutcome`]); the answers, each the sender's `ok` (`stored:
+//! false`) or error, go out in the order the messages were sent. With no answer in
 //! time it sends again once, then stores the message; a recipient who is
 //! not there (any more) gets it stored too. The recipient's node delivers
 //! under the same rules as for its own users, once per route.
@@ -10,7 +12,7 @@ use crate::accounts::UserId;
 use crate::cluster::{BusMessage, BusTarget, NodeId, RouteOutcome};
 use crate::error::RequestError;
 use crate::offline::OfflineMessage;
-use crate::routes::{Route, MAX_ATTEMPTS};
+use crate::routes::{InFlight, Route, RouteAnswer, MAX_ATTEMPTS};
 use crate::server_frame::{MessageFrame, ServerFrame};
 use crate::text::MessageText;
 use crate::time::Timestamp;
@@ -39,12 +41,16 @@ impl Server {
         self.hub.directory.node_of(to)
     }
 
-    /// Sends `route`'s message to its node; its sender's input waits for
-    /// the answer.
+    /// Sends `route`'s message to its node; its sender's other input waits
+    /// for the answer.
     pub(super) fn start_route(&mut self, route: Route, now: Timestamp) {
         let number = self.hub.routes.next_number();
         if let Some(c) = self.sessions.get_mut(route.conn) {
-            c.route = Some(number);
+            c.routes.push_back(InFlight {
+                number,
+                to: route.to,
+                answer: None,
+            });
         }
         self.send_route(number, &route);
         let timeout = self.route_timeout();
@@ -123,22 +129,38 @@ impl Server {
     }
 
     /// Answers `route`'s sender (if its connection still waits for it)
-    /// with `result` (stored or not, or an error), and lets its input go
-    /// on.
+    /// with `result` (stored or not, or an error), once every message it
+    /// sent across before this one is answered, and lets its input go on
+    /// when none is left.
     fn finish_route(&mut self, number: u64, route: Route, result: Result<bool, RequestError>) {
-        let waiting = self
-            .sessions
-            .get_mut(route.conn)
-            .filter(|c| c.route == Some(number));
-        let Some(c) = waiting else {
+        let conn = route.conn;
+        let Some(c) = self.sessions.get_mut(conn) else {
             return; // closed meanwhile: nobody to answer
         };
-        c.route = None;
-        match result {
-            Ok(stored) => self.answer_message(route.conn, route.id, route.to_name, stored),
-            Err(error) => self.send_error(route.conn, route.id, &error),
+        let Some(slot) = c.routes.iter_mut().find(|r| r.number == number) else {
+            return;
+        };
+        slot.answer = Some(RouteAnswer {
+            id: route.id,
+            to: route.to_name,
+            result,
+        });
+        let mut ready = Vec::new();
+        while let Some(answer) = c.routes.front_mut().and_then(|r| r.answer.take()) {
+            c.routes.pop_front();
+            ready.push(answer);
         }
-        self.input_due.push(route.conn);
+        // Room for more, or none left: held input may go on.
+        let resume = !ready.is_empty();
+        for answer in ready {
+            match answer.result {
+                Ok(stored) => self.answer_message(conn, answer.id, answer.to, stored),
+                Err(error) => self.send_error(conn, answer.id, &error),
+            }
+        }
+        if resume {
+            self.input_due.push(conn);
+        }
     }
 
     /// Hands a message from another node to its recipient here, if they
@@ -154,10 +176,18 @@ impl Server {
             sent_at,
         } = delivery;
         let key = (sender_node, number);
-        if self.hub.delivered.contains(key) {
+        if self.hub.delivered.contains(&key, now) {
             // Sent again after a lost answer: delivered once already.
             return RouteOutcome::Delivered;
         }
+        let pair = (sender_node, from, to);
+        if self.hub.refused.contains(&pair, now) {
+            // An earlier message of this sender's to this recipient was
+            // turned away and is being stored: this one must not overtake
+            // it.
+            return RouteOutcome::NotHere;
+        }
+        let (_, from, to) = pair;
         let (Some(sender), Some(recipient)) = (
             self.hub.accounts.id(from.as_str()),
             self.hub.accounts.id(to.as_str()),
@@ -165,7 +195,7 @@ impl Server {
             return RouteOutcome::NotHere;
         };
         let Some(their_conn) = self.hub.presence.session(recipient) else {
-            return RouteOutcome::NotHere;
+            return self.turn_away(sender_node, from, to, now);
         };
         if self.hub.blocks.has_blocked(recipient, sender) {
             return RouteOutcome::Blocked;
@@ -173,7 +203,7 @@ impl Server {
         if self.hub.offline.size(recipient).messages > 0 || self.is_draining(their_conn) {
             // Their queue is being handed over: a live message would
             // overtake it. The sender's node stores it instead.
-            return RouteOutcome::NotHere;
+            return self.turn_away(sender_node, from, to, now);
         }
         let frame = ServerFrame::Message(MessageFrame {
             from,
@@ -185,6 +215,24 @@ impl Server {
         let keep = self.route_timeout() * (MAX_ATTEMPTS + 1);
         self.hub.delivered.insert(key, now, keep);
         RouteOutcome::Delivered
+    }
+
+    /// Turns a message from `from` (on `sender_node`) to `to` away: its
+    /// node stores it. The next ones of that sender's to that recipient,
+    /// which may already be on their way, are turned away too for a while,
+    /// so none is delivered before the ones stored.
+    fn turn_away(
+        &mut self,
+        sender_node: NodeId,
+        from: Username,
+        to: Username,
+        now: Timestamp,
+    ) -> RouteOutcome {
+        // As long as a message already sent may take to arrive; no longer,
+        // or a recipient who logs in here meanwhile would miss live ones.
+        let keep = self.route_timeout();
+        self.hub.refused.insert((sender_node, from, to), now, keep);
+        RouteOutcome::NotHere
     }
 
     /// Publishes `route`'s message to its node.

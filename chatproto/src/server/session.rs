@@ -16,6 +16,7 @@ use crate::framing::{FrameDecoder, FrameError};
 use crate::ids::{ClaimId, ConnId, VerifyTicket};
 use crate::peer::PeerKey;
 use crate::rate_limit::TokenBucket;
+use crate::routes::InFlight;
 use crate::time::Timestamp;
 
 /// What the core knows about one open connection.
@@ -41,9 +42,11 @@ pub(crate) struct Session {
     pub(crate) refused_in_row: u32,
     /// Its login's password is being checked.
     pub(crate) awaiting: Option<VerifyTicket>,
-    /// Cluster mode: the direct message it sent to another node's user,
-    /// whose answer its input waits for (answers keep request order).
-    pub(crate) route: Option<u64>,
+    /// Cluster mode: the direct messages it sent to other nodes' users and
+    /// not yet answered, in the order sent (answers keep request order).
+    /// While there are any, only more such messages are served, up to
+    /// [`MAX_IN_FLIGHT`](crate::routes::MAX_IN_FLIGHT); other input waits.
+    pub(crate) routes: VecDeque<InFlight>,
     /// Cluster mode: its login waits for the cluster's database to make
     /// this node its user's one session.
     pub(crate) claiming: Option<ClaimId>,
@@ -141,7 +144,7 @@ mod tests {
             byte_bucket: None,
             refused_in_row: 0,
             awaiting: None,
-            route: None,
+            routes: VecDeque::new(),
             claiming: None,
             claim: None,
             held_frames: VecDeque::new(),

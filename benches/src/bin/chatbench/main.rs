@@ -50,6 +50,7 @@ mod login_timing;
 mod mixed;
 mod offline_memory;
 mod outbox;
+mod presence;
 mod process;
 mod tls_flood;
 
@@ -173,6 +174,25 @@ enum Mode {
         /// With --spawn: plaintext accounts only (no hashed ones).
         #[arg(long)]
         all_plaintext: bool,
+    },
+    /// Time a login on the first --addr reaching a user logged in on the
+    /// second as a presence notice (a cluster's propagation delay); run it
+    /// beside a load to measure it under load.
+    Presence {
+        #[command(flatten)]
+        target: Target,
+        /// Logins measured.
+        #[arg(long, default_value_t = 200)]
+        count: usize,
+        /// Milliseconds between a logout and the next login.
+        #[arg(long, default_value_t = 20)]
+        pause_ms: u64,
+        /// The prober's account, u<N> (one no load uses).
+        #[arg(long, default_value_t = 999)]
+        prober: usize,
+        /// The observer's account, u<N>.
+        #[arg(long, default_value_t = 998)]
+        observer: usize,
     },
     /// Two open-loop loads at once on disjoint users: direct messages to
     /// users who never log in (stored, with a database on disk before the
@@ -483,6 +503,13 @@ fn main() -> ExitCode {
             if all_plaintext { 0 } else { hashed },
         ),
         Mode::Mixed { args } => mixed(&args),
+        Mode::Presence {
+            target,
+            count,
+            pause_ms,
+            prober,
+            observer,
+        } => presence_latency(&target, count, pause_ms, prober, observer),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -531,6 +558,53 @@ fn load_run(
     };
     let report = load::run(config.clone())?;
     report.print(&config);
+    Ok(())
+}
+
+/// `chatbench presence`.
+fn presence_latency(
+    target: &Target,
+    count: usize,
+    pause_ms: u64,
+    prober: usize,
+    observer: usize,
+) -> Result<(), String> {
+    let [login_addr, observer_addr, ..] = target.addr[..] else {
+        return Err("presence needs two --addr: where to log in, where to watch".to_owned());
+    };
+    if target.spawn.is_some() || count == 0 || prober == observer {
+        return Err(
+            "presence measures servers already running (no --spawn), with --count above 0 \
+             and two different accounts"
+                .to_owned(),
+        );
+    }
+    let config = presence::PresenceConfig {
+        login_addr,
+        observer_addr,
+        prober,
+        observer,
+        count,
+        pause: Duration::from_millis(pause_ms),
+    };
+    let mut delays: Vec<f64> = presence::run(&config)?
+        .iter()
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .collect();
+    delays.sort_by(f64::total_cmp);
+    let at = |q: f64| delays[((delays.len() - 1) as f64 * q).round() as usize];
+    println!(
+        "presence: {count} logins on {login_addr} seen on {observer_addr}: p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
+    println!(
+        "{{\"workload\":\"presence\",\"count\":{count},\"p50_ms\":{:.3},\"p99_ms\":{:.3},\"max_ms\":{:.3}}}",
+        at(0.5),
+        at(0.99),
+        at(1.0)
+    );
     Ok(())
 }
 
