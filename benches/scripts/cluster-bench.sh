@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Cluster throughput (issue 15, "Performance"): the README's direct/100 and
-# fanout/1000 loads on one chatserver alone (--no-db), then on N nodes of
-# one cluster (PostgreSQL and NATS) with every direct message crossing
-# nodes (--cross-node), in alternating rounds; prints each run's
-# deliveries/s and CPU per delivery (the lone server's; for the cluster,
-# every chatserver, nats-server and postgres process on the machine
-# together), their medians, and cluster/alone.
+# fanout/1000 loads, and a login storm (logins100: 32 connections logging
+# in and out in a loop while 100 users stay online), on one chatserver
+# alone (--no-db), then on N nodes of one cluster (PostgreSQL and NATS)
+# with every direct message crossing nodes (--cross-node), in alternating
+# rounds; prints each run's deliveries/s (logins/s for logins100) and CPU
+# per delivery (per login) (the lone server's; for the cluster, every
+# chatserver, nats-server and postgres process on the machine together),
+# their medians, and cluster/alone.
 #
 # Usage:
 #   benches/scripts/cluster-bench.sh [OPTIONS]
@@ -22,7 +24,7 @@
 #                   database of its own, dropped after
 #   --nats URL      a NATS server (default: $CHATSERVER_TEST_NATS, or a
 #                   private nats-server on a free port)
-#   --only W        one workload only: direct100 or fanout1000
+#   --only W        one workload only: direct100, fanout1000 or logins100
 #
 # During each cluster direct run, `chatbench presence` also times a login
 # on the first node reaching a user on the second as a presence notice
@@ -80,14 +82,21 @@ for bin in "$server" "$chatbench"; do
 done
 command -v psql >/dev/null || die "psql is needed to create each round's database"
 
-workloads=(direct100 fanout1000)
+workloads=(direct100 fanout1000 logins100)
 declare -A load=(
     [direct100]="direct --clients 100 --window 4 --text-bytes 64"
     [fanout1000]="fanout --clients 1000 --senders 1 --window 4 --text-bytes 64"
+    [logins100]="logins --online 100 --workers 32"
 )
-declare -A cross=([direct100]="--cross-node" [fanout1000]="")
+declare -A cross=([direct100]="--cross-node" [fanout1000]="" [logins100]="")
+# What each workload counts: its JSON rate and CPU fields, and their unit.
+declare -A rate_field=([direct100]=deliveries_per_sec [fanout1000]=deliveries_per_sec
+    [logins100]=logins_per_sec)
+declare -A cpu_field=([direct100]=server_cpu_us_per_delivery
+    [fanout1000]=server_cpu_us_per_delivery [logins100]=cpu_us_per_login)
+declare -A unit=([direct100]=delivery [fanout1000]=delivery [logins100]=login)
 if [ -n "$only" ]; then
-    [ -n "${load[$only]:-}" ] || die "--only takes direct100 or fanout1000, not '$only'"
+    [ -n "${load[$only]:-}" ] || die "--only takes direct100, fanout1000 or logins100, not '$only'"
     workloads=("$only")
 fi
 # What `chatbench --spawn` lifts too: the per-connection rate limit, the
@@ -201,14 +210,22 @@ for ((r = 1; r <= rounds; r++)); do
             fi
             json=$(grep '^{' <<<"$out" | tail -1 || true)
             if [ -n "$json" ]; then
-                d=$(field "$json" deliveries_per_sec)
-                c=$(field "$json" server_cpu_us_per_delivery)
-                lost=$(field "$json" lost)
-                printf 'round %d %-10s %-7s %10s deliveries/s  %6s µs CPU/delivery  lost %s\n' \
-                    "$r" "$w" "${labels[b]}" "$d" "${c:-n/a}" "$lost"
+                d=$(field "$json" "${rate_field[$w]}")
+                c=$(field "$json" "${cpu_field[$w]}")
+                u=${unit[$w]}
+                if [ "$u" = login ]; then
+                    # Every login is waited for: nothing is lost, a failure
+                    # ends the run without its JSON line.
+                    printf 'round %d %-10s %-7s %10s logins/s      %6s µs CPU/login     p99 %s ms\n' \
+                        "$r" "$w" "${labels[b]}" "$d" "${c:-n/a}" "$(field "$json" p99_ms)"
+                else
+                    lost=$(field "$json" lost)
+                    printf 'round %d %-10s %-7s %10s deliveries/s  %6s µs CPU/delivery  lost %s\n' \
+                        "$r" "$w" "${labels[b]}" "$d" "${c:-n/a}" "$lost"
+                    [ "$lost" = 0 ] || failed=1
+                fi
                 rate[$w.$b]="${rate[$w.$b]:-} $d"
                 [ -n "$c" ] && cpu[$w.$b]="${cpu[$w.$b]:-} $c"
-                [ "$lost" = 0 ] || failed=1
             else
                 echo "round $r $w ${labels[b]}: FAILED" >&2
                 tail -5 <<<"$out" >&2
@@ -224,13 +241,13 @@ if [ -n "${presence_p99:-}" ]; then
 fi
 
 echo
-printf '%-10s %14s %14s %9s %12s %12s %9s\n' workload "alone deliv/s" "cluster" "cl/alone" "alone µs CPU" "cluster" "cl/alone"
+printf '%-10s %14s %14s %9s %12s %12s %9s  %s\n' workload "alone /s" "cluster" "cl/alone" "alone µs CPU" "cluster" "cl/alone" "per"
 for w in "${workloads[@]}"; do
     # shellcheck disable=SC2086 # the lists split on purpose
     ra=$(median ${rate[$w.0]:-}) rc=$(median ${rate[$w.1]:-})
     # shellcheck disable=SC2086
     ca=$(median ${cpu[$w.0]:-}) cc=$(median ${cpu[$w.1]:-})
     ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (a + 0 == 0 || b == "n/a") print "n/a"; else printf "%.2f", b / a }'; }
-    printf '%-10s %14s %14s %9s %12s %12s %9s\n' "$w" "$ra" "$rc" "$(ratio "$ra" "$rc")" "$ca" "$cc" "$(ratio "$ca" "$cc")"
+    printf '%-10s %14s %14s %9s %12s %12s %9s  %s\n' "$w" "$ra" "$rc" "$(ratio "$ra" "$rc")" "$ca" "$cc" "$(ratio "$ca" "$cc")" "${unit[$w]}"
 done
 exit "$failed"

@@ -1532,3 +1532,85 @@ fn a_message_turned_away_turns_away_the_next_one_already_on_its_way() {
     let frames = c.ask(1, again, &login_line("bob"));
     assert_eq!(offline_texts(&frames), ["second"]);
 }
+
+/// Sends alice's "message bob one\nmessage carol two" from node 0 with
+/// carol gone from node 2 unbeknown to node 0, holding node 0's batches:
+/// carol's is answered (stored) while bob's answer is still on its way.
+fn a_stored_answer_behind_another(c: &mut Cluster) -> ConnId {
+    let alice = c.login(0, "alice");
+    let bob = c.login(1, "bob");
+    let carol = c.login(2, "carol");
+    c.nodes[2].ok(carol, "logout");
+    c.nodes[2].published.clear(); // node 0 does not hear of it
+    c.settle();
+    c.nodes[0].take(alice);
+    c.nodes[1].take(bob);
+    c.nodes[0].auto_commit = false;
+    c.nodes[0].send(alice, "message bob one\nmessage carol two");
+    c.collect();
+    let to_bob = c
+        .bus
+        .iter()
+        .position(|(_, to, _)| *to == BusTarget::Node(node_id(1)))
+        .unwrap();
+    let slow = c.bus.remove(to_bob).unwrap();
+    c.settle();
+    assert_eq!(message_answers(&c.nodes[0].take(alice)), []);
+    c.bus.push_back(slow);
+    c.settle();
+    assert_eq!(c.nodes[1].take(bob).len(), 1, "bob got his");
+    alice
+}
+
+#[test]
+fn a_stored_answer_behind_another_waits_for_its_batch() {
+    let mut c = Cluster::new(3);
+    let alice = a_stored_answer_behind_another(&mut c);
+    assert_eq!(
+        c.nodes[0].batches.len(),
+        1,
+        "carol's message not durable yet"
+    );
+    assert_eq!(message_answers(&c.nodes[0].take(alice)), [Ok(false)]);
+    c.nodes[0].answer_batch(chatproto::Persisted::Committed);
+    c.settle();
+    assert_eq!(message_answers(&c.nodes[0].take(alice)), [Ok(true)]);
+}
+
+#[test]
+fn a_stored_answer_whose_batch_fails_is_unavailable_and_nothing_is_kept() {
+    let mut c = Cluster::new(3);
+    let alice = a_stored_answer_behind_another(&mut c);
+    c.nodes[0].answer_batch(chatproto::Persisted::Failed);
+    c.settle();
+    assert_eq!(
+        message_answers(&c.nodes[0].take(alice)),
+        [Ok(false), Err(ErrorCode::Unavailable)]
+    );
+    c.nodes[0].auto_commit = true;
+    let carol = c.nodes[2].connect();
+    let frames = c.ask(2, carol, &login_line("carol"));
+    assert!(logged_in(&frames));
+    assert_eq!(offline_texts(&frames), Vec::<String>::new());
+}
+
+#[test]
+fn a_turned_away_sender_still_learns_of_a_block() {
+    let mut c = Cluster::new(2);
+    let alice = c.login(0, "alice");
+    let bob = c.login(1, "bob");
+    c.nodes[1].ok(bob, "logout");
+    c.nodes[1].published.clear(); // node 0 does not hear of it
+    c.nodes[0].take(alice);
+    assert_eq!(c.message(0, alice, "message bob first"), Ok(true));
+    let bob = c.nodes[1].connect();
+    c.nodes[1].send(bob, &login_line("bob"));
+    c.settle();
+    c.nodes[1].ok(bob, "block alice");
+    c.nodes[1].published.clear(); // the block is still on its way to node 0
+    assert_eq!(
+        c.message(0, alice, "message bob second"),
+        Err(ErrorCode::Blocked),
+        "node 1 knows of the block"
+    );
+}

@@ -1111,6 +1111,14 @@ impl Server {
                     .insert((now + CLOSING_DRAIN_TIMEOUT, conn));
             }
         }
+        // Messages across whose answer was "store", not yet at the front of
+        // its turn: stored now, with nobody left to answer.
+        for slot in &c.routes {
+            if let Some((to, message)) = slot.answer.as_ref().and_then(|a| a.store.clone()) {
+                let name = self.hub.accounts.name(to).clone();
+                let _ = self.queue_offline(to, &name, message);
+            }
+        }
         if let Some(user) = c.user {
             self.hub.presence.log_out(user, now);
             let name = self.hub.accounts.name(user).clone();
@@ -1184,6 +1192,7 @@ impl Server {
     /// password check, or for its offline queue's first page).
     fn resume_input(&mut self, conn: ConnId) {
         let now = self.latest;
+        self.release_route_answers(conn);
         loop {
             let Some(c) = self.sessions.get(conn) else {
                 return;

@@ -11,6 +11,7 @@
 use crate::accounts::UserId;
 use crate::cluster::{BusMessage, BusTarget, NodeId, RouteOutcome};
 use crate::error::RequestError;
+use crate::ids::ConnId;
 use crate::offline::OfflineMessage;
 use crate::routes::{InFlight, Route, RouteAnswer, MAX_ATTEMPTS};
 use crate::server_frame::{MessageFrame, ServerFrame};
@@ -120,10 +121,8 @@ impl Server {
                     text: route.text.clone(),
                     sent_at: route.sent_at,
                 };
-                let result = self
-                    .queue_offline(route.to, &route.to_name, message)
-                    .map(|()| true);
-                self.finish_route(number, route, result);
+                let to = route.to;
+                self.finish_route_with(number, route, Ok(true), Some((to, message)));
             }
         }
     }
@@ -133,33 +132,73 @@ impl Server {
     /// sent across before this one is answered, and lets its input go on
     /// when none is left.
     fn finish_route(&mut self, number: u64, route: Route, result: Result<bool, RequestError>) {
+        self.finish_route_with(number, route, result, None);
+    }
+
+    fn finish_route_with(
+        &mut self,
+        number: u64,
+        route: Route,
+        result: Result<bool, RequestError>,
+        store: Option<(UserId, OfflineMessage)>,
+    ) {
         let conn = route.conn;
-        let Some(c) = self.sessions.get_mut(conn) else {
-            return; // closed meanwhile: nobody to answer
-        };
-        let Some(slot) = c.routes.iter_mut().find(|r| r.number == number) else {
+        let slot = self
+            .sessions
+            .get_mut(conn)
+            .and_then(|c| c.routes.iter_mut().find(|r| r.number == number));
+        let Some(slot) = slot else {
+            // closed meanwhile: nobody to answer, but stored all the same
+            if let Some((to, message)) = store {
+                let _ = self.queue_offline(to, &route.to_name, message);
+            }
             return;
         };
         slot.answer = Some(RouteAnswer {
             id: route.id,
             to: route.to_name,
             result,
+            store,
         });
-        let mut ready = Vec::new();
-        while let Some(answer) = c.routes.front_mut().and_then(|r| r.answer.take()) {
+        // Answered (and stored) in its turn, each in a unit of its own
+        // outside this one, by `release_route_answers`: a `stored: true`
+        // then waits for its own batch, which a failure turns into
+        // `unavailable`.
+        self.input_due.push(conn);
+    }
+
+    /// Sends `conn`'s route answers that are next in order, each in its
+    /// own unit of work (a stored one waits for its own batch only).
+    /// Returns whether any went out. Called outside any unit.
+    pub(super) fn release_route_answers(&mut self, conn: ConnId) -> bool {
+        let mut any = false;
+        loop {
+            let Some(c) = self.sessions.get_mut(conn) else {
+                return any;
+            };
+            let Some(mut answer) = c.routes.front_mut().and_then(|r| r.answer.take()) else {
+                return any;
+            };
             c.routes.pop_front();
-            ready.push(answer);
-        }
-        // Room for more, or none left: held input may go on.
-        let resume = !ready.is_empty();
-        for answer in ready {
+            any = true;
+            let me = c.user;
+            let mark = self.begin();
+            if let Some((to, message)) = answer.store.take() {
+                answer.result = if me.is_some_and(|me| self.hub.blocks.has_blocked(to, me)) {
+                    // Blocked meanwhile (a block made on their node, heard
+                    // of since): not stored.
+                    Err(RequestError::Blocked {
+                        user: answer.to.clone(),
+                    })
+                } else {
+                    self.queue_offline(to, &answer.to, message).map(|()| true)
+                };
+            }
             match answer.result {
                 Ok(stored) => self.answer_message(conn, answer.id, answer.to, stored),
                 Err(error) => self.send_error(conn, answer.id, &error),
             }
-        }
-        if resume {
-            self.input_due.push(conn);
+            self.settle(mark);
         }
     }
 
@@ -180,25 +219,27 @@ impl Server {
             // Sent again after a lost answer: delivered once already.
             return RouteOutcome::Delivered;
         }
-        let pair = (sender_node, from, to);
-        if self.hub.refused.contains(&pair, now) {
-            // An earlier message of this sender's to this recipient was
-            // turned away and is being stored: this one must not overtake
-            // it.
-            return RouteOutcome::NotHere;
-        }
-        let (_, from, to) = pair;
         let (Some(sender), Some(recipient)) = (
             self.hub.accounts.id(from.as_str()),
             self.hub.accounts.id(to.as_str()),
         ) else {
             return RouteOutcome::NotHere;
         };
+        if self.hub.blocks.has_blocked(recipient, sender) {
+            return RouteOutcome::Blocked;
+        }
+        let pair = (sender_node, from, to);
+        if self.hub.refused.contains(&pair, now) {
+            return RouteOutcome::NotHere;
+        }
+        let (_, from, to) = pair;
         let Some(their_conn) = self.hub.presence.session(recipient) else {
             return self.turn_away(sender_node, from, to, now);
         };
-        if self.hub.blocks.has_blocked(recipient, sender) {
-            return RouteOutcome::Blocked;
+        if self.hub.delivered.is_full(now) {
+            // Delivered now, it could not be told from a copy sent again
+            // later: its sender's node stores it.
+            return self.turn_away(sender_node, from, to, now);
         }
         if self.hub.offline.size(recipient).messages > 0 || self.is_draining(their_conn) {
             // Their queue is being handed over: a live message would
@@ -212,7 +253,9 @@ impl Server {
             offline: false,
         });
         self.send(their_conn, &frame);
-        let keep = self.route_timeout() * (MAX_ATTEMPTS + 1);
+        // As long as it may be sent again: until its last try's answer was
+        // due.
+        let keep = self.route_timeout() * MAX_ATTEMPTS;
         self.hub.delivered.insert(key, now, keep);
         RouteOutcome::Delivered
     }

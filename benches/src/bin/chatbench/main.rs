@@ -29,6 +29,10 @@
 //!   connections: wrong passwords for plaintext accounts and names without
 //!   an account, taking turns. With `--spawn` the credentials file also
 //!   has hashed accounts unless `--all-plaintext`.
+//! - `chatbench logins` measures a login storm: N idle users stay logged
+//!   in (reading every presence notice the storm makes), while W workers
+//!   each log in, out and in again on new connections; it reports logins/s,
+//!   login latency and CPU per login, on one server or a cluster's nodes.
 //! - `chatbench mixed` runs two open-loop loads at once on disjoint users:
 //!   messages to users who never log in (stored; 20,000/s by default) and
 //!   messages between online users (5,000/s), and reports stored messages
@@ -47,6 +51,7 @@
 
 mod load;
 mod login_timing;
+mod logins;
 mod mixed;
 mod offline_memory;
 mod outbox;
@@ -193,6 +198,28 @@ enum Mode {
         /// The observer's account, u<N>.
         #[arg(long, default_value_t = 998)]
         observer: usize,
+    },
+    /// A login storm: --online idle users stay logged in (each login and
+    /// logout makes a presence notice for every one of them) while
+    /// --workers connections each log in, wait for the ok, log out and
+    /// connect again; reports logins/s, login latency and CPU per login.
+    Logins {
+        #[command(flatten)]
+        target: Target,
+        /// Idle users logged in throughout: u0 .. u<online - 1>, user i on
+        /// the (i mod n)th --addr.
+        #[arg(long, default_value_t = 100)]
+        online: usize,
+        /// Connections logging in and out in a loop: users u<online> ..,
+        /// worker j on the (j mod n)th --addr.
+        #[arg(long, default_value_t = 32)]
+        workers: usize,
+        /// Seconds measured.
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// Seconds of logins before measuring.
+        #[arg(long, default_value_t = 2)]
+        warmup_secs: u64,
     },
     /// Two open-loop loads at once on disjoint users: direct messages to
     /// users who never log in (stored, with a database on disk before the
@@ -355,7 +382,8 @@ struct MixedArgs {
 struct Target {
     /// The server's address (unless --spawn). Several, comma-separated or
     /// repeated, for the nodes of a cluster: client i connects to the
-    /// (i mod n)th (direct and fanout loads; the others use the first).
+    /// (i mod n)th (direct, fanout and logins loads; the others use the
+    /// first).
     #[arg(long, default_value = "127.0.0.1:4000", value_delimiter = ',')]
     addr: Vec<SocketAddr>,
     /// Start this chatserver binary on a free loopback port, with a
@@ -503,6 +531,13 @@ fn main() -> ExitCode {
             if all_plaintext { 0 } else { hashed },
         ),
         Mode::Mixed { args } => mixed(&args),
+        Mode::Logins {
+            target,
+            online,
+            workers,
+            secs,
+            warmup_secs,
+        } => logins_run(&target, online, workers, secs, warmup_secs),
         Mode::Presence {
             target,
             count,
@@ -559,6 +594,36 @@ fn load_run(
     let report = load::run(config.clone())?;
     report.print(&config);
     Ok(())
+}
+
+/// `chatbench logins`.
+fn logins_run(
+    target: &Target,
+    online: usize,
+    workers: usize,
+    secs: u64,
+    warmup_secs: u64,
+) -> Result<(), String> {
+    if workers < 1 || secs < 1 {
+        return Err("--workers and --secs must be at least 1".to_owned());
+    }
+    // With --spawn the server gets an account for every user, and its
+    // per-address and per-name limits (ADDRESS_LIMITS) off.
+    with_server(target, online + workers, 0, |addr, pid| {
+        let config = logins::LoginsConfig {
+            addrs: target.nodes(addr),
+            online,
+            workers,
+            warmup: Duration::from_secs(warmup_secs),
+            measure: Duration::from_secs(secs),
+            server_pid: pid,
+            cpu_of: target.cpu_of.clone(),
+        };
+        let report = logins::run(&config)?;
+        println!("{}", report.summary(&config));
+        println!("{}", report.json(&config));
+        Ok(())
+    })
 }
 
 /// `chatbench presence`.
@@ -2180,6 +2245,23 @@ mod tests {
             panic!("not the login-timing mode");
         };
         assert_eq!((count, warmup, hashed, all_plaintext), (200, 10, 10, true));
+
+        let Mode::Logins {
+            target,
+            online,
+            workers,
+            secs,
+            warmup_secs,
+        } = parse(&["logins", "--addr", "127.0.0.1:4000,127.0.0.1:4001"])
+            .unwrap()
+            .command
+        else {
+            panic!("not the logins mode");
+        };
+        assert_eq!((online, workers, secs, warmup_secs), (100, 32, 10, 2));
+        assert_eq!(target.addr.len(), 2);
+        let err = logins_run(&target, 10, 0, 1, 0).unwrap_err();
+        assert!(err.contains("--workers"), "{err}");
     }
 
     fn mixed_args(args: &[&str]) -> Result<MixedArgs, String> {
