@@ -2,18 +2,17 @@
 //! over the bus ([`BusMessage`]), versioned so that nodes of two releases
 //! can run side by side during a rolling restart.
 //!
-//! **Being built (issue 15).** What works so far: presence (who is online
-//! on which node, presence frames for users on other nodes, `whoelse` and
-//! `whoelsesince` counted over every node), broadcast to every node with
-//! cluster-wide counts, blocks made on one node known on all, and node
-//! liveness (heartbeats; a node not heard from for a lease is given up,
-//! its users offline from when it was last heard from; a node that shuts
-//! down says so; a node frozen past its lease closes its clients), and
-//! direct messages to a user on another node ([`BusMessage::Deliver`],
-//! answered with [`BusMessage::Routed`]; see `routes.rs`), and one
-//! session per user in the whole cluster (claimed in the cluster's
-//! database; see below). What does not yet: offline queues and lockouts
-//! shared through the database.
+//! What spans the nodes: presence (who is online on which node, presence
+//! frames for users on other nodes, `whoelse` and `whoelsesince` counted
+//! over every node), broadcast with cluster-wide counts, blocks, lockout
+//! counts and the per-name login limit, node liveness (heartbeats; a node
+//! not heard from for a lease is given up, its users offline from when it
+//! was last heard from; a node that shuts down says so; a node frozen past
+//! its lease closes its clients), direct messages to a user on another
+//! node ([`BusMessage::Deliver`], answered with [`BusMessage::Routed`];
+//! see `routes.rs`), and one session per user in the whole cluster, with
+//! the offline queue it hands over (claimed in the cluster's database;
+//! see below).
 //!
 //! A node is a [`Server`](crate::Server) with
 //! [`ServerConfig::cluster`](crate::ServerConfig::cluster) set. It asks its

@@ -78,7 +78,7 @@
 //! | `presence`, `blocking` | who is online, block lists (internal) |
 //! | [`peer`] | client addresses as [`PeerKey`]s, and the limits kept per address |
 //! | `drain` | one connection's offline delivery in progress: frame numbers, what is known written (internal) |
-//! | [`cluster`], `directory`, `liveness`, `routes` | cluster mode (being built): [`NodeId`], [`BusMessage`] and how a driver carries them ([`Output::Publish`], [`Server::handle_bus`]); who is online on the other nodes, which nodes are alive by their heartbeats, and direct messages on their way to another node (internal); one session per user ([`Output::ClaimSession`], [`Server::handle_claim`], `server/claims.rs`) |
+//! | [`cluster`], `directory`, `liveness`, `routes` | cluster mode: [`NodeId`], [`BusMessage`] and how a driver carries them ([`Output::Publish`], [`Server::handle_bus`]); who is online on the other nodes, which nodes are alive by their heartbeats, and direct messages on their way to another node (internal); one session per user ([`Output::ClaimSession`], [`Server::handle_claim`], `server/claims.rs`) |
 //!
 //! The modules form no import cycle: `ids` and the value types are at the
 //! bottom, `output` and `durability` above them, `server` on top.

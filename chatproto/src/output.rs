@@ -210,6 +210,9 @@ pub enum Timer {
     /// Cluster mode: a direct message sent to another node has had no
     /// answer in time: it is sent again, or stored.
     Route,
+    /// Cluster mode: a session claim answered "elsewhere" is asked again
+    /// (the session may have been on its way out).
+    ClaimRetry,
 }
 
 impl std::fmt::Display for Timer {
@@ -222,6 +225,7 @@ impl std::fmt::Display for Timer {
             Timer::Heartbeat => "heartbeat",
             Timer::NodeLease => "node lease expiry",
             Timer::Route => "direct message route timeout",
+            Timer::ClaimRetry => "session claim retry",
         })
     }
 }

@@ -213,6 +213,24 @@ impl Cluster {
         self.nodes[i].take(conn)
     }
 
+    /// Like `ask`, for a line whose answer may wait on a timer (a login's
+    /// claim asked again after "elsewhere"): time passes, 100 ms at a time,
+    /// until an answer comes, for at most a second.
+    fn ask_answered(&mut self, i: usize, conn: ConnId, line: &str) -> Vec<ServerFrame> {
+        let mut frames = self.ask(i, conn, line);
+        for _ in 0..10 {
+            if frames
+                .iter()
+                .any(|f| matches!(f, ServerFrame::Ok(_) | ServerFrame::Error(_)))
+            {
+                break;
+            }
+            self.advance(Duration::from_millis(100));
+            frames.extend(self.nodes[i].take(conn));
+        }
+        frames
+    }
+
     /// The `message` answer: whether it was stored, or the error code.
     fn message(&mut self, i: usize, conn: ConnId, line: &str) -> Result<bool, ErrorCode> {
         let frames = self.ask(i, conn, line);
@@ -1030,7 +1048,7 @@ fn a_user_has_one_session_in_the_whole_cluster() {
     let alice = c.login(0, "alice");
     for i in [1, 2, 0] {
         let conn = c.nodes[i].connect();
-        let frames = c.ask(i, conn, &login_line("alice"));
+        let frames = c.ask_answered(i, conn, &login_line("alice"));
         assert_eq!(
             error_code(&frames),
             Some(ErrorCode::SessionElsewhere),
@@ -1074,6 +1092,15 @@ fn of_two_logins_at_once_on_two_nodes_exactly_one_gets_in() {
     c.nodes[1].answer_claims();
     c.nodes[0].answer_claims();
     c.settle();
+    // The loser is asked again twice (the winner might have been on its
+    // way out) before `session_elsewhere`.
+    for _ in 0..3 {
+        c.advance(Duration::from_millis(150));
+        for node in &mut c.nodes {
+            node.answer_claims();
+        }
+        c.settle();
+    }
     let frames_a = c.nodes[0].take(a);
     let frames_b = c.nodes[1].take(b);
     assert!(logged_in(&frames_b), "{frames_b:?}");
@@ -1120,7 +1147,7 @@ fn a_dead_nodes_users_log_in_elsewhere_once_its_lease_runs_out() {
     c.stop(1); // killed
     let conn = c.nodes[0].connect();
     assert_eq!(
-        error_code(&c.ask(0, conn, &login_line("bob"))),
+        error_code(&c.ask_answered(0, conn, &login_line("bob"))),
         Some(ErrorCode::SessionElsewhere),
         "node 1 may still be alive"
     );
@@ -1158,7 +1185,7 @@ fn a_release_that_comes_late_never_removes_a_newer_session() {
     c.sessions.restore(); // the old release, late: it names the old claim
     let conn = c.nodes[1].connect();
     assert_eq!(
-        error_code(&c.ask(1, conn, &login_line("alice"))),
+        error_code(&c.ask_answered(1, conn, &login_line("alice"))),
         Some(ErrorCode::SessionElsewhere)
     );
     assert!(c.nodes[0].server.is_open(again));
@@ -1402,7 +1429,7 @@ fn a_node_the_database_gave_up_claims_nothing_until_told() {
     assert!(logged_in(&c.ask(1, carol, &login_line("carol"))));
     let elsewhere = c.nodes[0].connect();
     assert_eq!(
-        error_code(&c.ask(0, elsewhere, &login_line("carol"))),
+        error_code(&c.ask_answered(0, elsewhere, &login_line("carol"))),
         Some(ErrorCode::SessionElsewhere)
     );
 }
@@ -1613,4 +1640,25 @@ fn a_turned_away_sender_still_learns_of_a_block() {
         Err(ErrorCode::Blocked),
         "node 1 knows of the block"
     );
+}
+
+#[test]
+fn a_login_right_after_a_logout_on_another_node_gets_in() {
+    let mut c = Cluster::new(2);
+    let bob = c.login(1, "bob");
+    // bob logs out on node 1; its release is not written yet when he logs
+    // in on node 0 (his client had its `ok` at once).
+    c.sessions.with(|s| s.down = true);
+    c.logout(1, bob);
+    c.sessions.with(|s| s.down = false);
+    let conn = c.nodes[0].connect();
+    let frames = c.ask(0, conn, &login_line("bob"));
+    assert_eq!(error_code(&frames), None, "asked again, not refused yet");
+    assert_eq!(
+        c.nodes[0].server.next_timer().map(|(_, timer)| timer),
+        Some(Timer::ClaimRetry)
+    );
+    c.sessions.restore(); // the release is written
+    c.advance(Duration::from_millis(100));
+    assert!(logged_in(&c.nodes[0].take(conn)));
 }

@@ -183,10 +183,8 @@ pub struct Args {
     no_db: bool,
 
     /// Join a cluster: this node and every other started with the same
-    /// PostgreSQL --db and --nats act as one server (being built: presence,
-    /// whoelse, whoelsesince, broadcast and blocks span the nodes; one
-    /// session per user, direct messages and offline queues across nodes
-    /// do not yet). One NATS URL or several separated by commas
+    /// PostgreSQL --db and --nats act as one server (README "Running a
+    /// cluster"). One NATS URL or several separated by commas
     /// (nats://, tls://, ws://, wss://), with credentials if needed
     /// (nats://user:password@host:4222). Needs a PostgreSQL --db.
     // A string, parsed in `into_settings`: clap's own error would echo

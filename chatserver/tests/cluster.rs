@@ -136,6 +136,17 @@ fn login_when_free(node: &TestServer, user: &str) -> Client {
     }
 }
 
+/// `/readyz`'s status code, and the whole response.
+fn readyz_status(node: &TestServer) -> (u16, String) {
+    let response = readyz(node);
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    (status, response)
+}
+
 fn readyz(node: &TestServer) -> String {
     http_exchange(
         node.http_addr(),
@@ -319,6 +330,47 @@ fn a_user_has_one_session_in_the_whole_cluster() {
         killed.elapsed()
     );
     assert!(alice.recv_to_end().len() < 100);
+}
+
+#[test]
+fn postgres_going_away_and_coming_back_is_survived_by_every_node() {
+    let db = TestDatabase::create();
+    let nodes = start_nodes(2, &db, &nats::shared_url(), &[]);
+    let mut alice = nodes[0].login("alice");
+    let _bob = nodes[1].login("bob");
+    assert_eq!(
+        presence_of(&mut alice, "bob", Duration::from_secs(5)),
+        Some(true)
+    );
+    // PostgreSQL goes away: its connections are ended, new ones refused.
+    db.allow_connections(false);
+    assert!(db.terminate_server_connections() >= 2);
+    // Between online users, messages keep flowing: no database needed.
+    let ok = alice.ask("message bob still here");
+    assert_eq!(ok["stored"], false, "{ok}");
+    // What needs it is answered `unavailable`: a login (its session
+    // claim), a message to store.
+    let answer = nodes[0].connect().ask("login carol pw-carol");
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+    let answer = alice.ask("message dave later");
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+    let (status, _) = readyz_status(&nodes[0]);
+    assert_eq!(status, 503);
+    // Back: every node finds it by itself, and logins work again.
+    db.allow_connections(true);
+    for node in &nodes {
+        let until = Instant::now() + Duration::from_secs(10);
+        while readyz_status(node).0 != 200 {
+            assert!(
+                Instant::now() < until,
+                "not ready 10 s after PostgreSQL came back"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let mut carol = nodes[1].login("carol");
+    assert_eq!(alice.ask("message dave later")["stored"], true);
+    assert_eq!(carol.ask("message bob welcome back")["stored"], false);
 }
 
 #[test]

@@ -19,6 +19,14 @@ use crate::time::Timestamp;
 use crate::username::Username;
 
 use super::hub::PendingClaim;
+
+/// How many times a claim is asked before `session_elsewhere`.
+const CLAIM_TRIES: u32 = 3;
+
+/// How long after an "elsewhere" a claim is asked again, times the
+/// refusals so far: 100 ms, then 200 ms, which covers a release still on
+/// its way after a logout on another node.
+const CLAIM_RETRY: std::time::Duration = std::time::Duration::from_millis(100);
 use super::state::Server;
 
 impl Server {
@@ -43,6 +51,8 @@ impl Server {
                 id,
                 name: name.clone(),
                 user,
+                refusals: 0,
+                retry_at: None,
             },
         );
         // Held, like the login's answer, behind any batch not yet durable
@@ -57,11 +67,29 @@ impl Server {
     /// refused. A session claimed for a connection that closed meanwhile
     /// is given back at once.
     pub(super) fn serve_claim(&mut self, claim: ClaimId, outcome: ClaimOutcome, now: Timestamp) {
+        let Some(pending) = self.hub.claims.get_mut(&claim) else {
+            return;
+        };
+        let waiting = self
+            .sessions
+            .get(pending.conn)
+            .is_some_and(|c| c.claiming == Some(claim));
+        if outcome == ClaimOutcome::Elsewhere && waiting && pending.refusals < CLAIM_TRIES - 1 {
+            // The session may be on its way out: a logout on another node
+            // answers its client before its release is written. Asked
+            // again shortly, before `session_elsewhere`.
+            pending.refusals += 1;
+            let at = now + CLAIM_RETRY * pending.refusals;
+            pending.retry_at = Some(at);
+            self.hub.claim_retries.insert((at, claim));
+            return;
+        }
         let Some(PendingClaim {
             conn,
             id,
             name,
             user,
+            ..
         }) = self.hub.claims.remove(&claim)
         else {
             return;
@@ -112,6 +140,41 @@ impl Server {
         };
         if let Err(error) = self.refuse_login(conn, &name, refused) {
             self.send_error(conn, id, &error);
+        }
+    }
+}
+
+impl Server {
+    /// Asks again the claims due by `now`.
+    pub(super) fn retry_claims(&mut self, now: Timestamp) {
+        while let Some(&(at, claim)) = self.hub.claim_retries.first() {
+            if at > now {
+                break;
+            }
+            self.hub.claim_retries.pop_first();
+            let Some(pending) = self.hub.claims.get_mut(&claim) else {
+                continue;
+            };
+            pending.retry_at = None;
+            let user = pending.name.clone();
+            self.note_kind(Kind::Fact);
+            self.outputs.push_back(Output::ClaimSession { claim, user });
+        }
+    }
+}
+
+impl Server {
+    /// `conn` closes while its login's claim waits to be asked again: it is
+    /// dropped (nothing was written), so the user may log in again here at
+    /// once. A claim the database has not answered stays until it is, to
+    /// be given back if it was made.
+    pub(super) fn drop_waiting_claim(&mut self, claim: ClaimId) {
+        let Some(at) = self.hub.claims.get(&claim).and_then(|p| p.retry_at) else {
+            return;
+        };
+        self.hub.claim_retries.remove(&(at, claim));
+        if let Some(pending) = self.hub.claims.remove(&claim) {
+            self.hub.claiming.remove(&pending.user);
         }
     }
 }

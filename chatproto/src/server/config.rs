@@ -83,7 +83,7 @@ pub struct ServerConfig {
     /// `false`: nothing lasts past the process, and nothing waits.
     pub durable: bool,
     /// Cluster mode: this server is one node of several that act as one
-    /// service ([`crate::cluster`]; being built). Default `None`: one
+    /// service ([`crate::cluster`]). Default `None`: one
     /// server alone.
     pub cluster: Option<ClusterConfig>,
 }

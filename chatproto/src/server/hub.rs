@@ -4,7 +4,7 @@
 //! are in `requests.rs` (a request from one session) and `drains.rs`
 //! (offline delivery).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
 use crate::accounts::{Accounts, UserId};
@@ -20,6 +20,7 @@ use crate::peer::{PeerKey, Peers};
 use crate::presence::Presence;
 use crate::request::RequestId;
 use crate::routes::{Recent, Routes};
+use crate::time::Timestamp;
 use crate::username::Username;
 
 use super::config::{queue_limits, ServerConfig};
@@ -54,6 +55,8 @@ pub(crate) struct Hub {
     /// one claim per user at a time.
     pub(crate) claiming: HashMap<UserId, QueueSize>,
     pub(crate) next_claim: u64,
+    /// Cluster mode: claims answered "elsewhere" to be asked again, when.
+    pub(crate) claim_retries: BTreeSet<(Timestamp, ClaimId)>,
     /// Per-address limits.
     pub(crate) peers: Peers,
     /// Logins waiting for a password check, by ticket.
@@ -80,6 +83,7 @@ impl Hub {
             claims: HashMap::new(),
             claiming: HashMap::new(),
             next_claim: 0,
+            claim_retries: BTreeSet::new(),
             peers: Peers::new(),
             verifications: HashMap::new(),
             next_ticket: 0,
@@ -120,4 +124,8 @@ pub(crate) struct PendingClaim {
     pub(crate) id: Option<RequestId>,
     pub(crate) name: Username,
     pub(crate) user: UserId,
+    /// How many times it was answered "elsewhere" so far.
+    pub(crate) refusals: u32,
+    /// When it is to be asked again, while it waits to be (not asked).
+    pub(crate) retry_at: Option<Timestamp>,
 }

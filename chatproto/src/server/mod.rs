@@ -762,6 +762,7 @@ impl Server {
             self.hub.liveness.next_heartbeat(),
             self.hub.liveness.next_expiry(),
             self.hub.routes.next_deadline(),
+            self.hub.claim_retries.first().map(|&(at, _)| at),
         ]
         .into_iter()
         .flatten()
@@ -805,6 +806,10 @@ impl Server {
                 .next_expiry()
                 .map(|at| (at, Timer::NodeLease)),
             self.hub.routes.next_deadline().map(|at| (at, Timer::Route)),
+            self.hub
+                .claim_retries
+                .first()
+                .map(|&(at, _)| (at, Timer::ClaimRetry)),
         ]
         .into_iter()
         .flatten()
@@ -1081,6 +1086,9 @@ impl Server {
     /// Drops `conn`; its user goes offline, announced if `announce`.
     fn forget(&mut self, conn: ConnId, now: Timestamp, announce: bool) -> Option<()> {
         let c = self.sessions.remove(conn)?;
+        if let Some(claim) = c.claiming {
+            self.drop_waiting_claim(claim);
+        }
         self.idle_timers.remove(&(c.idle_timer, conn));
         self.hub
             .peers
