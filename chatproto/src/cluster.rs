@@ -272,6 +272,16 @@ pub enum BusMessage {
         /// When it was sent.
         sent_at: Timestamp,
     },
+    /// `node` stored a message for `user`, who may be online elsewhere (it
+    /// could not be delivered there: the bus was away, or no answer came):
+    /// now that it is durable, the node where `user` is hands their queue
+    /// over at once rather than at their next login.
+    Queued {
+        /// The storing node.
+        node: NodeId,
+        /// The recipient.
+        user: Username,
+    },
     /// What became of [`BusMessage::Deliver`] `route`, sent back to the
     /// sender's node by `node`.
     Routed {
@@ -385,6 +395,7 @@ impl BusMessage {
             | BusMessage::LoginFailed { node, .. }
             | BusMessage::Deliver { node, .. }
             | BusMessage::Routed { node, .. }
+            | BusMessage::Queued { node, .. }
             | BusMessage::Broadcast { node, .. }
             | BusMessage::Blocked { node, .. }
             | BusMessage::Unblocked { node, .. } => *node,

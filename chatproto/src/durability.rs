@@ -303,6 +303,16 @@ impl Ledger {
     /// The batch in flight is durable: what waited only for it may go.
     /// Calls `release` with each output now free, per connection in
     /// order. False for a batch not in flight (ignored).
+    /// The id of the batch changes recorded now go into.
+    pub(crate) fn open_id(&self) -> u64 {
+        self.open.id
+    }
+
+    /// Every batch up to this id is answered (committed, or undone).
+    pub(crate) fn answered_id(&self) -> u64 {
+        self.answered
+    }
+
     pub(crate) fn committed(&mut self, batch: BatchId, release: impl FnMut(Output, Kind)) -> bool {
         if self.in_flight.as_ref().map(|b| b.id) != Some(batch.0) {
             return false;

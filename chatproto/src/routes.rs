@@ -5,7 +5,7 @@
 //! delivered twice, and which senders' messages it turned away, so a later
 //! one already on its way is turned away too rather than overtake them.
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::hash::Hash;
 use std::time::Duration;
 
@@ -147,7 +147,8 @@ impl Route {
 /// number), or the senders whose messages were turned away lately.
 #[derive(Debug)]
 pub(crate) struct Recent<K> {
-    known: HashSet<K>,
+    /// Each key, with when it may be forgotten.
+    known: HashMap<K, Timestamp>,
     /// Oldest first, with when each may be forgotten.
     order: VecDeque<(Timestamp, K)>,
 }
@@ -155,7 +156,7 @@ pub(crate) struct Recent<K> {
 impl<K> Default for Recent<K> {
     fn default() -> Self {
         Recent {
-            known: HashSet::new(),
+            known: HashMap::new(),
             order: VecDeque::new(),
         }
     }
@@ -165,7 +166,13 @@ impl<K: Hash + Eq + Clone> Recent<K> {
     /// Whether `key` is remembered (and not yet forgotten by `now`).
     pub(crate) fn contains(&mut self, key: &K, now: Timestamp) -> bool {
         self.forget_old(now);
-        self.known.contains(key)
+        self.known.contains_key(key)
+    }
+
+    /// Whether `key` is remembered and not yet due to be forgotten by
+    /// `now`, without forgetting anything (for a `&self` caller).
+    pub(crate) fn has(&self, key: &K, now: Timestamp) -> bool {
+        self.known.get(key).is_some_and(|until| *until > now)
     }
 
     /// Whether no more can be remembered by `now` (none has expired).
@@ -181,7 +188,8 @@ impl<K: Hash + Eq + Clone> Recent<K> {
         if self.is_full(now) {
             return false;
         }
-        if self.known.insert(key.clone()) {
+        if !self.known.contains_key(&key) {
+            self.known.insert(key.clone(), now + keep);
             self.order.push_back((now + keep, key));
         }
         true

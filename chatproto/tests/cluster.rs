@@ -1551,13 +1551,14 @@ fn a_message_turned_away_turns_away_the_next_one_already_on_its_way() {
     let bob = c.nodes[1].connect();
     c.nodes[1].send(bob, &login_line("bob"));
     assert_eq!(c.message(0, alice, "message bob second"), Ok(true));
-    // He got the first at that login; the second comes at his next one.
-    assert_eq!(offline_texts(&c.nodes[1].take(bob)), ["first"]);
+    // He got the first at that login, and the second once node 0 had
+    // stored it and said so (`Queued`): in order, each once.
+    assert_eq!(offline_texts(&c.nodes[1].take(bob)), ["first", "second"]);
     c.nodes[1].ok(bob, "logout");
     c.settle();
     let again = c.nodes[1].connect();
     let frames = c.ask(1, again, &login_line("bob"));
-    assert_eq!(offline_texts(&frames), ["second"]);
+    assert_eq!(offline_texts(&frames), Vec::<String>::new());
 }
 
 /// Sends alice's "message bob one\nmessage carol two" from node 0 with
@@ -1633,13 +1634,21 @@ fn a_turned_away_sender_still_learns_of_a_block() {
     let bob = c.nodes[1].connect();
     c.nodes[1].send(bob, &login_line("bob"));
     c.settle();
+    // bob blocks alice; node 1 turned alice away a moment ago. Once the
+    // block has reached node 0, alice's messages are refused `blocked`
+    // there, wherever bob is.
     c.nodes[1].ok(bob, "block alice");
-    c.nodes[1].published.clear(); // the block is still on its way to node 0
+    c.settle();
     assert_eq!(
         c.message(0, alice, "message bob second"),
-        Err(ErrorCode::Blocked),
-        "node 1 knows of the block"
+        Err(ErrorCode::Blocked)
     );
+    // Unblocked, and past the moment when messages to bob were stored
+    // behind the one stored first, they go live again.
+    c.advance(secs(3));
+    c.nodes[1].ok(bob, "unblock alice");
+    c.settle();
+    assert_eq!(c.message(0, alice, "message bob third"), Ok(false));
 }
 
 #[test]
@@ -1661,4 +1670,51 @@ fn a_login_right_after_a_logout_on_another_node_gets_in() {
     c.sessions.restore(); // the release is written
     c.advance(Duration::from_millis(100));
     assert!(logged_in(&c.nodes[0].take(conn)));
+}
+
+#[test]
+fn a_message_stored_while_the_bus_was_away_reaches_its_online_recipient_when_it_is_back() {
+    let mut c = Cluster::new(2);
+    let alice = c.login(0, "alice");
+    let bob = c.login(1, "bob");
+    c.nodes[1].take(bob);
+    c.lose_bus();
+    // bob is online on node 1, but node 0 cannot reach it: stored.
+    assert_eq!(c.message(0, alice, "message bob while away"), Ok(true));
+    assert_eq!(c.message(0, alice, "message bob and again"), Ok(true));
+    assert_eq!(offline_texts(&c.nodes[1].take(bob)), Vec::<String>::new());
+    // The bus is back: node 0 says it stored messages for bob, and node 1
+    // hands them over at once, in order, without waiting for a login.
+    c.restore_bus();
+    assert_eq!(
+        offline_texts(&c.nodes[1].take(bob)),
+        ["while away", "and again"]
+    );
+    assert!(c.sessions.with(|s| s.queues.values().all(Vec::is_empty)));
+    // Live again once that is over (stored ones are not overtaken).
+    c.advance(secs(3));
+    assert_eq!(c.message(0, alice, "message bob now"), Ok(false));
+}
+
+#[test]
+fn after_a_message_is_stored_for_lack_of_an_answer_the_next_ones_do_not_overtake_it() {
+    let mut c = Cluster::new(2);
+    let alice = c.login(0, "alice");
+    let bob = c.login(1, "bob");
+    c.nodes[1].take(bob);
+    // Node 1 stops answering for a while (shorter than its lease): the
+    // message gets no answer, twice, and node 0 stores it.
+    c.stop(1);
+    c.nodes[0].take(alice);
+    c.nodes[0].send(alice, "message bob first");
+    c.advance(secs(5));
+    assert_eq!(message_answers(&c.nodes[0].take(alice)), [Ok(true)]);
+    c.resume(1);
+    // The next one, right after, is stored behind it rather than sent
+    // live past it; node 1 hands both over, in order.
+    assert_eq!(c.message(0, alice, "message bob second"), Ok(true));
+    assert_eq!(offline_texts(&c.nodes[1].take(bob)), ["first", "second"]);
+    // Once that is over, messages go live again.
+    c.advance(secs(3));
+    assert_eq!(c.message(0, alice, "message bob third"), Ok(false));
 }

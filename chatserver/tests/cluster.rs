@@ -513,8 +513,19 @@ fn presence_missed_while_nats_was_down_is_repaired() {
     let mut carol = nodes[1].login("carol");
     assert_eq!(whoelse(&mut carol), ["alice"], "node 1 still has alice");
     assert_eq!(whoelse(&mut alice), ["bob"], "nobody could tell node 0");
+    // carol is online on node 1, which node 0 cannot reach: stored.
+    let ok = alice.ask("message carol while nats was away");
+    assert_eq!(ok["stored"], true, "{ok}");
 
     bus.restart();
+    // Once NATS is back, node 0 says it stored a message for carol, and
+    // node 1 hands it over at once.
+    let message = carol.recv_type("message");
+    assert_eq!(
+        (message["text"].as_str(), message["offline"].as_bool()),
+        (Some("while nats was away"), Some(true)),
+        "{message}"
+    );
     assert_eq!(
         presence_of(&mut alice, "bob", Duration::from_secs(10)),
         Some(false)

@@ -185,6 +185,7 @@ impl Server {
                 route,
                 outcome,
             } => self.serve_route_answer(node, route, outcome, now),
+            BusMessage::Queued { user, .. } => self.serve_queued_notice(&user),
             BusMessage::Broadcast {
                 from,
                 text,

@@ -55,6 +55,19 @@ pub(crate) struct Hub {
     /// one claim per user at a time.
     pub(crate) claiming: HashMap<UserId, QueueSize>,
     pub(crate) next_claim: u64,
+    /// Cluster mode: users this node stored messages for while they may be
+    /// online elsewhere, with the batch that stored each, oldest first:
+    /// told to the other nodes ([`BusMessage::Queued`](crate::BusMessage::Queued))
+    /// once durable.
+    pub(crate) queued_notices: std::collections::VecDeque<(u64, UserId)>,
+    /// Users whose notice is durable and not yet sent (the bus is away),
+    /// at most [`MAX_UNSENT_NOTICES`].
+    pub(crate) unsent_notices: BTreeSet<UserId>,
+    /// Cluster mode: recipients this node stored a message for lately while
+    /// they may be online elsewhere: its next messages to them are stored
+    /// too for a while, so none goes live before the stored ones are
+    /// handed over.
+    pub(crate) stored_lately: Recent<UserId>,
     /// Cluster mode: claims answered "elsewhere" to be asked again, when.
     pub(crate) claim_retries: BTreeSet<(Timestamp, ClaimId)>,
     /// Per-address limits.
@@ -84,6 +97,9 @@ impl Hub {
             claiming: HashMap::new(),
             next_claim: 0,
             claim_retries: BTreeSet::new(),
+            stored_lately: Recent::default(),
+            queued_notices: std::collections::VecDeque::new(),
+            unsent_notices: BTreeSet::new(),
             peers: Peers::new(),
             verifications: HashMap::new(),
             next_ticket: 0,
@@ -115,6 +131,10 @@ pub(crate) const HELD_INPUT_FRAMES: usize = 4;
 /// account is hashed, so it costs what a wrong password costs.
 pub(crate) static DECOY_PASSWORD: std::sync::LazyLock<Password> =
     std::sync::LazyLock::new(|| Password::new("decoy-password-never-matches").expect("valid"));
+
+/// How many users' "stored for you" notices wait for the bus at most; past
+/// it the rest reach their users at their next login.
+pub(crate) const MAX_UNSENT_NOTICES: usize = 1 << 16;
 
 /// A login waiting for its session claim (cluster mode): its password
 /// was right.

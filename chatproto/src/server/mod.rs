@@ -432,6 +432,9 @@ impl Server {
         }
         self.publish_roster(BusTarget::All, true);
         self.hub.liveness.bus_up(now);
+        // Messages stored while the bus was away, for users who may be
+        // online elsewhere: their nodes hand them over now.
+        self.flush_notices();
         self.handle_timeout(now);
     }
 
@@ -681,8 +684,11 @@ impl Server {
                 if !self.ledger.committed(batch, release) {
                     return;
                 }
+                self.flush_notices();
             }
             Persisted::Failed => {
+                // Every notice waiting was for the batches undone now.
+                self.hub.queued_notices.clear();
                 let unavailable = |conn, id| Output::Transmit {
                     conn,
                     frame: error_frame(id, &RequestError::Unavailable),

@@ -500,6 +500,7 @@ impl Server {
             meanwhile.messages += 1;
             meanwhile.bytes += bytes;
         }
+        self.note_stored(recipient);
         self.ledger.record(
             Change::MessageQueued {
                 to: to.clone(),

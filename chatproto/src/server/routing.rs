@@ -12,13 +12,14 @@ use crate::accounts::UserId;
 use crate::cluster::{BusMessage, BusTarget, NodeId, RouteOutcome};
 use crate::error::RequestError;
 use crate::ids::ConnId;
-use crate::offline::OfflineMessage;
+use crate::offline::{OfflineMessage, QueueSize};
 use crate::routes::{InFlight, Route, RouteAnswer, MAX_ATTEMPTS};
 use crate::server_frame::{MessageFrame, ServerFrame};
 use crate::text::MessageText;
 use crate::time::Timestamp;
 use crate::username::Username;
 
+use super::hub::MAX_UNSENT_NOTICES;
 use super::state::Server;
 
 /// A [`BusMessage::Deliver`] as it arrived: route `number` of
@@ -34,9 +35,10 @@ pub(super) struct Delivery {
 
 impl Server {
     /// The node to send a direct message for `to` to: where the directory
-    /// has them, while the bus is up.
+    /// has them, while the bus is up, unless a message for them was stored
+    /// here lately (the next ones are stored behind it, in order).
     pub(super) fn route_for(&self, to: UserId) -> Option<NodeId> {
-        if !self.hub.liveness.can_publish() {
+        if !self.hub.liveness.can_publish() || self.hub.stored_lately.has(&to, self.latest) {
             return None;
         }
         self.hub.directory.node_of(to)
@@ -297,5 +299,83 @@ impl Server {
             .cluster
             .as_ref()
             .map_or(std::time::Duration::from_secs(2), |c| c.route_timeout)
+    }
+}
+
+impl Server {
+    /// A message for `recipient` was stored here. If they may be online on
+    /// another node (the bus is away, or the directory has them there), that
+    /// node is told once the message is durable, and hands their queue over
+    /// at once ([`BusMessage::Queued`]).
+    pub(super) fn note_stored(&mut self, recipient: UserId) {
+        if self.node().is_none()
+            || !self.hub.offline.external()
+            || self.hub.presence.session(recipient).is_some()
+        {
+            return;
+        }
+        let bus_up = self.hub.liveness.can_publish();
+        if bus_up && self.hub.directory.node_of(recipient).is_none() {
+            return; // offline everywhere: their next login hands it over
+        }
+        let batch = self.ledger.open_id();
+        self.hub.queued_notices.push_back((batch, recipient));
+        let now = self.latest;
+        let keep = self.route_timeout();
+        self.hub.stored_lately.insert(recipient, now, keep);
+        if !self.ledger.enabled() {
+            self.flush_notices();
+        }
+    }
+
+    /// Tells the other nodes of the users whose stored messages are now
+    /// durable, if the bus is up; else keeps them for when it is back.
+    pub(super) fn flush_notices(&mut self) {
+        let durable = if self.ledger.enabled() {
+            self.ledger.answered_id()
+        } else {
+            u64::MAX
+        };
+        while let Some(&(batch, user)) = self.hub.queued_notices.front() {
+            if batch > durable {
+                break;
+            }
+            self.hub.queued_notices.pop_front();
+            if self.hub.unsent_notices.len() < MAX_UNSENT_NOTICES {
+                self.hub.unsent_notices.insert(user);
+            }
+        }
+        if !self.hub.liveness.can_publish() {
+            return;
+        }
+        for user in std::mem::take(&mut self.hub.unsent_notices) {
+            let name = self.hub.accounts.name(user).clone();
+            // To every node: after an outage the directory may be behind.
+            self.publish(|node| BusMessage::Queued { node, user: name });
+        }
+    }
+
+    /// Another node stored a message for `name`: if they are online here,
+    /// their queue is handed over now (what storage holds, from the start:
+    /// a count one too high ends where storage ends).
+    pub(super) fn serve_queued_notice(&mut self, name: &Username) {
+        let Some(user) = self.hub.accounts.id(name.as_str()) else {
+            return;
+        };
+        let Some(conn) = self.hub.presence.session(user) else {
+            return;
+        };
+        if !self.hub.offline.external() {
+            return;
+        }
+        let size = self.hub.offline.size(user);
+        let grown = QueueSize {
+            messages: size.messages + 1,
+            bytes: size.bytes,
+        };
+        self.hub.offline.set_size(user, grown);
+        if !self.is_draining(conn) {
+            self.start_drain(conn, user);
+        }
     }
 }
