@@ -42,3 +42,8 @@ fn json_request_seeds() {
 fn server_session_seeds() {
     replay("server_session", checks::check_server_session);
 }
+
+#[test]
+fn cluster_schedule_seeds() {
+    replay("cluster_schedule", checks::check_cluster_schedule);
+}

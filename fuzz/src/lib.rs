@@ -4,6 +4,10 @@
 //! (`chatproto/tests/fuzz_seeds.rs`), so the invariants are checked on the
 //! stable toolchain too.
 
+mod cluster;
+
+pub use cluster::check_cluster_schedule;
+
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
