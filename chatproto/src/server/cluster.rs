@@ -136,6 +136,9 @@ impl Server {
                 }
                 if reply {
                     self.publish_roster(BusTarget::Node(node), false);
+                    // It has just (re)joined the bus: what it may have
+                    // missed of the "stored for you" notices is said again.
+                    self.resend_notices(node, now);
                 }
             }
             BusMessage::Heartbeat {

@@ -63,6 +63,10 @@ pub(crate) struct Hub {
     /// Users whose notice is durable and not yet sent (the bus is away),
     /// at most [`MAX_UNSENT_NOTICES`].
     pub(crate) unsent_notices: BTreeSet<UserId>,
+    /// Notices sent lately, oldest first, with when: said again to a node
+    /// that (re)joins the bus within a lease, since the bus may have lost
+    /// them while it was away.
+    pub(crate) sent_notices: std::collections::VecDeque<(Timestamp, UserId)>,
     /// Cluster mode: recipients this node stored a message for lately while
     /// they may be online elsewhere: its next messages to them are stored
     /// too for a while, so none goes live before the stored ones are
@@ -100,6 +104,7 @@ impl Hub {
             stored_lately: Recent::default(),
             queued_notices: std::collections::VecDeque::new(),
             unsent_notices: BTreeSet::new(),
+            sent_notices: std::collections::VecDeque::new(),
             peers: Peers::new(),
             verifications: HashMap::new(),
             next_ticket: 0,

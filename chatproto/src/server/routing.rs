@@ -348,10 +348,43 @@ impl Server {
         if !self.hub.liveness.can_publish() {
             return;
         }
+        let now = self.latest;
         for user in std::mem::take(&mut self.hub.unsent_notices) {
             let name = self.hub.accounts.name(user).clone();
             // To every node: after an outage the directory may be behind.
             self.publish(|node| BusMessage::Queued { node, user: name });
+            if self.hub.sent_notices.len() >= MAX_UNSENT_NOTICES {
+                self.hub.sent_notices.pop_front();
+            }
+            self.hub.sent_notices.push_back((now, user));
+        }
+    }
+
+    /// Says again, to `node`, which has just (re)joined the bus, the
+    /// notices sent within a lease: the bus may have lost them on their
+    /// way to it (core NATS delivers at most once, and each node
+    /// reconnects in its own time).
+    pub(super) fn resend_notices(&mut self, node: NodeId, now: Timestamp) {
+        let lease = self
+            .config
+            .cluster
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(10), |c| c.lease);
+        while self
+            .hub
+            .sent_notices
+            .front()
+            .is_some_and(|&(at, _)| at + lease <= now)
+        {
+            self.hub.sent_notices.pop_front();
+        }
+        let users: Vec<UserId> = self.hub.sent_notices.iter().map(|&(_, u)| u).collect();
+        for user in users {
+            let name = self.hub.accounts.name(user).clone();
+            self.publish_to(BusTarget::Node(node), |me| BusMessage::Queued {
+                node: me,
+                user: name,
+            });
         }
     }
 

@@ -205,7 +205,7 @@ impl PostgresDatabase {
     /// Whether the server answers, connecting first if the connection is
     /// gone.
     pub fn check(&mut self) -> Result<(), DatabaseError> {
-        self.with_session("check the connection", |session| {
+        self.with_session_again("check the connection", |session| {
             session.client.simple_query("SELECT 1").map(|_| ())
         })
     }
@@ -256,7 +256,7 @@ impl PostgresDatabase {
         let limit = i64::try_from(max_bytes / 16 + 1)
             .unwrap_or(i64::MAX)
             .min(1000);
-        let rows = self.with_session("read offline messages", |session| {
+        let rows = self.with_session_again("read offline messages", |session| {
             session
                 .client
                 .query(&session.statements.page, &[&to.as_str(), &after, &limit])
@@ -308,7 +308,7 @@ impl PostgresDatabase {
         claim: ClaimId,
     ) -> Result<Option<QueueSize>, DatabaseError> {
         let claim = i64::try_from(claim.into_raw()).unwrap_or(i64::MAX);
-        let claimed = self.with_session("claim a session", |session| {
+        let claimed = self.with_session_again("claim a session", |session| {
             let mut tx = session.client.transaction()?;
             // The claiming node must itself be alive by the database's
             // clock and not given up: a node whose sessions may have been
@@ -368,7 +368,7 @@ impl PostgresDatabase {
         claim: ClaimId,
     ) -> Result<(), DatabaseError> {
         let claim = i64::try_from(claim.into_raw()).unwrap_or(i64::MAX);
-        self.with_session("release a session", |session| {
+        self.with_session_again("release a session", |session| {
             session
                 .client
                 .execute(
@@ -387,7 +387,7 @@ impl PostgresDatabase {
     pub fn node_heartbeat(&mut self, node: &ClusterNode) -> Result<Beat, DatabaseError> {
         let registered = self.registered;
         let lease = lease_millis(node);
-        let beat = self.with_session("write this node's heartbeat", |session| {
+        let beat = self.with_session_again("write this node's heartbeat", |session| {
             let mut tx = session.client.transaction()?;
             if !registered {
                 // Sessions first, then nodes: the order a claim locks them.
@@ -424,7 +424,7 @@ impl PostgresDatabase {
     /// releases): its row goes, and with it any session still under it,
     /// so other nodes need not wait out its lease.
     pub fn leave_cluster(&mut self, node: &ClusterNode) -> Result<(), DatabaseError> {
-        self.with_session("remove this node from the cluster", |session| {
+        self.with_session_again("remove this node from the cluster", |session| {
             let mut tx = session.client.transaction()?;
             tx.execute(
                 "DELETE FROM cluster_session WHERE node = $1",
@@ -553,6 +553,26 @@ impl PostgresDatabase {
             });
         }
         Ok(())
+    }
+
+    /// As [`PostgresDatabase::with_session`], but if `work` finds the
+    /// connection it was given broken (the server restarted, or an
+    /// administrator ended it), it runs once more on a new one. Only for
+    /// work that is safe to run twice: reads, and writes that do the same
+    /// again (a claim, a release, a heartbeat), never a batch commit, whose
+    /// `COMMIT` may have been written before the connection broke.
+    fn with_session_again<T>(
+        &mut self,
+        doing: &'static str,
+        mut work: impl FnMut(&mut Session) -> Result<T, postgres::Error>,
+    ) -> Result<T, DatabaseError> {
+        let had_session = self.session.is_some();
+        match self.with_session(doing, &mut work) {
+            Err(DatabaseError::Postgres { .. }) if had_session && self.session.is_none() => {
+                self.with_session(doing, work)
+            }
+            done => done,
+        }
     }
 
     /// Runs `work` on the connection, making it first if there is none.
