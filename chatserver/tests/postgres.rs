@@ -373,6 +373,19 @@ fn cluster_sessions_have_one_holder() {
     db_b.release_session(&b, &alice, claim(7)).unwrap();
     assert!(claimed(&mut da, &a, 3));
 
+    // Late heartbeats alone (a node under load) do not stop a node from
+    // claiming: only a session taken from it does.
+    let slow = ClusterNode {
+        lease: Duration::from_millis(100),
+        ..node("slow")
+    };
+    let mut ds = open();
+    assert_eq!(ds.node_heartbeat(&slow).unwrap(), Beat::Alive);
+    std::thread::sleep(Duration::from_millis(200));
+    let carol: chatproto::Username = "carol".parse().unwrap();
+    assert!(ds.claim_session(&slow, &carol, claim(1)).unwrap().is_some());
+    assert_eq!(ds.node_heartbeat(&slow).unwrap(), Beat::Alive);
+
     // A node that leaves takes its sessions with it.
     da.leave_cluster(&a).unwrap();
     assert_eq!(db_b.node_heartbeat(&b).unwrap(), Beat::Alive);

@@ -310,10 +310,9 @@ impl PostgresDatabase {
         let claim = i64::try_from(claim.into_raw()).unwrap_or(i64::MAX);
         let claimed = self.with_session_again("claim a session", |session| {
             let mut tx = session.client.transaction()?;
-            // The claiming node must itself be alive by the database's
-            // clock and not given up: a node whose sessions may have been
-            // taken over claims nothing until its heartbeat has told it.
-            // Claiming counts as a heartbeat.
+            // The claiming node must not have been given up: a node whose
+            // sessions may have been taken over claims nothing until its
+            // heartbeat has told it. Claiming counts as a heartbeat.
             if tx.execute(&session.statements.claimant_alive, &[&node.id.as_str()])? == 0 {
                 return Ok(None);
             }
@@ -715,10 +714,11 @@ fn connect(config: &Config) -> Result<Session, postgres::Error> {
             "UPDATE cluster_session SET node = $2, claim = $3, since = now() WHERE username = $1",
         )?,
         expire_node: client.prepare("UPDATE cluster_node SET expired = TRUE WHERE id = $1")?,
+        // Not given up: silent past its lease is not enough (a node whose
+        // heartbeats are late under load is alive: it is claiming), only a
+        // session taken over from it (`expired`) or its row removed is.
         claimant_alive: client.prepare(
-            "UPDATE cluster_node SET heartbeat_at = now()
-             WHERE id = $1 AND NOT expired
-                 AND heartbeat_at >= now() - lease_ms * interval '1 millisecond'",
+            "UPDATE cluster_node SET heartbeat_at = now() WHERE id = $1 AND NOT expired",
         )?,
         release: client.prepare(
             "DELETE FROM cluster_session WHERE username = $1 AND node = $2 AND claim = $3",
