@@ -1718,3 +1718,26 @@ fn after_a_message_is_stored_for_lack_of_an_answer_the_next_ones_do_not_overtake
     c.advance(secs(3));
     assert_eq!(c.message(0, alice, "message bob third"), Ok(false));
 }
+
+#[test]
+fn a_notice_lost_while_a_node_was_rejoining_is_said_again_when_it_has() {
+    let mut c = Cluster::new(2);
+    let alice = c.login(0, "alice");
+    let bob = c.login(1, "bob");
+    c.nodes[1].take(bob);
+    c.lose_bus();
+    assert_eq!(c.message(0, alice, "message bob while away"), Ok(true));
+    // Node 0 is back on the bus first: what it says then (its roster and
+    // the notice for bob) is lost, node 1 not being there yet.
+    c.up = true;
+    let now = c.nodes[0].now;
+    c.nodes[0].server.handle_bus_restored(now);
+    c.nodes[0].pump();
+    c.nodes[0].published.clear();
+    // Node 1 comes back and asks for rosters: node 0 says the notice again.
+    let now = c.nodes[1].now;
+    c.nodes[1].server.handle_bus_restored(now);
+    c.nodes[1].pump();
+    c.settle();
+    assert_eq!(offline_texts(&c.nodes[1].take(bob)), ["while away"]);
+}
