@@ -171,18 +171,16 @@ impl Server {
 
     /// Sends `conn`'s route answers that are next in order, each in its
     /// own unit of work (a stored one waits for its own batch only).
-    /// Returns whether any went out. Called outside any unit.
-    pub(super) fn release_route_answers(&mut self, conn: ConnId) -> bool {
-        let mut any = false;
+    /// Called outside any unit.
+    pub(super) fn release_route_answers(&mut self, conn: ConnId) {
         loop {
             let Some(c) = self.sessions.get_mut(conn) else {
-                return any;
+                return;
             };
             let Some(mut answer) = c.routes.front_mut().and_then(|r| r.answer.take()) else {
-                return any;
+                return;
             };
             c.routes.pop_front();
-            any = true;
             let me = c.user;
             let mark = self.begin();
             if let Some((to, message)) = answer.store.take() {

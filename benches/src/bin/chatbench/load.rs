@@ -22,7 +22,6 @@ use hdrhistogram::Histogram;
 use polling::{Event, Events, PollMode, Poller};
 
 use crate::contains;
-use crate::process::ProcessSample;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Workload {
@@ -381,26 +380,12 @@ impl Run {
         })
     }
 
-    /// Queues one message from sender `s`, stamped `at`.
-    /// The CPU time of the server, and of every process named in
-    /// `cpu_of`, so far; `None` if nothing is measured.
+    /// The CPU time of the server and of every process named in `cpu_of`.
     fn cpu_secs(&self) -> Result<Option<f64>, String> {
-        let server = self
-            .config
-            .server_pid
-            .map(ProcessSample::read)
-            .transpose()?
-            .map(|s| s.cpu_secs);
-        if self.config.cpu_of.is_empty() {
-            return Ok(server);
-        }
-        let mut total = server.unwrap_or(0.0);
-        for name in &self.config.cpu_of {
-            total += crate::process::cpu_secs_of_command(name)?;
-        }
-        Ok(Some(total))
+        crate::process::cpu_secs(self.config.server_pid, &self.config.cpu_of)
     }
 
+    /// Queues one message from sender `s`, stamped `at`.
     fn send(&mut self, s: usize, at: Instant) {
         let marked = at >= self.measure_from && at < self.measure_until;
         if marked {

@@ -24,7 +24,6 @@ use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 
 use crate::contains;
 use crate::load::field;
-use crate::process::ProcessSample;
 
 /// The most any one wait may take: a connect, a login's `ok`, a logout's
 /// close, or the idle users' logins making no progress.
@@ -595,23 +594,9 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// The CPU time of the server, and of every process named in
-    /// `cpu_of`, so far; `None` if nothing is measured.
+    /// The CPU time of the server and of every process named in `cpu_of`.
     fn cpu_secs(&self) -> Result<Option<f64>, String> {
-        let server = self
-            .config
-            .server_pid
-            .map(ProcessSample::read)
-            .transpose()?
-            .map(|s| s.cpu_secs);
-        if self.config.cpu_of.is_empty() {
-            return Ok(server);
-        }
-        let mut total = server.unwrap_or(0.0);
-        for name in &self.config.cpu_of {
-            total += crate::process::cpu_secs_of_command(name)?;
-        }
-        Ok(Some(total))
+        crate::process::cpu_secs(self.config.server_pid, &self.config.cpu_of)
     }
 }
 

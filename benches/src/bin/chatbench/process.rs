@@ -35,6 +35,24 @@ impl ProcessSample {
     }
 }
 
+/// The CPU time so far of the process `server_pid` and of every process
+/// named in `cpu_of` ([`cpu_secs_of_command`]), together; `None` if
+/// neither is given.
+pub fn cpu_secs(server_pid: Option<u32>, cpu_of: &[String]) -> Result<Option<f64>, String> {
+    let server = server_pid
+        .map(ProcessSample::read)
+        .transpose()?
+        .map(|s| s.cpu_secs);
+    if cpu_of.is_empty() {
+        return Ok(server);
+    }
+    let mut total = server.unwrap_or(0.0);
+    for name in cpu_of {
+        total += cpu_secs_of_command(name)?;
+    }
+    Ok(Some(total))
+}
+
 /// The CPU time, user and system, of every running process whose command
 /// name (`/proc/PID/comm`) is `name`, together: a cluster's nodes, or a
 /// database server and all its backends. A process that ends between the
