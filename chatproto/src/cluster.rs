@@ -402,29 +402,77 @@ impl BusMessage {
         }
     }
 
-    /// The message as it goes on the bus: JSON with its version, `"v"`.
+    /// The message as it goes on the bus: one line of JSON (without its
+    /// newline) with its version, `"v"`.
     pub fn encode(&self) -> Bytes {
+        let mut payload = Vec::new();
+        self.encode_into(&mut payload);
+        Bytes::from(payload)
+    }
+
+    /// Appends the message to `payload`, after a newline if `payload`
+    /// already holds messages: one bus payload can carry many
+    /// ([`BusMessage::decode_all`]), so a driver under load sends one
+    /// payload per node per wake-up instead of one per message.
+    ///
+    /// ```
+    /// use chatproto::{BusMessage, NodeId};
+    /// let node = NodeId::from_u128(1);
+    /// let mut payload = Vec::new();
+    /// BusMessage::RosterWanted { node }.encode_into(&mut payload);
+    /// BusMessage::Leaving { node, at: chatproto::Timestamp::from_unix_millis(5) }
+    ///     .encode_into(&mut payload);
+    /// let messages: Vec<_> = BusMessage::decode_all(&payload).collect();
+    /// assert_eq!(messages.len(), 2);
+    /// assert_eq!(messages[0], Ok(BusMessage::RosterWanted { node }));
+    /// ```
+    pub fn encode_into(&self, payload: &mut Vec<u8>) {
+        if !payload.is_empty() {
+            payload.push(b'\n');
+        }
         let envelope = Envelope {
             v: BUS_VERSION,
             message: self,
         };
-        // Every field serializes: string keys, no fallible Serialize impl.
-        Bytes::from(serde_json::to_vec(&envelope).expect("bus messages always serialize"))
+        // Every field serializes (string keys, no fallible Serialize impl),
+        // and compact JSON holds no raw newline.
+        serde_json::to_writer(payload, &envelope).expect("bus messages always serialize");
     }
 
     /// A message from the bus, if it is one of this release's version.
     pub fn decode(bytes: &[u8]) -> Result<BusMessage, BusDecodeError> {
         let malformed = |e: serde_json::Error| BusDecodeError::Malformed(e.to_string());
-        let mut value: serde_json::Value = serde_json::from_slice(bytes).map_err(malformed)?;
-        let version = value
-            .as_object_mut()
-            .and_then(|fields| fields.remove("v"))
-            .ok_or_else(|| BusDecodeError::Malformed("no version (\"v\")".to_owned()))?;
-        match version.as_u64() {
-            Some(v) if v == u64::from(BUS_VERSION) => {}
-            Some(v) => return Err(BusDecodeError::UnknownVersion(v)),
-            None => return Err(BusDecodeError::Malformed(format!("version {version}"))),
+        // The version first, alone (other fields skipped), so that a
+        // message of another release is told apart from a malformed one.
+        let Versioned { v } = serde_json::from_slice(bytes).map_err(malformed)?;
+        match v {
+            None => return Err(BusDecodeError::Malformed("no version (\"v\")".to_owned())),
+            Some(v) if v != u64::from(BUS_VERSION) => {
+                return Err(BusDecodeError::UnknownVersion(v))
+            }
+            Some(_) => {}
         }
-        serde_json::from_value(value).map_err(malformed)
+        // The message itself ignores the "v" beside its fields.
+        serde_json::from_slice(bytes).map_err(malformed)
     }
+
+    /// Every message of a bus payload, in order: one per line, as
+    /// [`BusMessage::encode_into`] packs them (a payload of one message,
+    /// [`BusMessage::encode`]'s, is one line). Each is decoded on its own,
+    /// so one bad message does not cost the others; empty lines are
+    /// skipped.
+    pub fn decode_all(
+        payload: &[u8],
+    ) -> impl Iterator<Item = Result<BusMessage, BusDecodeError>> + '_ {
+        payload
+            .split(|&b| b == b'\n')
+            .filter(|line| !line.is_empty())
+            .map(BusMessage::decode)
+    }
+}
+
+/// The version of a message on the bus, read before the message.
+#[derive(Deserialize)]
+struct Versioned {
+    v: Option<u64>,
 }

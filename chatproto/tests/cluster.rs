@@ -837,6 +837,34 @@ fn bus_messages_carry_their_version_and_others_are_refused() {
     }
 }
 
+#[test]
+fn one_bus_payload_carries_many_messages_and_a_bad_one_costs_only_itself() {
+    let node = node_id(0);
+    let messages = [
+        BusMessage::RosterWanted { node },
+        BusMessage::Offline {
+            node,
+            user: "alice".parse().unwrap(),
+            at: chatproto::Timestamp::from_unix_millis(5),
+        },
+    ];
+    let mut payload = Vec::new();
+    messages[0].encode_into(&mut payload);
+    payload.extend_from_slice(b"\n{\"v\":1,\"kind\":\"teleport\"}\n\n");
+    messages[1].encode_into(&mut payload);
+    let decoded: Vec<_> = BusMessage::decode_all(&payload).collect();
+    assert_eq!(decoded.len(), 3, "{decoded:?}");
+    assert_eq!(decoded[0], Ok(messages[0].clone()));
+    assert!(matches!(decoded[1], Err(BusDecodeError::Malformed(_))));
+    assert_eq!(decoded[2], Ok(messages[1].clone()));
+    // A payload of one message is what `encode` makes.
+    assert_eq!(
+        BusMessage::decode_all(&messages[1].encode()).collect::<Vec<_>>(),
+        [Ok(messages[1].clone())]
+    );
+    assert_eq!(BusMessage::decode_all(b"").count(), 0);
+}
+
 /// What a schedule does.
 #[derive(Clone, Debug)]
 enum Op {

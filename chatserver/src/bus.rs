@@ -16,11 +16,22 @@
 //! whatever must arrive is answered, and retried or stored by whoever
 //! waits for the answer, never by the bus.
 //!
-//! Bounds: at most [`MAX_UNSENT_PUBLISHES`] publishes wait for the
-//! client at once (a longer outage makes [`Bus::publish`] refuse, instead
-//! of holding memory for ever), and at most [`EVENT_CAPACITY`] events wait
-//! for the reactor (past that the subscription waits in the client, which
-//! drops the oldest and reports a slow consumer).
+//! What the reactor publishes during one wake-up goes out as one NATS
+//! message per subject ([`BusMessage::encode_into`] packs them, up to
+//! [`MAX_PAYLOAD_BYTES`] each): under load that is one message per node
+//! per wake-up rather than one per direct message, which is most of the
+//! bus's cost (NATS, both clients, and the wake-ups).
+//!
+//! [`BusMessage::encode_into`]: chatproto::BusMessage::encode_into
+//!
+//! Bounds: at most [`MAX_UNSENT_PUBLISHES`] messages wait for the client
+//! at once (a longer outage makes [`Bus::publish`] refuse, instead of
+//! holding memory for ever), and the client holds at most
+//! [`CLIENT_CAPACITY`] payloads. At most [`EVENT_CAPACITY`] payloads wait
+//! for the reactor, and [`SUBSCRIPTION_CAPACITY`] more in the client for
+//! each subscription, past which the client drops them and reports a slow
+//! consumer. Payloads are at most [`MAX_PAYLOAD_BYTES`], so what waits is
+//! bounded in bytes too: about 8 MiB sent, 192 MiB received.
 
 #[cfg(feature = "nats")]
 pub use with_nats::*;
@@ -28,8 +39,19 @@ pub use with_nats::*;
 /// Publishes waiting for the client at most; see [`Bus::publish`].
 pub const MAX_UNSENT_PUBLISHES: usize = 65_536;
 
+/// The most bytes packed into one NATS message (NATS takes 1 MiB by
+/// default); a single bus message longer than this goes alone.
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+
 /// Events waiting for the reactor at most.
-pub const EVENT_CAPACITY: usize = 8_192;
+pub const EVENT_CAPACITY: usize = 1_024;
+
+/// Payloads the client holds for each subscription at most, beside those
+/// waiting for the reactor.
+pub const SUBSCRIPTION_CAPACITY: usize = 1_024;
+
+/// Payloads handed to the client and not yet written to NATS at most.
+pub const CLIENT_CAPACITY: usize = 128;
 
 /// The address of the NATS servers, as `--nats` takes it: one URL or
 /// several separated by commas (`nats://`, `tls://`, `ws://`, `wss://`, or a
@@ -257,7 +279,10 @@ mod with_nats {
     use tokio::sync::mpsc;
     use tracing::warn;
 
-    use super::{BusEvent, BusUrl, PublishError, EVENT_CAPACITY, MAX_UNSENT_PUBLISHES};
+    use super::{
+        BusEvent, BusUrl, PublishError, CLIENT_CAPACITY, EVENT_CAPACITY, MAX_PAYLOAD_BYTES,
+        MAX_UNSENT_PUBLISHES, SUBSCRIPTION_CAPACITY,
+    };
 
     /// How long [`Bus::stop`] gives the client to hand NATS what it holds.
     const STOP_FLUSH: Duration = Duration::from_secs(2);
@@ -269,9 +294,12 @@ mod with_nats {
     pub struct Bus {
         commands: mpsc::UnboundedSender<Command>,
         events: mpsc::Receiver<BusEvent>,
-        /// Published since the last [`Bus::flush`]: handed to the thread
-        /// together, so a wake-up's publishes wake it once.
-        batch: Vec<(String, Bytes)>,
+        /// Published since the last [`Bus::flush`], packed per subject:
+        /// handed to the thread together, so a wake-up's publishes wake
+        /// it once.
+        batch: Vec<Payload>,
+        /// The message being packed.
+        scratch: Vec<u8>,
         unsent: Arc<AtomicUsize>,
         connected: Arc<AtomicBool>,
         /// Set by the thread when it wakes the reactor, cleared by the
@@ -288,7 +316,16 @@ mod with_nats {
     #[derive(Debug)]
     enum Command {
         /// Payloads to publish, each on its subject, in order.
-        Publish(Vec<(String, Bytes)>),
+        Publish(Vec<Payload>),
+    }
+
+    /// Bus messages packed for one subject.
+    #[derive(Debug)]
+    struct Payload {
+        subject: String,
+        bytes: Vec<u8>,
+        /// How many messages it holds (each counted in `unsent`).
+        messages: usize,
     }
 
     /// Everything the bus thread's tasks share.
@@ -362,6 +399,7 @@ mod with_nats {
                 commands: command_tx,
                 events: event_rx,
                 batch: Vec::new(),
+                scratch: Vec::new(),
                 unsent,
                 connected,
                 woken,
@@ -370,12 +408,17 @@ mod with_nats {
             })
         }
 
-        /// Publishes `payload` on `subject`, without waiting: the bus
-        /// thread hands it to NATS in the order published, once
-        /// [`Bus::flush`] hands it over (the reactor does at the end of
-        /// each wake-up). Core NATS delivers at most once, so whoever
-        /// needs it to arrive must wait for an answer.
-        pub fn publish(&mut self, subject: String, payload: Bytes) -> Result<(), PublishError> {
+        /// Publishes `message` on `subject`, without waiting: the bus
+        /// thread hands it to NATS once [`Bus::flush`] hands it over (the
+        /// reactor does at the end of each wake-up), packed with the
+        /// others for `subject`, in the order published. Core NATS
+        /// delivers at most once, so whoever needs it to arrive must wait
+        /// for an answer.
+        pub fn publish(
+            &mut self,
+            subject: &str,
+            message: &chatproto::BusMessage,
+        ) -> Result<(), PublishError> {
             if self.commands.is_closed() {
                 return Err(PublishError::Stopped);
             }
@@ -383,7 +426,30 @@ mod with_nats {
                 return Err(PublishError::Backlog);
             }
             self.unsent.fetch_add(1, Ordering::Relaxed);
-            self.batch.push((subject, payload));
+            self.scratch.clear();
+            message.encode_into(&mut self.scratch);
+            // The newest payload for the subject takes it if it fits; the
+            // payloads of one subject stay in the order made.
+            let open = self
+                .batch
+                .iter_mut()
+                .rev()
+                .find(|payload| payload.subject == subject)
+                .filter(|payload| {
+                    payload.bytes.len() + 1 + self.scratch.len() <= MAX_PAYLOAD_BYTES
+                });
+            match open {
+                Some(payload) => {
+                    payload.bytes.push(b'\n');
+                    payload.bytes.extend_from_slice(&self.scratch);
+                    payload.messages += 1;
+                }
+                None => self.batch.push(Payload {
+                    subject: subject.to_owned(),
+                    bytes: self.scratch.clone(),
+                    messages: 1,
+                }),
+            }
             Ok(())
         }
 
@@ -394,7 +460,7 @@ mod with_nats {
                 return;
             }
             let batch = std::mem::take(&mut self.batch);
-            let count = batch.len();
+            let count = batch.iter().map(|payload| payload.messages).sum();
             if self.commands.send(Command::Publish(batch)).is_err() {
                 self.unsent.fetch_sub(count, Ordering::Relaxed);
             }
@@ -466,8 +532,8 @@ mod with_nats {
         // it within the flush time.
         let last = async {
             while let Ok(Command::Publish(batch)) = commands.try_recv() {
-                for (subject, payload) in batch {
-                    if client.publish(subject, payload).await.is_err() {
+                for Payload { subject, bytes, .. } in batch {
+                    if client.publish(subject, Bytes::from(bytes)).await.is_err() {
                         return;
                     }
                 }
@@ -495,6 +561,8 @@ mod with_nats {
         let options = async_nats::ConnectOptions::new()
             .name(name)
             .retry_on_initial_connect()
+            .client_capacity(CLIENT_CAPACITY)
+            .subscription_capacity(SUBSCRIPTION_CAPACITY)
             .event_callback(move |event| {
                 let shared = on_event.clone();
                 async move {
@@ -562,14 +630,19 @@ mod with_nats {
             }
         }
         while let Some(Command::Publish(batch)) = commands.recv().await {
-            for (subject, payload) in batch {
+            for Payload {
+                subject,
+                bytes,
+                messages,
+            } in batch
+            {
                 // Waits while the client's own buffer is full (the
                 // connection is down): publishes queue behind, up to
                 // MAX_UNSENT_PUBLISHES.
-                if let Err(e) = client.publish(subject, payload).await {
+                if let Err(e) = client.publish(subject, Bytes::from(bytes)).await {
                     warn!("NATS publish failed: {e}");
                 }
-                unsent.fetch_sub(1, Ordering::Relaxed);
+                unsent.fetch_sub(messages, Ordering::Relaxed);
             }
         }
     }

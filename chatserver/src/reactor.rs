@@ -729,9 +729,11 @@ impl Reactor {
                     self.core.handle_bus_lost(now);
                 }
                 BusEvent::Message { subject, payload } => {
-                    match chatproto::BusMessage::decode(&payload) {
-                        Ok(message) => self.core.handle_bus(message, now),
-                        Err(e) => warn!(%subject, "dropped a bus message: {e}"),
+                    for message in chatproto::BusMessage::decode_all(&payload) {
+                        match message {
+                            Ok(message) => self.core.handle_bus(message, now),
+                            Err(e) => warn!(%subject, "dropped a bus message: {e}"),
+                        }
                     }
                 }
                 BusEvent::Warning(warning) => warn!("NATS: {warning}"),
@@ -749,7 +751,7 @@ impl Reactor {
     fn publish(&mut self, to: chatproto::BusTarget, message: &chatproto::BusMessage) {
         #[cfg(feature = "nats")]
         if let (Some(bus), Some(bus_config)) = (self.bus.as_mut(), self.config.bus.as_ref()) {
-            match bus.publish(bus_config.subjects.of(to), message.encode()) {
+            match bus.publish(&bus_config.subjects.of(to), message) {
                 Ok(()) => self.publish_refused = false,
                 Err(e) if !self.publish_refused => {
                     self.publish_refused = true;

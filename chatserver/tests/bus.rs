@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use chatserver::bus::{Bus, BusEvent, PublishError, MAX_UNSENT_PUBLISHES};
+use chatproto::{BusMessage, NodeId};
+use chatserver::bus::{Bus, BusEvent, PublishError, MAX_PAYLOAD_BYTES, MAX_UNSENT_PUBLISHES};
 use polling::{Events, Poller};
 use test_nats::{shared_url, unique_prefix, PrivateNats};
 
@@ -78,15 +79,39 @@ impl Node {
     }
 }
 
+/// The `i`th message of a test sequence.
+fn numbered(i: u32) -> BusMessage {
+    BusMessage::Heartbeat {
+        node: NodeId::from_u128(7),
+        online: i,
+        accounts: String::new(),
+    }
+}
+
+/// What `until_subscribed` publishes.
+fn probe() -> BusMessage {
+    BusMessage::RosterWanted {
+        node: NodeId::from_u128(9),
+    }
+}
+
+/// The messages packed in `payloads`, in order, probes left out.
+fn unpack(payloads: &[Bytes]) -> Vec<BusMessage> {
+    payloads
+        .iter()
+        .flat_map(|payload| BusMessage::decode_all(payload))
+        .map(|message| message.expect("what the bus packs decodes"))
+        .filter(|message| *message != probe())
+        .collect()
+}
+
 /// Publishes probes from `from` on `subject` until `to` gets one: its
 /// subscription is then in place at the server (a publish that comes
 /// before it is lost, as core NATS promises no more).
 fn until_subscribed(from: &mut Node, to: &mut Node, subject: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        from.bus
-            .publish(subject.to_owned(), Bytes::from_static(b"probe"))
-            .unwrap();
+        from.bus.publish(subject, &probe()).unwrap();
         from.bus.flush();
         if !to
             .messages_for(subject, Duration::from_millis(100))
@@ -114,9 +139,7 @@ fn messages_arrive_in_the_order_published_on_the_subscribed_subject_only() {
     // Probes may still be on their way: the sequence is told apart by its
     // payloads.
     for i in 0..1000 {
-        b.bus
-            .publish(to_a.clone(), Bytes::from(format!("m{i}")))
-            .unwrap();
+        b.bus.publish(&to_a, &numbered(i)).unwrap();
         if i % 100 == 99 {
             // Handed over in batches, as the reactor does each wake-up.
             b.bus.flush();
@@ -125,12 +148,58 @@ fn messages_arrive_in_the_order_published_on_the_subscribed_subject_only() {
     let mut got = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     while got.len() < 1000 && Instant::now() < deadline {
-        let more = a.messages_for(&to_a, Duration::from_millis(100));
-        got.extend(more.into_iter().filter(|p| p.as_ref() != b"probe"));
+        got.extend(unpack(&a.messages_for(&to_a, Duration::from_millis(100))));
     }
-    let want: Vec<Bytes> = (0..1000).map(|i| Bytes::from(format!("m{i}"))).collect();
+    let want: Vec<BusMessage> = (0..1000).map(numbered).collect();
     assert_eq!(got, want);
     assert!(b.messages_for(&to_b, Duration::from_millis(200)).is_empty());
+}
+
+#[test]
+fn a_wake_ups_publishes_go_out_packed_per_subject_in_order_and_bounded() {
+    let prefix = unique_prefix();
+    let (to_a, to_b) = (format!("{prefix}.a"), format!("{prefix}.b"));
+    let mut a = Node::start(&shared_url(), std::slice::from_ref(&to_a));
+    let mut b = Node::start(&shared_url(), std::slice::from_ref(&to_b));
+    let mut c = Node::start(&shared_url(), &[]);
+    a.wait_connected();
+    b.wait_connected();
+    c.wait_connected();
+    until_subscribed(&mut c, &mut a, &to_a);
+    until_subscribed(&mut c, &mut b, &to_b);
+    // One wake-up's worth for two subjects, interleaved, some of them
+    // long enough that they cannot all share one payload.
+    let long = |i: u32| BusMessage::Heartbeat {
+        node: NodeId::from_u128(7),
+        online: i,
+        accounts: "x".repeat(10_000),
+    };
+    let (mut want_a, mut want_b) = (Vec::new(), Vec::new());
+    for i in 0..100 {
+        let message = if i % 10 == 0 { long(i) } else { numbered(i) };
+        c.bus.publish(&to_a, &message).unwrap();
+        want_a.push(message);
+        c.bus.publish(&to_b, &numbered(1000 + i)).unwrap();
+        want_b.push(numbered(1000 + i));
+    }
+    assert_eq!(c.bus.unsent(), 200);
+    c.bus.flush();
+    let (mut payloads_a, mut payloads_b) = (Vec::new(), Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (unpack(&payloads_a).len() < 100 || unpack(&payloads_b).len() < 100)
+        && Instant::now() < deadline
+    {
+        payloads_a.extend(a.messages_for(&to_a, Duration::from_millis(50)));
+        payloads_b.extend(b.messages_for(&to_b, Duration::from_millis(50)));
+    }
+    assert_eq!(unpack(&payloads_a), want_a);
+    assert_eq!(unpack(&payloads_b), want_b);
+    // 100 kB for a: two payloads at least, each within the bound; b's
+    // 100 short messages fit in one.
+    assert!(payloads_a.len() >= 2, "{}", payloads_a.len());
+    assert!(payloads_a.len() <= 4, "{}", payloads_a.len());
+    assert!(payloads_a.iter().all(|p| p.len() <= MAX_PAYLOAD_BYTES));
+    assert_eq!(payloads_b.len(), 1);
 }
 
 #[test]
@@ -184,7 +253,7 @@ fn a_long_outage_makes_publishes_refuse_instead_of_piling_up() {
     let mut a = Node::start(&format!("nats://127.0.0.1:{port}"), &[]);
     let mut refused = None;
     for i in 0..MAX_UNSENT_PUBLISHES * 2 {
-        if let Err(e) = a.bus.publish("x".to_owned(), Bytes::from_static(b"m")) {
+        if let Err(e) = a.bus.publish("x", &numbered(0)) {
             refused = Some((i, e));
             break;
         }
