@@ -6,7 +6,11 @@
 /// A connection, as named by the server core.
 ///
 /// Drivers may use [`ConnId::index`] to key their own per-socket table:
-/// at most one open connection has a given index at a time.
+/// at most one connection has a given index at a time, counting a closed
+/// one until its [`Output::Close`](crate::Output::Close) has been polled
+/// (it may wait behind a batch), and one the driver ended itself
+/// ([`Server::handle_disconnect`](crate::Server::handle_disconnect)) until
+/// that call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId {
     index: u32,

@@ -378,3 +378,34 @@ fn what_a_batch_frees_goes_out_in_the_order_it_was_made_across_connections() {
         "{order:?}"
     );
 }
+
+#[test]
+fn a_closed_connections_slot_is_not_reused_before_its_close_is_out() {
+    // A driver finds the socket by `ConnId::index` until it has the
+    // `Output::Close`: a new connection given that index while the close
+    // waits behind a batch would leave the old socket open for ever.
+    let (mut sim, alice, _) = slow_storage();
+    // Her answer waits for the message's batch; her goodbye behind it.
+    sim.send(alice, "message bob stored");
+    sim.send(alice, "logout");
+    assert!(
+        sim.take(alice).is_empty(),
+        "the goodbye waits for the batch"
+    );
+    assert!(!sim.closed.contains_key(&alice));
+    let newcomers: Vec<_> = (0..3).map(|_| sim.connect()).collect();
+    assert!(
+        newcomers.iter().all(|c| c.index() != alice.index()),
+        "{alice} shares its index with one of {newcomers:?}"
+    );
+    sim.answer_batch(Persisted::Committed);
+    sim.answer_batch(Persisted::Committed);
+    assert_eq!(sim.closed.get(&alice), Some(&ByeReason::Logout));
+    // Out: the slot serves again.
+    let later = sim.connect();
+    assert_eq!(
+        later.index(),
+        alice.index(),
+        "{later} {alice} {newcomers:?}"
+    );
+}

@@ -14,7 +14,7 @@
 //! ([`Reactor::turn`]) or until stopped ([`Reactor::run`],
 //! [`StopHandle`]).
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -221,6 +221,10 @@ pub struct Reactor {
     free_keys: Vec<usize>,
     /// Socket key for each open core connection, by `ConnId::index`.
     by_conn: Vec<Option<(ConnId, usize)>>,
+    /// Sockets this reactor ended itself (`end_session`) and keeps mapped
+    /// for the output the core still holds for them, once the core has
+    /// given their index to a newer connection.
+    by_conn_ended: HashMap<ConnId, usize>,
     /// Sockets with output or interest to update this turn.
     dirty: Vec<usize>,
     /// The links' deadlines (`Link::deadline`), as registered.
@@ -425,6 +429,7 @@ impl Reactor {
             sockets: Vec::new(),
             free_keys: Vec::new(),
             by_conn: Vec::new(),
+            by_conn_ended: HashMap::new(),
             dirty: Vec::new(),
             deadlines: BTreeSet::new(),
             accept_paused_until: None,
@@ -1032,6 +1037,12 @@ impl Reactor {
         if self.by_conn.len() <= conn.index() {
             self.by_conn.resize(conn.index() + 1, None);
         }
+        if let Some((old, old_key)) = self.by_conn[conn.index()] {
+            // Only a connection ended here (`end_session`) is still mapped
+            // once the core reuses its index: the core does not reuse one
+            // whose `Output::Close` is still to come.
+            self.by_conn_ended.insert(old, old_key);
+        }
         self.by_conn[conn.index()] = Some((conn, key));
         let socket = self.sockets[key].as_mut().expect("keys point at sockets");
         socket.conn = Some(conn);
@@ -1599,7 +1610,8 @@ impl Reactor {
     fn key_of(&self, conn: ConnId) -> Option<usize> {
         match self.by_conn.get(conn.index()) {
             Some(Some((c, key))) if *c == conn => Some(*key),
-            _ => None,
+            _ if self.by_conn_ended.is_empty() => None,
+            _ => self.by_conn_ended.get(&conn).copied(),
         }
     }
 
@@ -1607,8 +1619,10 @@ impl Reactor {
         if let Some(slot) = self.by_conn.get_mut(conn.index()) {
             if matches!(slot, Some((c, _)) if *c == conn) {
                 *slot = None;
+                return;
             }
         }
+        self.by_conn_ended.remove(&conn);
     }
 }
 

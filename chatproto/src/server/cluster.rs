@@ -243,6 +243,7 @@ impl Server {
                 conn,
                 reason: ByeReason::NodeExpired,
             });
+            self.sessions.keep_slot(conn);
             // Its users were announced offline by the others when they
             // gave this node up: nobody is left here to tell.
             self.forget(conn, now, false);

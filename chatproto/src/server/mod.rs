@@ -349,6 +349,7 @@ impl Server {
                 conn,
                 reason: ByeReason::ServerShutdown,
             });
+            self.sessions.keep_slot(conn);
             self.forget(conn, now, false);
         }
         // After each user's `Offline`: the others forget this node now,
@@ -737,6 +738,10 @@ impl Server {
     #[inline]
     pub fn poll_output(&mut self) -> Option<Output> {
         let mut output = self.outputs.pop_front();
+        if let Some(Output::Close { conn, .. }) = &output {
+            // The driver is done with the slot once it has this.
+            self.sessions.release_slot(*conn);
+        }
         if output.is_none() {
             // Everything else polled first: the batch holds every change
             // made by the calls before.
@@ -1086,6 +1091,7 @@ impl Server {
         self.note_kind(Kind::Fact);
         self.send(conn, &ServerFrame::Bye { reason });
         self.outputs.push_back(Output::Close { conn, reason });
+        self.sessions.keep_slot(conn);
         self.forget(conn, now, true);
     }
 

@@ -6,7 +6,7 @@
 //! kept after its connection closed is recognised as stale instead of
 //! reaching whoever holds the slot now.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 
 use uuid::Uuid;
 
@@ -67,6 +67,10 @@ pub(crate) struct Session {
 pub(crate) struct Sessions {
     slots: Vec<Slot>,
     free: Vec<u32>,
+    /// Slots of connections closed with an `Output::Close` that has not
+    /// left the core yet (it may wait behind a batch): not reused until it
+    /// has, since the driver finds the socket by the slot until then.
+    kept: HashSet<u32>,
     len: usize,
 }
 
@@ -109,9 +113,32 @@ impl Sessions {
         }
         let conn = slot.conn.take()?;
         slot.generation = slot.generation.wrapping_add(1);
-        self.free.push(id.index() as u32);
+        if !self.kept.contains(&(id.index() as u32)) {
+            self.free.push(id.index() as u32);
+        }
         self.len -= 1;
         Some(conn)
+    }
+
+    /// Open `id` is being closed with an `Output::Close`: once removed,
+    /// its slot is not reused until [`Sessions::release_slot`].
+    pub(crate) fn keep_slot(&mut self, id: ConnId) {
+        if self.get(id).is_some() {
+            self.kept.insert(id.index() as u32);
+        }
+    }
+
+    /// The `Output::Close` of `id` has left the core: its slot may be
+    /// reused.
+    pub(crate) fn release_slot(&mut self, id: ConnId) {
+        let index = id.index() as u32;
+        let closed = self
+            .slots
+            .get(id.index())
+            .is_some_and(|slot| slot.conn.is_none());
+        if closed && self.kept.remove(&index) {
+            self.free.push(index);
+        }
     }
 
     pub(crate) fn len(&self) -> usize {

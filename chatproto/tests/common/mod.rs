@@ -68,6 +68,9 @@ pub struct Sim {
     pub batches: Vec<(BatchId, Vec<Change>)>,
     inbox: HashMap<ConnId, Vec<Bytes>>,
     pub closed: HashMap<ConnId, ByeReason>,
+    /// The connection each index names, as a driver keeps it: from the
+    /// accept to its close (or the driver's disconnect).
+    by_index: HashMap<usize, ConnId>,
     pub events: Vec<Event>,
     /// Password checks asked for, not yet answered.
     pub verifications: Vec<(VerifyTicket, HashedPassword, Password)>,
@@ -262,6 +265,7 @@ impl Sim {
             batches: Vec::new(),
             inbox: HashMap::new(),
             closed: HashMap::new(),
+            by_index: HashMap::new(),
             events: Vec::new(),
             verifications: Vec::new(),
             published: Vec::new(),
@@ -280,6 +284,9 @@ impl Sim {
     pub fn connect_from(&mut self, peer: PeerKey) -> ConnId {
         self.next_random = self.next_random.wrapping_add(1);
         let conn = self.server.accept(peer, [self.next_random; 16], self.now);
+        if let Some(old) = self.by_index.insert(conn.index(), conn) {
+            panic!("{conn} took the index of {old}, whose socket a driver still has");
+        }
         self.pump();
         conn
     }
@@ -370,8 +377,16 @@ impl Sim {
         self.now = until;
     }
 
+    /// A driver no longer needs `conn`'s index.
+    fn forget_index(&mut self, conn: ConnId) {
+        if self.by_index.get(&conn.index()) == Some(&conn) {
+            self.by_index.remove(&conn.index());
+        }
+    }
+
     pub fn disconnect(&mut self, conn: ConnId) {
         self.server.handle_disconnect(conn, self.now).unwrap();
+        self.forget_index(conn);
         self.pump();
     }
 
@@ -447,6 +462,7 @@ impl Sim {
                         self.closed.insert(conn, reason).is_none(),
                         "{conn} closed twice"
                     );
+                    self.forget_index(conn);
                 }
                 Output::Event(e) => self.events.push(e),
                 Output::VerifyPassword {
