@@ -31,7 +31,7 @@ mod with_database {
     use polling::Poller;
     use tracing::{error, info, warn};
 
-    use crate::database::{Committed, Database, DatabaseError};
+    use crate::database::{Committed, Database, DatabaseError, GroupJob, GroupOutcome};
     use crate::node::{Beat, ClusterNode};
 
     /// What the storage thread finished.
@@ -368,6 +368,8 @@ mod with_database {
     }
 
     /// The storage thread: runs jobs in order until the reactor hangs up.
+    /// In cluster mode, batches, claims and releases queued together run
+    /// as one group, with one commit ([`Database::run_group`]).
     fn work(
         mut db: Database,
         cluster: Option<&ClusterNode>,
@@ -379,64 +381,164 @@ mod with_database {
             location: "storage".to_owned(),
             what: "a cluster job for a node not in a cluster".to_owned(),
         };
-        for job in inbox {
-            let done = match job {
-                Job::Check => Answer::Checked(db.check()),
-                Job::Persist { batch, changes } => {
-                    for change in changes {
-                        db.record(change);
+        let mut next = None;
+        let mut group = Vec::new();
+        loop {
+            let job = match next.take() {
+                Some(job) => job,
+                None => match inbox.recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                },
+            };
+            group.push(job);
+            if let Some(node) = cluster.filter(|_| group[0].groups()) {
+                while group.len() < MAX_GROUP {
+                    match inbox.try_recv() {
+                        Ok(job) if job.groups() => group.push(job),
+                        Ok(job) => {
+                            next = Some(job);
+                            break;
+                        }
+                        Err(_) => break,
                     }
-                    Answer::Done(Done::Persisted {
-                        batch,
-                        result: db.commit(),
-                    })
                 }
-                Job::LoadPage {
-                    conn,
-                    user,
-                    after_seq,
-                    max_bytes,
-                } => Answer::Done(Done::Page {
-                    conn,
-                    result: db.offline_page(&user, after_seq, max_bytes),
-                }),
-                Job::Claim { claim, user } => Answer::Done(Done::Claimed {
-                    claim,
-                    result: cluster
-                        .ok_or_else(not_clustered)
-                        .and_then(|node| db.claim_session(node, &user, claim)),
-                }),
-                Job::Release { user, claim } => {
-                    let result = cluster
-                        .ok_or_else(not_clustered)
-                        .and_then(|node| db.release_session(node, &user, claim));
-                    Answer::Done(Done::Released {
+                if group.len() > 1 {
+                    if let Some(answers) = run_group(&mut db, node, &group) {
+                        group.clear();
+                        for done in answers {
+                            if outbox.send(Answer::Done(done)).is_err() {
+                                return;
+                            }
+                        }
+                        let _ = poller.notify();
+                        continue;
+                    }
+                }
+            }
+            // Alone, or the group each on its own (it rolled back).
+            for job in group.drain(..) {
+                let done = match job {
+                    Job::Check => Answer::Checked(db.check()),
+                    Job::Persist { batch, changes } => {
+                        for change in changes {
+                            db.record(change);
+                        }
+                        Answer::Done(Done::Persisted {
+                            batch,
+                            result: db.commit(),
+                        })
+                    }
+                    Job::LoadPage {
+                        conn,
                         user,
+                        after_seq,
+                        max_bytes,
+                    } => Answer::Done(Done::Page {
+                        conn,
+                        result: db.offline_page(&user, after_seq, max_bytes),
+                    }),
+                    Job::Claim { claim, user } => Answer::Done(Done::Claimed {
                         claim,
-                        result,
-                    })
-                }
-                Job::Beat => Answer::Done(Done::Beat(
-                    cluster
-                        .ok_or_else(not_clustered)
-                        .and_then(|node| db.node_heartbeat(node)),
-                )),
-                Job::Leave => {
-                    let left = cluster
-                        .ok_or_else(not_clustered)
-                        .and_then(|node| db.leave_cluster(node));
-                    match &left {
+                        result: cluster
+                            .ok_or_else(not_clustered)
+                            .and_then(|node| db.claim_session(node, &user, claim)),
+                    }),
+                    Job::Release { user, claim } => {
+                        let result = cluster
+                            .ok_or_else(not_clustered)
+                            .and_then(|node| db.release_session(node, &user, claim));
+                        Answer::Done(Done::Released {
+                            user,
+                            claim,
+                            result,
+                        })
+                    }
+                    Job::Beat => Answer::Done(Done::Beat(
+                        cluster
+                            .ok_or_else(not_clustered)
+                            .and_then(|node| db.node_heartbeat(node)),
+                    )),
+                    Job::Leave => {
+                        let left = cluster
+                            .ok_or_else(not_clustered)
+                            .and_then(|node| db.leave_cluster(node));
+                        match &left {
                         Ok(()) => info!("left the cluster: this node's sessions are free for the others at once"),
                         Err(e) => warn!("{e}: the other nodes take this node's sessions over after its lease"),
                     }
-                    Answer::Checked(left)
+                        Answer::Checked(left)
+                    }
+                };
+                if outbox.send(done).is_err() {
+                    return;
                 }
-            };
-            if outbox.send(done).is_err() {
-                return;
+                let _ = poller.notify();
             }
-            let _ = poller.notify();
         }
+    }
+
+    /// Jobs run together at most: a group's locks are held until its
+    /// commit, so it stays short.
+    const MAX_GROUP: usize = 64;
+
+    impl Job {
+        /// Whether it may share a transaction with its neighbours.
+        fn groups(&self) -> bool {
+            matches!(
+                self,
+                Job::Persist { .. } | Job::Claim { .. } | Job::Release { .. }
+            )
+        }
+    }
+
+    /// Runs `jobs` (batches, claims and releases) in one transaction:
+    /// their answers, in order, or `None` if it rolled back and each is to
+    /// be run alone.
+    fn run_group(db: &mut Database, node: &ClusterNode, jobs: &[Job]) -> Option<Vec<Done>> {
+        let grouped: Vec<GroupJob<'_>> = jobs
+            .iter()
+            .map(|job| match job {
+                Job::Persist { changes, .. } => GroupJob::Persist(changes),
+                Job::Claim { claim, user } => GroupJob::Claim {
+                    user,
+                    claim: *claim,
+                },
+                Job::Release { user, claim } => GroupJob::Release {
+                    user,
+                    claim: *claim,
+                },
+                _ => unreachable!("only jobs that group are grouped"),
+            })
+            .collect();
+        let outcomes = db.run_group(node, &grouped)?;
+        let answers = jobs
+            .iter()
+            .zip(outcomes)
+            .map(|(job, outcome)| match (job, outcome) {
+                (Job::Persist { batch, .. }, outcome) => Done::Persisted {
+                    batch: *batch,
+                    result: outcome.map(|o| match o {
+                        GroupOutcome::Persisted(committed) => committed,
+                        _ => Committed::default(),
+                    }),
+                },
+                (Job::Claim { claim, .. }, outcome) => Done::Claimed {
+                    claim: *claim,
+                    result: outcome.map(|o| match o {
+                        GroupOutcome::Claimed(queued) => queued,
+                        _ => None,
+                    }),
+                },
+                (Job::Release { user, claim }, outcome) => Done::Released {
+                    user: user.clone(),
+                    claim: *claim,
+                    result: outcome.map(drop),
+                },
+                _ => unreachable!("only jobs that group are grouped"),
+            })
+            .collect();
+        Some(answers)
     }
 
     #[cfg(test)]

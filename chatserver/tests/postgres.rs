@@ -421,3 +421,172 @@ fn cluster_sessions_have_one_holder() {
         );
     }
 }
+
+/// The storage thread's group commit: batches, claims and releases queued
+/// together run in one transaction and answer as each would alone; two
+/// groups of two live nodes claiming the same users in opposite orders
+/// (which can deadlock) still give each user exactly one holder.
+#[test]
+fn a_group_of_jobs_answers_as_each_alone_would() {
+    use chatproto::{Change, ClaimId, OfflineMessage, QueueSize, Timestamp, Username};
+    use chatserver::database::{Database, DatabaseError, GroupJob, GroupOutcome, Location};
+    use chatserver::node::{Beat, ClusterNode};
+    use std::time::Duration;
+
+    let db = TestDatabase::create();
+    let location = Location::parse(&db.url);
+    let open = || Database::open(&location).unwrap().0;
+    let node = |id: &str| ClusterNode {
+        id: id.to_owned(),
+        name: id.to_owned(),
+        lease: Duration::from_secs(60),
+    };
+    let (a, b) = (node("a"), node("b"));
+    let (mut da, mut db_b) = (open(), open());
+    assert_eq!(da.node_heartbeat(&a).unwrap(), Beat::Alive);
+    assert_eq!(db_b.node_heartbeat(&b).unwrap(), Beat::Alive);
+    let name = |n: &str| -> Username { n.parse().unwrap() };
+    let (alice, bob, carol) = (name("alice"), name("bob"), name("carol"));
+    assert!(db_b
+        .claim_session(&b, &carol, ClaimId::from_raw(1))
+        .unwrap()
+        .is_some());
+
+    let batch = [Change::MessageQueued {
+        to: bob.clone(),
+        message: OfflineMessage {
+            from: alice.clone(),
+            text: "hi".parse().unwrap(),
+            sent_at: Timestamp::from_unix_millis(1),
+        },
+    }];
+    let jobs = [
+        GroupJob::Claim {
+            user: &alice,
+            claim: ClaimId::from_raw(1),
+        },
+        // Sees the batch before it, in the same transaction.
+        GroupJob::Persist(&batch),
+        GroupJob::Claim {
+            user: &bob,
+            claim: ClaimId::from_raw(2),
+        },
+        // Held by b, alive.
+        GroupJob::Claim {
+            user: &carol,
+            claim: ClaimId::from_raw(3),
+        },
+        GroupJob::Release {
+            user: &alice,
+            claim: ClaimId::from_raw(1),
+        },
+    ];
+    let outcomes: Vec<GroupOutcome> = da
+        .run_group(&a, &jobs)
+        .expect("committed")
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            GroupOutcome::Claimed(Some(QueueSize::default())),
+            GroupOutcome::Persisted(chatserver::database::Committed { changes: 1 }),
+            GroupOutcome::Claimed(Some(QueueSize {
+                messages: 1,
+                bytes: 2
+            })),
+            GroupOutcome::Claimed(None),
+            GroupOutcome::Released,
+        ]
+    );
+    // Written: alice is free again, bob is a's.
+    assert!(db_b
+        .claim_session(&b, &alice, ClaimId::from_raw(5))
+        .unwrap()
+        .is_some());
+    assert!(db_b
+        .claim_session(&b, &bob, ClaimId::from_raw(6))
+        .unwrap()
+        .is_none());
+
+    // A node given up: every claim of its group is refused, the rest of
+    // the group is written.
+    let mut dc = open();
+    let c = ClusterNode {
+        lease: Duration::from_millis(100),
+        ..node("c")
+    };
+    assert_eq!(dc.node_heartbeat(&c).unwrap(), Beat::Alive);
+    let dave = name("dave");
+    assert!(dc
+        .claim_session(&c, &dave, ClaimId::from_raw(1))
+        .unwrap()
+        .is_some());
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(db_b
+        .claim_session(&b, &dave, ClaimId::from_raw(7))
+        .unwrap()
+        .is_some());
+    let answers = dc
+        .run_group(
+            &c,
+            &[
+                GroupJob::Claim {
+                    user: &name("erin"),
+                    claim: ClaimId::from_raw(2),
+                },
+                GroupJob::Persist(&batch),
+            ],
+        )
+        .expect("committed");
+    assert!(matches!(answers[0], Err(DatabaseError::NodeExpired { .. })));
+    assert!(answers[1].is_ok());
+
+    // Two live nodes claim the same users at once, in opposite orders.
+    for round in 0..10u64 {
+        let users: Vec<Username> = (0..4).map(|i| name(&format!("r{round}x{i}"))).collect();
+        let racers: Vec<_> = [(a.clone(), open(), false), (b.clone(), open(), true)]
+            .into_iter()
+            .map(|(node, mut conn, reverse)| {
+                let mut users = users.clone();
+                if reverse {
+                    users.reverse();
+                }
+                std::thread::spawn(move || {
+                    let jobs: Vec<GroupJob<'_>> = users
+                        .iter()
+                        .map(|user| GroupJob::Claim {
+                            user,
+                            claim: ClaimId::from_raw(round),
+                        })
+                        .collect();
+                    // Rolled back (a deadlock broken by PostgreSQL): each
+                    // alone, as the storage thread does.
+                    let won: Vec<bool> = match conn.run_group(&node, &jobs) {
+                        Some(outcomes) => outcomes
+                            .into_iter()
+                            .map(|o| matches!(o, Ok(GroupOutcome::Claimed(Some(_)))))
+                            .collect(),
+                        None => users
+                            .iter()
+                            .map(|user| {
+                                conn.claim_session(&node, user, ClaimId::from_raw(round))
+                                    .unwrap()
+                                    .is_some()
+                            })
+                            .collect(),
+                    };
+                    users.into_iter().zip(won).collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let mut holders = std::collections::HashMap::new();
+        for racer in racers {
+            for (user, won) in racer.join().unwrap() {
+                *holders.entry(user).or_insert(0) += usize::from(won);
+            }
+        }
+        assert!(holders.values().all(|&n| n == 1), "round {round}: {holders:?}");
+    }
+}

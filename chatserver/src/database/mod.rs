@@ -162,6 +162,14 @@ pub enum DatabaseError {
     /// lease, or a session of its was taken over); its heartbeat tells it.
     #[error("PostgreSQL {location}: this node was given up by the cluster (silent past its lease); it claims no session until its heartbeat has closed its clients")]
     NodeExpired { location: String },
+    /// The commit of a group of jobs failed (the storage thread commits
+    /// jobs queued together at once); each of them fails with it.
+    #[error("{location}: the commit of {jobs} jobs together failed: {reason}")]
+    GroupCommit {
+        location: String,
+        jobs: usize,
+        reason: String,
+    },
     /// What this build or this database cannot do.
     #[error("{location}: {what}")]
     Unsupported { location: String, what: String },
@@ -173,6 +181,39 @@ pub enum DatabaseError {
 /// The schema version this build reads and writes (the same number for
 /// both databases: one migration list each, kept in step).
 pub const SCHEMA_VERSION: i32 = 4;
+
+/// One job of a group commit ([`Database::run_group`]).
+#[derive(Debug, Clone, Copy)]
+pub enum GroupJob<'a> {
+    /// A batch of changes ([`Database::commit`]).
+    Persist(&'a [Change]),
+    /// A session claim ([`Database::claim_session`]).
+    Claim {
+        /// Whose.
+        user: &'a Username,
+        /// Which claim.
+        claim: ClaimId,
+    },
+    /// A session given back ([`Database::release_session`]).
+    Release {
+        /// Whose.
+        user: &'a Username,
+        /// Which claim.
+        claim: ClaimId,
+    },
+}
+
+/// What became of one job of a committed group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupOutcome {
+    /// The batch is written.
+    Persisted(Committed),
+    /// The claim holds, with what the user's queue holds (`Some`), or a
+    /// node that is alive holds the session (`None`).
+    Claimed(Option<QueueSize>),
+    /// The release is written.
+    Released,
+}
 
 /// What a commit wrote.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -279,6 +320,27 @@ impl Database {
             }
             #[cfg(feature = "postgres")]
             Database::Postgres(db) => db.claim_session(node, user, claim),
+        }
+    }
+
+    /// Cluster mode: runs `jobs` in one transaction with one commit, and
+    /// says what became of each, in order; `None` if nothing was written
+    /// and each should be run alone (which says which one failed, and
+    /// why), and always with SQLite, whose commits the core already
+    /// groups (cluster jobs are PostgreSQL's).
+    pub fn run_group(
+        &mut self,
+        node: &ClusterNode,
+        jobs: &[GroupJob<'_>],
+    ) -> Option<Vec<Result<GroupOutcome, DatabaseError>>> {
+        match self {
+            #[cfg(feature = "sqlite")]
+            Database::Sqlite(_) => {
+                let _ = (node, jobs);
+                None
+            }
+            #[cfg(feature = "postgres")]
+            Database::Postgres(db) => db.run_group(node, jobs),
         }
     }
 

@@ -24,7 +24,9 @@ use chatproto::{
 use postgres::{Client, Config, NoTls, Statement, Transaction};
 use tracing::{info, warn};
 
-use super::{millis, timestamp, Committed, DatabaseError, Location, SCHEMA_VERSION};
+use super::{
+    millis, timestamp, Committed, DatabaseError, GroupJob, GroupOutcome, Location, SCHEMA_VERSION,
+};
 use crate::node::{Beat, ClusterNode};
 
 /// `pg_advisory_xact_lock` key of the schema migration: "chtp".
@@ -307,7 +309,6 @@ impl PostgresDatabase {
         user: &Username,
         claim: ClaimId,
     ) -> Result<Option<QueueSize>, DatabaseError> {
-        let claim = i64::try_from(claim.into_raw()).unwrap_or(i64::MAX);
         let claimed = self.with_session_again("claim a session", |session| {
             let mut tx = session.client.transaction()?;
             // The claiming node must not have been given up: a node whose
@@ -316,46 +317,99 @@ impl PostgresDatabase {
             if tx.execute(&session.statements.claimant_alive, &[&node.id.as_str()])? == 0 {
                 return Ok(None);
             }
-            let args: [&(dyn postgres::types::ToSql + Sync); 3] =
-                [&user.as_str(), &node.id.as_str(), &claim];
-            // A new row, unless one is there: two claims at once for the
-            // same user wait on the key, and the second finds the first's.
-            let queued = |tx: &mut Transaction<'_>| {
-                let row = tx.query_one(&session.statements.queue_size, &[&user.as_str()])?;
-                Ok::<_, postgres::Error>(QueueSize {
-                    messages: usize::try_from(row.get::<_, i64>(0)).unwrap_or(0),
-                    bytes: usize::try_from(row.get::<_, i64>(1)).unwrap_or(0),
-                })
-            };
-            if tx.execute(&session.statements.claim_new, &args)? == 1 {
-                let size = queued(&mut tx)?;
-                tx.commit()?;
-                return Ok(Some(Some(size)));
-            }
-            let holder = tx.query_opt(
-                &session.statements.claim_holder,
-                &[&user.as_str(), &node.id.as_str()],
-            )?;
-            let taken = match holder {
-                Some(row) if row.get::<_, bool>(1) => {
-                    let old: String = row.get(0);
-                    if old != node.id {
-                        tx.execute(&session.statements.expire_node, &[&old])?;
-                    }
-                    tx.execute(&session.statements.claim_take, &args)?;
-                    true
-                }
-                Some(_) => false,
-                // Released between the two statements: claim it afresh.
-                None => tx.execute(&session.statements.claim_new, &args)? == 1,
-            };
-            let size = if taken { Some(queued(&mut tx)?) } else { None };
+            let size = claim_in(&mut tx, &session.statements, node, user, claim)?;
             tx.commit()?;
             Ok(Some(size))
         })?;
         claimed.ok_or_else(|| DatabaseError::NodeExpired {
             location: self.location.clone(),
         })
+    }
+
+    /// Runs `jobs` in one transaction, with one commit, and says what
+    /// became of each, in order: the storage thread's group commit, so a
+    /// login storm's claims, releases and batches share their round trips
+    /// and their wait for the disk.
+    ///
+    /// `None` if the group was rolled back before its commit (an error, a
+    /// change this build cannot store): nothing of it was written, and the
+    /// caller runs each job alone, which says which one failed and why. If
+    /// the `COMMIT` itself fails, every job fails with it, as a lone batch
+    /// whose commit fails does.
+    pub fn run_group(
+        &mut self,
+        node: &ClusterNode,
+        jobs: &[GroupJob<'_>],
+    ) -> Option<Vec<Result<GroupOutcome, DatabaseError>>> {
+        let mut committing = false;
+        let done = self.with_session("commit a group", |session| {
+            let statements = &session.statements;
+            let mut tx = session.client.transaction()?;
+            let claims = jobs.iter().any(|job| matches!(job, GroupJob::Claim { .. }));
+            // One liveness check for every claim of the group.
+            let alive =
+                !claims || tx.execute(&statements.claimant_alive, &[&node.id.as_str()])? > 0;
+            let mut outcomes = Vec::with_capacity(jobs.len());
+            for job in jobs {
+                outcomes.push(match job {
+                    GroupJob::Persist(changes) => {
+                        for change in *changes {
+                            if !write_change(&mut tx, statements, change)? {
+                                // Rolled back: run alone, it fails alone.
+                                return Ok(None);
+                            }
+                        }
+                        Some(GroupOutcome::Persisted(Committed {
+                            changes: changes.len(),
+                        }))
+                    }
+                    GroupJob::Claim { .. } if !alive => None,
+                    GroupJob::Claim { user, claim } => Some(GroupOutcome::Claimed(claim_in(
+                        &mut tx, statements, node, user, *claim,
+                    )?)),
+                    GroupJob::Release { user, claim } => {
+                        let claim = i64::try_from(claim.into_raw()).unwrap_or(i64::MAX);
+                        tx.execute(
+                            &statements.release,
+                            &[&user.as_str(), &node.id.as_str(), &claim],
+                        )?;
+                        Some(GroupOutcome::Released)
+                    }
+                });
+            }
+            committing = true;
+            tx.commit()?;
+            Ok(Some(outcomes))
+        });
+        let location = &self.location;
+        match done {
+            Ok(outcomes) => outcomes.map(|outcomes| {
+                outcomes
+                    .into_iter()
+                    .map(|outcome| {
+                        // A claim of a node given up.
+                        outcome.ok_or_else(|| DatabaseError::NodeExpired {
+                            location: location.clone(),
+                        })
+                    })
+                    .collect()
+            }),
+            Err(e) if committing => {
+                let reason = e.to_string();
+                Some(
+                    jobs.iter()
+                        .map(|_| {
+                            Err(DatabaseError::GroupCommit {
+                                location: location.clone(),
+                                jobs: jobs.len(),
+                                reason: reason.clone(),
+                            })
+                        })
+                        .collect(),
+                )
+            }
+            Err(_) => None,
+        }
     }
 
     /// Cluster mode: `node` no longer holds `user`'s session made by
@@ -738,6 +792,56 @@ fn connect(config: &Config) -> Result<Session, postgres::Error> {
 
 /// Applies one change inside `tx`; false for a change kind this build
 /// does not know.
+/// The claim of `user`'s session by `node` under `claim`, in `tx` (whose
+/// caller checked that `node` was not given up): what the user's offline
+/// queue holds if `node` has the session now, `None` if a node that is
+/// alive holds it.
+fn claim_in(
+    tx: &mut Transaction<'_>,
+    statements: &Statements,
+    node: &ClusterNode,
+    user: &Username,
+    claim: ClaimId,
+) -> Result<Option<QueueSize>, postgres::Error> {
+    let claim = i64::try_from(claim.into_raw()).unwrap_or(i64::MAX);
+    let args: [&(dyn postgres::types::ToSql + Sync); 3] =
+        [&user.as_str(), &node.id.as_str(), &claim];
+    let queued = |tx: &mut Transaction<'_>| {
+        let row = tx.query_one(&statements.queue_size, &[&user.as_str()])?;
+        Ok::<_, postgres::Error>(QueueSize {
+            messages: usize::try_from(row.get::<_, i64>(0)).unwrap_or(0),
+            bytes: usize::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+        })
+    };
+    // A new row, unless one is there: two claims at once for the same user
+    // wait on the key, and the second finds the first's.
+    if tx.execute(&statements.claim_new, &args)? == 1 {
+        return queued(tx).map(Some);
+    }
+    let holder = tx.query_opt(
+        &statements.claim_holder,
+        &[&user.as_str(), &node.id.as_str()],
+    )?;
+    let taken = match holder {
+        Some(row) if row.get::<_, bool>(1) => {
+            let old: String = row.get(0);
+            if old != node.id {
+                tx.execute(&statements.expire_node, &[&old])?;
+            }
+            tx.execute(&statements.claim_take, &args)?;
+            true
+        }
+        Some(_) => false,
+        // Released between the two statements: claim it afresh.
+        None => tx.execute(&statements.claim_new, &args)? == 1,
+    };
+    if taken {
+        queued(tx).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
 fn write_change(
     tx: &mut Transaction<'_>,
     statements: &Statements,
