@@ -27,11 +27,15 @@
 //! Bounds: at most [`MAX_UNSENT_PUBLISHES`] messages wait for the client
 //! at once (a longer outage makes [`Bus::publish`] refuse, instead of
 //! holding memory for ever), and the client holds at most
-//! [`CLIENT_CAPACITY`] payloads. At most [`EVENT_CAPACITY`] payloads wait
-//! for the reactor, and [`SUBSCRIPTION_CAPACITY`] more in the client for
-//! each subscription, past which the client drops them and reports a slow
-//! consumer. Payloads are at most [`MAX_PAYLOAD_BYTES`], so what waits is
-//! bounded in bytes too: about 8 MiB sent, 192 MiB received.
+//! [`CLIENT_CAPACITY`] payloads more. At most [`EVENT_CAPACITY`] payloads
+//! wait for the reactor, and [`SUBSCRIPTION_CAPACITY`] more in the client
+//! for each subscription, past which the client drops them and reports a
+//! slow consumer. A payload is at most [`MAX_PAYLOAD_BYTES`] unless it is
+//! one long message (a roster of many users), which goes alone.
+//!
+//! Order: the messages published to one subject arrive in the order
+//! published. Across subjects no order holds (each subscription is read
+//! by a task of its own), so the core never relies on one.
 
 #[cfg(feature = "nats")]
 pub use with_nats::*;
@@ -284,6 +288,10 @@ mod with_nats {
         MAX_UNSENT_PUBLISHES, SUBSCRIPTION_CAPACITY,
     };
 
+    /// Messages packed at most before [`Bus::publish`] hands them to the
+    /// thread without waiting for [`Bus::flush`].
+    const FLUSH_EVERY: usize = 1024;
+
     /// How long [`Bus::stop`] gives the client to hand NATS what it holds.
     const STOP_FLUSH: Duration = Duration::from_secs(2);
 
@@ -300,6 +308,8 @@ mod with_nats {
         batch: Vec<Payload>,
         /// The message being packed.
         scratch: Vec<u8>,
+        /// Messages in `batch`.
+        batched: usize,
         unsent: Arc<AtomicUsize>,
         connected: Arc<AtomicBool>,
         /// Set by the thread when it wakes the reactor, cleared by the
@@ -400,6 +410,7 @@ mod with_nats {
                 events: event_rx,
                 batch: Vec::new(),
                 scratch: Vec::new(),
+                batched: 0,
                 unsent,
                 connected,
                 woken,
@@ -450,6 +461,12 @@ mod with_nats {
                     messages: 1,
                 }),
             }
+            self.batched += 1;
+            if self.batched >= FLUSH_EVERY {
+                // A wake-up that publishes this much hands it over as it
+                // goes, so the thread sends while the reactor works.
+                self.flush();
+            }
             Ok(())
         }
 
@@ -460,7 +477,7 @@ mod with_nats {
                 return;
             }
             let batch = std::mem::take(&mut self.batch);
-            let count = batch.iter().map(|payload| payload.messages).sum();
+            let count = std::mem::take(&mut self.batched);
             if self.commands.send(Command::Publish(batch)).is_err() {
                 self.unsent.fetch_sub(count, Ordering::Relaxed);
             }

@@ -140,9 +140,11 @@ pub const SEND_BUFFER_BYTES: usize = 256 * 1024;
 const MAX_FLUSH_ROUNDS: usize = 16;
 /// How often an unreachable database is checked again.
 const DATABASE_CHECK_EVERY: Duration = Duration::from_secs(1);
-/// Bus events served per turn at most, before the sockets get a look.
+/// Bus messages served per turn, before the sockets get a look: once
+/// past it, no further payload is taken (so at most one payload more, of
+/// at most `bus::MAX_PAYLOAD_BYTES`).
 #[cfg(feature = "nats")]
-const BUS_EVENTS_PER_TURN: usize = 1024;
+const BUS_MESSAGES_PER_TURN: usize = 1024;
 /// How long to stop accepting after running out of file descriptors.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// The listeners' poller keys count down from here; sockets use their
@@ -705,22 +707,13 @@ impl Reactor {
     /// Hands the core what came from the bus since the last turn.
     #[cfg(feature = "nats")]
     fn take_bus(&mut self) {
-        let Some(bus) = self.bus.as_mut() else {
-            return;
-        };
         // Bounded, so a flood from the bus cannot starve the sockets; the
         // rest waits for the next turn, which comes at once.
-        let mut events = Vec::new();
-        while events.len() < BUS_EVENTS_PER_TURN {
-            match bus.next_event() {
-                Some(event) => events.push(event),
-                None => break,
-            }
-        }
-        if events.len() == BUS_EVENTS_PER_TURN {
-            let _ = self.poller.notify();
-        }
-        for event in events {
+        let mut served = 0;
+        while served < BUS_MESSAGES_PER_TURN {
+            let Some(event) = self.bus.as_mut().and_then(Bus::next_event) else {
+                return;
+            };
             let now = self.now();
             match event {
                 BusEvent::Connected => {
@@ -735,6 +728,7 @@ impl Reactor {
                 }
                 BusEvent::Message { subject, payload } => {
                     for message in chatproto::BusMessage::decode_all(&payload) {
+                        served += 1;
                         match message {
                             Ok(message) => self.core.handle_bus(message, now),
                             Err(e) => warn!(%subject, "dropped a bus message: {e}"),
@@ -743,8 +737,10 @@ impl Reactor {
                 }
                 BusEvent::Warning(warning) => warn!("NATS: {warning}"),
             }
+            served += 1;
             self.drain_core();
         }
+        let _ = self.poller.notify();
     }
 
     #[cfg(not(feature = "nats"))]

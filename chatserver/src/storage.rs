@@ -464,9 +464,9 @@ mod with_database {
                             .ok_or_else(not_clustered)
                             .and_then(|node| db.leave_cluster(node));
                         match &left {
-                        Ok(()) => info!("left the cluster: this node's sessions are free for the others at once"),
-                        Err(e) => warn!("{e}: the other nodes take this node's sessions over after its lease"),
-                    }
+                            Ok(()) => info!("left the cluster: this node's sessions are free for the others at once"),
+                            Err(e) => warn!("{e}: the other nodes take this node's sessions over after its lease"),
+                        }
                         Answer::Checked(left)
                     }
                 };

@@ -587,6 +587,9 @@ fn a_group_of_jobs_answers_as_each_alone_would() {
                 *holders.entry(user).or_insert(0) += usize::from(won);
             }
         }
-        assert!(holders.values().all(|&n| n == 1), "round {round}: {holders:?}");
+        assert!(
+            holders.values().all(|&n| n == 1),
+            "round {round}: {holders:?}"
+        );
     }
 }

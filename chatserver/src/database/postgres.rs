@@ -790,8 +790,6 @@ fn connect(config: &Config) -> Result<Session, postgres::Error> {
     Ok(Session { client, statements })
 }
 
-/// Applies one change inside `tx`; false for a change kind this build
-/// does not know.
 /// The claim of `user`'s session by `node` under `claim`, in `tx` (whose
 /// caller checked that `node` was not given up): what the user's offline
 /// queue holds if `node` has the session now, `None` if a node that is
@@ -842,6 +840,8 @@ fn claim_in(
     }
 }
 
+/// Applies one change inside `tx`; false for a change kind this build
+/// does not know.
 fn write_change(
     tx: &mut Transaction<'_>,
     statements: &Statements,
