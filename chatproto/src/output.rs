@@ -252,10 +252,10 @@ pub enum MessageError {
     /// The connection is closed, or never was.
     #[error(transparent)]
     UnknownConnection(#[from] UnknownConnection),
-    /// The message holds a line break, so it is not one frame. Nothing of
-    /// it was taken; the transport should refuse it (a WebSocket closes
-    /// with status 1007).
-    #[error("a message holds exactly one frame, without a line break")]
+    /// The message holds a line break before its end, so it is not one
+    /// frame. Nothing of it was taken; the transport should refuse it (a
+    /// WebSocket closes with status 1007).
+    #[error("a message holds exactly one frame, without a line break before its end")]
     LineBreak,
 }
 

@@ -81,6 +81,33 @@ fn a_message_with_a_line_break_is_not_taken_at_all() {
 }
 
 #[test]
+fn one_line_ending_at_the_end_of_a_message_is_its_end() {
+    let mut sim = Sim::new();
+    let c = sim.connect();
+    sim.take(c);
+    message(&mut sim, c, "login alice pw-alice\n").unwrap();
+    assert!(
+        matches!(&sim.take(c)[..], [ServerFrame::Ok(ok)] if matches!(ok.reply, Reply::Login { .. }))
+    );
+    message(&mut sim, c, "whoami\r\n").unwrap();
+    assert!(
+        matches!(&sim.take(c)[..], [ServerFrame::Ok(ok)] if matches!(ok.reply, Reply::Whoami { .. }))
+    );
+    // A lone line ending is an empty frame, ignored as an empty line is.
+    message(&mut sim, c, "\n").unwrap();
+    assert!(sim.take(c).is_empty());
+    // Two are a line break inside the message.
+    for two in ["whoami\n\n", "whoami\r\n\r\n", "\nwhoami"] {
+        assert_eq!(
+            message(&mut sim, c, two),
+            Err(MessageError::LineBreak),
+            "{two:?}"
+        );
+    }
+    assert!(sim.take(c).is_empty());
+}
+
+#[test]
 fn a_message_for_a_closed_connection_is_an_error() {
     let mut sim = Sim::new();
     let c = sim.connect();

@@ -309,17 +309,19 @@ impl Link {
     }
 
     /// Refuses the WebSocket message just handed on, which the core would
-    /// not take (a line break in it): the close frame (1007) is queued,
+    /// not take (a line break before its end): the close frame (1007) is queued,
     /// and the transport is over.
     pub fn refuse_message(&mut self) -> LinkEvent {
         self.ended = true;
         if let App::WebSocket(ws) = &mut self.app {
-            if let Some(close) = ws.refuse_invalid("one frame per message: no line breaks") {
+            if let Some(close) =
+                ws.refuse_invalid("one frame per message: no line break before its end")
+            {
                 self.output.push_raw(close);
             }
         }
         LinkEvent::Ended {
-            why: "WebSocket: a message with a line break".to_owned(),
+            why: "WebSocket: a message with a line break before its end".to_owned(),
             output_lost: false,
         }
     }

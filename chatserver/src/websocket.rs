@@ -143,7 +143,7 @@ impl WebSocket {
         (!out.is_empty()).then(|| Bytes::from(out))
     }
 
-    /// Refuses a message the core would not take (a line break in it).
+    /// Refuses a message the core would not take (a line break before its end).
     pub fn refuse_invalid(&mut self, reason: &str) -> Option<Bytes> {
         self.close_frame(CloseCode::Invalid, reason)
     }

@@ -269,6 +269,18 @@ fn a_message_with_a_line_break_closes_the_websocket() {
 }
 
 #[test]
+fn a_message_ending_in_a_newline_is_one_frame_as_websocat_sends_it() {
+    let (_server, http) = start(&[]);
+    let mut c = connect(http, None).unwrap();
+    c.send("whoami\n");
+    assert_eq!(c.recv()["code"], "not_logged_in");
+    c.send("login alice pw-alice\r\n");
+    assert_eq!(c.recv_type("ok")["user"], "alice");
+    c.send("whoami\n\n");
+    assert_eq!(c.recv_close(), CloseCode::Invalid);
+}
+
+#[test]
 fn the_same_limits_apply_as_over_tcp() {
     let (_server, http) = start(&[
         "--rate-limit-burst",

@@ -220,6 +220,9 @@ impl Server {
     /// framing. It is served exactly as the same frame sent as a line, with
     /// the same frame limit (a longer one is answered `frame_too_large`)
     /// and rate limit; an empty message is ignored, as an empty line is.
+    /// One line ending (`\n` or `\r\n`) at its end is taken as the frame's
+    /// end, as on a line transport; a line break anywhere else is
+    /// [`MessageError::LineBreak`].
     ///
     /// ```
     /// # use chatproto::{Accounts, Output, PeerKey, Server, ServerConfig, Timestamp};
@@ -227,6 +230,8 @@ impl Server {
     /// let mut server = Server::new(ServerConfig::default(), Accounts::default(), now).unwrap();
     /// let conn = server.accept(PeerKey::UNSPECIFIED, [0; 16], now);
     /// server.handle_message(conn, br#"{"id":1,"cmd":"whoami"}"#, now).unwrap();
+    /// // One line ending at the end is allowed; one inside is not.
+    /// server.handle_message(conn, b"help\r\n", now).unwrap();
     /// assert!(server.handle_message(conn, b"whoami\nhelp", now).is_err());
     /// ```
     pub fn handle_message(
@@ -236,6 +241,10 @@ impl Server {
         now: Timestamp,
     ) -> Result<(), MessageError> {
         let now = self.clock(now);
+        // One line ending at the very end is the frame's end, as on a line
+        // transport (websocat sends each line with its `\n`); one inside
+        // would make it two frames.
+        let message = message.strip_suffix(b"\n").unwrap_or(message);
         if message.contains(&b'\n') {
             return Err(MessageError::LineBreak);
         }
