@@ -84,18 +84,11 @@ fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                print!("{e}");
-                return ExitCode::SUCCESS;
-            }
-            let line = e.to_string();
-            let line = line.lines().next().unwrap_or_default();
-            eprintln!(
-                "chatcli: {}; try 'chatcli --help'",
-                line.strip_prefix("error: ").unwrap_or(line)
-            );
-            return ExitCode::from(2);
+            // clap's whole message: what is wrong (every missing argument
+            // named), the usage, and where help is; help and version go to
+            // stdout with status 0, errors to stderr with status 2.
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
     ExitCode::from(run(args))

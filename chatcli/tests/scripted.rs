@@ -238,11 +238,17 @@ fn an_unreachable_server_is_one_line_and_status_1() {
 }
 
 #[test]
-fn a_bad_command_line_is_status_2() {
+fn a_bad_command_line_is_status_2_and_names_what_is_missing() {
     let out = Command::new(env!("CARGO_BIN_EXE_chatcli"))
         .args(["--user", "bob"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
-    assert_eq!(String::from_utf8_lossy(&out.stderr).lines().count(), 1);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the following required arguments were not provided"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("--password-file <FILE>"), "{stderr}");
+    assert!(stderr.contains("Usage: chatcli"), "{stderr}");
 }

@@ -19,16 +19,11 @@ fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(args) => args,
         Err(e) => {
-            use clap::error::ErrorKind;
-            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-                print!("{e}");
-                return ExitCode::SUCCESS;
-            }
-            eprintln!(
-                "chatserver: {}; try 'chatserver --help'",
-                summary(&e.to_string())
-            );
-            return ExitCode::from(2);
+            // clap's whole message: what is wrong (every missing argument
+            // named), the usage, and where help is; help and version go to
+            // stdout with status 0, errors to stderr with status 2.
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
         }
     };
     let settings = match args.into_settings() {
@@ -46,16 +41,4 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-/// clap's message on one line: its first paragraph (which may list what
-/// is missing on the lines below "…not provided:"), without the usage.
-fn summary(s: &str) -> String {
-    let paragraph: Vec<&str> = s
-        .lines()
-        .take_while(|line| !line.trim().is_empty())
-        .map(str::trim)
-        .collect();
-    let text = paragraph.join(" ");
-    text.strip_prefix("error: ").unwrap_or(&text).to_owned()
 }

@@ -95,19 +95,37 @@ fn a_missing_credentials_file_is_a_clear_error() {
 }
 
 #[test]
-fn bad_flags_are_one_line_and_exit_2() {
+fn bad_flags_exit_2_and_say_what_is_wrong() {
+    // The program's own checks: one line.
     for args in [
-        &["--bogus"][..],
-        &["--listen", "nowhere"],
-        &["--lockout-attempts", "0"],
-        &["--max-frame-bytes", "5"],
+        &["--max-frame-bytes", "5"][..],
         &["4000", "10"],
         &["port", "10", "20"],
-        &["--admin", "not valid"],
     ] {
         let (code, stderr) = run(args);
         assert_eq!(code, 2, "{args:?}: {stderr}");
         assert_one_clear_line(&stderr);
+    }
+    // clap's: its whole message, naming every argument at fault, and where
+    // help is.
+    for (args, named) in [
+        (&["--bogus"][..], "'--bogus'"),
+        (&["--listen", "nowhere"], "'nowhere' for '--listen <ADDR>'"),
+        (
+            &["--lockout-attempts", "0"],
+            "'0' for '--lockout-attempts <N>'",
+        ),
+        (
+            &["--admin", "not valid"],
+            "'not valid' for '--admin <USER>'",
+        ),
+        (&["--tls-cert", "x"], "--tls-key <FILE>"),
+    ] {
+        let (code, stderr) = run(args);
+        assert_eq!(code, 2, "{args:?}: {stderr}");
+        assert!(stderr.contains(named), "{args:?}: {stderr}");
+        assert!(stderr.contains("try '--help'"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
     }
 }
 
