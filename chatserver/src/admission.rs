@@ -60,7 +60,10 @@ impl Refusal {
     /// Queues what the connection is told: the `bye` as a line, or the 503.
     pub fn queue(&self, output: &mut OutputQueue) {
         if self.http {
-            output.push_raw(http::unavailable(self.reason.as_str()));
+            output.push_raw(http::unavailable(
+                self.reason.as_str(),
+                std::time::SystemTime::now(),
+            ));
         } else {
             output.push_frame(Head::EMPTY, self.bye.clone(), LINE_END);
         }
@@ -367,6 +370,16 @@ mod tests {
         Refusal::new(ByeReason::ServerFull, bye, true).queue(&mut out);
         let mut written = Vec::new();
         out.write_to(&mut written).unwrap();
-        assert_eq!(written, http::unavailable("server_full"));
+        let written = String::from_utf8(written).unwrap();
+        assert!(
+            written.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{written}"
+        );
+        assert!(written.contains("\r\nDate: "), "{written}");
+        assert!(written.contains("\r\nConnection: close\r\n"), "{written}");
+        assert!(
+            written.ends_with("503 Service Unavailable: server_full\n"),
+            "{written}"
+        );
     }
 }

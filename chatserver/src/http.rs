@@ -1,6 +1,8 @@
-//! The HTTP side of `--http`: one request per connection, answered with
-//! the embedded chat page, a health check, or upgraded to a WebSocket, and
-//! nothing else.
+//! The HTTP side of `--http`: requests answered with the embedded chat
+//! page, a health check, or upgraded to a WebSocket, and nothing else.
+//! A connection serves several requests in turn (HTTP/1.1 keep-alive, so
+//! the page's files share one) until the client says `Connection: close`,
+//! an error is answered, or the link's limits end it.
 //!
 //! Requests are parsed with `httparse` from a bounded buffer: at most
 //! [`MAX_REQUEST_BYTES`] and [`MAX_HEADERS`] headers, or the answer is a
@@ -10,6 +12,8 @@
 //! must come from an origin the [`Origins`] rule allows: the page's own, as
 //! configured (not as the request's `Host` says), or one allowed with
 //! `--allow-origin`.
+
+use std::time::SystemTime;
 
 use bytes::Bytes;
 
@@ -34,15 +38,29 @@ pub struct HttpConfig {
     pub origins: Origins,
     /// What `/readyz` reports.
     pub health: Health,
+    /// Whether the listener speaks TLS: responses then carry
+    /// `Strict-Transport-Security`, so browsers keep to HTTPS.
+    pub tls: bool,
 }
+
+/// How long browsers keep to HTTPS once told (`max-age`, a year).
+const HSTS_MAX_AGE_SECS: u32 = 31_536_000;
 
 /// What to do with the bytes read so far.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Routed {
     /// The request head is not complete yet.
     Partial,
-    /// Send this response, then close.
-    Respond(Bytes),
+    /// Send this response; then, if `keep_alive`, read the next request
+    /// from byte `consumed` on, else close.
+    Respond {
+        /// The response.
+        response: Bytes,
+        /// Whether the connection serves another request.
+        keep_alive: bool,
+        /// The request's length.
+        consumed: usize,
+    },
     /// Send this `101` response and speak WebSocket from here; the request
     /// took the first `consumed` bytes (a client may send frames at once).
     Upgrade {
@@ -53,21 +71,106 @@ pub enum Routed {
     },
 }
 
-/// Routes the request at the start of `buf`.
-pub fn route(buf: &[u8], config: &HttpConfig) -> Routed {
+/// Routes the request at the start of `buf`, answered at `now` (its
+/// `Date`); the connection is kept for another request only if
+/// `may_keep` (the link's own limit) and the request lets it.
+pub fn route(buf: &[u8], config: &HttpConfig, now: SystemTime, may_keep: bool) -> Routed {
+    let common = Common::new(config, now);
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let consumed = match request.parse(buf) {
         Ok(httparse::Status::Complete(n)) => n,
         Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_BYTES => return Routed::Partial,
         Ok(httparse::Status::Partial) | Err(httparse::Error::TooManyHeaders) => {
-            return Routed::Respond(error(431, "request head too large", false));
+            return common.close(error(431, "request head too large", false));
         }
-        Err(e) => return Routed::Respond(error(400, &format!("malformed request: {e}"), false)),
+        Err(e) => return common.close(error(400, &format!("malformed request: {e}"), false)),
     };
     if consumed > MAX_REQUEST_BYTES {
-        return Routed::Respond(error(431, "request head too large", false));
+        return common.close(error(431, "request head too large", false));
     }
+    let answered = route_request(&request, config);
+    // HTTP/1.1 keeps the connection unless the client says otherwise;
+    // HTTP/1.0 closes it. An error closes it too, so that a client that
+    // framed the request otherwise than we did cannot go on.
+    let keep_alive = may_keep
+        && request.version == Some(1)
+        && !values(request.headers, "connection")
+            .flat_map(|v| v.split(|&b| b == b','))
+            .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"));
+    match answered {
+        Answer::Upgrade(response) => Routed::Upgrade {
+            response: common.finish(response, None),
+            consumed,
+        },
+        Answer::Done(response) => Routed::Respond {
+            response: common.finish(response, Some(keep_alive)),
+            keep_alive,
+            consumed,
+        },
+        Answer::Refused(response) => common.close(response),
+    }
+}
+
+/// A request's answer, before the headers every response carries.
+enum Answer {
+    /// Served: the connection may serve another request.
+    Done(Response),
+    /// Refused: the connection closes after it.
+    Refused(Response),
+    /// Upgraded to a WebSocket.
+    Upgrade(Response),
+}
+
+/// A response in the making: its status line and headers, the headers of
+/// the connection (`Date`, HSTS, `Connection`) still to come, then its
+/// body.
+struct Response {
+    head: String,
+    body: String,
+}
+
+/// The headers every response of one listener carries, at one time.
+struct Common {
+    headers: String,
+}
+
+impl Common {
+    fn new(config: &HttpConfig, now: SystemTime) -> Common {
+        let mut headers = format!("Date: {}\r\n", httpdate::fmt_http_date(now));
+        if config.tls {
+            headers.push_str(&format!(
+                "Strict-Transport-Security: max-age={HSTS_MAX_AGE_SECS}\r\n"
+            ));
+        }
+        Common { headers }
+    }
+
+    /// `response` with the common headers, and `Connection: close` unless
+    /// the connection is kept (`Some(true)`) or upgraded (`None`).
+    fn finish(&self, response: Response, keep_alive: Option<bool>) -> Bytes {
+        let connection = match keep_alive {
+            Some(false) => "Connection: close\r\n",
+            _ => "",
+        };
+        Bytes::from(format!(
+            "{}{}{connection}\r\n{}",
+            response.head, self.headers, response.body
+        ))
+    }
+
+    /// `response`, then the close.
+    fn close(&self, response: Response) -> Routed {
+        Routed::Respond {
+            response: self.finish(response, Some(false)),
+            keep_alive: false,
+            consumed: 0,
+        }
+    }
+}
+
+/// What `request` is answered.
+fn route_request(request: &httparse::Request<'_, '_>, config: &HttpConfig) -> Answer {
     let method = request.method.unwrap_or_default();
     let path = request.path.unwrap_or_default();
     // The query string does not choose what is served.
@@ -75,7 +178,7 @@ pub fn route(buf: &[u8], config: &HttpConfig) -> Routed {
     let head = match method {
         "GET" => false,
         "HEAD" => true,
-        _ => return Routed::Respond(not_allowed()),
+        _ => return Answer::Refused(not_allowed()),
     };
     let headers = &*request.headers;
     // Copies that disagree mean that something on the way (a proxy) may
@@ -84,23 +187,23 @@ pub fn route(buf: &[u8], config: &HttpConfig) -> Routed {
     let mut lengths = values(headers, "content-length").map(<[u8]>::trim_ascii);
     if let Some(first) = lengths.next() {
         if lengths.any(|length| length != first) {
-            return Routed::Respond(error(400, "conflicting Content-Length headers", head));
+            return Answer::Refused(error(400, "conflicting Content-Length headers", head));
         }
         if first != b"0" {
-            return Routed::Respond(error(400, "a GET request has no body", head));
+            return Answer::Refused(error(400, "a GET request has no body", head));
         }
     }
     if values(headers, "transfer-encoding").next().is_some() {
-        return Routed::Respond(error(400, "a GET request has no body", head));
+        return Answer::Refused(error(400, "a GET request has no body", head));
     }
     if path == WEBSOCKET_PATH {
-        return upgrade(headers, config, consumed, head);
+        return upgrade(headers, config, head);
     }
     if path == HEALTHZ_PATH {
-        return Routed::Respond(healthy("ok", head));
+        return Answer::Done(healthy("ok", head));
     }
     if path == READYZ_PATH {
-        return Routed::Respond(match config.health.readiness() {
+        return Answer::Done(match config.health.readiness() {
             Readiness::Ready => healthy("ready", head),
             Readiness::NotReady(why) => respond(
                 503,
@@ -111,13 +214,14 @@ pub fn route(buf: &[u8], config: &HttpConfig) -> Routed {
         });
     }
     match asset(path) {
-        Some((content_type, body)) => Routed::Respond(page(content_type, body, head)),
-        None => Routed::Respond(error(404, "not found", head)),
+        Some((content_type, body)) => Answer::Done(page(content_type, body, head)),
+        None => Answer::Done(error(404, "not found", head)),
     }
 }
 
-/// The embedded page's files: path, content type, contents.
-const ASSETS: [(&str, &str, &str); 3] = [
+/// The embedded page's files: path, content type, contents. The icon is
+/// also at `/favicon.ico`, where browsers and tools look for one unasked.
+const ASSETS: [(&str, &str, &str); 5] = [
     (
         "/",
         "text/html; charset=utf-8",
@@ -132,6 +236,16 @@ const ASSETS: [(&str, &str, &str); 3] = [
         "/chat.js",
         "text/javascript; charset=utf-8",
         include_str!("../web/chat.js"),
+    ),
+    (
+        "/favicon.svg",
+        "image/svg+xml",
+        include_str!("../web/favicon.svg"),
+    ),
+    (
+        "/favicon.ico",
+        "image/svg+xml",
+        include_str!("../web/favicon.svg"),
     ),
 ];
 
@@ -168,12 +282,7 @@ fn header<'a>(headers: &[httparse::Header<'a>], name: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-fn upgrade(
-    headers: &[httparse::Header<'_>],
-    config: &HttpConfig,
-    consumed: usize,
-    head: bool,
-) -> Routed {
+fn upgrade(headers: &[httparse::Header<'_>], config: &HttpConfig, head: bool) -> Answer {
     let header = |name: &str| header(headers, name);
     let has_token = |name: &str, token: &str| {
         header(name).is_some_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
@@ -183,17 +292,17 @@ fn upgrade(
         || !has_token("connection", "upgrade")
         || header("sec-websocket-version") != Some("13")
     {
-        return Routed::Respond(upgrade_required(head));
+        return Answer::Refused(upgrade_required(head));
     }
     // RFC 6455 4.2.1: the key is 16 random bytes in base64 (24 characters).
     let Some(key) = header("sec-websocket-key").filter(|k| k.len() == 24 && k.ends_with("=="))
     else {
-        return Routed::Respond(error(400, "Sec-WebSocket-Key missing or malformed", false));
+        return Answer::Refused(error(400, "Sec-WebSocket-Key missing or malformed", false));
     };
     let mut origins = values(headers, "origin");
     if let (Some(_), Some(_)) = (origins.next(), origins.next()) {
         // Which one a check would read is a guess; a browser sends one.
-        return Routed::Respond(error(403, "more than one Origin header", false));
+        return Answer::Refused(error(403, "more than one Origin header", false));
     }
     if let Some(origin) = values(headers, "origin").next() {
         // Browsers always send Origin; other clients (which a page on
@@ -202,7 +311,7 @@ fn upgrade(
         let origin = String::from_utf8_lossy(origin);
         let origin = origin.trim();
         if !config.origins.allow(origin) {
-            return Routed::Respond(error(
+            return Answer::Refused(error(
                 403,
                 &format!("origin {origin} may not open a chat session here"),
                 false,
@@ -210,51 +319,50 @@ fn upgrade(
         }
     }
     let accept = tungstenite::handshake::derive_accept_key(key.as_bytes());
-    let response = format!(
-        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n\r\n"
-    );
-    Routed::Upgrade {
-        response: Bytes::from(response),
-        consumed,
-    }
+    Answer::Upgrade(Response {
+        head: format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: {accept}\r\n"
+        ),
+        body: String::new(),
+    })
 }
 
-fn page(content_type: &str, body: &str, head: bool) -> Bytes {
-    let mut response = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Cache-Control: no-cache\r\nContent-Security-Policy: {CONTENT_SECURITY_POLICY}\r\n\
-         X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
-    );
-    if !head {
-        response.push_str(body);
+fn page(content_type: &str, body: &str, head: bool) -> Response {
+    Response {
+        head: format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+             Cache-Control: no-cache\r\nContent-Security-Policy: {CONTENT_SECURITY_POLICY}\r\n\
+             X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n",
+            body.len()
+        ),
+        body: if head { String::new() } else { body.to_owned() },
     }
-    Bytes::from(response)
 }
 
 /// A health check passed: 200 and `text` as a plain-text line, never
 /// cached (a load balancer must see the state of now).
-fn healthy(text: &str, head: bool) -> Bytes {
-    let mut response = format!(
-        "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n\
-         Content-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n",
-        text.len() + 1
-    );
-    if !head {
-        response.push_str(text);
-        response.push('\n');
+fn healthy(text: &str, head: bool) -> Response {
+    Response {
+        head: format!(
+            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; charset=utf-8\r\n\
+             Content-Length: {}\r\nCache-Control: no-store\r\n",
+            text.len() + 1
+        ),
+        body: if head {
+            String::new()
+        } else {
+            format!("{text}\n")
+        },
     }
-    Bytes::from(response)
 }
 
 /// A status line, and the reason as a plain-text body (headers only, for
 /// a HEAD request).
-fn error(status: u16, reason: &str, head: bool) -> Bytes {
+fn error(status: u16, reason: &str, head: bool) -> Response {
     respond(status, "", reason, head)
 }
 
-fn not_allowed() -> Bytes {
+fn not_allowed() -> Response {
     respond(
         405,
         "Allow: GET, HEAD\r\n",
@@ -263,7 +371,7 @@ fn not_allowed() -> Bytes {
     )
 }
 
-fn upgrade_required(head: bool) -> Bytes {
+fn upgrade_required(head: bool) -> Response {
     respond(
         426,
         "Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n",
@@ -272,7 +380,7 @@ fn upgrade_required(head: bool) -> Bytes {
     )
 }
 
-fn respond(status: u16, extra_headers: &str, reason: &str, head: bool) -> Bytes {
+fn respond(status: u16, extra_headers: &str, reason: &str, head: bool) -> Response {
     let text = match status {
         400 => "Bad Request",
         403 => "Forbidden",
@@ -284,22 +392,42 @@ fn respond(status: u16, extra_headers: &str, reason: &str, head: bool) -> Bytes 
         _ => "Error",
     };
     let body = format!("{status} {text}: {reason}\n");
-    Bytes::from(format!(
-        "HTTP/1.1 {status} {text}\r\n{extra_headers}Content-Type: text/plain; charset=utf-8\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{}",
-        body.len(),
-        if head { "" } else { &body }
-    ))
+    Response {
+        head: format!(
+            "HTTP/1.1 {status} {text}\r\n{extra_headers}Content-Type: text/plain; charset=utf-8\r\n\
+             Content-Length: {}\r\n",
+            body.len()
+        ),
+        body: if head { String::new() } else { body },
+    }
 }
 
-/// The answer to a connection over a limit, before any request is read.
-pub fn unavailable(reason: &str) -> Bytes {
-    respond(503, "", reason, false)
+/// The answer to a connection over a limit, before any request is read,
+/// at `now`; the connection closes after it.
+pub fn unavailable(reason: &str, now: SystemTime) -> Bytes {
+    let response = respond(503, "", reason, false);
+    Bytes::from(format!(
+        "{}Date: {}\r\nConnection: close\r\n\r\n{}",
+        response.head,
+        httpdate::fmt_http_date(now),
+        response.body
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A fixed time, for the `Date` header.
+    fn noon() -> SystemTime {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000)
+    }
+
+    /// The request in `buf` routed at noon, on a connection that may be
+    /// kept.
+    fn at_noon(buf: &[u8], config: &HttpConfig) -> Routed {
+        route(buf, config, noon(), true)
+    }
 
     /// A listener on 127.0.0.1:8080, plaintext unless `secure`.
     fn config_with(secure: bool) -> HttpConfig {
@@ -307,6 +435,7 @@ mod tests {
         HttpConfig {
             health: Health::default(),
             origins: Origins::new(secure, "127.0.0.1:8080".parse().unwrap(), &[], allowed),
+            tls: secure,
         }
     }
 
@@ -316,7 +445,9 @@ mod tests {
 
     fn status(routed: &Routed) -> u16 {
         match routed {
-            Routed::Respond(r) => std::str::from_utf8(&r[9..12]).unwrap().parse().unwrap(),
+            Routed::Respond { response: r, .. } => {
+                std::str::from_utf8(&r[9..12]).unwrap().parse().unwrap()
+            }
             Routed::Upgrade { .. } => 101,
             Routed::Partial => 0,
         }
@@ -338,13 +469,13 @@ mod tests {
     fn health_checks_say_alive_and_ready_and_why_not() {
         let config = config();
         let get = |path: &str| {
-            route(
+            at_noon(
                 format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
                 &config,
             )
         };
         let text = |routed: &Routed| match routed {
-            Routed::Respond(r) => String::from_utf8(r.to_vec()).unwrap(),
+            Routed::Respond { response: r, .. } => String::from_utf8(r.to_vec()).unwrap(),
             other => panic!("{other:?}"),
         };
         for path in ["/healthz", "/readyz", "/readyz?probe=lb"] {
@@ -368,13 +499,13 @@ mod tests {
         config.health.set_stopping();
         assert!(text(&get("/readyz")).ends_with("not ready: the server is shutting down\n"));
 
-        let head = route(b"HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n", &config);
+        let head = at_noon(b"HEAD /readyz HTTP/1.1\r\nHost: x\r\n\r\n", &config);
         assert_eq!(status(&head), 503);
         assert!(
             text(&head).ends_with("\r\n\r\n"),
             "a HEAD answer has no body"
         );
-        let post = route(
+        let post = at_noon(
             b"POST /healthz HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
             &config,
         );
@@ -385,7 +516,7 @@ mod tests {
     fn the_page_and_its_files_are_served_with_a_strict_policy() {
         for path in ["/", "/index.html", "/chat.css", "/chat.js", "/?x=1"] {
             let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
-            let Routed::Respond(r) = route(request.as_bytes(), &config()) else {
+            let Routed::Respond { response: r, .. } = at_noon(request.as_bytes(), &config()) else {
                 panic!("{path}");
             };
             let text = std::str::from_utf8(&r).unwrap();
@@ -393,7 +524,9 @@ mod tests {
             assert!(text.contains("Content-Security-Policy: default-src 'none'"));
             assert!(text.contains("X-Content-Type-Options: nosniff"));
         }
-        let Routed::Respond(head) = route(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", &config()) else {
+        let Routed::Respond { response: head, .. } =
+            at_noon(b"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", &config())
+        else {
             panic!()
         };
         assert!(head.ends_with(b"\r\n\r\n"), "HEAD has no body");
@@ -401,7 +534,7 @@ mod tests {
             &b"HEAD /nope HTTP/1.1\r\n\r\n"[..],
             b"HEAD /ws HTTP/1.1\r\n\r\n",
         ] {
-            let Routed::Respond(r) = route(request, &config()) else {
+            let Routed::Respond { response: r, .. } = at_noon(request, &config()) else {
                 panic!()
             };
             assert!(
@@ -414,14 +547,14 @@ mod tests {
     #[test]
     fn an_incomplete_request_waits_and_an_oversized_one_is_refused() {
         assert_eq!(
-            route(b"GET / HTTP/1.1\r\nHost:", &config()),
+            at_noon(b"GET / HTTP/1.1\r\nHost:", &config()),
             Routed::Partial
         );
         let long = format!("GET / HTTP/1.1\r\nX: {}", "a".repeat(MAX_REQUEST_BYTES));
-        assert_eq!(status(&route(long.as_bytes(), &config())), 431);
+        assert_eq!(status(&at_noon(long.as_bytes(), &config())), 431);
         let many: String = (0..=MAX_HEADERS).map(|i| format!("X-{i}: 1\r\n")).collect();
         let request = format!("GET / HTTP/1.1\r\n{many}\r\n");
-        assert_eq!(status(&route(request.as_bytes(), &config())), 431);
+        assert_eq!(status(&at_noon(request.as_bytes(), &config())), 431);
     }
 
     #[test]
@@ -439,7 +572,7 @@ mod tests {
         ];
         for (request, expected) in cases {
             assert_eq!(
-                status(&route(request, &config())),
+                status(&at_noon(request, &config())),
                 expected,
                 "{}",
                 String::from_utf8_lossy(request)
@@ -453,43 +586,43 @@ mod tests {
         ] {
             let request = format!("GET / HTTP/1.1\r\nHost: a\r\nContent-Length: {lengths}\r\n\r\n");
             assert_eq!(
-                status(&route(request.as_bytes(), &config())),
+                status(&at_noon(request.as_bytes(), &config())),
                 expected,
                 "{request}"
             );
             let upgrade = ws_request(&format!("Content-Length: {lengths}\r\n"));
             let expected = if expected == 200 { 101 } else { expected };
             assert_eq!(
-                status(&route(upgrade.as_bytes(), &config())),
+                status(&at_noon(upgrade.as_bytes(), &config())),
                 expected,
                 "{upgrade}"
             );
         }
-        let conflicting = route(
+        let conflicting = at_noon(
             b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\nContent-Length: 5\r\n\r\n",
             &config(),
         );
-        let Routed::Respond(r) = conflicting else {
+        let Routed::Respond { response: r, .. } = conflicting else {
             panic!()
         };
         assert!(std::str::from_utf8(&r)
             .unwrap()
             .contains("conflicting Content-Length"));
-        let not_text = route(
+        let not_text = at_noon(
             b"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \xff\r\n\r\n",
             &config(),
         );
         assert_eq!(status(&not_text), 400);
         let no_key = ws_request("").replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", "");
-        assert_eq!(status(&route(no_key.as_bytes(), &config())), 400);
+        assert_eq!(status(&at_noon(no_key.as_bytes(), &config())), 400);
         let old = ws_request("").replace("Version: 13", "Version: 8");
-        assert_eq!(status(&route(old.as_bytes(), &config())), 426);
+        assert_eq!(status(&at_noon(old.as_bytes(), &config())), 426);
     }
 
     #[test]
     fn an_upgrade_answers_with_the_rfc_6455_accept_key() {
         let request = ws_request("") + "first frame bytes";
-        let Routed::Upgrade { response, consumed } = route(request.as_bytes(), &config()) else {
+        let Routed::Upgrade { response, consumed } = at_noon(request.as_bytes(), &config()) else {
             panic!()
         };
         // The example of RFC 6455, section 1.3.
@@ -502,7 +635,7 @@ mod tests {
     #[test]
     fn only_the_pages_own_origin_and_allowed_ones_may_upgrade() {
         let upgrade = |origin: &str, config: &HttpConfig| {
-            status(&route(
+            status(&at_noon(
                 ws_request(&format!("Origin: {origin}\r\n")).as_bytes(),
                 config,
             ))
@@ -518,7 +651,7 @@ mod tests {
         assert_eq!(upgrade("http://127.0.0.1:8080", &secure), 403);
         assert_eq!(upgrade("https://127.0.0.1:8080", &secure), 101);
         // No Origin: not a browser, which is what the check guards.
-        assert_eq!(status(&route(ws_request("").as_bytes(), &config())), 101);
+        assert_eq!(status(&at_noon(ws_request("").as_bytes(), &config())), 101);
         // Two: which one a check reads is not for the client to choose,
         // even when one of them would pass.
         for second in ["http://evil.example", "http://127.0.0.1:8080"] {
@@ -526,7 +659,7 @@ mod tests {
                 "Origin: http://127.0.0.1:8080\r\nOrigin: {second}\r\n"
             ));
             assert_eq!(
-                status(&route(request.as_bytes(), &config())),
+                status(&at_noon(request.as_bytes(), &config())),
                 403,
                 "{second}"
             );
@@ -536,7 +669,7 @@ mod tests {
     #[test]
     fn the_host_header_does_not_say_which_origin_is_the_pages_own() {
         let upgrade = |host: &str, origin: &str| {
-            status(&route(
+            status(&at_noon(
                 ws_request_to(host, &format!("Origin: {origin}\r\n")).as_bytes(),
                 &config(),
             ))
@@ -552,5 +685,82 @@ mod tests {
             upgrade("rebound.example:8080", "http://127.0.0.1:8080"),
             101
         );
+    }
+
+    fn text(routed: Routed) -> String {
+        match routed {
+            Routed::Respond { response, .. } | Routed::Upgrade { response, .. } => {
+                String::from_utf8(response.to_vec()).unwrap()
+            }
+            Routed::Partial => panic!("partial"),
+        }
+    }
+
+    #[test]
+    fn every_response_is_dated_and_over_tls_keeps_browsers_to_https() {
+        let requests: [&[u8]; 4] = [
+            b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"DELETE / HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /healthz HTTP/1.0\r\n\r\n",
+        ];
+        for request in requests {
+            let plain = text(at_noon(request, &config_with(false)));
+            // RFC 9110 6.6.1: IMF-fixdate, in GMT.
+            assert!(
+                plain.contains("\r\nDate: Tue, 14 Nov 2023 22:13:20 GMT\r\n"),
+                "{plain}"
+            );
+            assert!(!plain.contains("Strict-Transport-Security"), "{plain}");
+            let secure = text(at_noon(request, &config_with(true)));
+            assert!(
+                secure.contains("\r\nStrict-Transport-Security: max-age=31536000\r\n"),
+                "{secure}"
+            );
+        }
+        let upgrade = text(at_noon(ws_request("").as_bytes(), &config()));
+        assert!(upgrade.starts_with("HTTP/1.1 101 "), "{upgrade}");
+        assert!(upgrade.contains("\r\nDate: "), "{upgrade}");
+        assert!(upgrade.ends_with("\r\n\r\n"), "{upgrade}");
+    }
+
+    #[test]
+    fn the_page_has_an_icon_where_browsers_look() {
+        for path in ["/favicon.svg", "/favicon.ico"] {
+            let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+            let icon = text(at_noon(request.as_bytes(), &config()));
+            assert!(icon.starts_with("HTTP/1.1 200 OK\r\n"), "{icon}");
+            assert!(icon.contains("Content-Type: image/svg+xml\r\n"), "{icon}");
+            assert!(icon.ends_with("</svg>\n"), "{icon}");
+        }
+        let page = text(at_noon(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", &config()));
+        assert!(page.contains(r#"<link rel="icon" href="favicon.svg""#));
+    }
+
+    #[test]
+    fn the_connection_is_kept_unless_the_request_or_the_link_says_not() {
+        let kept =
+            |request: &[u8], may_keep: bool| match route(request, &config(), noon(), may_keep) {
+                Routed::Respond { keep_alive, .. } => keep_alive,
+                other => panic!("{other:?}"),
+            };
+        let get = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(kept(get, true));
+        assert!(!kept(get, false), "the link's last request");
+        assert!(!kept(
+            b"GET / HTTP/1.1\r\nConnection: keep-alive, Close\r\n\r\n",
+            true
+        ));
+        assert!(!kept(b"GET / HTTP/1.0\r\n\r\n", true));
+        assert!(
+            !kept(b"GET / HTTP/1.1\r\nContent-Length: 5\r\n\r\n", true),
+            "an error"
+        );
+        // The length of what was read: the next request starts after it.
+        let two = b"GET / HTTP/1.1\r\nHost: x\r\n\r\nGET /chat.js HTTP/1.1\r\n\r\n";
+        match at_noon(two, &config()) {
+            Routed::Respond { consumed, .. } => assert_eq!(consumed, 27),
+            other => panic!("{other:?}"),
+        }
     }
 }

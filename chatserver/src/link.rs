@@ -15,7 +15,7 @@
 
 use std::io::{self, Write};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, Bytes};
 use chatproto::ByeReason;
@@ -31,6 +31,11 @@ use crate::websocket::{self, WebSocket};
 pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// How long an HTTP connection may take to send its request.
 pub const HTTP_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a kept HTTP connection may wait for its next request.
+pub const HTTP_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests one HTTP connection may make; the last is answered with
+/// `Connection: close`.
+pub const MAX_HTTP_REQUESTS: usize = 100;
 
 /// What every link of a server shares.
 #[derive(Debug, Clone)]
@@ -185,6 +190,8 @@ impl std::fmt::Debug for App {
 struct HttpRequest {
     head: Vec<u8>,
     config: Arc<HttpConfig>,
+    /// Requests answered on this connection.
+    served: usize,
 }
 
 impl Link {
@@ -207,6 +214,7 @@ impl Link {
                 App::Http(Box::new(HttpRequest {
                     head: Vec::new(),
                     config,
+                    served: 0,
                 })),
                 Some(now + HTTP_REQUEST_TIMEOUT),
             ),
@@ -564,13 +572,30 @@ impl Link {
         if !ended && request.head.len() < http::MAX_REQUEST_BYTES {
             return None;
         }
-        match http::route(&request.head, &request.config) {
+        let may_keep = request.served + 1 < MAX_HTTP_REQUESTS;
+        match http::route(&request.head, &request.config, SystemTime::now(), may_keep) {
             Routed::Partial => None,
-            Routed::Respond(response) => {
+            Routed::Respond {
+                response,
+                keep_alive,
+                consumed,
+            } => {
                 self.output.push_raw(response);
-                self.app = App::Answered;
-                self.start_closing(None, now);
-                None
+                request.served += 1;
+                if !keep_alive {
+                    self.app = App::Answered;
+                    self.start_closing(None, now);
+                    return None;
+                }
+                // Kept for the next request: what came behind this one (a
+                // pipelined request) is its start.
+                request.head.drain(..consumed);
+                self.expires = Some(now + HTTP_KEEPALIVE_TIMEOUT);
+                let behind = request.head.len();
+                if behind == 0 {
+                    return None;
+                }
+                self.serve_request(behind, now)
             }
             Routed::Upgrade { response, consumed } => {
                 let rest = request.head.split_off(consumed);
@@ -771,6 +796,7 @@ mod tests {
         Arc::new(HttpConfig {
             health: crate::health::Health::default(),
             origins: Origins::new(false, listen, &[], Vec::new()),
+            tls: false,
         })
     }
 
@@ -935,7 +961,7 @@ mod tests {
         let now = Instant::now();
         let mut link = Link::new(config(), Transport::Http(http_config()), None, now).unwrap();
         let later = now + Duration::from_secs(3);
-        let request = b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\nmore bytes";
+        let request = b"GET /nowhere HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\nmore bytes";
         assert_eq!(events(&mut link, request, later), []);
         assert_eq!(link.phase(), Phase::Flushing);
         assert!(!link.takes_input());
@@ -963,6 +989,60 @@ mod tests {
             slow.timeout(now + HTTP_REQUEST_TIMEOUT),
             Some(Expired::GiveUp)
         );
+    }
+
+    #[test]
+    fn an_http_connection_serves_requests_in_turn_until_told_to_close() {
+        let now = Instant::now();
+        let mut link = Link::new(config(), Transport::Http(http_config()), None, now).unwrap();
+        // Two requests at once (pipelined), and the start of a third.
+        let later = now + Duration::from_secs(1);
+        let two = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /nowhere HTTP/1.1\r\nHost: x\r\n\r\nGET /chat";
+        assert_eq!(events(&mut link, two, later), []);
+        assert_eq!(link.phase(), Phase::Open);
+        assert_eq!(link.deadline(), Some(later + HTTP_KEEPALIVE_TIMEOUT));
+        let (out, _) = written(&mut link);
+        let out = String::from_utf8(out).unwrap();
+        let statuses: Vec<&str> = out.matches("HTTP/1.1 ").map(|_| "").collect();
+        assert_eq!(statuses.len(), 2, "{out}");
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(
+            out.contains("\r\n\r\nok\nHTTP/1.1 404 Not Found\r\n"),
+            "{out}"
+        );
+        assert!(!out.contains("Connection: close"), "{out}");
+        // The third ends, saying it is the last.
+        let last = b".css HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        assert_eq!(events(&mut link, last, later), []);
+        assert_eq!(link.phase(), Phase::Flushing);
+        let (out, done) = written(&mut link);
+        let out = String::from_utf8(out).unwrap();
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK\r\nContent-Type: text/css"),
+            "{out}"
+        );
+        assert!(out.contains("\r\nConnection: close\r\n"), "{out}");
+        assert_eq!(done, Written::ShutDown);
+
+        // HTTP/1.0 closes after one; so does an error.
+        for request in [
+            &b"GET /healthz HTTP/1.0\r\n\r\n"[..],
+            b"PUT / HTTP/1.1\r\nHost: x\r\n\r\n",
+        ] {
+            let mut link = Link::new(config(), Transport::Http(http_config()), None, now).unwrap();
+            assert_eq!(events(&mut link, request, now), []);
+            assert_eq!(link.phase(), Phase::Flushing);
+        }
+
+        // At most MAX_HTTP_REQUESTS, the last saying so.
+        let mut link = Link::new(config(), Transport::Http(http_config()), None, now).unwrap();
+        let many = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".repeat(MAX_HTTP_REQUESTS + 5);
+        assert_eq!(events(&mut link, &many, now), []);
+        assert_eq!(link.phase(), Phase::Flushing);
+        let (out, _) = written(&mut link);
+        let out = String::from_utf8(out).unwrap();
+        assert_eq!(out.matches("HTTP/1.1 200 OK").count(), MAX_HTTP_REQUESTS);
+        assert_eq!(out.matches("Connection: close").count(), 1);
     }
 
     #[test]

@@ -184,6 +184,7 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
             http: Some(Arc::new(http::HttpConfig {
                 origins,
                 health: health.clone(),
+                tls: tls.is_some(),
             })),
         });
     }

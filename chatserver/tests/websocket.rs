@@ -206,6 +206,34 @@ fn refused<S: Read + Write>(result: Result<WsClient<S>, tungstenite::Error>) {
 }
 
 #[test]
+fn the_page_and_its_files_share_one_kept_connection() {
+    let (_server, http) = start(&[]);
+    let mut stream = std::net::TcpStream::connect(http).unwrap();
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    for path in ["/", "/chat.css", "/chat.js", "/favicon.ico"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {http}\r\n\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let response = common::read_http_response(&mut stream, false);
+        assert!(
+            response.starts_with("HTTP/1.1 200 OK\r\n"),
+            "{path}: {response}"
+        );
+        assert!(response.contains("\r\nDate: "), "{response}");
+        assert!(!response.contains("Connection: close"), "{response}");
+    }
+    stream
+        .write_all(b"GET /healthz HTTP/1.1\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let last = common::read_http_response(&mut stream, false);
+    assert!(last.contains("\r\nConnection: close\r\n"), "{last}");
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty(), "closed after the last");
+}
+
+#[test]
 fn a_websocket_from_another_origin_is_refused() {
     let (_server, http) = start(&[
         "--allow-origin",

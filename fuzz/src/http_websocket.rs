@@ -35,6 +35,7 @@ pub fn check_http_websocket(data: &[u8]) {
     let config = Arc::new(HttpConfig {
         health: chatserver::health::Health::default(),
         origins: Origins::new(secure, listen, &[], allowed),
+        tls: secure,
     });
     let upgrade = check_parsers(data, &config, chunk);
     check_link(data, config, chunk, upgrade);
@@ -44,7 +45,8 @@ pub fn check_http_websocket(data: &[u8]) {
 /// waited on, and every message handed on is UTF-8 and within the limit.
 /// Whether the request is an upgrade.
 fn check_parsers(data: &[u8], config: &HttpConfig, chunk: usize) -> bool {
-    let (rest, upgrade) = match http::route(data, config) {
+    let now = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+    let (rest, upgrade) = match http::route(data, config, now, true) {
         Routed::Partial => {
             assert!(
                 data.len() < http::MAX_REQUEST_BYTES,
@@ -52,8 +54,17 @@ fn check_parsers(data: &[u8], config: &HttpConfig, chunk: usize) -> bool {
             );
             (data, false)
         }
-        Routed::Respond(response) => {
+        Routed::Respond {
+            response,
+            keep_alive,
+            consumed,
+        } => {
             assert!(response.starts_with(b"HTTP/1.1 "));
+            assert!(consumed <= data.len());
+            // A kept connection reads its next request after this one.
+            if keep_alive {
+                assert!(consumed > 0);
+            }
             (data, false)
         }
         Routed::Upgrade { response, consumed } => {

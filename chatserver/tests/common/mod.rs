@@ -437,8 +437,37 @@ pub fn http_exchange(addr: SocketAddr, request: &[u8]) -> String {
     let mut stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(TIMEOUT)).unwrap();
     stream.write_all(request).unwrap();
+    read_http_response(&mut stream, request.starts_with(b"HEAD "))
+}
+
+/// One HTTP response from `stream`: its head, then as many bytes of body
+/// as its `Content-Length` says (none for a HEAD request's), or to the end
+/// of the stream without one. The connection may stay open (keep-alive).
+pub fn read_http_response(stream: &mut impl Read, head_request: bool) -> String {
     let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
+    let mut byte = [0];
+    while !response.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte).unwrap() {
+            0 => return String::from_utf8_lossy(&response).into_owned(),
+            _ => response.push(byte[0]),
+        }
+    }
+    let head = String::from_utf8_lossy(&response).to_ascii_lowercase();
+    let length = head
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .map(|n| n.trim().parse::<usize>().unwrap());
+    match length {
+        _ if head_request || head.starts_with("http/1.1 101 ") => {}
+        Some(length) => {
+            let mut body = vec![0; length];
+            stream.read_exact(&mut body).unwrap();
+            response.extend_from_slice(&body);
+        }
+        None => {
+            stream.read_to_end(&mut response).unwrap();
+        }
+    }
     String::from_utf8_lossy(&response).into_owned()
 }
 
