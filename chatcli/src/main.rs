@@ -80,6 +80,24 @@ pub struct Credentials {
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long a plain connection may stay silent before chatcli suggests
+/// `--tls` (a chatserver greets at once; a TLS port never speaks first).
+const GREETING_HINT_AFTER: Duration = Duration::from_secs(2);
+
+/// Whether the server sends something (or hangs up) within `wait`; reads
+/// nothing.
+fn greets_within(stream: &TcpStream, wait: Duration) -> bool {
+    if stream.set_read_timeout(Some(wait)).is_err() {
+        return true;
+    }
+    let silent = matches!(
+        stream.peek(&mut [0]),
+        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+    );
+    let _ = stream.set_read_timeout(None);
+    !silent
+}
+
 fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(args) => args,
@@ -135,6 +153,14 @@ fn run(args: Args) -> u8 {
             }
         }
     } else {
+        if !greets_within(&stream, GREETING_HINT_AFTER) {
+            // A TLS port waits for our ClientHello and says nothing.
+            eprintln!(
+                "chatcli: {} has said nothing in {} s: if it serves TLS, add --tls",
+                args.addr,
+                GREETING_HINT_AFTER.as_secs()
+            );
+        }
         Transport::plain(stream)
     };
     let session = Session::new(&stream);

@@ -1,29 +1,46 @@
 //! The connection to the server: plain TCP, or TLS over it (`--tls`).
 //!
 //! The receiving thread reads while the main thread writes. A TLS session
-//! is one state machine for both directions, so it sits behind a lock; the
-//! reader holds the lock only for one short socket read (the socket has a
-//! read timeout), so a write waits at most that long.
+//! is one state machine for both directions, so it sits behind a lock;
+//! the reader waits for the socket *outside* the lock (a blocking read of
+//! raw TLS bytes), then takes the lock only to hand them to rustls and
+//! take the plaintext out. An idle session therefore sleeps in the kernel
+//! until the server sends something, and a write never waits for a read.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned};
+use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureScheme};
 
-/// How long the reader holds the TLS session per read.
-const TLS_READ_SLICE: Duration = Duration::from_millis(20);
+/// How long the TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A connection both threads share.
 #[derive(Clone)]
 pub enum Transport {
     Plain(Arc<TcpStream>),
-    Tls(Arc<Mutex<StreamOwned<ClientConnection, TcpStream>>>),
+    Tls(Arc<TlsStream>),
+}
+
+/// A TLS session over its socket.
+pub struct TlsStream {
+    socket: TcpStream,
+    state: Mutex<TlsState>,
+}
+
+/// What the lock guards: the session, and what the socket gave that the
+/// session has not taken yet.
+struct TlsState {
+    conn: ClientConnection,
+    received: Vec<u8>,
+    /// The server closed the socket.
+    eof: bool,
 }
 
 /// Which certificates to trust with `--tls`.
@@ -43,26 +60,38 @@ impl Transport {
     }
 
     /// TLS to `host` (the name the certificate must carry) over `stream`.
-    pub fn tls(stream: TcpStream, host: &str, trust: &Trust) -> Result<Transport, String> {
+    pub fn tls(mut stream: TcpStream, host: &str, trust: &Trust) -> Result<Transport, String> {
         let config = client_config(trust)?;
         let name = ServerName::try_from(host.to_owned())
             .map_err(|_| format!("{host:?} is not a valid TLS server name"))?;
-        let conn = ClientConnection::new(Arc::new(config), name)
+        let mut conn = ClientConnection::new(Arc::new(config), name)
             .map_err(|e| format!("cannot start TLS: {e}"))?;
-        stream
-            .set_read_timeout(Some(TLS_READ_SLICE))
-            .map_err(|e| e.to_string())?;
-        let mut tls = StreamOwned::new(conn, stream);
         // Handshake now, so a certificate problem is an error here and not
         // a silent end of the session later.
-        while tls.conn.is_handshaking() {
-            match tls.conn.complete_io(&mut tls.sock) {
+        stream
+            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+            .map_err(|e| e.to_string())?;
+        while conn.is_handshaking() {
+            match conn.complete_io(&mut stream) {
                 Ok(_) => {}
-                Err(e) if is_timeout(&e) => {}
+                Err(e) if is_timeout(&e) => {
+                    return Err(format!(
+                        "no TLS handshake within {} s: does this port serve TLS? (without --tls for a plain one)",
+                        HANDSHAKE_TIMEOUT.as_secs()
+                    ))
+                }
                 Err(e) => return Err(format!("TLS handshake failed: {e}")),
             }
         }
-        Ok(Transport::Tls(Arc::new(Mutex::new(tls))))
+        stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+        Ok(Transport::Tls(Arc::new(TlsStream {
+            socket: stream,
+            state: Mutex::new(TlsState {
+                conn,
+                received: Vec::new(),
+                eof: false,
+            }),
+        })))
     }
 
     /// Reads some bytes; blocks until there are some or the connection
@@ -70,19 +99,7 @@ impl Transport {
     pub fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Transport::Plain(s) => (&**s).read(buf),
-            Transport::Tls(tls) => loop {
-                let mut tls = tls.lock().unwrap_or_else(|e| e.into_inner());
-                match tls.read(buf) {
-                    Err(e) if is_timeout(&e) => {
-                        drop(tls);
-                        std::thread::yield_now();
-                    }
-                    // A peer that closes without close_notify ends the
-                    // session too.
-                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
-                    other => return other,
-                }
-            },
+            Transport::Tls(tls) => tls.read(buf),
         }
     }
 
@@ -90,18 +107,66 @@ impl Transport {
     pub fn write_all(&self, buf: &[u8]) -> io::Result<()> {
         match self {
             Transport::Plain(s) => (&**s).write_all(buf),
-            Transport::Tls(tls) => {
-                let mut tls = tls.lock().unwrap_or_else(|e| e.into_inner());
-                tls.write_all(buf)?;
-                // Push the records out, riding out the read timeout.
-                loop {
-                    match tls.flush() {
-                        Err(e) if is_timeout(&e) => {}
-                        other => return other,
+            Transport::Tls(tls) => tls.write_all(buf),
+        }
+    }
+}
+
+impl TlsStream {
+    fn lock(&self) -> MutexGuard<'_, TlsState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        let mut raw = [0; 16 * 1024];
+        loop {
+            {
+                let mut state = self.lock();
+                match state.conn.reader().read(buf) {
+                    // Ok(0) is the server's close_notify.
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    // A peer that closes without close_notify ends the
+                    // session too.
+                    Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(0),
+                    Err(e) => return Err(e),
+                }
+                if !state.received.is_empty() {
+                    // Taken a record or so at a time, the plaintext read
+                    // out in between, so rustls's buffer never overflows.
+                    let TlsState { conn, received, .. } = &mut *state;
+                    let taken = conn.read_tls(&mut &received[..])?;
+                    received.drain(..taken);
+                    conn.process_new_packets().map_err(io::Error::other)?;
+                    // What processing made (an alert, a key update) goes
+                    // out at once.
+                    while conn.wants_write() {
+                        conn.write_tls(&mut &self.socket)?;
                     }
+                    continue;
+                }
+                if state.eof {
+                    return Ok(0);
                 }
             }
+            // Nothing to give: wait for the server, without the lock.
+            let n = (&self.socket).read(&mut raw)?;
+            let mut state = self.lock();
+            if n == 0 {
+                state.eof = true;
+            } else {
+                state.received.extend_from_slice(&raw[..n]);
+            }
         }
+    }
+
+    fn write_all(&self, buf: &[u8]) -> io::Result<()> {
+        let mut state = self.lock();
+        state.conn.writer().write_all(buf)?;
+        while state.conn.wants_write() {
+            state.conn.write_tls(&mut &self.socket)?;
+        }
+        Ok(())
     }
 }
 

@@ -67,3 +67,63 @@ fn an_untrusted_certificate_is_refused_and_insecure_says_so_loudly() {
     assert!(err.contains("WARNING: --insecure"), "{err}");
     assert!(out.contains("welcome, carol"), "{out}");
 }
+
+#[test]
+fn a_tls_port_without_tls_gets_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path());
+    let server = TestServer::start(&["--tls-cert", &cert, "--tls-key", &key]);
+    let (code, _, err) = chatcli(&server, &[], "whoami\n");
+    assert_ne!(code, 0);
+    assert!(err.contains("if it serves TLS, add --tls"), "{err}");
+}
+
+/// An idle session over TLS sleeps until the server speaks: its reader
+/// waits on the socket, not on a timer.
+#[cfg(target_os = "linux")]
+#[test]
+fn an_idle_tls_session_does_not_wake_up() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = certificate(dir.path());
+    let server = TestServer::start(&["--tls-cert", &cert, "--tls-key", &key]);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_chatcli"))
+        .arg(server.addr.to_string())
+        .args(["--tls", "--ca", &cert])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    std::io::Write::write_all(&mut stdin, b"login alice pw-alice\n").unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.contains("welcome, alice") {
+        line.clear();
+        assert!(stdout.read_line(&mut line).unwrap() > 0, "no welcome");
+    }
+    // Idle now (stdin open, nothing to read): count the process's wake-ups.
+    let switches = || -> u64 {
+        std::fs::read_dir(format!("/proc/{}/task", child.id()))
+            .unwrap()
+            .filter_map(|task| {
+                let status = std::fs::read_to_string(task.ok()?.path().join("status")).ok()?;
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+            })
+            .sum()
+    };
+    let before = switches();
+    std::thread::sleep(Duration::from_secs(3));
+    let woke = switches() - before;
+    let _ = child.kill();
+    let _ = child.wait();
+    // It used to wake 50 times a second; at most one a second now.
+    assert!(woke <= 3, "{woke} voluntary context switches in 3 s idle");
+}
