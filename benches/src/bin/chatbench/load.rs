@@ -60,6 +60,8 @@ pub struct LoadConfig {
     /// with a wrong password, each retrying as soon as it is refused: a
     /// storm of password checks beside the workload.
     pub login_storm: usize,
+    /// Clients speak WebSocket (`GET /ws` at `addrs`).
+    pub websocket: bool,
 }
 
 /// What a run measured.
@@ -220,8 +222,12 @@ pub fn run(config: LoadConfig) -> Result<Report, String> {
     for i in 0..config.clients + config.login_storm {
         let storm = i >= config.clients;
         let addr = config.addrs[i % config.addrs.len()];
-        let stream = TcpStream::connect(addr).map_err(|e| format!("client {i} ({addr}): {e}"))?;
+        let mut stream =
+            TcpStream::connect(addr).map_err(|e| format!("client {i} ({addr}): {e}"))?;
         stream.set_nodelay(true).map_err(|e| e.to_string())?;
+        if config.websocket {
+            crate::ws::handshake(&mut stream, addr).map_err(|e| format!("client {i}: {e}"))?;
+        }
         stream.set_nonblocking(true).map_err(|e| e.to_string())?;
         // Level-triggered: no re-arming syscall after every event.
         // SAFETY: every stream lives in `clients`, inside the `Run` that
@@ -232,13 +238,18 @@ pub fn run(config: LoadConfig) -> Result<Report, String> {
                 .add_with_mode(&stream, Event::readable(i), PollMode::Level)
                 .map_err(|e| e.to_string())?;
         }
+        let login = if storm {
+            storm_login(i - config.clients)
+        } else {
+            format!("login u{i} p{i}\n").into_bytes()
+        };
         clients.push(Client {
             stream,
-            outbox: Outbox::new(if storm {
-                storm_login(i - config.clients)
+            outbox: if config.websocket {
+                Outbox::websocket(login, (i as u32 ^ 0x5a5a_5a5a).to_le_bytes())
             } else {
-                format!("login u{i} p{i}\n").into_bytes()
-            }),
+                Outbox::new(login)
+            },
             partial: Vec::new(),
             // Storm connections never log in.
             logged_in: storm,
@@ -495,8 +506,12 @@ impl Run {
         Ok(frames)
     }
 
-    /// Splits input into frames and accounts for each.
+    /// Splits input into frames (lines, or WebSocket messages) and
+    /// accounts for each.
     fn take(&mut self, i: usize, bytes: &[u8]) -> Result<usize, String> {
+        if self.config.websocket {
+            return self.take_messages(i, bytes);
+        }
         let mut frames = 0;
         let mut rest = bytes;
         let mut partial = std::mem::take(&mut self.clients[i].partial);
@@ -513,6 +528,21 @@ impl Run {
         }
         partial.extend_from_slice(rest);
         self.clients[i].partial = partial;
+        Ok(frames)
+    }
+
+    /// `take` for a WebSocket client: `partial` holds a message still
+    /// arriving.
+    fn take_messages(&mut self, i: usize, bytes: &[u8]) -> Result<usize, String> {
+        let mut input = std::mem::take(&mut self.clients[i].partial);
+        input.extend_from_slice(bytes);
+        let mut frames = 0;
+        let taken = crate::ws::take_messages(&input, |message| {
+            frames += 1;
+            self.frame(i, message)
+        })?;
+        input.drain(..taken);
+        self.clients[i].partial = input;
         Ok(frames)
     }
 

@@ -58,6 +58,7 @@ mod outbox;
 mod presence;
 mod process;
 mod tls_flood;
+mod ws;
 
 use std::ffi::OsString;
 use std::io::{self, Read, Write};
@@ -477,6 +478,10 @@ struct LoadArgs {
     /// another node than its sender's.
     #[arg(long)]
     cross_node: bool,
+    /// Clients speak WebSocket (`GET /ws`): --addr is then the server's
+    /// --http address (with --spawn, the spawned server gets one).
+    #[arg(long)]
+    ws: bool,
 }
 
 fn main() -> ExitCode {
@@ -490,27 +495,36 @@ fn main() -> ExitCode {
         } => with_server(&target, clients, 0, |addr, pid| {
             idle(addr, clients, pid, Duration::from_secs(idle_secs))
         }),
-        Mode::Direct { target, load } => {
-            with_server(&target, load.clients, load.login_storm, |addr, pid| {
-                load_run(&target.nodes(addr), pid, &target, &load, Workload::Direct)
-            })
-        }
+        Mode::Direct { target, load } => with_server_on(
+            &target,
+            load.clients,
+            load.login_storm,
+            load.ws,
+            |addr, pid| load_run(&target.nodes(addr), pid, &target, &load, Workload::Direct),
+        ),
         Mode::Fanout {
             target,
             load,
             senders,
-        } => with_server(&target, load.clients, load.login_storm, |addr, pid| {
-            let workload = Workload::Fanout { senders };
-            load_run(&target.nodes(addr), pid, &target, &load, workload)
-        }),
+        } => with_server_on(
+            &target,
+            load.clients,
+            load.login_storm,
+            load.ws,
+            |addr, pid| {
+                let workload = Workload::Fanout { senders };
+                load_run(&target.nodes(addr), pid, &target, &load, workload)
+            },
+        ),
         Mode::Offline {
             target,
             load,
             recipients,
-        } => with_server(
+        } => with_server_on(
             &target,
             load.clients + recipients,
             load.login_storm,
+            load.ws,
             |addr, pid| {
                 let workload = Workload::Offline { recipients };
                 load_run(&target.nodes(addr), pid, &target, &load, workload)
@@ -590,6 +604,7 @@ fn load_run(
         rate: args.rate,
         server_pid,
         login_storm: args.login_storm,
+        websocket: args.ws,
     };
     let report = load::run(config.clone())?;
     report.print(&config);
@@ -1390,6 +1405,7 @@ fn tls_flood(args: &TlsFloodArgs) -> Result<(), String> {
         rate: Some(args.load_rate),
         server_pid: Some(server.pid()),
         login_storm: 0,
+        websocket: false,
     };
     let mut p99 = [Vec::new(), Vec::new()];
     for round in 1..=args.rounds {
@@ -1828,25 +1844,51 @@ fn with_server(
     storm: usize,
     f: impl FnOnce(SocketAddr, Option<u32>) -> Result<(), String>,
 ) -> Result<(), String> {
+    with_server_on(target, users, storm, false, f)
+}
+
+/// [`with_server`], where a spawned server also serves `--http` if `http`
+/// (on a port chosen here), and `f` gets that address instead.
+fn with_server_on(
+    target: &Target,
+    users: usize,
+    storm: usize,
+    http: bool,
+    f: impl FnOnce(SocketAddr, Option<u32>) -> Result<(), String>,
+) -> Result<(), String> {
     let db_args = target.server_db_args()?;
     let Some(binary) = &target.spawn else {
         pin(target.pin_cpu)?;
         return f(target.addr[0], target.server_pid);
     };
     let credentials = TempFile::write("credentials.txt", &credentials_text(users, storm)?)?;
+    // A port free a moment ago (the server's log names it only after the
+    // line chatbench waits for).
+    let http_addr = match http {
+        true => Some(
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("no free port for --http: {e}"))?,
+        ),
+        false => None,
+    };
+    let extra: Vec<(&str, OsString)> = http_addr
+        .iter()
+        .map(|addr| ("--http", OsString::from(addr.to_string())))
+        .collect();
     let command = ServerCommand::new(
         binary,
         &target.server_args,
         &credentials.0,
         db_args,
         storm,
-        &[],
+        &extra,
         &[&ADDRESS_LIMITS[..], &TLS_BUDGETS[..]].concat(),
     );
     // Dropped (killed) before `credentials` is removed.
     let server = command.start()?;
     pin(target.pin_cpu)?;
-    f(server.addr, Some(server.pid()))
+    f(http_addr.unwrap_or(server.addr), Some(server.pid()))
 }
 
 /// `--pin-cpu`: confines this (the load generator's) thread to CPU `n`.
