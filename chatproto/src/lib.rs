@@ -82,6 +82,15 @@
 //!
 //! The modules form no import cycle: `ids` and the value types are at the
 //! bottom, `output` and `durability` above them, `server` on top.
+//!
+//! # Examples
+//!
+//! Runnable, in `examples/` (each run by the test suite):
+//!
+//! - `examples/tokio_server.rs`: the core driven by a tokio runtime instead of chatserver's reactor,
+//!   in under 200 lines (`cargo run -p chatproto --example tokio_server`);
+//! - `examples/bot.rs`: a [`Client`] over a plain `TcpStream` that logs in and answers
+//!   direct messages (`cargo run -p chatproto --example bot -- ADDR USER`).
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
