@@ -90,7 +90,11 @@
 //! - `examples/tokio_server.rs`: the core driven by a tokio runtime instead of chatserver's reactor,
 //!   in under 200 lines (`cargo run -p chatproto --example tokio_server`);
 //! - `examples/bot.rs`: a [`Client`] over a plain `TcpStream` that logs in and answers
-//!   direct messages (`cargo run -p chatproto --example bot -- ADDR USER`).
+//!   direct messages (`cargo run -p chatproto --example bot -- ADDR USER`);
+//! - `examples/custom_rule.rs`: a server that adds a rule of its own (a
+//!   banned-words filter) without a callback into the core, answering the
+//!   frames it judges only while [`Server::is_caught_up`], so answers keep
+//!   their order.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

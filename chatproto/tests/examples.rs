@@ -39,7 +39,12 @@ impl Drop for Running {
 
 /// Starts the tokio server on a free port; its address.
 fn tokio_server() -> (Running, SocketAddr) {
-    let mut child = Command::new(example("tokio_server"))
+    server_example("tokio_server")
+}
+
+/// Starts the server example `name` on a free port; its address.
+fn server_example(name: &str) -> (Running, SocketAddr) {
+    let mut child = Command::new(example(name))
         .arg("127.0.0.1:0")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -167,4 +172,32 @@ fn the_bot_answers_direct_messages() {
         _ => None,
     });
     assert_eq!(reply, "you said: hello there");
+}
+
+#[test]
+fn the_custom_rule_refuses_banned_words_and_answers_stay_in_order() {
+    let (_server, addr) = server_example("custom_rule");
+    let mut alice = User::connect(addr);
+    // All at once: the rule's answer must not overtake the login's.
+    for line in [
+        "login alice wonderland",
+        "broadcast buy SPAM now",
+        "broadcast hello",
+        "whoami",
+    ] {
+        alice.send(line);
+    }
+    let mut answers = Vec::new();
+    while answers.len() < 4 {
+        let answer = alice.wait_for(|e| match e {
+            ClientEvent::Ok { frame, .. } => Some(format!("ok {}", frame.text)),
+            ClientEvent::Error { frame, .. } => Some(format!("{:?}", frame.code)),
+            _ => None,
+        });
+        answers.push(answer);
+    }
+    assert_eq!(answers[0], "ok welcome, alice");
+    assert_eq!(answers[1], "Forbidden");
+    assert!(answers[2].starts_with("ok broadcast"), "{answers:?}");
+    assert!(answers[3].starts_with("ok you are alice"), "{answers:?}");
 }

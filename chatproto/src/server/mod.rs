@@ -726,6 +726,38 @@ impl Server {
         self.pump_drains();
     }
 
+    /// Whether open `conn` has nothing waiting in the core on its behalf:
+    /// no frame of its held (behind a password check, a session claim, a
+    /// first offline page, or a message on its way to another node's
+    /// user) and no output of its held behind a batch. A driver that
+    /// answers some frames itself (a policy or a command of its own)
+    /// answers them only while this holds, and otherwise keeps them, in
+    /// order, until it does: so its answers and the core's keep the order
+    /// of the frames. `examples/custom_rule.rs` shows it.
+    ///
+    /// ```
+    /// # use chatproto::{Accounts, PeerKey, Server, ServerConfig, Timestamp};
+    /// let now = Timestamp::from_unix_millis(0);
+    /// let mut accounts = Accounts::new();
+    /// accounts.insert_hashed(
+    ///     "alice".parse().unwrap(),
+    ///     chatproto::HashedPassword::new("$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo").unwrap(),
+    /// ).unwrap();
+    /// let mut server = Server::new(ServerConfig::default(), accounts, now).unwrap();
+    /// let conn = server.accept(PeerKey::UNSPECIFIED, [0; 16], now);
+    /// assert!(server.is_caught_up(conn));
+    /// // A hashed password is checked off the event loop: until the
+    /// // verdict, the login's answer is owed.
+    /// server.handle_input(conn, b"login alice secret\n", now).unwrap();
+    /// assert!(!server.is_caught_up(conn));
+    /// ```
+    pub fn is_caught_up(&self, conn: ConnId) -> bool {
+        self.sessions
+            .get(conn)
+            .is_some_and(|c| !waits_for_input(c) && c.held_frames.is_empty())
+            && !self.ledger.holds(conn)
+    }
+
     /// Whether output for `conn` waits in the core for a batch to be
     /// answered, even after `conn` closed ([`Server::handle_disconnect`],
     /// or an [`Output::Close`] still held): a driver keeps a closing
