@@ -156,7 +156,7 @@ fn run(args: Args) -> u8 {
         if !greets_within(&stream, GREETING_HINT_AFTER) {
             // A TLS port waits for our ClientHello and says nothing.
             eprintln!(
-                "chatcli: {} has said nothing in {} s: if it serves TLS, add --tls",
+                "chatcli: {} has said nothing in {} s: if it serves TLS, add --tls (or is it not a chat port?)",
                 args.addr,
                 GREETING_HINT_AFTER.as_secs()
             );

@@ -137,7 +137,7 @@ struct Common {
 
 impl Common {
     fn new(config: &HttpConfig, now: SystemTime) -> Common {
-        let mut headers = format!("Date: {}\r\n", httpdate::fmt_http_date(now));
+        let mut headers = format!("Date: {}\r\n", http_date(now));
         if config.tls {
             headers.push_str(&format!(
                 "Strict-Transport-Security: max-age={HSTS_MAX_AGE_SECS}\r\n"
@@ -402,6 +402,14 @@ fn respond(status: u16, extra_headers: &str, reason: &str, head: bool) -> Respon
     }
 }
 
+/// `now` as an IMF-fixdate, clamped to the years httpdate writes (a clock
+/// set before 1970 must not stop the server).
+fn http_date(now: SystemTime) -> String {
+    // 9999-12-31T23:59:59Z, the last second httpdate formats.
+    let last = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(253_402_300_799);
+    httpdate::fmt_http_date(now.clamp(SystemTime::UNIX_EPOCH, last))
+}
+
 /// The answer to a connection over a limit, before any request is read,
 /// at `now`; the connection closes after it.
 pub fn unavailable(reason: &str, now: SystemTime) -> Bytes {
@@ -409,7 +417,7 @@ pub fn unavailable(reason: &str, now: SystemTime) -> Bytes {
     Bytes::from(format!(
         "{}Date: {}\r\nConnection: close\r\n\r\n{}",
         response.head,
-        httpdate::fmt_http_date(now),
+        http_date(now),
         response.body
     ))
 }
@@ -762,5 +770,13 @@ mod tests {
             Routed::Respond { consumed, .. } => assert_eq!(consumed, 27),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_clock_out_of_range_still_gives_a_date() {
+        let before = SystemTime::UNIX_EPOCH - std::time::Duration::from_secs(5);
+        assert_eq!(http_date(before), "Thu, 01 Jan 1970 00:00:00 GMT");
+        let far = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(400_000_000_000);
+        assert_eq!(http_date(far), "Fri, 31 Dec 9999 23:59:59 GMT");
     }
 }

@@ -36,6 +36,8 @@ pub const HTTP_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Requests one HTTP connection may make; the last is answered with
 /// `Connection: close`.
 pub const MAX_HTTP_REQUESTS: usize = 100;
+/// Unwritten output past which an HTTP connection's answer is its last.
+pub const MAX_KEPT_OUTPUT_BYTES: usize = 64 * 1024;
 
 /// What every link of a server shares.
 #[derive(Debug, Clone)]
@@ -428,6 +430,11 @@ impl Link {
         matches!(self.app, App::Http(_))
     }
 
+    /// Whether output waits to be written.
+    pub fn has_output(&self) -> bool {
+        !self.output.is_empty()
+    }
+
     /// Whether it carries WebSocket messages.
     pub fn is_websocket(&self) -> bool {
         matches!(self.app, App::WebSocket(_))
@@ -572,7 +579,11 @@ impl Link {
         if !ended && request.head.len() < http::MAX_REQUEST_BYTES {
             return None;
         }
-        let may_keep = request.served + 1 < MAX_HTTP_REQUESTS;
+        // Pipelined requests are answered only while little output waits:
+        // past it, this answer is the last (a client that sends and never
+        // reads cannot make a few bytes of requests cost megabytes here).
+        let may_keep =
+            request.served + 1 < MAX_HTTP_REQUESTS && self.output.len() < MAX_KEPT_OUTPUT_BYTES;
         match http::route(&request.head, &request.config, SystemTime::now(), may_keep) {
             Routed::Partial => None,
             Routed::Respond {
@@ -1033,6 +1044,21 @@ mod tests {
             assert_eq!(events(&mut link, request, now), []);
             assert_eq!(link.phase(), Phase::Flushing);
         }
+
+        // A client that pipelines and never reads gets answers until a
+        // little output waits, the last saying so.
+        let mut link = Link::new(config(), Transport::Http(http_config()), None, now).unwrap();
+        let js = b"GET /chat.js HTTP/1.1\r\nHost: x\r\n\r\n".repeat(50);
+        assert_eq!(events(&mut link, &js, now), []);
+        assert_eq!(link.phase(), Phase::Flushing);
+        let (out, _) = written(&mut link);
+        let out = String::from_utf8(out).unwrap();
+        let answers = out.matches("HTTP/1.1 200 OK").count();
+        let each = include_str!("../web/chat.js").len();
+        assert!(answers < 50, "{answers}");
+        // Answers go on while under the bound, then one more, the last.
+        assert!(answers <= MAX_KEPT_OUTPUT_BYTES / each + 2, "{answers}");
+        assert_eq!(out.matches("Connection: close").count(), 1);
 
         // At most MAX_HTTP_REQUESTS, the last saying so.
         let mut link = Link::new(config(), Transport::Http(http_config()), None, now).unwrap();

@@ -1567,7 +1567,8 @@ impl Reactor {
         );
         self.shutdown_deadline = Some(deadline);
         self.listeners.clear();
-        // Requests still being read have no session to say bye to.
+        // Requests still being read have no session to say bye to; a kept
+        // HTTP connection still writing an answer finishes it first.
         let requests: Vec<usize> = (0..self.sockets.len())
             .filter(|&key| {
                 self.sockets[key]
@@ -1576,7 +1577,14 @@ impl Reactor {
             })
             .collect();
         for key in requests {
-            self.remove(key);
+            let answering = self.sockets[key]
+                .as_ref()
+                .is_some_and(|s| s.link.has_output());
+            if answering {
+                self.start_closing(key, None);
+            } else {
+                self.remove(key);
+            }
         }
         self.accept_paused_until = None;
         let now = self.now();

@@ -26,6 +26,10 @@ pub fn handshake(stream: &mut TcpStream, addr: SocketAddr) -> Result<(), String>
     stream
         .write_all(request.as_bytes())
         .map_err(|e| format!("{addr}: {e}"))?;
+    // A line-protocol port answers with lines that never end the head.
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .map_err(|e| e.to_string())?;
     let mut head = Vec::new();
     let mut byte = [0];
     while !head.ends_with(b"\r\n\r\n") {
@@ -35,9 +39,14 @@ pub fn handshake(stream: &mut TcpStream, addr: SocketAddr) -> Result<(), String>
         match stream.read(&mut byte) {
             Ok(0) => return Err(format!("{addr}: closed during the WebSocket upgrade")),
             Ok(_) => head.push(byte[0]),
-            Err(e) => return Err(format!("{addr}: {e}")),
+            Err(e) => {
+                return Err(format!(
+                    "{addr}: no WebSocket upgrade ({e}): is it the server's --http address?"
+                ))
+            }
         }
     }
+    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
     if !head.starts_with(b"HTTP/1.1 101 ") {
         let line = head.split(|&b| b == b'\r').next().unwrap_or_default();
         return Err(format!(
