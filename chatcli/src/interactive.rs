@@ -63,7 +63,10 @@ pub fn run(session: Session, stream: Transport, credentials: Option<Credentials>
             });
             let printed = done_rx.recv_timeout(Duration::from_millis(300)).is_ok();
             if printed {
-                std::thread::sleep(Duration::from_millis(50));
+                // The printer only queued it for the editor's thread, which
+                // draws it when it next runs: on a loaded machine 50 ms was
+                // seen not to be enough (the line was lost at exit).
+                std::thread::sleep(Duration::from_millis(250));
             }
             saved.restore();
             let mut out = std::io::stdout().lock();
