@@ -266,6 +266,18 @@ pub struct Args {
     #[arg(long, value_name = "MS", default_value_t = 2000)]
     shutdown_grace_ms: u64,
 
+    /// Read flags from this TOML file, whose keys are the long flag names
+    /// (`lockout-attempts = 5`; an array for a repeatable flag, a bool for
+    /// one without a value). The command line wins over the file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+
+    /// Print the effective configuration (the file's, the command line's
+    /// and the defaults, passwords left out) as a file --config reads, and
+    /// exit.
+    #[arg(long)]
+    print_config: bool,
+
     /// Positional form: PORT BLOCK_DURATION TIMEOUT.
     #[arg(value_name = "PORT BLOCK_DURATION TIMEOUT", num_args = 0..=3, hide = true)]
     positional: Vec<String>,
@@ -384,6 +396,11 @@ pub const DEFAULT_LISTEN: SocketAddr =
     SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 4000);
 
 impl Args {
+    /// Whether `--print-config` was given.
+    pub fn print_config(&self) -> bool {
+        self.print_config
+    }
+
     /// The settings these flags make, checked.
     pub fn into_settings(self) -> Result<Settings, UsageError> {
         let mut listen = self.listen.unwrap_or(DEFAULT_LISTEN);

@@ -32,6 +32,7 @@ pub mod bus;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
+pub mod config_file;
 mod cpu;
 #[cfg(feature = "cli")]
 mod credentials;
