@@ -52,6 +52,7 @@ pub mod reactor;
 mod registration;
 #[cfg(feature = "cli")]
 mod serve;
+pub mod service;
 pub mod storage;
 pub mod tls;
 mod verifier;

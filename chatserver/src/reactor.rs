@@ -1565,6 +1565,7 @@ impl Reactor {
             connections = self.admission.open(),
             "shutting down: saying bye to every connection"
         );
+        crate::service::stopping();
         self.shutdown_deadline = Some(deadline);
         self.listeners.clear();
         // Requests still being read have no session to say bye to; a kept

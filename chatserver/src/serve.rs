@@ -314,6 +314,7 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
     if let Some(url) = http_url {
         info!("serving the chat page on {url} (WebSocket at {url}ws)");
     }
+    crate::service::ready(&format!("serving on {local}"));
     reactor.run().map_err(ServeError::EventLoop)?;
     info!("stopped");
     Ok(())
