@@ -62,7 +62,9 @@ pub fn hash(password: &Password) -> Result<String, String> {
         .map_err(|e| format!("cannot hash: {e}"))
 }
 
-fn read_password() -> Result<Password, String> {
+/// A password: twice without echo on a terminal, else one line of
+/// standard input (for scripts).
+pub(crate) fn read_password() -> Result<Password, String> {
     if std::io::stdin().is_terminal() {
         let first = rpassword::prompt_password("Password: ")
             .map_err(|e| format!("cannot read the password: {e}"))?;

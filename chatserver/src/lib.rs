@@ -55,6 +55,7 @@ mod serve;
 pub mod service;
 pub mod storage;
 pub mod tls;
+pub mod user_command;
 mod verifier;
 pub mod websocket;
 

@@ -17,6 +17,9 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some("hash-password") {
         return chatserver::hash_password::run(std::env::args().skip(2).collect());
     }
+    if std::env::args().nth(1).as_deref() == Some("user") {
+        return chatserver::user_command::run(std::env::args().skip(2).collect());
+    }
     let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let command = Args::command();
     // `--config FILE`: its keys become flags before the command line's.
