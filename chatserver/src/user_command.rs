@@ -185,11 +185,7 @@ pub fn passwd(path: &Path, name: &Username, password: &Password) -> Result<(), E
     let hash = crate::hash_password::hash(password).map_err(EditError::Password)?;
     edit_line(path, name, |line| {
         // The name as written, then the new credential.
-        let written = line
-            .trim_start()
-            .split_whitespace()
-            .next()
-            .unwrap_or_default();
+        let written = line.split_whitespace().next().unwrap_or_default();
         Some(format!("{written} {hash}"))
     })
 }
