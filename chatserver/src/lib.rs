@@ -32,6 +32,7 @@ pub mod bus;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod clock;
+#[cfg(feature = "cli")]
 pub mod config_file;
 mod cpu;
 #[cfg(feature = "cli")]
@@ -55,6 +56,7 @@ mod serve;
 pub mod service;
 pub mod storage;
 pub mod tls;
+#[cfg(feature = "cli")]
 pub mod user_command;
 mod verifier;
 pub mod websocket;
