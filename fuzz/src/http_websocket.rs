@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use chatserver::http::{self, HttpConfig, Routed};
-use chatserver::link::{Link, LinkConfig, LinkEvent, Transport};
+use chatserver::link::{self, Link, LinkConfig, LinkEvent, Transport};
 use chatserver::origin::{self, Origins};
 use chatserver::websocket::{self, Received, WebSocket};
 
@@ -43,33 +43,45 @@ pub fn check_http_websocket(data: &[u8]) {
 
 /// Every answer is a whole HTTP response, an oversized head is never
 /// waited on, and every message handed on is UTF-8 and within the limit.
-/// Whether the request is an upgrade.
+/// Requests are served in turn while the connection is kept, as the link
+/// serves them (its limits: `MAX_HTTP_REQUESTS`, and the answers queued
+/// below `MAX_KEPT_OUTPUT_BYTES`, none written meanwhile here). Whether
+/// one of them is an upgrade.
 fn check_parsers(data: &[u8], config: &HttpConfig, chunk: usize) -> bool {
     let now = std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
-    let (rest, upgrade) = match http::route(data, config, now, true) {
-        Routed::Partial => {
-            assert!(
-                data.len() < http::MAX_REQUEST_BYTES,
-                "an oversized head waits"
-            );
-            (data, false)
-        }
-        Routed::Respond {
-            response,
-            keep_alive,
-            consumed,
-        } => {
-            assert!(response.starts_with(b"HTTP/1.1 "));
-            assert!(consumed <= data.len());
-            // A kept connection reads its next request after this one.
-            if keep_alive {
-                assert!(consumed > 0);
+    let mut at = 0;
+    let (mut served, mut queued) = (0, 0);
+    let (rest, upgrade) = loop {
+        let may_keep = served + 1 < link::MAX_HTTP_REQUESTS && queued < link::MAX_KEPT_OUTPUT_BYTES;
+        let head = &data[at..];
+        match http::route(head, config, now, may_keep) {
+            Routed::Partial => {
+                assert!(
+                    head.len() < http::MAX_REQUEST_BYTES,
+                    "an oversized head waits"
+                );
+                break (data, false);
             }
-            (data, false)
-        }
-        Routed::Upgrade { response, consumed } => {
-            assert!(response.starts_with(b"HTTP/1.1 101 "));
-            (&data[consumed..], true)
+            Routed::Respond {
+                response,
+                keep_alive,
+                consumed,
+            } => {
+                assert!(response.starts_with(b"HTTP/1.1 "));
+                assert!(consumed <= head.len());
+                if !keep_alive {
+                    break (data, false);
+                }
+                // A kept connection reads its next request after this one.
+                assert!(consumed > 0);
+                at += consumed;
+                served += 1;
+                queued += response.len();
+            }
+            Routed::Upgrade { response, consumed } => {
+                assert!(response.starts_with(b"HTTP/1.1 101 "));
+                break (&data[at + consumed..], true);
+            }
         }
     };
     // The bytes after the request (or all of them) as WebSocket input.
