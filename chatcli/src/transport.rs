@@ -21,6 +21,9 @@ use rustls::{ClientConfig, ClientConnection, DigitallySignedStruct, SignatureSch
 /// How long the TLS handshake may take.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long one write may wait for the server to take it.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A connection both threads share.
 #[derive(Clone)]
 pub enum Transport {
@@ -84,6 +87,11 @@ impl Transport {
             }
         }
         stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+        // A write holds the session's lock: one the server never takes
+        // must not hold it (and the reader's `bye`) for ever.
+        stream
+            .set_write_timeout(Some(WRITE_TIMEOUT))
+            .map_err(|e| e.to_string())?;
         Ok(Transport::Tls(Arc::new(TlsStream {
             socket: stream,
             state: Mutex::new(TlsState {
