@@ -516,18 +516,20 @@ mod with_database {
             .iter()
             .zip(outcomes)
             .map(|(job, outcome)| match (job, outcome) {
+                // An answer of another kind than its job would be a bug in
+                // the database layer: the job fails rather than pass as done.
                 (Job::Persist { batch, .. }, outcome) => Done::Persisted {
                     batch: *batch,
-                    result: outcome.map(|o| match o {
-                        GroupOutcome::Persisted(committed) => committed,
-                        _ => Committed::default(),
+                    result: outcome.and_then(|o| match o {
+                        GroupOutcome::Persisted(committed) => Ok(committed),
+                        other => Err(mismatch(other)),
                     }),
                 },
                 (Job::Claim { claim, .. }, outcome) => Done::Claimed {
                     claim: *claim,
-                    result: outcome.map(|o| match o {
-                        GroupOutcome::Claimed(queued) => queued,
-                        _ => None,
+                    result: outcome.and_then(|o| match o {
+                        GroupOutcome::Claimed(queued) => Ok(queued),
+                        other => Err(mismatch(other)),
                     }),
                 },
                 (Job::Release { user, claim }, outcome) => Done::Released {
@@ -539,6 +541,14 @@ mod with_database {
             })
             .collect();
         Some(answers)
+    }
+
+    /// A group answer that does not fit its job.
+    fn mismatch(outcome: GroupOutcome) -> DatabaseError {
+        DatabaseError::Unsupported {
+            location: "storage".to_owned(),
+            what: format!("a group answered a job with {outcome:?}"),
+        }
     }
 
     #[cfg(test)]

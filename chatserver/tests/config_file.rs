@@ -4,22 +4,15 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 use common::{TestServer, CREDENTIALS};
 
 /// Runs the binary with `args`; (status, stdout, stderr).
 fn chatserver(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_chatserver"))
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_chatserver"));
+    cmd.args(args);
+    common::run_with_input(cmd, "")
 }
 
 #[test]

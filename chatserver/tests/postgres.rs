@@ -312,15 +312,8 @@ fn cluster_sessions_have_one_holder() {
     let db = TestDatabase::create();
     let location = Location::parse(&db.url);
     let open = || Database::open(&location).unwrap().0;
-    let node = |id: &str| ClusterNode {
-        id: id.to_owned(),
-        name: id.to_owned(),
-        lease: Duration::from_millis(300),
-    };
-    let (a, b) = (node("a"), node("b"));
-    let (mut da, mut db_b) = (open(), open());
-    assert_eq!(da.node_heartbeat(&a).unwrap(), Beat::Alive);
-    assert_eq!(db_b.node_heartbeat(&b).unwrap(), Beat::Alive);
+    let node = |id: &str| cluster_node(id, Duration::from_millis(300));
+    let (a, b, mut da, mut db_b) = two_nodes(&location, Duration::from_millis(300));
     let alice: chatproto::Username = "alice".parse().unwrap();
     let claim = ClaimId::from_raw;
 
@@ -436,15 +429,8 @@ fn a_group_of_jobs_answers_as_each_alone_would() {
     let db = TestDatabase::create();
     let location = Location::parse(&db.url);
     let open = || Database::open(&location).unwrap().0;
-    let node = |id: &str| ClusterNode {
-        id: id.to_owned(),
-        name: id.to_owned(),
-        lease: Duration::from_secs(60),
-    };
-    let (a, b) = (node("a"), node("b"));
-    let (mut da, mut db_b) = (open(), open());
-    assert_eq!(da.node_heartbeat(&a).unwrap(), Beat::Alive);
-    assert_eq!(db_b.node_heartbeat(&b).unwrap(), Beat::Alive);
+    let node = |id: &str| cluster_node(id, Duration::from_secs(60));
+    let (a, b, mut da, mut db_b) = two_nodes(&location, Duration::from_secs(60));
     let name = |n: &str| -> Username { n.parse().unwrap() };
     let (alice, bob, carol) = (name("alice"), name("bob"), name("carol"));
     assert!(db_b
@@ -592,4 +578,36 @@ fn a_group_of_jobs_answers_as_each_alone_would() {
             "round {round}: {holders:?}"
         );
     }
+}
+
+/// A cluster node named `id` (its name too) with `lease`.
+fn cluster_node(id: &str, lease: std::time::Duration) -> chatserver::node::ClusterNode {
+    chatserver::node::ClusterNode {
+        id: id.to_owned(),
+        name: id.to_owned(),
+        lease,
+    }
+}
+
+/// Nodes "a" and "b" with `lease`, each on a connection of its own to the
+/// database at `location`, both registered by a first heartbeat.
+fn two_nodes(
+    location: &chatserver::database::Location,
+    lease: std::time::Duration,
+) -> (
+    chatserver::node::ClusterNode,
+    chatserver::node::ClusterNode,
+    chatserver::database::Database,
+    chatserver::database::Database,
+) {
+    use chatserver::database::Database;
+    use chatserver::node::Beat;
+    let (a, b) = (cluster_node("a", lease), cluster_node("b", lease));
+    let (mut da, mut db) = (
+        Database::open(location).unwrap().0,
+        Database::open(location).unwrap().0,
+    );
+    assert_eq!(da.node_heartbeat(&a).unwrap(), Beat::Alive);
+    assert_eq!(db.node_heartbeat(&b).unwrap(), Beat::Alive);
+    (a, b, da, db)
 }
