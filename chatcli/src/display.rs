@@ -118,6 +118,10 @@ pub fn closed(reason: Option<ByeReason>) -> (String, u8) {
             "Disconnected: the server lost touch with its cluster; connect again.".to_owned(),
             4,
         ),
+        Some(ByeReason::AccountRemoved) => (
+            "Disconnected: your account was removed by the server's operator.".to_owned(),
+            6,
+        ),
         Some(ByeReason::LoginTimeout) => ("Disconnected: did not log in in time.".to_owned(), 3),
         Some(ByeReason::Flood) => ("Disconnected: too many requests, too fast.".to_owned(), 6),
         Some(ByeReason::TooManyConnections) => (

@@ -1,10 +1,16 @@
 //! Accounts: who may log in, and with which password (kept in plaintext or
 //! as a hash).
 //!
-//! The table is fixed when the server core is built (the binary reads it
-//! from its credentials file). Each account gets a small integer
-//! `UserId`, so that the hot paths (routing, blocking, presence) compare
-//! and index by integer instead of hashing names.
+//! The driver builds the table (the binary reads it from its credentials
+//! file) and may change it while the server runs: [`AccountChange`]s, as
+//! [`Accounts::changes_to`] finds them between the running table and a
+//! reloaded one, go in through
+//! [`Server::handle_account_change`](crate::Server::handle_account_change).
+//! Each account gets a small integer `UserId`, so that the hot paths
+//! (routing, blocking, presence) compare and index by integer instead of
+//! hashing names. A removed account keeps its slot, empty, and its number
+//! is never given again: whatever still names it (a login being checked, a
+//! claim in flight) finds it gone instead of finding someone else.
 
 use std::collections::HashMap;
 
@@ -23,7 +29,9 @@ use crate::username::Username;
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct Accounts {
+    /// Every account ever held, removed ones included (by [`UserId`]).
     entries: Vec<Account>,
+    /// The accounts held now.
     by_name: HashMap<Username, UserId>,
     /// A hash to check logins for unknown names against, so that they cost
     /// what a wrong password costs (the first hashed account's).
@@ -35,10 +43,11 @@ pub struct Accounts {
 pub struct Account {
     name: Username,
     credential: Credential,
+    removed: bool,
 }
 
 /// How an account's password is kept.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Credential {
     /// In plaintext: checked in constant time by the core.
     Plain(Password),
@@ -54,6 +63,84 @@ pub(crate) struct UserId(u32);
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("duplicate account {0}")]
 pub struct DuplicateAccount(pub Username);
+
+/// A change to the accounts of a running server: see
+/// [`Server::handle_account_change`](crate::Server::handle_account_change).
+///
+/// ```
+/// use chatproto::{AccountChange, Accounts};
+///
+/// let mut running = Accounts::new();
+/// running.insert("alice".parse().unwrap(), "wonderland".parse().unwrap()).unwrap();
+/// running.insert("bob".parse().unwrap(), "builder".parse().unwrap()).unwrap();
+/// let mut reloaded = Accounts::new();
+/// reloaded.insert("alice".parse().unwrap(), "looking-glass".parse().unwrap()).unwrap();
+/// reloaded.insert("carol".parse().unwrap(), "singer".parse().unwrap()).unwrap();
+/// let names: Vec<String> = running
+///     .changes_to(&reloaded)
+///     .iter()
+///     .map(|change| format!("{} {}", change.kind(), change.name()))
+///     .collect();
+/// assert_eq!(names, ["removed bob", "credential_changed alice", "added carol"]);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AccountChange {
+    /// A new account: it may log in at once.
+    Added {
+        /// Its name.
+        name: Username,
+        /// Its password.
+        credential: Credential,
+    },
+    /// An account's password changed: it applies from the next login
+    /// (a session open already stays open).
+    CredentialChanged {
+        /// Whose.
+        name: Username,
+        /// The new password.
+        credential: Credential,
+    },
+    /// An account is gone: its session ends (`bye` reason
+    /// `account_removed`), and its offline queue, its blocks (both ways),
+    /// its last-seen time and its failed-login record are deleted.
+    Removed {
+        /// Whose.
+        name: Username,
+    },
+}
+
+/// An [`AccountChange`] that does not fit the accounts held.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AccountChangeError {
+    /// An account of that name exists already.
+    #[error("account {0} exists already")]
+    Exists(Username),
+    /// No account of that name exists.
+    #[error("no account {0}")]
+    Unknown(Username),
+}
+
+impl AccountChange {
+    /// The account it is about.
+    pub fn name(&self) -> &Username {
+        match self {
+            AccountChange::Added { name, .. }
+            | AccountChange::CredentialChanged { name, .. }
+            | AccountChange::Removed { name } => name,
+        }
+    }
+
+    /// `added`, `credential_changed` or `removed`: for logs.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            AccountChange::Added { .. } => "added",
+            AccountChange::CredentialChanged { .. } => "credential_changed",
+            AccountChange::Removed { .. } => "removed",
+        }
+    }
+}
 
 impl Accounts {
     /// An empty table.
@@ -89,14 +176,75 @@ impl Accounts {
         }
         let id = UserId(u32::try_from(self.entries.len()).expect("fewer than 2^32 accounts"));
         self.by_name.insert(name.clone(), id);
-        self.entries.push(Account { name, credential });
+        self.entries.push(Account {
+            name,
+            credential,
+            removed: false,
+        });
         Ok(())
+    }
+
+    /// The changes that turn these accounts into `new`: removals first,
+    /// then new passwords, then additions, each in `new`'s (or, for
+    /// removals, this table's) order.
+    pub fn changes_to(&self, new: &Accounts) -> Vec<AccountChange> {
+        let removed = self
+            .iter()
+            .filter(|a| !new.contains(a.name.as_str()))
+            .map(|a| AccountChange::Removed {
+                name: a.name.clone(),
+            });
+        let mut changed = Vec::new();
+        let mut added = Vec::new();
+        for account in new.iter() {
+            match self.id(account.name.as_str()).map(|id| self.get(id)) {
+                Some(old) if old.credential == account.credential => {}
+                Some(_) => changed.push(AccountChange::CredentialChanged {
+                    name: account.name.clone(),
+                    credential: account.credential.clone(),
+                }),
+                None => added.push(AccountChange::Added {
+                    name: account.name.clone(),
+                    credential: account.credential.clone(),
+                }),
+            }
+        }
+        removed.chain(changed).chain(added).collect()
+    }
+
+    /// Applies `change`; the account it touches.
+    pub(crate) fn apply(&mut self, change: AccountChange) -> Result<UserId, AccountChangeError> {
+        match change {
+            AccountChange::Added { name, credential } => {
+                let id = UserId(self.entries.len() as u32);
+                self.insert_credential(name, credential)
+                    .map_err(|DuplicateAccount(name)| AccountChangeError::Exists(name))?;
+                Ok(id)
+            }
+            AccountChange::CredentialChanged { name, credential } => {
+                let id = self
+                    .id(name.as_str())
+                    .ok_or(AccountChangeError::Unknown(name))?;
+                if let (None, Credential::Hashed(hash)) = (&self.decoy, &credential) {
+                    self.decoy = Some(hash.clone());
+                }
+                self.entries[id.index()].credential = credential;
+                Ok(id)
+            }
+            AccountChange::Removed { name } => {
+                let id = self
+                    .by_name
+                    .remove(name.as_str())
+                    .ok_or(AccountChangeError::Unknown(name))?;
+                self.entries[id.index()].removed = true;
+                Ok(id)
+            }
+        }
     }
 
     /// How many accounts keep their password in plaintext.
     pub fn plaintext_count(&self) -> usize {
-        self.entries
-            .iter()
+        self.iter()
             .filter(|a| matches!(a.credential, Credential::Plain(_)))
             .count()
     }
@@ -107,12 +255,12 @@ impl Accounts {
 
     /// How many accounts there are.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.by_name.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.by_name.is_empty()
     }
 
     /// Whether `name` has an account.
@@ -122,11 +270,24 @@ impl Accounts {
 
     /// The accounts, in the order they were added.
     pub fn iter(&self) -> impl Iterator<Item = &Account> {
-        self.entries.iter()
+        self.entries.iter().filter(|a| !a.removed)
     }
 
-    pub(crate) fn ids(&self) -> impl Iterator<Item = UserId> {
-        (0..self.entries.len() as u32).map(UserId)
+    /// The accounts held now.
+    pub(crate) fn ids(&self) -> impl Iterator<Item = UserId> + '_ {
+        (0..self.entries.len() as u32)
+            .map(UserId)
+            .filter(|&id| !self.entries[id.index()].removed)
+    }
+
+    /// Whether `id` is an account held now (not removed).
+    pub(crate) fn is_held(&self, id: UserId) -> bool {
+        !self.entries[id.index()].removed
+    }
+
+    /// How many slots per-user tables need: one per account ever held.
+    fn slots(&self) -> usize {
+        self.entries.len()
     }
 
     pub(crate) fn id(&self, name: &str) -> Option<UserId> {
@@ -175,7 +336,12 @@ pub(crate) struct PerUser<T>(Vec<T>);
 
 impl<T: Default> PerUser<T> {
     pub(crate) fn new(accounts: &Accounts) -> Self {
-        PerUser((0..accounts.len()).map(|_| T::default()).collect())
+        PerUser((0..accounts.slots()).map(|_| T::default()).collect())
+    }
+
+    /// Adds empty slots for the accounts added since.
+    pub(crate) fn grow(&mut self, accounts: &Accounts) {
+        self.0.resize_with(accounts.slots(), T::default);
     }
 }
 

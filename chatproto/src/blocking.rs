@@ -32,6 +32,23 @@ impl BlockList {
         added
     }
 
+    /// Deletes `user`'s blocks in both directions: their account was
+    /// removed.
+    pub(crate) fn remove_user(&mut self, user: UserId) {
+        for target in std::mem::take(&mut self.blocks[user]) {
+            self.blockers[target].remove(&user);
+        }
+        for blocker in std::mem::take(&mut self.blockers[user]) {
+            self.blocks[blocker].remove(&user);
+        }
+    }
+
+    /// Adds empty lists for the accounts added since.
+    pub(crate) fn grow(&mut self, accounts: &Accounts) {
+        self.blocks.grow(accounts);
+        self.blockers.grow(accounts);
+    }
+
     /// `blocker` unblocks `target`; false when it had not blocked them.
     pub(crate) fn unblock(&mut self, blocker: UserId, target: UserId) -> bool {
         self.blockers[target].remove(&blocker);

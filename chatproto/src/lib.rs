@@ -128,7 +128,9 @@ mod text;
 mod time;
 mod username;
 
-pub use accounts::{Account, Accounts, Credential, DuplicateAccount};
+pub use accounts::{
+    Account, AccountChange, AccountChangeError, Accounts, Credential, DuplicateAccount,
+};
 pub use client::{
     Client, ClientEvent, ClientState, PendingRequest, SendError, DEFAULT_CLIENT_MAX_FRAME_BYTES,
 };

@@ -272,6 +272,22 @@ impl Lockout {
         true
     }
 
+    /// Deletes `name`'s failed-login record: its account was removed.
+    /// Whether there was one.
+    pub(crate) fn clear_record(&mut self, name: &Username, now: Timestamp) -> bool {
+        let Some(entry) = self.entries.get_mut(name.as_str()) else {
+            return false;
+        };
+        if entry.known && entry.state.locked_until.is_some() {
+            self.locked_known -= 1;
+        }
+        let had_record = !entry.state.is_empty();
+        entry.state = LockoutState::default();
+        entry.known = false;
+        self.reschedule(name, now, None);
+        had_record
+    }
+
     /// Forgets every entry due by `now`: counts expired, locks ended,
     /// buckets full.
     pub(crate) fn expire(&mut self, now: Timestamp) -> Vec<Expired> {

@@ -218,6 +218,23 @@ impl OfflineQueues {
         Some(page)
     }
 
+    /// Adds empty queues for the accounts added since.
+    pub(crate) fn grow_accounts(&mut self, accounts: &Accounts) {
+        self.sizes.grow(accounts);
+        if let Some(texts) = &mut self.texts {
+            texts.grow(accounts);
+        }
+    }
+
+    /// Deletes `to`'s whole queue: their account was removed.
+    pub(crate) fn clear(&mut self, to: UserId) {
+        let size = self.sizes[to];
+        self.shrink(to, size);
+        if let Some(texts) = &mut self.texts {
+            texts[to].clear();
+        }
+    }
+
     /// Forgets the oldest `removed` of `to`'s queue: they were delivered.
     pub(crate) fn remove_front(&mut self, to: UserId, removed: QueueSize) {
         let removed = self.shrink(to, removed);

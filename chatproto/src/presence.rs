@@ -27,6 +27,13 @@ impl Presence {
         }
     }
 
+    /// Adds slots for the accounts added since.
+    pub(crate) fn grow(&mut self, accounts: &Accounts) {
+        self.session.grow(accounts);
+        self.last_seen.grow(accounts);
+        self.position.grow(accounts);
+    }
+
     /// The connection `user` is logged in on.
     pub(crate) fn session(&self, user: UserId) -> Option<ConnId> {
         self.session[user]

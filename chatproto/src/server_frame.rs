@@ -244,6 +244,9 @@ pub enum ByeReason {
     /// than its lease (frozen, or its event loop stalled), so the cluster
     /// had given its sessions up. Connecting again (to any node) works.
     NodeExpired,
+    /// The operator removed the user's account (the server reloaded its
+    /// accounts): the session ends, and a new login fails.
+    AccountRemoved,
     /// A reason this version does not know (sent by a newer server).
     #[serde(other)]
     Unrecognized,
@@ -262,6 +265,7 @@ impl ByeReason {
             ByeReason::LoginTimeout => "login_timeout",
             ByeReason::Flood => "flood",
             ByeReason::NodeExpired => "node_expired",
+            ByeReason::AccountRemoved => "account_removed",
             ByeReason::Unrecognized => "unrecognized",
         }
     }

@@ -104,6 +104,13 @@ pub enum Change {
         /// Whose.
         user: Username,
     },
+    /// `user`'s account was removed: their offline queue, their blocks
+    /// (theirs and others' of them), when they were last seen and their
+    /// failed-login record are deleted.
+    AccountRemoved {
+        /// Whose.
+        user: Username,
+    },
 }
 
 /// All lasting state, as loaded at start-up.
@@ -195,6 +202,17 @@ impl Snapshot {
             }
             Change::LockoutChanged { user, state } => {
                 self.lockouts.insert(user.clone(), *state);
+            }
+            Change::AccountRemoved { user } => {
+                self.offline.remove(user);
+                self.offline_sizes.remove(user);
+                self.blocks.remove(user);
+                self.blocks.retain(|_, targets| {
+                    targets.remove(user);
+                    !targets.is_empty()
+                });
+                self.last_seen.remove(user);
+                self.lockouts.remove(user);
             }
             Change::LockoutCleared { user } => {
                 self.lockouts.remove(user);

@@ -272,6 +272,12 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
+    /// Write the server's process id to this file once it serves (and
+    /// remove it at a clean stop), so that `chatserver user … --pid-file
+    /// FILE` can tell it to reload its credentials.
+    #[arg(long, value_name = "FILE")]
+    pid_file: Option<PathBuf>,
+
     /// Print the effective configuration (the file's, the command line's
     /// and the defaults, passwords left out) as a file --config reads, and
     /// exit.
@@ -333,6 +339,11 @@ pub struct Settings {
     pub allowed_origins: Vec<Origin>,
     /// How long a stop waits for the last `bye` frames to go out.
     pub shutdown_grace: Duration,
+    /// The configuration file read at start-up (`--config`): a reload
+    /// says when it changed since, since only a restart applies it.
+    pub config_file: Option<PathBuf>,
+    /// Where the process id is written (`--pid-file`).
+    pub pid_file: Option<PathBuf>,
 }
 
 /// How this node joins its cluster (`--nats` and the flags beside it).
@@ -538,6 +549,8 @@ impl Args {
                 usize::from,
             ),
             shutdown_grace: Duration::from_millis(self.shutdown_grace_ms),
+            config_file: self.config,
+            pid_file: self.pid_file,
         })
     }
 }

@@ -61,6 +61,6 @@ pub mod user_command;
 mod verifier;
 pub mod websocket;
 
-pub use reactor::{Limits, Listener, Reactor, ReactorConfig, StopHandle, Turn};
+pub use reactor::{AccountsHandle, Limits, Listener, Reactor, ReactorConfig, StopHandle, Turn};
 #[cfg(feature = "cli")]
 pub use serve::{serve, ServeError};

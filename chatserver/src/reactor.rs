@@ -18,13 +18,13 @@ use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use chatproto::{
-    ByeReason, ClaimId, ClaimOutcome, ConnId, Event as CoreEvent, MessageError, Output, PeerKey,
-    Persisted, Rate, Server, Timestamp, Username,
+    AccountChange, Accounts, ByeReason, ClaimId, ClaimOutcome, ConnId, Event as CoreEvent,
+    MessageError, Output, PeerKey, Persisted, Rate, Server, Timestamp, Username,
 };
 use polling::{Event, Events, PollMode, Poller};
 use tracing::{debug, error, info, warn};
@@ -189,6 +189,35 @@ impl StopHandle {
     }
 }
 
+/// Hands a running reactor a new table of accounts, from any thread (the
+/// signal thread, which read the credentials file off the event loop): at
+/// its next wake-up the reactor applies the differences to the core
+/// ([`chatproto::Server::handle_account_change`]) and logs them.
+#[derive(Debug, Clone)]
+pub struct AccountsHandle {
+    next: Arc<Mutex<Option<NewAccounts>>>,
+    poller: Arc<Poller>,
+}
+
+#[derive(Debug)]
+struct NewAccounts {
+    accounts: Accounts,
+    digest: String,
+}
+
+impl AccountsHandle {
+    /// Serve `accounts` from now on; `digest` is theirs
+    /// ([`crate::credentials::digest`]), which a cluster's nodes compare.
+    /// A table handed over before the reactor took the last one replaces
+    /// it.
+    pub fn replace(&self, accounts: Accounts, digest: String) {
+        *self.next.lock().unwrap_or_else(PoisonError::into_inner) =
+            Some(NewAccounts { accounts, digest });
+        // A failed wake-up only delays the change to the next event.
+        let _ = self.poller.notify();
+    }
+}
+
 /// Whether the reactor goes on after a turn.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Turn {
@@ -242,6 +271,8 @@ pub struct Reactor {
     /// again with each heartbeat until they are.
     unreleased: Vec<(Username, ClaimId)>,
     stop: Arc<AtomicBool>,
+    /// Accounts to serve from the next wake-up ([`AccountsHandle`]).
+    next_accounts: Arc<Mutex<Option<NewAccounts>>>,
     shutdown_deadline: Option<Instant>,
     stopped: bool,
     read_buf: ReadBuffer,
@@ -439,6 +470,7 @@ impl Reactor {
             node_beat_at,
             unreleased: Vec::new(),
             stop: Arc::new(AtomicBool::new(false)),
+            next_accounts: Arc::new(Mutex::new(None)),
             shutdown_deadline: None,
             stopped: false,
             read_buf: ReadBuffer::new(),
@@ -451,6 +483,14 @@ impl Reactor {
     pub fn stop_handle(&self) -> StopHandle {
         StopHandle {
             stop: self.stop.clone(),
+            poller: self.poller.clone(),
+        }
+    }
+
+    /// A handle that gives this reactor new accounts, from any thread.
+    pub fn accounts_handle(&self) -> AccountsHandle {
+        AccountsHandle {
+            next: self.next_accounts.clone(),
             poller: self.poller.clone(),
         }
     }
@@ -524,6 +564,7 @@ impl Reactor {
         self.check_database();
         self.beat_database();
         self.take_bus();
+        self.take_accounts();
         for event in events.iter() {
             if event.key > LISTENER_KEY - MAX_LISTENERS {
                 self.accept_ready(LISTENER_KEY - event.key);
@@ -777,6 +818,45 @@ impl Reactor {
             self.core.handle_verification(ticket, matches, now);
             self.drain_core();
         }
+    }
+
+    /// Serves the accounts an [`AccountsHandle`] handed over, if any.
+    fn take_accounts(&mut self) {
+        let next = self
+            .next_accounts
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        let Some(NewAccounts { accounts, digest }) = next else {
+            return;
+        };
+        let (mut added, mut changed, mut removed) = (0usize, 0usize, 0usize);
+        for change in self.core.accounts().changes_to(&accounts) {
+            match &change {
+                AccountChange::Added { .. } => added += 1,
+                AccountChange::CredentialChanged { .. } => changed += 1,
+                AccountChange::Removed { name } => {
+                    removed += 1;
+                    info!(
+                        user = %name,
+                        "account removed: its session ends and what the server kept for it is deleted"
+                    );
+                }
+                _ => {}
+            }
+            let now = self.now();
+            if let Err(e) = self.core.handle_account_change(change, now) {
+                // The changes come from the core's own table: none can
+                // misfit, but if one did it changes nothing.
+                error!("account change refused: {e}");
+            }
+            self.drain_core();
+        }
+        self.core.set_accounts_digest(digest);
+        info!(
+            accounts = self.core.accounts().len(),
+            added, changed, removed, "credentials reloaded"
+        );
     }
 
     /// This wake-up's time, as the core's clock.

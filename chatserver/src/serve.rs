@@ -1,14 +1,18 @@
 //! Start-up: from [`Settings`] to a running reactor. Reads the accounts,
 //! sizes the connection limit to the open-file limit, binds the listeners,
-//! opens the database, builds the core, installs the signal handler, and
-//! serves until a signal stops it.
+//! opens the database, builds the core, installs the signal handlers, and
+//! serves until a signal stops it. SIGHUP reloads the credentials file
+//! (as ngIRCd and InspIRCd rehash): read on the signal thread, off the
+//! event loop, and handed to the reactor ([`AccountsHandle`]); a file with
+//! a mistake leaves the accounts in use as they are.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use chatproto::{ClusterConfig, NodeId, Output, Persisted, Server, Snapshot};
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::bus::Subjects;
 use crate::cli::Settings;
@@ -16,7 +20,7 @@ use crate::clock::Clock;
 use crate::credentials::{self, CredentialsError};
 use crate::database::{Database, DatabaseError};
 use crate::health::Health;
-use crate::reactor::{BusConfig, Listener, Reactor, ReactorConfig};
+use crate::reactor::{AccountsHandle, BusConfig, Listener, Reactor, ReactorConfig, StopHandle};
 use crate::tls::{self, TlsError};
 use crate::{cpu, http, origin};
 
@@ -85,18 +89,32 @@ pub enum ServeError {
     /// threads) cannot start.
     #[error("cannot start the event loop: {0}")]
     Start(io::Error),
-    /// SIGINT and SIGTERM cannot be caught.
-    #[error("cannot install the signal handler: {0}")]
-    Signals(#[from] ctrlc::Error),
+    /// SIGINT, SIGTERM and SIGHUP cannot be caught.
+    #[error("cannot install the signal handlers: {0}")]
+    Signals(io::Error),
+    /// `--pid-file` cannot be written.
+    #[error("--pid-file {}: {source}", path.display())]
+    PidFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: io::Error,
+    },
     /// The event loop failed.
     #[error("the event loop failed: {0}")]
     EventLoop(io::Error),
 }
 
 /// Serves with `settings` until SIGINT or SIGTERM (then says `bye` to
-/// every connection, flushes, and returns `Ok`).
+/// every connection, flushes, and returns `Ok`); SIGHUP reloads the
+/// credentials file.
 pub fn serve(settings: Settings) -> Result<(), ServeError> {
     let accounts = credentials::load(&settings.credentials)?;
+    // What the configuration file said at start-up: a reload compares.
+    let config_file = settings.config_file.clone().map(|path| {
+        let text = std::fs::read(&path).unwrap_or_default();
+        (path, text)
+    });
     let demo = credentials::demo_accounts_in(&accounts);
     if !demo.is_empty() {
         warn!(
@@ -290,8 +308,13 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
         None => Reactor::new(listeners, core, clock, config),
     }
     .map_err(ServeError::Start)?;
-    let stop = reactor.stop_handle();
-    ctrlc::set_handler(move || stop.stop())?;
+    let reload = Reload {
+        accounts: reactor.accounts_handle(),
+        credentials: settings.credentials.clone(),
+        config_file,
+        cluster: settings.cluster.is_some(),
+    };
+    handle_signals(reactor.stop_handle(), reload)?;
     // After the check threads started (they must not inherit it).
     if let Some(cpu) = settings.reactor_cpu {
         cpu::pin_current_thread(&[cpu]).map_err(|source| ServeError::Pin { cpu, source })?;
@@ -314,10 +337,109 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
     if let Some(url) = http_url {
         info!("serving the chat page on {url} (WebSocket at {url}ws)");
     }
+    let pid_file = settings
+        .pid_file
+        .as_deref()
+        .map(PidFile::write)
+        .transpose()?;
     crate::service::ready(&format!("serving on {local}"));
     reactor.run().map_err(ServeError::EventLoop)?;
+    drop(pid_file);
     info!("stopped");
     Ok(())
+}
+
+/// What SIGHUP reloads.
+struct Reload {
+    accounts: AccountsHandle,
+    credentials: PathBuf,
+    /// The configuration file and what it held at start-up.
+    config_file: Option<(PathBuf, Vec<u8>)>,
+    cluster: bool,
+}
+
+impl Reload {
+    /// Reads the credentials file again and hands its accounts to the
+    /// reactor; a file with a mistake changes nothing.
+    fn run(&self) {
+        info!("SIGHUP: reloading {}", self.credentials.display());
+        match credentials::load(&self.credentials) {
+            Ok(accounts) => {
+                let digest = credentials::digest(&accounts);
+                self.accounts.replace(accounts, digest);
+                if self.cluster {
+                    info!("cluster mode: every node's credentials file must hold the same accounts, each node reloaded; a node whose accounts differ from most nodes' is not ready (/readyz) until they agree");
+                }
+            }
+            Err(e) => error!("{e}: the accounts in use are unchanged"),
+        }
+        if let Some((path, loaded)) = &self.config_file {
+            match std::fs::read(path) {
+                Ok(now) if now == *loaded => {}
+                Ok(_) => warn!(
+                    "{} changed since start-up: restart the server to apply it (SIGHUP reloads only the credentials file)",
+                    path.display()
+                ),
+                Err(e) => warn!("cannot read {}: {e}", path.display()),
+            }
+        }
+    }
+}
+
+/// SIGINT and SIGTERM stop the reactor; SIGHUP reloads. On a thread of
+/// its own, so that reading the file never holds the event loop up.
+#[cfg(unix)]
+fn handle_signals(stop: StopHandle, reload: Reload) -> Result<(), ServeError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
+        .map_err(ServeError::Signals)?;
+    std::thread::Builder::new()
+        .name("signals".to_owned())
+        .spawn(move || {
+            for signal in signals.forever() {
+                match signal {
+                    SIGHUP => reload.run(),
+                    _ => stop.stop(),
+                }
+            }
+        })
+        .map_err(ServeError::Signals)?;
+    Ok(())
+}
+
+/// Ctrl-C (or the console closing) stops the reactor; there is no SIGHUP
+/// to reload on.
+#[cfg(not(unix))]
+fn handle_signals(stop: StopHandle, reload: Reload) -> Result<(), ServeError> {
+    drop(reload);
+    ctrlc::set_handler(move || stop.stop()).map_err(|e| ServeError::Signals(io::Error::other(e)))
+}
+
+/// `--pid-file`: written once the server serves, removed when it stops.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    /// Writes this process's id, replacing the file in one rename (a
+    /// reader never sees it half written).
+    fn write(path: &Path) -> Result<PidFile, ServeError> {
+        let error = |source| ServeError::PidFile {
+            path: path.to_owned(),
+            source,
+        };
+        let mut temporary = path.as_os_str().to_owned();
+        temporary.push(".tmp");
+        std::fs::write(&temporary, format!("{}\n", std::process::id())).map_err(error)?;
+        std::fs::rename(&temporary, path).map_err(error)?;
+        Ok(PidFile(path.to_owned()))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        if let Err(e) = std::fs::remove_file(&self.0) {
+            warn!("cannot remove {}: {e}", self.0.display());
+        }
+    }
 }
 
 fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {

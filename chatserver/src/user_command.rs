@@ -9,12 +9,17 @@
 //! replace the target in one rename (a symlink is followed to the file it
 //! names), so a crash leaves either the old file or the new one.
 //!
-//! A running server reads the file at start-up: restart it to apply the
-//! change, on every node of a cluster.
+//! A running server reloads the file on SIGHUP: with `--pid-file` (the
+//! server's), the command sends it. `--config FILE` reads the server's
+//! configuration file for `credentials`, `pid-file` and, to remind the
+//! operator that every node's file must change alike, `nats`.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+
+#[cfg(unix)]
+use std::os::unix::ffi::OsStrExt;
 
 use chatproto::{Password, Username};
 use clap::{Parser, Subcommand};
@@ -25,14 +30,18 @@ use crate::credentials;
 #[derive(Debug, Parser)]
 #[command(name = "chatserver user")]
 struct UserArgs {
-    /// The credentials file.
-    #[arg(
-        long,
-        value_name = "FILE",
-        default_value = "credentials.txt",
-        global = true
-    )]
-    credentials: PathBuf,
+    /// The credentials file [default: the --config file's `credentials`,
+    /// else credentials.txt].
+    #[arg(long, value_name = "FILE", global = true)]
+    credentials: Option<PathBuf>,
+    /// The running server's --pid-file: it is sent SIGHUP, so that it
+    /// reloads the credentials file at once [default: the --config
+    /// file's `pid-file`].
+    #[arg(long, value_name = "FILE", global = true)]
+    pid_file: Option<PathBuf>,
+    /// The server's configuration file, for the three above.
+    #[arg(long, value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     action: Action,
 }
@@ -105,7 +114,20 @@ pub fn run(args: Vec<String>) -> ExitCode {
                 return ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2));
             }
         };
-    let path = &args.credentials;
+    let server = match args.config.as_deref().map(ServerFiles::read).transpose() {
+        Ok(server) => server.unwrap_or_default(),
+        Err(e) => {
+            eprintln!("chatserver user: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let credentials = args
+        .credentials
+        .clone()
+        .or(server.credentials)
+        .unwrap_or_else(|| PathBuf::from("credentials.txt"));
+    let pid_file = args.pid_file.clone().or(server.pid_file);
+    let path = &credentials;
     let done = match &args.action {
         Action::List => list(path).map(|lines| {
             for line in lines {
@@ -123,19 +145,110 @@ pub fn run(args: Vec<String>) -> ExitCode {
         }
     };
     match done {
+        Ok(()) if matches!(args.action, Action::List) => ExitCode::SUCCESS,
         Ok(()) => {
-            if !matches!(args.action, Action::List) {
+            if server.cluster {
                 eprintln!(
-                    "chatserver user: restart the server to apply it (in a cluster, change every node's file, then restart each)"
+                    "chatserver user: cluster mode: make the same change to every node's credentials file and reload each node; a node whose accounts differ from the others' is not ready (/readyz) until they agree"
                 );
             }
-            ExitCode::SUCCESS
+            match pid_file.as_deref().map(signal_reload) {
+                Some(Ok(pid)) => {
+                    eprintln!(
+                        "chatserver user: the server (pid {pid}) reloads its credentials now"
+                    );
+                    ExitCode::SUCCESS
+                }
+                Some(Err(e)) => {
+                    eprintln!(
+                        "chatserver user: the file is changed, but the server was not told: {e}"
+                    );
+                    ExitCode::FAILURE
+                }
+                None => {
+                    eprintln!(
+                        "chatserver user: a running server applies it when it reloads: `kill -HUP <its pid>`, `systemctl reload chatserver`, or --pid-file here"
+                    );
+                    ExitCode::SUCCESS
+                }
+            }
         }
         Err(e) => {
             eprintln!("chatserver user: {e}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// What the command takes from the server's configuration file.
+#[derive(Debug, Default)]
+struct ServerFiles {
+    credentials: Option<PathBuf>,
+    pid_file: Option<PathBuf>,
+    /// It names NATS servers: cluster mode.
+    cluster: bool,
+}
+
+impl ServerFiles {
+    /// Reads `path` as the server would (`chatserver --config`), with
+    /// its checks and its errors.
+    fn read(path: &Path) -> Result<ServerFiles, String> {
+        use clap::CommandFactory;
+        let command = crate::cli::Args::command();
+        let file =
+            crate::config_file::ConfigFile::read(path, &command).map_err(|e| e.to_string())?;
+        let argv = file.merge(&["chatserver".into()]);
+        let matches = command
+            .try_get_matches_from(&argv)
+            .map_err(|e| format!("{}: {}", path.display(), e.kind()))?;
+        Ok(ServerFiles {
+            credentials: matches.get_one::<PathBuf>("credentials").cloned(),
+            pid_file: matches.get_one::<PathBuf>("pid_file").cloned(),
+            cluster: matches.contains_id("nats"),
+        })
+    }
+}
+
+/// Sends SIGHUP to the process `pid_file` names, once it looks like a
+/// chatserver (a stale file may name another process now); its pid.
+#[cfg(unix)]
+fn signal_reload(pid_file: &Path) -> Result<i32, String> {
+    let shown = pid_file.display();
+    let text = std::fs::read_to_string(pid_file).map_err(|e| format!("{shown}: {e}"))?;
+    let pid: i32 = text
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&pid| pid > 0)
+        .ok_or_else(|| format!("{shown}: not a process id: {:?}", text.trim()))?;
+    #[cfg(target_os = "linux")]
+    {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline"))
+            .map_err(|_| format!("{shown}: no process {pid} (is the server running?)"))?;
+        let program = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+        let program = Path::new(std::ffi::OsStr::from_bytes(program));
+        if program.file_name() != Some(std::ffi::OsStr::new("chatserver")) {
+            return Err(format!(
+                "{shown}: process {pid} is {}, not chatserver (a stale pid file?)",
+                program.display()
+            ));
+        }
+    }
+    // SAFETY: kill(2) takes plain integers and touches no memory of ours.
+    #[allow(unsafe_code)]
+    let sent = unsafe { libc::kill(pid, libc::SIGHUP) };
+    if sent != 0 {
+        return Err(format!(
+            "cannot signal process {pid}: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(pid)
+}
+
+#[cfg(not(unix))]
+fn signal_reload(_pid_file: &Path) -> Result<i32, String> {
+    Err("this system has no SIGHUP: restart the server".to_owned())
 }
 
 /// Each account: its name, and whether its password is hashed.

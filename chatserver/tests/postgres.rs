@@ -611,3 +611,79 @@ fn two_nodes(
     assert_eq!(db.node_heartbeat(&b).unwrap(), Beat::Alive);
     (a, b, da, db)
 }
+
+/// A removed account's rows go, in every table and in both directions of
+/// a block; everyone else's stay.
+#[test]
+fn a_removed_account_leaves_nothing_behind() {
+    use chatproto::{Change, LockoutState, OfflineMessage, Timestamp, Username};
+    use chatserver::database::{Database, Location};
+
+    let db = TestDatabase::create();
+    let location = Location::parse(&db.url);
+    let name = |n: &str| -> Username { n.parse().unwrap() };
+    let (alice, bob, erin) = (name("alice"), name("bob"), name("erin"));
+    let message = |text: &str| OfflineMessage {
+        from: alice.clone(),
+        text: text.parse().unwrap(),
+        sent_at: Timestamp::from_unix_millis(1),
+    };
+    let (mut database, _) = Database::open(&location).unwrap();
+    for change in [
+        Change::MessageQueued {
+            to: erin.clone(),
+            message: message("for-erin"),
+        },
+        Change::MessageQueued {
+            to: bob.clone(),
+            message: message("for-bob"),
+        },
+        Change::Blocked {
+            blocker: erin.clone(),
+            target: alice.clone(),
+        },
+        Change::Blocked {
+            blocker: bob.clone(),
+            target: erin.clone(),
+        },
+        Change::Blocked {
+            blocker: bob.clone(),
+            target: alice.clone(),
+        },
+        Change::LoggedOut {
+            user: erin.clone(),
+            at: Timestamp::from_unix_millis(2),
+        },
+        Change::LoggedOut {
+            user: bob.clone(),
+            at: Timestamp::from_unix_millis(3),
+        },
+        Change::LockoutChanged {
+            user: erin.clone(),
+            state: LockoutState {
+                failures: 1,
+                locked_until: None,
+                last_failure: Some(Timestamp::from_unix_millis(4)),
+            },
+        },
+    ] {
+        database.record(change);
+    }
+    database.commit().unwrap();
+    database.record(Change::AccountRemoved { user: erin.clone() });
+    database.commit().unwrap();
+    drop(database);
+
+    let (_, loaded) = Database::open(&location).unwrap();
+    assert!(!loaded.offline_sizes.contains_key(&erin));
+    assert_eq!(loaded.offline_sizes[&bob].messages, 1);
+    assert_eq!(
+        loaded.blocks.keys().collect::<Vec<_>>(),
+        [&bob],
+        "{loaded:?}"
+    );
+    assert_eq!(loaded.blocks[&bob].iter().collect::<Vec<_>>(), [&alice]);
+    assert!(!loaded.last_seen.contains_key(&erin));
+    assert!(loaded.last_seen.contains_key(&bob));
+    assert!(loaded.lockouts.is_empty());
+}

@@ -113,6 +113,15 @@ impl Hub {
     }
 }
 
+impl Hub {
+    /// Makes room in the per-user tables for the accounts added since.
+    pub(crate) fn grow(&mut self) {
+        self.presence.grow(&self.accounts);
+        self.blocks.grow(&self.accounts);
+        self.offline.grow_accounts(&self.accounts);
+    }
+}
+
 /// A login waiting for its password check.
 #[derive(Debug)]
 pub(crate) struct PendingLogin {

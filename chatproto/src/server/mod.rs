@@ -15,7 +15,7 @@
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
-use crate::accounts::Accounts;
+use crate::accounts::{AccountChange, AccountChangeError, Accounts};
 use crate::cluster::{BusMessage, BusTarget, ClaimOutcome, NodeId};
 use crate::command::Command;
 use crate::durability::{Key, Kind, Ledger, Persisted};
@@ -32,6 +32,7 @@ use crate::store::{Change, LastSeen, Snapshot};
 use crate::time::Timestamp;
 use crate::username::Username;
 
+mod account_changes;
 mod claims;
 mod cluster;
 mod config;
@@ -519,6 +520,9 @@ impl Server {
             .peers
             .check_ended(peer, self.config.login_rate_per_peer);
         let matches = plain_verdict.unwrap_or(matches);
+        // Removed while its password was checked: as for a name without
+        // an account.
+        let account = account.filter(|&user| self.hub.accounts.is_held(user));
         let open = self
             .sessions
             .get(conn)
@@ -882,6 +886,59 @@ impl Server {
             cluster_users_online: self
                 .node()
                 .map(|_| self.hub.presence.online().len() + self.hub.directory.len()),
+        }
+    }
+
+    /// The driver changed the accounts: an operator edited the credentials
+    /// file and asked for a reload ([`Accounts::changes_to`] finds the
+    /// changes). A new account may log in at once; a new password applies
+    /// from the next login. A removed account's session ends with `bye`
+    /// reason `account_removed` (as does a login of it waiting for its
+    /// session claim), and its offline queue, its blocks both ways, its
+    /// last-seen time and its failed-login record are deleted (one
+    /// [`Change::AccountRemoved`] tells storage). A change that does not fit
+    /// the accounts held changes nothing.
+    ///
+    /// In cluster mode every node's accounts must change alike: set the new
+    /// [`accounts_digest`](crate::ClusterConfig::accounts_digest) with
+    /// [`Server::set_accounts_digest`] once the changes are in.
+    ///
+    /// ```
+    /// use chatproto::{AccountChange, Accounts, PeerKey, Server, ServerConfig, Timestamp};
+    ///
+    /// let now = Timestamp::from_unix_millis(0);
+    /// let mut server = Server::new(ServerConfig::default(), Accounts::new(), now).unwrap();
+    /// let carol: chatproto::Username = "carol".parse().unwrap();
+    /// server
+    ///     .handle_account_change(
+    ///         AccountChange::Added { name: carol.clone(), credential: chatproto::Credential::Plain("singer".parse().unwrap()) },
+    ///         now,
+    ///     )
+    ///     .unwrap();
+    /// assert!(server.accounts().contains("carol"));
+    /// server.handle_account_change(AccountChange::Removed { name: carol.clone() }, now).unwrap();
+    /// assert!(server.handle_account_change(AccountChange::Removed { name: carol }, now).is_err());
+    /// ```
+    pub fn handle_account_change(
+        &mut self,
+        change: AccountChange,
+        now: Timestamp,
+    ) -> Result<(), AccountChangeError> {
+        let now = self.clock(now);
+        self.catch_up_timers(now);
+        let mark = self.begin();
+        let result = self.change_account(change, now);
+        self.settle(mark);
+        self.pump_drains();
+        result
+    }
+
+    /// Cluster mode: the digest of the accounts this node serves now, after
+    /// [`Server::handle_account_change`]s; its next heartbeats carry it
+    /// (ignored outside cluster mode).
+    pub fn set_accounts_digest(&mut self, digest: String) {
+        if let Some(cluster) = &mut self.config.cluster {
+            cluster.accounts_digest = digest;
         }
     }
 

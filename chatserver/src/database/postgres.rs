@@ -144,6 +144,7 @@ struct Statements {
     seen: Statement,
     lockout: Statement,
     clear_lockout: Statement,
+    remove_account: Statement,
     page: Statement,
     claim_new: Statement,
     queue_size: Statement,
@@ -745,6 +746,13 @@ fn connect(config: &Config) -> Result<Session, postgres::Error> {
                  locked_until = EXCLUDED.locked_until, last_failure = EXCLUDED.last_failure",
         )?,
         clear_lockout: client.prepare("DELETE FROM lockout WHERE username = $1")?,
+        // One statement, so that it is one round trip.
+        remove_account: client.prepare(
+            "WITH queue AS (DELETE FROM offline_message WHERE recipient = $1),
+                  blocks AS (DELETE FROM block WHERE blocker = $1 OR target = $1),
+                  seen AS (DELETE FROM last_seen WHERE username = $1)
+             DELETE FROM lockout WHERE username = $1",
+        )?,
         page: client.prepare(
             "SELECT seq, sender, text, sent_at, size FROM offline_message
              WHERE recipient = $1 AND seq > $2 ORDER BY seq LIMIT $3",
@@ -898,6 +906,9 @@ fn write_change(
         }
         Change::LockoutCleared { user } => {
             tx.execute(&statements.clear_lockout, &[&user.as_str()])?;
+        }
+        Change::AccountRemoved { user } => {
+            tx.execute(&statements.remove_account, &[&user.as_str()])?;
         }
         _ => return Ok(false),
     }

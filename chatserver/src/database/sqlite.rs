@@ -526,6 +526,16 @@ fn write_change(tx: &Transaction<'_>, change: &Change) -> rusqlite::Result<()> {
             tx.prepare_cached("DELETE FROM lockout WHERE user = ?1")?
                 .execute(params![user.as_str()])?;
         }
+        Change::AccountRemoved { user } => {
+            for sql in [
+                "DELETE FROM offline_message WHERE recipient = ?1",
+                "DELETE FROM block WHERE blocker = ?1 OR target = ?1",
+                "DELETE FROM last_seen WHERE user = ?1",
+                "DELETE FROM lockout WHERE user = ?1",
+            ] {
+                tx.prepare_cached(sql)?.execute(params![user.as_str()])?;
+            }
+        }
         // A change kind added to the core after this build: nothing here
         // knows how to keep it, and dropping it silently would break the
         // durability rule, so it fails the commit.
@@ -648,6 +658,32 @@ mod tests {
                 },
             },
             Change::LockoutCleared { user: user("dave") },
+            // A removed account leaves nothing behind, in either direction.
+            Change::MessageQueued {
+                to: user("erin"),
+                message: message("alice", "for erin", 14),
+            },
+            Change::Blocked {
+                blocker: user("erin"),
+                target: user("alice"),
+            },
+            Change::Blocked {
+                blocker: user("bob"),
+                target: user("erin"),
+            },
+            Change::LoggedOut {
+                user: user("erin"),
+                at: Timestamp::from_unix_millis(8),
+            },
+            Change::LockoutChanged {
+                user: user("erin"),
+                state: LockoutState {
+                    failures: 1,
+                    locked_until: None,
+                    last_failure: Some(Timestamp::from_unix_millis(9)),
+                },
+            },
+            Change::AccountRemoved { user: user("erin") },
         ];
         let mut expected = Snapshot::default();
         {

@@ -1,0 +1,258 @@
+//! Accounts changed while the server runs (`Server::handle_account_change`,
+//! as a credentials reload drives it): new accounts log in at once, new
+//! passwords apply from the next login, and a removed account's session
+//! ends and what the service kept for it is deleted, in memory and in
+//! storage.
+
+mod common;
+
+use chatproto::{
+    AccountChange, AccountChangeError, ByeReason, Credential, ErrorCode, HashedPassword, Reply,
+    Username,
+};
+use common::{presences, secs, Sim};
+
+fn name(n: &str) -> Username {
+    n.parse().unwrap()
+}
+
+fn plain(password: &str) -> Credential {
+    Credential::Plain(password.parse().unwrap())
+}
+
+fn change(sim: &mut Sim, change: AccountChange) -> Result<(), AccountChangeError> {
+    let result = sim.server.handle_account_change(change, sim.now);
+    sim.pump();
+    result
+}
+
+#[test]
+fn a_new_account_logs_in_at_once_and_a_duplicate_is_refused() {
+    let mut sim = Sim::new();
+    let c = sim.connect();
+    assert_eq!(
+        sim.code(c, "login zoe pw-zoe"),
+        ErrorCode::InvalidCredentials
+    );
+    change(
+        &mut sim,
+        AccountChange::Added {
+            name: name("zoe"),
+            credential: plain("pw-zoe"),
+        },
+    )
+    .unwrap();
+    let ok = sim.ok(c, "login zoe pw-zoe");
+    assert_eq!(ok.reply, Reply::Login { user: name("zoe") });
+    // Everyone's per-user state has room for her.
+    let alice = sim.login("alice");
+    sim.ok(alice, "block zoe");
+    sim.ok(alice, "message zoe hello");
+    assert_eq!(
+        change(
+            &mut sim,
+            AccountChange::Added {
+                name: name("zoe"),
+                credential: plain("other"),
+            },
+        ),
+        Err(AccountChangeError::Exists(name("zoe")))
+    );
+    assert_eq!(
+        change(
+            &mut sim,
+            AccountChange::CredentialChanged {
+                name: name("nobody"),
+                credential: plain("x"),
+            },
+        ),
+        Err(AccountChangeError::Unknown(name("nobody")))
+    );
+    assert_eq!(
+        change(
+            &mut sim,
+            AccountChange::Removed {
+                name: name("nobody")
+            }
+        ),
+        Err(AccountChangeError::Unknown(name("nobody")))
+    );
+}
+
+#[test]
+fn a_new_password_applies_from_the_next_login() {
+    let mut sim = Sim::new();
+    let bob = sim.login("bob");
+    change(
+        &mut sim,
+        AccountChange::CredentialChanged {
+            name: name("bob"),
+            credential: plain("new-pw"),
+        },
+    )
+    .unwrap();
+    // The open session stays open.
+    let ok = sim.ok(bob, "whoami");
+    assert!(matches!(ok.reply, Reply::Whoami { .. }));
+    sim.ok(bob, "logout");
+    let c = sim.connect();
+    assert_eq!(
+        sim.code(c, "login bob pw-bob"),
+        ErrorCode::InvalidCredentials
+    );
+    sim.ok(c, "login bob new-pw");
+}
+
+#[test]
+fn a_removed_account_is_logged_out_and_leaves_nothing_behind() {
+    let mut sim = Sim::new();
+    let alice = sim.login("alice");
+    let bob = sim.login("bob");
+    let carol = sim.login("carol");
+    sim.ok(bob, "block carol");
+    sim.ok(carol, "block bob");
+    sim.ok(bob, "logout");
+    sim.ok(alice, "message bob queued-for-bob");
+    let bob = sim.login("bob");
+    sim.take(alice);
+    // Queued again, and a failed login on record.
+    sim.ok(bob, "logout");
+    sim.ok(alice, "message bob second");
+    let c = sim.connect();
+    assert_eq!(
+        sim.code(c, "login bob wrong"),
+        ErrorCode::InvalidCredentials
+    );
+    let bob = sim.login("bob");
+    // Bob's queue was delivered at that login; queue one more after.
+    sim.take(bob);
+    sim.take(alice);
+    sim.take(carol);
+    assert!(sim.store.blocks.contains_key(&name("bob")));
+
+    change(&mut sim, AccountChange::Removed { name: name("bob") }).unwrap();
+    let frames = sim.take(bob);
+    assert!(
+        matches!(
+            frames.last(),
+            Some(chatproto::ServerFrame::Bye {
+                reason: ByeReason::AccountRemoved
+            })
+        ),
+        "{frames:?}"
+    );
+    assert_eq!(sim.closed.get(&bob), Some(&ByeReason::AccountRemoved));
+    assert_eq!(presences(&sim.take(alice)), [("bob".to_owned(), false)]);
+    // Storage was told, after the logout.
+    assert!(!sim.store.blocks.contains_key(&name("bob")));
+    assert!(sim.store.blocks.values().all(|t| !t.contains(&name("bob"))));
+    assert!(!sim.store.last_seen.contains_key(&name("bob")));
+    assert!(!sim.store.lockouts.contains_key(&name("bob")));
+    assert!(!sim.store.offline.contains_key(&name("bob")));
+    // And the service forgot him.
+    assert_eq!(sim.code(alice, "message bob hi"), ErrorCode::UnknownUser);
+    let ok = sim.ok(alice, "whoelsesince 3600");
+    assert_eq!(
+        ok.reply,
+        Reply::Whoelsesince {
+            users: vec![name("carol")]
+        }
+    );
+    let c = sim.connect();
+    assert_eq!(
+        sim.code(c, "login bob pw-bob"),
+        ErrorCode::InvalidCredentials
+    );
+    // Carol's block of bob went with him: she is free of it.
+    assert_eq!(sim.code(carol, "unblock bob"), ErrorCode::UnknownUser);
+
+    // The same name again is a new account, with nothing of the old one.
+    change(
+        &mut sim,
+        AccountChange::Added {
+            name: name("bob"),
+            credential: plain("pw-bob"),
+        },
+    )
+    .unwrap();
+    let bob = sim.login("bob");
+    let frames = sim.take(bob);
+    assert!(
+        frames
+            .iter()
+            .all(|f| !matches!(f, chatproto::ServerFrame::Message(_))),
+        "an old queued message came back: {frames:?}"
+    );
+    // carol's old block of him is gone: his messages reach her.
+    sim.take(carol);
+    sim.ok(bob, "message carol hi");
+    let frames = sim.take(carol);
+    assert!(
+        matches!(&frames[..], [chatproto::ServerFrame::Message(_)]),
+        "{frames:?}"
+    );
+    let ok = sim.ok(bob, "whoami");
+    assert!(matches!(ok.reply, Reply::Whoami { .. }));
+}
+
+#[test]
+fn a_removed_account_deletes_its_offline_queue_and_lock() {
+    let mut sim = Sim::new();
+    let alice = sim.login("alice");
+    sim.ok(alice, "message dave one");
+    sim.ok(alice, "message dave two");
+    assert_eq!(sim.store.offline[&name("dave")].len(), 2);
+    let c = sim.connect();
+    for _ in 0..3 {
+        sim.code(c, "login dave wrong");
+    }
+    assert!(sim.store.lockouts.contains_key(&name("dave")));
+    change(&mut sim, AccountChange::Removed { name: name("dave") }).unwrap();
+    assert!(!sim.store.offline.contains_key(&name("dave")));
+    assert!(!sim.store.lockouts.contains_key(&name("dave")));
+    let debug = sim.server.debug_state(sim.now);
+    assert_eq!(debug.queued_offline_messages, 0);
+    assert_eq!(debug.locked_accounts, 0);
+    // Re-added, the name is not locked.
+    change(
+        &mut sim,
+        AccountChange::Added {
+            name: name("dave"),
+            credential: plain("pw-dave"),
+        },
+    )
+    .unwrap();
+    sim.advance(secs(1));
+    sim.login("dave");
+}
+
+#[test]
+fn a_login_being_checked_when_its_account_goes_fails() {
+    let mut accounts = chatproto::Accounts::new();
+    accounts
+        .insert_hashed(
+            name("alice"),
+            HashedPassword::new("$test$pw-alice").unwrap(),
+        )
+        .unwrap();
+    let mut sim = Sim::with_accounts(common::config(), accounts);
+    let c = sim.connect();
+    sim.take(c);
+    sim.send(c, "login alice pw-alice");
+    assert_eq!(sim.verifications.len(), 1);
+    change(
+        &mut sim,
+        AccountChange::Removed {
+            name: name("alice"),
+        },
+    )
+    .unwrap();
+    sim.verify_all();
+    let frames = sim.take(c);
+    assert!(
+        matches!(&frames[..], [chatproto::ServerFrame::Error(e)] if e.code == ErrorCode::InvalidCredentials),
+        "{frames:?}"
+    );
+    assert!(sim.server.is_open(c));
+    assert_eq!(sim.server.users_online(), 0);
+}
