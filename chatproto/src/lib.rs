@@ -67,12 +67,13 @@
 //! | [`request`] | a client frame (JSON or inline) into a [`Request`] |
 //! | [`server_frame`] | every server-to-client frame ([`ServerFrame`]) |
 //! | [`error`] | wire error codes and [`RequestError`] |
-//! | [`server`] | the server state machine: the [`Server`] façade (`server/mod.rs`: every entry point), its state (`state.rs`), the service it serves (`hub.rs`: accounts, presence, blocks, queues, lockouts), one session per connection (`session.rs`: decoder, rate limits, held frames, timers), the rules of each request (`requests.rs`), offline delivery (`drains.rs`), and units of work and their output (`outbox.rs`) |
+//! | [`server`] | the server state machine: the [`Server`] façade (`server/mod.rs`: every entry point), its state (`state.rs`), the service it serves (`hub.rs`: accounts, presence, blocks, queues, lockouts), one session per connection (`session.rs`: decoder, rate limits, held frames, timers), the rules of each request (`requests.rs`), offline delivery (`drains.rs`), accounts changed while running (`account_changes.rs`), and units of work and their output (`outbox.rs`) |
 //! | `output` | what the core asks of its driver: [`Output`], [`Event`], [`Timer`] (re-exported) |
 //! | [`ids`] | the names a driver hands back: [`ConnId`], [`VerifyTicket`], [`BatchId`] |
 //! | `refusal` | what a connection refused before its session is told ([`Server::refusal`]) |
 //! | [`client`] | the client state machine ([`Client`]) |
 //! | [`store`] | lasting state: [`Change`] and [`Snapshot`] |
+//! | [`stats`] | counters of what the server did, for metrics ([`ServerStats`]) |
 //! | [`durability`] | changes in batches ([`Output::Persist`]), what waits for them, undoing a failed one |
 //! | [`accounts`], [`lockout`], [`offline`], [`rate_limit`] | accounts, failed-login locks, offline queues, flood control |
 //! | `presence`, `blocking` | who is online, block lists (internal) |
@@ -123,6 +124,7 @@ pub mod request;
 mod routes;
 pub mod server;
 pub mod server_frame;
+pub mod stats;
 pub mod store;
 mod text;
 mod time;
@@ -157,6 +159,7 @@ pub use server_frame::{
     BroadcastFrame, ByeReason, CommandUsage, DebugState, ErrorFrame, InvalidFrame, MessageFrame,
     OkFrame, PresenceFrame, Reply, ServerFrame, PROTOCOL_VERSION,
 };
+pub use stats::ServerStats;
 pub use store::{Change, LastSeen, Snapshot};
 pub use text::{InvalidText, MessageText};
 pub use time::Timestamp;

@@ -245,6 +245,12 @@ pub struct Args {
     #[arg(long = "allow-origin", value_name = "ORIGIN", requires = "http", value_parser = crate::origin::parse_origin)]
     allowed_origins: Vec<Origin>,
 
+    /// Serve GET /metrics (Prometheus text format), /healthz and /readyz
+    /// on this address, apart from the chat listeners (e.g.
+    /// 127.0.0.1:9100; keep it off the public network).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+
     /// Worker threads that check password hashes, off the event loop.
     /// Default: one per CPU but one (at least one).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
@@ -333,6 +339,8 @@ pub struct Settings {
     pub tls_listen: Option<SocketAddr>,
     /// Where the chat page and its WebSocket are served.
     pub http: Option<SocketAddr>,
+    /// Where `/metrics` is served.
+    pub metrics: Option<SocketAddr>,
     /// Names browsers reach the chat page at, besides its address.
     pub public_hosts: Vec<PublicHost>,
     /// Origins allowed to open a WebSocket besides the page's own.
@@ -537,6 +545,7 @@ impl Args {
             tls: self.tls_cert.zip(self.tls_key),
             tls_listen: self.tls_listen,
             http: self.http,
+            metrics: self.metrics,
             public_hosts: self.public_hosts,
             allowed_origins: self.allowed_origins,
             verify_cpu_percent: self.verify_cpu_percent,

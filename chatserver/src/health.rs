@@ -6,8 +6,10 @@
 //! server can serve a login end to end, 503 with the reason otherwise:
 //! its database cannot be reached (the last commit or read failed, and no
 //! check since has succeeded; the reactor checks again every second until
-//! one does), in cluster mode its NATS connection is down or it serves
-//! other accounts than most nodes, or it is shutting down.
+//! one does), in cluster mode its NATS connection is down, its lease is
+//! not held (its last heartbeat failed, or the database had given it up)
+//! or it serves other accounts than most nodes, or it is shutting down.
+//! Both are answered on `--http` and on `--metrics`.
 //!
 //! The reactor writes the state as it learns it; HTTP requests read it.
 //! A [`Health`] is cheap to clone, and every clone shows the same state.
@@ -21,6 +23,9 @@ use std::sync::Arc;
 /// use chatserver::health::{Health, Readiness};
 /// let health = Health::default();
 /// assert_eq!(health.readiness(), Readiness::Ready);
+/// health.set_lease_held(false);
+/// assert!(matches!(health.readiness(), Readiness::NotReady(why) if why.contains("lease")));
+/// health.set_lease_held(true);
 /// health.set_database_reachable(false);
 /// assert_eq!(health.readiness(), Readiness::NotReady("the database cannot be reached"));
 /// ```
@@ -32,6 +37,7 @@ struct State {
     database_unreachable: AtomicBool,
     bus_unreachable: AtomicBool,
     accounts_differ: AtomicBool,
+    lease_lost: AtomicBool,
     stopping: AtomicBool,
 }
 
@@ -74,6 +80,13 @@ impl Health {
         self.0.accounts_differ.store(!agree, Ordering::Relaxed);
     }
 
+    /// Records whether this cluster node's lease is held: its last
+    /// heartbeat reached the database, and the database had not given the
+    /// node up.
+    pub fn set_lease_held(&self, held: bool) {
+        self.0.lease_lost.store(!held, Ordering::Relaxed);
+    }
+
     /// Records that the server is shutting down: not ready from now on.
     pub fn set_stopping(&self) {
         self.0.stopping.store(true, Ordering::Relaxed);
@@ -87,6 +100,10 @@ impl Health {
             Readiness::NotReady("the database cannot be reached")
         } else if !self.bus_reachable() {
             Readiness::NotReady("NATS cannot be reached")
+        } else if self.0.lease_lost.load(Ordering::Relaxed) {
+            Readiness::NotReady(
+                "this node's lease is not held (its heartbeat did not reach the database)",
+            )
         } else if self.0.accounts_differ.load(Ordering::Relaxed) {
             Readiness::NotReady(
                 "this node serves other accounts than the cluster (compare the credentials files)",

@@ -8,16 +8,20 @@
 //! [`MAX_REQUEST_BYTES`] and [`MAX_HEADERS`] headers, or the answer is a
 //! 431. Only `GET` (and `HEAD`) of the page's files, of `/healthz` and
 //! `/readyz` ([`crate::health`]) and of `/ws` are served; anything else
-//! gets the matching 4xx. A WebSocket upgrade from a browser
+//! gets the matching 4xx. The `--metrics` listener, kept apart so that it
+//! is never exposed with the page, serves `/metrics` ([`crate::metrics`]),
+//! `/healthz` and `/readyz` only. A WebSocket upgrade from a browser
 //! must come from an origin the [`Origins`] rule allows: the page's own, as
 //! configured (not as the request's `Host` says), or one allowed with
 //! `--allow-origin`.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use bytes::Bytes;
 
 use crate::health::{Health, Readiness};
+use crate::metrics::{Metrics, CONTENT_TYPE as METRICS_CONTENT_TYPE, METRICS_PATH};
 use crate::origin::Origins;
 
 /// The largest request head accepted, in bytes.
@@ -41,6 +45,9 @@ pub struct HttpConfig {
     /// Whether the listener speaks TLS: responses then carry
     /// `Strict-Transport-Security`, so browsers keep to HTTPS.
     pub tls: bool,
+    /// `Some` on the `--metrics` listener, which serves `/metrics`,
+    /// `/healthz` and `/readyz` only (no page, no WebSocket).
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// How long browsers keep to HTTPS once told (`max-age`, a year).
@@ -195,6 +202,25 @@ fn route_request(request: &httparse::Request<'_, '_>, config: &HttpConfig) -> An
     }
     if values(headers, "transfer-encoding").next().is_some() {
         return Answer::Refused(error(400, "a GET request has no body", head));
+    }
+    if let Some(metrics) = config.metrics.as_ref().filter(|_| path == METRICS_PATH) {
+        let text = metrics.render();
+        return Answer::Done(Response {
+            head: format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: {METRICS_CONTENT_TYPE}\r\n\
+                 Content-Length: {}\r\nCache-Control: no-store\r\n",
+                text.len()
+            ),
+            body: if head { String::new() } else { text },
+        });
+    }
+    let is_health = path == HEALTHZ_PATH || path == READYZ_PATH;
+    if config.metrics.is_some() && !is_health {
+        return Answer::Done(error(
+            404,
+            "the metrics listener serves /metrics, /healthz and /readyz",
+            head,
+        ));
     }
     if path == WEBSOCKET_PATH {
         return upgrade(headers, config, head);
@@ -444,6 +470,7 @@ mod tests {
             health: Health::default(),
             origins: Origins::new(secure, "127.0.0.1:8080".parse().unwrap(), &[], allowed),
             tls: secure,
+            metrics: None,
         }
     }
 

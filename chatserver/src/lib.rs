@@ -46,6 +46,7 @@ pub mod http;
 pub mod link;
 #[cfg(feature = "cli")]
 pub mod logging;
+pub mod metrics;
 pub mod node;
 pub mod origin;
 pub mod output_queue;

@@ -435,6 +435,12 @@ impl Link {
         !self.output.is_empty()
     }
 
+    /// Whether it carries protocol lines (a refused connection on a TLS
+    /// listener, waiting to be told, counts as one).
+    pub fn is_lines(&self) -> bool {
+        matches!(self.app, App::Lines | App::Refused(_))
+    }
+
     /// Whether it carries WebSocket messages.
     pub fn is_websocket(&self) -> bool {
         matches!(self.app, App::WebSocket(_))
@@ -808,6 +814,7 @@ mod tests {
             health: crate::health::Health::default(),
             origins: Origins::new(false, listen, &[], Vec::new()),
             tls: false,
+            metrics: None,
         })
     }
 

@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use chatproto::{
-    AccountChange, Accounts, ByeReason, ClaimId, ClaimOutcome, ConnId, Event as CoreEvent,
-    MessageError, Output, PeerKey, Persisted, Rate, Server, Timestamp, Username,
+    AccountChange, Accounts, BatchId, ByeReason, ClaimId, ClaimOutcome, ConnId, Event as CoreEvent,
+    MessageError, Output, PeerKey, Persisted, Rate, Server, Timestamp, Username, VerifyTicket,
 };
 use polling::{Event, Events, PollMode, Poller};
 use tracing::{debug, error, info, warn};
@@ -37,6 +37,7 @@ use crate::clock::Clock;
 use crate::health::Health;
 use crate::http::HttpConfig;
 use crate::link::{Backlog, Expired, Link, LinkConfig, LinkEvent, Phase, Transport, Written};
+use crate::metrics::{Connections, Figures, Metrics};
 use crate::node::Beat;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 use crate::node::ClusterNode;
@@ -66,6 +67,8 @@ pub struct ReactorConfig {
     /// Where the reactor says whether it can serve (`/readyz`): the same
     /// `Health` as the HTTP listeners'.
     pub health: Health,
+    /// What `/metrics` reports (`--metrics`); `None` records nothing.
+    pub metrics: Option<Arc<Metrics>>,
     /// Cluster mode: the bus to the other nodes (the core's
     /// `ServerConfig::cluster` says which node this is).
     pub bus: Option<BusConfig>,
@@ -281,6 +284,10 @@ pub struct Reactor {
     instant: Instant,
     /// Runs password checks off this thread.
     verifier: Verifier,
+    /// With `--metrics`: when each check in flight was asked for.
+    checks_started: HashMap<VerifyTicket, Instant>,
+    /// With `--metrics`: when each batch in flight went to storage.
+    commits_started: HashMap<BatchId, Instant>,
 }
 
 impl std::fmt::Debug for Reactor {
@@ -309,6 +316,9 @@ struct Socket {
     dirty: bool,
     /// The link's deadline as listed in `Reactor::deadlines`.
     deadline: Option<Instant>,
+    /// It came to the metrics listener: before its requests are read, the
+    /// reactor copies in the figures they report.
+    scrapes: bool,
 }
 
 /// The read buffer. A read is handed on as `Bytes` split off it, without a
@@ -476,6 +486,8 @@ impl Reactor {
             read_buf: ReadBuffer::new(),
             instant: Instant::now(),
             verifier,
+            checks_started: HashMap::new(),
+            commits_started: HashMap::new(),
         })
     }
 
@@ -585,6 +597,9 @@ impl Reactor {
                 .health
                 .set_accounts_agree(self.core.cluster_accounts_agree());
         }
+        if let Some(metrics) = &self.config.metrics {
+            metrics.observe_turn(self.instant.elapsed());
+        }
         Ok(Turn::Running)
     }
 
@@ -629,6 +644,11 @@ impl Reactor {
             let now = self.now();
             match done {
                 Done::Persisted { batch, result } => {
+                    if let (Some(metrics), Some(started)) =
+                        (&self.config.metrics, self.commits_started.remove(&batch))
+                    {
+                        metrics.observe_commit(self.instant.saturating_duration_since(started));
+                    }
                     let outcome = match result {
                         Ok(_) => Persisted::Committed,
                         Err(e) => {
@@ -660,15 +680,20 @@ impl Reactor {
                     }
                 }
                 Done::Beat(result) => match result {
-                    Ok(Beat::Alive) => {}
+                    Ok(Beat::Alive) => self.config.health.set_lease_held(true),
                     Ok(Beat::Expired { silent_for }) => {
+                        // Joined again as a new node: held from its next beat.
+                        self.config.health.set_lease_held(false);
                         error!(
                             silent_for_ms = silent_for.as_millis() as u64,
                             "the database says this node was silent past its lease and another node took over a session: closing every connection (bye node_expired)"
                         );
                         self.core.handle_node_expired(silent_for, now);
                     }
-                    Err(e) => warn!("{e}: cannot write this node's heartbeat; trying again"),
+                    Err(e) => {
+                        self.config.health.set_lease_held(false);
+                        warn!("{e}: cannot write this node's heartbeat; trying again");
+                    }
                 },
                 Done::Page { conn, result } => match result {
                     Ok(page) => {
@@ -814,10 +839,45 @@ impl Reactor {
     fn take_verdicts(&mut self) {
         let verdicts: Vec<_> = self.verifier.verdicts().collect();
         for (ticket, matches) in verdicts {
+            if let (Some(metrics), Some(started)) =
+                (&self.config.metrics, self.checks_started.remove(&ticket))
+            {
+                metrics.observe_password_check(self.instant.saturating_duration_since(started));
+            }
             let now = self.now();
             self.core.handle_verification(ticket, matches, now);
             self.drain_core();
         }
+    }
+
+    /// Copies what `/metrics` reports from the core and the sockets.
+    fn refresh_metrics(&self) {
+        let Some(metrics) = &self.config.metrics else {
+            return;
+        };
+        let mut connections = Connections::default();
+        for socket in self.sockets.iter().flatten() {
+            let link = &socket.link;
+            let count = if link.is_websocket() {
+                &mut connections.websocket
+            } else if !link.is_lines() {
+                &mut connections.http
+            } else if link.is_tls() {
+                &mut connections.tls
+            } else {
+                &mut connections.tcp
+            };
+            *count += 1;
+        }
+        let debug = self.core.debug_state(self.now());
+        metrics.set_figures(Figures {
+            stats: self.core.stats().clone(),
+            connections,
+            users_online: debug.users_online,
+            offline: self.core.queued_offline(),
+            locked_accounts: debug.locked_accounts,
+            pending_password_checks: self.checks_started.len(),
+        });
     }
 
     /// Serves the accounts an [`AccountsHandle`] handed over, if any.
@@ -922,6 +982,9 @@ impl Reactor {
                     }
                 }
                 Output::Close { conn, reason } => {
+                    if let Some(metrics) = &self.config.metrics {
+                        metrics.count_bye(reason);
+                    }
                     let Some(key) = self.key_of(conn) else {
                         continue;
                     };
@@ -938,7 +1001,12 @@ impl Reactor {
                     peer,
                     hash,
                     password,
-                } => self.verifier.submit(ticket, peer, hash, password),
+                } => {
+                    if self.config.metrics.is_some() {
+                        self.checks_started.insert(ticket, self.instant);
+                    }
+                    self.verifier.submit(ticket, peer, hash, password);
+                }
                 Output::LoadOffline {
                     conn,
                     user,
@@ -950,7 +1018,12 @@ impl Reactor {
                     None => error!(%conn, "an offline page was asked for without a database"),
                 },
                 Output::Persist { batch, changes } => match self.storage.as_mut() {
-                    Some(storage) => storage.persist(batch, changes),
+                    Some(storage) => {
+                        if self.config.metrics.is_some() {
+                            self.commits_started.insert(batch, self.instant);
+                        }
+                        storage.persist(batch, changes);
+                    }
                     None => {
                         // Not durable without a database: the core makes no
                         // batches then, but if it did, nothing could fail.
@@ -1029,6 +1102,9 @@ impl Reactor {
         let transport = match verdict {
             Verdict::Close => return,
             Verdict::Refuse(reason) => {
+                if let Some(metrics) = &self.config.metrics {
+                    metrics.count_bye(reason);
+                }
                 let refusal = Refusal::new(reason, self.core.refusal(reason), http.is_some());
                 if tls.is_none() {
                     refuse(stream, &refusal);
@@ -1042,6 +1118,7 @@ impl Reactor {
             },
         };
         let lines = matches!(transport, Transport::Lines);
+        let scrapes = matches!(&transport, Transport::Http(config) if config.metrics.is_some());
         if let Err(e) = stream
             .set_nonblocking(true)
             .and_then(|()| configure_socket(&stream, &self.config.limits))
@@ -1086,6 +1163,7 @@ impl Reactor {
             armed: Some((true, false)),
             dirty: false,
             deadline: None,
+            scrapes,
         };
         if key == self.sockets.len() {
             self.sockets.push(Some(socket));
@@ -1143,11 +1221,15 @@ impl Reactor {
             socket.armed = None;
         }
         let phase = socket.link.phase();
+        let scrapes = socket.scrapes;
         // Whatever the event, the socket is flushed (if writable, that is
         // the point) and its interest updated at the end of the turn.
         self.mark_dirty(key);
         if !readable {
             return;
+        }
+        if scrapes && phase == Phase::Open {
+            self.refresh_metrics();
         }
         match phase {
             Phase::Open => self.read_input(key),

@@ -20,6 +20,7 @@ use crate::clock::Clock;
 use crate::credentials::{self, CredentialsError};
 use crate::database::{Database, DatabaseError};
 use crate::health::Health;
+use crate::metrics::Metrics;
 use crate::reactor::{AccountsHandle, BusConfig, Listener, Reactor, ReactorConfig, StopHandle};
 use crate::tls::{self, TlsError};
 use crate::{cpu, http, origin};
@@ -203,8 +204,30 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
                 origins,
                 health: health.clone(),
                 tls: tls.is_some(),
+                metrics: None,
             })),
         });
+    }
+    // Apart from the public listeners: plain HTTP, /metrics and the
+    // health checks only.
+    let mut metrics = None;
+    let mut metrics_url = None;
+    if let Some(addr) = settings.metrics {
+        let socket = bind(addr)?;
+        let bound = socket.local_addr().map_err(ServeError::LocalAddr)?;
+        metrics_url = Some(format!("http://{bound}{}", crate::metrics::METRICS_PATH));
+        let registry = Metrics::new();
+        listeners.push(Listener {
+            socket,
+            tls: None,
+            http: Some(Arc::new(http::HttpConfig {
+                origins: origin::Origins::new(false, bound, &[], Vec::new()),
+                health: health.clone(),
+                tls: false,
+                metrics: Some(registry.clone()),
+            })),
+        });
+        metrics = Some(registry);
     }
 
     let (database, snapshot) = match &settings.database {
@@ -295,6 +318,7 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
         reactor_cpu: settings.reactor_cpu,
         shutdown_grace: settings.shutdown_grace,
         health,
+        metrics,
         bus,
     };
     if let Some(cpu) = settings.reactor_cpu {
@@ -336,6 +360,9 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
     }
     if let Some(url) = http_url {
         info!("serving the chat page on {url} (WebSocket at {url}ws)");
+    }
+    if let Some(url) = metrics_url {
+        info!("serving metrics on {url} (and /healthz, /readyz)");
     }
     let pid_file = settings
         .pid_file

@@ -46,6 +46,7 @@ fn reactor(max_connections: usize) -> (Reactor, SocketAddr) {
         verify_cpu_percent: 100,
         reactor_cpu: None,
         health: chatserver::health::Health::default(),
+        metrics: None,
         bus: None,
     };
     let listener = Listener {

@@ -36,6 +36,7 @@ pub fn check_http_websocket(data: &[u8]) {
         health: chatserver::health::Health::default(),
         origins: Origins::new(secure, listen, &[], allowed),
         tls: secure,
+        metrics: None,
     });
     let upgrade = check_parsers(data, &config, chunk);
     check_link(data, config, chunk, upgrade);

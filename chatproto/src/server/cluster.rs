@@ -323,6 +323,7 @@ impl Server {
                 delivered += 1;
             }
         }
+        self.stats.broadcast_deliveries += delivered as u64;
         (delivered, skipped)
     }
 

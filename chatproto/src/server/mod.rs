@@ -28,6 +28,7 @@ use crate::rate_limit::TokenBucket;
 use crate::request::Request;
 use crate::routes::MAX_IN_FLIGHT;
 use crate::server_frame::{ByeReason, DebugState, ServerFrame};
+use crate::stats::ServerStats;
 use crate::store::{Change, LastSeen, Snapshot};
 use crate::time::Timestamp;
 use crate::username::Username;
@@ -119,6 +120,7 @@ impl Server {
             latest: now,
             closing_drains: HashMap::new(),
             closing_deadlines: BTreeSet::new(),
+            stats: ServerStats::default(),
             config,
         };
         let summary = server.restore(snapshot, now);
@@ -703,11 +705,19 @@ impl Server {
             Persisted::Failed => {
                 // Every notice waiting was for the batches undone now.
                 self.hub.queued_notices.clear();
-                let unavailable = |conn, id| Output::Transmit {
-                    conn,
-                    frame: error_frame(id, &RequestError::Unavailable),
+                let answers_undone = std::cell::Cell::new(0);
+                let unavailable = |conn, id| {
+                    answers_undone.set(answers_undone.get() + 1);
+                    Output::Transmit {
+                        conn,
+                        frame: error_frame(id, &RequestError::Unavailable),
+                    }
                 };
-                let Some(failure) = self.ledger.failed(batch, unavailable, release) else {
+                let failure = self.ledger.failed(batch, unavailable, release);
+                for _ in 0..answers_undone.get() {
+                    self.stats.count_error(crate::error::ErrorCode::Unavailable);
+                }
+                let Some(failure) = failure else {
                     return;
                 };
                 let mut undone_sessions = HashSet::new();
@@ -953,6 +963,17 @@ impl Server {
             Some(cluster) => self.hub.liveness.accounts_agree(&cluster.accounts_digest),
             None => true,
         }
+    }
+
+    /// What this core did since it started: logins, messages, broadcasts,
+    /// presence frames and errors, counted for metrics.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// What the offline queues hold now, all users together.
+    pub fn queued_offline(&self) -> crate::offline::QueueSize {
+        self.hub.offline.total()
     }
 
     /// How many users are logged in now.

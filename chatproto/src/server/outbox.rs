@@ -70,6 +70,7 @@ impl Server {
         id: Option<RequestId>,
         error: &RequestError,
     ) {
+        self.stats.count_error(error.code());
         self.transmit(conn, error_frame(id, error));
     }
 

@@ -386,6 +386,7 @@ impl Server {
             },
             &[Key::User(user), Key::Online],
         );
+        self.stats.logins_ok += 1;
         self.reply(
             conn,
             id,
@@ -413,6 +414,7 @@ impl Server {
         name: &Username,
         error: RequestError,
     ) -> Result<(), RequestError> {
+        self.stats.count_login_refusal(error.code());
         self.event(Event::LoginRefused {
             conn,
             user: name.clone(),
@@ -523,6 +525,11 @@ impl Server {
         to: Username,
         stored: bool,
     ) {
+        if stored {
+            self.stats.messages_stored += 1;
+        } else {
+            self.stats.messages_delivered += 1;
+        }
         let text = if stored {
             format!("{to} is offline: the message will be delivered when they log in")
         } else {
@@ -549,6 +556,7 @@ impl Server {
             text: text.clone(),
             sent_at: now,
         });
+        self.stats.broadcasts += 1;
         let (mut delivered, mut skipped) = self.deliver_broadcast(me, &frame);
         if self.node().is_some() {
             // The other nodes' users: counted here from the directory, as
@@ -702,6 +710,7 @@ impl Server {
                 };
                 let frame = frame.clone();
                 queue_frame(&mut self.outputs, drains, &self.ledger, true, conn, frame);
+                self.stats.presence_frames += 1;
             }
         }
     }

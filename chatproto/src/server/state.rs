@@ -11,6 +11,7 @@ use crate::drain::Drain;
 use crate::durability::{Kind, Ledger};
 use crate::ids::ConnId;
 use crate::output::Output;
+use crate::stats::ServerStats;
 use crate::time::Timestamp;
 
 use super::config::ServerConfig;
@@ -63,4 +64,6 @@ pub struct Server {
     /// When each closing drain is given up if no report came (a driver
     /// that never reports must not hold its user's queue back for ever).
     pub(super) closing_deadlines: BTreeSet<(Timestamp, ConnId)>,
+    /// What was done since the start, for metrics.
+    pub(super) stats: ServerStats,
 }
