@@ -256,3 +256,116 @@ fn a_login_being_checked_when_its_account_goes_fails() {
     assert!(sim.server.is_open(c));
     assert_eq!(sim.server.users_online(), 0);
 }
+
+/// The accounts of `common::USERS` but `skip`.
+fn accounts_without(skip: &str) -> chatproto::Accounts {
+    let mut accounts = chatproto::Accounts::new();
+    for (user, password) in common::USERS {
+        if user != skip {
+            accounts
+                .insert(name(user), password.parse().unwrap())
+                .unwrap();
+        }
+    }
+    accounts
+}
+
+/// bob's account left the file while the server was down (or the batch
+/// of his removal never committed): storage still holds his state, which
+/// the restart skips. A new account of the name starts with none of it.
+#[test]
+fn a_name_added_again_starts_with_nothing_stored() {
+    let mut sim = Sim::new();
+    let alice = sim.login("alice");
+    let carol = sim.login("carol");
+    sim.ok(carol, "block bob");
+    sim.ok(alice, "message bob for-the-old-bob");
+    let snapshot = sim.store.clone();
+    let mut sim = Sim::restarted_with(
+        common::config(),
+        accounts_without("bob"),
+        &snapshot,
+        sim.now,
+    );
+    assert_eq!(sim.store.offline[&name("bob")].len(), 1, "kept, unused");
+    change(
+        &mut sim,
+        AccountChange::Added {
+            name: name("bob"),
+            credential: plain("pw-bob"),
+        },
+    )
+    .unwrap();
+    assert!(!sim.store.offline.contains_key(&name("bob")));
+    assert!(sim.store.blocks.values().all(|t| !t.contains(&name("bob"))));
+    // The next restart, with bob in the file, finds nothing of the old one.
+    let snapshot = sim.store.clone();
+    let mut sim = Sim::restarted(common::config(), &snapshot, sim.now);
+    let bob = sim.login("bob");
+    let frames = sim.take(bob);
+    assert!(
+        frames
+            .iter()
+            .all(|f| !matches!(f, chatproto::ServerFrame::Message(_))),
+        "{frames:?}"
+    );
+}
+
+/// A login whose hashed password is being checked when the password
+/// changes is refused: the old password (a leaked one, say) no longer
+/// lets anyone in, even one check late.
+#[test]
+fn a_login_checked_across_a_password_change_is_refused() {
+    let mut accounts = chatproto::Accounts::new();
+    accounts
+        .insert_hashed(name("alice"), HashedPassword::new("$test$old").unwrap())
+        .unwrap();
+    let mut sim = Sim::with_accounts(common::config(), accounts);
+    let c = sim.connect();
+    sim.take(c);
+    sim.send(c, "login alice old");
+    assert_eq!(sim.verifications.len(), 1);
+    change(
+        &mut sim,
+        AccountChange::CredentialChanged {
+            name: name("alice"),
+            credential: Credential::Hashed(HashedPassword::new("$test$new").unwrap()),
+        },
+    )
+    .unwrap();
+    sim.verify_all();
+    let frames = sim.take(c);
+    assert!(
+        matches!(&frames[..], [chatproto::ServerFrame::Error(e)] if e.code == ErrorCode::InvalidCredentials),
+        "{frames:?}"
+    );
+    // Not counted toward a lock: the attempt was not a wrong guess.
+    assert!(!sim.store.lockouts.contains_key(&name("alice")));
+    sim.send(c, "login alice new");
+    sim.verify_all();
+    assert!(sim.server.user(c).is_some());
+}
+
+/// A login checked across its account's removal leaves no failed-login
+/// record behind the removal.
+#[test]
+fn a_login_checked_across_a_removal_leaves_no_record() {
+    let mut accounts = chatproto::Accounts::new();
+    accounts
+        .insert_hashed(name("alice"), HashedPassword::new("$test$pw").unwrap())
+        .unwrap();
+    let mut sim = Sim::with_accounts(common::config(), accounts);
+    let c = sim.connect();
+    sim.send(c, "login alice pw");
+    change(
+        &mut sim,
+        AccountChange::Removed {
+            name: name("alice"),
+        },
+    )
+    .unwrap();
+    // The connection went too, before the verdict.
+    sim.disconnect(c);
+    sim.verify_all();
+    assert!(sim.store.lockouts.is_empty(), "{:?}", sim.store.lockouts);
+}

@@ -1769,3 +1769,107 @@ fn a_notice_lost_while_a_node_was_rejoining_is_said_again_when_it_has() {
     c.settle();
     assert_eq!(offline_texts(&c.nodes[1].take(bob)), ["while away"]);
 }
+
+// ---------------------------------------------------------------------
+// Accounts changed on a running cluster (a reload, node by node).
+// ---------------------------------------------------------------------
+
+/// Node `i` reloads its accounts: `change`, then its new digest.
+fn change_accounts(c: &mut Cluster, i: usize, change: chatproto::AccountChange, digest: &str) {
+    let node = &mut c.nodes[i];
+    node.server.handle_account_change(change, node.now).unwrap();
+    node.server.set_accounts_digest(digest.to_owned());
+    node.pump();
+    c.settle();
+}
+
+fn removed(user: &str) -> chatproto::AccountChange {
+    chatproto::AccountChange::Removed {
+        name: user.parse().unwrap(),
+    }
+}
+
+#[test]
+fn a_removed_account_online_elsewhere_is_forgotten_here() {
+    let mut c = Cluster::with_accounts_digests(&["v1", "v1"]);
+    let alice = c.login(0, "alice");
+    c.login(1, "bob");
+    assert_eq!(c.whoelse(0, alice), ["bob"]);
+    change_accounts(&mut c, 0, removed("bob"), "v2");
+    assert_eq!(c.whoelse(0, alice), Vec::<String>::new());
+    assert_eq!(
+        c.nodes[0].code(alice, "message bob hi"),
+        ErrorCode::UnknownUser
+    );
+    // bob's comings and goings on node 1 are not told here any more.
+    c.nodes[0].take(alice);
+    c.advance(secs(2));
+    assert!(presences(&c.nodes[0].take(alice)).is_empty());
+}
+
+#[test]
+fn a_message_on_its_way_to_a_removed_account_is_not_stored() {
+    let mut c = Cluster::with_accounts_digests(&["v1", "v1"]);
+    let alice = c.login(0, "alice");
+    c.login(1, "bob");
+    c.stop(1);
+    c.nodes[0].take(alice);
+    c.nodes[0].send(alice, "message bob in-flight");
+    assert_eq!(c.nodes[0].take(alice), []);
+    change_accounts(&mut c, 0, removed("bob"), "v2");
+    // Node 1 never answers: the message is not kept for nobody.
+    c.advance(secs(5));
+    let frames = c.nodes[0].take(alice);
+    assert!(
+        matches!(&frames[..], [ServerFrame::Error(e)] if e.code == ErrorCode::UnknownUser),
+        "{frames:?}"
+    );
+    assert!(!c.nodes[0].store.offline.contains_key("bob"));
+    assert!(c.sessions.with(|s| !s.queues.contains_key("bob")));
+    assert_eq!(
+        c.nodes[0]
+            .server
+            .debug_state(c.nodes[0].now)
+            .queued_offline_messages,
+        0
+    );
+}
+
+/// One node reloaded alone (a mistaken file, or the first of a rolling
+/// reload) forgets the account in memory but leaves the cluster's stored
+/// state; once every node serves the same accounts it is deleted. Put
+/// right before then, nothing is lost.
+#[test]
+fn what_the_cluster_stores_for_a_removed_account_goes_once_the_nodes_agree() {
+    let mut c = Cluster::with_accounts_digests(&["v1", "v1"]);
+    let alice = c.login(0, "alice");
+    assert_eq!(c.message(0, alice, "message dave one"), Ok(true));
+    assert_eq!(c.message(0, alice, "message carol two"), Ok(true));
+    let stored = |c: &mut Cluster, user: &str| c.sessions.with(|s| s.queues.contains_key(user));
+    assert!(stored(&mut c, "dave") && stored(&mut c, "carol"));
+
+    // A mistake on node 0, put right before node 1 follows.
+    change_accounts(&mut c, 0, removed("carol"), "v2");
+    c.advance(secs(3));
+    assert!(stored(&mut c, "carol"), "deleted on one node's word");
+    change_accounts(
+        &mut c,
+        0,
+        chatproto::AccountChange::Added {
+            name: "carol".parse().unwrap(),
+            credential: chatproto::Credential::Plain("pw-carol".parse().unwrap()),
+        },
+        "v1",
+    );
+    c.advance(secs(3));
+    assert!(stored(&mut c, "carol"), "lost to a mistake put right");
+
+    // A real removal: on both nodes.
+    change_accounts(&mut c, 0, removed("dave"), "v3");
+    c.advance(secs(3));
+    assert!(stored(&mut c, "dave"));
+    change_accounts(&mut c, 1, removed("dave"), "v3");
+    c.advance(secs(3));
+    assert!(!stored(&mut c, "dave"));
+    assert!(stored(&mut c, "carol"));
+}

@@ -890,6 +890,10 @@ impl Reactor {
         let Some(NewAccounts { accounts, digest }) = next else {
             return;
         };
+        if self.shutdown_deadline.is_some() {
+            warn!("credentials reload ignored: the server is stopping");
+            return;
+        }
         let (mut added, mut changed, mut removed) = (0usize, 0usize, 0usize);
         for change in self.core.accounts().changes_to(&accounts) {
             match &change {

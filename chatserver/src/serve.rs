@@ -413,20 +413,44 @@ impl Reload {
     }
 }
 
-/// SIGINT and SIGTERM stop the reactor; SIGHUP reloads. On a thread of
-/// its own, so that reading the file never holds the event loop up.
+/// SIGINT and SIGTERM stop the reactor (a second one ends the process at
+/// once); SIGHUP reloads. Signals are taken on a thread of their own and
+/// reloads run on another, so that neither a slow file (a FIFO, a hung
+/// network mount) nor the event loop holds the other up.
 #[cfg(unix)]
 fn handle_signals(stop: StopHandle, reload: Reload) -> Result<(), ServeError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGHUP, SIGINT, SIGTERM])
         .map_err(ServeError::Signals)?;
+    // One reload waiting is enough: it reads the file as it is by then.
+    let (ask, asked) = std::sync::mpsc::sync_channel::<()>(1);
+    std::thread::Builder::new()
+        .name("reload".to_owned())
+        .spawn(move || {
+            for () in asked {
+                reload.run();
+            }
+        })
+        .map_err(ServeError::Signals)?;
     std::thread::Builder::new()
         .name("signals".to_owned())
         .spawn(move || {
+            let mut stopping = false;
             for signal in signals.forever() {
                 match signal {
-                    SIGHUP => reload.run(),
-                    _ => stop.stop(),
+                    SIGHUP => {
+                        let _ = ask.try_send(());
+                    }
+                    _ if stopping => {
+                        // Every acknowledged change is committed already:
+                        // only the goodbyes of the shutdown are cut short.
+                        error!("a second stop signal: exiting at once");
+                        std::process::exit(1);
+                    }
+                    _ => {
+                        stopping = true;
+                        stop.stop();
+                    }
                 }
             }
         })
@@ -443,28 +467,55 @@ fn handle_signals(stop: StopHandle, reload: Reload) -> Result<(), ServeError> {
 }
 
 /// `--pid-file`: written once the server serves, removed when it stops.
-struct PidFile(PathBuf);
+struct PidFile {
+    path: PathBuf,
+    contents: String,
+}
 
 impl PidFile {
     /// Writes this process's id, replacing the file in one rename (a
-    /// reader never sees it half written).
+    /// reader never sees it half written). The temporary file is a new
+    /// one of a random name, so a link planted beside the target cannot
+    /// redirect the write.
     fn write(path: &Path) -> Result<PidFile, ServeError> {
+        use std::io::Write;
         let error = |source| ServeError::PidFile {
             path: path.to_owned(),
             source,
         };
-        let mut temporary = path.as_os_str().to_owned();
-        temporary.push(".tmp");
-        std::fs::write(&temporary, format!("{}\n", std::process::id())).map_err(error)?;
-        std::fs::rename(&temporary, path).map_err(error)?;
-        Ok(PidFile(path.to_owned()))
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        let contents = format!("{}\n", std::process::id());
+        let mut temporary = tempfile::NamedTempFile::new_in(dir).map_err(error)?;
+        temporary.write_all(contents.as_bytes()).map_err(error)?;
+        // Readable by the `user` commands of whoever may signal us.
+        #[cfg(unix)]
+        std::fs::set_permissions(
+            temporary.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .map_err(error)?;
+        temporary.persist(path).map_err(|e| error(e.error))?;
+        Ok(PidFile {
+            path: path.to_owned(),
+            contents,
+        })
     }
 }
 
 impl Drop for PidFile {
     fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_file(&self.0) {
-            warn!("cannot remove {}: {e}", self.0.display());
+        // A server started while this one finished its shutdown may have
+        // written its own id there since: that file is left alone.
+        match std::fs::read_to_string(&self.path) {
+            Ok(contents) if contents == self.contents => {
+                if let Err(e) = std::fs::remove_file(&self.path) {
+                    warn!("cannot remove {}: {e}", self.path.display());
+                }
+            }
+            _ => {}
         }
     }
 }

@@ -163,7 +163,8 @@ pub fn run(args: Vec<String>) -> ExitCode {
                     eprintln!(
                         "chatserver user: the file is changed, but the server was not told: {e}"
                     );
-                    ExitCode::FAILURE
+                    // Not 1: the change is made, and doing it again would fail.
+                    ExitCode::from(3)
                 }
                 None => {
                     eprintln!(
@@ -198,12 +199,33 @@ impl ServerFiles {
         let file =
             crate::config_file::ConfigFile::read(path, &command).map_err(|e| e.to_string())?;
         let argv = file.merge(&["chatserver".into()]);
-        let matches = command
-            .try_get_matches_from(&argv)
-            .map_err(|e| format!("{}: {}", path.display(), e.kind()))?;
+        let matches = command.try_get_matches_from(&argv).map_err(|e| {
+            // As the server says it: the key's line, and clap's reason.
+            let message = e.to_string();
+            let first = message.lines().next().unwrap_or_default();
+            let reason = first.strip_prefix("error: ").unwrap_or(first);
+            let place = e
+                .get(clap::error::ContextKind::InvalidArg)
+                .and_then(|arg| file.locate(&arg.to_string(), &["chatserver".into()]))
+                .unwrap_or_else(|| path.display().to_string());
+            format!("{place}: {reason}")
+        })?;
+        // The server resolves a relative path against its own working
+        // directory, which this command cannot know: it would edit, or
+        // make, another file than the server reads.
+        let absolute = |key: &str, value: Option<&PathBuf>| {
+            match value {
+            Some(value) if value.is_relative() => Err(format!(
+                "{}: {key} = {:?} is relative to the server's working directory: give an absolute path there, or --{key} here",
+                path.display(),
+                value.display().to_string()
+            )),
+            value => Ok(value.cloned()),
+        }
+        };
         Ok(ServerFiles {
-            credentials: matches.get_one::<PathBuf>("credentials").cloned(),
-            pid_file: matches.get_one::<PathBuf>("pid_file").cloned(),
+            credentials: absolute("credentials", matches.get_one::<PathBuf>("credentials"))?,
+            pid_file: absolute("pid-file", matches.get_one::<PathBuf>("pid_file"))?,
             cluster: matches.contains_id("nats"),
         })
     }

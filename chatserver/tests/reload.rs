@@ -148,6 +148,36 @@ fn user_commands_reload_a_running_server() {
     assert!(!pid_file.exists());
 }
 
+/// A pid file is written through a fresh temporary file, never through a
+/// link planted at a guessable name, and a stopping server leaves a
+/// successor's pid file alone.
+#[test]
+fn the_pid_file_is_written_safely_and_removed_only_if_ours() {
+    let dir = tempfile::tempdir().unwrap();
+    let pid_file = dir.path().join("run.pid");
+    let victim = dir.path().join("victim.txt");
+    std::fs::write(&victim, "precious\n").unwrap();
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&victim, dir.path().join("run.pid.tmp")).unwrap();
+    let mut server = TestServer::start_in(
+        dir.path(),
+        CREDENTIALS,
+        &["--listen", "127.0.0.1:0"],
+        &["--pid-file", pid_file.to_str().unwrap()],
+    );
+    assert_eq!(wait_for_file(&pid_file).trim(), server.pid().to_string());
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "precious\n");
+    assert!(!std::fs::symlink_metadata(&pid_file)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    // Another server took the file over meanwhile: it stays.
+    std::fs::write(&pid_file, "4242\n").unwrap();
+    server.signal("TERM");
+    assert!(server.wait_exit().success());
+    assert_eq!(std::fs::read_to_string(&pid_file).unwrap(), "4242\n");
+}
+
 #[test]
 fn a_reload_says_when_the_config_file_needs_a_restart() {
     let dir = tempfile::tempdir().unwrap();
@@ -193,7 +223,7 @@ fn user_commands_refuse_to_signal_what_is_not_a_chatserver() {
         ],
         "",
     );
-    assert_eq!(status, 1, "{stderr}");
+    assert_eq!(status, 3, "{stderr}");
     assert!(
         stderr.contains("not chatserver (a stale pid file?)"),
         "{stderr}"
@@ -212,7 +242,7 @@ fn user_commands_refuse_to_signal_what_is_not_a_chatserver() {
         ],
         "",
     );
-    assert_eq!(status, 1, "{stderr}");
+    assert_eq!(status, 3, "{stderr}");
     assert!(stderr.contains("no process 999999999"), "{stderr}");
 }
 
@@ -244,4 +274,17 @@ fn user_commands_read_the_server_config_and_remind_a_cluster() {
     let (status, stderr) = user(&["list", "--config", config.to_str().unwrap()], "");
     assert_eq!(status, 2, "{stderr}");
     assert!(stderr.contains("chatserver.toml:1"), "{stderr}");
+    std::fs::write(&config, "idle-timeout-secs = \"soon\"\n").unwrap();
+    let (status, stderr) = user(&["list", "--config", config.to_str().unwrap()], "");
+    assert_eq!(status, 2, "{stderr}");
+    assert!(stderr.contains("chatserver.toml:1:"), "{stderr}");
+    // A relative path there is the server's working directory's, which
+    // the command cannot know: refused, rather than editing another file.
+    std::fs::write(&config, "credentials = \"credentials.txt\"\n").unwrap();
+    let (status, stderr) = user(&["list", "--config", config.to_str().unwrap()], "");
+    assert_eq!(status, 2, "{stderr}");
+    assert!(
+        stderr.contains("is relative to the server's working directory"),
+        "{stderr}"
+    );
 }

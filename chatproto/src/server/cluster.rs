@@ -82,6 +82,7 @@ impl Server {
         }
         self.expire_routes(now);
         self.retry_claims(now);
+        self.purge_removed_accounts();
         for (node, last_heard) in self.hub.liveness.expire(now) {
             self.outputs
                 .push_back(Output::Event(Event::NodeLost { node, last_heard }));

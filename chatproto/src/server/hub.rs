@@ -78,6 +78,10 @@ pub(crate) struct Hub {
     pub(crate) peers: Peers,
     /// Logins waiting for a password check, by ticket.
     pub(crate) verifications: HashMap<VerifyTicket, PendingLogin>,
+    /// Cluster mode: removed accounts whose stored state is deleted once
+    /// this node's accounts agree with most nodes' (one node's mistaken
+    /// reload must not delete what the cluster shares).
+    pub(crate) pending_purges: Vec<Username>,
     pub(crate) next_ticket: u64,
 }
 
@@ -107,6 +111,7 @@ impl Hub {
             sent_notices: std::collections::VecDeque::new(),
             peers: Peers::new(),
             verifications: HashMap::new(),
+            pending_purges: Vec::new(),
             next_ticket: 0,
             accounts,
         }
@@ -135,6 +140,9 @@ pub(crate) struct PendingLogin {
     /// check against a decoy hash only makes it cost what a hashed one
     /// costs.
     pub(crate) plain_verdict: Option<bool>,
+    /// The account's password changed, or the account went, while it was
+    /// checked: the verdict is about a password no longer in force.
+    pub(crate) stale: bool,
 }
 
 /// Input a connection may send while its login is being checked, beyond

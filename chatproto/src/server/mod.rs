@@ -517,19 +517,38 @@ impl Server {
             name,
             account,
             plain_verdict,
+            stale,
         } = pending;
         self.hub
             .peers
             .check_ended(peer, self.config.login_rate_per_peer);
         let matches = plain_verdict.unwrap_or(matches);
-        // Removed while its password was checked: as for a name without
-        // an account.
-        let account = account.filter(|&user| self.hub.accounts.is_held(user));
         let open = self
             .sessions
             .get(conn)
             .is_some_and(|c| c.awaiting == Some(ticket));
         let mark = self.begin();
+        if stale {
+            // Its password changed, or its account went, meanwhile: the
+            // verdict is about a password no longer in force. Refused,
+            // and not counted against a record that is gone or new.
+            if open {
+                if let Some(c) = self.sessions.get_mut(conn) {
+                    c.awaiting = None;
+                }
+                self.reschedule(conn);
+                if let Err(error) = self.refuse_login(conn, &name, RequestError::InvalidCredentials)
+                {
+                    self.send_error(conn, id, &error);
+                }
+            }
+            self.settle(mark);
+            if open {
+                self.resume_input(conn);
+            }
+            self.pump_drains();
+            return;
+        }
         if !open {
             // Gone meanwhile: a wrong guess still counts.
             if !(matches && account.is_some()) {

@@ -248,6 +248,7 @@ impl Server {
                 name,
                 account,
                 plain_verdict,
+                stale: false,
             },
         );
         self.outputs.push_back(Output::VerifyPassword {
@@ -489,6 +490,11 @@ impl Server {
         to: &Username,
         message: OfflineMessage,
     ) -> Result<(), RequestError> {
+        if !self.hub.accounts.is_held(recipient) {
+            // Removed while the message was on its way (to another node,
+            // which did not take it): nobody to keep it for.
+            return Err(RequestError::unknown_user(to.as_str()));
+        }
         let bytes = message.size();
         self.hub
             .offline

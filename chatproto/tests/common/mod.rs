@@ -154,6 +154,9 @@ impl SessionTable {
                 Change::MessagesDelivered { .. } => {
                     panic!("a cluster node must name what it delivered: {change:?}")
                 }
+                Change::AccountRemoved { user } => {
+                    s.queues.remove(user);
+                }
                 _ => {}
             }
         }
@@ -249,7 +252,17 @@ impl Sim {
 
     /// A server carrying on from `snapshot`, as after a restart.
     pub fn restarted(config: ServerConfig, snapshot: &Snapshot, now: Timestamp) -> Sim {
-        let (server, _) = Server::with_snapshot(config, accounts(), snapshot, now).unwrap();
+        Sim::restarted_with(config, accounts(), snapshot, now)
+    }
+
+    /// As [`Sim::restarted`], serving `accounts`.
+    pub fn restarted_with(
+        config: ServerConfig,
+        accounts: Accounts,
+        snapshot: &Snapshot,
+        now: Timestamp,
+    ) -> Sim {
+        let (server, _) = Server::with_snapshot(config, accounts, snapshot, now).unwrap();
         let mut sim = Sim::from_server(server, now);
         sim.store = snapshot.clone();
         sim.pump();
