@@ -27,11 +27,13 @@
 use std::collections::{HashMap, VecDeque};
 
 use crate::accounts::UserId;
+use crate::error::ErrorCode;
 pub use crate::ids::BatchId;
 use crate::ids::ConnId;
 use crate::lockout::LockoutState;
 use crate::output::Output;
 use crate::request::RequestId;
+use crate::stats::Tally;
 use crate::store::Change;
 use crate::time::Timestamp;
 use crate::username::Username;
@@ -113,6 +115,8 @@ pub(crate) struct Held {
     pub(crate) first_page: bool,
     pub(crate) output: Output,
     pub(crate) kind: Kind,
+    /// What it counts for in the server's stats once it goes out.
+    pub(crate) tally: Option<Tally>,
 }
 
 /// A key whose state an output may depend on.
@@ -313,7 +317,11 @@ impl Ledger {
         self.answered
     }
 
-    pub(crate) fn committed(&mut self, batch: BatchId, release: impl FnMut(Output, Kind)) -> bool {
+    pub(crate) fn committed(
+        &mut self,
+        batch: BatchId,
+        release: impl FnMut(Output, Kind, Option<Tally>),
+    ) -> bool {
         if self.in_flight.as_ref().map(|b| b.id) != Some(batch.0) {
             return false;
         }
@@ -339,7 +347,7 @@ impl Ledger {
         &mut self,
         batch: BatchId,
         unavailable: impl Fn(ConnId, Option<RequestId>) -> Output,
-        release: impl FnMut(Output, Kind),
+        release: impl FnMut(Output, Kind, Option<Tally>),
     ) -> Option<Failure> {
         if self.in_flight.as_ref().map(|b| b.id) != Some(batch.0) {
             return None;
@@ -370,15 +378,21 @@ impl Ledger {
                     continue;
                 }
                 match held.kind {
-                    Kind::Answer(id) => kept.push_back((
-                        number,
-                        Held {
-                            after: 0,
-                            first_page: false,
-                            output: unavailable(conn, id),
-                            kind: Kind::Answer(id),
-                        },
-                    )),
+                    Kind::Answer(id) => {
+                        kept.push_back((
+                            number,
+                            Held {
+                                after: 0,
+                                first_page: false,
+                                output: unavailable(conn, id),
+                                kind: Kind::Answer(id),
+                                tally: Some(held.tally.map_or(
+                                    Tally::Error(ErrorCode::Unavailable),
+                                    Tally::unavailable,
+                                )),
+                            },
+                        ))
+                    }
                     Kind::Fact => kept.push_back((
                         number,
                         Held {
@@ -398,7 +412,7 @@ impl Ledger {
 
     /// Hands every held output that no longer waits to `release`, in the
     /// order they were held (so per connection in order).
-    pub(crate) fn release(&mut self, mut release: impl FnMut(Output, Kind)) {
+    pub(crate) fn release(&mut self, mut release: impl FnMut(Output, Kind, Option<Tally>)) {
         let answered = self.answered;
         let mut free = Vec::new();
         self.held.retain(|_, queue| {
@@ -412,7 +426,7 @@ impl Ledger {
         });
         free.sort_unstable_by_key(|&(number, _)| number);
         for (_, held) in free {
-            release(held.output, held.kind);
+            release(held.output, held.kind, held.tally);
         }
     }
 

@@ -253,6 +253,20 @@ pub enum ByeReason {
 }
 
 impl ByeReason {
+    /// Every reason this version sends.
+    pub const ALL: [ByeReason; 10] = [
+        ByeReason::Logout,
+        ByeReason::IdleTimeout,
+        ByeReason::ServerShutdown,
+        ByeReason::SlowConsumer,
+        ByeReason::ServerFull,
+        ByeReason::TooManyConnections,
+        ByeReason::LoginTimeout,
+        ByeReason::Flood,
+        ByeReason::NodeExpired,
+        ByeReason::AccountRemoved,
+    ];
+
     /// The reason as it appears on the wire.
     pub fn as_str(self) -> &'static str {
         match self {

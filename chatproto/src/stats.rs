@@ -4,8 +4,11 @@
 //! `/metrics`); the core only counts, so the numbers are the same whatever
 //! runs it.
 //!
-//! Counts are of answers as the core made them: in the rare case a batch
-//! fails and an answer turns into `unavailable`, both are counted.
+//! Everything is counted when its frame is handed to the driver, not when
+//! it is made: an answer that waits for a batch is counted once the batch
+//! commits, and if the batch fails, as the `unavailable` it becomes (a
+//! frame dropped with the batch is not counted at all). So the counters
+//! only ever grow, as Prometheus counters must, and say what clients got.
 
 use std::collections::BTreeMap;
 
@@ -66,11 +69,52 @@ impl ServerStats {
         self.errors.get(&code).copied().unwrap_or(0)
     }
 
-    pub(crate) fn count_error(&mut self, code: ErrorCode) {
-        *self.errors.entry(code).or_default() += 1;
+    /// Counts a frame handed to the driver.
+    pub(crate) fn count(&mut self, tally: Tally) {
+        match tally {
+            Tally::LoginOk => self.logins_ok += 1,
+            Tally::LoginRefused(code) => {
+                *self.login_refusals.entry(code).or_default() += 1;
+                *self.errors.entry(code).or_default() += 1;
+            }
+            Tally::Error(code) => *self.errors.entry(code).or_default() += 1,
+            Tally::MessageDelivered => self.messages_delivered += 1,
+            Tally::MessageStored => self.messages_stored += 1,
+            Tally::Broadcast => self.broadcasts += 1,
+            Tally::BroadcastDelivery => self.broadcast_deliveries += 1,
+            Tally::Presence => self.presence_frames += 1,
+        }
     }
+}
 
-    pub(crate) fn count_login_refusal(&mut self, code: ErrorCode) {
-        *self.login_refusals.entry(code).or_default() += 1;
+/// What one frame counts for, once it is handed to the driver.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Tally {
+    /// A login's `ok`.
+    LoginOk,
+    /// A login's error.
+    LoginRefused(ErrorCode),
+    /// Any other error.
+    Error(ErrorCode),
+    /// A direct message's `ok`, delivered.
+    MessageDelivered,
+    /// A direct message's `ok`, stored.
+    MessageStored,
+    /// A broadcast's `ok`.
+    Broadcast,
+    /// A broadcast frame to a recipient.
+    BroadcastDelivery,
+    /// A presence frame.
+    Presence,
+}
+
+impl Tally {
+    /// What an answer counts for once a failed batch turned it into
+    /// `unavailable`.
+    pub(crate) fn unavailable(self) -> Tally {
+        match self {
+            Tally::LoginOk | Tally::LoginRefused(_) => Tally::LoginRefused(ErrorCode::Unavailable),
+            _ => Tally::Error(ErrorCode::Unavailable),
+        }
     }
 }

@@ -26,6 +26,21 @@ fn change(sim: &mut Sim, change: AccountChange) -> Result<(), AccountChangeError
     result
 }
 
+/// A server whose only account, alice, has the hashed password
+/// `password` (test scheme), and a connection whose login with it waits
+/// for its check.
+fn checking_alice(password: &str) -> (Sim, chatproto::ConnId) {
+    let mut accounts = chatproto::Accounts::new();
+    let hash = HashedPassword::new(&format!("$test${password}")).unwrap();
+    accounts.insert_hashed(name("alice"), hash).unwrap();
+    let mut sim = Sim::with_accounts(common::config(), accounts);
+    let c = sim.connect();
+    sim.take(c);
+    sim.send(c, &format!("login alice {password}"));
+    assert_eq!(sim.verifications.len(), 1);
+    (sim, c)
+}
+
 #[test]
 fn a_new_account_logs_in_at_once_and_a_duplicate_is_refused() {
     let mut sim = Sim::new();
@@ -228,18 +243,7 @@ fn a_removed_account_deletes_its_offline_queue_and_lock() {
 
 #[test]
 fn a_login_being_checked_when_its_account_goes_fails() {
-    let mut accounts = chatproto::Accounts::new();
-    accounts
-        .insert_hashed(
-            name("alice"),
-            HashedPassword::new("$test$pw-alice").unwrap(),
-        )
-        .unwrap();
-    let mut sim = Sim::with_accounts(common::config(), accounts);
-    let c = sim.connect();
-    sim.take(c);
-    sim.send(c, "login alice pw-alice");
-    assert_eq!(sim.verifications.len(), 1);
+    let (mut sim, c) = checking_alice("pw-alice");
     change(
         &mut sim,
         AccountChange::Removed {
@@ -316,15 +320,7 @@ fn a_name_added_again_starts_with_nothing_stored() {
 /// lets anyone in, even one check late.
 #[test]
 fn a_login_checked_across_a_password_change_is_refused() {
-    let mut accounts = chatproto::Accounts::new();
-    accounts
-        .insert_hashed(name("alice"), HashedPassword::new("$test$old").unwrap())
-        .unwrap();
-    let mut sim = Sim::with_accounts(common::config(), accounts);
-    let c = sim.connect();
-    sim.take(c);
-    sim.send(c, "login alice old");
-    assert_eq!(sim.verifications.len(), 1);
+    let (mut sim, c) = checking_alice("old");
     change(
         &mut sim,
         AccountChange::CredentialChanged {
@@ -350,13 +346,7 @@ fn a_login_checked_across_a_password_change_is_refused() {
 /// record behind the removal.
 #[test]
 fn a_login_checked_across_a_removal_leaves_no_record() {
-    let mut accounts = chatproto::Accounts::new();
-    accounts
-        .insert_hashed(name("alice"), HashedPassword::new("$test$pw").unwrap())
-        .unwrap();
-    let mut sim = Sim::with_accounts(common::config(), accounts);
-    let c = sim.connect();
-    sim.send(c, "login alice pw");
+    let (mut sim, c) = checking_alice("pw");
     change(
         &mut sim,
         AccountChange::Removed {

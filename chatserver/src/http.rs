@@ -211,7 +211,11 @@ fn route_request(request: &httparse::Request<'_, '_>, config: &HttpConfig) -> An
                  Content-Length: {}\r\nCache-Control: no-store\r\n",
                 text.len()
             ),
-            body: if head { String::new() } else { text },
+            body: if head {
+                String::new()
+            } else {
+                text.to_string()
+            },
         });
     }
     let is_health = path == HEALTHZ_PATH || path == READYZ_PATH;

@@ -435,10 +435,15 @@ impl Link {
         !self.output.is_empty()
     }
 
-    /// Whether it carries protocol lines (a refused connection on a TLS
-    /// listener, waiting to be told, counts as one).
+    /// Whether it carries protocol lines.
     pub fn is_lines(&self) -> bool {
-        matches!(self.app, App::Lines | App::Refused(_))
+        matches!(self.app, App::Lines)
+    }
+
+    /// Whether it was refused at the door (on a TLS listener: it is told
+    /// why once its handshake is done, then closed).
+    pub fn is_refusing(&self) -> bool {
+        matches!(self.app, App::Refused(_))
     }
 
     /// Whether it carries WebSocket messages.

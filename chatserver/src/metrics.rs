@@ -6,12 +6,13 @@
 //! - the core's own counters ([`chatproto::ServerStats`]: logins, messages,
 //!   broadcasts, presence, errors) and state (users online, offline
 //!   queues, locked accounts), with the reactor's sockets by transport:
-//!   copied into [`Figures`] by the reactor just before it serves a
-//!   request on the metrics listener, so a scrape sees the state of its
-//!   own moment and nothing is copied while nobody scrapes;
+//!   copied into [`Figures`] by the reactor just before it reads a
+//!   request on the metrics listener (at most every 100 ms), so a scrape
+//!   sees the state of its own moment and nothing is copied while nobody
+//!   scrapes;
 //! - what only the driver sees, kept live here: `bye` frames by reason,
-//!   commit batches, and the latency histograms (password checks, commits,
-//!   event-loop turns);
+//!   connections refused at the door, commit batches by result, and the
+//!   latency histograms (password checks, commits, event-loop turns);
 //! - the process (CPU, memory, descriptors), read from `/proc` at each
 //!   scrape (Linux).
 //!
@@ -22,7 +23,7 @@
 //! a reason, an error code).
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chatproto::{ByeReason, ErrorCode, QueueSize, ServerStats};
 use prometheus_client::collector::Collector;
@@ -57,11 +58,19 @@ pub struct Metrics {
     registry: Registry,
     figures: Arc<Mutex<Figures>>,
     byes: Family<[(&'static str, &'static str); 1], Counter>,
-    commit_batches: Counter,
+    refused: Family<[(&'static str, &'static str); 1], Counter>,
+    commit_batches: Family<[(&'static str, &'static str); 1], Counter>,
     commit_seconds: Histogram,
     password_check_seconds: Histogram,
     turn_seconds: Histogram,
+    /// The text last rendered, and when: served again for
+    /// [`RENDER_REUSE`].
+    rendered: Mutex<Option<(Instant, Arc<str>)>>,
 }
+
+/// How long a rendering is served again: scrapes come every few seconds,
+/// but a hostile client may ask for many at once.
+const RENDER_REUSE: Duration = Duration::from_millis(100);
 
 /// What the reactor copies in before a scrape.
 #[derive(Clone, Debug, Default)]
@@ -78,6 +87,9 @@ pub struct Figures {
     pub locked_accounts: usize,
     /// Password checks asked for and not yet answered.
     pub pending_password_checks: usize,
+    /// The core's connections, logged in or not (`debug server`'s
+    /// `connections`).
+    pub sessions: usize,
 }
 
 /// Sockets open, by transport.
@@ -92,14 +104,28 @@ pub struct Connections {
     /// HTTP requests not (or not yet) upgraded: the page, health checks,
     /// scrapes.
     pub http: usize,
+    /// Refused at the door, being told why (on a TLS listener, once the
+    /// handshake is done).
+    pub refusing: usize,
 }
 
 impl Metrics {
     /// Every metric, at zero.
     pub fn new() -> Arc<Metrics> {
         let figures = Arc::new(Mutex::new(Figures::default()));
-        let byes = Family::default();
-        let commit_batches = Counter::default();
+        let byes: Family<[(&'static str, &'static str); 1], Counter> = Family::default();
+        let refused: Family<[(&'static str, &'static str); 1], Counter> = Family::default();
+        let commit_batches: Family<[(&'static str, &'static str); 1], Counter> = Family::default();
+        // Every series from the start, at zero: a rate over the first
+        // event, and an alert on absence, need them there before it.
+        for reason in ByeReason::ALL {
+            let _ = byes.get_or_create(&[("reason", reason.as_str())]);
+            let _ = refused.get_or_create(&[("reason", reason.as_str())]);
+        }
+        let _ = refused.get_or_create(&[("reason", SILENT)]);
+        for result in ["committed", "failed"] {
+            let _ = commit_batches.get_or_create(&[("result", result)]);
+        }
         // From 100 µs (a group commit on a local disk) to 5 s.
         let commit_seconds = Histogram::new([
             0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
@@ -118,12 +144,17 @@ impl Metrics {
         let mut registry = Registry::default();
         registry.register(
             "chatserver_byes",
-            "Connections ended with a bye frame, by reason",
+            "Sessions ended with a bye frame, by reason",
             byes.clone(),
         );
         registry.register(
+            "chatserver_connections_refused",
+            "Connections refused at the door, by reason (silent: closed without a word)",
+            refused.clone(),
+        );
+        registry.register(
             "chatserver_commit_batches",
-            "Batches of changes committed to the database (or failed)",
+            "Batches of changes answered by the database, by result",
             commit_batches.clone(),
         );
         registry.register(
@@ -147,18 +178,30 @@ impl Metrics {
             registry,
             figures,
             byes,
+            refused,
             commit_batches,
             commit_seconds,
             password_check_seconds,
             turn_seconds,
+            rendered: Mutex::new(None),
         })
     }
 
-    /// Everything, in the Prometheus text format (version 0.0.4).
-    pub fn render(&self) -> String {
+    /// Everything, in the Prometheus text format (version 0.0.4); the
+    /// same text for 100 ms.
+    pub fn render(&self) -> Arc<str> {
+        let mut rendered = self.rendered.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = Instant::now();
+        if let Some((at, text)) = rendered.as_ref() {
+            if now.saturating_duration_since(*at) < RENDER_REUSE {
+                return text.clone();
+            }
+        }
         let mut text = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry);
+        let text: Arc<str> = text.into();
+        *rendered = Some((now, text.clone()));
         text
     }
 
@@ -167,16 +210,27 @@ impl Metrics {
         *self.figures.lock().unwrap_or_else(PoisonError::into_inner) = figures;
     }
 
-    /// A `bye` went out (or a refusal in its place).
+    /// A session was ended with a `bye`.
     pub fn count_bye(&self, reason: ByeReason) {
         self.byes
             .get_or_create(&[("reason", reason.as_str())])
             .inc();
     }
 
-    /// A batch was answered, `took` after it went to the storage thread.
-    pub fn observe_commit(&self, took: Duration) {
-        self.commit_batches.inc();
+    /// A connection was refused at the door: told `reason` (its `bye`, or
+    /// a 503 on an HTTP listener), or closed without a word (`None`).
+    pub fn count_refused(&self, reason: Option<ByeReason>) {
+        let reason = reason.map_or(SILENT, ByeReason::as_str);
+        self.refused.get_or_create(&[("reason", reason)]).inc();
+    }
+
+    /// A batch was answered (`committed` or not), `took` after it went to
+    /// the storage thread.
+    pub fn observe_commit(&self, took: Duration, committed: bool) {
+        let result = if committed { "committed" } else { "failed" };
+        self.commit_batches
+            .get_or_create(&[("result", result)])
+            .inc();
         self.commit_seconds.observe(took.as_secs_f64());
     }
 
@@ -190,6 +244,9 @@ impl Metrics {
         self.turn_seconds.observe(took.as_secs_f64());
     }
 }
+
+/// The `reason` of a refusal without a word.
+const SILENT: &str = "silent";
 
 /// Renders [`Figures`] at each scrape.
 #[derive(Debug)]
@@ -214,7 +271,14 @@ impl Collector for FiguresCollector {
                 ("tls", c.tls),
                 ("websocket", c.websocket),
                 ("http", c.http),
+                ("refusing", c.refusing),
             ],
+        )?;
+        gauge(
+            &mut encoder,
+            "chatserver_sessions",
+            "The core's connections, logged in or not (debug server's connections)",
+            f.sessions,
         )?;
         gauge(
             &mut encoder,
@@ -272,8 +336,11 @@ impl Collector for FiguresCollector {
             "Presence frames handed to this server's users",
             stats.presence_frames,
         )?;
-        let errors: Vec<(&'static str, u64)> =
-            stats.errors().map(|(code, n)| (code.as_str(), n)).collect();
+        // Every code, seen or not, so each series exists from the start.
+        let errors: Vec<(&'static str, u64)> = ErrorCode::ALL
+            .into_iter()
+            .map(|code| (code.as_str(), stats.error_count(code)))
+            .collect();
         counters(
             &mut encoder,
             "chatserver_errors",

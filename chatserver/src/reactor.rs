@@ -153,8 +153,17 @@ const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 /// The listeners' poller keys count down from here; sockets use their
 /// slab index.
 const LISTENER_KEY: usize = usize::MAX - 1;
-/// At most this many listeners (plaintext and TLS).
-const MAX_LISTENERS: usize = 4;
+/// At most this many listeners (lines, TLS, HTTP, metrics, and room).
+const MAX_LISTENERS: usize = 8;
+/// Sockets of the metrics listener open at once, at most: it is kept out
+/// of the chat's connection limits (a full server must still answer its
+/// scrapes and health checks), so it has a small limit of its own; past
+/// it a new one is closed at once.
+const MAX_METRICS_SOCKETS: usize = 16;
+/// The figures `/metrics` reports are copied from the core at most this
+/// often (and the text rendered as often): a scraper that trickles its
+/// request a byte at a time costs no more than one that does not.
+const METRICS_REFRESH: Duration = Duration::from_millis(100);
 
 /// A listening socket, the TLS its connections speak, if any, and whether
 /// it serves HTTP (the chat page and WebSocket) rather than lines.
@@ -284,6 +293,10 @@ pub struct Reactor {
     instant: Instant,
     /// Runs password checks off this thread.
     verifier: Verifier,
+    /// Sockets of the metrics listener open.
+    metrics_sockets: usize,
+    /// When the figures of `/metrics` were last copied in.
+    metrics_refreshed: Option<Instant>,
     /// With `--metrics`: when each check in flight was asked for.
     checks_started: HashMap<VerifyTicket, Instant>,
     /// With `--metrics`: when each batch in flight went to storage.
@@ -428,7 +441,13 @@ impl Reactor {
             poller.clone(),
         )?;
         let mut listening = Vec::new();
-        for (i, listener) in listeners.into_iter().take(MAX_LISTENERS).enumerate() {
+        if listeners.len() > MAX_LISTENERS {
+            return Err(io::Error::other(format!(
+                "{} listeners: at most {MAX_LISTENERS}",
+                listeners.len()
+            )));
+        }
+        for (i, listener) in listeners.into_iter().enumerate() {
             listener.socket.set_nonblocking(true)?;
             listening.push(Listening {
                 socket: Registered::new(
@@ -488,6 +507,8 @@ impl Reactor {
             verifier,
             checks_started: HashMap::new(),
             commits_started: HashMap::new(),
+            metrics_sockets: 0,
+            metrics_refreshed: None,
         })
     }
 
@@ -647,7 +668,10 @@ impl Reactor {
                     if let (Some(metrics), Some(started)) =
                         (&self.config.metrics, self.commits_started.remove(&batch))
                     {
-                        metrics.observe_commit(self.instant.saturating_duration_since(started));
+                        metrics.observe_commit(
+                            self.instant.saturating_duration_since(started),
+                            result.is_ok(),
+                        );
                     }
                     let outcome = match result {
                         Ok(_) => Persisted::Committed,
@@ -850,14 +874,26 @@ impl Reactor {
         }
     }
 
-    /// Copies what `/metrics` reports from the core and the sockets.
-    fn refresh_metrics(&self) {
+    /// Copies what `/metrics` reports from the core and the sockets (at
+    /// most every [`METRICS_REFRESH`]).
+    fn refresh_metrics(&mut self) {
         let Some(metrics) = &self.config.metrics else {
             return;
         };
+        if self
+            .metrics_refreshed
+            .is_some_and(|at| self.instant.saturating_duration_since(at) < METRICS_REFRESH)
+        {
+            return;
+        }
+        self.metrics_refreshed = Some(self.instant);
         let mut connections = Connections::default();
         for socket in self.sockets.iter().flatten() {
             let link = &socket.link;
+            if link.is_refusing() {
+                connections.refusing += 1;
+                continue;
+            }
             let count = if link.is_websocket() {
                 &mut connections.websocket
             } else if !link.is_lines() {
@@ -876,7 +912,8 @@ impl Reactor {
             users_online: debug.users_online,
             offline: self.core.queued_offline(),
             locked_accounts: debug.locked_accounts,
-            pending_password_checks: self.checks_started.len(),
+            pending_password_checks: self.core.pending_password_checks(),
+            sessions: debug.connections,
         });
     }
 
@@ -1007,7 +1044,7 @@ impl Reactor {
                     password,
                 } => {
                     if self.config.metrics.is_some() {
-                        self.checks_started.insert(ticket, self.instant);
+                        self.checks_started.insert(ticket, Instant::now());
                     }
                     self.verifier.submit(ticket, peer, hash, password);
                 }
@@ -1024,7 +1061,7 @@ impl Reactor {
                 Output::Persist { batch, changes } => match self.storage.as_mut() {
                     Some(storage) => {
                         if self.config.metrics.is_some() {
-                            self.commits_started.insert(batch, self.instant);
+                            self.commits_started.insert(batch, Instant::now());
                         }
                         storage.persist(batch, changes);
                     }
@@ -1100,14 +1137,28 @@ impl Reactor {
         http: Option<Arc<HttpConfig>>,
     ) {
         let now = self.now();
-        let verdict = self
-            .admission
-            .judge(peer, tls.is_some(), self.core.users_online(), now);
+        let scrapes = http.as_ref().is_some_and(|config| config.metrics.is_some());
+        let verdict = if scrapes {
+            // Apart from the chat's limits, under its own.
+            if self.metrics_sockets >= MAX_METRICS_SOCKETS {
+                Verdict::Close
+            } else {
+                Verdict::Accept
+            }
+        } else {
+            self.admission
+                .judge(peer, tls.is_some(), self.core.users_online(), now)
+        };
         let transport = match verdict {
-            Verdict::Close => return,
+            Verdict::Close => {
+                if let Some(metrics) = &self.config.metrics {
+                    metrics.count_refused(None);
+                }
+                return;
+            }
             Verdict::Refuse(reason) => {
                 if let Some(metrics) = &self.config.metrics {
-                    metrics.count_bye(reason);
+                    metrics.count_refused(Some(reason));
                 }
                 let refusal = Refusal::new(reason, self.core.refusal(reason), http.is_some());
                 if tls.is_none() {
@@ -1122,7 +1173,6 @@ impl Reactor {
             },
         };
         let lines = matches!(transport, Transport::Lines);
-        let scrapes = matches!(&transport, Transport::Http(config) if config.metrics.is_some());
         if let Err(e) = stream
             .set_nonblocking(true)
             .and_then(|()| configure_socket(&stream, &self.config.limits))
@@ -1157,7 +1207,11 @@ impl Reactor {
             }
         };
         // Counted from here on; `remove` uncounts it.
-        self.admission.opened(peer);
+        if scrapes {
+            self.metrics_sockets += 1;
+        } else {
+            self.admission.opened(peer);
+        }
         let socket = Socket {
             stream,
             peer,
@@ -1505,7 +1559,11 @@ impl Reactor {
             }
         }
         debug!(peer = %socket.peer, "socket closed");
-        self.admission.closed(socket.peer);
+        if socket.scrapes {
+            self.metrics_sockets -= 1;
+        } else {
+            self.admission.closed(socket.peer);
+        }
         self.free_keys.push(key);
     }
 

@@ -170,7 +170,18 @@ fn metrics_follow_a_scripted_session() {
     assert_eq!(value("chatserver_offline_bytes"), 10.0);
     assert_eq!(value("chatserver_password_checks_pending"), 0.0);
     assert!(value("chatserver_event_loop_turn_duration_seconds_count") > 0.0);
-    assert!(value("chatserver_commit_batches_total") > 0.0);
+    assert!(value(r#"chatserver_commit_batches_total{result="committed"}"#) > 0.0);
+    assert_eq!(
+        value(r#"chatserver_commit_batches_total{result="failed"}"#),
+        0.0
+    );
+    // Every series is there from the start, at zero until it happens.
+    assert_eq!(value(r#"chatserver_byes_total{reason="flood"}"#), 0.0);
+    assert_eq!(value(r#"chatserver_errors_total{code="forbidden"}"#), 0.0);
+    assert_eq!(
+        value(r#"chatserver_connections_refused_total{reason="server_full"}"#),
+        0.0
+    );
     assert!(value(r#"chatserver_commit_duration_seconds_bucket{le="+Inf"}"#) > 0.0);
     assert!(value("process_resident_memory_bytes") > 0.0);
     assert!(value("process_open_fds") > 0.0);
@@ -187,6 +198,10 @@ fn metrics_follow_a_scripted_session() {
     assert_eq!(
         debug["locked_accounts"].as_f64(),
         Some(value("chatserver_locked_accounts"))
+    );
+    assert_eq!(
+        debug["connections"].as_f64(),
+        Some(value("chatserver_sessions"))
     );
     // No label carries a user name.
     for line in text.lines().filter(|l| !l.starts_with('#')) {
@@ -227,4 +242,36 @@ fn the_metrics_listener_serves_metrics_and_health_only() {
     let page = server.http_addr();
     assert_eq!(get(page, "/metrics").0, 404);
     assert_eq!(get(page, "/healthz").0, 200);
+}
+
+/// The metrics listener is kept out of the chat's connection limits: a
+/// full server still answers its scrapes and health checks, and counts
+/// the chat connections it refuses.
+#[test]
+fn a_full_server_still_answers_on_the_metrics_listener() {
+    let server = TestServer::start(&["--max-connections", "2", "--metrics", "127.0.0.1:0"]);
+    let addr = metrics_addr(&server);
+    let _a = server.connect();
+    let _b = server.connect();
+    // The third is refused.
+    let mut c = std::net::TcpStream::connect(server.addr).unwrap();
+    c.set_read_timeout(Some(common::TIMEOUT)).unwrap();
+    let mut refusal = String::new();
+    std::io::Read::read_to_string(&mut c, &mut refusal).unwrap();
+    assert!(refusal.contains("server_full"), "{refusal}");
+    for _ in 0..3 {
+        assert_eq!(get(addr, "/healthz").0, 200);
+    }
+    let started = std::time::Instant::now();
+    loop {
+        let (status, text) = get(addr, "/metrics");
+        assert_eq!(status, 200, "{text}");
+        let refused =
+            samples(&text)[r#"chatserver_connections_refused_total{reason="server_full"}"#];
+        if refused == 1.0 {
+            break;
+        }
+        assert!(started.elapsed() < common::TIMEOUT, "{text}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

@@ -9,6 +9,7 @@ use crate::ids::ConnId;
 use crate::output::{Event, Output};
 use crate::server_frame::ByeReason;
 use crate::server_frame::{BroadcastFrame, ServerFrame};
+use crate::stats::Tally;
 use crate::time::Timestamp;
 use crate::username::Username;
 
@@ -296,6 +297,7 @@ impl Server {
     ) -> (usize, usize) {
         // One encoding, shared by every recipient.
         let frame = frame.encode();
+        let in_unit = self.unit_depth > 0 && self.ledger.enabled();
         let blockers = self.hub.blocks.blockers_of(sender);
         let (mut delivered, mut skipped) = (0, 0);
         for &user in self.hub.presence.online() {
@@ -307,6 +309,13 @@ impl Server {
                 continue;
             }
             if let Some(their_conn) = self.hub.presence.session(user) {
+                // (`tally`, with the fields apart from `blockers`.)
+                if in_unit {
+                    self.unit_tallies
+                        .push((self.outputs.len(), Tally::BroadcastDelivery));
+                } else {
+                    self.stats.count(Tally::BroadcastDelivery);
+                }
                 let drains = Drains {
                     sessions: &mut self.sessions,
                     closing: &mut self.closing_drains,
@@ -324,7 +333,6 @@ impl Server {
                 delivered += 1;
             }
         }
-        self.stats.broadcast_deliveries += delivered as u64;
         (delivered, skipped)
     }
 

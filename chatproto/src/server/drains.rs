@@ -168,6 +168,7 @@ impl Server {
                     first_page: false,
                     output,
                     kind: Kind::Page,
+                    tally: None,
                 };
                 self.ledger.hold(conn, held);
             }

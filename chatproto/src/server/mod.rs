@@ -28,7 +28,7 @@ use crate::rate_limit::TokenBucket;
 use crate::request::Request;
 use crate::routes::MAX_IN_FLIGHT;
 use crate::server_frame::{ByeReason, DebugState, ServerFrame};
-use crate::stats::ServerStats;
+use crate::stats::{ServerStats, Tally};
 use crate::store::{Change, LastSeen, Snapshot};
 use crate::time::Timestamp;
 use crate::username::Username;
@@ -121,6 +121,8 @@ impl Server {
             closing_drains: HashMap::new(),
             closing_deadlines: BTreeSet::new(),
             stats: ServerStats::default(),
+            unit_tallies: Vec::new(),
+            login_refusal: None,
             config,
         };
         let summary = server.restore(snapshot, now);
@@ -706,13 +708,18 @@ impl Server {
         let sessions = &mut self.sessions;
         let closing = &mut self.closing_drains;
         let draining = self.draining;
-        let release = |output: Output, kind: Kind| {
+        let stats = &mut self.stats;
+        let release = |output: Output, kind: Kind, tally: Option<Tally>| {
             let drains = Drains {
                 sessions: &mut *sessions,
                 closing: &mut *closing,
                 draining,
             };
-            release_into(outputs, drains, output, kind)
+            if release_into(outputs, drains, output, kind) {
+                if let Some(tally) = tally {
+                    stats.count(tally);
+                }
+            }
         };
         match outcome {
             Persisted::Committed => {
@@ -724,19 +731,11 @@ impl Server {
             Persisted::Failed => {
                 // Every notice waiting was for the batches undone now.
                 self.hub.queued_notices.clear();
-                let answers_undone = std::cell::Cell::new(0);
-                let unavailable = |conn, id| {
-                    answers_undone.set(answers_undone.get() + 1);
-                    Output::Transmit {
-                        conn,
-                        frame: error_frame(id, &RequestError::Unavailable),
-                    }
+                let unavailable = |conn, id| Output::Transmit {
+                    conn,
+                    frame: error_frame(id, &RequestError::Unavailable),
                 };
-                let failure = self.ledger.failed(batch, unavailable, release);
-                for _ in 0..answers_undone.get() {
-                    self.stats.count_error(crate::error::ErrorCode::Unavailable);
-                }
-                let Some(failure) = failure else {
+                let Some(failure) = self.ledger.failed(batch, unavailable, release) else {
                     return;
                 };
                 let mut undone_sessions = HashSet::new();
@@ -988,6 +987,12 @@ impl Server {
     /// presence frames and errors, counted for metrics.
     pub fn stats(&self) -> &ServerStats {
         &self.stats
+    }
+
+    /// Password checks asked for ([`Output::VerifyPassword`]) and not yet
+    /// answered.
+    pub fn pending_password_checks(&self) -> usize {
+        self.hub.verifications.len()
     }
 
     /// What the offline queues hold now, all users together.
@@ -1274,7 +1279,10 @@ impl Server {
         for slot in &c.routes {
             if let Some((to, message)) = slot.answer.as_ref().and_then(|a| a.store.clone()) {
                 let name = self.hub.accounts.name(to).clone();
-                let _ = self.queue_offline(to, &name, message);
+                if self.queue_offline(to, &name, message).is_ok() {
+                    // No answer to count it by: counted here.
+                    self.stats.count(Tally::MessageStored);
+                }
             }
         }
         if let Some(user) = c.user {

@@ -15,6 +15,7 @@ use crate::ids::ConnId;
 use crate::output::{Event, Output};
 use crate::request::RequestId;
 use crate::server_frame::{ErrorFrame, OkFrame, Reply, ServerFrame, PROTOCOL_VERSION};
+use crate::stats::Tally;
 use crate::time::Timestamp;
 use crate::username::Username;
 
@@ -54,6 +55,17 @@ impl Server {
         }
     }
 
+    /// Notes what the next output counts for in the stats: counted when
+    /// it goes out (at once, unless it may wait for a batch).
+    #[inline]
+    pub(super) fn tally(&mut self, tally: Tally) {
+        if self.unit_depth > 0 && self.ledger.enabled() {
+            self.unit_tallies.push((self.outputs.len(), tally));
+        } else {
+            self.stats.count(tally);
+        }
+    }
+
     pub(super) fn send_hello(&mut self, conn: ConnId, session: uuid::Uuid) {
         self.send(
             conn,
@@ -70,7 +82,12 @@ impl Server {
         id: Option<RequestId>,
         error: &RequestError,
     ) {
-        self.stats.count_error(error.code());
+        let code = error.code();
+        let tally = match self.login_refusal.take() {
+            Some(refused) if refused == code => Tally::LoginRefused(code),
+            _ => Tally::Error(code),
+        };
+        self.tally(tally);
         self.transmit(conn, error_frame(id, error));
     }
 
@@ -147,6 +164,9 @@ impl Server {
                 }));
         if fast {
             self.unit_kinds.clear();
+            for (_, tally) in self.unit_tallies.drain(..) {
+                self.stats.count(tally);
+            }
             // (Without durability, frames were counted as they were queued.)
             let counted = !self.ledger.enabled();
             if !counted && (self.draining > 0 || !self.closing_drains.is_empty()) {
@@ -165,8 +185,12 @@ impl Server {
         }
         let tail: Vec<Output> = self.outputs.drain(mark..).collect();
         let mut kinds = std::mem::take(&mut self.unit_kinds).into_iter().peekable();
+        let mut tallies = std::mem::take(&mut self.unit_tallies)
+            .into_iter()
+            .peekable();
         for (at, output) in (mark..).zip(tail) {
             let noted = kinds.next_if(|&(i, _)| i == at).map(|(_, kind)| kind);
+            let tally = tallies.next_if(|&(i, _)| i == at).map(|(_, t)| t);
             let claimant = match &output {
                 Output::ClaimSession { claim, .. } => self.hub.claims.get(claim).map(|p| p.conn),
                 _ => None,
@@ -194,6 +218,7 @@ impl Server {
                         first_page,
                         output,
                         kind,
+                        tally,
                     },
                 );
             } else {
@@ -203,6 +228,9 @@ impl Server {
                     draining: self.draining,
                 };
                 release_into(&mut self.outputs, drains, output, Kind::Caused);
+                if let Some(tally) = tally {
+                    self.stats.count(tally);
+                }
             }
         }
     }
@@ -292,13 +320,18 @@ impl Server {
         let sessions = &mut self.sessions;
         let closing = &mut self.closing_drains;
         let draining = self.draining;
-        self.ledger.release(|output, kind| {
+        let stats = &mut self.stats;
+        self.ledger.release(|output, kind, tally| {
             let drains = Drains {
                 sessions: &mut *sessions,
                 closing: &mut *closing,
                 draining,
             };
-            release_into(outputs, drains, output, kind);
+            if release_into(outputs, drains, output, kind) {
+                if let Some(tally) = tally {
+                    stats.count(tally);
+                }
+            }
         });
     }
 }
@@ -328,14 +361,15 @@ pub(super) fn queue_frame(
 }
 
 /// Puts a settled output in the queue the driver polls, numbering it in
-/// its connection's drain if one is in progress.
+/// its connection's drain if one is in progress; false if it was dropped
+/// instead (a page for a connection whose drain ended).
 #[inline]
 pub(super) fn release_into(
     outputs: &mut VecDeque<Output>,
     drains: Drains<'_>,
     output: Output,
     kind: Kind,
-) {
+) -> bool {
     if let Output::Transmit { conn, .. } = &output {
         if kind == Kind::Page {
             // The connection may have closed while the page was held (its
@@ -349,13 +383,14 @@ pub(super) fn release_into(
             };
             match drain {
                 Some(drain) => drain.number_held_frame(),
-                None => return,
+                None => return false,
             }
         } else {
             count_frame(drains, *conn);
         }
     }
     outputs.push_back(output);
+    true
 }
 
 /// The encoded `error` frame for request `id`.

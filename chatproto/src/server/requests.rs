@@ -17,6 +17,7 @@ use crate::routes::Route;
 use crate::server_frame::{
     BroadcastFrame, ByeReason, CommandUsage, MessageFrame, PresenceFrame, Reply, ServerFrame,
 };
+use crate::stats::Tally;
 use crate::store::Change;
 use crate::text::MessageText;
 use crate::time::{seconds_until, Timestamp};
@@ -387,7 +388,7 @@ impl Server {
             },
             &[Key::User(user), Key::Online],
         );
-        self.stats.logins_ok += 1;
+        self.tally(Tally::LoginOk);
         self.reply(
             conn,
             id,
@@ -415,7 +416,7 @@ impl Server {
         name: &Username,
         error: RequestError,
     ) -> Result<(), RequestError> {
-        self.stats.count_login_refusal(error.code());
+        self.login_refusal = Some(error.code());
         self.event(Event::LoginRefused {
             conn,
             user: name.clone(),
@@ -531,11 +532,11 @@ impl Server {
         to: Username,
         stored: bool,
     ) {
-        if stored {
-            self.stats.messages_stored += 1;
+        self.tally(if stored {
+            Tally::MessageStored
         } else {
-            self.stats.messages_delivered += 1;
-        }
+            Tally::MessageDelivered
+        });
         let text = if stored {
             format!("{to} is offline: the message will be delivered when they log in")
         } else {
@@ -562,7 +563,6 @@ impl Server {
             text: text.clone(),
             sent_at: now,
         });
-        self.stats.broadcasts += 1;
         let (mut delivered, mut skipped) = self.deliver_broadcast(me, &frame);
         if self.node().is_some() {
             // The other nodes' users: counted here from the directory, as
@@ -590,6 +590,7 @@ impl Server {
                 count(skipped, "recipient")
             );
         }
+        self.tally(Tally::Broadcast);
         self.reply(conn, id, Reply::Broadcast { delivered, skipped }, text);
     }
 
@@ -703,12 +704,20 @@ impl Server {
             online,
         })
         .encode();
+        let in_unit = self.unit_depth > 0 && self.ledger.enabled();
         let blocked = self.hub.blocks.targets_of(user);
         for &other in self.hub.presence.online() {
             if other == user || blocked.contains(&other) {
                 continue;
             }
             if let Some(conn) = self.hub.presence.session(other) {
+                // (`tally`, with the fields apart from `blocked`.)
+                if in_unit {
+                    self.unit_tallies
+                        .push((self.outputs.len(), Tally::Presence));
+                } else {
+                    self.stats.count(Tally::Presence);
+                }
                 let drains = Drains {
                     sessions: &mut self.sessions,
                     closing: &mut self.closing_drains,
@@ -716,7 +725,6 @@ impl Server {
                 };
                 let frame = frame.clone();
                 queue_frame(&mut self.outputs, drains, &self.ledger, true, conn, frame);
-                self.stats.presence_frames += 1;
             }
         }
     }

@@ -15,6 +15,7 @@ use crate::ids::ConnId;
 use crate::offline::{OfflineMessage, QueueSize};
 use crate::routes::{InFlight, Route, RouteAnswer, MAX_ATTEMPTS};
 use crate::server_frame::{MessageFrame, ServerFrame};
+use crate::stats::Tally;
 use crate::text::MessageText;
 use crate::time::Timestamp;
 use crate::username::Username;
@@ -151,8 +152,11 @@ impl Server {
             .and_then(|c| c.routes.iter_mut().find(|r| r.number == number));
         let Some(slot) = slot else {
             // closed meanwhile: nobody to answer, but stored all the same
+            // (and counted, with no answer to count it by)
             if let Some((to, message)) = store {
-                let _ = self.queue_offline(to, &route.to_name, message);
+                if self.queue_offline(to, &route.to_name, message).is_ok() {
+                    self.stats.count(Tally::MessageStored);
+                }
             }
             return;
         };

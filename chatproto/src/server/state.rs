@@ -11,7 +11,7 @@ use crate::drain::Drain;
 use crate::durability::{Kind, Ledger};
 use crate::ids::ConnId;
 use crate::output::Output;
-use crate::stats::ServerStats;
+use crate::stats::{ServerStats, Tally};
 use crate::time::Timestamp;
 
 use super::config::ServerConfig;
@@ -66,4 +66,10 @@ pub struct Server {
     pub(super) closing_deadlines: BTreeSet<(Timestamp, ConnId)>,
     /// What was done since the start, for metrics.
     pub(super) stats: ServerStats,
+    /// What the outputs of the unit of work being served count for, by
+    /// position in `outputs`: counted as they go out.
+    pub(super) unit_tallies: Vec<(usize, Tally)>,
+    /// A login refusal's code, between `refuse_login` and the error frame
+    /// that answers it.
+    pub(super) login_refusal: Option<crate::error::ErrorCode>,
 }
