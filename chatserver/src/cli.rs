@@ -298,7 +298,8 @@ pub struct Args {
 const AFTER_HELP: &str = "\
 `chatserver hash-password` reads a password (without echo on a terminal, or
 one line of standard input) and prints its Argon2id hash for the credentials
-file.
+file. `chatserver user add|passwd|remove|list` edits that file; SIGHUP makes
+a running server reload it (SIGINT or SIGTERM stop it).
 
 Connect with the reference client (`chatcli 127.0.0.1:4000`) or any line-based
 tool (`nc 127.0.0.1 4000`), then type `login alice wonderland` with the demo
