@@ -309,12 +309,11 @@ impl Server {
                 continue;
             }
             if let Some(their_conn) = self.hub.presence.session(user) {
-                // (`tally`, with the fields apart from `blockers`.)
+                // (`tally`, with the fields apart from `blockers`; outside
+                // a durable unit, counted once below.)
                 if in_unit {
                     self.unit_tallies
                         .push((self.outputs.len(), Tally::BroadcastDelivery));
-                } else {
-                    self.stats.count(Tally::BroadcastDelivery);
                 }
                 let drains = Drains {
                     sessions: &mut self.sessions,
@@ -332,6 +331,9 @@ impl Server {
                 );
                 delivered += 1;
             }
+        }
+        if !in_unit {
+            self.stats.broadcast_deliveries += delivered as u64;
         }
         (delivered, skipped)
     }

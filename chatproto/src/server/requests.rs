@@ -705,18 +705,20 @@ impl Server {
         })
         .encode();
         let in_unit = self.unit_depth > 0 && self.ledger.enabled();
+        let mut sent = 0;
         let blocked = self.hub.blocks.targets_of(user);
         for &other in self.hub.presence.online() {
             if other == user || blocked.contains(&other) {
                 continue;
             }
             if let Some(conn) = self.hub.presence.session(other) {
-                // (`tally`, with the fields apart from `blocked`.)
+                // (`tally`, with the fields apart from `blocked`; outside
+                // a durable unit, counted once below.)
                 if in_unit {
                     self.unit_tallies
                         .push((self.outputs.len(), Tally::Presence));
                 } else {
-                    self.stats.count(Tally::Presence);
+                    sent += 1;
                 }
                 let drains = Drains {
                     sessions: &mut self.sessions,
@@ -727,6 +729,7 @@ impl Server {
                 queue_frame(&mut self.outputs, drains, &self.ledger, true, conn, frame);
             }
         }
+        self.stats.presence_frames += sent;
     }
 }
 
