@@ -931,8 +931,25 @@ impl Reactor {
             warn!("credentials reload ignored: the server is stopping");
             return;
         }
+        let changes = self.core.accounts().changes_to(&accounts);
+        let removals = changes
+            .iter()
+            .filter(|c| matches!(c, AccountChange::Removed { .. }))
+            .count();
+        let held = self.core.accounts().len();
+        if held > 2 && removals * 2 > held {
+            // A file cut short by mistake (`>` for `>>`) would delete most
+            // users' queues and blocks at once: a restart applies such a
+            // file and deletes nothing.
+            error!(
+                removals,
+                accounts = held,
+                "credentials reload refused: it would remove more than half of the accounts, and what they have stored; if that is meant, restart the server with the new file (a restart deletes nothing)"
+            );
+            return;
+        }
         let (mut added, mut changed, mut removed) = (0usize, 0usize, 0usize);
-        for change in self.core.accounts().changes_to(&accounts) {
+        for change in changes {
             match &change {
                 AccountChange::Added { .. } => added += 1,
                 AccountChange::CredentialChanged { .. } => changed += 1,

@@ -289,7 +289,7 @@ pub fn serve(settings: Settings) -> Result<(), ServeError> {
         if restored.skipped > 0 {
             warn!(
                 skipped = restored.skipped,
-                "the database names users the credentials file does not have; their entries are kept in the file but not used"
+                "the database names users the credentials file does not have; their entries are kept, unused: they come back if the accounts are in the file at a later start, but an account of such a name added by a reload (SIGHUP) starts empty and its old entries are deleted"
             );
         }
     }

@@ -142,6 +142,13 @@ fn user_commands_reload_a_running_server() {
     );
     assert_eq!(login_answer(&server, "carol", "new-pw")["type"], "ok");
 
+    // A file cut short by mistake (one account left of six) is refused:
+    // it would delete most users' stored state at once.
+    std::fs::write(&credentials, "alice pw-alice\n").unwrap();
+    server.signal("HUP");
+    wait_for_lines(&server, "credentials reload refused", 1);
+    assert_eq!(login_answer(&server, "carol", "new-pw")["type"], "ok");
+
     // A clean stop removes the pid file.
     server.signal("TERM");
     assert!(server.wait_exit().success());

@@ -5,7 +5,11 @@
 //! A server alone tells storage at once ([`Change::AccountRemoved`]), and
 //! again when a name is added, so that nothing an earlier account of that
 //! name left behind (removed while the server was down, or by a removal
-//! whose batch never committed) comes back to the new one. A cluster node
+//! whose batch never committed) comes back to the new one: the core holds
+//! nothing of it in memory, and a new account must not find it in storage
+//! later. (A name missing from the file a server starts with keeps its
+//! stored state until then, and gets it back if it is in the file at a
+//! later start.) A cluster node
 //! waits until its accounts agree with most nodes' before it deletes what
 //! the nodes share: one node reloaded with a mistaken file forgets the
 //! account in memory, but the cluster's stored queues and blocks stay
