@@ -168,20 +168,7 @@ impl Accounts {
         name: Username,
         credential: Credential,
     ) -> Result<(), DuplicateAccount> {
-        if self.by_name.contains_key(&name) {
-            return Err(DuplicateAccount(name));
-        }
-        if let (None, Credential::Hashed(hash)) = (&self.decoy, &credential) {
-            self.decoy = Some(hash.clone());
-        }
-        let id = UserId(u32::try_from(self.entries.len()).expect("fewer than 2^32 accounts"));
-        self.by_name.insert(name.clone(), id);
-        self.entries.push(Account {
-            name,
-            credential,
-            removed: false,
-        });
-        Ok(())
+        self.add(name, credential).map(|_| ())
     }
 
     /// The changes that turn these accounts into `new`: removals first,
@@ -215,19 +202,14 @@ impl Accounts {
     /// Applies `change`; the account it touches.
     pub(crate) fn apply(&mut self, change: AccountChange) -> Result<UserId, AccountChangeError> {
         match change {
-            AccountChange::Added { name, credential } => {
-                let id = UserId(self.entries.len() as u32);
-                self.insert_credential(name, credential)
-                    .map_err(|DuplicateAccount(name)| AccountChangeError::Exists(name))?;
-                Ok(id)
-            }
+            AccountChange::Added { name, credential } => self
+                .add(name, credential)
+                .map_err(|DuplicateAccount(name)| AccountChangeError::Exists(name)),
             AccountChange::CredentialChanged { name, credential } => {
                 let id = self
                     .id(name.as_str())
                     .ok_or(AccountChangeError::Unknown(name))?;
-                if let (None, Credential::Hashed(hash)) = (&self.decoy, &credential) {
-                    self.decoy = Some(hash.clone());
-                }
+                self.note_decoy(&credential);
                 self.entries[id.index()].credential = credential;
                 Ok(id)
             }
@@ -283,6 +265,29 @@ impl Accounts {
     /// Whether `id` is an account held now (not removed).
     pub(crate) fn is_held(&self, id: UserId) -> bool {
         !self.entries[id.index()].removed
+    }
+
+    /// Adds an account under a new number.
+    fn add(&mut self, name: Username, credential: Credential) -> Result<UserId, DuplicateAccount> {
+        if self.by_name.contains_key(&name) {
+            return Err(DuplicateAccount(name));
+        }
+        self.note_decoy(&credential);
+        let id = UserId(u32::try_from(self.entries.len()).expect("fewer than 2^32 accounts"));
+        self.by_name.insert(name.clone(), id);
+        self.entries.push(Account {
+            name,
+            credential,
+            removed: false,
+        });
+        Ok(id)
+    }
+
+    /// The first hash seen becomes the decoy.
+    fn note_decoy(&mut self, credential: &Credential) {
+        if let (None, Credential::Hashed(hash)) = (&self.decoy, credential) {
+            self.decoy = Some(hash.clone());
+        }
     }
 
     /// How many slots per-user tables need: one per account ever held.

@@ -273,19 +273,16 @@ impl Lockout {
     }
 
     /// Deletes `name`'s failed-login record: its account was removed.
-    /// Whether there was one.
-    pub(crate) fn clear_record(&mut self, name: &Username, now: Timestamp) -> bool {
+    pub(crate) fn clear_record(&mut self, name: &Username, now: Timestamp) {
         let Some(entry) = self.entries.get_mut(name.as_str()) else {
-            return false;
+            return;
         };
         if entry.known && entry.state.locked_until.is_some() {
             self.locked_known -= 1;
         }
-        let had_record = !entry.state.is_empty();
         entry.state = LockoutState::default();
         entry.known = false;
         self.reschedule(name, now, None);
-        had_record
     }
 
     /// Forgets every entry due by `now`: counts expired, locks ended,

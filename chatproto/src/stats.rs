@@ -64,6 +64,11 @@ impl ServerStats {
         self.errors.iter().map(|(&code, &n)| (code, n))
     }
 
+    /// Logins refused with `code`.
+    pub fn login_refusal_count(&self, code: ErrorCode) -> u64 {
+        self.login_refusals.get(&code).copied().unwrap_or(0)
+    }
+
     /// Error frames sent with `code`.
     pub fn error_count(&self, code: ErrorCode) -> u64 {
         self.errors.get(&code).copied().unwrap_or(0)

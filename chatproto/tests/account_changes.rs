@@ -16,6 +16,18 @@ fn name(n: &str) -> Username {
     n.parse().unwrap()
 }
 
+/// A new account with a plaintext password.
+fn added(user: &str, password: &str) -> AccountChange {
+    AccountChange::Added {
+        name: name(user),
+        credential: plain(password),
+    }
+}
+
+fn removed(user: &str) -> AccountChange {
+    AccountChange::Removed { name: name(user) }
+}
+
 fn plain(password: &str) -> Credential {
     Credential::Plain(password.parse().unwrap())
 }
@@ -49,14 +61,7 @@ fn a_new_account_logs_in_at_once_and_a_duplicate_is_refused() {
         sim.code(c, "login zoe pw-zoe"),
         ErrorCode::InvalidCredentials
     );
-    change(
-        &mut sim,
-        AccountChange::Added {
-            name: name("zoe"),
-            credential: plain("pw-zoe"),
-        },
-    )
-    .unwrap();
+    change(&mut sim, added("zoe", "pw-zoe")).unwrap();
     let ok = sim.ok(c, "login zoe pw-zoe");
     assert_eq!(ok.reply, Reply::Login { user: name("zoe") });
     // Everyone's per-user state has room for her.
@@ -64,13 +69,7 @@ fn a_new_account_logs_in_at_once_and_a_duplicate_is_refused() {
     sim.ok(alice, "block zoe");
     sim.ok(alice, "message zoe hello");
     assert_eq!(
-        change(
-            &mut sim,
-            AccountChange::Added {
-                name: name("zoe"),
-                credential: plain("other"),
-            },
-        ),
+        change(&mut sim, added("zoe", "other"),),
         Err(AccountChangeError::Exists(name("zoe")))
     );
     assert_eq!(
@@ -84,12 +83,7 @@ fn a_new_account_logs_in_at_once_and_a_duplicate_is_refused() {
         Err(AccountChangeError::Unknown(name("nobody")))
     );
     assert_eq!(
-        change(
-            &mut sim,
-            AccountChange::Removed {
-                name: name("nobody")
-            }
-        ),
+        change(&mut sim, removed("nobody")),
         Err(AccountChangeError::Unknown(name("nobody")))
     );
 }
@@ -145,7 +139,7 @@ fn a_removed_account_is_logged_out_and_leaves_nothing_behind() {
     sim.take(carol);
     assert!(sim.store.blocks.contains_key(&name("bob")));
 
-    change(&mut sim, AccountChange::Removed { name: name("bob") }).unwrap();
+    change(&mut sim, removed("bob")).unwrap();
     let frames = sim.take(bob);
     assert!(
         matches!(
@@ -182,14 +176,7 @@ fn a_removed_account_is_logged_out_and_leaves_nothing_behind() {
     assert_eq!(sim.code(carol, "unblock bob"), ErrorCode::UnknownUser);
 
     // The same name again is a new account, with nothing of the old one.
-    change(
-        &mut sim,
-        AccountChange::Added {
-            name: name("bob"),
-            credential: plain("pw-bob"),
-        },
-    )
-    .unwrap();
+    change(&mut sim, added("bob", "pw-bob")).unwrap();
     let bob = sim.login("bob");
     let frames = sim.take(bob);
     assert!(
@@ -222,21 +209,14 @@ fn a_removed_account_deletes_its_offline_queue_and_lock() {
         sim.code(c, "login dave wrong");
     }
     assert!(sim.store.lockouts.contains_key(&name("dave")));
-    change(&mut sim, AccountChange::Removed { name: name("dave") }).unwrap();
+    change(&mut sim, removed("dave")).unwrap();
     assert!(!sim.store.offline.contains_key(&name("dave")));
     assert!(!sim.store.lockouts.contains_key(&name("dave")));
     let debug = sim.server.debug_state(sim.now);
     assert_eq!(debug.queued_offline_messages, 0);
     assert_eq!(debug.locked_accounts, 0);
     // Re-added, the name is not locked.
-    change(
-        &mut sim,
-        AccountChange::Added {
-            name: name("dave"),
-            credential: plain("pw-dave"),
-        },
-    )
-    .unwrap();
+    change(&mut sim, added("dave", "pw-dave")).unwrap();
     sim.advance(secs(1));
     sim.login("dave");
 }
@@ -244,13 +224,7 @@ fn a_removed_account_deletes_its_offline_queue_and_lock() {
 #[test]
 fn a_login_being_checked_when_its_account_goes_fails() {
     let (mut sim, c) = checking_alice("pw-alice");
-    change(
-        &mut sim,
-        AccountChange::Removed {
-            name: name("alice"),
-        },
-    )
-    .unwrap();
+    change(&mut sim, removed("alice")).unwrap();
     sim.verify_all();
     let frames = sim.take(c);
     assert!(
@@ -292,14 +266,7 @@ fn a_name_added_again_starts_with_nothing_stored() {
         sim.now,
     );
     assert_eq!(sim.store.offline[&name("bob")].len(), 1, "kept, unused");
-    change(
-        &mut sim,
-        AccountChange::Added {
-            name: name("bob"),
-            credential: plain("pw-bob"),
-        },
-    )
-    .unwrap();
+    change(&mut sim, added("bob", "pw-bob")).unwrap();
     assert!(!sim.store.offline.contains_key(&name("bob")));
     assert!(sim.store.blocks.values().all(|t| !t.contains(&name("bob"))));
     // The next restart, with bob in the file, finds nothing of the old one.
@@ -347,13 +314,7 @@ fn a_login_checked_across_a_password_change_is_refused() {
 #[test]
 fn a_login_checked_across_a_removal_leaves_no_record() {
     let (mut sim, c) = checking_alice("pw");
-    change(
-        &mut sim,
-        AccountChange::Removed {
-            name: name("alice"),
-        },
-    )
-    .unwrap();
+    change(&mut sim, removed("alice")).unwrap();
     // The connection went too, before the verdict.
     sim.disconnect(c);
     sim.verify_all();

@@ -183,6 +183,20 @@ impl ConfigFile {
         let (_, line, _) = self.keys.iter().find(|(key, _, _)| key == name)?;
         (!flag_given(argv, name)).then(|| format!("{}:{line}", self.path.display()))
     }
+
+    /// A clap `error` about a value from this file, as `FILE:LINE: reason`
+    /// (clap's first line); `None` if it is not about one of the file's
+    /// keys (`argv`: the command line the file was merged into).
+    pub fn explain(&self, error: &clap::Error, argv: &[OsString]) -> Option<String> {
+        let arg = error.get(clap::error::ContextKind::InvalidArg)?;
+        let place = self.locate(&arg.to_string(), argv)?;
+        let message = error.to_string();
+        let first = message.lines().next().unwrap_or_default();
+        Some(format!(
+            "{place}: {}",
+            first.strip_prefix("error: ").unwrap_or(first)
+        ))
+    }
 }
 
 /// The effective configuration, as a TOML file that `--config` reads back:

@@ -41,17 +41,8 @@ fn main() -> ExitCode {
         Ok(parsed) => parsed,
         Err(e) => {
             // A value from the file is named by its line.
-            let place = e
-                .get(clap::error::ContextKind::InvalidArg)
-                .zip(file.as_ref())
-                .and_then(|(arg, file)| file.locate(&arg.to_string(), &argv));
-            if let Some(place) = place {
-                let message = e.to_string();
-                let first = message.lines().next().unwrap_or_default();
-                eprintln!(
-                    "chatserver: {place}: {}",
-                    first.strip_prefix("error: ").unwrap_or(first)
-                );
+            if let Some(explained) = file.as_ref().and_then(|file| file.explain(&e, &argv)) {
+                eprintln!("chatserver: {explained}");
                 return ExitCode::from(2);
             }
             // clap's whole message: what is wrong (every missing argument

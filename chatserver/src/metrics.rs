@@ -261,44 +261,39 @@ impl Collector for FiguresCollector {
             .clone();
         let stats = &f.stats;
         let c = f.connections;
-        gauges(
+        family(
             &mut encoder,
             "chatserver_connections",
             "Connections open, by transport",
             "transport",
-            &[
-                ("tcp", c.tcp),
-                ("tls", c.tls),
-                ("websocket", c.websocket),
-                ("http", c.http),
-                ("refusing", c.refusing),
+            vec![
+                ("tcp", gauge(c.tcp)),
+                ("tls", gauge(c.tls)),
+                ("websocket", gauge(c.websocket)),
+                ("http", gauge(c.http)),
+                ("refusing", gauge(c.refusing)),
             ],
         )?;
-        gauge(
+        metric(
             &mut encoder,
             "chatserver_sessions",
             "The core's connections, logged in or not (debug server's connections)",
-            f.sessions,
+            gauge(f.sessions),
         )?;
-        gauge(
+        metric(
             &mut encoder,
             "chatserver_users_online",
             "Users logged in on this server",
-            f.users_online,
+            gauge(f.users_online),
         )?;
-        let refused = |code| {
-            stats
-                .login_refusals()
-                .find(|&(c, _)| c == code)
-                .map_or(0, |(_, n)| n)
-        };
-        counters(
+        let refused = |code| ConstCounter::new(stats.login_refusal_count(code));
+        family(
             &mut encoder,
             "chatserver_logins",
             "Logins answered, by result",
             "result",
-            &[
-                ("ok", stats.logins_ok),
+            vec![
+                ("ok", ConstCounter::new(stats.logins_ok)),
                 ("invalid", refused(ErrorCode::InvalidCredentials)),
                 ("locked", refused(ErrorCode::AccountLocked)),
                 ("elsewhere", refused(ErrorCode::SessionElsewhere)),
@@ -306,71 +301,71 @@ impl Collector for FiguresCollector {
                 ("rate_limited", refused(ErrorCode::RateLimited)),
             ],
         )?;
-        counters(
+        let errors = |code| ConstCounter::new(stats.error_count(code));
+        family(
             &mut encoder,
             "chatserver_messages",
             "Direct messages, by outcome",
             "outcome",
-            &[
-                ("delivered", stats.messages_delivered),
-                ("stored", stats.messages_stored),
-                ("blocked", stats.error_count(ErrorCode::Blocked)),
-                ("mailbox_full", stats.error_count(ErrorCode::MailboxFull)),
+            vec![
+                ("delivered", ConstCounter::new(stats.messages_delivered)),
+                ("stored", ConstCounter::new(stats.messages_stored)),
+                ("blocked", errors(ErrorCode::Blocked)),
+                ("mailbox_full", errors(ErrorCode::MailboxFull)),
             ],
         )?;
-        counter(
+        metric(
             &mut encoder,
             "chatserver_broadcasts",
             "Broadcasts sent by this server's users",
-            stats.broadcasts,
+            ConstCounter::new(stats.broadcasts),
         )?;
-        counter(
+        metric(
             &mut encoder,
             "chatserver_broadcast_deliveries",
             "Broadcast frames handed to this server's users",
-            stats.broadcast_deliveries,
+            ConstCounter::new(stats.broadcast_deliveries),
         )?;
-        counter(
+        metric(
             &mut encoder,
             "chatserver_presence_frames",
             "Presence frames handed to this server's users",
-            stats.presence_frames,
+            ConstCounter::new(stats.presence_frames),
         )?;
         // Every code, seen or not, so each series exists from the start.
-        let errors: Vec<(&'static str, u64)> = ErrorCode::ALL
-            .into_iter()
-            .map(|code| (code.as_str(), stats.error_count(code)))
-            .collect();
-        counters(
+        family(
             &mut encoder,
             "chatserver_errors",
             "Error frames sent, by code",
             "code",
-            &errors,
+            ErrorCode::ALL
+                .into_iter()
+                .map(|code| (code.as_str(), errors(code)))
+                .collect(),
         )?;
-        gauge(
+        metric(
             &mut encoder,
             "chatserver_offline_messages",
             "Messages waiting in offline queues",
-            f.offline.messages,
+            gauge(f.offline.messages),
         )?;
-        gauge(
+        metric(
             &mut encoder,
             "chatserver_offline_bytes",
             "Bytes of the messages waiting in offline queues",
-            f.offline.bytes,
+            gauge(f.offline.bytes),
         )?;
-        gauge(
+        metric(
             &mut encoder,
             "chatserver_locked_accounts",
             "Accounts locked by failed logins",
-            f.locked_accounts,
+            gauge(f.locked_accounts),
         )?;
-        gauge(
+        metric(
             &mut encoder,
             "chatserver_password_checks_pending",
             "Password checks asked for and not yet answered",
-            f.pending_password_checks,
+            gauge(f.pending_password_checks),
         )
     }
 }
@@ -388,51 +383,49 @@ impl Collector for ProcessCollector {
         };
         if let Ok(stat) = me.stat() {
             let ticks = procfs::ticks_per_second() as f64;
-            let cpu = ConstCounter::new((stat.utime + stat.stime) as f64 / ticks);
-            cpu.encode(encoder.encode_descriptor(
+            metric(
+                &mut encoder,
                 "process_cpu_seconds",
                 "User and system CPU time spent, in seconds",
-                None,
-                cpu.metric_type(),
-            )?)?;
+                ConstCounter::new((stat.utime + stat.stime) as f64 / ticks),
+            )?;
             let rss = stat.rss.saturating_mul(procfs::page_size());
-            gauge(
+            metric(
                 &mut encoder,
                 "process_resident_memory_bytes",
                 "Resident memory size in bytes",
-                rss,
+                gauge(rss),
             )?;
-            gauge(
+            metric(
                 &mut encoder,
                 "process_virtual_memory_bytes",
                 "Virtual memory size in bytes",
-                stat.vsize,
+                gauge(stat.vsize),
             )?;
             if let Ok(boot) = procfs::boot_time_secs() {
-                let start = ConstGauge::new(boot as f64 + stat.starttime as f64 / ticks);
-                start.encode(encoder.encode_descriptor(
+                metric(
+                    &mut encoder,
                     "process_start_time_seconds",
                     "Start time of the process since the Unix epoch, in seconds",
-                    None,
-                    start.metric_type(),
-                )?)?;
+                    ConstGauge::new(boot as f64 + stat.starttime as f64 / ticks),
+                )?;
             }
         }
         if let Ok(open) = me.fd_count() {
-            gauge(
+            metric(
                 &mut encoder,
                 "process_open_fds",
                 "Open file descriptors",
-                open,
+                gauge(open),
             )?;
         }
         if let Ok(limits) = me.limits() {
             if let procfs::process::LimitValue::Value(max) = limits.max_open_files.soft_limit {
-                gauge(
+                metric(
                     &mut encoder,
                     "process_max_fds",
                     "The most file descriptors the process may open",
-                    max,
+                    gauge(max),
                 )?;
             }
         }
@@ -445,55 +438,35 @@ impl Collector for ProcessCollector {
     }
 }
 
-fn gauge(
+/// One metric of one value, described.
+fn metric(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
-    value: impl TryInto<i64>,
+    metric: impl EncodeMetric,
 ) -> Result<(), std::fmt::Error> {
-    let gauge = ConstGauge::new(value.try_into().unwrap_or(i64::MAX));
-    gauge.encode(encoder.encode_descriptor(name, help, None, gauge.metric_type())?)
+    metric.encode(encoder.encode_descriptor(name, help, None, metric.metric_type())?)
 }
 
-fn counter(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    value: u64,
-) -> Result<(), std::fmt::Error> {
-    let counter = ConstCounter::new(value);
-    counter.encode(encoder.encode_descriptor(name, help, None, counter.metric_type())?)
-}
-
-/// One gauge per value of `label`.
-fn gauges(
+/// One metric per value of `label`, described once.
+fn family<M: EncodeMetric>(
     encoder: &mut DescriptorEncoder,
     name: &str,
     help: &str,
     label: &'static str,
-    values: &[(&'static str, usize)],
+    values: Vec<(&'static str, M)>,
 ) -> Result<(), std::fmt::Error> {
-    let kind = ConstGauge::new(0i64).metric_type();
+    let Some(kind) = values.first().map(|(_, m)| m.metric_type()) else {
+        return Ok(());
+    };
     let mut family = encoder.encode_descriptor(name, help, None, kind)?;
-    for &(value, n) in values {
-        let gauge = ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX));
-        gauge.encode(family.encode_family(&[(label, value)])?)?;
+    for (value, m) in values {
+        m.encode(family.encode_family(&[(label, value)])?)?;
     }
     Ok(())
 }
 
-/// One counter per value of `label`.
-fn counters(
-    encoder: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    label: &'static str,
-    values: &[(&'static str, u64)],
-) -> Result<(), std::fmt::Error> {
-    let kind = ConstCounter::new(0u64).metric_type();
-    let mut family = encoder.encode_descriptor(name, help, None, kind)?;
-    for &(value, n) in values {
-        ConstCounter::new(n).encode(family.encode_family(&[(label, value)])?)?;
-    }
-    Ok(())
+/// A gauge of a count or a size.
+fn gauge(n: impl TryInto<i64>) -> ConstGauge {
+    ConstGauge::new(n.try_into().unwrap_or(i64::MAX))
 }

@@ -932,35 +932,30 @@ impl Reactor {
             return;
         }
         let changes = self.core.accounts().changes_to(&accounts);
-        let removals = changes
-            .iter()
-            .filter(|c| matches!(c, AccountChange::Removed { .. }))
-            .count();
+        let count = |kind| changes.iter().filter(|c| c.kind() == kind).count();
+        let (added, changed, removed) = (
+            count("added"),
+            count("credential_changed"),
+            count("removed"),
+        );
         let held = self.core.accounts().len();
-        if held > 2 && removals * 2 > held {
+        if held > 2 && removed * 2 > held {
             // A file cut short by mistake (`>` for `>>`) would delete most
             // users' queues and blocks at once: a restart applies such a
             // file and deletes nothing.
             error!(
-                removals,
+                removals = removed,
                 accounts = held,
                 "credentials reload refused: it would remove more than half of the accounts, and what they have stored; if that is meant, restart the server with the new file (a restart deletes nothing)"
             );
             return;
         }
-        let (mut added, mut changed, mut removed) = (0usize, 0usize, 0usize);
         for change in changes {
-            match &change {
-                AccountChange::Added { .. } => added += 1,
-                AccountChange::CredentialChanged { .. } => changed += 1,
-                AccountChange::Removed { name } => {
-                    removed += 1;
-                    info!(
-                        user = %name,
-                        "account removed: its session ends and what the server kept for it is deleted"
-                    );
-                }
-                _ => {}
+            if let AccountChange::Removed { name } = &change {
+                info!(
+                    user = %name,
+                    "account removed: its session ends and what the server kept for it is deleted"
+                );
             }
             let now = self.now();
             if let Err(e) = self.core.handle_account_change(change, now) {

@@ -198,18 +198,14 @@ impl ServerFiles {
         let command = crate::cli::Args::command();
         let file =
             crate::config_file::ConfigFile::read(path, &command).map_err(|e| e.to_string())?;
-        let argv = file.merge(&["chatserver".into()]);
-        let matches = command.try_get_matches_from(&argv).map_err(|e| {
-            // As the server says it: the key's line, and clap's reason.
-            let message = e.to_string();
-            let first = message.lines().next().unwrap_or_default();
-            let reason = first.strip_prefix("error: ").unwrap_or(first);
-            let place = e
-                .get(clap::error::ContextKind::InvalidArg)
-                .and_then(|arg| file.locate(&arg.to_string(), &["chatserver".into()]))
-                .unwrap_or_else(|| path.display().to_string());
-            format!("{place}: {reason}")
-        })?;
+        let argv = ["chatserver".into()];
+        let matches = command
+            .try_get_matches_from(file.merge(&argv))
+            .map_err(|e| {
+                // As the server says it: the key's line, and clap's reason.
+                file.explain(&e, &argv)
+                    .unwrap_or_else(|| format!("{}: {}", path.display(), e.kind()))
+            })?;
         // The server resolves a relative path against its own working
         // directory, which this command cannot know: it would edit, or
         // make, another file than the server reads.

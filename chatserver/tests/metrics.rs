@@ -134,75 +134,57 @@ fn metrics_follow_a_scripted_session() {
         *m.get(key)
             .unwrap_or_else(|| panic!("no sample {key} in:\n{text}"))
     };
-    assert_eq!(value(r#"chatserver_logins_total{result="ok"}"#), 3.0);
-    assert_eq!(value(r#"chatserver_logins_total{result="invalid"}"#), 1.0);
-    assert_eq!(value(r#"chatserver_logins_total{result="locked"}"#), 0.0);
-    assert_eq!(
-        value(r#"chatserver_messages_total{outcome="delivered"}"#),
-        1.0
-    );
-    assert_eq!(value(r#"chatserver_messages_total{outcome="stored"}"#), 2.0);
-    assert_eq!(
-        value(r#"chatserver_messages_total{outcome="blocked"}"#),
-        1.0
-    );
-    assert_eq!(
-        value(r#"chatserver_messages_total{outcome="mailbox_full"}"#),
-        0.0
-    );
-    assert_eq!(value("chatserver_broadcasts_total"), 1.0);
-    assert_eq!(value("chatserver_broadcast_deliveries_total"), 0.0);
     // bob's login told alice; his logout did not (he blocked her, and a
     // block hides the blocker's comings and goings); root's told alice.
-    assert_eq!(value("chatserver_presence_frames_total"), 2.0);
-    assert_eq!(value(r#"chatserver_byes_total{reason="logout"}"#), 1.0);
-    assert_eq!(
-        value(r#"chatserver_errors_total{code="unknown_command"}"#),
-        1.0
-    );
-    assert_eq!(
-        value(r#"chatserver_errors_total{code="invalid_credentials"}"#),
-        1.0
-    );
-    assert_eq!(value(tcp), 3.0);
-    assert_eq!(value(r#"chatserver_connections{transport="http"}"#), 1.0);
-    assert_eq!(value("chatserver_offline_messages"), 2.0);
-    assert_eq!(value("chatserver_offline_bytes"), 10.0);
-    assert_eq!(value("chatserver_password_checks_pending"), 0.0);
+    // Every series is there from the start, at zero until it happens.
+    let expected = [
+        (r#"chatserver_logins_total{result="ok"}"#, 3.0),
+        (r#"chatserver_logins_total{result="invalid"}"#, 1.0),
+        (r#"chatserver_logins_total{result="locked"}"#, 0.0),
+        (r#"chatserver_messages_total{outcome="delivered"}"#, 1.0),
+        (r#"chatserver_messages_total{outcome="stored"}"#, 2.0),
+        (r#"chatserver_messages_total{outcome="blocked"}"#, 1.0),
+        (r#"chatserver_messages_total{outcome="mailbox_full"}"#, 0.0),
+        ("chatserver_broadcasts_total", 1.0),
+        ("chatserver_broadcast_deliveries_total", 0.0),
+        ("chatserver_presence_frames_total", 2.0),
+        (r#"chatserver_byes_total{reason="logout"}"#, 1.0),
+        (r#"chatserver_errors_total{code="unknown_command"}"#, 1.0),
+        (
+            r#"chatserver_errors_total{code="invalid_credentials"}"#,
+            1.0,
+        ),
+        (tcp, 3.0),
+        (r#"chatserver_connections{transport="http"}"#, 1.0),
+        ("chatserver_offline_messages", 2.0),
+        ("chatserver_offline_bytes", 10.0),
+        ("chatserver_password_checks_pending", 0.0),
+        (r#"chatserver_commit_batches_total{result="failed"}"#, 0.0),
+        (r#"chatserver_byes_total{reason="flood"}"#, 0.0),
+        (r#"chatserver_errors_total{code="forbidden"}"#, 0.0),
+        (
+            r#"chatserver_connections_refused_total{reason="server_full"}"#,
+            0.0,
+        ),
+    ];
+    for (key, want) in expected {
+        assert_eq!(value(key), want, "{key}");
+    }
     assert!(value("chatserver_event_loop_turn_duration_seconds_count") > 0.0);
     assert!(value(r#"chatserver_commit_batches_total{result="committed"}"#) > 0.0);
-    assert_eq!(
-        value(r#"chatserver_commit_batches_total{result="failed"}"#),
-        0.0
-    );
-    // Every series is there from the start, at zero until it happens.
-    assert_eq!(value(r#"chatserver_byes_total{reason="flood"}"#), 0.0);
-    assert_eq!(value(r#"chatserver_errors_total{code="forbidden"}"#), 0.0);
-    assert_eq!(
-        value(r#"chatserver_connections_refused_total{reason="server_full"}"#),
-        0.0
-    );
     assert!(value(r#"chatserver_commit_duration_seconds_bucket{le="+Inf"}"#) > 0.0);
     assert!(value("process_resident_memory_bytes") > 0.0);
     assert!(value("process_open_fds") > 0.0);
     assert!(value("process_cpu_seconds_total") >= 0.0);
     // `debug server` agrees.
-    assert_eq!(
-        debug["users_online"].as_f64(),
-        Some(value("chatserver_users_online"))
-    );
-    assert_eq!(
-        debug["queued_offline_messages"].as_f64(),
-        Some(value("chatserver_offline_messages"))
-    );
-    assert_eq!(
-        debug["locked_accounts"].as_f64(),
-        Some(value("chatserver_locked_accounts"))
-    );
-    assert_eq!(
-        debug["connections"].as_f64(),
-        Some(value("chatserver_sessions"))
-    );
+    for (field, key) in [
+        ("users_online", "chatserver_users_online"),
+        ("queued_offline_messages", "chatserver_offline_messages"),
+        ("locked_accounts", "chatserver_locked_accounts"),
+        ("connections", "chatserver_sessions"),
+    ] {
+        assert_eq!(debug[field].as_f64(), Some(value(key)), "{field}");
+    }
     // No label carries a user name.
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         for name in ["alice", "bob", "carol", "dave", "root"] {

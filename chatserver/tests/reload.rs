@@ -219,17 +219,20 @@ fn user_commands_refuse_to_signal_what_is_not_a_chatserver() {
     // A stale pid file naming this test process.
     let pid_file = dir.path().join("stale.pid");
     std::fs::write(&pid_file, format!("{}\n", std::process::id())).unwrap();
-    let (status, stderr) = user(
-        &[
-            "remove",
-            "bob",
-            "--credentials",
-            credentials.to_str().unwrap(),
-            "--pid-file",
-            pid_file.to_str().unwrap(),
-        ],
-        "",
-    );
+    let remove = |name: &str| {
+        user(
+            &[
+                "remove",
+                name,
+                "--credentials",
+                credentials.to_str().unwrap(),
+                "--pid-file",
+                pid_file.to_str().unwrap(),
+            ],
+            "",
+        )
+    };
+    let (status, stderr) = remove("bob");
     assert_eq!(status, 3, "{stderr}");
     assert!(
         stderr.contains("not chatserver (a stale pid file?)"),
@@ -238,17 +241,7 @@ fn user_commands_refuse_to_signal_what_is_not_a_chatserver() {
     assert!(stderr.contains("the file is changed"), "{stderr}");
     // No process at all.
     std::fs::write(&pid_file, "999999999\n").unwrap();
-    let (status, stderr) = user(
-        &[
-            "remove",
-            "carol",
-            "--credentials",
-            credentials.to_str().unwrap(),
-            "--pid-file",
-            pid_file.to_str().unwrap(),
-        ],
-        "",
-    );
+    let (status, stderr) = remove("carol");
     assert_eq!(status, 3, "{stderr}");
     assert!(stderr.contains("no process 999999999"), "{stderr}");
 }

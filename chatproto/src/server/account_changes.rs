@@ -9,11 +9,12 @@
 //! nothing of it in memory, and a new account must not find it in storage
 //! later. (A name missing from the file a server starts with keeps its
 //! stored state until then, and gets it back if it is in the file at a
-//! later start.) A cluster node
-//! waits until its accounts agree with most nodes' before it deletes what
-//! the nodes share: one node reloaded with a mistaken file forgets the
-//! account in memory, but the cluster's stored queues and blocks stay
-//! until every node has made the same change.
+//! later start.)
+//!
+//! A cluster node waits until its accounts agree with most nodes' before
+//! it deletes what the nodes share: one node reloaded with a mistaken file
+//! forgets the account in memory, but the cluster's stored queues and
+//! blocks stay until every node has made the same change.
 
 use crate::accounts::{AccountChange, AccountChangeError, UserId};
 use crate::ids::ConnId;

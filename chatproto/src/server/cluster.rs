@@ -297,7 +297,7 @@ impl Server {
     ) -> (usize, usize) {
         // One encoding, shared by every recipient.
         let frame = frame.encode();
-        let in_unit = self.unit_depth > 0 && self.ledger.enabled();
+        let in_unit = self.tallies_wait();
         let blockers = self.hub.blocks.blockers_of(sender);
         let (mut delivered, mut skipped) = (0, 0);
         for &user in self.hub.presence.online() {

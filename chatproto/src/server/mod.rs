@@ -530,30 +530,13 @@ impl Server {
             .get(conn)
             .is_some_and(|c| c.awaiting == Some(ticket));
         let mark = self.begin();
-        if stale {
-            // Its password changed, or its account went, meanwhile: the
-            // verdict is about a password no longer in force. Refused,
-            // and not counted against a record that is gone or new.
-            if open {
-                if let Some(c) = self.sessions.get_mut(conn) {
-                    c.awaiting = None;
-                }
-                self.reschedule(conn);
-                if let Err(error) = self.refuse_login(conn, &name, RequestError::InvalidCredentials)
-                {
-                    self.send_error(conn, id, &error);
-                }
-            }
-            self.settle(mark);
-            if open {
-                self.resume_input(conn);
-            }
-            self.pump_drains();
-            return;
-        }
+        // `stale`: its password changed, or its account went, meanwhile.
+        // The verdict is about a password no longer in force: refused, and
+        // not counted against a record that is gone or new.
         if !open {
             // Gone meanwhile: a wrong guess still counts.
-            if !(matches && account.is_some()) {
+            let known_right = matches && account.is_some();
+            if !(stale || known_right) {
                 self.count_failure(&name, account.is_some(), now);
             }
             self.settle(mark);
@@ -566,6 +549,7 @@ impl Server {
         // Locked by other attempts while this one was checked.
         self.ledger.read(Key::Name(&name));
         let result = match self.hub.lockout.locked_until(name.as_str(), now) {
+            _ if stale => self.refuse_login(conn, &name, RequestError::InvalidCredentials),
             Some(until) => self.refuse_locked(conn, &name, until, false, now),
             None => self.finish_login(conn, id, name, account, matches, now),
         };
@@ -715,11 +699,7 @@ impl Server {
                 closing: &mut *closing,
                 draining,
             };
-            if release_into(outputs, drains, output, kind) {
-                if let Some(tally) = tally {
-                    stats.count(tally);
-                }
-            }
+            release_into(outputs, drains, stats, output, kind, tally)
         };
         match outcome {
             Persisted::Committed => {

@@ -15,7 +15,7 @@ use crate::ids::ConnId;
 use crate::output::{Event, Output};
 use crate::request::RequestId;
 use crate::server_frame::{ErrorFrame, OkFrame, Reply, ServerFrame, PROTOCOL_VERSION};
-use crate::stats::Tally;
+use crate::stats::{ServerStats, Tally};
 use crate::time::Timestamp;
 use crate::username::Username;
 
@@ -59,11 +59,18 @@ impl Server {
     /// it goes out (at once, unless it may wait for a batch).
     #[inline]
     pub(super) fn tally(&mut self, tally: Tally) {
-        if self.unit_depth > 0 && self.ledger.enabled() {
+        if self.tallies_wait() {
             self.unit_tallies.push((self.outputs.len(), tally));
         } else {
             self.stats.count(tally);
         }
+    }
+
+    /// Whether what the unit being served sends may wait for a batch, and
+    /// so is counted when it goes out rather than now.
+    #[inline]
+    pub(super) fn tallies_wait(&self) -> bool {
+        self.unit_depth > 0 && self.ledger.enabled()
     }
 
     pub(super) fn send_hello(&mut self, conn: ConnId, session: uuid::Uuid) {
@@ -227,10 +234,14 @@ impl Server {
                     closing: &mut self.closing_drains,
                     draining: self.draining,
                 };
-                release_into(&mut self.outputs, drains, output, Kind::Caused);
-                if let Some(tally) = tally {
-                    self.stats.count(tally);
-                }
+                release_into(
+                    &mut self.outputs,
+                    drains,
+                    &mut self.stats,
+                    output,
+                    Kind::Caused,
+                    tally,
+                );
             }
         }
     }
@@ -327,11 +338,7 @@ impl Server {
                 closing: &mut *closing,
                 draining,
             };
-            if release_into(outputs, drains, output, kind) {
-                if let Some(tally) = tally {
-                    stats.count(tally);
-                }
-            }
+            release_into(outputs, drains, stats, output, kind, tally);
         });
     }
 }
@@ -361,15 +368,17 @@ pub(super) fn queue_frame(
 }
 
 /// Puts a settled output in the queue the driver polls, numbering it in
-/// its connection's drain if one is in progress; false if it was dropped
-/// instead (a page for a connection whose drain ended).
+/// its connection's drain if one is in progress, and counts it for what
+/// `tally` says.
 #[inline]
 pub(super) fn release_into(
     outputs: &mut VecDeque<Output>,
     drains: Drains<'_>,
+    stats: &mut ServerStats,
     output: Output,
     kind: Kind,
-) -> bool {
+    tally: Option<Tally>,
+) {
     if let Output::Transmit { conn, .. } = &output {
         if kind == Kind::Page {
             // The connection may have closed while the page was held (its
@@ -383,14 +392,16 @@ pub(super) fn release_into(
             };
             match drain {
                 Some(drain) => drain.number_held_frame(),
-                None => return false,
+                None => return,
             }
         } else {
             count_frame(drains, *conn);
         }
     }
+    if let Some(tally) = tally {
+        stats.count(tally);
+    }
     outputs.push_back(output);
-    true
 }
 
 /// The encoded `error` frame for request `id`.

@@ -704,7 +704,7 @@ impl Server {
             online,
         })
         .encode();
-        let in_unit = self.unit_depth > 0 && self.ledger.enabled();
+        let in_unit = self.tallies_wait();
         let mut sent = 0;
         let blocked = self.hub.blocks.targets_of(user);
         for &other in self.hub.presence.online() {
